@@ -1,0 +1,113 @@
+"""`musicbridge` command line: one module per subcommand under `bridge/commands/`.
+
+Each command module defines `add_parser(subparsers)`, which registers its parser and sets
+`func`. User mistakes raise `UsageError` (or a domain error listed in `USER_ERRORS`) and
+end as one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# Order is the order `musicbridge --help` lists them.
+COMMAND_MODULES = (
+    "generate",
+    "tiny_model",
+    "chroma",
+    "score_melody",
+    "serve",
+    "send",
+    "devices",
+    "presets",
+    "render",
+    "bench",
+)
+
+
+class UsageError(Exception):
+    """A user mistake: bad flag value, missing file, unknown model."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from model.loading import ModelError
+    from model.types import RequestError
+
+    errs: list[type[BaseException]] = [UsageError, ModelError, RequestError, FileNotFoundError,
+                                       FileExistsError, PermissionError, IsADirectoryError]
+    for mod, name in (("plugin_host.audio_io", "AudioFileError"), ("model.melody", "MelodyError"), ("presets", "PresetError"),
+                      ("bridge.session_file", "SessionFileError")):
+        try:
+            errs.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="musicbridge",
+        description="Run MusicGen beside a DAW: OSC control, live streams, tempo-locked stems.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"bridge.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"bridge.commands.{name}":
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    _quiet_transformers(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    user_errors = _user_errors()
+    try:
+        return int(args.func(args) or 0)
+    except user_errors as e:
+        msg = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{msg}: {e.filename}"
+        print(f"musicbridge {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"musicbridge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers(verbose: bool) -> None:
+    """Their load-time progress bars and config notes are noise in a CLI and a daemon log."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        if not verbose:
+            hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def run() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

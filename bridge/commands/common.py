@@ -1,0 +1,90 @@
+"""Flags and checks shared by the commands that load a model or sample tokens."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return v
+
+
+def unit_float(text: str) -> float:
+    v = float(text) if _is_number(text) else None
+    if v is None or not (0.0 <= v <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="auto",
+                   help="checkpoint directory, Hugging Face id, 'auto' (best local checkpoint, "
+                        "else download musicgen-small, else the tiny model) or 'tiny'")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+                   help="weights precision for the decoder (auto: fastest within quality bounds)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=nonneg_int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
+    p.add_argument("--guidance", type=positive_float, default=3.0,
+                   help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-k", type=nonneg_int, default=250, help="0 = off")
+    p.add_argument("--top-p", type=unit_float, default=0.0, help="0 = off")
+
+
+def sampling_params(args: argparse.Namespace):
+    from model.types import SamplingParams
+
+    return SamplingParams(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+
+
+class ProgressBar:
+    """A one-line bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, label: str, enabled: bool | None = None):
+        self.label = label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._last = -1
+
+    def __call__(self, index: int, fraction: float) -> None:
+        if not self.enabled:
+            return
+        pct = int(fraction * 100)
+        if pct == self._last:
+            return
+        self._last = pct
+        filled = pct * 30 // 100
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}%")
+        if pct >= 100:
+            sys.stderr.write("\n")
+        sys.stderr.flush()

@@ -1,0 +1,27 @@
+"""`musicbridge tiny-model DIR`: write the offline tiny checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tiny-model",
+        help="write a tiny random-weight MusicGen checkpoint (for tests and offline use)",
+        description="Write a tiny random-weight MusicGen checkpoint in Hugging Face format. "
+        "The same command always writes the same weights.",
+    )
+    p.add_argument("dir", help="output directory (must not exist or be empty)")
+    p.add_argument("--melody", action="store_true", help="a MusicGen-Melody checkpoint")
+    p.add_argument("--stereo", action="store_true", help="a stereo checkpoint (8 codebooks)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.tiny import write_tiny_model
+
+    out = write_tiny_model(args.dir, melody=args.melody, stereo=args.stereo)
+    kind = "melody" if args.melody else "text"
+    print(f"wrote tiny {kind}{' stereo' if args.stereo else ''} checkpoint to {out}")
+    return 0

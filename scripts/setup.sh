@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One idempotent setup for `make run`, `make test` and CI: system libraries, .venv, packages.
+# Re-running it is cheap: each step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+APT_PKGS=(libportaudio2 jackd2 liblo-tools libsndfile1)
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing system packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # --no-install-recommends: without it jackd2 drags in GTK and Qt.
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "setup: missing system packages: ${missing[*]}" >&2
+        echo "setup: install them with: sudo apt-get install --no-install-recommends ${missing[*]}" >&2
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+
+stamp="$VENV/.musicbridge-setup"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    # The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+        echo "setup: installing torch (CPU wheel)"
+        "$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
+    fi
+    echo "setup: installing musicbridge and its dependencies"
+    "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -c "import torch, transformers, pythonosc, mido, pedalboard, bridge.cli" \
+        || { echo "setup: the install did not complete" >&2; exit 1; }
+    echo "$want" > "$stamp"
+fi
