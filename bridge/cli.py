@@ -110,4 +110,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    # Re-import so that `python -m bridge.cli` and command modules share one UsageError class.
+    from bridge.cli import run as _run
+
+    _run()

@@ -1,0 +1,47 @@
+"""Session fixtures: tiny checkpoints are built once per test session and shared."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Two cores on CI: keep torch from oversubscribing them while pytest runs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_melody_dir(tmp_path_factory):
+    from model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-melody", melody=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_stereo_dir(tmp_path_factory):
+    from model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-stereo", stereo=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    from model.engine import Engine
+
+    return Engine.load(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_melody_engine(tiny_melody_dir):
+    from model.engine import Engine
+
+    return Engine.load(str(tiny_melody_dir), device="cpu", dtype="float32")
