@@ -1,0 +1,71 @@
+"""Text and melody conditioning, computed once per request batch.
+
+Classifier-free guidance runs as one batch: rows [conditional..., unconditional...]. The
+unconditional text is all-zero states with an all-zero mask, and the unconditional melody is
+the "no melody" chroma (bin 0 set), both as in `transformers`' MusicGen generate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Conditioning:
+    """What the decoder reads: cross-attention states (text models) or a prefix (melody models)."""
+
+    states: torch.Tensor  # (rows, len, d_model)
+    mask: torch.Tensor  # (rows, len) 1 = real token
+    is_prefix: bool
+
+
+@torch.inference_mode()
+def encode_text(hf_model, tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 states projected to the decoder width and zeroed at padding, with their mask."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    states = hf_model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    if hasattr(hf_model, "enc_to_dec_proj"):
+        states = hf_model.enc_to_dec_proj(states)
+    states = states * mask[..., None].to(states.dtype)
+    return states, mask
+
+
+def _melody_states(hf_model, chroma: torch.Tensor) -> torch.Tensor:
+    """Project chroma (rows, frames, 12) and tile/truncate it to the model's chroma length."""
+    length = hf_model.config.chroma_length
+    h = hf_model.audio_enc_to_dec_proj(chroma) if hasattr(hf_model, "audio_enc_to_dec_proj") else chroma
+    if h.shape[1] < length:
+        h = h.repeat(1, int(math.ceil(length / h.shape[1])), 1)
+    return h[:, :length]
+
+
+@torch.inference_mode()
+def build_conditioning(
+    hf_model, tokenizer, prompts: list[str], melodies: list[np.ndarray | None] | None,
+    guidance: bool, device, dtype,
+) -> Conditioning:
+    text, mask = encode_text(hf_model, tokenizer, prompts, device)
+    if guidance:
+        text = torch.cat([text, torch.zeros_like(text)])
+        mask = torch.cat([mask, torch.zeros_like(mask)])
+    is_melody = bool(getattr(hf_model.config, "num_chroma", 0))
+    if not is_melody:
+        return Conditioning(text.to(dtype), mask, is_prefix=False)
+    n = len(prompts)
+    null = torch.zeros(1, 1, 12, device=device)
+    null[..., 0] = 1.0
+    rows = []
+    for m in melodies or [None] * n:
+        c = null if m is None else torch.from_numpy(np.asarray(m, np.float32)).to(device)[None]
+        rows.append(_melody_states(hf_model, c))
+    if guidance:
+        rows += [_melody_states(hf_model, null)] * n
+    melody = torch.cat(rows)
+    # transformers' melody generate feeds the whole prefix unmasked (padding rows are zeros).
+    prefix = torch.cat([melody, text], dim=1)
+    return Conditioning(prefix.to(dtype), torch.ones(prefix.shape[:2], device=device), is_prefix=True)

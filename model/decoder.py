@@ -1,0 +1,203 @@
+"""MusicGen's decoder re-laid for fast incremental decoding over the checkpoint's weights.
+
+Same arithmetic as `transformers`' MusicgenForCausalLM / MusicgenMelodyForCausalLM (pre-norm
+transformer, sinusoidal positions, one embedding and one head per codebook), arranged for a
+decode loop: q/k/v fused into one matmul, the codebook embeddings in one table, the heads in one
+matmul, and a static KV cache written in place. Text models attend to the text through
+cross-attention whose keys/values are computed once per request; melody models read the
+conditioning as a prefix of the sequence instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn: int
+    n_codebooks: int
+    vocab: int  # codebook entries; the pad/BOS id is `vocab`
+    max_positions: int
+    cross_attention: bool  # False for melody models (prefix conditioning)
+    activation: str = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab
+
+
+class KVCache:
+    """Self-attention keys/values for every layer, allocated once per request batch.
+
+    Shape (layers, batch, heads, max_len, head_dim); step `t` writes column `t` in place.
+    """
+
+    def __init__(self, spec: DecoderSpec, batch: int, max_len: int, device, dtype):
+        shape = (spec.n_layers, batch, spec.n_heads, max_len, spec.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+
+@dataclass
+class CrossKV:
+    """Cross-attention keys/values (layers, batch, heads, text_len, head_dim) and key mask."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor  # bool (batch, 1, 1, text_len): True where a key may be attended
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        d = spec.d_model
+        self.spec = spec
+        self.ln_self = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        if spec.cross_attention:
+            self.ln_cross = nn.LayerNorm(d)
+            self.cross_q = nn.Linear(d, d, bias=False)
+            self.cross_k = nn.Linear(d, d, bias=False)
+            self.cross_v = nn.Linear(d, d, bias=False)
+            self.cross_out = nn.Linear(d, d, bias=False)
+        self.ln_ff = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, spec.ffn, bias=False)
+        self.fc2 = nn.Linear(spec.ffn, d, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.spec.n_heads, self.spec.head_dim).transpose(1, 2)
+
+    def forward(self, x, layer: int, start: int, cache: KVCache, cross: CrossKV | None):
+        b, n, d = x.shape
+        h = self.ln_self(x)
+        q, k, v = self.qkv(h).split(d, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        end = start + n
+        cache.k[layer, :, :, start:end] = k
+        cache.v[layer, :, :, start:end] = v
+        keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        if n == 1:
+            a = F.scaled_dot_product_attention(q, keys, values)
+        elif start == 0:
+            a = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            causal = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal)
+        x = x + self.out(a.transpose(1, 2).reshape(b, n, d))
+        if cross is not None:
+            h = self.ln_cross(x)
+            q = self._heads(self.cross_q(h))
+            a = F.scaled_dot_product_attention(q, cross.k[layer], cross.v[layer], attn_mask=cross.mask)
+            x = x + self.cross_out(a.transpose(1, 2).reshape(b, n, d))
+        h = self.ln_ff(x)
+        h = self.fc1(h)
+        h = F.gelu(h) if self.spec.activation == "gelu" else _act(self.spec.activation)(h)
+        h = self.fc2(h)
+        return x + h
+
+
+def _act(name: str):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+class MusicgenDecoderLM(nn.Module):
+    """The decoder plus heads: tokens (batch, codebooks, n) -> logits (batch, codebooks, n, vocab)."""
+
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        self.spec = spec
+        k, v1, d = spec.n_codebooks, spec.vocab + 1, spec.d_model
+        self.embed = nn.Embedding(k * v1, d)
+        self.register_buffer("positions", torch.zeros(spec.max_positions, d), persistent=False)
+        self.register_buffer("offsets", (torch.arange(k) * v1).view(1, k, 1), persistent=False)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_layers))
+        self.ln_final = nn.LayerNorm(d)
+        self.heads = nn.Linear(d, k * spec.vocab, bias=False)
+
+    @classmethod
+    def from_hf(cls, hf_model) -> MusicgenDecoderLM:
+        """Copy the weights of a loaded `transformers` MusicGen / MusicGen-Melody."""
+        causal_lm = hf_model.decoder
+        dec = causal_lm.model.decoder
+        cfg = causal_lm.config
+        spec = DecoderSpec(
+            d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+            ffn=cfg.ffn_dim, n_codebooks=cfg.num_codebooks, vocab=cfg.vocab_size,
+            max_positions=dec.embed_positions.weights.shape[0],
+            cross_attention=hasattr(dec.layers[0], "encoder_attn"),
+            activation=cfg.activation_function,
+        )
+        ref = next(dec.parameters())
+        with torch.device("meta"):
+            lm = cls(spec)
+        lm = lm.to_empty(device=ref.device).to(ref.dtype)
+        with torch.no_grad():
+            lm.embed.weight.copy_(torch.cat([e.weight for e in dec.embed_tokens], dim=0))
+            lm.positions.copy_(dec.embed_positions.weights[: spec.max_positions])
+            lm.offsets.copy_((torch.arange(spec.n_codebooks) * (spec.vocab + 1)).view(1, -1, 1))
+            for mine, theirs in zip(lm.layers, dec.layers):
+                sa = theirs.self_attn
+                mine.ln_self.load_state_dict(theirs.self_attn_layer_norm.state_dict())
+                mine.qkv.weight.copy_(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]))
+                # transformers scales q inside attention; SDPA applies the same 1/sqrt(head_dim).
+                mine.out.weight.copy_(sa.out_proj.weight)
+                if spec.cross_attention:
+                    ca = theirs.encoder_attn
+                    mine.ln_cross.load_state_dict(theirs.encoder_attn_layer_norm.state_dict())
+                    mine.cross_q.weight.copy_(ca.q_proj.weight)
+                    mine.cross_k.weight.copy_(ca.k_proj.weight)
+                    mine.cross_v.weight.copy_(ca.v_proj.weight)
+                    mine.cross_out.weight.copy_(ca.out_proj.weight)
+                mine.ln_ff.load_state_dict(theirs.final_layer_norm.state_dict())
+                mine.fc1.weight.copy_(theirs.fc1.weight)
+                mine.fc2.weight.copy_(theirs.fc2.weight)
+            lm.ln_final.load_state_dict(dec.layer_norm.state_dict())
+            lm.heads.weight.copy_(torch.cat([h.weight for h in causal_lm.lm_heads], dim=0))
+        return lm.eval().requires_grad_(False)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, codebooks, n) ids -> (batch, n, d): the sum of the codebooks' embeddings."""
+        return self.embed(tokens + self.offsets).sum(dim=1)
+
+    def cross_kv(self, states: torch.Tensor, mask: torch.Tensor) -> CrossKV:
+        """Project conditioning (batch, text_len, d) once per request for every layer."""
+        b, n, _ = states.shape
+        ks, vs = [], []
+        for layer in self.layers:
+            ks.append(layer._heads(layer.cross_k(states)))
+            vs.append(layer._heads(layer.cross_v(states)))
+        # A row with no valid key (the unconditional half) has all-zero keys/values: let it
+        # attend everywhere so the softmax stays finite and the output is exactly zero.
+        mask = mask.bool().clone()
+        mask[~mask.any(dim=1)] = True
+        return CrossKV(torch.stack(ks), torch.stack(vs), mask.view(b, 1, 1, n))
+
+    def forward_embeds(self, x: torch.Tensor, start: int, cache: KVCache, cross: CrossKV | None):
+        """Run (batch, n, d) input embeddings at positions start..start+n-1 -> logits."""
+        n = x.shape[1]
+        x = x + self.positions[start : start + n]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, start, cache, cross)
+        logits = self.heads(self.ln_final(x))  # (batch, n, codebooks * vocab)
+        b = x.shape[0]
+        return logits.view(b, n, self.spec.n_codebooks, self.spec.vocab).transpose(1, 2)
+
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV | None):
+        return self.forward_embeds(self.embed_tokens(tokens), start, cache, cross)

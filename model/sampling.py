@@ -1,0 +1,83 @@
+"""Turning guided logits into tokens: CFG mix, temperature, top-k, top-p, seeded draws.
+
+Each request brings its own `torch.Generator`, so a seed gives the same tokens whether the
+request runs alone or batched with others (on the same device and dtype). Draws use the
+exponential race (argmax of p / E with E ~ Exp(1)), which samples from p exactly and needs no
+cumulative sum or host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.types import SamplingParams
+
+
+def cfg_mix(logits: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """logits (2B, ...) as [cond, uncond] -> uncond + (cond - uncond) * scale; (B, ...) as is."""
+    if scale is None:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return uncond + (cond - uncond) * scale
+
+
+@dataclass
+class Sampler:
+    """Per-request sampling settings laid out as tensors once per batch."""
+
+    temperature: torch.Tensor  # (B, 1, 1)
+    top_k: list[int]
+    top_p: list[float]
+    greedy: list[bool]
+    generators: list[torch.Generator | None]
+
+    @classmethod
+    def for_params(cls, params: list[SamplingParams], device) -> Sampler:
+        gens: list[torch.Generator | None] = []
+        for p in params:
+            if p.greedy:
+                gens.append(None)
+                continue
+            g = torch.Generator(device=device)
+            if p.seed is None:
+                g.seed()
+            else:
+                g.manual_seed(p.seed)
+            gens.append(g)
+        temp = torch.tensor([p.temperature for p in params], device=device).view(-1, 1, 1)
+        return cls(temp, [p.top_k for p in params], [p.top_p for p in params],
+                   [p.greedy for p in params], gens)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, K, V) float -> tokens (B, K) int64."""
+        logits = logits.float()
+        if all(self.greedy):
+            return logits.argmax(dim=-1)
+        out = torch.empty(logits.shape[:2], dtype=torch.long, device=logits.device)
+        scaled = logits / self.temperature
+        for i in range(logits.shape[0]):
+            if self.greedy[i]:
+                out[i] = logits[i].argmax(dim=-1)
+                continue
+            row = filter_top_k_top_p(scaled[i], self.top_k[i], self.top_p[i])
+            probs = torch.softmax(row, dim=-1)
+            race = torch.empty_like(probs).exponential_(1.0, generator=self.generators[i])
+            out[i] = (probs / race).argmax(dim=-1)
+        return out
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k and the top-p nucleus to -inf (rows along the last dim)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= (1.0 - top_p)
+        drop_sorted[..., -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
