@@ -75,6 +75,7 @@ def write_stem(
     fmt: str = "wav",
     start_seconds: float = 0.0,
     chain=None,
+    samples: int | None = None,
     block: int = 8192,
 ) -> Path:
     """Write one stem and its sidecar; return the stem's path.
@@ -83,6 +84,8 @@ def write_stem(
     sidecar: what is needed to regenerate it (model, prompt, preset, params, seed, melody, tempo,
         ...); it must be JSON-serialisable. A "file" entry describing the written audio is added.
     chain: a pedalboard.Pedalboard applied block by block at `sample_rate` before resampling.
+    samples: the exact length at `target_rate` (a stem asked in bars); by default the resampled
+        length, round(n * target_rate / sample_rate).
     """
     a = _check_audio(audio)
     if fmt not in FORMATS:
@@ -106,6 +109,10 @@ def write_stem(
     else:
         processed = a
     out = resample(processed, int(sample_rate), int(target_rate))
+    if samples is not None:
+        if not isinstance(samples, (int, np.integer)) or samples <= 0:
+            raise StemError(f"samples must be a positive whole number, got {samples!r}")
+        out = _exact(out, int(samples))
     time_reference = int(round(start_seconds * target_rate))
     meta = dict(sidecar)
     meta["file"] = {
@@ -114,7 +121,6 @@ def write_stem(
         "seconds": out.shape[1] / target_rate, "start_seconds": float(start_seconds),
         "time_reference": time_reference, "source_sample_rate": int(sample_rate),
         "source_samples": int(a.shape[1]), "source_sha256": audio_sha256(a),
-        "chain_applied": chain is not None,
     }
     meta.setdefault("sidecar_version", SIDECAR_VERSION)
     try:
@@ -146,6 +152,12 @@ def _check_audio(audio: np.ndarray) -> np.ndarray:
     if not np.isfinite(a).all():
         raise StemError("stem audio contains NaN or infinite samples")
     return a
+
+
+def _exact(audio: np.ndarray, n: int) -> np.ndarray:
+    if audio.shape[1] >= n:
+        return np.ascontiguousarray(audio[:, :n])
+    return np.pad(audio, ((0, 0), (0, n - audio.shape[1])))
 
 
 def _tmp(d: Path, basename: str, suffix: str, temps: list[str]) -> str:

@@ -161,7 +161,8 @@ def preset_from_dict(data: Mapping[str, Any], name: str, source: Path | None = N
     try:
         build_chain(chain, where="chain")
     except ChainError as e:
-        raise PresetError(f"{where}: key {e}") from None
+        key, _, msg = str(e).partition(": ")
+        raise PresetError(f"{where}: key '{key}': {msg}") from None
     return Preset(name=name, prompt=prompt.strip(), params=params,
                   chain=tuple(dict(c) for c in chain), add_bpm=add_bpm,
                   description=description.strip(), source=source)

@@ -1,0 +1,89 @@
+"""`musicbridge render`: every track of a session file to stems, or one stem again from its sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bridge.commands.common import add_model_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "render", help="render a session file's tracks to stems",
+        description="Render every track of a session TOML to tempo-locked WAV/FLAC stems with "
+                    "sidecar JSON, batching tracks on the engine; or, with --from-sidecar, "
+                    "regenerate one stem exactly from its sidecar.")
+    p.add_argument("session", nargs="?", help="session .toml file (see docs/stems.md)")
+    p.add_argument("--out", help="output folder (default: <session>-stems beside the session file; "
+                                 "with --from-sidecar, the sidecar's folder)")
+    add_model_args(p)
+    p.add_argument("--loop", action="store_true",
+                   help="make every track given in bars a seamless loop")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="tracks per engine call (default 8: a 3-track session is one call)")
+    p.add_argument("--from-sidecar", metavar="JSON",
+                   help="regenerate the stem a sidecar describes (same model, same audio)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bridge.cli import UsageError
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.from_sidecar:
+        if args.session:
+            raise UsageError("give either a session file or --from-sidecar, not both")
+        return _regenerate(args)
+    if not args.session:
+        raise UsageError("expected a session .toml file (or --from-sidecar FILE.json)")
+    return _render(args)
+
+
+def _load_engine(args: argparse.Namespace, spec: str | None):
+    from model.engine import Engine
+
+    model = args.model if args.model != "auto" or not spec else spec
+    return Engine.load(model, device=args.device, dtype=args.dtype)
+
+
+def _render(args: argparse.Namespace) -> int:
+    from bridge.render import TrackBars, prepare_out_dir, render_session, write_json_atomic
+    from bridge.session_file import load_session
+
+    session = load_session(args.session)
+    out = prepare_out_dir(args.out or session.path.with_name(session.path.stem + "-stems"))
+    engine = _load_engine(args, session.model)
+    t0 = time.monotonic()
+    bars = TrackBars([t.name for t in session.tracks])
+    results = render_session(session, engine, out, loop=True if args.loop else None,
+                             batch_size=args.batch_size, bars=bars)
+    summary = {
+        "session": str(session.path), "session_sha256": session.sha256, "model": engine.info.label,
+        "tempo": session.tempo, "time_signature": str(session.signature),
+        "sample_rate": session.sample_rate, "format": session.format,
+        "wall_seconds": round(time.monotonic() - t0, 3),
+        "tracks": [{"name": r.name, "stem": r.path.name, "sidecar": r.path.with_suffix(".json").name,
+                    "seconds": r.seconds, **({"grid": r.report["grid"]} if "grid" in r.report else {})}
+                   for r in results],
+    }
+    path = write_json_atomic(out, session.path.stem + ".render", summary)
+    for r in results:
+        print(f"wrote {r.path} ({r.seconds:.3f} s)")
+    print(f"wrote {path}")
+    return 0
+
+
+def _regenerate(args: argparse.Namespace) -> int:
+    from bridge.render import prepare_out_dir, read_sidecar, regenerate
+
+    sc = read_sidecar(args.from_sidecar)
+    out = prepare_out_dir(args.out) if args.out else None
+    if out is None:
+        out = prepare_out_dir(Path(args.from_sidecar).resolve().parent)
+    engine = _load_engine(args, sc["model"].get("path"))
+    path, same = regenerate(args.from_sidecar, engine, out)
+    print(f"wrote {path} ({'identical to' if same else 'DIFFERENT from'} the recorded audio)")
+    return 0 if same else 1
