@@ -221,17 +221,31 @@ def write_track(audio: np.ndarray, model_rate: int, plan: TrackPlan, engine_rec:
 # ------------------------------------------------------------------ output folder
 
 
+def check_out_target(out: str | os.PathLike) -> Path:
+    """Fail early (before loading a model) if stems could not be written to `out`; creates nothing."""
+    from plugin_host.stems import StemError, check_out_dir
+
+    d = Path(out).expanduser().absolute()
+    if d.exists():
+        return check_out_dir(d)
+    parent = d.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StemError(f"output folder {d} cannot be created: {parent} is a file, not a folder")
+    try:
+        check_out_dir(parent)
+    except StemError as e:
+        raise StemError(f"output folder {d} cannot be created: {e}") from None
+    return d
+
+
 def prepare_out_dir(out: str | os.PathLike) -> Path:
     """The output folder, created if missing; StemError naming it when it cannot be written."""
     from plugin_host.stems import StemError, check_out_dir
 
-    d = Path(out).expanduser()
+    d = check_out_target(out)
     if not d.exists():
-        parent = d
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise StemError(f"output folder {d} cannot be created: {parent} is not writable")
         try:
             d.mkdir(parents=True)
         except OSError as e:

@@ -59,8 +59,12 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
         raise StemError(f"output folder {d} does not exist")
     if not d.is_dir():
         raise StemError(f"output folder {d} is not a folder")
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise StemError(f"output folder {d} is not writable")
+    try:  # a real probe: access() says yes to root even on read-only or special folders
+        fd, probe = tempfile.mkstemp(prefix=".musicbridge-probe.", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StemError(f"output folder {d} is not writable ({e.strerror or e})") from None
     return d
 
 
@@ -134,8 +138,8 @@ def write_stem(
                                      meta, temps)
         json_tmp = _tmp(d, basename, ".json", temps)
         return _place(d, basename, fmt, audio_tmp, json_tmp, meta)
-    except PermissionError as e:
-        raise StemError(f"cannot write stems in {d}: {e.strerror or e}") from None
+    except OSError as e:
+        raise StemError(f"cannot write stem {basename} in {d}: {e.strerror or e}") from None
     finally:
         for t in temps:
             Path(t).unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """Tempo-locked loops: bars to exact sample counts, tempo estimation, stretch to grid, seamless loops.
 
 Tempo is in quarter notes per minute (the DAW convention), so a bar of n/d lasts n * 4/d quarter
-notes: 4 bars of 4/4 at 120 bpm are 8.0 s; 2 bars of 6/8 at 120 bpm are 6.0 s.
+notes: 4 bars of 4/4 at 120 bpm are 8.0 s; 2 bars of 6/8 at 120 bpm are 3.0 s.
 """
 
 from __future__ import annotations

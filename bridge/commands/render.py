@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -50,12 +51,15 @@ def _load_engine(args: argparse.Namespace, spec: str | None):
 
 
 def _render(args: argparse.Namespace) -> int:
-    from bridge.render import TrackBars, prepare_out_dir, render_session, write_json_atomic
+    from bridge.render import (TrackBars, check_melodies, check_out_target, prepare_out_dir,
+                               render_session, write_json_atomic)
     from bridge.session_file import load_session
 
     session = load_session(args.session)
-    out = prepare_out_dir(args.out or session.path.with_name(session.path.stem + "-stems"))
+    target = check_out_target(args.out or session.path.with_name(session.path.stem + "-stems"))
     engine = _load_engine(args, session.model)
+    check_melodies(session, engine)
+    out = prepare_out_dir(target)
     t0 = time.monotonic()
     bars = TrackBars([t.name for t in session.tracks])
     results = render_session(session, engine, out, loop=True if args.loop else None,
@@ -77,13 +81,17 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _regenerate(args: argparse.Namespace) -> int:
-    from bridge.render import prepare_out_dir, read_sidecar, regenerate
+    from bridge.render import check_out_target, prepare_out_dir, read_sidecar, regenerate
 
     sc = read_sidecar(args.from_sidecar)
-    out = prepare_out_dir(args.out) if args.out else None
-    if out is None:
-        out = prepare_out_dir(Path(args.from_sidecar).resolve().parent)
+    target = check_out_target(args.out or Path(args.from_sidecar).resolve().parent)
     engine = _load_engine(args, sc["model"].get("path"))
-    path, same = regenerate(args.from_sidecar, engine, out)
+    recorded = sc["model"].get("checkpoint_sha256")
+    from bridge.render import checkpoint_fingerprint
+
+    if recorded and checkpoint_fingerprint(engine.info.path).get("checkpoint_sha256") != recorded:
+        print(f"warning: {engine.info.label} is not the checkpoint the stem was made with "
+              f"({sc['model'].get('label')}); the audio will differ", file=sys.stderr)
+    path, same = regenerate(args.from_sidecar, engine, prepare_out_dir(target))
     print(f"wrote {path} ({'identical to' if same else 'DIFFERENT from'} the recorded audio)")
     return 0 if same else 1
