@@ -203,7 +203,7 @@ class _Parser:
 
         bars, seconds = t.get("bars"), t.get("seconds")
         if (bars is None) == (seconds is None):
-            raise err("expected exactly one of bars or seconds", "bars" if bars is not None else "name")
+            raise err("expected exactly one of bars or seconds", "bars")
         if bars is not None and (isinstance(bars, bool) or not isinstance(bars, (int, float))
                                  or not math.isfinite(bars) or bars <= 0):
             raise err(f"expected a positive number of bars, got {bars!r}", "bars")

@@ -43,11 +43,19 @@ def run(args: argparse.Namespace) -> int:
     return _render(args)
 
 
-def _load_engine(args: argparse.Namespace, spec: str | None):
+def _load_engine(args: argparse.Namespace, spec: str | None, recorded: dict | None = None):
+    """The engine to use; for a regeneration, the recorded checkpoint, dtype and device by default
+    (bit-exact audio needs the same weights, precision and machine)."""
     from model.engine import Engine
 
     model = args.model if args.model != "auto" or not spec else spec
-    return Engine.load(model, device=args.device, dtype=args.dtype)
+    device, dtype = args.device, args.dtype
+    if recorded:
+        if dtype == "auto" and recorded.get("dtype"):
+            dtype = recorded["dtype"]
+        if device == "auto" and recorded.get("device") == "cpu":
+            device = "cpu"
+    return Engine.load(model, device=device, dtype=dtype)
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -85,7 +93,7 @@ def _regenerate(args: argparse.Namespace) -> int:
 
     sc = read_sidecar(args.from_sidecar)
     target = check_out_target(args.out or Path(args.from_sidecar).resolve().parent)
-    engine = _load_engine(args, sc["model"].get("path"))
+    engine = _load_engine(args, sc["model"].get("path"), sc["model"])
     recorded = sc["model"].get("checkpoint_sha256")
     from bridge.render import checkpoint_fingerprint
 
