@@ -340,14 +340,14 @@ def check_melodies(session: Session, engine) -> None:
 
 
 def render_session(session: Session, engine, out_dir: Path, *, loop: bool | None = None,
-                   batch_size: int = 8, bars: TrackBars | None = None) -> list[TrackResult]:
+                   batch_size: int = 8, progress: TrackBars | None = None) -> list[TrackResult]:
     """Render every track; tracks go to the engine in batches of up to `batch_size` (one call each)."""
     from model.types import RequestError
 
     check_melodies(session, engine)
     plans = [plan_track(t, session, engine.sample_rate, loop) for t in session.tracks]
     erec = engine_record(engine)
-    bars = bars or TrackBars([p.name for p in plans])
+    progress = progress or TrackBars([p.name for p in plans])
     results: list[TrackResult] = []
     for lo in range(0, len(plans), max(1, batch_size)):
         idx = list(range(lo, min(len(plans), lo + batch_size)))
@@ -357,7 +357,7 @@ def render_session(session: Session, engine, out_dir: Path, *, loop: bool | None
                     for i, rec in zip(idx, batch)]
         except RequestError as e:
             raise SessionFileError(f"{session.path}: {e}") from None
-        audios = engine.generate(reqs, progress=bars.for_batch(idx))
+        audios = engine.generate(reqs, progress=progress.for_batch(idx))
         for j, i in enumerate(idx):
             audio, report = finish_audio(audios[j], engine.sample_rate, plans[i].render)
             path = write_track(audio, engine.sample_rate, plans[i], erec, batch, j, report, out_dir)
@@ -387,6 +387,7 @@ def regenerate(sidecar_path: str | os.PathLike, engine, out_dir: Path | None = N
                progress: Progress | None = None) -> tuple[Path, bool]:
     """Repeat the engine call recorded in a sidecar and write the stem again (a new numbered file).
 
+    progress(request_index, fraction) sees every request of the recorded batch.
     Returns (path, identical): identical is True when the new audio hashes to the recorded one.
     """
     sc = read_sidecar(sidecar_path)
@@ -394,8 +395,7 @@ def regenerate(sidecar_path: str | os.PathLike, engine, out_dir: Path | None = N
     batch = sc["batch"]["requests"]
     index = int(sc["batch"]["index"])
     reqs = [build_request(rec, engine, f"{where}: batch request {k}") for k, rec in enumerate(batch)]
-    audios = engine.generate(reqs, progress=(lambda j, f: progress(j, f) if j == index else None)
-                             if progress else None)
+    audios = engine.generate(reqs, progress=progress)
     audio, report = finish_audio(audios[index], engine.sample_rate, sc["render"])
     plan = TrackPlan(name=sc["track"], request=batch[index], render=sc["render"],
                      start_seconds=float(sc.get("file", {}).get("start_seconds", 0.0)),

@@ -71,7 +71,7 @@ def _render(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     bars = TrackBars([t.name for t in session.tracks])
     results = render_session(session, engine, out, loop=True if args.loop else None,
-                             batch_size=args.batch_size, bars=bars)
+                             batch_size=args.batch_size, progress=bars)
     summary = {
         "session": str(session.path), "session_sha256": session.sha256, "model": engine.info.label,
         "tempo": session.tempo, "time_signature": str(session.signature),

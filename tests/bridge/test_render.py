@@ -76,7 +76,7 @@ def test_three_tracks_render_in_one_engine_call_to_exact_stems(session_file, cou
     out = tmp_path / "stems"
     out.mkdir()
     bars = TrackBars(["drums", "bass", "pad"], enabled=True, stream=io.StringIO())
-    results = render_session(load_session(session_file), engine, out, bars=bars)
+    results = render_session(load_session(session_file), engine, out, progress=bars)
     assert calls == [3]  # one batched call, not three
     assert bars.pct == [100, 100, 100]
     assert bars.stream.getvalue().count("100%") >= 3
