@@ -167,7 +167,11 @@ def build_request(rec: dict[str, Any], engine, where: str):
                                    "(sha256 differs); the stem cannot be reproduced from it")
         from model.melody import load_melody
 
-        melody = load_melody(str(src), engine.chroma_frame_rate, seconds=rec["seconds"], track=m.get("track"))
+        try:
+            melody = load_melody(str(src), engine.chroma_frame_rate, seconds=rec["seconds"],
+                                 track=m.get("track"))
+        except (ValueError, OSError) as e:  # MelodyError is a ValueError: name the track too
+            raise SessionFileError(f"{where}: key 'melody': {e}") from None
     return GenerationRequest(prompt=rec["prompt"], seconds=float(rec["seconds"]),
                              params=SamplingParams(**rec["params"]), melody=melody)
 
