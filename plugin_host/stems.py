@@ -100,8 +100,12 @@ def write_stem(
     for name, rate in (("sample_rate", sample_rate), ("target_rate", target_rate)):
         if not isinstance(rate, (int, np.integer)) or not 1000 <= rate <= 384000:
             raise StemError(f"{name} must be a whole number of Hz in [1000, 384000], got {rate!r}")
-    if not (np.isfinite(start_seconds) and start_seconds >= 0):
-        raise StemError(f"start_seconds must be >= 0, got {start_seconds!r}")
+    if isinstance(start_seconds, bool) or not isinstance(start_seconds, (int, float, np.floating)) \
+            or not (np.isfinite(start_seconds) and start_seconds >= 0):
+        raise StemError(f"start_seconds must be a number >= 0, got {start_seconds!r}")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, np.integer))
+                                or samples <= 0):
+        raise StemError(f"samples must be a positive whole number, got {samples!r}")
     d = check_out_dir(out_dir)
     if not isinstance(sidecar, Mapping):
         raise StemError(f"sidecar must be a mapping, got {type(sidecar).__name__}")
@@ -114,8 +118,6 @@ def write_stem(
         processed = a
     out = resample(processed, int(sample_rate), int(target_rate))
     if samples is not None:
-        if not isinstance(samples, (int, np.integer)) or samples <= 0:
-            raise StemError(f"samples must be a positive whole number, got {samples!r}")
         out = _exact(out, int(samples))
     time_reference = int(round(start_seconds * target_rate))
     meta = dict(sidecar)
@@ -125,6 +127,7 @@ def write_stem(
         "seconds": out.shape[1] / target_rate, "start_seconds": float(start_seconds),
         "time_reference": time_reference, "source_sample_rate": int(sample_rate),
         "source_samples": int(a.shape[1]), "source_sha256": audio_sha256(a),
+        "peak": round(float(np.abs(out).max()), 6),  # above 1.0 the PCM file is clipped
     }
     meta.setdefault("sidecar_version", SIDECAR_VERSION)
     try:

@@ -87,6 +87,7 @@ def test_sidecar_holds_the_request_and_describes_the_file(tmp_path):
     assert f["name"] == path.name and f["samples"] == 96000 and f["sample_rate"] == 48000
     assert f["bit_depth"] == 24 and f["time_reference"] == 512000
     assert f["source_sha256"] == audio_sha256(x) and f["source_samples"] == x.shape[1]
+    assert 0.3 < f["peak"] < 0.6
 
 
 def test_names_are_numbered_and_nothing_is_overwritten(tmp_path):
@@ -121,6 +122,7 @@ def test_chain_is_applied_block_by_block_before_resampling(tmp_path):
     ({"basename": ".hidden"}, "stem name"),
     ({"target_rate": 12.5}, "target_rate"),
     ({"start_seconds": -1.0}, "start_seconds"),
+    ({"start_seconds": "soon"}, "start_seconds"),
     ({"samples": 0}, "samples"),
     ({"sidecar": {"bad": object()}}, "not plain JSON"),
     ({"sidecar": {"x": float("nan")}}, "not plain JSON"),
