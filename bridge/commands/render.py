@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--loop", action="store_true",
                    help="make every track given in bars a seamless loop")
+    p.add_argument("--format", choices=["wav", "flac"], help="override the session's stem format")
+    p.add_argument("--sample-rate", type=int, help="override the session's stem rate (Hz)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="tracks per engine call (default 8: a 3-track session is one call)")
     p.add_argument("--from-sidecar", metavar="JSON",
@@ -59,11 +61,19 @@ def _load_engine(args: argparse.Namespace, spec: str | None, recorded: dict | No
 
 
 def _render(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from bridge.cli import UsageError
     from bridge.render import (TrackBars, check_melodies, check_out_target, prepare_out_dir,
                                render_session, write_json_atomic)
     from bridge.session_file import load_session
 
     session = load_session(args.session)
+    if args.format or args.sample_rate is not None:
+        if args.sample_rate is not None and not 8000 <= args.sample_rate <= 192000:
+            raise UsageError(f"--sample-rate must be between 8000 and 192000, got {args.sample_rate}")
+        session = replace(session, format=args.format or session.format,
+                          sample_rate=session.sample_rate if args.sample_rate is None else args.sample_rate)
     target = check_out_target(args.out or session.path.with_name(session.path.stem + "-stems"))
     engine = _load_engine(args, session.model)
     check_melodies(session, engine)

@@ -180,6 +180,18 @@ def test_bad_session_files_name_file_line_and_key(tmp_path, text, line, match):
         assert f"line {line}" in msg
 
 
+def test_cli_overrides_format_and_rate(session_file, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "flac"
+    assert _cli("render", str(session_file), "--out", str(out), "--format", "flac", "--sample-rate", "44100",
+                "--model", str(tiny_model_dir), "--dtype", "float32", "--batch-size", "3") == 0
+    from pedalboard.io import AudioFile
+
+    with AudioFile(str(out / "drums.flac")) as f:
+        assert (f.samplerate, f.frames, f.file_dtype) == (44100, 352800, "int24")
+    assert _cli("render", str(session_file), "--sample-rate", "5") == 2
+    assert "--sample-rate must be between" in capsys.readouterr().err
+
+
 def test_bad_session_via_cli_writes_nothing(tmp_path, tiny_model_dir, capsys):
     p = tmp_path / "bad.toml"
     p.write_text(BAD_SESSIONS[8][0])
