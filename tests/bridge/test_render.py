@@ -229,3 +229,36 @@ def test_sidecar_checks(tmp_path, capsys):
     assert "missing.json does not exist" in capsys.readouterr().err
     assert _cli("render") == 2
     assert "expected a session .toml file" in capsys.readouterr().err
+
+
+def _render_spec(**kw):
+    base = {"tempo": 120.0, "model_samples": 32000 * 8, "crossfade_samples": 0, "loop": False,
+            "stretch_to_grid": True, "chain": []}
+    return {**base, **kw}
+
+
+def test_a_drifting_take_is_locked_to_the_grid_at_the_exact_length():
+    from bridge.render import finish_audio
+    from plugin_host.tempo import estimate_tempo
+    from tests.plugin_host.test_tempo import click_track
+
+    raw = click_track(126.0, 9.5)  # the model played 5 % fast
+    audio, report = finish_audio(raw, 32000, _render_spec())
+    assert audio.shape == (1, 32000 * 8)
+    assert report["grid"]["estimated_bpm"] == pytest.approx(126.0, abs=0.75)
+    assert report["grid"]["stretch_factor"] < 1.0
+    assert estimate_tempo(audio, 32000, near=120).bpm == pytest.approx(120.0, abs=0.75)
+
+
+def test_loop_render_wraps_without_a_click_and_chain_runs_before_the_crossfade():
+    from bridge.render import finish_audio
+
+    t = np.arange(32000 * 3) / 32000
+    raw = (0.4 * np.sin(2 * np.pi * 331.7 * t)).astype(np.float32)[None, :]
+    spec = _render_spec(model_samples=64000, crossfade_samples=8000, loop=True, stretch_to_grid=False,
+                        chain=[{"plugin": "Gain", "gain_db": -6.0}])
+    audio, _ = finish_audio(raw, 32000, spec)
+    assert audio.shape == (1, 64000)
+    step = np.abs(np.diff(audio[0])).max()
+    assert abs(float(audio[0, 0] - audio[0, -1])) <= step * 1.01
+    assert np.abs(audio).max() == pytest.approx(0.4 * 10 ** (-6 / 20), rel=0.02)
