@@ -116,8 +116,10 @@ def plan_track(track: TrackSpec, session: Session, model_rate: int, loop: bool |
     # Room for a stretch that speeds the take up by up to STRETCH_LIMIT without running short.
     gen_seconds = need * (1.0 + STRETCH_LIMIT if track.bars is not None else 1.0) + GEN_MARGIN_SECONDS
     if gen_seconds > 600.0:
-        raise SessionFileError(f"{session.path}: track {track.name!r} is {seconds:.1f} s long; "
-                               "the engine makes at most 600 s per request (fewer bars)")
+        key = "bars" if track.bars is not None else "seconds"
+        raise SessionFileError(f"{session.path}: track {track.name!r}: key '{key}': {seconds:.1f} s "
+                               f"needs {gen_seconds:.1f} s of generation; the engine makes at most "
+                               "600 s per request")
     params = dict(track.params)
     params["seed"] = seed if seed is not None else (track.seed if track.seed is not None
                                                     else secrets.randbelow(2**31))
