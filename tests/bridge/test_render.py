@@ -262,3 +262,12 @@ def test_loop_render_wraps_without_a_click_and_chain_runs_before_the_crossfade()
     step = np.abs(np.diff(audio[0])).max()
     assert abs(float(audio[0, 0] - audio[0, -1])) <= step * 1.01
     assert np.abs(audio).max() == pytest.approx(0.4 * 10 ** (-6 / 20), rel=0.02)
+
+
+def test_a_track_longer_than_the_engine_allows_fails_before_generating(counted, tmp_path):
+    engine, calls = counted
+    p = tmp_path / "long.toml"
+    p.write_text('tempo = 120\n[[track]]\nname = "epic"\nprompt = "x"\nbars = 300\n')
+    with pytest.raises(SessionFileError, match=r"track 'epic': key 'bars': 600\.0 s needs .* at most 600 s"):
+        render_session(load_session(p), engine, tmp_path)
+    assert calls == [] and sorted(x.name for x in tmp_path.iterdir()) == ["long.toml"]
