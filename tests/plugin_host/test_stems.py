@@ -157,7 +157,7 @@ def test_missing_or_unwritable_folders_are_named(tmp_path):
 _KILL_SCRIPT = """
 import sys, numpy as np
 from plugin_host.stems import write_stem
-x = (np.random.default_rng(0).standard_normal((2, 32000 * 240)) * 0.1).astype(np.float32)
+x = (np.random.default_rng(0).standard_normal((2, 32000 * 120)) * 0.1).astype(np.float32)
 write_stem(x, 32000, sys.argv[1], "long", {"prompt": "long"})
 print("finished", flush=True)
 """
