@@ -1,0 +1,131 @@
+"""`musicbridge serve`: load the model once and answer OSC until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from bridge.commands.common import add_model_args, nonneg_int, positive_float
+
+log = logging.getLogger("musicbridge.serve")
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT such as 127.0.0.1:9011, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OSC bridge daemon (protocol v1, see docs/osc.md)",
+                       description="Load the model once and serve OSC over UDP until SIGINT/SIGTERM.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; anything else is reachable from the network)")
+    p.add_argument("--port", type=nonneg_int, default=9010, help="UDP port (default 9010; 0 = any free port)")
+    p.add_argument("--reply-to", type=host_port, default=None, metavar="HOST:PORT",
+                   help="send every reply here instead of to the sender (DAWs listen on one fixed port)")
+    p.add_argument("--session-dir", type=Path, default=Path("musicbridge-session"),
+                   help="folder holding session.json (created if missing; restored on restart)")
+    p.add_argument("--stems-dir", type=Path, default=None,
+                   help="where stems are written (default SESSION_DIR/stems); message paths may point here")
+    p.add_argument("--allow-dir", type=Path, action="append", default=[], metavar="DIR",
+                   help="another folder message paths (melody files, takes) may point into; repeatable")
+    p.add_argument("--audio", default="none", metavar="DEVICE|none",
+                   help="live audio output device, or none (default)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds a running job may take to finish after SIGINT/SIGTERM before it is cancelled")
+    p.add_argument("--max-seconds", type=positive_float, default=120.0, help="longest job in seconds")
+    p.add_argument("--max-queued", type=nonneg_int, default=32, help="most jobs waiting at once")
+    p.add_argument("--max-tracks", type=nonneg_int, default=64, help="most tracks in the session")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bridge.cli import UsageError
+    from bridge.daemon import Daemon, DaemonConfig
+    from bridge.protocol import Limits
+
+    if args.audio != "none":
+        raise UsageError(f"live audio output (--audio {args.audio}) is not available in this build; "
+                         "use --audio none and render stems")
+    if not (args.grace >= 0 and args.grace < 1e6):
+        raise UsageError(f"--grace must be a number of seconds >= 0, got {args.grace}")
+    for d in args.allow_dir:
+        if not d.expanduser().is_dir():
+            raise UsageError(f"--allow-dir {d} is not an existing folder")
+    session_dir = args.session_dir.expanduser()
+    stems_dir = (args.stems_dir or session_dir / "stems").expanduser()
+    for d in (session_dir, stems_dir):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create folder {d}: {e.strerror or e}") from None
+    from plugin_host.stems import check_out_dir
+
+    check_out_dir(stems_dir)
+    if not _is_loopback(args.host):
+        log.warning("WARNING: binding %s makes the daemon reachable from other machines; anyone who can "
+                    "send it UDP can queue jobs and read files under the allowed folders", args.host)
+
+    from bridge.session import Session, SessionError
+
+    try:
+        Session(session_dir)  # a broken session file stops us before the model loads
+    except SessionError as e:
+        raise UsageError(str(e)) from None
+
+    from model.engine import Engine
+
+    log.info("loading model %s ...", args.model)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    config = DaemonConfig(host=args.host, port=args.port, reply_to=args.reply_to, session_dir=session_dir,
+                          stems_dir=stems_dir, allow_dirs=tuple(d.expanduser() for d in args.allow_dir),
+                          grace=args.grace, limits=Limits(max_seconds=args.max_seconds,
+                                                          max_queued=args.max_queued,
+                                                          max_tracks=args.max_tracks))
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("got %s: stopping (running jobs get up to %g s to finish)", signal.Signals(signum).name,
+                 args.grace)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            daemon = Daemon(engine, config)
+        except OSError as e:
+            raise UsageError(f"cannot start: {e}") from None
+        try:
+            daemon.__enter__()
+        except OSError as e:
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        try:
+            s = daemon.session
+            log.info("musicbridge is listening for OSC on %s:%d (model %s); %d track(s) restored from %s; "
+                     "stems go to %s%s", args.host, daemon.server.port, engine.info.label, len(s.tracks),
+                     s.path, stems_dir,
+                     f"; replies go to {args.reply_to[0]}:{args.reply_to[1]}" if args.reply_to else "")
+            while not stop.wait(0.5):
+                pass
+        finally:
+            daemon.shutdown(args.grace)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,285 @@
+"""The OSC daemon: messages in, session changes and jobs out, replies back to the sender.
+
+Wiring only: bridge.osc receives, bridge.protocol turns each message into a command (or an
+error), this module applies it to bridge.session or queues it on bridge.jobs, and answers.
+Handlers run on the OSC thread and never run inference; they change state or queue a job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge import protocol as P
+from bridge.jobs import Job, JobQueue, plan_job, sampling_params as _sampling
+from bridge.osc import Address, OscServer
+from bridge.paths import PathPolicy
+from bridge.protocol import Limits, ProtocolError
+from bridge.session import Session, chroma_to_text
+
+log = logging.getLogger("musicbridge.serve")
+
+
+@dataclass
+class DaemonConfig:
+    host: str = "127.0.0.1"
+    port: int = 9010
+    reply_to: Address | None = None
+    session_dir: Path = Path("musicbridge-session")
+    stems_dir: Path | None = None  # default: <session_dir>/stems
+    allow_dirs: tuple[Path, ...] = ()
+    grace: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+    stem_rate: int = 48000
+
+
+class _LogLimiter:
+    """At most `per_second` lines a second for a noisy kind of event; the rest are counted."""
+
+    def __init__(self, per_second: int = 5):
+        self.per_second, self.window, self.count, self.dropped = per_second, 0, 0, 0
+
+    def allow(self) -> bool:
+        now = int(time.monotonic())
+        if now != self.window:
+            if self.dropped:
+                log.info("(%d more rejected messages were not logged)", self.dropped)
+            self.window, self.count, self.dropped = now, 0, 0
+        self.count += 1
+        if self.count > self.per_second:
+            self.dropped += 1
+            return False
+        return True
+
+
+class Daemon:
+    """A running bridge; a context manager that binds the socket on enter and stops cleanly on exit."""
+
+    def __init__(self, engine, config: DaemonConfig):
+        from bridge.render import engine_record
+
+        self.engine, self.config = engine, config
+        self.stems_dir = Path(config.stems_dir or Path(config.session_dir) / "stems")
+        self.paths = PathPolicy([self.stems_dir, *config.allow_dirs])
+        self.session = Session(config.session_dir, max_tracks=config.limits.max_tracks)
+        self.jobs = JobQueue(engine, self.stems_dir, self._job_event, max_queued=config.limits.max_queued,
+                             engine_record=engine_record(engine))
+        self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
+        self._limiter = _LogLimiter()
+        self._closed = False
+        self._jobs_entered = False
+
+    def __enter__(self) -> Daemon:
+        self.jobs.__enter__()
+        self._jobs_entered = True
+        try:
+            self.server.__enter__()
+        except BaseException:
+            self.jobs.shutdown(0.0)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown(self.config.grace)
+
+    def shutdown(self, grace: float) -> None:
+        """Refuse new jobs, let running ones finish within `grace` seconds, then close the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        queued, running = self.jobs.counts()
+        if queued or running:
+            log.info("shutting down: cancelling %d queued job(s), giving %d running job(s) up to %g s",
+                     queued, running, grace)
+        self.jobs.shutdown(grace)
+        self.server.__exit__(None, None, None)
+        log.info("musicbridge stopped; the session is saved in %s", self.session.path)
+
+    # ------------------------------------------------------------ replies
+
+    def _to(self, sender: Address) -> Address:
+        return self.config.reply_to or sender
+
+    def reply(self, sender: Address, address: str, *args: Any) -> None:
+        self.server.send(self._to(sender), address, args)
+
+    def _error(self, sender: Address, e: ProtocolError, address: str) -> None:
+        if self._limiter.allow():
+            log.info("rejected %s from %s:%d: %s (%s)", address[:80], sender[0], sender[1], e.message, e.code)
+        self.reply(sender, "/error", e.code, e.message, address[:256], e.job_id)
+
+    def _bad_packet(self, why: str, sender: Address) -> None:
+        self._error(sender, ProtocolError("bad_packet", why), "")
+
+    def _job_event(self, job: Job, kind: str, payload: tuple) -> None:
+        to = job.reply_to
+        if kind == "progress":
+            self.server.send(to, "/job/progress", (job.id, float(payload[0])))
+        elif kind == "done":
+            log.info("job %d done: track %s, %g s, wrote %s", job.id, job.spec.track, job.spec.seconds, payload[0])
+            self.server.send(to, "/job/done", (job.id, payload[0]))
+        elif kind == "cancelled":
+            log.info("job %d (track %s) cancelled", job.id, job.spec.track)
+            self.server.send(to, "/job/cancelled", (job.id,))
+        elif kind == "failed":
+            code, message = payload
+            log.info("job %d (track %s) failed: %s", job.id, job.spec.track, message)
+            self.server.send(to, "/error", (code, message, f"/job/{job.id}", job.id))
+
+    # ------------------------------------------------------------ messages
+
+    def handle(self, address: str, args: list[Any], sender: Address) -> None:
+        """One message: parse, apply, answer. Every failure becomes an /error reply."""
+        try:
+            cmd = P.parse(address, args, limits=self.config.limits, paths=self.paths)
+            self._apply(cmd, sender)
+        except ProtocolError as e:
+            self._error(sender, e, address if isinstance(address, str) else "")
+        except Exception as e:  # noqa: BLE001 - a bug answers `internal`, the daemon carries on
+            log.exception("internal error on %s", str(address)[:80])
+            self.reply(sender, "/error", "internal", f"internal error: {type(e).__name__}: {e}",
+                       str(address)[:256], 0)
+
+    def _ok(self, sender: Address, cmd: P.Command, what: str) -> None:
+        log.info("%s", what)
+        self.reply(sender, "/ok", cmd.address)
+
+    def _apply(self, cmd: P.Command, sender: Address) -> None:
+        s = self.session
+        if isinstance(cmd, P.Ping):
+            self.reply(sender, "/pong")
+        elif isinstance(cmd, P.Status):
+            queued, running = self.jobs.counts()
+            t = s.transport
+            self.reply(sender, "/status", self.engine.info.label, len(s.tracks), queued, running, -1,
+                       t.tempo, t.signature, int(t.playing), t.position)
+        elif isinstance(cmd, P.ListTracks):
+            self.reply(sender, "/tracks", *sorted(s.tracks))
+        elif isinstance(cmd, P.TrackState):
+            tr = s.track(cmd.track)
+            if tr is None:
+                raise ProtocolError("not_found", f"there is no track {cmd.track!r}; /tracks lists them")
+            state = tr.to_json()
+            if state["melody"] and state["melody"].get("kind") == "chroma":
+                state["melody"] = {k: v for k, v in state["melody"].items() if k != "data"}
+            self.reply(sender, f"/track/{cmd.track}/state", json.dumps(state))
+        elif isinstance(cmd, P.SetPrompt):
+            s.update_track(cmd.track, prompt=cmd.text)
+            self._ok(sender, cmd, f"track {cmd.track}: prompt is now {cmd.text[:80]!r}")
+        elif isinstance(cmd, P.SetPreset):
+            self._set_preset(cmd, sender)
+        elif isinstance(cmd, P.SetParam):
+            self._set_param(cmd, sender)
+        elif isinstance(cmd, (P.MelodyMidi, P.MelodyAudio, P.MelodyNotes, P.MelodyChroma)):
+            self._set_melody(cmd, sender)
+        elif isinstance(cmd, P.MelodyClear):
+            self._existing(cmd.track)
+            s.update_track(cmd.track, melody=None)
+            self._ok(sender, cmd, f"track {cmd.track}: melody cleared")
+        elif isinstance(cmd, P.ClearTrack):
+            s.clear_track(cmd.track)
+            self._ok(sender, cmd, f"track {cmd.track}: cleared")
+        elif isinstance(cmd, P.DeleteTrack):
+            s.delete_track(cmd.track)
+            self._ok(sender, cmd, f"track {cmd.track}: deleted")
+        elif isinstance(cmd, (P.Generate, P.Continue)):
+            self._generate(cmd, sender)
+        elif isinstance(cmd, P.CancelJob):
+            job = self.jobs.cancel(cmd.job_id)
+            if job.state == "running":
+                log.info("job %d (track %s): stopping at the next step", job.id, job.spec.track)
+        elif isinstance(cmd, P.JobStatus):
+            job = self.jobs.get(cmd.job_id)
+            self.reply(sender, "/job/status", job.id, job.state, float(job.fraction),
+                       str(job.path) if job.path else "")
+        elif isinstance(cmd, P.SetTempo):
+            s.update_transport(tempo=cmd.bpm)
+            self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
+        elif isinstance(cmd, P.SetSignature):
+            s.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
+            self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
+        elif isinstance(cmd, (P.Play, P.Stop)):
+            changes: dict[str, Any] = {"playing": isinstance(cmd, P.Play)}
+            if cmd.beat is not None:
+                changes["position"] = cmd.beat
+            t = s.update_transport(**changes)
+            self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
+        elif isinstance(cmd, P.Locate):
+            s.update_transport(position=cmd.beat)
+            self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
+        elif isinstance(cmd, (P.JamStart, P.JamStop)):
+            raise ProtocolError("unavailable", "live jam is not available in this build (no live audio "
+                                               "output module); render stems with /track/<name>/generate")
+        else:  # a command class without a handler is a bug, not user input
+            raise ProtocolError("internal", f"no handler for {type(cmd).__name__}")
+
+    def _existing(self, name: str):
+        tr = self.session.track(name)
+        if tr is None:
+            raise ProtocolError("not_found", f"there is no track {name!r}; set its prompt or preset first")
+        return tr
+
+    def _set_preset(self, cmd: P.SetPreset, sender: Address) -> None:
+        if cmd.name:
+            preset = _load_preset(cmd.name)
+            track = self.session.track(cmd.track)
+            _sampling({**preset.params, **(track.params_dict() if track else {})})
+        self.session.update_track(cmd.track, preset=cmd.name)
+        self._ok(sender, cmd, f"track {cmd.track}: preset {cmd.name!r}" if cmd.name
+                 else f"track {cmd.track}: preset removed")
+
+    def _set_param(self, cmd: P.SetParam, sender: Address) -> None:
+        track = self.session.track(cmd.track)
+        params = track.params_dict() if track else {}
+        if cmd.value is None:
+            params.pop(cmd.key, None)
+        else:
+            params[cmd.key] = cmd.value
+        base = dict(_load_preset(track.preset).params) if track and track.preset else {}
+        _sampling({**base, **params})
+        self.session.update_track(cmd.track, params=params)
+        self._ok(sender, cmd, f"track {cmd.track}: {cmd.key} = {cmd.value if cmd.value is not None else 'default'}")
+
+    def _set_melody(self, cmd: P.Command, sender: Address) -> None:
+        if not self.engine.is_melody:
+            raise ProtocolError("model", f"model {self.engine.info.label} is text-only and cannot follow a "
+                                         "melody; start the daemon with a MusicGen-Melody checkpoint")
+        if isinstance(cmd, (P.MelodyMidi, P.MelodyAudio)):
+            melody = {"kind": "midi" if isinstance(cmd, P.MelodyMidi) else "audio", "path": str(cmd.path)}
+            what = f"melody from {cmd.path}"
+        elif isinstance(cmd, P.MelodyNotes):
+            melody = {"kind": "notes", "notes": [list(n) for n in cmd.notes]}
+            what = f"melody from {len(cmd.notes)} notes"
+        else:
+            assert isinstance(cmd, P.MelodyChroma)
+            melody = {"kind": "chroma", "data": chroma_to_text(cmd.data), "frame_rate": cmd.frame_rate}
+            what = f"melody from a {cmd.frames}-frame chroma"
+        self.session.update_track(cmd.track, melody=melody)  # type: ignore[attr-defined]
+        self._ok(sender, cmd, f"track {cmd.track}: {what}")  # type: ignore[attr-defined]
+
+    def _generate(self, cmd: P.Generate | P.Continue, sender: Address) -> None:
+        s = self.session
+        track = self._existing(cmd.track)
+        preset = _load_preset(track.preset) if track.preset else None
+        spec = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
+        if spec.continuation is not None:
+            s.update_track(cmd.track, continuation=spec.continuation)
+        job = self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id)
+        log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, spec.sidecar["length"],
+                 spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
+        self.reply(sender, "/job/accepted", job.id, cmd.track)
+
+
+def _load_preset(name: str):
+    from presets import PresetError, load_preset, preset_files
+
+    if name not in preset_files():
+        raise ProtocolError("not_found", f"unknown preset {name!r}; expected one of {', '.join(preset_files())}")
+    try:
+        return load_preset(name)
+    except PresetError as e:
+        raise ProtocolError("bad_args", f"preset {name!r} cannot be used: {e}") from None

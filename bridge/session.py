@@ -1,0 +1,207 @@
+"""The daemon's live session: per-track settings and the transport, saved atomically on every change.
+
+State is replaced, never edited in place: a change builds the new state, writes it to a
+temporary file, renames it over session.json, and only then becomes current. A failed write
+therefore leaves both the file and the running daemon exactly as they were, and a restart
+restores every track.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bridge.protocol import PARAM_KEYS, TRACK_RE, ProtocolError
+
+FILE_NAME = "session.json"
+VERSION = 1
+
+
+class SessionError(ValueError):
+    """A session file that cannot be restored; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Transport:
+    tempo: float = 120.0
+    numerator: int = 4
+    denominator: int = 4
+    playing: bool = False
+    position: float = 0.0  # beats (quarter notes) from the session start
+
+    @property
+    def signature(self) -> str:
+        return f"{self.numerator}/{self.denominator}"
+
+    def bars_to_seconds(self, bars: float) -> float:
+        """4 bars at 120 bpm in 4/4 -> 8.0 s."""
+        return bars * self.numerator * 4.0 / self.denominator * 60.0 / self.tempo
+
+
+@dataclass(frozen=True)
+class Track:
+    """One track's settings. `melody` and `continuation` are plain JSON-able dicts (see docs/osc.md)."""
+
+    prompt: str = ""
+    preset: str = ""
+    params: tuple[tuple[str, Any], ...] = ()
+    melody: tuple[tuple[str, Any], ...] | None = None
+    continuation: tuple[tuple[str, Any], ...] | None = None
+
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def melody_dict(self) -> dict[str, Any] | None:
+        return None if self.melody is None else dict(self.melody)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "preset": self.preset, "params": dict(self.params),
+                "melody": self.melody_dict(),
+                "continuation": None if self.continuation is None else dict(self.continuation)}
+
+
+def _frozen(d: dict[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+    return None if d is None else tuple(sorted(d.items()))
+
+
+def chroma_to_text(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def chroma_from_text(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+class Session:
+    """Tracks and transport of one session folder. Thread-safe; every change is saved before it shows."""
+
+    def __init__(self, folder: str | os.PathLike, max_tracks: int = 64):
+        self.folder = Path(folder).expanduser()
+        self.path = self.folder / FILE_NAME
+        self.max_tracks = max_tracks
+        self._lock = threading.Lock()
+        self.transport = Transport()
+        self.tracks: dict[str, Track] = {}
+        self.next_job_id = 1
+        if self.path.exists():
+            self._load()
+
+    # ------------------------------------------------------------ persistence
+
+    def _load(self) -> None:
+        where = str(self.path)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SessionError(f"session file {where} cannot be read ({e}); move it away to start fresh") from None
+        try:
+            if not isinstance(data, dict) or data.get("version") != VERSION:
+                raise ValueError(f"expected an object with \"version\": {VERSION}")
+            t = data["transport"]
+            transport = Transport(tempo=float(t["tempo"]), numerator=int(t["numerator"]),
+                                  denominator=int(t["denominator"]), playing=bool(t["playing"]),
+                                  position=float(t["position"]))
+            if not (20.0 <= transport.tempo <= 400.0 and math.isfinite(transport.position)):
+                raise ValueError("transport tempo or position out of range")
+            tracks = {}
+            for name, tr in dict(data["tracks"]).items():
+                if not TRACK_RE.match(name):
+                    raise ValueError(f"bad track name {name!r}")
+                params = dict(tr.get("params") or {})
+                if set(params) - set(PARAM_KEYS):
+                    raise ValueError(f"track {name}: unknown params {sorted(set(params) - set(PARAM_KEYS))}")
+                tracks[name] = Track(prompt=str(tr.get("prompt", "")), preset=str(tr.get("preset", "")),
+                                     params=_frozen(params) or (), melody=_frozen(tr.get("melody")),
+                                     continuation=_frozen(tr.get("continuation")))
+            next_id = int(data.get("next_job_id", 1))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SessionError(f"session file {where} is not a valid musicbridge session ({e}); "
+                               "move it away to start fresh") from None
+        self.transport, self.tracks, self.next_job_id = transport, tracks, max(1, next_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "transport": asdict(self.transport),
+                "tracks": {n: t.to_json() for n, t in sorted(self.tracks.items())},
+                "next_job_id": self.next_job_id}
+
+    def _write(self, data: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".session.", suffix=".json.tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, allow_nan=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _commit(self, transport: Transport, tracks: dict[str, Track], next_job_id: int) -> None:
+        """Save the new state, then make it current (caller holds the lock)."""
+        old = (self.transport, self.tracks, self.next_job_id)
+        self.transport, self.tracks, self.next_job_id = transport, tracks, next_job_id
+        try:
+            self._write(self.to_json())
+        except (OSError, ValueError) as e:
+            self.transport, self.tracks, self.next_job_id = old
+            raise ProtocolError("failed", f"could not save the session to {self.path}: {e}") from None
+
+    def save(self) -> None:
+        with self._lock:
+            self._write(self.to_json())
+
+    # ------------------------------------------------------------ changes
+
+    def track(self, name: str) -> Track | None:
+        return self.tracks.get(name)
+
+    def update_track(self, name: str, **changes: Any) -> Track:
+        """Create or change a track; `params`, `melody`, `continuation` are given as dicts (or None)."""
+        for k in ("params", "melody", "continuation"):
+            if k in changes:
+                changes[k] = _frozen(changes[k]) if k != "params" else (_frozen(changes[k]) or ())
+        with self._lock:
+            if name not in self.tracks and len(self.tracks) >= self.max_tracks:
+                raise ProtocolError("limit", f"this session already has {self.max_tracks} tracks, the limit; "
+                                             "delete one with /track/<name>/delete")
+            new = replace(self.tracks.get(name, Track()), **changes)
+            self._commit(self.transport, {**self.tracks, name: new}, self.next_job_id)
+            return new
+
+    def clear_track(self, name: str) -> None:
+        self._require(name)
+        with self._lock:
+            self._commit(self.transport, {**self.tracks, name: Track()}, self.next_job_id)
+
+    def delete_track(self, name: str) -> None:
+        self._require(name)
+        with self._lock:
+            self._commit(self.transport, {n: t for n, t in self.tracks.items() if n != name}, self.next_job_id)
+
+    def _require(self, name: str) -> Track:
+        t = self.tracks.get(name)
+        if t is None:
+            raise ProtocolError("not_found", f"there is no track {name!r}; /tracks lists them")
+        return t
+
+    def update_transport(self, **changes: Any) -> Transport:
+        with self._lock:
+            new = replace(self.transport, **changes)
+            self._commit(new, self.tracks, self.next_job_id)
+            return new
+
+    def take_job_id(self) -> int:
+        """A job id never used before in this session folder (ids survive restarts)."""
+        with self._lock:
+            n = self.next_job_id
+            self._commit(self.transport, self.tracks, n + 1)
+            return n
+

@@ -1,0 +1,86 @@
+"""Starting the real daemon as a subprocess and talking to it over loopback UDP (shared by the OSC tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bridge.osc import OscClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PLAIN_PRESET = """description = "test preset"
+prompt = "lofi drums"
+add_bpm = false
+
+[params]
+top_k = 50
+seed = 1
+"""
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    """`python -m bridge.cli serve ...` on a free loopback port; stderr goes to a log file."""
+
+    def __init__(self, model_dir: Path, session_dir: Path, presets_dir: Path, *extra: str):
+        self.port = free_udp_port()
+        self.session_dir = session_dir
+        self.log_path = session_dir.parent / f"daemon-{self.port}.log"
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   MUSICBRIDGE_PRESETS=str(presets_dir))
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", "serve", "--model", str(model_dir), "--device", "cpu",
+             "--dtype", "float32", "--port", str(self.port), "--session-dir", str(session_dir),
+             "--audio", "none", *extra],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def client(self, **kw) -> OscClient:
+        return OscClient("127.0.0.1", self.port, **kw)
+
+    def wait_ready(self, client: OscClient, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited early:\n{self.log_text()}"
+            client.send("/ping")
+            if client.wait_for(lambda a, _: a == "/pong", 0.5):
+                return
+        raise AssertionError(f"daemon never answered /ping:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+        return rc
+
+
+def expect(client: OscClient, address: str, timeout: float = 10.0, seen: list | None = None):
+    r = client.wait_for(lambda a, _: a == address, timeout, seen)
+    assert r is not None, f"no {address} reply within {timeout} s (other replies: {seen})"
+    return r[1]
+
+
+def drain(client: OscClient, quiet: float = 0.3) -> list:
+    return list(client.replies(quiet))
