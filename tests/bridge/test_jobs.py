@@ -1,0 +1,150 @@
+"""Job planning and the job queue on the real tiny engine: batching, priorities, cancel, stems, shutdown."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import soundfile as sf
+
+from bridge import protocol as P
+from bridge.jobs import JobQueue, JobSpec, plan_job, resample_chroma
+from bridge.protocol import Limits, ProtocolError
+from bridge.session import Track, Transport
+from model.types import SamplingParams
+from presets import load_preset
+
+
+class RecordingEngine:
+    """The real engine, with the size of each generate() batch written down."""
+
+    def __init__(self, engine):
+        self._engine, self.batches = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, requests, progress=None):
+        self.batches.append([r.prompt for r in requests])
+        return self._engine.generate(requests, progress)
+
+
+class Events:
+    def __init__(self):
+        self.items, self.cond = [], threading.Condition()
+
+    def __call__(self, job, kind, payload):
+        with self.cond:
+            self.items.append((job.id, kind, payload))
+            self.cond.notify_all()
+
+    def wait_final(self, ids, timeout=60.0):
+        with self.cond:
+            ok = self.cond.wait_for(lambda: set(ids) <= {i for i, k, _ in self.items
+                                                         if k in ("done", "cancelled", "failed")}, timeout)
+        assert ok, self.items
+        return {i: (k, p) for i, k, p in self.items if k in ("done", "cancelled", "failed")}
+
+
+def spec(track, seconds, prompt=None):
+    return JobSpec(track=track, prompt=prompt or track, seconds=seconds, params=SamplingParams(seed=1, top_k=20))
+
+
+def ids():
+    n = iter(range(1, 1000))
+    return lambda: next(n)
+
+
+def test_plan_job_bars_bpm_and_params(tiny_engine):
+    gen = P.Generate("/track/d/generate", "d", None, 4, 0)
+    t = Transport(tempo=120.0)
+    s = plan_job(gen, Track(prompt="dusty drums", params=(("seed", 7),)), None, t, tiny_engine, Limits())
+    assert s.seconds == 8.0 and s.prompt == "dusty drums, 120 bpm" and s.params.seed == 7
+    preset = load_preset("lofi_drums")
+    s = plan_job(gen, Track(preset="lofi_drums", params=(("top_k", 10),)), preset, Transport(tempo=97.5),
+                 tiny_engine, Limits())
+    assert s.prompt == f"{preset.prompt}, 97.5 bpm"
+    assert s.params.top_k == 10 and s.params.guidance == preset.params["guidance"]
+    assert s.chain and s.sidecar["bars"] == 4 and "97.5 bpm" in s.sidecar["length"]
+    no_bpm = preset.__class__(name="x", prompt="pad", add_bpm=False)
+    assert plan_job(gen, Track(), no_bpm, t, tiny_engine, Limits()).prompt == "pad"
+    with pytest.raises(ProtocolError) as e:
+        plan_job(gen, Track(), None, t, tiny_engine, Limits())
+    assert e.value.code == "bad_args"
+    with pytest.raises(ProtocolError) as e:
+        plan_job(P.Generate("/g", "d", None, 64, 0), Track(prompt="x"), None, t, tiny_engine, Limits())
+    assert e.value.code == "limit"
+    with pytest.raises(ProtocolError) as e:
+        plan_job(gen, Track(prompt="x", melody=(("kind", "midi"), ("path", "/x.mid"))), None, t, tiny_engine,
+                 Limits())
+    assert e.value.code == "model"
+
+
+def test_equal_lengths_share_one_engine_call_and_priority_goes_first(tiny_engine, tmp_path):
+    eng = RecordingEngine(tiny_engine)
+    ev = Events()
+    q = JobQueue(eng, tmp_path, ev, max_queued=8)
+    new_id = ids()
+    a = q.submit(spec("a", 1.0), ("127.0.0.1", 1), 0, new_id)
+    b = q.submit(spec("b", 1.0), ("127.0.0.1", 1), 0, new_id)
+    c = q.submit(spec("c", 0.5), ("127.0.0.1", 1), 5, new_id)
+    d = q.submit(spec("d", 1.0), ("127.0.0.1", 1), 0, new_id)
+    with q:  # the worker starts only now, so all four are waiting
+        final = ev.wait_final([a.id, b.id, c.id, d.id])
+    assert eng.batches == [["c"], ["a", "b", "d"]]
+    for job in (a, b, c, d):
+        kind, (path,) = final[job.id]
+        assert kind == "done" and job.path is not None and str(job.path) == path
+        info = sf.info(path)
+        assert info.samplerate == 48000 and info.frames == round(job.spec.seconds * 48000)
+    progress = [p for i, k, p in ev.items if k == "progress" and i == a.id]
+    assert progress and all(0.0 <= f <= 1.0 for (f,) in progress)
+
+
+def test_cancel_queued_full_queue_and_shutdown(tiny_engine, tmp_path):
+    ev = Events()
+    q = JobQueue(tiny_engine, tmp_path, ev, max_queued=2)
+    new_id = ids()
+    a = q.submit(spec("a", 1.0), ("127.0.0.1", 1), 0, new_id)
+    b = q.submit(spec("b", 2.0), ("127.0.0.1", 1), 0, new_id)
+    with pytest.raises(ProtocolError) as e:
+        q.submit(spec("c", 1.0), ("127.0.0.1", 1), 0, new_id)
+    assert e.value.code == "busy"
+    assert new_id() == 3  # a refused job used no id
+    q.cancel(b.id)
+    assert b.state == "cancelled" and ev.items[-1] == (b.id, "cancelled", ())
+    with pytest.raises(ProtocolError) as e:
+        q.cancel(b.id)
+    assert e.value.code == "bad_args"
+    with pytest.raises(ProtocolError) as e:
+        q.cancel(99)
+    assert e.value.code == "not_found"
+    q.shutdown(grace=0.0)  # never started: the queued job is cancelled, nothing runs
+    assert a.state == "cancelled" and not list(tmp_path.glob("*.wav"))
+    with pytest.raises(ProtocolError) as e:
+        q.submit(spec("d", 1.0), ("127.0.0.1", 1), 0, new_id)
+    assert e.value.code == "busy"
+
+
+def test_a_failing_job_does_not_stop_the_queue(tiny_engine, tmp_path):
+    ev = Events()
+    q = JobQueue(tiny_engine, tmp_path, ev)
+    new_id = ids()
+    bad = q.submit(JobSpec(track="x", prompt="x", seconds=1.0, params=SamplingParams(),
+                           continuation={"path": str(tmp_path / "missing.wav")}), ("127.0.0.1", 1), 0, new_id)
+    good = q.submit(spec("y", 0.5), ("127.0.0.1", 1), 0, new_id)
+    with q:
+        final = ev.wait_final([bad.id, good.id])
+    assert final[bad.id][0] == "failed" and final[bad.id][1][0] == "failed"
+    assert "missing.wav" in final[bad.id][1][1]
+    assert final[good.id][0] == "done"
+
+
+def test_resample_chroma_onto_the_model_grid():
+    import numpy as np
+
+    src = np.eye(12, dtype=np.float32)[[0, 1, 2, 3]]  # 4 frames at 2 fps = 2 s
+    out = resample_chroma(src, 2.0, 4.0, 3.0)  # 12 frames at 4 fps; the last second is past the end
+    assert out.shape == (12, 12)
+    assert [int(r.argmax()) for r in out[:8]] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert not out[8:].any()
