@@ -48,7 +48,8 @@ def refresh_devices() -> None:
     """Make PortAudio scan host APIs again (e.g. after a JACK server started). No stream may be open."""
     import sounddevice as sd
 
-    sd._terminate()
+    while sd._initialized:
+        sd._terminate()
     sd._initialize()
 
 
@@ -76,7 +77,6 @@ class OutputTrack:
         self.done = False  # consumer: the track has ended and renders nothing more
         self.underruns = 0
         self.underrun_frames = 0
-        self._debt = 0  # frames owed to the clock after an underrun
         self.played_frames = 0
         # scratch, allocated once here so the callback never allocates
         self._data = np.zeros((MAX_BLOCK, channels), np.float32)
@@ -177,9 +177,12 @@ class OutputTrack:
         offset = start - pos if start > pos else 0
         m = n - offset
         ring = self.ring
-        if self._debt:
-            self._debt -= ring.skip(self._debt)
-        got = ring.read_into(self._data, m) if not self._debt else 0
+        # Ring frame i plays at output frame start + i: frames whose time has passed are skipped.
+        late = pos + offset - start - ring.frames_read
+        if late > 0:
+            ring.skip(late)
+            late = pos + offset - start - ring.frames_read
+        got = ring.read_into(self._data, m) if late <= 0 else 0
         if got < m:
             if self._finished and ring.readable == 0:
                 self.done = True
@@ -188,7 +191,6 @@ class OutputTrack:
             else:
                 self.underruns += 1
                 self.underrun_frames += m - got
-                self._debt += m - got
             self._data[got:m] = 0.0
         self.played_frames += got
         self._mix(out, offset, m, pos + offset)

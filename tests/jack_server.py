@@ -1,0 +1,86 @@
+"""A private JACK server (dummy driver: a real audio server with no sound card) for one test.
+
+Each server gets a unique name and every client must see it through JACK_DEFAULT_SERVER, so
+tests running in parallel never share one. `jack_server()` sets that variable for this process
+(and restores it), waits until a client can connect, yields the name, and kills the server.
+PortAudio scans host APIs when sounddevice is first imported: import it after the server is up,
+or call plugin_host.output.refresh_devices(). If sounddevice is already imported, this module
+re-initialises PortAudio once the server is up, and terminates it before the server goes away
+(PortAudio's JACK backend aborts the process at exit if its server vanished under it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def jack_server(rate: int = 48000, period: int = 256, timeout: float = 10.0) -> Iterator[str]:
+    jackd = shutil.which("jackd")
+    if jackd is None:
+        raise RuntimeError("jackd is not installed (Debian package jackd2; run scripts/setup.sh)")
+    name = f"mbtest-{uuid.uuid4().hex[:10]}"
+    old = os.environ.get("JACK_DEFAULT_SERVER")
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    # A file, not a pipe: jackd logs every xrun, and a full pipe would block the server.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [jackd, "--no-realtime", "-n", name, "-d", "dummy", "-r", str(rate), "-p", str(period)],
+        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    try:
+        _wait_ready(proc, name, timeout, log)
+        _portaudio(start=True)
+        yield name
+    finally:
+        _portaudio(start=False)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        if old is None:
+            os.environ.pop("JACK_DEFAULT_SERVER", None)
+        else:
+            os.environ["JACK_DEFAULT_SERVER"] = old
+
+
+def _wait_ready(proc: subprocess.Popen, name: str, timeout: float, log) -> None:
+    import jack
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            raise RuntimeError(f"jackd {name} exited with {proc.returncode}: {err[-400:]}")
+        try:
+            client = jack.Client("mb-probe", no_start_server=True, servername=name)
+        except jack.JackError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"jackd {name} did not become ready in {timeout} s") from None
+            time.sleep(0.1)
+            continue
+        client.close()
+        return
+
+
+def _portaudio(start: bool) -> None:
+    sd = sys.modules.get("sounddevice")
+    if sd is None:
+        return
+    while sd._initialized:
+        sd._terminate()
+    if start:
+        sd._initialize()
