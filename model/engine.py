@@ -2,6 +2,11 @@
 
 This is the only part of `model/` that `bridge/` and `plugin_host/` call. Everything it
 returns is numpy (audio float32 (channels, samples), codes int64 (codebooks, frames)).
+
+Requests in one call are decoded together, one forward pass per step for the whole batch
+(guidance doubles the rows, it never doubles the passes). Requests longer than the model's
+30 s window continue in windows, each prompted with the tail of the previous one
+(audiocraft's extend stride), so the token stream and the audio carry on without a seam.
 """
 
 from __future__ import annotations
@@ -9,18 +14,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from model.conditioning import build_conditioning
+from model.decoder import MusicgenDecoderLM
+from model.generate import StepPlan, decode_n, new_state, prefill
 from model.loading import ResolvedModel, load_hf_model, resolve_model
+from model.patterns import get_pattern
+from model.sampling import Sampler
 from model.types import AudioChunk, GenerationRequest, RequestError
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, float], None]
 """progress(request_index, fraction_done) - called from the engine's thread, at most every step."""
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+WINDOW_SECONDS = 30.0  # what the checkpoints were trained on
+CONTEXT_SECONDS = 10.0  # tokens carried into the next window of a long request
 
 
 class Cancelled(Exception):
@@ -53,19 +67,31 @@ def pick_device(device: str) -> str:
     return device
 
 
+def pick_dtype(dtype: str, device: str) -> str:
+    """`auto`: the fastest precision whose logits stay within the quality bound (BENCHMARKS.md)."""
+    if dtype not in DTYPES:
+        raise RequestError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        if dtype == "float16" and device == "cpu":
+            raise RequestError("float16 is for GPUs; on the CPU use bfloat16 or int8")
+        return dtype
+    return "float16" if device.startswith("cuda") else "float32"
+
+
 class Engine:
     """A loaded MusicGen and the decode loop over its weights.
 
     Thread-safety: one call at a time (a lock serialises them); `request.cancel` may be set
-    from any thread.
+    from any thread and is honoured within one decoder step.
     """
 
-    def __init__(self, hf_model, tokenizer, resolved: ResolvedModel, device: str, dtype: str):
+    def __init__(self, hf_model, tokenizer, resolved: ResolvedModel, device: str = "cpu",
+                 dtype: str = "float32", pattern: str = "delay",
+                 window_seconds: float = WINDOW_SECONDS, context_seconds: float = CONTEXT_SECONDS):
         self.hf = hf_model
         self.tokenizer = tokenizer
         self.resolved = resolved
         self.device = device
-        self.dtype = dtype
         self._lock = threading.Lock()
         cfg = hf_model.config
         self.sample_rate = int(cfg.audio_encoder.sampling_rate)
@@ -75,17 +101,36 @@ class Engine:
         self.is_melody = bool(getattr(cfg, "num_chroma", 0))
         self.chroma_frame_rate = self.sample_rate / 4096.0
         self.hop = int(round(self.sample_rate / self.frame_rate))
+        if not 0 < context_seconds < window_seconds:
+            raise RequestError("context_seconds must be positive and shorter than window_seconds")
+        self.window_seconds = window_seconds
+        self.context_seconds = context_seconds
+        self.pattern = get_pattern(pattern, self.num_codebooks, channels=self.channels)
+        self.dtype = pick_dtype(dtype, device)
+        self.lm = MusicgenDecoderLM.from_hf(hf_model)
+        self.compute_dtype = self._apply_precision(self.dtype)
+
+    def _apply_precision(self, dtype: str) -> torch.dtype:
+        """Convert the decoder's weights; return the dtype activations run in."""
+        if dtype == "float32":
+            return torch.float32
+        if dtype in ("bfloat16", "float16"):
+            dt = getattr(torch, dtype)
+            self.lm.to(dt)
+            return dt
+        from model.quant import quantize_linears
+
+        quantize_linears(self.lm, dtype)
+        return torch.float32
 
     @classmethod
     def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto") -> Engine:
         """Resolve and load a checkpoint (see `model.loading.resolve_model`)."""
         resolved = resolve_model(spec)
         dev = pick_device(device)
-        if dtype not in ("auto", "float32"):
-            # Lower precisions arrive with the engine's own decode loop.
-            log.info("dtype %s not available yet; using float32", dtype)
+        dt = pick_dtype(dtype, dev)
         model, tok = load_hf_model(resolved, device=dev)
-        return cls(model, tok, resolved, dev, "float32")
+        return cls(model, tok, resolved, dev, dt)
 
     @property
     def info(self) -> EngineInfo:
@@ -103,6 +148,8 @@ class Engine:
     def samples_for(self, seconds: float) -> int:
         return self.frames_for(seconds) * self.hop
 
+    # ------------------------------------------------------------------ checks and plans
+
     def _check(self, requests: Sequence[GenerationRequest]) -> None:
         if not requests:
             raise RequestError("no requests given")
@@ -112,35 +159,169 @@ class Engine:
                     f"model {self.resolved.label} is text-only and cannot follow a melody; "
                     "use a MusicGen-Melody checkpoint (e.g. facebook/musicgen-melody)"
                 )
+            if r.audio_prompt is not None and r.audio_prompt.shape[0] not in (1, self.channels):
+                raise RequestError(
+                    f"audio_prompt has {r.audio_prompt.shape[0]} channels; this model takes "
+                    f"{self.channels} (or mono, which is duplicated)"
+                )
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        """Audio (channels, samples) at the model rate -> codes (codebooks, frames)."""
+        from model.codec import encode_audio
+
+        a = np.asarray(audio, dtype=np.float32)
+        if a.shape[0] == 1 and self.channels == 2:
+            a = np.repeat(a, 2, axis=0)
+        with torch.inference_mode():
+            return encode_audio(self.hf.audio_encoder, a, self.channels)
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes (codebooks, frames) to float32 audio (channels, samples)."""
+        from model.codec import decode_full
+
+        return decode_full(self.hf.audio_encoder, np.asarray(codes, dtype=np.int64), self.channels)
+
+    def _window_frames(self) -> int:
+        return self.frames_for(self.window_seconds)
+
+    # ------------------------------------------------------------------ the token stream
+
+    def _frames(
+        self, requests: Sequence[GenerationRequest], progress: Progress | None,
+        chunk_frames: int = 0,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (request index, newly final codes (K, n)) as frames complete.
+
+        With chunk_frames=0 each request's codes come once per window; otherwise in pieces of
+        about chunk_frames frames. Prompt frames are yielded first when asked for.
+        """
+        self._check(requests)
+        n = len(requests)
+        targets = [self.frames_for(r.seconds) for r in requests]
+        prompts: list[np.ndarray | None] = [
+            None if r.audio_prompt is None else self.encode(r.audio_prompt) for r in requests
+        ]
+        for i, r in enumerate(requests):
+            if prompts[i] is not None and r.return_prompt:
+                yield i, prompts[i]
+        made = [0] * n
+        window = self._window_frames()
+        context = self.frames_for(self.context_seconds)
+        alive = [not r.cancel.is_set() for r in requests]
+        history: list[np.ndarray] = [
+            p if p is not None else np.zeros((self.num_codebooks, 0), np.int64) for p in prompts
+        ]
+        first_window = True
+        while any(alive[i] and made[i] < targets[i] for i in range(n)):
+            idx = [i for i in range(n) if alive[i] and made[i] < targets[i]]
+            win_prompts, new, win_reqs = [], [], []
+            for i in idx:
+                # A long audio prompt keeps its tail: the window must leave room to generate.
+                keep = window - max(1, window // 4) if first_window else context
+                ctx = history[i][:, -keep:]
+                if ctx.shape[1] == 0:
+                    ctx = None
+                room = window - (0 if ctx is None else ctx.shape[1])
+                win_prompts.append(ctx)
+                new.append(min(targets[i] - made[i], room))
+                win_reqs.append(self._window_request(requests[i], made[i] - (0 if first_window or ctx is None else ctx.shape[1])))
+            for j, i, codes in self._run_window(win_reqs, win_prompts, new,
+                                                progress, chunk_frames, made, targets, idx):
+                history[i] = np.concatenate([history[i], codes], axis=1)[:, -window:]
+                made[i] += codes.shape[1]
+                yield i, codes
+            for i in idx:
+                if requests[i].cancel.is_set():
+                    alive[i] = False
+            first_window = False
+        if not any(alive):
+            raise Cancelled("all requests were cancelled")
+
+    def _window_request(self, r: GenerationRequest, start_frame: int) -> GenerationRequest:
+        """The request as a later window sees it: the melody from that window's start on."""
+        if r.melody is None or start_frame <= 0:
+            return r
+        first = int(start_frame / self.frame_rate * self.chroma_frame_rate)
+        melody = r.melody[first:] if first < r.melody.shape[0] else None
+        return replace(r, melody=melody, audio_prompt=None, cancel=r.cancel)
+
+    def _run_window(self, reqs, prompts, new_frames, progress, chunk_frames, made, targets, idx):
+        """One window for a batch: prompt codes + new_frames each; yields (j, i, new codes)."""
+        plens = [0 if p is None else p.shape[1] for p in prompts]
+        totals = [p + f for p, f in zip(plens, new_frames)]
+        index = self.pattern.index(max(totals))
+        plan = StepPlan(index, totals, plens)
+        done_after = plan.complete_after()  # frame -> step after which it is final
+        step_of = _step_of(index, max(totals))  # (K, T) column in the token grid
+        sent = list(plens)  # frames handed out so far, per request (prompt frames are known)
+        cancelled = [False] * len(reqs)
+
+        def ready(j: int, step: int) -> int:
+            # frames of request j final after `step` steps
+            late = np.nonzero(done_after[: totals[j]] > step)[0]
+            return int(late[0]) if len(late) else totals[j]
+
+        def emit(step: int, final: bool):
+            cols = state.tokens.cpu().numpy() if final or chunk_frames else None
+            for j in range(len(reqs)):
+                if cancelled[j]:
+                    continue
+                upto = totals[j] if final else ready(j, step)
+                if upto - sent[j] >= max(chunk_frames, 1) or (final and upto > sent[j]):
+                    f = np.arange(sent[j], upto)
+                    codes = cols[j][np.arange(self.num_codebooks)[:, None], step_of[:, f]]
+                    sent[j] = upto
+                    yield j, idx[j], codes
+
+        with self._lock, torch.inference_mode():
+            params = [r.params for r in reqs]
+            guided = any(p.guidance != 1.0 for p in params)
+            cond = build_conditioning(
+                self.hf, self.tokenizer, [r.prompt for r in reqs],
+                [r.melody for r in reqs] if self.is_melody else None, guided, self.device,
+                self.compute_dtype,
+            )
+            scale = (torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1)
+                     if guided else None)
+            sampler = Sampler.for_params(params, self.device)
+            state = new_state(self.lm, cond, plan, sampler, scale, prompts, self.compute_dtype)
+            prefill(state)
+            last_pct = [-1] * len(reqs)
+            while not state.done:
+                decode_n(state, 1)
+                step = state.step - 1
+                for j, r in enumerate(reqs):
+                    if r.cancel.is_set():
+                        cancelled[j] = True
+                if all(cancelled):
+                    break
+                if progress is not None:
+                    for j in range(len(reqs)):
+                        new = max(0, ready(j, step) - plens[j])
+                        frac = min(1.0, (made[idx[j]] + new) / targets[idx[j]])
+                        if not cancelled[j] and int(frac * 100) != last_pct[j]:
+                            last_pct[j] = int(frac * 100)
+                            progress(idx[j], frac)
+                if chunk_frames:
+                    yield from emit(step, final=False)
+            if not all(cancelled):
+                yield from emit(state.n_steps, final=True)
+
+    # ------------------------------------------------------------------ public calls
 
     def generate_tokens(
         self, requests: Sequence[GenerationRequest], progress: Progress | None = None
     ) -> list[np.ndarray | None]:
         """Codes (codebooks, frames) per request; None for a request cancelled part way."""
-        from model.reference import reference_generate_tokens
-
-        self._check(requests)
-        with self._lock:
-            out: list[np.ndarray | None] = []
-            for i, r in enumerate(requests):
-                if r.cancel.is_set():
-                    out.append(None)
-                    continue
-                codes, _ = reference_generate_tokens(self.hf, self.tokenizer, [r])
-                out.append(codes[0])
-                if progress:
-                    progress(i, 1.0)
-        return out
-
-    @torch.inference_mode()
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes (codebooks, frames) to float32 audio (channels, samples)."""
-        c = torch.from_numpy(np.asarray(codes, dtype=np.int64)).to(self.device)
-        outs = []
-        for ch in range(self.channels):
-            sub = c[ch :: self.channels][None, None]
-            outs.append(self.hf.audio_encoder.decode(sub, [None]).audio_values[0, 0])
-        return torch.stack(outs).float().cpu().numpy()
+        parts: list[list[np.ndarray]] = [[] for _ in requests]
+        try:
+            for i, codes in self._frames(requests, progress):
+                parts[i].append(codes)
+        except Cancelled:
+            return [None] * len(requests)
+        return [None if r.cancel.is_set() or not p else np.concatenate(p, axis=1)
+                for r, p in zip(requests, parts)]
 
     def generate(
         self, requests: Sequence[GenerationRequest], progress: Progress | None = None
@@ -151,10 +332,43 @@ class Engine:
             raise Cancelled("all requests were cancelled")
         return [None if c is None else self.decode(c) for c in codes]
 
+    def stream_batch(
+        self, requests: Sequence[GenerationRequest], chunk_seconds: float = 1.0,
+        progress: Progress | None = None,
+    ) -> Iterator[AudioChunk]:
+        """Audio chunks of every request as soon as the codec can produce them.
+
+        Each request's chunks arrive in order with `start` offsets; raises Cancelled when all
+        requests are cancelled. The codec decodes a sliding window, so a chunk's cost does not
+        grow with what was already generated.
+        """
+        from model.codec import StreamingDecoder
+
+        chunk_frames = max(1, int(round(chunk_seconds * self.frame_rate)))
+        decoders = [StreamingDecoder(self.hf.audio_encoder, self.channels) for _ in requests]
+        starts = [0] * len(requests)
+        for i, codes in self._frames(requests, progress, chunk_frames):
+            with torch.inference_mode():
+                audio = decoders[i].push(torch.from_numpy(codes).to(self.device))
+            if audio.shape[1]:
+                yield AudioChunk(audio, self.sample_rate, starts[i], False, i)
+                starts[i] += audio.shape[1]
+        for i, r in enumerate(requests):
+            if r.cancel.is_set():
+                continue
+            with torch.inference_mode():
+                tail = decoders[i].flush()
+            yield AudioChunk(tail, self.sample_rate, starts[i], True, i)
+
     def stream(self, request: GenerationRequest, chunk_seconds: float = 1.0) -> Iterator[AudioChunk]:
-        """Audio chunks in order; raises Cancelled if the request is cancelled."""
-        (audio,) = self.generate([request])
-        step = max(1, int(chunk_seconds * self.sample_rate))
-        n = audio.shape[1]
-        for start in range(0, n, step):
-            yield AudioChunk(audio[:, start : start + step], self.sample_rate, start, start + step >= n)
+        """One request's audio chunks in order; raises Cancelled if it is cancelled."""
+        yield from self.stream_batch([request], chunk_seconds)
+
+
+def _step_of(index: np.ndarray, n_frames: int) -> np.ndarray:
+    """(K, T): the token-grid column (1-based step) holding codebook k's frame f."""
+    k = index.shape[0]
+    out = np.zeros((k, n_frames), dtype=np.int64)
+    cb, st = np.nonzero((index >= 0) & (index < n_frames))
+    out[cb, index[cb, st]] = st + 1
+    return out

@@ -83,6 +83,22 @@ def tiny_configs(melody: bool = False, stereo: bool = False):
     return text, codec, dec_kwargs
 
 
+def randomize_codebooks(codec) -> None:
+    """Give an EnCodec's codebooks random entries.
+
+    A freshly initialised `transformers` EnCodec has all-zero codebooks, so every code would
+    decode to the same audio and no test on audio could tell tokens apart.
+    """
+    with torch.no_grad():
+        for layer in codec.quantizer.layers:
+            cb = layer.codebook
+            cb.embed.copy_(torch.randn_like(cb.embed))
+            cb.embed_avg.copy_(cb.embed)
+            cb.cluster_size.fill_(1.0)
+            if hasattr(cb, "inited"):
+                cb.inited.fill_(True)
+
+
 def build_tiny_model(melody: bool = False, stereo: bool = False):
     """Build the tiny model in memory with seeded random weights."""
     from transformers import (
@@ -107,6 +123,7 @@ def build_tiny_model(melody: bool = False, stereo: bool = False):
                 text_encoder=text.to_dict(), audio_encoder=codec.to_dict(), decoder=decoder.to_dict()
             )
             model = MusicgenForConditionalGeneration(config)
+        randomize_codebooks(model.audio_encoder)
         # The default init gives near-uniform logits; wider weights make greedy decoding
         # take distinct paths, which the equivalence tests need to mean anything.
         with torch.no_grad():

@@ -1,0 +1,91 @@
+"""Streaming EnCodec decode equals the full decode, at bounded cost per chunk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.codec import StreamingDecoder, decode_full, encode_audio
+
+BOUND = 1e-3  # max |stream - full| / max |full|
+
+
+@pytest.fixture(scope="module")
+def real_shape_codec():
+    """MusicGen's 32 kHz EnCodec shapes with random weights (nothing to download)."""
+    from transformers import EncodecConfig, EncodecModel
+
+    cfg = EncodecConfig(
+        sampling_rate=32000, audio_channels=1, num_filters=64, upsampling_ratios=[8, 5, 4, 4],
+        codebook_size=2048, codebook_dim=128, hidden_size=128, num_lstm_layers=2, normalize=False,
+        use_causal_conv=False, target_bandwidths=[2.2], chunk_length_s=None, overlap=None,
+        pad_mode="reflect", compress=2, residual_kernel_size=3, dilation_growth_rate=2,
+        use_conv_shortcut=False, trim_right_ratio=1.0, kernel_size=7, last_kernel_size=7,
+    )
+    from model.tiny import randomize_codebooks
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        codec = EncodecModel(cfg).eval()
+        randomize_codebooks(codec)
+    return codec
+
+
+def _stream(dec: StreamingDecoder, codes: torch.Tensor, chunk: int) -> tuple[np.ndarray, list[int]]:
+    parts, windows = [], []
+    for i in range(0, codes.shape[1], chunk):
+        parts.append(dec.push(codes[:, i : i + chunk]))
+        windows.append(dec.last_window)
+    parts.append(dec.flush())
+    return np.concatenate(parts, axis=1), windows
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50])
+def test_stream_equals_full_decode_real_shapes(real_shape_codec, chunk):
+    codes = torch.randint(0, 2048, (4, 120), generator=torch.Generator().manual_seed(chunk))
+    full = decode_full(real_shape_codec, codes, 1)
+    dec = StreamingDecoder(real_shape_codec, 1)
+    got, windows = _stream(dec, codes, chunk)
+    assert got.shape == full.shape == (1, 120 * 640)
+    err = np.abs(got - full).max() / np.abs(full).max()
+    assert err < BOUND, f"relative error {err:.2e}"
+    # Cost per push is bounded by left + chunk + right frames wherever the stream is.
+    assert max(windows) <= dec.left + chunk + dec.right
+
+
+def test_stream_equals_full_tiny_stereo(tiny_stereo_dir):
+    from transformers import MusicgenForConditionalGeneration
+
+    codec = MusicgenForConditionalGeneration.from_pretrained(tiny_stereo_dir).audio_encoder
+    codes = torch.randint(0, 64, (8, 60), generator=torch.Generator().manual_seed(3))
+    full = decode_full(codec, codes, 2)
+    got, _ = _stream(StreamingDecoder(codec, 2), codes, 10)
+    assert got.shape == (2, 60 * 640)
+    assert np.abs(got - full).max() / np.abs(full).max() < BOUND
+    # Left and right really are different streams.
+    assert np.abs(full[0] - full[1]).max() > 1e-4
+
+
+def test_reset_restarts_identically(tiny_engine):
+    codec = tiny_engine.hf.audio_encoder
+    codes = torch.randint(0, 64, (4, 40), generator=torch.Generator().manual_seed(5))
+    dec = StreamingDecoder(codec, 1)
+    a, _ = _stream(dec, codes, 9)
+    dec.reset()
+    b, _ = _stream(dec, codes, 9)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_encode_decode_round_trip_shapes(tiny_engine, tiny_stereo_dir):
+    from transformers import MusicgenForConditionalGeneration
+
+    t = np.arange(32000) / 32000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None]
+    codes = encode_audio(tiny_engine.hf.audio_encoder, tone, 1)
+    assert codes.shape == (4, 50) and codes.dtype == np.int64 and codes.max() < 64
+    audio = decode_full(tiny_engine.hf.audio_encoder, codes, 1)
+    assert audio.shape == (1, 32000)
+    stereo = MusicgenForConditionalGeneration.from_pretrained(tiny_stereo_dir).audio_encoder
+    sc = encode_audio(stereo, np.concatenate([tone, -tone]), 2)
+    assert sc.shape == (8, 50)

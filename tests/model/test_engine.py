@@ -1,0 +1,136 @@
+"""Engine behaviour beyond equivalence: seeds, batching, cancel, long form, bad requests."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from model.engine import Cancelled, Engine
+from model.sampling import Sampler, filter_top_k_top_p
+from model.types import GenerationRequest, RequestError, SamplingParams
+
+
+def _req(prompt="lofi beat", seconds=0.5, **kw) -> GenerationRequest:
+    return GenerationRequest(prompt, seconds, SamplingParams(**kw))
+
+
+def test_same_seed_same_tokens_other_seed_differs(tiny_engine):
+    a = tiny_engine.generate_tokens([_req(seed=11, top_k=0)])[0]
+    b = tiny_engine.generate_tokens([_req(seed=11, top_k=0)])[0]
+    c = tiny_engine.generate_tokens([_req(seed=12, top_k=0)])[0]
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.3
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_engine):
+    reqs = [_req("lofi beat", 0.5, greedy=True), _req("dark techno lead", 0.3, greedy=True),
+            _req("ambient pad", 0.4, greedy=True, guidance=1.5)]
+    batched = tiny_engine.generate_tokens(reqs)
+    for r, got in zip(reqs, batched):
+        alone = tiny_engine.generate_tokens([_req(r.prompt, r.seconds, greedy=True,
+                                                  guidance=r.params.guidance)])[0]
+        assert got.shape == (4, tiny_engine.frames_for(r.seconds))
+        np.testing.assert_array_equal(got, alone)
+
+
+def test_cancel_stops_within_a_step(tiny_engine):
+    req = _req(seconds=4.0, seed=1)
+    calls_after_cancel = []
+
+    def progress(i, frac):
+        if req.cancel.is_set():
+            calls_after_cancel.append(frac)
+        elif frac >= 0.2:
+            req.cancel.set()
+
+    with pytest.raises(Cancelled):
+        tiny_engine.generate([req], progress=progress)
+    assert len(calls_after_cancel) <= 1
+
+
+def test_cancel_one_of_a_batch_keeps_the_others(tiny_engine):
+    keep, drop = _req("techno", 1.0, greedy=True), _req("pad", 1.0, greedy=True)
+
+    def progress(i, frac):
+        if i == 1 and frac > 0.1:
+            drop.cancel.set()
+
+    out = tiny_engine.generate_tokens([keep, drop], progress=progress)
+    assert out[1] is None
+    np.testing.assert_array_equal(out[0], tiny_engine.generate_tokens([_req("techno", 1.0, greedy=True)])[0])
+
+
+def test_progress_reaches_one(tiny_engine):
+    seen = []
+    tiny_engine.generate_tokens([_req(seconds=0.5, seed=3)], progress=lambda i, f: seen.append(f))
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+
+
+def test_long_form_continues_in_windows(tiny_model_dir):
+    eng = Engine.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    short = Engine(eng.hf, eng.tokenizer, eng.resolved, "cpu", "float32",
+                   window_seconds=1.0, context_seconds=0.4)
+    codes = short.generate_tokens([_req(seconds=2.5, greedy=True)])[0]
+    assert codes.shape == (4, 125)
+    first = short.generate_tokens([_req(seconds=1.0, greedy=True)])[0]
+    np.testing.assert_array_equal(codes[:, :50], first)
+    audio = short.decode(codes)
+    assert audio.shape == (1, 125 * 640) and np.isfinite(audio).all()
+
+
+def test_melody_on_text_model_is_refused(tiny_engine):
+    r = _req()
+    r.melody = np.eye(12, dtype=np.float32)
+    with pytest.raises(RequestError, match="text-only"):
+        tiny_engine.generate_tokens([r])
+
+
+@pytest.mark.parametrize("bad", [dict(guidance=0.0), dict(temperature=-1.0), dict(top_p=2.0),
+                                 dict(top_k=-3), dict(guidance=float("nan"))])
+def test_bad_params_are_refused(bad):
+    with pytest.raises(RequestError):
+        SamplingParams(**bad)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0))
+    greedy = logits.argmax(-1)
+    for params in (SamplingParams(top_k=1, seed=5), SamplingParams(top_k=0, top_p=1e-6, seed=5)):
+        s = Sampler.for_params([params] * 3, "cpu")
+        assert torch.equal(s(logits), greedy)
+
+
+def test_sampler_draws_from_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().view(1, 1, 4).expand(1, 2000, 4).contiguous()
+    s = Sampler.for_params([SamplingParams(top_k=0, seed=9)], "cpu")
+    draws = torch.cat([s(logits).flatten() for _ in range(10)])
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    # 20000 draws: the standard error of each frequency is below 0.004.
+    assert torch.allclose(freq, probs, atol=0.015), freq
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    out = filter_top_k_top_p(logits, 0, 0.7)  # p = .64 .24 .09 .03: keep the first two
+    assert torch.isfinite(out).tolist() == [[True, True, False, False]]
+
+
+def test_cancel_from_another_thread(tiny_engine):
+    req = _req(seconds=20.0, seed=2)
+    started = threading.Event()
+    canceller = threading.Thread(target=lambda: started.wait(30) and req.cancel.set())
+    canceller.start()
+    seen = []
+
+    def progress(i, frac):
+        seen.append(frac)
+        started.set()
+        canceller.join()  # the other thread has set cancel when this returns
+
+    with pytest.raises(Cancelled):
+        tiny_engine.generate([req], progress=progress)
+    assert len(seen) == 1 and seen[0] < 0.05
