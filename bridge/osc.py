@@ -52,10 +52,38 @@ def encode(address: str, args: Sequence[Any] = ()) -> bytes:
     return b.build().dgram
 
 
+SUPPORTED_TAGS = frozenset("ihfdsbTFNm")
+
+
+class OscDecodeError(ValueError):
+    """A datagram that is not an OSC message or bundle we can read."""
+
+
+def check_type_tags(data: bytes) -> None:
+    """Refuse type tags python-osc would silently drop (S, c, arrays...), so arity checks stay honest."""
+    end = data.find(b"\0")
+    if end < 0:
+        raise OscDecodeError("address is not terminated")
+    start = (end // 4 + 1) * 4
+    if start >= len(data):
+        return  # no type tag string: a message without arguments
+    stop = data.find(b"\0", start)
+    tags = data[start:stop if stop >= 0 else len(data)]
+    if not tags.startswith(b","):
+        raise OscDecodeError("type tag string does not start with ','")
+    bad = sorted({chr(t) for t in tags[1:]} - SUPPORTED_TAGS)
+    if bad:
+        raise OscDecodeError(f"unsupported OSC type tag(s) {''.join(bad)!r}; use i h f d s b T F N m")
+
+
 def decode(data: bytes) -> list[tuple[str, list[Any]]]:
     """Every message in a datagram (bundles flattened, timetags ignored: we act on arrival)."""
     if OscBundle.dgram_is_bundle(data):
-        return [(m.message.address, list(m.message.params)) for m in OscPacket(data).messages]
+        messages = [m.message for m in OscPacket(data).messages]
+        for m in messages:
+            check_type_tags(m.dgram)
+        return [(m.address, list(m.params)) for m in messages]
+    check_type_tags(data)
     msg = OscMessage(data)
     return [(msg.address, list(msg.params))]
 

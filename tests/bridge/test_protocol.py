@@ -117,3 +117,13 @@ def test_limits_are_configurable():
     assert code_of("/track/a/generate", [6.0], limits=small) == "limit"
     assert code_of("/track/a/melody/notes", [60, 0.0, 1.0, 62, 1.0, 1.0], limits=small) == "limit"
     assert parse("/track/a/generate", [5.0], limits=small).seconds == 5.0
+
+
+def test_osc_codec_round_trip_and_refuses_dropped_types():
+    from bridge.osc import OscDecodeError, decode, encode
+
+    args = [1, 2**40, 2.5, "text", b"\x00\x01", True, False, None]
+    assert decode(encode("/a/b", args)) == [("/a/b", args)]
+    symbol = b"/a\x00\x00,S\x00\x00drums\x00\x00\x00"  # liblo `oscsend ... S drums`
+    with pytest.raises(OscDecodeError, match="'S'"):
+        decode(symbol)
