@@ -1,0 +1,197 @@
+"""Feeding a live output track: engine chunks -> track chain -> device rate -> the track's ring.
+
+Why a separate stage: everything that may take time (the Pedalboard chain, resampling, waiting
+for the engine) must stay off the audio thread. `TrackPlayer` runs it on a worker thread and
+hands finished frames to `plugin_host.output.OutputTrack` through its lock-free ring.
+
+The chain runs chunk by chunk with `reset=False`, so reverb and delay tails carry across chunk
+boundaries, and the resampler (pedalboard.io.StreamResampler) keeps its state between chunks:
+the frames that reach the ring are exactly what the chain plus `plugin_host.audio_io.resample`
+would give for the whole stem at once.
+
+Usage::
+
+    track = out.add_track("keys", channels=engine.channels)
+    with TrackPlayer(track, engine.sample_rate, chain=build_chain(preset.chain),
+                     on_status=lambda s: print(s)) as player:
+        player.play(engine.stream(request, chunk_seconds=1.0))   # returns at once
+        player.wait()                                             # until the stem is queued
+
+`on_status(status)` is called from the worker thread when the player starts falling behind real
+time (status["behind"] True: the engine produced audio slower than it plays and the ring ran
+low or dry) and when it recovers; `status()` gives the same dict at any time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from model.types import AudioChunk
+from plugin_host.output import OutputTrack
+
+StatusCallback = Callable[[dict[str, Any]], None]
+
+
+class LiveError(ValueError):
+    """Audio a track player cannot take (wrong rate or channel count); the message says what it expects."""
+
+
+class ChunkProcessor:
+    """The track's chain and the resampler to the device rate, both stateful across chunks."""
+
+    def __init__(self, source_rate: int, target_rate: int, channels: int, chain=None):
+        self.source_rate = int(source_rate)
+        self.target_rate = int(target_rate)
+        self.channels = int(channels)
+        self.chain = chain
+        self._resampler = None
+        if self.source_rate != self.target_rate:
+            from pedalboard.io import StreamResampler
+
+            self._resampler = StreamResampler(self.source_rate, self.target_rate, self.channels)
+
+    def process(self, audio: np.ndarray) -> np.ndarray:
+        """float32 (channels, n) at the source rate -> (channels, m) at the target rate, in order."""
+        a = np.ascontiguousarray(audio, dtype=np.float32)
+        if a.ndim != 2 or a.shape[0] not in (1, self.channels):
+            raise LiveError(f"expected audio shaped (channels, samples) with {self.channels} channel(s), "
+                            f"got {a.shape}")
+        if a.shape[0] != self.channels:
+            a = np.repeat(a, self.channels, axis=0)
+        if a.shape[1] == 0:
+            return a
+        if self.chain is not None:
+            a = self.chain.process(a, self.source_rate, reset=False)
+        if self._resampler is not None:
+            a = self._resampler.process(a)
+        return np.asarray(a, dtype=np.float32)
+
+    def flush(self) -> np.ndarray:
+        """What the resampler still holds at the end of the stream."""
+        if self._resampler is None:
+            return np.zeros((self.channels, 0), np.float32)
+        return np.asarray(self._resampler.process(None), dtype=np.float32)
+
+
+class TrackPlayer:
+    """Pushes processed audio into one output track from its own worker thread; a context manager.
+
+    track: the output track (its samplerate and channel count are the target).
+    source_rate: the engine's sample rate (engine.sample_rate).
+    chain: a pedalboard.Pedalboard (e.g. plugin_host.chain.build_chain(specs)) or None.
+    behind_margin: seconds of buffered audio below which a slow producer counts as behind.
+    """
+
+    def __init__(self, track: OutputTrack, source_rate: int, chain=None,
+                 on_status: StatusCallback | None = None, behind_margin: float = 0.25):
+        self.track = track
+        self.proc = ChunkProcessor(source_rate, track.samplerate, track.channels, chain)
+        self.on_status = on_status
+        self.behind_margin = behind_margin
+        self.cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.produced_seconds = 0.0  # audio seconds received from the source
+        self.chunks = 0
+        self.behind = False
+        self.behind_events = 0
+        self.chunk_rate = float("inf")  # last chunk: audio seconds per wall second of waiting for it
+        self._t_start = time.monotonic()
+        self._t_ready = self._t_start
+        self._underruns_seen = 0
+
+    def __enter__(self) -> TrackPlayer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- feeding
+
+    def play(self, chunks: Iterable[AudioChunk]) -> None:
+        """Start consuming `chunks` (e.g. engine.stream(...)) on the worker thread; returns at once."""
+        if self._thread is not None:
+            raise LiveError(f"track {self.track.name}: this player is already playing")
+        self._thread = threading.Thread(target=self._run, args=(chunks,), name=f"player-{self.track.name}",
+                                        daemon=True)
+        self._t_start = self._t_ready = time.monotonic()
+        self._thread.start()
+
+    def _run(self, chunks: Iterable[AudioChunk]) -> None:
+        try:
+            for chunk in chunks:
+                if self.cancel.is_set():
+                    break
+                self.feed(chunk)
+            if not self.cancel.is_set():
+                self.finish()
+        except BaseException as e:  # noqa: BLE001 - reported through status(), the worker must not die silently
+            self.error = e
+            self.track.finish()
+            self._report(force=True)
+
+    def feed(self, chunk: AudioChunk | np.ndarray) -> None:
+        """Process one chunk (AudioChunk, or float32 (channels, n) at the source rate) and queue it."""
+        audio = chunk.audio if isinstance(chunk, AudioChunk) else chunk
+        if isinstance(chunk, AudioChunk) and chunk.sample_rate != self.proc.source_rate:
+            raise LiveError(f"track {self.track.name}: chunk at {chunk.sample_rate} Hz, player expects "
+                            f"{self.proc.source_rate} Hz")
+        seconds = np.shape(audio)[-1] / self.proc.source_rate
+        wait = time.monotonic() - self._t_ready  # time spent waiting for the source, not for the ring
+        self.produced_seconds += seconds
+        self.chunks += 1
+        self.chunk_rate = seconds / wait if wait > 0 else float("inf")
+        self._report()
+        self._push(self.proc.process(audio))
+        self._t_ready = time.monotonic()
+
+    def finish(self) -> None:
+        """End of the stream: flush the resampler and let the track end once drained."""
+        self._push(self.proc.flush())
+        self.track.finish()
+
+    def _push(self, audio: np.ndarray) -> None:
+        if audio.shape[-1]:
+            self.track.push(np.ascontiguousarray(audio.T), cancel=self.cancel)
+
+    # ---------------------------------------------------------------- control and reporting
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop feeding (the frames already queued still play) and join the worker."""
+        self.cancel.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the whole source has been queued; True if it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _report(self, force: bool = False) -> None:
+        underran = self.track.underruns > self._underruns_seen
+        self._underruns_seen = self.track.underruns
+        slow = self.chunk_rate < 1.0 and self.track.buffered_seconds < self.behind_margin
+        behind = underran or slow
+        if behind and not self.behind:
+            self.behind_events += 1
+        changed = behind != self.behind
+        self.behind = behind
+        if (changed or force) and self.on_status is not None:
+            self.on_status(self.status())
+
+    def status(self) -> dict[str, Any]:
+        wall = max(1e-9, time.monotonic() - self._t_start)
+        return {
+            "track": self.track.name, "behind": self.behind, "behind_events": self.behind_events,
+            "chunks": self.chunks, "produced_seconds": self.produced_seconds,
+            "realtime_factor": self.produced_seconds / wall, "chunk_rate": self.chunk_rate,
+            "buffered": self.track.buffered_seconds, "underruns": self.track.underruns,
+            "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+        }
