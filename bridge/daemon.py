@@ -59,10 +59,11 @@ class _LogLimiter:
 class Daemon:
     """A running bridge; a context manager that binds the socket on enter and stops cleanly on exit."""
 
-    def __init__(self, engine, config: DaemonConfig):
+    def __init__(self, engine, config: DaemonConfig, audio=None):
+        """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None."""
         from bridge.render import engine_record
 
-        self.engine, self.config = engine, config
+        self.engine, self.config, self.audio = engine, config, audio
         self.stems_dir = Path(config.stems_dir or Path(config.session_dir) / "stems")
         self.paths = PathPolicy([self.stems_dir, *config.allow_dirs])
         self.session = Session(config.session_dir, max_tracks=config.limits.max_tracks)
@@ -155,7 +156,8 @@ class Daemon:
         elif isinstance(cmd, P.Status):
             queued, running = self.jobs.counts()
             t = s.transport
-            self.reply(sender, "/status", self.engine.info.label, len(s.tracks), queued, running, -1,
+            xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
+            self.reply(sender, "/status", self.engine.info.label, len(s.tracks), queued, running, xruns,
                        t.tempo, t.signature, int(t.playing), t.position)
         elif isinstance(cmd, P.ListTracks):
             self.reply(sender, "/tracks", *sorted(s.tracks))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -37,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-dir", type=Path, action="append", default=[], metavar="DIR",
                    help="another folder message paths (melody files, takes) may point into; repeatable")
     p.add_argument("--audio", default="none", metavar="DEVICE|none",
-                   help="live audio output device, or none (default)")
+                   help="live audio output: a device name or index, 'default', or none (the default)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds a running job may take to finish after SIGINT/SIGTERM before it is cancelled")
     p.add_argument("--max-seconds", type=positive_float, default=120.0, help="longest job in seconds")
@@ -48,12 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bridge.cli import UsageError
-    from bridge.daemon import Daemon, DaemonConfig
-    from bridge.protocol import Limits
 
-    if args.audio != "none":
-        raise UsageError(f"live audio output (--audio {args.audio}) is not available in this build; "
-                         "use --audio none and render stems")
     if not (args.grace >= 0 and args.grace < 1e6):
         raise UsageError(f"--grace must be a number of seconds >= 0, got {args.grace}")
     for d in args.allow_dir:
@@ -80,6 +76,33 @@ def run(args: argparse.Namespace) -> int:
     except SessionError as e:
         raise UsageError(str(e)) from None
 
+    with contextlib.ExitStack() as stack:
+        audio = None if args.audio == "none" else open_audio(args.audio, stack)
+        return _serve(args, session_dir, stems_dir, audio)
+
+
+def open_audio(spec: str, stack: contextlib.ExitStack):
+    """The live output named by --audio, open until `stack` closes; UsageError saying why it cannot open."""
+    from bridge.cli import UsageError
+
+    try:
+        from plugin_host.output import AudioOutput, OutputError
+    except ImportError:
+        raise UsageError(f"live audio output (--audio {spec}) is not available in this build; "
+                         "use --audio none and render stems") from None
+    device = None if spec == "default" else int(spec) if spec.isdigit() else spec
+    try:
+        out = stack.enter_context(AudioOutput(device=device))
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    log.info("live audio goes to %s (%d Hz, %d channels)", out.device_name, out.samplerate, out.channels)
+    return out
+
+
+def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) -> int:
+    from bridge.cli import UsageError
+    from bridge.daemon import Daemon, DaemonConfig
+    from bridge.protocol import Limits
     from model.engine import Engine
 
     log.info("loading model %s ...", args.model)
@@ -99,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            daemon = Daemon(engine, config)
+            daemon = Daemon(engine, config, audio=audio)
         except OSError as e:
             raise UsageError(f"cannot start: {e}") from None
         try:

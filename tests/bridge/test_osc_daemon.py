@@ -275,6 +275,7 @@ def test_third_party_client_oscsend(env):
     c.send("/status")
     status = expect(c, "/status")
     assert status[6] == "6/8" and status[5] == 120.0
+    assert status[4] == -1  # --audio none: no live output, no xrun count
 
 
 def test_restart_restores_the_session(env):
