@@ -84,15 +84,20 @@ def tiny_configs(melody: bool = False, stereo: bool = False):
 
 
 def randomize_codebooks(codec) -> None:
-    """Give an EnCodec's codebooks random entries.
+    """Give an EnCodec's codebooks random entries at the scale of its encoder's output.
 
     A freshly initialised `transformers` EnCodec has all-zero codebooks, so every code would
-    decode to the same audio and no test on audio could tell tokens apart.
+    decode to the same audio and every take would encode to the same codes; entries at the
+    encoder's scale (each residual level half the last) keep both directions informative.
     """
     with torch.no_grad():
-        for layer in codec.quantizer.layers:
+        probe = torch.randn(1, codec.config.audio_channels, codec.config.sampling_rate // 2) * 0.3
+        emb = codec.encoder(probe)[0]  # (dim, frames)
+        mean, spread = emb.mean(dim=1), emb.std(dim=1).clamp(min=1e-6)
+        for level, layer in enumerate(codec.quantizer.layers):
             cb = layer.codebook
-            cb.embed.copy_(torch.randn_like(cb.embed))
+            centre = mean if level == 0 else torch.zeros_like(mean)
+            cb.embed.copy_(centre + torch.randn_like(cb.embed) * spread * 0.5**level)
             cb.embed_avg.copy_(cb.embed)
             cb.cluster_size.fill_(1.0)
             if hasattr(cb, "inited"):

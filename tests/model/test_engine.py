@@ -134,3 +134,48 @@ def test_cancel_from_another_thread(tiny_engine):
     with pytest.raises(Cancelled):
         tiny_engine.generate([req], progress=progress)
     assert len(seen) == 1 and seen[0] < 0.05
+
+
+def test_continuation_follows_the_take(tiny_engine):
+    t = np.arange(16000, dtype=np.float32) / 32000
+    take = (0.5 * np.sin(2 * np.pi * 220 * t))[None].astype(np.float32)
+    other = np.random.default_rng(0).normal(0, 0.3, (1, 16000)).astype(np.float32)
+    assert (tiny_engine.encode(take) != tiny_engine.encode(other)).mean() > 0.5
+    cont = GenerationRequest("lofi beat", 0.6, SamplingParams(greedy=True), audio_prompt=take)
+    codes = tiny_engine.generate_tokens([cont])[0]
+    assert codes.shape == (4, 30)  # the prompt is not repeated
+    with_prompt = GenerationRequest("lofi beat", 0.6, SamplingParams(greedy=True), audio_prompt=take,
+                                    return_prompt=True)
+    full = tiny_engine.generate_tokens([with_prompt])[0]
+    prompt_codes = tiny_engine.encode(take)
+    assert full.shape == (4, prompt_codes.shape[1] + 30)
+    np.testing.assert_array_equal(full[:, : prompt_codes.shape[1]], prompt_codes)
+    np.testing.assert_array_equal(full[:, prompt_codes.shape[1]:], codes)
+    elsewhere = tiny_engine.generate_tokens(
+        [GenerationRequest("lofi beat", 0.6, SamplingParams(greedy=True), audio_prompt=other)])[0]
+    assert (elsewhere != codes).any()
+
+
+def test_stream_equals_batch_generation(tiny_engine):
+    req = _req("ambient pad", 2.0, seed=4)
+    chunks = list(tiny_engine.stream(req, chunk_seconds=0.5))
+    assert chunks[-1].final and not any(c.final for c in chunks[:-1])
+    starts = [c.start for c in chunks]
+    assert starts == sorted(starts) and starts[0] == 0
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.start == a.start + a.frames
+    streamed = np.concatenate([c.audio for c in chunks], axis=1)
+    whole = tiny_engine.generate([_req("ambient pad", 2.0, seed=4)])[0]
+    assert streamed.shape == whole.shape == (1, 64000)
+    assert np.abs(streamed - whole).max() / np.abs(whole).max() < 1e-3
+    # Chunks arrive while generating: more than one before the end.
+    assert len(chunks) >= 4
+
+
+def test_stream_batch_tags_requests(tiny_engine):
+    reqs = [_req("drums", 1.0, seed=1), _req("bass", 0.6, seed=2)]
+    got = {0: [], 1: []}
+    for c in tiny_engine.stream_batch(reqs, chunk_seconds=0.2):
+        got[c.request_index].append(c.audio)
+    assert sum(a.shape[1] for a in got[0]) == 32000
+    assert sum(a.shape[1] for a in got[1]) == int(0.6 * 32000)
