@@ -270,10 +270,12 @@ class Daemon:
         spec = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
         if spec.continuation is not None:
             s.update_track(cmd.track, continuation=spec.continuation)
-        job = self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id)
-        log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, spec.sidecar["length"],
-                 spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
-        self.reply(sender, "/job/accepted", job.id, cmd.track)
+        def accepted(job: Job) -> None:
+            self.reply(sender, "/job/accepted", job.id, cmd.track)
+            log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, spec.sidecar["length"],
+                     spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
+
+        self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id, accepted)
 
 
 def _load_preset(name: str):

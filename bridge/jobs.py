@@ -100,10 +100,13 @@ class JobQueue:
 
     # ------------------------------------------------------------ the OSC side
 
-    def submit(self, spec: JobSpec, reply_to: Address, priority: int, new_id: Callable[[], int]) -> Job:
+    def submit(self, spec: JobSpec, reply_to: Address, priority: int, new_id: Callable[[], int],
+               accepted: Callable[[Job], None] | None = None) -> Job:
         """Queue a job (it runs later); ProtocolError busy when full or shutting down.
 
         `new_id` is called only once the job is sure to be queued, so a refused job uses no id.
+        `accepted(job)` runs before the worker can see the job, so "accepted" always precedes
+        the job's first progress report.
         """
         with self._cond:
             if self._closing:
@@ -113,6 +116,8 @@ class JobQueue:
                                             "wait for one to finish or cancel one")
             job = Job(new_id(), spec, reply_to, priority, next(self._seq))
             self.jobs[job.id] = job
+            if accepted is not None:
+                accepted(job)
             self._queued.append(job)
             self._forget_old()
             self._cond.notify_all()

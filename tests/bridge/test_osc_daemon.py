@@ -280,6 +280,12 @@ def test_third_party_client_oscsend(env):
 
 def test_restart_restores_the_session(env):
     c, d = env["c"], env["d"]
+    drain(c, 0.1)
+    c.send("/track/keep1/prompt", "warm pad")
+    c.send("/track/keep2/preset", "plain")
+    c.send("/track/keep2/param", "seed", 5)
+    for _ in range(3):
+        expect(c, "/ok")
     c.send("/transport/signature", 3, 4)
     expect(c, "/ok")
     c.send("/transport/tempo", 96.0)
@@ -287,11 +293,14 @@ def test_restart_restores_the_session(env):
     c.send("/tracks")
     tracks = expect(c, "/tracks")
     states = {t: state(c, t) for t in tracks}
-    assert {"drums", "liblo"} <= set(tracks)
+    assert {"keep1", "keep2"} <= set(tracks)
+    assert states["keep2"]["params"] == {"seed": 5} and states["keep1"]["prompt"] == "warm pad"
     assert d.stop(signal.SIGTERM) == 0
+    next_id = json.loads((d.session_dir / "session.json").read_text())["next_job_id"]
     assert "stopped" in d.log_text()
 
-    d2 = DaemonProcess(env["model"], d.session_dir, env["presets"], "--allow-dir", str(env["allowed"]))
+    d2 = DaemonProcess(env["model"], d.session_dir, env["presets"], "--allow-dir", str(env["allowed"]),
+                       "--grace", "0")
     try:
         with d2.client() as c2:
             d2.wait_ready(c2)
@@ -302,14 +311,31 @@ def test_restart_restores_the_session(env):
             assert expect(c2, "/status")[5:7] == [96.0, "3/4"]
         # the project's own client, replies to the sender: 2 bars at 96 bpm in 3/4 = 3.75 s
         out = subprocess.run([sys.executable, "-m", "bridge.cli", "send", "--port", str(d2.port),
-                              "/track/drums/generate", "i:2", "bars", "--wait-reply", "30"],
+                              "/track/keep2/generate", "i:2", "bars", "--wait-reply", "30"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0].startswith("/job/accepted ") and lines[-1].startswith("/job/done ")
         job_id = int(lines[0].split()[1])
-        assert job_id > 4  # ids continue across the restart
+        assert job_id == next_id  # ids continue across the restart
         path = lines[-1].split(" ", 2)[2]
         assert sf.info(path).frames == 180000
+
+        # SIGINT with --grace 0: the running and the queued job are cancelled, the daemon exits 0
+        with d2.client() as c3:
+            c3.send("/track/keep2/generate", 30.0)
+            c3.send("/track/keep2/generate", 29.0)
+            first = expect(c3, "/job/accepted")[0]
+            second = expect(c3, "/job/accepted")[0]
+            expect(c3, "/job/progress")
+            d2.proc.send_signal(signal.SIGINT)
+            ended = {}
+            while len(ended) < 2:
+                r = c3.wait_for(lambda a, v: a in ("/job/cancelled", "/job/done"), 60.0)
+                assert r is not None, d2.log_text()
+                ended[r[1][0]] = r[0]
+            assert ended == {first: "/job/cancelled", second: "/job/cancelled"}
+            assert d2.proc.wait(60) == 0
+        assert len(list((d.session_dir / "stems").glob("keep2*.wav"))) == 1  # only the 2-bar stem
     finally:
         assert d2.stop(signal.SIGINT) == 0
