@@ -27,7 +27,7 @@ Usage (what the daemon's /jam/start and /jam/stop do)::
               on_status=lambda s: reply("/jam/status", ...))
     jam.start()          # returns at once; generation runs on the jam's thread
     jam.status()         # state, behind, realtime_factor, chunk_latency, underruns, ...
-    jam.stop()           # fades out so that the part ends on the next bar line
+    jam.stop()           # one-beat fade ending on the next bar line
 """
 
 from __future__ import annotations
@@ -157,7 +157,9 @@ class Jam:
         self._thread.start()
 
     def stop(self) -> int | None:
-        """Fade out so the part ends on the next bar line; return that output frame (None if not playing)."""
+        """Fade out over one beat so the part ends on the next bar line that leaves room for it.
+
+        Returns that output frame (None if nothing was playing)."""
         self._cancel.set()
         req = self._request
         if req is not None:
@@ -166,10 +168,9 @@ class Jam:
         if track is None or track.done:
             self.state = "stopped"
             return None
-        now = self.output.position + self._margin_frames()
-        end = self.next_bar_frame(now + self.output.seconds_to_frames(0.05))
-        fade = min(int(self.beat_seconds * self.output.samplerate), end - now)
-        track.stop_at(end, fade)
+        beat = int(round(self.beat_seconds * self.output.samplerate))
+        end = self.next_bar_frame(self.output.position + self._margin_frames() + beat)
+        track.stop_at(end, beat)  # a one-beat fade that ends on the first bar line it can fit before
         self.state = "stopping"
         self._notify()
         return end

@@ -1,0 +1,120 @@
+"""Jam mode on a real JACK server: bar-grid scheduling, continuation, stop on the bar, behind-real-time."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.jack_server import jack_server
+from tests.plugin_host.jack_capture import capture
+
+SR = 48000
+TEMPO = 240.0  # 4/4: one bar = 1 s = 48000 frames, one beat = 0.25 s
+
+
+@pytest.fixture(scope="module")
+def jack():
+    with jack_server(rate=SR, period=256) as name:
+        yield name
+
+
+def _until(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def test_chunks_play_back_to_back_from_a_bar_line_and_stop_fades_to_the_next_bar(jack, tiny_engine):
+    from bridge.jam import Jam
+    from plugin_host.output import AudioOutput
+
+    statuses = []
+    with capture(12.0) as cap, AudioOutput(samplerate=SR) as out:
+        cap.connect()
+        with Jam(tiny_engine, out, "keys", "electric piano", tempo=TEMPO, chunk_bars=1,
+                 context_seconds=1.0, on_status=statuses.append) as jam:
+            jam.start()
+            _until(lambda: len(jam.history) >= 4)
+            end = jam.stop()
+            assert jam.wait(10)
+            status = jam.status()
+            stats = out.stats()
+            first_capture = cap.frames
+    hist = jam.history
+    bar = 48000
+    start = hist[0]["start_frame"]
+    assert (start - jam.origin_frame) % bar == 0  # the part starts on a bar line
+    assert [h["start_frame"] - start for h in hist] == [k * bar for k in range(len(hist))]  # back to back
+    assert hist[0]["context_seconds"] == 0.0
+    assert all(h["context_seconds"] == pytest.approx(1.0) for h in hist[1:])  # each continues the last
+    assert (end - jam.origin_frame) % bar == 0 and end > start
+    assert status["state"] == "stopped" and status["behind"] is False and status["underruns"] == 0
+    assert stats["tracks"]["keys"]["underruns"] == 0
+    assert [s["state"] for s in statuses][:1] == ["playing"] and statuses[-1]["state"] == "stopping"
+    # In the recording: the part lasts exactly from its first bar line to the stop bar line, and fades.
+    rec = cap.audio[0]
+    nz = np.nonzero(rec)[0]
+    assert first_capture > 0 and len(nz)
+    played = nz[-1] - nz[0] + 1
+    assert abs(played - (end - start)) <= 2  # the first/last samples may be exactly zero
+    body = rec[nz[0]:nz[-1] + 1]
+    tail = body[-int(0.01 * SR):]  # last 10 ms: the linear one-beat fade is below 4 % there
+    assert np.abs(tail).max() <= 0.04 * np.abs(body).max()
+
+
+class _SlowEngine:
+    """The real tiny engine, made slower than real time by waiting 1.5 x the audio it makes."""
+
+    def __init__(self, engine):
+        self._e = engine
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+    def generate(self, requests, progress=None):
+        time.sleep(1.5 * max(r.seconds for r in requests))
+        return self._e.generate(requests, progress)
+
+
+def test_falling_behind_is_reported_and_degrades_on_the_grid(jack, tiny_engine):
+    from bridge.jam import Jam
+    from plugin_host.output import AudioOutput
+
+    statuses = []
+    with AudioOutput(samplerate=SR) as out:
+        with Jam(_SlowEngine(tiny_engine), out, "slow", "drums", tempo=TEMPO, chunk_bars=1,
+                 context_seconds=2.0, min_context_seconds=0.5, on_status=statuses.append) as jam:
+            jam.start()
+            _until(lambda: len(jam.history) >= 4, timeout=40)
+            status = jam.status()
+            jam.close()
+    assert status["behind"] is True and status["behind_events"] >= 3
+    assert status["realtime_factor"] < 1.0
+    assert any(s["behind"] for s in statuses)  # told through the callback, for the OSC reply
+    assert status["context_seconds"] == 0.5  # degraded on purpose: 2.0 -> 1.0 -> 0.5
+    late = [h for h in jam.history if h["late"]]
+    assert late  # late chunks were moved ...
+    assert all((h["start_frame"] - jam.origin_frame) % 48000 == 0 for h in late)  # ... onto bar lines
+
+
+def test_bad_jams_are_refused_with_a_reason(jack, tiny_engine):
+    from bridge.jam import Jam, JamError
+    from plugin_host.output import AudioOutput
+
+    class Silent:
+        def chroma(self, start_s, seconds, frame_rate):
+            return np.zeros((int(seconds * frame_rate), 12), np.float32)
+
+    out = AudioOutput(samplerate=SR)
+    with pytest.raises(JamError, match="text-only"):
+        Jam(tiny_engine, out, "x", "p", melody=Silent())
+    with pytest.raises(JamError, match="tempo"):
+        Jam(tiny_engine, out, "x", "p", tempo=0.0)
+    with pytest.raises(JamError, match="chunk_bars"):
+        Jam(tiny_engine, out, "x", "p", chunk_bars=0)
+    with pytest.raises(JamError, match="time signature"):
+        Jam(tiny_engine, out, "x", "p", denominator=3)
