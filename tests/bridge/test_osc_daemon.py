@@ -93,6 +93,27 @@ def test_generate_round_trip_writes_the_stem(env):
     assert expect(c, "/job/status") == [job_id, "done", 1.0, path]
 
 
+def test_continue_a_recorded_take(env):
+    import numpy as np
+
+    from plugin_host.audio_io import write_audio
+
+    c = env["c"]
+    take = env["allowed"] / "take.wav"
+    if not take.exists():
+        t = np.arange(44100, dtype=np.float32) / 44100
+        write_audio(take, (0.3 * np.sin(2 * np.pi * 220 * t))[None, :], 44100)
+    drain(c, 0.1)
+    c.send("/track/keys/preset", "plain")
+    expect(c, "/ok")
+    job_id, _, (address, args) = run_job(c, "/track/keys/continue", str(take), 1.5)
+    assert address == "/job/done", args
+    assert sf.info(args[1]).frames == 72000
+    side = json.loads(open(args[1][:-4] + ".json").read())
+    assert side["continuation"] == {"path": str(take.resolve()), "seconds": 1.5}
+    assert state(c, "keys")["continuation"] == {"path": str(take.resolve()), "seconds": 1.5}
+
+
 def test_cancel_a_queued_and_a_running_job(env):
     c, d = env["c"], env["d"]
     drain(c, 0.1)
