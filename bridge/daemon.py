@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
-from bridge.jobs import Job, JobQueue, plan_job, sampling_params as _sampling
+from bridge.jobs import Job, JobQueue, plan_job, sampling_params as _sampling, track_sound
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
@@ -71,6 +71,7 @@ class Daemon:
                              engine_record=engine_record(engine))
         self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
         self._limiter = _LogLimiter()
+        self.jams: dict[str, Any] = {}  # track -> bridge.jam.Jam (the latest one per track)
         self._closed = False
         self._jobs_entered = False
 
@@ -96,6 +97,8 @@ class Daemon:
         if queued or running:
             log.info("shutting down: cancelling %d queued job(s), giving %d running job(s) up to %g s",
                      queued, running, grace)
+        for jam in self.jams.values():
+            jam.close()
         self.jobs.shutdown(grace)
         self.server.__exit__(None, None, None)
         log.info("musicbridge stopped; the session is saved in %s", self.session.path)
@@ -213,11 +216,68 @@ class Daemon:
         elif isinstance(cmd, P.Locate):
             s.update_transport(position=cmd.beat)
             self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
-        elif isinstance(cmd, (P.JamStart, P.JamStop)):
-            raise ProtocolError("unavailable", "live jam is not available in this build (no live audio "
-                                               "output module); render stems with /track/<name>/generate")
+        elif isinstance(cmd, P.JamStart):
+            self._jam_start(cmd, sender)
+        elif isinstance(cmd, P.JamStop):
+            jam = self.jams.get(cmd.track)
+            if jam is None or jam.state in ("stopping", "stopped", "failed"):
+                raise ProtocolError("not_found", f"no jam is running on track {cmd.track!r}")
+            jam.stop()
+            self._ok(sender, cmd, f"jam on track {cmd.track}: stopping at the next bar line")
+        elif isinstance(cmd, P.JamStatus):
+            jam = self.jams.get(cmd.track)
+            if jam is None:
+                raise ProtocolError("not_found", f"no jam has run on track {cmd.track!r}")
+            self._send_jam_status(self._to(sender), jam.status())
         else:  # a command class without a handler is a bug, not user input
             raise ProtocolError("internal", f"no handler for {type(cmd).__name__}")
+
+    def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
+        if self.audio is None:
+            raise ProtocolError("unavailable", "this daemon has no live audio output; start it with "
+                                               "--audio DEVICE to jam")
+        try:
+            from bridge.jam import Jam, JamError
+        except ImportError:
+            raise ProtocolError("unavailable", "live jam is not available in this build") from None
+        old = self.jams.get(cmd.track)
+        if old is not None and old.state not in ("stopped", "failed") and not old.wait(0):
+            raise ProtocolError("bad_args", f"a jam is already running on track {cmd.track!r}; "
+                                            f"/jam/stop it first")
+        track = self._existing(cmd.track)
+        preset = _load_preset(track.preset) if track.preset else None
+        t = self.session.transport
+        prompt, params = track_sound(cmd.track, track, preset, t.tempo)
+        melody = None
+        if track.melody is not None:
+            if not self.engine.is_melody:
+                raise ProtocolError("model", f"track {cmd.track} follows a melody but model "
+                                             f"{self.engine.info.label} is text-only")
+            from bridge.melody_source import LoopedMelody, natural_chroma
+
+            rate = self.engine.chroma_frame_rate
+            melody = LoopedMelody(natural_chroma(track.melody_dict(), rate, t.tempo), rate)
+        chain = None
+        if preset and preset.chain:
+            chain = preset.build_chain()
+        to = self._to(sender)
+        if old is not None:
+            old.close()
+        try:
+            jam = Jam(self.engine, self.audio, cmd.track, prompt, melody=melody, params=params, chain=chain,
+                      tempo=t.tempo, numerator=t.numerator, denominator=t.denominator,
+                      on_status=lambda st: self._send_jam_status(to, st))
+        except JamError as e:
+            raise ProtocolError("bad_args", f"cannot jam on track {cmd.track}: {e}") from None
+        self.jams[cmd.track] = jam
+        jam.start()
+        self._ok(sender, cmd, f"jam on track {cmd.track}: started ({prompt[:60]!r})")
+
+    def _send_jam_status(self, to: Address, st: dict[str, Any]) -> None:
+        rtf = st.get("realtime_factor")
+        self.server.send(to, "/jam/status", (st["track"], st["state"], int(bool(st["behind"])), int(st["chunks"]),
+                                             float(rtf) if rtf is not None and rtf < 1e9 else 0.0,
+                                             int(st["underruns"]), st.get("error") or ""))
 
     def _existing(self, name: str):
         tr = self.session.track(name)

@@ -365,6 +365,18 @@ def write_result(job: Job, audio: np.ndarray, engine, stems_dir: Path, engine_re
                       chain=chain, samples=int(round(spec.seconds * spec.stem_rate)))
 
 
+def track_sound(name: str, track, preset, tempo: float):
+    """(prompt, SamplingParams) of a track: its prompt or its preset's, "<bpm> bpm" unless the
+    preset says add_bpm = false, and the preset's params with the track's own on top."""
+    base = track.prompt or (preset.prompt if preset else "")
+    if not base:
+        raise ProtocolError("bad_args", f"track {name} has no prompt; send /track/{name}/prompt "
+                                        f"or /track/{name}/preset first")
+    add_bpm = preset.add_bpm if preset else True
+    prompt = f"{base}, {_fmt_bpm(tempo)} bpm" if add_bpm else base
+    return prompt, sampling_params({**(dict(preset.params) if preset else {}), **track.params_dict()})
+
+
 def plan_job(cmd, track, preset, transport, engine, limits, stem_rate: int = 48000) -> JobSpec:
     """The job a /track/<name>/generate or /continue asks for, from the track, its preset and the transport.
 
@@ -372,14 +384,8 @@ def plan_job(cmd, track, preset, transport, engine, limits, stem_rate: int = 480
     preset says add_bpm = false; params are the preset's with the track's on top; bars become
     seconds at the transport tempo and time signature (4 bars at 120 bpm in 4/4 = 8.0 s).
     """
-    base = track.prompt or (preset.prompt if preset else "")
-    if not base:
-        raise ProtocolError("bad_args", f"track {cmd.track} has no prompt; send /track/{cmd.track}/prompt "
-                                        f"or /track/{cmd.track}/preset first")
     t = transport
-    add_bpm = preset.add_bpm if preset else True
-    prompt = f"{base}, {_fmt_bpm(t.tempo)} bpm" if add_bpm else base
-    params = sampling_params({**(dict(preset.params) if preset else {}), **track.params_dict()})
+    prompt, params = track_sound(cmd.track, track, preset, t.tempo)
     bars = getattr(cmd, "bars", None)
     if bars is not None:
         seconds = t.bars_to_seconds(bars)

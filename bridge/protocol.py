@@ -233,6 +233,12 @@ class JamStop(Command):
     pattern: ClassVar[str] = "/jam/stop"
 
 
+@dataclass(frozen=True)
+class JamStatus(Command):
+    track: str
+    pattern: ClassVar[str] = "/jam/status"
+
+
 # ---------------------------------------------------------------- argument checks
 
 
@@ -492,9 +498,9 @@ def parse(address: Any, args: Sequence[Any], *, limits: Limits = Limits(),
         a = A("f beat position")
         a.count(1)
         return Locate(address, a.number(0, "beat", 0.0, 1e7))
-    if address in ("/jam/start", "/jam/stop"):
+    if address in ("/jam/start", "/jam/stop", "/jam/status"):
         a = A("s track")
         a.count(1)
         track = _track(a.text(0, "track"), address)
-        return (JamStart if address.endswith("start") else JamStop)(address, track)
+        return {"/jam/start": JamStart, "/jam/stop": JamStop, "/jam/status": JamStatus}[address](address, track)
     raise ProtocolError("bad_address", f"unknown address {address[:80]!r}; see docs/osc.md")

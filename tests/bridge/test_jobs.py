@@ -148,3 +148,25 @@ def test_resample_chroma_onto_the_model_grid():
     assert out.shape == (12, 12)
     assert [int(r.argmax()) for r in out[:8]] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert not out[8:].any()
+
+
+def test_a_track_melody_loops_under_a_jam():
+    import numpy as np
+
+    from bridge.melody_source import LoopedMelody, natural_chroma
+
+    notes = {"kind": "notes", "notes": [[60, 0.0, 1.0], [62, 1.0, 1.0]]}  # 2 beats at 120 bpm = 1 s
+    clock = iter([100.0]).__next__
+    src = LoopedMelody(np.eye(12, dtype=np.float32)[[0, 0, 1, 1]], 4.0, clock=clock)  # 1 s at 4 fps
+    out = src.chroma(100.0, 2.0, 4.0)
+    assert [int(r.argmax()) for r in out] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [int(r.argmax()) for r in src.chroma(100.5, 0.5, 4.0)] == [1, 1]
+    try:
+        import model.melody  # noqa: F401
+    except ImportError:
+        with pytest.raises(ProtocolError) as e:
+            natural_chroma(notes, 4.0, 120.0)
+        assert e.value.code == "unavailable"
+    chroma = {"kind": "chroma", "data": __import__("bridge.session", fromlist=["x"]).chroma_to_text(
+        np.eye(12, dtype="<f4")[[3, 4]].tobytes()), "frame_rate": 2.0}
+    assert [int(r.argmax()) for r in natural_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]

@@ -45,6 +45,7 @@ def test_valid_messages_become_frozen_commands(roots):
     assert parse("/transport/signature", [6, 8]) == P.SetSignature("/transport/signature", 6, 8)
     assert parse("/transport/play", []).beat is None
     assert parse("/job/12/cancel", []) == P.CancelJob("/job/12/cancel", 12)
+    assert parse("/jam/status", ["lead"]) == P.JamStatus("/jam/status", "lead")
     midi = parse("/track/a/melody/midi", [str(root / "tune.mid")], paths=policy)
     assert midi.path == (root / "tune.mid").resolve()
     notes = parse("/track/a/melody/notes", [60, 0.0, 1.0, 64, 1, 0.5])
