@@ -37,17 +37,21 @@ class DaemonConfig:
     stem_rate: int = 48000
 
 
-class _LogLimiter:
-    """At most `per_second` lines a second for a noisy kind of event; the rest are counted."""
+ERROR_REPLIES_PER_SECOND = 200
 
-    def __init__(self, per_second: int = 5):
-        self.per_second, self.window, self.count, self.dropped = per_second, 0, 0, 0
+
+class _LogLimiter:
+    """At most `per_second` events a second of a noisy kind (log lines, error replies); the rest are counted."""
+
+    def __init__(self, per_second: int = 5, what: str = "rejected messages were not logged"):
+        self.per_second, self.what = per_second, what
+        self.window, self.count, self.dropped = 0, 0, 0
 
     def allow(self) -> bool:
         now = int(time.monotonic())
         if now != self.window:
             if self.dropped:
-                log.info("(%d more rejected messages were not logged)", self.dropped)
+                log.info("(%d more %s)", self.dropped, self.what)
             self.window, self.count, self.dropped = now, 0, 0
         self.count += 1
         if self.count > self.per_second:
@@ -71,6 +75,8 @@ class Daemon:
                              engine_record=engine_record(engine))
         self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
         self._limiter = _LogLimiter()
+        self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
+                                                                    "bad messages at once")
         self.jams: dict[str, Any] = {}  # track -> bridge.jam.Jam (the latest one per track)
         self._closed = False
         self._jobs_entered = False
@@ -114,7 +120,8 @@ class Daemon:
     def _error(self, sender: Address, e: ProtocolError, address: str) -> None:
         if self._limiter.allow():
             log.info("rejected %s from %s:%d: %s (%s)", address[:80], sender[0], sender[1], e.message, e.code)
-        self.reply(sender, "/error", e.code, e.message, address[:256], e.job_id)
+        if self._error_replies.allow():  # a flood of junk gets a bounded trickle of answers
+            self.reply(sender, "/error", e.code, e.message, address[:256], e.job_id)
 
     def _bad_packet(self, why: str, sender: Address) -> None:
         self._error(sender, ProtocolError("bad_packet", why), "")
