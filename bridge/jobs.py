@@ -166,7 +166,7 @@ class JobQueue:
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             for job in self._running:
                 job.cancel.set()
-                log.info("job %d (%s) cancelled: still running when the grace period ended", job.id,
+                log.info("stopping job %d (track %s): still running when the grace period ended", job.id,
                          job.spec.track)
         self._stopped.set()
         if self._worker.is_alive():
