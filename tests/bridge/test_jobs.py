@@ -170,3 +170,28 @@ def test_a_track_melody_loops_under_a_jam():
     chroma = {"kind": "chroma", "data": __import__("bridge.session", fromlist=["x"]).chroma_to_text(
         np.eye(12, dtype="<f4")[[3, 4]].tobytes()), "frame_rate": 2.0}
     assert [int(r.argmax()) for r in natural_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]
+
+
+def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
+    import json
+
+    import numpy as np
+
+    from bridge.session import chroma_to_text
+
+    chroma = np.eye(12, dtype="<f4")[[0, 4, 7, 4] * 4]  # 16 frames at 8 fps = 2 s
+    melody = {"kind": "chroma", "data": chroma_to_text(chroma.tobytes()), "frame_rate": 8.0}
+    gen = P.Generate("/track/m/generate", "m", 1.5, None, 0)
+    track = Track(prompt="piano", melody=tuple(sorted(melody.items())))
+    no_bpm = load_preset("lofi_drums").__class__(name="x", prompt="unused", add_bpm=False)  # see test_osc_daemon
+    s = plan_job(gen, track, no_bpm, Transport(), tiny_melody_engine, Limits())
+    assert s.sidecar["melody"]["frames"] == 16 and len(s.sidecar["melody"]["sha256"]) == 64
+    ev = Events()
+    q = JobQueue(tiny_melody_engine, tmp_path, ev)
+    with q:
+        job = q.submit(s, ("127.0.0.1", 1), 0, ids())
+        final = ev.wait_final([job.id])
+    kind, (path,) = final[job.id]
+    assert kind == "done" and sf.info(path).frames == 72000
+    side = json.loads(open(path[:-4] + ".json").read())
+    assert side["melody"]["kind"] == "chroma" and side["prompt"] == "piano"
