@@ -16,11 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bridge.protocol import ProtocolError
+from bridge.protocol import Continue, Generate, Limits, ProtocolError
+
+if TYPE_CHECKING:
+    from bridge.session import Track, Transport
+    from model.types import GenerationRequest, SamplingParams
+    from presets import Preset
 
 log = logging.getLogger("musicbridge.jobs")
 
@@ -84,6 +89,7 @@ class JobQueue:
         self._queued: list[Job] = []
         self._running: list[Job] = []
         self._cond = threading.Condition()
+        self._emit = threading.Lock()  # orders a job's progress reports before its final event
         self._seq = itertools.count()
         self._closing = False
         self._stopped = threading.Event()
@@ -266,17 +272,20 @@ class JobQueue:
             self._finish(job, "done", (str(path),))
 
     def _finish(self, job: Job, state: str, payload: tuple) -> None:
-        job.state = state
-        if state == "failed":
-            job.error = payload  # type: ignore[assignment]
-        self.on_event(job, state, payload)
+        with self._emit:
+            job.state = state
+            if state == "failed":
+                job.error = payload  # type: ignore[assignment]
+            self.on_event(job, state, payload)
 
     def _tick(self) -> None:
         while not self._stopped.wait(self.tick):
             with self._cond:
-                running = [j for j in self._running if j.state == "running"]
+                running = list(self._running)
             for j in running:
-                self.on_event(j, "progress", (j.fraction,))
+                with self._emit:  # never a progress report after the job's final event
+                    if j.state == "running":
+                        self.on_event(j, "progress", (j.fraction,))
 
 
 # ---------------------------------------------------------------- job stages
@@ -289,7 +298,7 @@ def batch_key(spec: JobSpec, engine) -> tuple | None:
     return (engine.frames_for(spec.seconds), spec.melody is not None)
 
 
-def build_request(job: Job, engine):
+def build_request(job: Job, engine) -> GenerationRequest:
     """The engine request for a job: melody chroma and continuation take loaded now, on the worker."""
     from model.types import GenerationRequest
 
@@ -365,7 +374,7 @@ def write_result(job: Job, audio: np.ndarray, engine, stems_dir: Path, engine_re
                       chain=chain, samples=int(round(spec.seconds * spec.stem_rate)))
 
 
-def track_sound(name: str, track, preset, tempo: float):
+def track_sound(name: str, track: Track, preset: Preset | None, tempo: float) -> tuple[str, SamplingParams]:
     """(prompt, SamplingParams) of a track: its prompt or its preset's, "<bpm> bpm" unless the
     preset says add_bpm = false, and the preset's params with the track's own on top."""
     base = track.prompt or (preset.prompt if preset else "")
@@ -377,7 +386,8 @@ def track_sound(name: str, track, preset, tempo: float):
     return prompt, sampling_params({**(dict(preset.params) if preset else {}), **track.params_dict()})
 
 
-def plan_job(cmd, track, preset, transport, engine, limits, stem_rate: int = 48000) -> JobSpec:
+def plan_job(cmd: Generate | Continue, track: Track, preset: Preset | None, transport: Transport, engine,
+             limits: Limits, stem_rate: int = 48000) -> JobSpec:
     """The job a /track/<name>/generate or /continue asks for, from the track, its preset and the transport.
 
     The prompt is the track's own, else its preset's, with "<bpm> bpm" appended unless the
@@ -414,7 +424,7 @@ def _fmt_bpm(bpm: float) -> str:
     return str(int(bpm)) if float(bpm).is_integer() else f"{bpm:g}"
 
 
-def sampling_params(params: dict[str, Any]):
+def sampling_params(params: dict[str, Any]) -> SamplingParams:
     from model.types import RequestError, SamplingParams
 
     try:
