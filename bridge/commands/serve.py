@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("WARNING: binding %s makes the daemon reachable from other machines; anyone who can "
                     "send it UDP can queue jobs and read files under the allowed folders", args.host)
 
+    _check_port_free(args.host, args.port)
+
     from bridge.session import Session, SessionError
 
     try:
@@ -143,6 +145,20 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) 
         for s, h in old.items():
             signal.signal(s, h)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before the (slow) model load when the address cannot be bound."""
+    import socket
+
+    from bridge.cli import UsageError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _is_loopback(host: str) -> bool:

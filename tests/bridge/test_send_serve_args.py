@@ -51,3 +51,15 @@ def test_serve_refuses_a_broken_session_before_loading_the_model(tmp_path, capsy
     assert "session.json" in err and "move it away" in err
     assert main(["serve", "--allow-dir", str(tmp_path / "missing"), "--session-dir", str(tmp_path)]) == 2
     assert "--allow-dir" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path, capsys):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert main(["serve", "--model", str(tmp_path / "no-model"), "--session-dir", str(tmp_path),
+                     "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "no-model" not in err
