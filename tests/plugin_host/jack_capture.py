@@ -1,60 +1,78 @@
-"""Record what a JACK client plays: a second JACK client whose inputs are connected to its outputs."""
+"""Record what a JACK client plays, from a second JACK client in its own process.
+
+Its own process on purpose: a capture callback inside the test process would compete for the
+GIL with the code under test (an engine generating, the output callback), and its own late
+cycles would show up as corrupted recordings that are not the output's fault.
+
+    with capture(seconds=4.0) as cap:     # starts the recorder process, waits until it runs
+        ...open the output...
+        cap.connect("PortAudio")         # its first outputs -> our inputs, in order
+        ...play...
+    cap.audio                            # (channels, frames) float32, after the block
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 
 class Capture:
-    """Preallocated recording of `channels` inputs; `audio` is (channels, frames recorded so far)."""
-
-    def __init__(self, client, ports, seconds: float):
-        self.client = client
-        self.ports = ports
-        self._buf = np.zeros((len(ports), int(seconds * client.samplerate)), np.float32)
-        self.frames = 0
+    def __init__(self, proc: subprocess.Popen, path: Path):
+        self._proc = proc
+        self._path = path
+        self.audio = np.zeros((0, 0), np.float32)
         self.missed_cycles = 0
 
-    def _process(self, n: int) -> None:
-        k = self.frames
-        if k + n > self._buf.shape[1]:
-            self.missed_cycles += 1
-            return
-        for i, p in enumerate(self.ports):
-            self._buf[i, k:k + n] = p.get_array()
-        self.frames = k + n
-
-    @property
-    def audio(self) -> np.ndarray:
-        return self._buf[:, :self.frames]
+    def _ask(self, line: str) -> str:
+        self._proc.stdin.write(line + "\n")
+        self._proc.stdin.flush()
+        reply = self._proc.stdout.readline().strip()
+        if not reply.startswith("ok"):
+            raise RuntimeError(f"capture process: {line!r} -> {reply!r}; stderr: {self._proc.stderr.read()[-500:]}")
+        return reply
 
     def connect(self, source_client: str = "PortAudio") -> None:
-        """Connect the first outputs of `source_client` to our inputs, in order."""
-        outs = [p for p in self.client.get_ports(is_audio=True, is_output=True)
-                if p.name.startswith(source_client + ":")]
-        if len(outs) < len(self.ports):
-            raise RuntimeError(f"{source_client} has {len(outs)} output ports, need {len(self.ports)}")
-        for src, dst in zip(outs, self.ports):
-            self.client.connect(src, dst)
+        self._ask(f"connect {source_client}")
+
+    @property
+    def frames(self) -> int:
+        return int(self.audio.shape[1]) if self.audio.size else 0
+
+    def _finish(self) -> None:
+        reply = self._ask("stop")
+        self.missed_cycles = int(reply.split()[1])
+        self.audio = np.load(self._path)
 
 
 @contextlib.contextmanager
 def capture(seconds: float, channels: int = 2, name: str = "capture") -> Iterator[Capture]:
-    import jack
-
-    client = jack.Client(name, no_start_server=True)
-    ports = [client.inports.register(f"in_{i}") for i in range(channels)]
-    cap = Capture(client, ports, seconds)
-    client.set_process_callback(cap._process)
-    client.activate()
-    try:
-        yield cap
-    finally:
-        client.deactivate()
-        client.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "capture.npy"
+        root = Path(__file__).resolve().parents[2]
+        env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen([sys.executable, "-m", "tests.plugin_host.jack_capture", str(path),
+                                 str(seconds), str(channels), name],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env, cwd=str(root))
+        cap = Capture(proc, path)
+        try:
+            ready = proc.stdout.readline().strip()
+            if ready != "ready":
+                raise RuntimeError(f"capture process did not start: {ready!r} {proc.stderr.read()[-500:]}")
+            yield cap
+            cap._finish()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
 
 
 def align(captured: np.ndarray, reference: np.ndarray) -> int:
@@ -63,3 +81,45 @@ def align(captured: np.ndarray, reference: np.ndarray) -> int:
     size = 1 << (n - 1).bit_length()
     corr = np.fft.irfft(np.fft.rfft(captured, size) * np.conj(np.fft.rfft(reference, size)), size)
     return int(np.argmax(corr[:captured.shape[0]]))
+
+
+def _main(path: str, seconds: str, channels: str, name: str) -> None:
+    import jack
+
+    client = jack.Client(name, no_start_server=True)
+    ports = [client.inports.register(f"in_{i}") for i in range(int(channels))]
+    buf = np.zeros((len(ports), int(float(seconds) * client.samplerate)), np.float32)
+    state = {"frames": 0, "missed": 0}
+
+    @client.set_process_callback
+    def process(n: int) -> None:
+        k = state["frames"]
+        if k + n > buf.shape[1]:
+            state["missed"] += 1
+            return
+        for i, p in enumerate(ports):
+            buf[i, k:k + n] = p.get_array()
+        state["frames"] = k + n
+
+    client.activate()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "connect":
+            outs = [p for p in client.get_ports(is_audio=True, is_output=True) if p.name.startswith(arg + ":")]
+            if len(outs) < len(ports):
+                print(f"error {arg} has {len(outs)} output ports, need {len(ports)}", flush=True)
+                continue
+            for src, dst in zip(outs, ports):
+                client.connect(src, dst)
+            print("ok", flush=True)
+        elif cmd == "stop":
+            client.deactivate()
+            np.save(path, buf[:, :state["frames"]])
+            print(f"ok {state['missed']}", flush=True)
+            break
+    client.close()
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:5])
