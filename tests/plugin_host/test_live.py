@@ -47,10 +47,12 @@ def test_streamed_stem_is_sample_exact_after_the_chain(jack, tiny_engine):
     req = GenerationRequest("warm synth", 3.0, SamplingParams(seed=7))
     got_chunks = []
     statuses = []
-    with capture(6.0) as cap, AudioOutput(samplerate=SR) as out:
+    with capture(8.0) as cap, AudioOutput(samplerate=SR) as out:
         cap.connect()
+        # A 2 s pre-roll: the tiny engine is done before playback starts, so this checks the data
+        # path; playing while the engine runs in this process is measured in docs/live.md (GIL).
         track = out.add_track("synth", channels=tiny_engine.channels,
-                              start_frame=out.position + out.seconds_to_frames(0.5))
+                              start_frame=out.position + out.seconds_to_frames(2.0))
         with TrackPlayer(track, tiny_engine.sample_rate, build_chain(CHAIN), on_status=statuses.append) as p:
             p.play(_tee(tiny_engine.stream(req, chunk_seconds=0.5), got_chunks))
             assert p.wait(30)
