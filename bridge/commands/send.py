@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="local port to send from and listen on (the daemon's --reply-to port)")
     p.add_argument("--wait-reply", type=float, default=1.0, metavar="SECONDS",
                    help="print replies until none arrives for this long (0 = do not wait); "
-                        "after /job/accepted, waits for that job's end")
+                        "after /job/accepted, waits for that job's end however long it queues")
     p.set_defaults(func=run)
 
 
@@ -109,10 +109,15 @@ def run(args: argparse.Namespace) -> int:
 def _print_replies(client, idle: float) -> int:
     job = None
     got = error = False
+    backlog: list = []
     while True:
-        r = client.receive(idle)
+        r = backlog.pop(0) if backlog else client.receive(idle)
         if r is None:
-            break
+            if job is None or not _still_pending(client, job, idle, backlog):
+                if backlog:
+                    continue
+                break
+            continue
         got = True
         address, values = r
         print(format_reply(address, values), flush=True)
@@ -129,3 +134,12 @@ def _print_replies(client, idle: float) -> int:
               "does it reply to another address with --reply-to?)", file=sys.stderr)
         return 1
     return 1 if error else 0
+
+
+def _still_pending(client, job: int, idle: float, backlog: list) -> bool:
+    """Whether a job we wait for is queued or running (it sends nothing while it waits its turn).
+
+    Other replies that arrive meanwhile go to `backlog`, to be printed in order."""
+    client.send(f"/job/{job}/status")
+    r = client.wait_for(lambda a, v: a == "/job/status" and bool(v) and v[0] == job, idle, backlog)
+    return r is not None and r[1][1] in ("queued", "running")

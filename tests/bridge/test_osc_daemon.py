@@ -336,15 +336,18 @@ def test_restart_restores_the_session(env):
             assert {t: state(c2, t) for t in tracks} == states
             c2.send("/status")
             assert expect(c2, "/status")[5:7] == [96.0, "3/4"]
-        # the project's own client, replies to the sender: 2 bars at 96 bpm in 3/4 = 3.75 s
+            c2.send("/track/keep2/generate", 20.0)  # runs first: the next job waits, silent, behind it
+            ahead = expect(c2, "/job/accepted")[0]
+        # the project's own client, replies to the sender: 2 bars at 96 bpm in 3/4 = 3.75 s.
+        # A short --wait-reply: while queued it polls /job/<id>/status instead of giving up.
         out = subprocess.run([sys.executable, "-m", "bridge.cli", "send", "--port", str(d2.port),
-                              "/track/keep2/generate", "i:2", "bars", "--wait-reply", "30"],
+                              "/track/keep2/generate", "i:2", "bars", "--wait-reply", "0.3"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0].startswith("/job/accepted ") and lines[-1].startswith("/job/done ")
         job_id = int(lines[0].split()[1])
-        assert job_id == next_id  # ids continue across the restart
+        assert ahead == next_id and job_id == next_id + 1  # ids continue across the restart
         path = lines[-1].split(" ", 2)[2]
         assert sf.info(path).frames == 180000
 
@@ -363,6 +366,6 @@ def test_restart_restores_the_session(env):
                 ended[r[1][0]] = r[0]
             assert ended == {first: "/job/cancelled", second: "/job/cancelled"}
             assert d2.proc.wait(60) == 0
-        assert len(list((d.session_dir / "stems").glob("keep2*.wav"))) == 1  # only the 2-bar stem
+        assert len(list((d.session_dir / "stems").glob("keep2*.wav"))) == 2  # 20 s and 2 bars, no more
     finally:
         assert d2.stop(signal.SIGINT) == 0
