@@ -176,8 +176,12 @@ class Daemon:
             if tr is None:
                 raise ProtocolError("not_found", f"there is no track {cmd.track!r}; /tracks lists them")
             state = tr.to_json()
-            if state["melody"] and state["melody"].get("kind") == "chroma":
-                state["melody"] = {k: v for k, v in state["melody"].items() if k != "data"}
+            m = state["melody"]
+            if m and m["kind"] == "chroma":  # keep the reply well inside one datagram
+                frames = len(m["data"]) * 3 // 4 // 48
+                state["melody"] = {"kind": "chroma", "frame_rate": m["frame_rate"], "frames": frames}
+            elif m and m["kind"] == "notes":
+                state["melody"] = {"kind": "notes", "notes": len(m["notes"])}
             self.reply(sender, f"/track/{cmd.track}/state", json.dumps(state))
         elif isinstance(cmd, P.SetPrompt):
             s.update_track(cmd.track, prompt=cmd.text)
