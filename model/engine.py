@@ -120,8 +120,11 @@ class Engine:
             return dt
         from model.quant import quantize_linears
 
-        quantize_linears(self.lm, dtype)
-        return torch.float32
+        # Quantise from the float32 weights, then run everything else in bfloat16: the packed
+        # kernels are fast only with bfloat16 activations.
+        quantize_linears(self.lm, dtype, int8_names=("heads",))
+        self.lm.to(torch.bfloat16)
+        return torch.bfloat16
 
     @classmethod
     def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto") -> Engine:
