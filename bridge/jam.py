@@ -136,9 +136,7 @@ class Jam:
 
     def _margin_frames(self) -> int:
         """Frames between now and the earliest start a new chunk can make (device latency + a block or two)."""
-        stream = self.output._stream
-        device = float(stream.latency) if stream is not None else 0.0
-        return self.output.seconds_to_frames(device + 0.05)
+        return self.output.seconds_to_frames(self.output.device_latency + 0.05)
 
     # ---------------------------------------------------------------- lifetime
 

@@ -53,6 +53,27 @@ def refresh_devices() -> None:
     sd._initialize()
 
 
+# Slots of a track's shared state. Ints: start_frame (-1 = when data arrives; the control side
+# sets it before playing, the callback when it starts the track), finished / stop_frame / fade
+# (control side), done / underruns / underrun_frames / played_frames (callback).
+_INTS = {k: i for i, k in enumerate(("start_frame", "finished", "stop_frame", "fade", "done", "underruns",
+                                     "underrun_frames", "played_frames"))}
+_FLOATS = {k: i for i, k in enumerate(("gain", "pan", "target_l", "target_r"))}
+
+
+def shared_layout(capacity: int, channels: int) -> list[tuple[str, tuple[int, ...], type]]:
+    """(name, shape, dtype) of the arrays a track shares, in order; 8-byte aligned when packed."""
+    return [("counters", (2,), np.int64), ("ints", (len(_INTS),), np.int64),
+            ("floats", (len(_FLOATS),), np.float64), ("buffer", (capacity, channels), np.float32)]
+
+
+def check_level(name: str, gain: float, pan: float) -> None:
+    if not (math.isfinite(gain) and 0.0 <= gain <= 4.0):
+        raise OutputError(f"track {name}: gain must be in [0, 4], got {gain}")
+    if not (math.isfinite(pan) and -1.0 <= pan <= 1.0):
+        raise OutputError(f"track {name}: pan must be in [-1, 1], got {pan}")
+
+
 def _balance(gain: float, pan: float) -> tuple[float, float]:
     return gain * min(1.0, 1.0 - pan), gain * min(1.0, 1.0 + pan)
 
@@ -61,23 +82,27 @@ class OutputTrack:
     """One track's ring and mix settings. Producer methods are called from one worker thread."""
 
     def __init__(self, name: str, channels: int, capacity: int, out_channels: tuple[int, int],
-                 gain: float, pan: float, start_frame: int | None, ramp_frames: int, samplerate: int):
+                 gain: float, pan: float, start_frame: int | None, ramp_frames: int, samplerate: int,
+                 shared: dict[str, np.ndarray] | None = None):
+        """shared: the ring and state arrays in shared memory (see `shared_layout`), when the
+        producer and the callback live in different processes; None = private arrays."""
         self.name = name
         self.channels = channels
         self.samplerate = samplerate
-        self.ring = RingBuffer(capacity, channels)
+        arrays = shared if shared is not None else {
+            "buffer": np.zeros((capacity, channels), np.float32), "counters": np.zeros(2, np.int64),
+            "ints": np.zeros(len(_INTS), np.int64), "floats": np.zeros(len(_FLOATS), np.float64)}
+        self.ring = RingBuffer(capacity, channels, arrays["buffer"], arrays["counters"])
+        self._i = arrays["ints"]  # each slot has one writer (see _INTS)
+        self._f = arrays["floats"]
         self.out_channels = out_channels
-        self._gain, self._pan = gain, pan
-        self._target = _balance(gain, pan)
-        self._cur_l, self._cur_r = self._target
         self._step = 1.0 / ramp_frames  # largest gain change per frame
-        self.start_frame = start_frame
-        self._finished = False  # producer: no more frames will come
-        self._stop: tuple[int, int] | None = None  # (stop frame, fade frames) on the output clock
-        self.done = False  # consumer: the track has ended and renders nothing more
-        self.underruns = 0
-        self.underrun_frames = 0
-        self.played_frames = 0
+        if shared is None:
+            self._i[_INTS["start_frame"]] = -1 if start_frame is None else int(start_frame)
+            self._i[_INTS["stop_frame"]] = -1
+            self._f[_FLOATS["gain"]], self._f[_FLOATS["pan"]] = gain, pan
+            self._f[_FLOATS["target_l"]], self._f[_FLOATS["target_r"]] = _balance(gain, pan)
+        self._cur_l, self._cur_r = self._target  # callback-private: the gains reached so far
         # scratch, allocated once here so the callback never allocates
         self._data = np.zeros((MAX_BLOCK, channels), np.float32)
         self._tmp = np.zeros(MAX_BLOCK, np.float32)
@@ -87,31 +112,76 @@ class OutputTrack:
         self._ramp = np.arange(1, MAX_BLOCK + 1, dtype=np.float32)
         self._index = np.arange(0, MAX_BLOCK, dtype=np.float32)
 
+    # ---------------------------------------------------------------- shared state
+
+    def _int(slot: str):  # noqa: N805 - a property factory used in the class body
+        i = _INTS[slot]
+        return property(lambda self: int(self._i[i]), lambda self, v: self._i.__setitem__(i, int(v)))
+
+    underruns = _int("underruns")  # written by the callback only
+    underrun_frames = _int("underrun_frames")
+    played_frames = _int("played_frames")
+    del _int
+
+    @property
+    def done(self) -> bool:
+        """The track has ended and renders nothing more (set by the callback)."""
+        return bool(self._i[_INTS["done"]])
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        self._i[_INTS["done"]] = int(value)
+
+    @property
+    def _finished(self) -> bool:
+        return bool(self._i[_INTS["finished"]])
+
+    @property
+    def start_frame(self) -> int | None:
+        v = int(self._i[_INTS["start_frame"]])
+        return None if v < 0 else v
+
+    @start_frame.setter
+    def start_frame(self, frame: int) -> None:
+        self._i[_INTS["start_frame"]] = int(frame)
+
+    @property
+    def _stop(self) -> tuple[int, int] | None:
+        frame = int(self._i[_INTS["stop_frame"]])
+        return None if frame < 0 else (frame, int(self._i[_INTS["fade"]]))
+
+    @property
+    def _target(self) -> tuple[float, float]:
+        return float(self._f[_FLOATS["target_l"]]), float(self._f[_FLOATS["target_r"]])
+
     # ---------------------------------------------------------------- control (any thread)
 
     @property
     def gain(self) -> float:
-        return self._gain
+        return float(self._f[_FLOATS["gain"]])
 
     @property
     def pan(self) -> float:
-        return self._pan
+        return float(self._f[_FLOATS["pan"]])
 
     def set_gain(self, gain: float) -> None:
-        if not (math.isfinite(gain) and 0.0 <= gain <= 4.0):
-            raise OutputError(f"track {self.name}: gain must be in [0, 4], got {gain}")
-        self._gain = float(gain)
-        self._target = _balance(self._gain, self._pan)  # one tuple: the callback sees both or neither
+        check_level(self.name, gain, 0.0)
+        self._f[_FLOATS["gain"]] = float(gain)
+        self._retarget()
 
     def set_pan(self, pan: float) -> None:
-        if not (math.isfinite(pan) and -1.0 <= pan <= 1.0):
-            raise OutputError(f"track {self.name}: pan must be in [-1, 1], got {pan}")
-        self._pan = float(pan)
-        self._target = _balance(self._gain, self._pan)
+        check_level(self.name, 0.0, pan)
+        self._f[_FLOATS["pan"]] = float(pan)
+        self._retarget()
+
+    def _retarget(self) -> None:
+        # Two stores: a callback between them ramps toward a mixed target for one block, harmlessly.
+        self._f[_FLOATS["target_l"]], self._f[_FLOATS["target_r"]] = _balance(self.gain, self.pan)
 
     def stop_at(self, frame: int, fade_frames: int) -> None:
         """Fade out linearly over the `fade_frames` frames before output frame `frame`, then end."""
-        self._stop = (int(frame), max(1, int(fade_frames)))
+        self._i[_INTS["fade"]] = max(1, int(fade_frames))  # the fade first: the frame arms it
+        self._i[_INTS["stop_frame"]] = int(frame)
 
     # ---------------------------------------------------------------- producer (one worker thread)
 
@@ -145,7 +215,7 @@ class OutputTrack:
 
     def finish(self) -> None:
         """No more frames: once the ring drains the track ends instead of underrunning."""
-        self._finished = True
+        self._i[_INTS["finished"]] = 1
 
     @property
     def buffered_seconds(self) -> float:
@@ -273,9 +343,27 @@ class AudioOutput:
         self._ramp_frames = max(1, int(round(ramp_seconds * self.samplerate)))
         self._tracks: tuple[OutputTrack, ...] = ()  # replaced whole, never edited: the callback reads it lock-free
         self._stream = None
-        self.position = 0  # output clock: frames rendered since the stream started
-        self.xruns = 0
-        self.callback_errors = 0
+        # [output clock: frames rendered since the stream started, xruns, callback errors];
+        # written by the callback only. plugin_host.output_process puts it in shared memory.
+        self._clock = np.zeros(3, np.int64)
+
+    @property
+    def position(self) -> int:
+        return int(self._clock[0])
+
+    @property
+    def xruns(self) -> int:
+        return int(self._clock[1])
+
+    @property
+    def callback_errors(self) -> int:
+        return int(self._clock[2])
+
+    @property
+    def device_latency(self) -> float:
+        """The output latency PortAudio reports for the open stream, in seconds (0 when closed)."""
+        stream = self._stream
+        return float(stream.latency) if stream is not None else 0.0
 
     # ---------------------------------------------------------------- lifetime
 
@@ -308,7 +396,7 @@ class AudioOutput:
 
     def add_track(self, name: str, channels: int = 1, out_channels: Sequence[int] = (0, 1),
                   gain: float = 1.0, pan: float = 0.0, buffer_seconds: float = 4.0,
-                  start_frame: int | None = None) -> OutputTrack:
+                  start_frame: int | None = None, shared: dict[str, np.ndarray] | None = None) -> OutputTrack:
         """A new track with its own ring of `buffer_seconds` at the output rate.
 
         out_channels: the (left, right) device channels it plays on; on a mono device use (0, 0).
@@ -324,13 +412,14 @@ class AudioOutput:
                               f"[0, {self.channels - 1}], got {tuple(out_channels)}")
         if not (math.isfinite(buffer_seconds) and 0.05 <= buffer_seconds <= 600):
             raise OutputError(f"track {name!r}: buffer_seconds must be in [0.05, 600], got {buffer_seconds}")
-        track = OutputTrack(name, channels, int(buffer_seconds * self.samplerate), pair, 1.0, 0.0,
-                            start_frame, self._ramp_frames, self.samplerate)
-        track.set_gain(gain)
-        track.set_pan(pan)
-        track._cur_l, track._cur_r = track._target  # start at the asked level, no ramp in
+        check_level(name, gain, pan)
+        track = OutputTrack(name, channels, self.track_capacity(buffer_seconds), pair, gain, pan,
+                            start_frame, self._ramp_frames, self.samplerate, shared)
         self._tracks = tuple(t for t in self._tracks if t.name != name) + (track,)
         return track
+
+    def track_capacity(self, buffer_seconds: float) -> int:
+        return int(buffer_seconds * self.samplerate)
 
     def remove_track(self, name: str) -> None:
         self._tracks = tuple(t for t in self._tracks if t.name != name)
@@ -351,12 +440,13 @@ class AudioOutput:
     # ---------------------------------------------------------------- the callback (audio thread)
 
     def _callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        clock = self._clock
         if status.output_underflow or status.output_overflow:
-            self.xruns += 1
+            clock[1] += 1
         outdata.fill(0.0)
         try:
             tracks = self._tracks
-            pos = self.position
+            pos = int(clock[0])
             done = 0
             while done < frames:
                 n = min(MAX_BLOCK, frames - done)
@@ -365,15 +455,14 @@ class AudioOutput:
                     t._render(block, n, pos + done)
                 done += n
         except Exception:  # never let a bug stop the stream; it is counted and shown in stats()
-            self.callback_errors += 1
-        self.position += frames
+            clock[2] += 1
+        clock[0] = pos + frames
 
     # ---------------------------------------------------------------- reporting
 
     def stats(self) -> dict[str, Any]:
         """xruns, underruns, latency (device + buffered) and per-track buffering, for /status."""
-        stream = self._stream
-        device_latency = float(stream.latency) if stream is not None else 0.0
+        device_latency = self.device_latency
         tracks = {}
         for t in self._tracks:
             tracks[t.name] = {

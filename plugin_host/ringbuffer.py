@@ -1,10 +1,12 @@
 """Single-producer single-consumer float32 ring buffer between a worker thread and the audio callback.
 
 Why no lock: the audio callback must never wait. Each side owns one counter and only ever
-advances it (`_write` by the producer, `_read` by the consumer); both are plain Python ints,
-whose assignment is atomic under the GIL, and a side publishes its counter only after its
-copy is complete, so the other side never sees half-written or half-read frames. The counters
-count frames since creation and never wrap; positions in the buffer are `counter % capacity`.
+advances it (`_write` by the producer, `_read` by the consumer); both are int64 slots (private,
+or in shared memory when the producer is another process), each stored with one aligned 8-byte
+write, and a side publishes its counter only after its copy is complete, so the other side
+never sees half-written or half-read frames (x86 keeps stores in order; other architectures
+would need a fence here). The counters count frames since creation and never wrap; positions in
+the buffer are `counter % capacity`.
 
 The read side allocates no sample memory: `read_into` copies into a caller's preallocated
 array (only numpy view objects, a few dozen bytes each, are created by the slicing).
@@ -18,16 +20,31 @@ import numpy as np
 class RingBuffer:
     """`capacity` frames of `channels` float32 samples, frame-major (frames, channels) like a device block."""
 
-    def __init__(self, capacity: int, channels: int):
+    def __init__(self, capacity: int, channels: int, buffer: np.ndarray | None = None,
+                 counters: np.ndarray | None = None):
+        """buffer (capacity, channels) float32 and counters (2,) int64 may live in shared memory
+        (plugin_host.output_process); by default they are private arrays."""
         if not isinstance(capacity, (int, np.integer)) or capacity <= 0:
             raise ValueError(f"ring capacity must be a positive number of frames, got {capacity!r}")
         if not isinstance(channels, (int, np.integer)) or channels <= 0:
             raise ValueError(f"ring channels must be a positive count, got {channels!r}")
         self.capacity = int(capacity)
         self.channels = int(channels)
-        self._buf = np.zeros((self.capacity, self.channels), dtype=np.float32)
-        self._write = 0  # frames ever written; only the producer assigns it
-        self._read = 0  # frames ever consumed (read or skipped); only the consumer assigns it
+        self._buf = np.zeros((self.capacity, self.channels), np.float32) if buffer is None else buffer
+        if self._buf.shape != (self.capacity, self.channels) or self._buf.dtype != np.float32:
+            raise ValueError(f"ring buffer must be float32 {(self.capacity, self.channels)}, got "
+                             f"{self._buf.dtype} {self._buf.shape}")
+        # [frames ever written (producer assigns), frames ever consumed (consumer assigns)];
+        # aligned int64 stores are single instructions, so the other side never sees a torn value.
+        self._ctr = np.zeros(2, np.int64) if counters is None else counters
+
+    @property
+    def _write(self) -> int:
+        return int(self._ctr[0])
+
+    @property
+    def _read(self) -> int:
+        return int(self._ctr[1])
 
     # ---------------------------------------------------------------- either side
 
@@ -64,7 +81,7 @@ class RingBuffer:
         self._buf[start:start + first] = data[:first]
         if n > first:
             self._buf[:n - first] = data[first:n]
-        self._write += n  # publish only after the copy
+        self._ctr[0] = self._write + n  # publish only after the copy
         return n
 
     # ---------------------------------------------------------------- consumer side
@@ -79,7 +96,7 @@ class RingBuffer:
         np.copyto(out[:first], self._buf[start:start + first])
         if n > first:
             np.copyto(out[first:n], self._buf[:n - first])
-        self._read += n  # release the space only after the copy
+        self._ctr[1] = self._read + n  # release the space only after the copy
         return n
 
     def skip(self, frames: int) -> int:
@@ -87,5 +104,5 @@ class RingBuffer:
         n = min(frames, self._write - self._read)
         if n <= 0:
             return 0
-        self._read += n
+        self._ctr[1] = self._read + n
         return n
