@@ -107,6 +107,7 @@ class Engine:
         self.context_seconds = context_seconds
         self.pattern = get_pattern(pattern, self.num_codebooks, channels=self.channels)
         self.dtype = pick_dtype(dtype, device)
+        self.step_hook: Callable[[], None] | None = None  # called after every decoder step (bench)
         self.lm = MusicgenDecoderLM.from_hf(hf_model)
         self.compute_dtype = self._apply_precision(self.dtype)
 
@@ -293,6 +294,8 @@ class Engine:
             last_pct = [-1] * len(reqs)
             while not state.done:
                 decode_n(state, 1)
+                if self.step_hook is not None:
+                    self.step_hook()
                 step = state.step - 1
                 for j, r in enumerate(reqs):
                     if r.cancel.is_set():

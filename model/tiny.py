@@ -17,6 +17,7 @@ import torch
 
 TINY_VOCAB = 64  # codebook entries; the pad/bos token is TINY_VOCAB
 TINY_SEED = 1234
+TINY_TEXT_VOCAB = 256
 
 _WORDS = (
     "a an and the with of in on for at by to from beat beats drum drums kick snare hat hats bass "
@@ -38,6 +39,7 @@ def _build_tokenizer(out_dir: Path) -> None:
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,-'!?")
     vocab_list = specials + chars + ["##" + c for c in chars] + _WORDS
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    assert len(vocab) <= TINY_TEXT_VOCAB, "the tiny T5's embedding must cover the tokenizer"
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", max_input_chars_per_word=64))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -58,7 +60,7 @@ def tiny_configs(melody: bool = False, stereo: bool = False):
     from transformers import EncodecConfig, T5Config
 
     text = T5Config(
-        vocab_size=160, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=TINY_TEXT_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=32,
         dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0,

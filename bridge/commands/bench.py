@@ -1,0 +1,52 @@
+"""`musicbridge bench`: speed of our engine against transformers' generate, in one run."""
+
+from __future__ import annotations
+
+import argparse
+
+from bridge.commands.common import positive_float
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark the engine against transformers.generate",
+                       description="Build the real architecture with random weights (nothing to "
+                       "download) and time our engine and transformers' generate on it, in one run.")
+    p.add_argument("--arch", default="musicgen-small", choices=["musicgen-small", "tiny"])
+    p.add_argument("--seconds", type=positive_float, default=10.0, help="audio per generation")
+    p.add_argument("--stream-seconds", type=positive_float, default=None,
+                   help="length of the streaming run (default: --seconds)")
+    p.add_argument("--dtype", default="float32,bfloat16,int8,int4",
+                   help="comma-separated precisions for our engine")
+    p.add_argument("--compare", choices=["transformers", "none"], default="transformers")
+    p.add_argument("--quality", action="store_true",
+                   help="also report teacher-forced logit error of each precision vs float32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--json", help="write the full report here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from bridge.cli import UsageError
+    from model import bench
+    from model.engine import DTYPES
+
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES or d in ("auto", "float16")]
+    if bad or not dtypes:
+        raise UsageError(f"--dtype: unknown or unsupported on CPU: {', '.join(bad) or '(none)'}; "
+                         "expected a comma-separated list of float32, bfloat16, int8, int4")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
+                       args.stream_seconds or args.seconds, args.quality,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"\n{args.arch}, {args.seconds:g} s of audio, {report['machine']['cpu']}, "
+          f"{report['machine']['threads']} threads, torch {report['machine']['torch']}\n")
+    print(bench.table(report))
+    if args.json:
+        bench.save(report, args.json)
+    return 0

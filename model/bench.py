@@ -1,0 +1,288 @@
+"""`musicbridge bench`: our engine against `transformers`' generate, same weights, one run.
+
+Benchmarks build the real architecture with random weights: nothing to download, and a
+decode step costs the same arithmetic and the same bytes whatever the weights' values.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import platform
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.engine import Engine
+from model.loading import ResolvedModel
+from model.reference import frames_for_seconds
+from model.types import GenerationRequest, SamplingParams
+
+PROMPT = "lofi hip hop beat with warm piano chords and vinyl crackle"
+ARCHS = ("musicgen-small", "tiny")
+
+
+def build_random_model(arch: str):
+    """(hf model, tokenizer) with the architecture's real shapes and random weights."""
+    from transformers import (AutoTokenizer, EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
+                              MusicgenForConditionalGeneration, T5Config)
+
+    from model.tiny import _build_tokenizer, build_tiny_model, randomize_codebooks
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="musicbridge-bench-tok-"))
+    _build_tokenizer(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if arch == "tiny":
+        return build_tiny_model(), tokenizer
+    if arch != "musicgen-small":
+        raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
+    text = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+                    feed_forward_proj="relu", dropout_rate=0.0)
+    codec = EncodecConfig(
+        sampling_rate=32000, audio_channels=1, num_filters=64, upsampling_ratios=[8, 5, 4, 4],
+        codebook_size=2048, codebook_dim=128, hidden_size=128, num_lstm_layers=2, normalize=False,
+        use_causal_conv=False, target_bandwidths=[2.2], chunk_length_s=None, overlap=None,
+        pad_mode="reflect", compress=2, residual_kernel_size=3, dilation_growth_rate=2,
+        use_conv_shortcut=False, trim_right_ratio=1.0, kernel_size=7, last_kernel_size=7,
+    )
+    dec = MusicgenDecoderConfig(vocab_size=2048, max_position_embeddings=2048, num_hidden_layers=24,
+                                ffn_dim=4096, num_attention_heads=16, hidden_size=1024, num_codebooks=4,
+                                dropout=0.0, pad_token_id=2048, bos_token_id=2048,
+                                decoder_start_token_id=2048)
+    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=codec.to_dict(), decoder=dec.to_dict())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MusicgenForConditionalGeneration(config).eval()
+        randomize_codebooks(model.audio_encoder)
+    g = model.generation_config
+    g.pad_token_id = g.bos_token_id = g.decoder_start_token_id = 2048
+    g.max_length = 1500
+    return model, tokenizer
+
+
+def measure_bandwidth(mb: int = 512) -> float:
+    """Bytes a second that a large reduction reads: the floor's denominator."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / min(times)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers a decode step reads (positions excluded: one row a step)."""
+    total = 0
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if name in ("positions", "offsets") or name.startswith("embed"):
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class Result:
+    name: str
+    dtype: str
+    seconds: float
+    steps: int
+    ms_per_step_median: float
+    wall_s: float
+    rtf: float
+    ttfa_s: float | None = None
+    first_chunk_decode_ms: float | None = None
+    last_chunk_decode_ms: float | None = None
+    peak_rss_mb: float = 0.0
+    floor_ms_per_step: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def bench_transformers(model, tokenizer, seconds: float) -> Result:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    frames = frames_for_seconds(seconds, model.config.audio_encoder.frame_rate)
+    steps = frames + model.decoder.num_codebooks - 1
+    enc = tokenizer([PROMPT], return_tensors="pt", padding=True)
+    with torch.inference_mode():  # warm-up: first-call allocations are not the steady state
+        model.generate(**enc, do_sample=True, max_new_tokens=8, guidance_scale=3.0)
+    stamps.clear()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        audio = model.generate(**enc, do_sample=True, top_k=250, guidance_scale=3.0,
+                               max_new_tokens=steps, stopping_criteria=StoppingCriteriaList([Clock()]))
+    wall = time.perf_counter() - t0
+    assert audio.shape[-1] > 0
+    gaps = np.diff(stamps) * 1000
+    return Result("transformers.generate", "float32", seconds, steps, float(np.median(gaps)), wall,
+                  seconds / wall, ttfa_s=wall, peak_rss_mb=peak_rss_mb(),
+                  extra={"note": "no streaming: first audio arrives with the last"})
+
+
+def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: float,
+                 bandwidth: float) -> Result:
+    resolved = ResolvedModel("random", "random weights", False, False, True)
+    eng = Engine(model, tokenizer, resolved, "cpu", dtype)
+    stamps: list[float] = []
+    eng.generate([GenerationRequest(PROMPT, 0.3, SamplingParams(seed=1))])  # warm-up
+    list(eng.stream(GenerationRequest(PROMPT, 0.3, SamplingParams(seed=1)), chunk_seconds=0.1))
+    eng.step_hook = lambda: stamps.append(time.perf_counter())
+    req = GenerationRequest(PROMPT, seconds, SamplingParams(seed=0, top_k=250, guidance=3.0))
+    t0 = time.perf_counter()
+    eng.generate([req])
+    wall = time.perf_counter() - t0
+    gaps = np.diff(stamps) * 1000
+    steps = eng.pattern.n_steps(eng.frames_for(seconds))
+    # Streaming: time to first audio, and each chunk's codec cost along the stream.
+    from model import codec as codec_mod
+
+    pushes: list[float] = []
+    real_push = codec_mod.StreamingDecoder.push
+
+    def timed_push(self, codes):
+        t = time.perf_counter()
+        out = real_push(self, codes)
+        pushes.append((time.perf_counter() - t) * 1000)
+        return out
+
+    codec_mod.StreamingDecoder.push = timed_push
+    try:
+        t0 = time.perf_counter()
+        ttfa = None
+        sreq = GenerationRequest(PROMPT, stream_seconds, SamplingParams(seed=0, top_k=250, guidance=3.0))
+        for chunk in eng.stream(sreq, chunk_seconds=1.0):
+            if ttfa is None and chunk.frames:
+                ttfa = time.perf_counter() - t0
+        stream_wall = time.perf_counter() - t0
+    finally:
+        codec_mod.StreamingDecoder.push = real_push
+    pushes = [p for p in pushes if p > 0]
+    floor = weight_bytes(eng.lm) / bandwidth * 1000
+    res = Result("musicbridge", dtype, seconds, steps, float(np.median(gaps)), wall, seconds / wall,
+                 ttfa_s=ttfa, first_chunk_decode_ms=pushes[0] if pushes else None,
+                 last_chunk_decode_ms=pushes[-1] if pushes else None, peak_rss_mb=peak_rss_mb(),
+                 floor_ms_per_step=floor,
+                 extra={"stream_seconds": stream_seconds, "stream_rtf": stream_seconds / stream_wall,
+                        "weight_mb": weight_bytes(eng.lm) / 2**20})
+    del eng
+    gc.collect()
+    return res
+
+
+@torch.inference_mode()
+def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64) -> list[dict]:
+    """Teacher-forced logits of each precision against float32 on one random sequence."""
+    from model.conditioning import build_conditioning
+    from model.decoder import KVCache
+
+    resolved = ResolvedModel("random", "random weights", False, False, True)
+    ref_eng = Engine(model, tokenizer, resolved, "cpu", "float32")
+    k = ref_eng.num_codebooks
+    tokens = torch.randint(0, ref_eng.lm.spec.vocab, (2, k, n_tokens), generator=torch.Generator().manual_seed(0))
+
+    def logits(eng: Engine) -> torch.Tensor:
+        cond = build_conditioning(model, tokenizer, [PROMPT, "techno"], None, False, "cpu", eng.compute_dtype)
+        cache = KVCache(eng.lm.spec, 2, n_tokens, "cpu", eng.compute_dtype)
+        return eng.lm(tokens, 0, cache, eng.lm.cross_kv(cond.states, cond.mask)).float()
+
+    ref = logits(ref_eng)
+    rows = []
+    for dt in dtypes:
+        if dt == "float32":
+            continue
+        eng = Engine(copy.deepcopy(model), tokenizer, resolved, "cpu", dt)
+        out = logits(eng)
+        rows.append({
+            "dtype": dt,
+            "max_rel_error": float((out - ref).abs().max() / ref.abs().max()),
+            "rms_rel_error": float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()),
+            "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
+        })
+        del eng
+        gc.collect()
+    return rows
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seconds: float,
+        with_quality: bool, log=print) -> dict:
+    t = time.perf_counter()
+    model, tokenizer = build_random_model(arch)
+    log(f"built {arch} with random weights in {time.perf_counter() - t:.1f} s")
+    bandwidth = measure_bandwidth(64 if arch == "tiny" else 512)
+    log(f"memory bandwidth (large reduction): {bandwidth / 1e9:.1f} GB/s")
+    results: list[Result] = []
+    if compare:
+        log("running transformers.generate ...")
+        results.append(bench_transformers(model, tokenizer, seconds))
+    for dt in dtypes:
+        log(f"running musicbridge {dt} ...")
+        results.append(bench_engine(model, tokenizer, dt, seconds, stream_seconds, bandwidth))
+    out = {"arch": arch, "seconds": seconds, "machine": machine(), "bandwidth_gbs": bandwidth / 1e9,
+           "results": [asdict(r) for r in results]}
+    if with_quality:
+        log("measuring teacher-forced logit error ...")
+        out["quality"] = quality(model, tokenizer, dtypes)
+    return out
+
+
+def table(report: dict) -> str:
+    """Markdown tables of a report, with ratios against transformers where it ran."""
+    rows = report["results"]
+    ref = next((r for r in rows if r["name"] == "transformers.generate"), None)
+    lines = ["| runner | dtype | ms/step (median) | vs transformers | floor ms/step | RTF (generate) "
+             "| RTF (stream) | first audio s | chunk decode first/last ms | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{ref['ms_per_step_median'] / r['ms_per_step_median']:.2f}x" if ref else "-"
+        floor = f"{r['floor_ms_per_step']:.1f}" if r.get("floor_ms_per_step") else "-"
+        srtf = f"{r['extra']['stream_rtf']:.2f}" if "stream_rtf" in r["extra"] else "-"
+        ttfa = f"{r['ttfa_s']:.2f}" if r.get("ttfa_s") is not None else "-"
+        chunks = (f"{r['first_chunk_decode_ms']:.0f} / {r['last_chunk_decode_ms']:.0f}"
+                  if r.get("first_chunk_decode_ms") else "-")
+        lines.append(f"| {r['name']} | {r['dtype']} | {r['ms_per_step_median']:.1f} | {ratio} | {floor} "
+                     f"| {r['rtf']:.3f} | {srtf} | {ttfa} | {chunks} | {r['peak_rss_mb']:.0f} |")
+    if report.get("quality"):
+        lines += ["", "| dtype | max rel. logit error | RMS rel. logit error | argmax agreement |",
+                  "|---|---|---|---|"]
+        for q in report["quality"]:
+            lines.append(f"| {q['dtype']} | {q['max_rel_error']:.2e} | {q['rms_rel_error']:.2e} "
+                         f"| {q['argmax_agreement']:.3f} |")
+    return "\n".join(lines)
+
+
+def save(report: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+

@@ -1,0 +1,36 @@
+"""The benchmark runs end to end (on the tiny architecture) and reports every field."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+
+def test_bench_tiny_reports_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "--arch", "tiny", "--seconds", "0.3",
+                        "--dtype", "float32,int8", "--quality", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "| transformers.generate |" in r.stdout and "vs transformers" in r.stdout
+    report = json.loads(out.read_text())
+    names = [(x["name"], x["dtype"]) for x in report["results"]]
+    assert names == [("transformers.generate", "float32"), ("musicbridge", "float32"), ("musicbridge", "int8")]
+    for res in report["results"]:
+        for key in ("ms_per_step_median", "wall_s", "rtf", "peak_rss_mb"):
+            assert math.isfinite(res[key]) and res[key] > 0, key
+    for res in report["results"][1:]:
+        assert res["steps"] == 15 + 3  # frames + delay steps
+        for key in ("ttfa_s", "first_chunk_decode_ms", "last_chunk_decode_ms", "floor_ms_per_step"):
+            assert res[key] is not None and math.isfinite(res[key]) and res[key] > 0, key
+    (q,) = report["quality"]
+    assert q["dtype"] == "int8" and 0 < q["max_rel_error"] < 1 and 0 < q["argmax_agreement"] <= 1
+    assert report["bandwidth_gbs"] > 0
+
+
+def test_bench_rejects_unknown_dtype():
+    r = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "--arch", "tiny", "--dtype", "int3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "int3" in r.stderr and "Traceback" not in r.stderr
