@@ -67,6 +67,20 @@ def shared_layout(capacity: int, channels: int) -> list[tuple[str, tuple[int, ..
             ("floats", (len(_FLOATS),), np.float64), ("buffer", (capacity, channels), np.float32)]
 
 
+def check_track(name: str, channels: int, out_channels: Sequence[int], buffer_seconds: float,
+                device_channels: int) -> tuple[int, int]:
+    """Validate a new track's layout; return its (left, right) device channels."""
+    if channels not in (1, 2):
+        raise OutputError(f"track {name!r}: channels must be 1 or 2, got {channels}")
+    pair = tuple(int(c) for c in out_channels)
+    if len(pair) != 2 or not all(0 <= c < device_channels for c in pair):
+        raise OutputError(f"track {name!r}: out_channels must be two device channels in "
+                          f"[0, {device_channels - 1}], got {tuple(out_channels)}")
+    if not (math.isfinite(buffer_seconds) and 0.05 <= buffer_seconds <= 600):
+        raise OutputError(f"track {name!r}: buffer_seconds must be in [0.05, 600], got {buffer_seconds}")
+    return pair  # type: ignore[return-value]
+
+
 def check_level(name: str, gain: float, pan: float) -> None:
     if not (math.isfinite(gain) and 0.0 <= gain <= 4.0):
         raise OutputError(f"track {name}: gain must be in [0, 4], got {gain}")
@@ -83,9 +97,10 @@ class OutputTrack:
 
     def __init__(self, name: str, channels: int, capacity: int, out_channels: tuple[int, int],
                  gain: float, pan: float, start_frame: int | None, ramp_frames: int, samplerate: int,
-                 shared: dict[str, np.ndarray] | None = None):
+                 shared: dict[str, np.ndarray] | None = None, owner: bool = True):
         """shared: the ring and state arrays in shared memory (see `shared_layout`), when the
-        producer and the callback live in different processes; None = private arrays."""
+        producer and the callback live in different processes; None = private arrays.
+        owner: this side initialises the state (the other process's view must not)."""
         self.name = name
         self.channels = channels
         self.samplerate = samplerate
@@ -97,7 +112,7 @@ class OutputTrack:
         self._f = arrays["floats"]
         self.out_channels = out_channels
         self._step = 1.0 / ramp_frames  # largest gain change per frame
-        if shared is None:
+        if owner:
             self._i[_INTS["start_frame"]] = -1 if start_frame is None else int(start_frame)
             self._i[_INTS["stop_frame"]] = -1
             self._f[_FLOATS["gain"]], self._f[_FLOATS["pan"]] = gain, pan
@@ -404,17 +419,10 @@ class AudioOutput:
         """
         if any(t.name == name and not t.done for t in self._tracks):
             raise OutputError(f"track {name!r} is already playing; remove it first")
-        if channels not in (1, 2):
-            raise OutputError(f"track {name!r}: channels must be 1 or 2, got {channels}")
-        pair = tuple(int(c) for c in out_channels)
-        if len(pair) != 2 or not all(0 <= c < self.channels for c in pair):
-            raise OutputError(f"track {name!r}: out_channels must be two device channels in "
-                              f"[0, {self.channels - 1}], got {tuple(out_channels)}")
-        if not (math.isfinite(buffer_seconds) and 0.05 <= buffer_seconds <= 600):
-            raise OutputError(f"track {name!r}: buffer_seconds must be in [0.05, 600], got {buffer_seconds}")
+        pair = check_track(name, channels, out_channels, buffer_seconds, self.channels)
         check_level(name, gain, pan)
         track = OutputTrack(name, channels, self.track_capacity(buffer_seconds), pair, gain, pan,
-                            start_frame, self._ramp_frames, self.samplerate, shared)
+                            start_frame, self._ramp_frames, self.samplerate, shared, owner=shared is None)
         self._tracks = tuple(t for t in self._tracks if t.name != name) + (track,)
         return track
 
@@ -462,22 +470,27 @@ class AudioOutput:
 
     def stats(self) -> dict[str, Any]:
         """xruns, underruns, latency (device + buffered) and per-track buffering, for /status."""
-        device_latency = self.device_latency
-        tracks = {}
-        for t in self._tracks:
-            tracks[t.name] = {
-                "state": t.state, "underruns": t.underruns,
-                "underrun_seconds": t.underrun_frames / self.samplerate,
-                "buffered": t.buffered_seconds, "latency": device_latency + t.buffered_seconds,
-                "gain": t.gain, "pan": t.pan,
-            }
-        live = [v["buffered"] for v in tracks.values() if v["state"] != "ended"]
-        return {
-            "device": self.device_name, "samplerate": self.samplerate, "channels": self.channels,
-            "blocksize": self.blocksize, "active": self.active, "position": self.position / self.samplerate,
-            "xruns": self.xruns, "callback_errors": self.callback_errors,
-            "underruns": sum(t.underruns for t in self._tracks),
-            "device_latency": device_latency,
-            "latency": device_latency + (max(live) if live else 0.0),
-            "tracks": tracks,
+        return output_stats(self)
+
+
+def output_stats(out) -> dict[str, Any]:
+    """The stats dict of an AudioOutput or an AudioOutputProcess (same attributes)."""
+    device_latency = out.device_latency
+    tracks = {}
+    for t in out.tracks:
+        tracks[t.name] = {
+            "state": t.state, "underruns": t.underruns,
+            "underrun_seconds": t.underrun_frames / out.samplerate,
+            "buffered": t.buffered_seconds, "latency": device_latency + t.buffered_seconds,
+            "gain": t.gain, "pan": t.pan,
         }
+    live = [v["buffered"] for v in tracks.values() if v["state"] != "ended"]
+    return {
+        "device": out.device_name, "samplerate": out.samplerate, "channels": out.channels,
+        "blocksize": out.blocksize, "active": out.active, "position": out.position / out.samplerate,
+        "xruns": out.xruns, "callback_errors": out.callback_errors,
+        "underruns": sum(t.underruns for t in out.tracks),
+        "device_latency": device_latency,
+        "latency": device_latency + (max(live) if live else 0.0),
+        "tracks": tracks,
+    }
