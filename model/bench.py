@@ -30,9 +30,10 @@ ARCHS = ("musicgen-small", "tiny")
 
 def build_random_model(arch: str):
     """(hf model, tokenizer) with the architecture's real shapes and random weights."""
-    from transformers import (AutoTokenizer, EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
+    from transformers import (AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig,
                               MusicgenForConditionalGeneration, T5Config)
 
+    from model.codec import musicgen_32k_config
     from model.tiny import _build_tokenizer, build_tiny_model, randomize_codebooks
 
     tok_dir = Path(tempfile.mkdtemp(prefix="musicbridge-bench-tok-"))
@@ -44,13 +45,7 @@ def build_random_model(arch: str):
         raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
     text = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
                     feed_forward_proj="relu", dropout_rate=0.0)
-    codec = EncodecConfig(
-        sampling_rate=32000, audio_channels=1, num_filters=64, upsampling_ratios=[8, 5, 4, 4],
-        codebook_size=2048, codebook_dim=128, hidden_size=128, num_lstm_layers=2, normalize=False,
-        use_causal_conv=False, target_bandwidths=[2.2], chunk_length_s=None, overlap=None,
-        pad_mode="reflect", compress=2, residual_kernel_size=3, dilation_growth_rate=2,
-        use_conv_shortcut=False, trim_right_ratio=1.0, kernel_size=7, last_kernel_size=7,
-    )
+    codec = musicgen_32k_config()
     dec = MusicgenDecoderConfig(vocab_size=2048, max_position_embeddings=2048, num_hidden_layers=24,
                                 ffn_dim=4096, num_attention_heads=16, hidden_size=1024, num_codebooks=4,
                                 dropout=0.0, pad_token_id=2048, bos_token_id=2048,

@@ -25,6 +25,19 @@ DEFAULT_LEFT = 32
 DEFAULT_RIGHT = 4
 
 
+def musicgen_32k_config():
+    """EncodecConfig with the shapes of MusicGen's 32 kHz codec (for random-weight benches/tests)."""
+    from transformers import EncodecConfig
+
+    return EncodecConfig(
+        sampling_rate=32000, audio_channels=1, num_filters=64, upsampling_ratios=[8, 5, 4, 4],
+        codebook_size=2048, codebook_dim=128, hidden_size=128, num_lstm_layers=2, normalize=False,
+        use_causal_conv=False, target_bandwidths=[2.2], chunk_length_s=None, overlap=None,
+        pad_mode="reflect", compress=2, residual_kernel_size=3, dilation_growth_rate=2,
+        use_conv_shortcut=False, trim_right_ratio=1.0, kernel_size=7, last_kernel_size=7,
+    )
+
+
 def hop_length(codec) -> int:
     return int(np.prod(codec.config.upsampling_ratios))
 

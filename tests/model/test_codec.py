@@ -14,20 +14,14 @@ BOUND = 1e-3  # max |stream - full| / max |full|
 @pytest.fixture(scope="module")
 def real_shape_codec():
     """MusicGen's 32 kHz EnCodec shapes with random weights (nothing to download)."""
-    from transformers import EncodecConfig, EncodecModel
+    from transformers import EncodecModel
 
-    cfg = EncodecConfig(
-        sampling_rate=32000, audio_channels=1, num_filters=64, upsampling_ratios=[8, 5, 4, 4],
-        codebook_size=2048, codebook_dim=128, hidden_size=128, num_lstm_layers=2, normalize=False,
-        use_causal_conv=False, target_bandwidths=[2.2], chunk_length_s=None, overlap=None,
-        pad_mode="reflect", compress=2, residual_kernel_size=3, dilation_growth_rate=2,
-        use_conv_shortcut=False, trim_right_ratio=1.0, kernel_size=7, last_kernel_size=7,
-    )
+    from model.codec import musicgen_32k_config
     from model.tiny import randomize_codebooks
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        codec = EncodecModel(cfg).eval()
+        codec = EncodecModel(musicgen_32k_config()).eval()
         randomize_codebooks(codec)
     return codec
 
