@@ -170,7 +170,9 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
         stream_wall = time.perf_counter() - t0
     finally:
         codec_mod.StreamingDecoder.push = real_push
-    pushes = [p for p in pushes if p > 0]
+    # The first push is short (fast first audio) and the last is the flush: compare the first
+    # and last full-size chunks.
+    pushes = pushes[1:-1] if len(pushes) > 3 else pushes
     floor = weight_bytes(eng.lm) / bandwidth * 1000
     res = Result("musicbridge", dtype, seconds, steps, float(np.median(gaps)), wall, seconds / wall,
                  ttfa_s=ttfa, first_chunk_decode_ms=pushes[0] if pushes else None,

@@ -193,12 +193,14 @@ class Engine:
 
     def _frames(
         self, requests: Sequence[GenerationRequest], progress: Progress | None,
-        chunk_frames: int = 0,
+        chunk_frames: int = 0, first_chunk_frames: int = 0,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (request index, newly final codes (K, n)) as frames complete.
 
         With chunk_frames=0 each request's codes come once per window; otherwise in pieces of
-        about chunk_frames frames. Prompt frames are yielded first when asked for.
+        about chunk_frames frames, the first piece of each request after first_chunk_frames (a
+        short first piece is what makes first audio fast). Prompt frames are yielded first when
+        asked for.
         """
         self._check(requests)
         n = len(requests)
@@ -231,7 +233,8 @@ class Engine:
                 new.append(min(targets[i] - made[i], room))
                 win_reqs.append(self._window_request(requests[i], made[i] - (0 if first_window or ctx is None else ctx.shape[1])))
             for j, i, codes in self._run_window(win_reqs, win_prompts, new,
-                                                progress, chunk_frames, made, targets, idx):
+                                                progress, chunk_frames, made, targets, idx,
+                                                first_chunk_frames or chunk_frames):
                 history[i] = np.concatenate([history[i], codes], axis=1)[:, -window:]
                 made[i] += codes.shape[1]
                 yield i, codes
@@ -250,7 +253,8 @@ class Engine:
         melody = r.melody[first:] if first < r.melody.shape[0] else None
         return replace(r, melody=melody, audio_prompt=None, cancel=r.cancel)
 
-    def _run_window(self, reqs, prompts, new_frames, progress, chunk_frames, made, targets, idx):
+    def _run_window(self, reqs, prompts, new_frames, progress, chunk_frames, made, targets, idx,
+                    first_chunk_frames=0):
         """One window for a batch: prompt codes + new_frames each; yields (j, i, new codes)."""
         plens = [0 if p is None else p.shape[1] for p in prompts]
         totals = [p + f for p, f in zip(plens, new_frames)]
@@ -272,7 +276,8 @@ class Engine:
                 if cancelled[j]:
                     continue
                 upto = totals[j] if final else ready(j, step)
-                if upto - sent[j] >= max(chunk_frames, 1) or (final and upto > sent[j]):
+                want = first_chunk_frames if made[idx[j]] == 0 else chunk_frames
+                if upto - sent[j] >= max(want, 1) or (final and upto > sent[j]):
                     f = np.arange(sent[j], upto)
                     codes = cols[j][np.arange(self.num_codebooks)[:, None], step_of[:, f]]
                     sent[j] = upto
@@ -340,7 +345,7 @@ class Engine:
 
     def stream_batch(
         self, requests: Sequence[GenerationRequest], chunk_seconds: float = 1.0,
-        progress: Progress | None = None,
+        progress: Progress | None = None, first_chunk_seconds: float = 0.25,
     ) -> Iterator[AudioChunk]:
         """Audio chunks of every request as soon as the codec can produce them.
 
@@ -351,9 +356,10 @@ class Engine:
         from model.codec import StreamingDecoder
 
         chunk_frames = max(1, int(round(chunk_seconds * self.frame_rate)))
+        first_frames = max(1, min(chunk_frames, int(round(first_chunk_seconds * self.frame_rate))))
         decoders = [StreamingDecoder(self.hf.audio_encoder, self.channels) for _ in requests]
         starts = [0] * len(requests)
-        for i, codes in self._frames(requests, progress, chunk_frames):
+        for i, codes in self._frames(requests, progress, chunk_frames, first_frames):
             with torch.inference_mode():
                 audio = decoders[i].push(torch.from_numpy(codes).to(self.device))
             if audio.shape[1]:
@@ -366,9 +372,10 @@ class Engine:
                 tail = decoders[i].flush()
             yield AudioChunk(tail, self.sample_rate, starts[i], True, i)
 
-    def stream(self, request: GenerationRequest, chunk_seconds: float = 1.0) -> Iterator[AudioChunk]:
+    def stream(self, request: GenerationRequest, chunk_seconds: float = 1.0,
+               first_chunk_seconds: float = 0.25) -> Iterator[AudioChunk]:
         """One request's audio chunks in order; raises Cancelled if it is cancelled."""
-        yield from self.stream_batch([request], chunk_seconds)
+        yield from self.stream_batch([request], chunk_seconds, first_chunk_seconds=first_chunk_seconds)
 
 
 def _step_of(index: np.ndarray, n_frames: int) -> np.ndarray:

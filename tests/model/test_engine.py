@@ -168,8 +168,10 @@ def test_stream_equals_batch_generation(tiny_engine):
     whole = tiny_engine.generate([_req("ambient pad", 2.0, seed=4)])[0]
     assert streamed.shape == whole.shape == (1, 64000)
     assert np.abs(streamed - whole).max() / np.abs(whole).max() < 1e-3
-    # Chunks arrive while generating: more than one before the end.
+    # Chunks arrive while generating: more than one before the end, the first one short so
+    # that first audio comes early.
     assert len(chunks) >= 4
+    assert 0 < chunks[0].frames < chunks[1].frames
 
 
 def test_stream_batch_tags_requests(tiny_engine):
