@@ -88,13 +88,14 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
     from bridge.cli import UsageError
 
     try:
-        from plugin_host.output import AudioOutput, OutputError
+        from plugin_host.output import OutputError
+        from plugin_host.output_process import AudioOutputProcess
     except ImportError:
         raise UsageError(f"live audio output (--audio {spec}) is not available in this build; "
                          "use --audio none and render stems") from None
     device = None if spec == "default" else int(spec) if spec.isdigit() else spec
-    try:
-        out = stack.enter_context(AudioOutput(device=device))
+    try:  # the callback in its own process: the engine's decode loop holds this one's GIL (docs/live.md)
+        out = stack.enter_context(AudioOutputProcess(device=device))
     except OutputError as e:
         raise UsageError(str(e)) from None
     log.info("live audio goes to %s (%d Hz, %d channels)", out.device_name, out.samplerate, out.channels)
