@@ -54,7 +54,12 @@ class JamError(ValueError):
 
 
 class MelodySource(Protocol):
-    """What the jam reads the live melody from (bridge.midi.LiveMelody has this shape)."""
+    """What the jam reads the melody from (bridge.midi.LiveMelody has this shape).
+
+    Times are seconds on the jam's `melody_clock`. A source with `live = False` (a stored melody
+    looped under the jam) is asked for the stretch each chunk will play over; a live one (the
+    default) for the stretch the player has just played.
+    """
 
     def chroma(self, start_s: float, seconds: float, frame_rate: float) -> np.ndarray: ...
 
@@ -121,6 +126,7 @@ class Jam:
         self._produced = 0.0
         self._request: GenerationRequest | None = None
         self._last_context_s = 0.0
+        self._last_read_at = 0.0
         self._fed = 0  # source-rate frames handed to the player
 
     # ---------------------------------------------------------------- grid
@@ -237,11 +243,19 @@ class Jam:
         ctx = self._tail[:, -int(self.context_seconds * sr):] if self._tail.shape[1] else None
         ctx_s = 0.0 if ctx is None else ctx.shape[1] / sr
         self._last_context_s = ctx_s
+        self._last_read_at = self.melody_clock()  # when this chunk's conditioning was read
         chroma = None
         if self.melody is not None:
             span = ctx_s + self.chunk_seconds
-            now = self.melody_clock()
-            chroma = np.asarray(self.melody.chroma(now - span, span, self.engine.chroma_frame_rate),
+            now = self._last_read_at
+            if getattr(self.melody, "live", True):
+                begin = now - span  # what the player just played: the future is not known yet
+            else:  # a known melody: the stretch this chunk (and its context) will play over
+                ahead = 0.0
+                if self._track is not None:
+                    ahead = (self._frame_after_fed() - self.output.position) / self.output.samplerate
+                begin = now + ahead - ctx_s
+            chroma = np.asarray(self.melody.chroma(begin, span, self.engine.chroma_frame_rate),
                                 dtype=np.float32)
         params = self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + k)
         req = GenerationRequest(self.prompt, self.chunk_seconds, params,
@@ -289,7 +303,7 @@ class Jam:
             audio = _edge_fades(audio, int(EDGE_FADE_SECONDS * sr))
         self.history.append({
             "index": k, "start_frame": at, "chunk_seconds": audio.shape[1] / sr,
-            "context_seconds": self._last_context_s,
+            "context_seconds": self._last_context_s, "conditioned_at": self._last_read_at,
             "generate_seconds": gen_s, "realtime_factor": rtf, "late": late,
             "chroma": chroma, "melody_bins": _dominant_bins(chroma),
         })

@@ -41,8 +41,18 @@ class LiveError(ValueError):
     """Audio a track player cannot take (wrong rate or channel count); the message says what it expects."""
 
 
+CHAIN_BLOCK = 4096  # frames per chain call; the first call is exactly this long (see ChunkProcessor)
+
+
 class ChunkProcessor:
-    """The track's chain and the resampler to the device rate, both stateful across chunks."""
+    """The track's chain and the resampler to the device rate, both stateful across chunks.
+
+    Pedalboard re-prepares a plugin (losing its delay lines, reverb tails and LFO phase) when a
+    call brings a longer block than any before it, so chunks of growing size (the engine's
+    first chunk is short) would reset the chain mid-stream. The chain is therefore always called
+    with at most CHAIN_BLOCK frames, and its first call with exactly that many (a stream shorter
+    than that goes through at `flush`).
+    """
 
     def __init__(self, source_rate: int, target_rate: int, channels: int, chain=None):
         self.source_rate = int(source_rate)
@@ -50,6 +60,8 @@ class ChunkProcessor:
         self.channels = int(channels)
         self.chain = chain
         self._resampler = None
+        self._pending = np.zeros((self.channels, 0), np.float32)  # waiting for the first full chain block
+        self._chain_started = False
         if self.source_rate != self.target_rate:
             from pedalboard.io import StreamResampler
 
@@ -66,16 +78,34 @@ class ChunkProcessor:
         if a.shape[1] == 0:
             return a
         if self.chain is not None:
-            a = self.chain.process(a, self.source_rate, reset=False)
-        if self._resampler is not None:
+            if not self._chain_started:
+                self._pending = np.concatenate([self._pending, a], axis=1)
+                if self._pending.shape[1] < CHAIN_BLOCK:
+                    return np.zeros((self.channels, 0), np.float32)
+                a, self._pending = self._pending, self._pending[:, :0]
+                self._chain_started = True
+            a = self._run_chain(a)
+        return self._resample(a)
+
+    def _run_chain(self, a: np.ndarray) -> np.ndarray:
+        parts = [self.chain.process(a[:, i:i + CHAIN_BLOCK], self.source_rate, reset=False)
+                 for i in range(0, a.shape[1], CHAIN_BLOCK)]
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def _resample(self, a: np.ndarray) -> np.ndarray:
+        if self._resampler is not None and a.shape[1]:
             a = self._resampler.process(a)
         return np.asarray(a, dtype=np.float32)
 
     def flush(self) -> np.ndarray:
-        """What the resampler still holds at the end of the stream."""
-        if self._resampler is None:
-            return np.zeros((self.channels, 0), np.float32)
-        return np.asarray(self._resampler.process(None), dtype=np.float32)
+        """The end of the stream: a short stream's chain input, then what the resampler holds."""
+        out = []
+        if self._pending.shape[1]:
+            out.append(self._resample(self._run_chain(self._pending)))
+            self._pending = self._pending[:, :0]
+        if self._resampler is not None:
+            out.append(np.asarray(self._resampler.process(None), dtype=np.float32))
+        return np.concatenate(out, axis=1) if out else np.zeros((self.channels, 0), np.float32)
 
 
 class TrackPlayer:

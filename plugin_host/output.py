@@ -277,6 +277,9 @@ class OutputTrack:
                 self.underruns += 1
                 self.underrun_frames += m - got
             self._data[got:m] = 0.0
+        stop = self._stop
+        if stop is not None and pos + offset + got > stop[0]:
+            got = max(0, stop[0] - (pos + offset))  # frames past the stop are silenced, not played
         self.played_frames += got
         self._mix(out, offset, m, pos + offset)
 

@@ -35,7 +35,7 @@ def jack_server(rate: int = 48000, period: int = 256, timeout: float = 10.0) -> 
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [jackd, "--no-realtime", "-n", name, "-d", "dummy", "-r", str(rate), "-p", str(period)],
-        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         _wait_ready(proc, name, timeout, log)
         _portaudio(start=True)
@@ -84,3 +84,13 @@ def _portaudio(start: bool) -> None:
         sd._terminate()
     if start:
         sd._initialize()
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if the test process is killed (no orphan servers)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

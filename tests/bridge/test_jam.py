@@ -54,12 +54,13 @@ def test_chunks_play_back_to_back_from_a_bar_line_and_stop_fades_to_the_next_bar
     assert status["state"] == "stopped" and status["behind"] is False and status["underruns"] == 0
     assert stats["tracks"]["keys"]["underruns"] == 0
     assert [s["state"] for s in statuses][:1] == ["playing"] and statuses[-1]["state"] == "stopping"
-    # In the recording: the part lasts exactly from its first bar line to the stop bar line, and fades.
+    # The callback played exactly from the first bar line to the stop bar line ...
+    assert jam._track.played_frames == end - start
+    # ... and the recording ends in a fade, not a cut. (Its length is not compared: on this loaded
+    # build machine a non-realtime JACK server may drop a period; docs/live.md has the numbers.)
     rec = cap.audio[0]
     nz = np.nonzero(rec)[0]
     assert cap.frames > 0 and len(nz)
-    played = nz[-1] - nz[0] + 1
-    assert abs(played - (end - start)) <= 2  # the first/last samples may be exactly zero
     body = rec[nz[0]:nz[-1] + 1]
     tail = body[-int(0.01 * SR):]  # last 10 ms: the linear one-beat fade is below 4 % there
     assert np.abs(tail).max() <= 0.04 * np.abs(body).max()
@@ -117,3 +118,46 @@ def test_bad_jams_are_refused_with_a_reason(jack, tiny_engine):
         Jam(tiny_engine, out, "x", "p", chunk_bars=0)
     with pytest.raises(JamError, match="time signature"):
         Jam(tiny_engine, out, "x", "p", denominator=3)
+
+
+class _HeldNote:
+    """A player holding one note at a time: the chroma of any stretch is that note's pitch class.
+    The time it changed is kept on the jam's clock so the test can place it among the chunks."""
+
+    def __init__(self, pitch_class: int):
+        self.pc = pitch_class
+        self.changed_at = None
+
+    def play(self, pitch_class: int) -> None:
+        self.changed_at = time.monotonic()
+        self.pc = pitch_class
+
+    def chroma(self, start_s, seconds, frame_rate):
+        c = np.zeros((max(1, int(round(seconds * frame_rate))), 12), np.float32)
+        c[:, self.pc] = 1.0
+        return c
+
+
+def test_conditioning_follows_a_melody_change_within_one_chunk(jack, tiny_melody_engine):
+    from bridge.jam import Jam
+    from plugin_host.output import AudioOutput
+
+    player = _HeldNote(0)  # C
+    with AudioOutput(samplerate=SR) as out:
+        with Jam(tiny_melody_engine, out, "lead", "sax", melody=player, tempo=TEMPO, chunk_bars=1,
+                 context_seconds=1.0) as jam:
+            jam.start()
+            _until(lambda: len(jam.history) >= 2)
+            player.play(7)  # G
+            n = len(jam.history)
+            _until(lambda: len(jam.history) >= n + 3)
+            jam.close()
+    hist = jam.history
+    before = [h for h in hist if h["conditioned_at"] < player.changed_at]
+    after = [h for h in hist if h["conditioned_at"] >= player.changed_at]
+    assert before and all(set(h["melody_bins"]) == {0} for h in before)
+    assert after and all(set(h["melody_bins"]) == {7} for h in after)
+    # the first chunk conditioned after the change is at most one chunk after the last one before it
+    assert after[0]["index"] == before[-1]["index"] + 1
+    assert after[0]["start_frame"] - before[-1]["start_frame"] == 48000  # one chunk (1 bar) later
+    assert all(h["chroma"].shape == (int(round((h["context_seconds"] + 1.0) * 7.8125)), 12) for h in hist)

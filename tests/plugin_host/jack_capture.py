@@ -106,7 +106,15 @@ def _main(path: str, seconds: str, channels: str, name: str) -> None:
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "connect":
-            outs = [p for p in client.get_ports(is_audio=True, is_output=True) if p.name.startswith(arg + ":")]
+            # PortAudio names its client "PortAudio", or "PortAudio-01"... when that name is taken
+            # (e.g. by PortAudio in the test process): take the newest such client with outputs.
+            by_client: dict[str, list] = {}
+            for p in client.get_ports(is_audio=True, is_output=True):
+                owner = p.name.split(":", 1)[0]
+                if owner == arg or owner.startswith(arg + "-"):
+                    by_client.setdefault(owner, []).append(p)
+            usable = [c for c in sorted(by_client) if len(by_client[c]) >= len(ports)]
+            outs = by_client[usable[-1]] if usable else []
             if len(outs) < len(ports):
                 print(f"error {arg} has {len(outs)} output ports, need {len(ports)}", flush=True)
                 continue
@@ -123,3 +131,35 @@ def _main(path: str, seconds: str, channels: str, name: str) -> None:
 
 if __name__ == "__main__":
     _main(*sys.argv[1:5])
+
+
+def assert_exact_unless_xrun(recording: np.ndarray, expected: np.ndarray, offset: int, xruns: int,
+                             period: int = 256) -> None:
+    """`expected` (channels, n) is in `recording` (channels, N) at `offset`, bit-exact, block by block.
+
+    On a loaded machine a non-realtime JACK server misses periods (docs/live.md): a period is then
+    lost or garbled between the output and the recorder, and what follows arrives a period
+    earlier or later. Each block of `period` frames must still be found bit-exact at the offset
+    (allowing whole-period shifts after a miss); only blocks touched by a missed period may be
+    absent, at most 3 per xrun the output reported while this audio played.
+    """
+    shift, missing = 0, []
+    n = expected.shape[1]
+    for start in range(0, n, period):
+        blk = expected[:, start:start + period]
+        for cand in [shift] + [shift + d * period for d in (-1, 1, -2, 2, -3, 3, -4, 4)]:
+            a = offset + start + cand
+            if 0 <= a and a + blk.shape[1] <= recording.shape[1] and np.array_equal(
+                    recording[:, a:a + blk.shape[1]], blk):
+                shift = cand
+                break
+        else:
+            missing.append(start)
+    if not missing:
+        return
+    assert len(missing) <= 3 * xruns, (
+        f"{len(missing)} of {-(-n // period)} blocks did not arrive bit-exact (first at frame {missing[0]}); "
+        f"the output reported {xruns} xrun(s) meanwhile")
+    import warnings
+
+    warnings.warn(f"{len(missing)} blocks lost to {xruns} reported xrun(s) on this loaded machine", stacklevel=2)
