@@ -161,3 +161,57 @@ def test_conditioning_follows_a_melody_change_within_one_chunk(jack, tiny_melody
     assert after[0]["index"] == before[-1]["index"] + 1
     assert after[0]["start_frame"] - before[-1]["start_frame"] == 48000  # one chunk (1 bar) later
     assert all(h["chroma"].shape == (int(round((h["context_seconds"] + 1.0) * 7.8125)), 12) for h in hist)
+
+
+class _JackMidiHeldNote(_HeldNote):
+    """The held note comes from a real JACK MIDI input port (python-rtmidi's JACK API via mido).
+
+    A stand-in for bridge.midi.LiveMelody (helper A), kept to the one thing this test needs:
+    the pitch class of the last note-on, stamped on arrival."""
+
+    def __init__(self):
+        import mido
+
+        super().__init__(0)
+        self.backend = mido.Backend("mido.backends.rtmidi/UNIX_JACK")
+        self.port = self.backend.open_input("jam-in", virtual=True, callback=self._on)
+
+    def _on(self, msg) -> None:
+        if msg.type == "note_on" and msg.velocity > 0:
+            self.play(msg.note % 12)
+
+
+def test_a_jam_driven_by_jack_midi_notes_follows_within_one_chunk(jack, tiny_melody_engine):
+    import mido
+
+    from bridge.jam import Jam
+    from plugin_host.output import AudioOutput
+
+    source = _JackMidiHeldNote()
+    names = [n for n in source.backend.get_output_names() if "jam-in" in n]
+    assert names, source.backend.get_output_names()
+    keys = source.backend.open_output(names[0])
+    try:
+        keys.send(mido.Message("note_on", note=60, velocity=100))  # C4
+        _until(lambda: source.changed_at is not None)
+        first_change = source.changed_at
+        with AudioOutput(samplerate=SR) as out:
+            with Jam(tiny_melody_engine, out, "lead", "sax", melody=source, tempo=TEMPO, chunk_bars=1,
+                     context_seconds=1.0) as jam:
+                jam.start()
+                _until(lambda: len(jam.history) >= 2)
+                keys.send(mido.Message("note_off", note=60))
+                keys.send(mido.Message("note_on", note=67, velocity=100))  # G4
+                _until(lambda: source.changed_at != first_change and source.pc == 7)
+                n = len(jam.history)
+                _until(lambda: len(jam.history) >= n + 3)
+                jam.close()
+    finally:
+        keys.close()
+        source.port.close()
+    hist = jam.history
+    before = [h for h in hist if h["conditioned_at"] < source.changed_at]
+    after = [h for h in hist if h["conditioned_at"] >= source.changed_at]
+    assert before and all(set(h["melody_bins"]) == {0} for h in before)
+    assert after and all(set(h["melody_bins"]) == {7} for h in after)
+    assert after[0]["index"] == before[-1]["index"] + 1  # the very next chunk follows the new note
