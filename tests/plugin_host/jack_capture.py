@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -25,19 +26,28 @@ import numpy as np
 
 
 class Capture:
-    def __init__(self, proc: subprocess.Popen, path: Path):
+    def __init__(self, proc: subprocess.Popen, path: Path, log: Path):
         self._proc = proc
         self._path = path
+        self._log = log
         self.audio = np.zeros((0, 0), np.float32)
         self.missed_cycles = 0
 
-    def _ask(self, line: str) -> str:
+    def _ask(self, line: str, timeout: float = 30.0) -> str:
         self._proc.stdin.write(line + "\n")
         self._proc.stdin.flush()
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        if not ready:
+            self._proc.kill()
+            raise RuntimeError(f"capture process: no reply to {line!r} within {timeout:.0f} s; "
+                               f"stderr: {self._stderr()}")
         reply = self._proc.stdout.readline().strip()
         if not reply.startswith("ok"):
-            raise RuntimeError(f"capture process: {line!r} -> {reply!r}; stderr: {self._proc.stderr.read()[-500:]}")
+            raise RuntimeError(f"capture process: {line!r} -> {reply!r}; stderr: {self._stderr()}")
         return reply
+
+    def _stderr(self) -> str:
+        return self._log.read_text(errors="replace")[-500:] if self._log.exists() else ""
 
     def connect(self, source_client: str = "PortAudio") -> None:
         self._ask(f"connect {source_client}")
@@ -56,17 +66,24 @@ class Capture:
 def capture(seconds: float, channels: int = 2, name: str = "capture") -> Iterator[Capture]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "capture.npy"
+        # stderr to a file, not a pipe: JACK's chatter under load would fill an undrained pipe
+        # and block the recorder mid-test.
+        log = Path(tmp) / "capture.log"
         root = Path(__file__).resolve().parents[2]
         env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.Popen([sys.executable, "-m", "tests.plugin_host.jack_capture", str(path),
-                                 str(seconds), str(channels), name],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env, cwd=str(root))
-        cap = Capture(proc, path)
+        with log.open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "tests.plugin_host.jack_capture", str(path),
+                                     str(seconds), str(channels), name],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                    text=True, env=env, cwd=str(root))
+        cap = Capture(proc, path, log)
         try:
+            if not select.select([proc.stdout], [], [], 30.0)[0]:
+                proc.kill()
+                raise RuntimeError(f"capture process did not start within 30 s: {cap._stderr()}")
             ready = proc.stdout.readline().strip()
             if ready != "ready":
-                raise RuntimeError(f"capture process did not start: {ready!r} {proc.stderr.read()[-500:]}")
+                raise RuntimeError(f"capture process did not start: {ready!r} {cap._stderr()}")
             yield cap
             cap._finish()
         finally:
