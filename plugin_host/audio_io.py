@@ -50,7 +50,7 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     try:
         with AudioFile(str(p)) as f:
             sr = int(f.samplerate)
-            data = f.read(f.frames)
+            data = f.read(f.frames) if f.frames else np.zeros((f.num_channels, 0), np.float32)
     except Exception as e:  # noqa: BLE001 - any decoder failure is "not readable audio"
         raise AudioFileError(f"{p} is not a readable audio file ({e})") from e
     if data.shape[1] == 0:
