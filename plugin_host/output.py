@@ -324,7 +324,28 @@ class OutputTrack:
             np.add(dst[:, col], tmp, out=dst[:, col])
 
 
-class AudioOutput:
+class ClockReadout:
+    """Reads the output clock `_clock` = [frames rendered, xruns, callback errors] (int64).
+
+    Shared by the in-process output and the one whose callback runs in a child process.
+    """
+
+    _clock: np.ndarray
+
+    @property
+    def position(self) -> int:
+        return int(self._clock[0])
+
+    @property
+    def xruns(self) -> int:
+        return int(self._clock[1])
+
+    @property
+    def callback_errors(self) -> int:
+        return int(self._clock[2])
+
+
+class AudioOutput(ClockReadout):
     """One sounddevice OutputStream mixing tracks; a context manager (the stream lives inside `with`).
 
     device: a sounddevice device index or (part of a) name; None = the default output.
@@ -364,18 +385,6 @@ class AudioOutput:
         # [output clock: frames rendered since the stream started, xruns, callback errors];
         # written by the callback only. plugin_host.output_process puts it in shared memory.
         self._clock = np.zeros(3, np.int64)
-
-    @property
-    def position(self) -> int:
-        return int(self._clock[0])
-
-    @property
-    def xruns(self) -> int:
-        return int(self._clock[1])
-
-    @property
-    def callback_errors(self) -> int:
-        return int(self._clock[2])
 
     @property
     def device_latency(self) -> float:

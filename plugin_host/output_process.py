@@ -29,6 +29,7 @@ import numpy as np
 
 from plugin_host.output import (
     AudioOutput,
+    ClockReadout,
     OutputError,
     OutputTrack,
     check_level,
@@ -66,7 +67,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
 CLOCK = [("clock", (3,), np.int64)]
 
 
-class AudioOutputProcess:
+class AudioOutputProcess(ClockReadout):
     """AudioOutput's interface, with the stream and callback in a child process (a context manager)."""
 
     def __init__(self, device: int | str | None = None, samplerate: int | None = None,
@@ -140,18 +141,6 @@ class AudioOutputProcess:
         return self._proc is not None and self._proc.is_alive()
 
     # ---------------------------------------------------------------- clock and reporting
-
-    @property
-    def position(self) -> int:
-        return int(self._clock[0])
-
-    @property
-    def xruns(self) -> int:
-        return int(self._clock[1])
-
-    @property
-    def callback_errors(self) -> int:
-        return int(self._clock[2])
 
     @property
     def device_latency(self) -> float:
