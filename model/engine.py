@@ -231,7 +231,9 @@ class Engine:
                 room = window - (0 if ctx is None else ctx.shape[1])
                 win_prompts.append(ctx)
                 new.append(min(targets[i] - made[i], room))
-                win_reqs.append(self._window_request(requests[i], made[i] - (0 if first_window or ctx is None else ctx.shape[1])))
+                # A later window starts `ctx` frames before what is new: its melody starts there.
+                start = made[i] - (0 if first_window or ctx is None else ctx.shape[1])
+                win_reqs.append(self._window_request(requests[i], start))
             for j, i, codes in self._run_window(win_reqs, win_prompts, new,
                                                 progress, chunk_frames, made, targets, idx,
                                                 first_chunk_frames or chunk_frames):
