@@ -181,3 +181,17 @@ def test_stream_batch_tags_requests(tiny_engine):
         got[c.request_index].append(c.audio)
     assert sum(a.shape[1] for a in got[0]) == 32000
     assert sum(a.shape[1] for a in got[1]) == int(0.6 * 32000)
+
+
+def test_later_windows_read_the_melody_from_their_own_start(tiny_melody_engine):
+    melody = np.zeros((40, 12), np.float32)
+    melody[np.arange(40), np.arange(40) % 12] = 1.0
+    req = GenerationRequest("lead", 5.0, SamplingParams(greedy=True), melody=melody)
+    assert tiny_melody_engine._window_request(req, 0) is req
+    later = tiny_melody_engine._window_request(req, 100)  # frame 100 = 2.0 s = chroma frame 15
+    np.testing.assert_array_equal(later.melody, melody[15:])
+    assert later.cancel is req.cancel
+    eng = Engine(tiny_melody_engine.hf, tiny_melody_engine.tokenizer, tiny_melody_engine.resolved, "cpu",
+                 "float32", window_seconds=1.0, context_seconds=0.4)
+    codes = eng.generate_tokens([req])[0]
+    assert codes.shape == (4, 250)
