@@ -28,6 +28,14 @@ def encode_text(hf_model, tokenizer, prompts: list[str], device) -> tuple[torch.
     """T5 states projected to the decoder width and zeroed at padding, with their mask."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    vocab = hf_model.text_encoder.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= vocab:
+        from model.types import RequestError
+
+        raise RequestError(
+            f"the tokenizer produced token id {int(ids.max())} but the text encoder knows {vocab}: "
+            "the checkpoint's tokenizer does not match its model"
+        )
     states = hf_model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     if hasattr(hf_model, "enc_to_dec_proj"):
         states = hf_model.enc_to_dec_proj(states)

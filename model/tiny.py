@@ -17,6 +17,7 @@ import torch
 
 TINY_VOCAB = 64  # codebook entries; the pad/bos token is TINY_VOCAB
 TINY_SEED = 1234
+TINY_VERSION = 2  # bump when the tiny model's shapes or weights change: caches rebuild
 TINY_TEXT_VOCAB = 256
 
 _WORDS = (
@@ -160,7 +161,8 @@ def write_tiny_model(out_dir: str | os.PathLike, melody: bool = False, stereo: b
         model.save_pretrained(tmp, safe_serialization=True)
         _build_tokenizer(tmp)
         (tmp / "musicbridge_tiny.json").write_text(
-            json.dumps({"tiny": True, "melody": melody, "stereo": stereo, "seed": TINY_SEED}) + "\n"
+            json.dumps({"tiny": True, "melody": melody, "stereo": stereo, "seed": TINY_SEED,
+                        "version": TINY_VERSION}) + "\n"
         )
         if out.exists():
             out.rmdir()
@@ -176,8 +178,18 @@ def cached_tiny_model(melody: bool = False, stereo: bool = False) -> Path:
     base = Path(os.environ.get("MUSICBRIDGE_CACHE", Path.home() / ".cache" / "musicbridge"))
     name = "tiny" + ("-melody" if melody else "") + ("-stereo" if stereo else "")
     path = base / name
-    if not (path / "config.json").exists():
+    if _tiny_version(path) != TINY_VERSION:
         if path.exists():
             shutil.rmtree(path)
         write_tiny_model(path, melody=melody, stereo=stereo)
     return path
+
+
+def _tiny_version(path: Path) -> int | None:
+    """The version a cached tiny checkpoint was written with (None: absent or unreadable)."""
+    try:
+        if not (path / "config.json").exists():
+            return None
+        return json.loads((path / "musicbridge_tiny.json").read_text()).get("version")
+    except (OSError, ValueError):
+        return None

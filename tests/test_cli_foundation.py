@@ -114,3 +114,20 @@ def test_broken_model_dir_is_one_line(tmp_path):
     r = _run("generate", "--model", str(d), "--prompt", "x", "--out", str(tmp_path / "o.wav"))
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cached_tiny_model_is_rebuilt_when_stale(tmp_path, monkeypatch):
+    import json
+
+    from model.tiny import TINY_VERSION, cached_tiny_model
+
+    monkeypatch.setenv("MUSICBRIDGE_CACHE", str(tmp_path))
+    path = cached_tiny_model()
+    marker = json.loads((path / "musicbridge_tiny.json").read_text())
+    assert marker["version"] == TINY_VERSION
+    marker["version"] = TINY_VERSION - 1  # as an older musicbridge would have left it
+    (path / "musicbridge_tiny.json").write_text(json.dumps(marker))
+    (path / "stale.txt").write_text("old")
+    again = cached_tiny_model()
+    assert again == path and not (path / "stale.txt").exists()
+    assert json.loads((path / "musicbridge_tiny.json").read_text())["version"] == TINY_VERSION
