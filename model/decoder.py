@@ -37,6 +37,19 @@ class DecoderSpec:
     def pad_id(self) -> int:
         return self.vocab
 
+    @classmethod
+    def of_hf(cls, hf_model) -> DecoderSpec:
+        """The shapes of a loaded `transformers` MusicGen's decoder."""
+        dec = hf_model.decoder.model.decoder
+        cfg = hf_model.decoder.config
+        return cls(
+            d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+            ffn=cfg.ffn_dim, n_codebooks=cfg.num_codebooks, vocab=cfg.vocab_size,
+            max_positions=dec.embed_positions.weights.shape[0],
+            cross_attention=hasattr(dec.layers[0], "encoder_attn"),
+            activation=cfg.activation_function,
+        )
+
 
 class KVCache:
     """Self-attention keys/values for every layer, allocated once per request batch.
@@ -132,44 +145,48 @@ class MusicgenDecoderLM(nn.Module):
         self.heads = nn.Linear(d, k * spec.vocab, bias=False)
 
     @classmethod
-    def from_hf(cls, hf_model) -> MusicgenDecoderLM:
-        """Copy the weights of a loaded `transformers` MusicGen / MusicGen-Melody."""
+    def from_hf(cls, hf_model, on_layer=None) -> MusicgenDecoderLM:
+        """Lay out a loaded `transformers` MusicGen / MusicGen-Melody's decoder, sharing its memory.
+
+        No weight is copied: layer norms and single linears are the checkpoint's own tensors,
+        and where we fuse (q/k/v, the embedding tables, the heads) the fused tensor is made
+        once and the checkpoint's tensors become views into it. The `transformers` model
+        stays usable (the reference peer in tests) and the decoder's weights exist once.
+        `on_layer(ours, theirs)` runs on each layer as soon as it is laid out (precision conversion
+        layer by layer keeps the peak to one layer's worth of extra memory).
+        """
         causal_lm = hf_model.decoder
         dec = causal_lm.model.decoder
-        cfg = causal_lm.config
-        spec = DecoderSpec(
-            d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
-            ffn=cfg.ffn_dim, n_codebooks=cfg.num_codebooks, vocab=cfg.vocab_size,
-            max_positions=dec.embed_positions.weights.shape[0],
-            cross_attention=hasattr(dec.layers[0], "encoder_attn"),
-            activation=cfg.activation_function,
-        )
+        spec = DecoderSpec.of_hf(hf_model)
         ref = next(dec.parameters())
         with torch.device("meta"):
             lm = cls(spec)
-        lm = lm.to_empty(device=ref.device).to(ref.dtype)
+        lm.positions = dec.embed_positions.weights[: spec.max_positions].detach()
+        lm.offsets = (torch.arange(spec.n_codebooks, device=ref.device) * (spec.vocab + 1)).view(1, -1, 1)
         with torch.no_grad():
-            lm.embed.weight.copy_(torch.cat([e.weight for e in dec.embed_tokens], dim=0))
-            lm.positions.copy_(dec.embed_positions.weights[: spec.max_positions])
-            lm.offsets.copy_((torch.arange(spec.n_codebooks) * (spec.vocab + 1)).view(1, -1, 1))
+            lm.embed.weight = _fuse([e.weight for e in dec.embed_tokens])
             for mine, theirs in zip(lm.layers, dec.layers):
                 sa = theirs.self_attn
-                mine.ln_self.load_state_dict(theirs.self_attn_layer_norm.state_dict())
-                mine.qkv.weight.copy_(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]))
+                mine.ln_self = theirs.self_attn_layer_norm
                 # transformers scales q inside attention; SDPA applies the same 1/sqrt(head_dim).
-                mine.out.weight.copy_(sa.out_proj.weight)
+                mine.qkv.weight = _fuse([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])
+                mine.out.weight = sa.out_proj.weight
                 if spec.cross_attention:
                     ca = theirs.encoder_attn
-                    mine.ln_cross.load_state_dict(theirs.encoder_attn_layer_norm.state_dict())
-                    mine.cross_q.weight.copy_(ca.q_proj.weight)
-                    mine.cross_k.weight.copy_(ca.k_proj.weight)
-                    mine.cross_v.weight.copy_(ca.v_proj.weight)
-                    mine.cross_out.weight.copy_(ca.out_proj.weight)
-                mine.ln_ff.load_state_dict(theirs.final_layer_norm.state_dict())
-                mine.fc1.weight.copy_(theirs.fc1.weight)
-                mine.fc2.weight.copy_(theirs.fc2.weight)
-            lm.ln_final.load_state_dict(dec.layer_norm.state_dict())
-            lm.heads.weight.copy_(torch.cat([h.weight for h in causal_lm.lm_heads], dim=0))
+                    mine.ln_cross = theirs.encoder_attn_layer_norm
+                    mine.cross_q.weight = ca.q_proj.weight
+                    mine.cross_k.weight = ca.k_proj.weight
+                    mine.cross_v.weight = ca.v_proj.weight
+                    mine.cross_out.weight = ca.out_proj.weight
+                mine.ln_ff = theirs.final_layer_norm
+                mine.fc1.weight = theirs.fc1.weight
+                mine.fc2.weight = theirs.fc2.weight
+                if on_layer is not None:
+                    on_layer(mine, theirs)
+            lm.ln_final = dec.layer_norm
+            lm.heads.weight = _fuse([h.weight for h in causal_lm.lm_heads])
+        left = [n for n, t in list(lm.named_parameters()) + list(lm.named_buffers()) if t.is_meta]
+        assert not left, f"decoder tensors not laid out: {left}"
         return lm.eval().requires_grad_(False)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -201,3 +218,14 @@ class MusicgenDecoderLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV | None):
         return self.forward_embeds(self.embed_tokens(tokens), start, cache, cross)
+
+
+def _fuse(params: list[nn.Parameter]) -> nn.Parameter:
+    """One tensor holding `params` stacked by rows; each param's data becomes a view into it."""
+    fused = torch.cat([p.detach() for p in params], dim=0)
+    row = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = fused[row : row + n]
+        row += n
+    return nn.Parameter(fused, requires_grad=False)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model.conditioning import build_conditioning
-from model.decoder import MusicgenDecoderLM
+from model.decoder import DecoderSpec, MusicgenDecoderLM
 from model.generate import StepPlan, decode_n, new_state, prefill
 from model.loading import ResolvedModel, load_hf_model, resolve_model
 from model.patterns import get_pattern
@@ -68,14 +68,18 @@ def pick_device(device: str) -> str:
 
 
 def pick_dtype(dtype: str, device: str) -> str:
-    """`auto`: the fastest precision whose logits stay within the quality bound (BENCHMARKS.md)."""
+    """Check a precision for a device; `auto` stays `auto` on the CPU (measured at load).
+
+    `auto` is the fastest precision whose logits stay within the quality bound: float16 on a
+    GPU; on the CPU, measured on the machine by `model.autotune` when the model is loaded.
+    """
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if dtype != "auto":
         if dtype == "float16" and device == "cpu":
             raise RequestError("float16 is for GPUs; on the CPU use bfloat16 or int8")
         return dtype
-    return "float16" if device.startswith("cuda") else "float32"
+    return "float16" if device.startswith("cuda") else "auto"
 
 
 class Engine:
@@ -87,7 +91,10 @@ class Engine:
 
     def __init__(self, hf_model, tokenizer, resolved: ResolvedModel, device: str = "cpu",
                  dtype: str = "float32", pattern: str = "delay",
-                 window_seconds: float = WINDOW_SECONDS, context_seconds: float = CONTEXT_SECONDS):
+                 window_seconds: float = WINDOW_SECONDS, context_seconds: float = CONTEXT_SECONDS,
+                 owns_model: bool = False):
+        """`owns_model`: nothing else uses `hf_model`'s decoder, so where the decoder is
+        converted to another precision its float32 weights are released (`Engine.load`)."""
         self.hf = hf_model
         self.tokenizer = tokenizer
         self.resolved = resolved
@@ -106,26 +113,40 @@ class Engine:
         self.window_seconds = window_seconds
         self.context_seconds = context_seconds
         self.pattern = get_pattern(pattern, self.num_codebooks, channels=self.channels)
+        self.dtype_decision = None
         self.dtype = pick_dtype(dtype, device)
+        if self.dtype == "auto":
+            from model import autotune
+
+            self.dtype_decision = autotune.choose(DecoderSpec.of_hf(hf_model))
+            self.dtype = self.dtype_decision.dtype
+            log.info("%s", self.dtype_decision.line())
         self.step_hook: Callable[[], None] | None = None  # called after every decoder step (bench)
-        self.lm = MusicgenDecoderLM.from_hf(hf_model)
-        self.compute_dtype = self._apply_precision(self.dtype)
+        self.lm, self.compute_dtype = self._lay_out(hf_model, self.dtype, owns_model)
 
-    def _apply_precision(self, dtype: str) -> torch.dtype:
-        """Convert the decoder's weights; return the dtype activations run in."""
-        if dtype == "float32":
-            return torch.float32
-        if dtype in ("bfloat16", "float16"):
-            dt = getattr(torch, dtype)
-            self.lm.to(dt)
-            return dt
-        from model.quant import quantize_linears
+    def _lay_out(self, hf_model, dtype: str, release: bool) -> tuple[MusicgenDecoderLM, torch.dtype]:
+        """Our decoder over the checkpoint's weights in `dtype`, one copy of each weight.
 
-        # Quantise from the float32 weights, then run everything else in bfloat16: the packed
-        # kernels are fast only with bfloat16 activations.
-        quantize_linears(self.lm, dtype, int8_names=("heads",))
-        self.lm.to(torch.bfloat16)
-        return torch.bfloat16
+        float32 shares the checkpoint's tensors. Other precisions convert layer by layer; with
+        `release`, each layer's float32 weights are dropped from the `transformers` model as
+        soon as the converted layer exists (that model's decoder is then unusable, which is
+        why only `Engine.load`, which made it, asks for it).
+        """
+        from model.precision import apply_precision
+
+        compute = [torch.float32]
+
+        def convert(ours, theirs) -> None:
+            compute[0] = apply_precision(ours, dtype, self.device)
+            if release:
+                _release_unshared(theirs, ours)
+
+        lm = MusicgenDecoderLM.from_hf(hf_model, on_layer=None if dtype == "float32" else convert)
+        if dtype != "float32":
+            compute[0] = apply_precision(lm, dtype, self.device)  # the heads
+            if release:
+                _release_unshared(hf_model.decoder, lm)
+        return lm, compute[0]
 
     @classmethod
     def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto") -> Engine:
@@ -134,7 +155,7 @@ class Engine:
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
         model, tok = load_hf_model(resolved, device=dev)
-        return cls(model, tok, resolved, dev, dt)
+        return cls(model, tok, resolved, dev, dt, owns_model=True)
 
     @property
     def info(self) -> EngineInfo:
@@ -387,3 +408,14 @@ def _step_of(index: np.ndarray, n_frames: int) -> np.ndarray:
     cb, st = np.nonzero((index >= 0) & (index < n_frames))
     out[cb, index[cb, st]] = st + 1
     return out
+
+
+def _release_unshared(theirs: torch.nn.Module, ours: torch.nn.Module) -> None:
+    """Empty every parameter of `theirs` that `ours` does not hold: its memory goes back."""
+    keep = {id(t) for t in list(ours.parameters()) + list(ours.buffers())}
+    keep |= {t.untyped_storage().data_ptr() for t in list(ours.parameters()) + list(ours.buffers())
+             if t.numel()}
+    for p in theirs.parameters():
+        if id(p) in keep or (p.numel() and p.untyped_storage().data_ptr() in keep):
+            continue
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)

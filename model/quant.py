@@ -41,6 +41,20 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return q.view(n, k), scale, low
 
 
+class Bf16Linear(nn.Module):
+    """bfloat16 weights behind float32 activations: half the bytes a step reads."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype):
         super().__init__()

@@ -175,7 +175,9 @@ def write_tiny_model(out_dir: str | os.PathLike, melody: bool = False, stereo: b
 
 def cached_tiny_model(melody: bool = False, stereo: bool = False) -> Path:
     """The tiny checkpoint in the user cache, built on first use (`--model tiny`)."""
-    base = Path(os.environ.get("MUSICBRIDGE_CACHE", Path.home() / ".cache" / "musicbridge"))
+    from model.cache import cache_dir
+
+    base = cache_dir()
     name = "tiny" + ("-melody" if melody else "") + ("-stereo" if stereo else "")
     path = base / name
     if _tiny_version(path) != TINY_VERSION:

@@ -1,0 +1,68 @@
+"""Decoder precisions: how each is applied, and which hold the quality bound.
+
+The quality bound is on teacher-forced logits against float32: max |ours - float32| /
+max |float32| <= QUALITY_BOUND. Whether a precision holds it is a property of the arithmetic,
+not of the machine, so it is measured once with `musicbridge bench --quality` and recorded
+here (BENCHMARKS.md, "Quantisation quality"); the speed of each precision is a property of the
+machine and is measured on it (`model.autotune`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CPU_CANDIDATES = ("float32", "bfloat16", "int8", "int4")
+QUALITY_BOUND = 2e-2
+
+# Max relative teacher-forced logit error against float32 on the *trained* proxy (a small
+# MusicGen-shaped decoder trained on structured token data, whose logits are peaked like a
+# real checkpoint's): `musicbridge bench --arch trained-proxy --quality`. Random weights
+# (flat logits) are a pessimistic proxy and are reported beside it, not used here.
+TRAINED_PROXY_ERROR: dict[str, float] = {
+    "float32": 0.0,
+    "bfloat16": 1.0e-2,
+    "int8": 1.0e-2,
+    "int4": 2.0e-1,
+}
+
+
+def within_bound(dtype: str) -> bool:
+    return TRAINED_PROXY_ERROR.get(dtype, float("inf")) <= QUALITY_BOUND
+
+
+def apply_precision(module: nn.Module, dtype: str, device: str = "cpu") -> torch.dtype:
+    """Convert a decoder (or one layer) in place; return the dtype its activations run in.
+
+    On the CPU only the linears' weights change precision: activations, layer norms and the
+    KV cache stay float32, because attention in bfloat16 on a CPU without native bf16
+    instructions is 4-8x slower than in float32 (measured on an AMD EPYC, AVX2: 0.86 against
+    0.16 ms for one head-batched query over 264 keys), and the step is bound by reading weights,
+    not activations. On a GPU everything runs in the low precision.
+    """
+    from model.quant import Bf16Linear, quantize_linears
+
+    if dtype == "float32":
+        return torch.float32
+    on_cpu = not str(device).startswith("cuda")
+    if dtype in ("bfloat16", "float16"):
+        dt = getattr(torch, dtype)
+        if on_cpu and dtype == "bfloat16":
+            _swap_linears(module, lambda lin: Bf16Linear(lin))
+            return torch.float32
+        module.to(dt)
+        return dt
+    # The packed kernels are fast only with bfloat16 inputs: each quantised linear casts its
+    # input to bfloat16 and its output back to the activations' dtype.
+    quantize_linears(module, dtype, int8_names=("heads",))
+    if on_cpu:
+        return torch.float32
+    module.to(torch.bfloat16)
+    return torch.bfloat16
+
+
+def _swap_linears(module: nn.Module, make) -> None:
+    for child in list(module.modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, nn.Linear):
+                setattr(child, attr, make(sub))
