@@ -61,6 +61,30 @@ def build_random_model(arch: str):
     return model, tokenizer
 
 
+def write_random_model(arch: str, out_dir) -> Path:
+    """Write `build_random_model(arch)` as a checkpoint directory, atomically."""
+    import os
+    import shutil
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".random-", dir=out.parent))
+    try:
+        model, tokenizer = build_random_model(arch)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        del model
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def measure_bandwidth(mb: int = 512) -> float:
     """Bytes a second this machine streams from memory: the floor's denominator.
 

@@ -222,7 +222,10 @@ class MusicgenDecoderLM(nn.Module):
 
 def _fuse(params: list[nn.Parameter]) -> nn.Parameter:
     """One tensor holding `params` stacked by rows; each param's data becomes a view into it."""
+    from model.memory import drop_pages
+
     fused = torch.cat([p.detach() for p in params], dim=0)
+    drop_pages([p.detach() for p in params])  # the checkpoint's own pages: now a second copy
     row = 0
     for p in params:
         n = p.shape[0]

@@ -415,7 +415,10 @@ def _release_unshared(theirs: torch.nn.Module, ours: torch.nn.Module) -> None:
     keep = {id(t) for t in list(ours.parameters()) + list(ours.buffers())}
     keep |= {t.untyped_storage().data_ptr() for t in list(ours.parameters()) + list(ours.buffers())
              if t.numel()}
-    for p in theirs.parameters():
-        if id(p) in keep or (p.numel() and p.untyped_storage().data_ptr() in keep):
-            continue
+    from model.memory import drop_pages
+
+    dead = [p for p in theirs.parameters()
+            if id(p) not in keep and not (p.numel() and p.untyped_storage().data_ptr() in keep)]
+    drop_pages([p.detach() for p in dead])
+    for p in dead:
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)

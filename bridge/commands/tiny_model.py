@@ -15,12 +15,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="output directory (must not exist or be empty)")
     p.add_argument("--melody", action="store_true", help="a MusicGen-Melody checkpoint")
     p.add_argument("--stereo", action="store_true", help="a stereo checkpoint (8 codebooks)")
+    p.add_argument("--arch", default="tiny", choices=["tiny", "musicgen-small"],
+                   help="tiny shapes (default), or musicgen-small's real shapes with random weights "
+                        "(about 2.4 GB; for benchmarks: costs what the real model costs)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from model.tiny import write_tiny_model
 
+    if args.arch != "tiny":
+        from bridge.cli import UsageError
+        from model.bench import write_random_model
+
+        if args.melody or args.stereo:
+            raise UsageError("--melody/--stereo apply to --arch tiny only")
+        out = write_random_model(args.arch, args.dir)
+        print(f"wrote {args.arch}-shaped checkpoint with random weights to {out}")
+        return 0
     out = write_tiny_model(args.dir, melody=args.melody, stereo=args.stereo)
     kind = "melody" if args.melody else "text"
     print(f"wrote tiny {kind}{' stereo' if args.stereo else ''} checkpoint to {out}")

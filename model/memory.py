@@ -1,0 +1,69 @@
+"""Give back the memory of checkpoint tensors the engine no longer reads.
+
+`transformers` loads safetensors checkpoints as memory maps: a weight's pages count in the
+process's resident memory once touched, and stay resident while the file is mapped (the text
+encoder and codec keep the mapping alive). When the engine fuses q/k/v or quantises a layer,
+the checkpoint's float32 copy is dead weight; `drop_pages` tells the kernel those pages may go
+(MADV_DONTNEED on a private file mapping: a later read would fault them back from the file, so
+this is safe even if a tensor were read again). Only whole pages strictly inside a tensor that
+lies in a mapped checkpoint file are dropped; heap memory is never touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import sys
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MADV_DONTNEED = 4
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[-1].endswith(_CHECKPOINT_SUFFIXES):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    spans.append((lo, hi))
+    except OSError:
+        return []
+    return spans
+
+
+def drop_pages(tensors: list[torch.Tensor]) -> int:
+    """Drop the resident pages of `tensors` that lie in a mapped checkpoint; bytes dropped.
+
+    Call while the tensors are still alive (so the mapping certainly is), before releasing them.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    spans = _file_mappings()
+    if not spans:
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    page = mmap.PAGESIZE
+    dropped = 0
+    for t in tensors:
+        if t.device.type != "cpu" or not t.numel() or not t.is_contiguous():
+            continue
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        if not any(a <= lo and hi <= b for a, b in spans):
+            continue
+        start = -(-lo // page) * page
+        end = hi // page * page
+        if end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                        _MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
