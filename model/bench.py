@@ -271,6 +271,15 @@ def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seco
     log(f"built {arch} with random weights in {time.perf_counter() - t:.1f} s")
     bandwidth = measure_bandwidth(64 if arch == "tiny" else 512)
     log(f"memory bandwidth (large reduction): {bandwidth / 1e9:.1f} GB/s")
+    auto = None
+    if "auto" in dtypes:
+        from model import autotune
+        from model.decoder import DecoderSpec
+
+        decision = autotune.choose(DecoderSpec.of_hf(model))
+        auto = autotune.decision_dict(decision)
+        log(decision.line())
+        dtypes = list(dict.fromkeys(decision.dtype if d == "auto" else d for d in dtypes))
     results: list[Result] = []
     if compare:
         log("running transformers.generate ...")
@@ -279,7 +288,7 @@ def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seco
         log(f"running musicbridge {dt} ...")
         results.append(bench_engine(model, tokenizer, dt, seconds, stream_seconds, bandwidth))
     out = {"arch": arch, "seconds": seconds, "machine": machine(), "bandwidth_gbs": bandwidth / 1e9,
-           "results": [asdict(r) for r in results]}
+           "results": [asdict(r) for r in results], "auto": auto}
     if with_quality:
         log("measuring teacher-forced logit error ...")
         out["quality"] = quality(model, tokenizer, dtypes)
@@ -302,6 +311,9 @@ def table(report: dict) -> str:
                   if r.get("first_chunk_decode_ms") else "-")
         lines.append(f"| {r['name']} | {r['dtype']} | {r['ms_per_step_median']:.1f} | {ratio} | {floor} "
                      f"| {r['rtf']:.3f} | {srtf} | {ttfa} | {chunks} | {r['peak_rss_mb']:.0f} |")
+    if report.get("auto"):
+        a = report["auto"]
+        lines += ["", f"dtype auto on this machine: **{a['dtype']}** - {a['reason']}"]
     if report.get("quality"):
         lines += ["", "| dtype | max rel. logit error | RMS rel. logit error | argmax agreement |",
                   "|---|---|---|---|"]

@@ -21,11 +21,15 @@ MODES = ("int8", "int4")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel: w ~ q * scale[:, None], q in [-127, 127]."""
+    """Symmetric per-output-channel: w ~ q * scale[:, None], q in [-127, 127].
+
+    One temporary the size of `w` (in-place rounding): quantising at load costs little.
+    """
     w = w.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    lo, hi = torch.aminmax(w, dim=1)
+    scale = (torch.maximum(hi, -lo) / 127.0).clamp_(min=1e-12)
+    t = w * (1.0 / scale)[:, None]
+    return t.round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,10 +39,10 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     """
     n, k = w.shape
     g = w.float().view(n, k // group, group)
-    low, high = g.amin(dim=-1), g.amax(dim=-1)
-    scale = ((high - low) / 15.0).clamp(min=1e-12)
-    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-    return q.view(n, k), scale, low
+    low, high = torch.aminmax(g, dim=-1)
+    scale = ((high - low) / 15.0).clamp_(min=1e-12)
+    t = (g - low[..., None]).mul_((1.0 / scale)[..., None])
+    return t.round_().clamp_(0, 15).to(torch.int32).view(n, k), scale, low
 
 
 class Bf16Linear(nn.Module):

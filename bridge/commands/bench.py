@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream-seconds", type=positive_float, default=None,
                    help="length of the streaming run (default: --seconds)")
     p.add_argument("--dtype", default="float32,bfloat16,int8,int4",
-                   help="comma-separated precisions for our engine")
+                   help="comma-separated precisions for our engine; 'auto' measures and prints "
+                        "the precision --dtype auto picks on this machine, and runs it")
     p.add_argument("--compare", choices=["transformers", "none"], default="transformers")
     p.add_argument("--quality", action="store_true",
                    help="also report teacher-forced logit error of each precision vs float32")
@@ -35,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from model.engine import DTYPES
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in DTYPES or d in ("auto", "float16")]
+    bad = [d for d in dtypes if d not in DTYPES or d == "float16"]
     if bad or not dtypes:
         raise UsageError(f"--dtype: unknown or unsupported on CPU: {', '.join(bad) or '(none)'}; "
-                         "expected a comma-separated list of float32, bfloat16, int8, int4")
+                         "expected a comma-separated list of auto, float32, bfloat16, int8, int4")
     if args.threads:
         torch.set_num_threads(args.threads)
     report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
