@@ -218,37 +218,89 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
 
 
 @torch.inference_mode()
-def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64) -> list[dict]:
-    """Teacher-forced logits of each precision against float32 on one random sequence."""
+def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str = "random",
+            greedy_seconds: float = 1.0) -> list[dict]:
+    """Each precision against float32 on one model: logit error, greedy and sampling agreement.
+
+    - teacher-forced logits on 2 sequences x `n_tokens` steps (random tokens for random
+      weights; held-out structured clips for the trained proxy): max and RMS error relative to
+      float32's max / RMS, and argmax agreement;
+    - top-k 250 sampling KL: KL(P || Q) where P is float32's top-250 sampling distribution
+      and Q the precision's distribution renormalised over the same 250 tokens (nats, mean over
+      positions);
+    - greedy agreement: free-running greedy decoding of `greedy_seconds` from two prompts,
+      the fraction of tokens equal to float32's (one early difference changes what follows,
+      so this is the strictest of the three).
+    """
     from model.conditioning import build_conditioning
     from model.decoder import KVCache
 
-    resolved = ResolvedModel("random", "random weights", False, False, True)
+    resolved = ResolvedModel("random", f"{proxy} proxy", False, False, True)
     ref_eng = Engine(model, tokenizer, resolved, "cpu", "float32")
     k = ref_eng.num_codebooks
-    tokens = torch.randint(0, ref_eng.lm.spec.vocab, (2, k, n_tokens), generator=torch.Generator().manual_seed(0))
+    prompts = [PROMPT, "techno"]
+    if proxy == "trained":
+        from model.proxy import STYLES, delayed_batch, structured_codes
+
+        codes, _ = structured_codes(np.random.default_rng(10_000), 2, n_tokens - k)
+        tokens, _ = delayed_batch(codes)
+        prompts = [STYLES[0], STYLES[1]]
+    else:
+        tokens = torch.randint(0, ref_eng.lm.spec.vocab, (2, k, n_tokens),
+                               generator=torch.Generator().manual_seed(0))
 
     def logits(eng: Engine) -> torch.Tensor:
-        cond = build_conditioning(model, tokenizer, [PROMPT, "techno"], None, False, "cpu", eng.compute_dtype)
-        cache = KVCache(eng.lm.spec, 2, n_tokens, "cpu", eng.compute_dtype)
+        cond = build_conditioning(eng.hf, tokenizer, prompts, None, False, "cpu", eng.compute_dtype)
+        cache = KVCache(eng.lm.spec, 2, tokens.shape[2], "cpu", eng.compute_dtype)
         return eng.lm(tokens, 0, cache, eng.lm.cross_kv(cond.states, cond.mask)).float()
 
+    def greedy(eng: Engine) -> list[np.ndarray]:
+        reqs = [GenerationRequest(p, greedy_seconds, SamplingParams(greedy=True, guidance=3.0)) for p in prompts]
+        return eng.generate_tokens(reqs)
+
     ref = logits(ref_eng)
+    ref_greedy = greedy(ref_eng)
+    p_ref, top = _topk_probs(ref, 250)
     rows = []
     for dt in dtypes:
         if dt == "float32":
             continue
         eng = Engine(copy.deepcopy(model), tokenizer, resolved, "cpu", dt)
         out = logits(eng)
+        q = torch.softmax(out.gather(-1, top), dim=-1)
+        kl = (p_ref * (p_ref.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)
+        ours = greedy(eng)
+        same = sum(int((a == b).sum()) for a, b in zip(ours, ref_greedy))
+        total = sum(a.size for a in ref_greedy)
         rows.append({
+            "proxy": proxy,
             "dtype": dt,
             "max_rel_error": float((out - ref).abs().max() / ref.abs().max()),
             "rms_rel_error": float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()),
             "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "topk250_kl": float(kl.mean()),
+            "greedy_agreement": same / total,
         })
         del eng
         gc.collect()
     return rows
+
+
+def _topk_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32's top-k sampling distribution and the indices of its k tokens."""
+    k = min(k, logits.shape[-1])
+    vals, idx = torch.topk(logits, k, dim=-1)
+    return torch.softmax(vals, dim=-1), idx
+
+
+def trained_proxy(steps: int, log=print):
+    """The trained quantisation proxy (model.proxy), trained now with a fixed seed."""
+    from model.proxy import train_proxy
+
+    t = time.perf_counter()
+    model, tokenizer, loss = train_proxy(steps=steps, log_fn=log)
+    log(f"trained the proxy for {steps} steps in {time.perf_counter() - t:.0f} s (final loss {loss:.3f})")
+    return model, tokenizer, loss
 
 
 def machine() -> dict:
@@ -265,7 +317,7 @@ def machine() -> dict:
 
 
 def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seconds: float,
-        with_quality: bool, log=print) -> dict:
+        with_quality: bool, log=print, proxy_steps: int = 0) -> dict:
     t = time.perf_counter()
     model, tokenizer = build_random_model(arch)
     log(f"built {arch} with random weights in {time.perf_counter() - t:.1f} s")
@@ -290,8 +342,14 @@ def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seco
     out = {"arch": arch, "seconds": seconds, "machine": machine(), "bandwidth_gbs": bandwidth / 1e9,
            "results": [asdict(r) for r in results], "auto": auto}
     if with_quality:
-        log("measuring teacher-forced logit error ...")
-        out["quality"] = quality(model, tokenizer, dtypes)
+        log("measuring quantisation quality on random weights ...")
+        qd = [d for d in ("bfloat16", "int8", "int4") if d in dtypes] or ["int8"]
+        out["quality"] = quality(model, tokenizer, qd, proxy="random")
+        if proxy_steps:
+            pm, pt, loss = trained_proxy(proxy_steps, log)
+            log("measuring quantisation quality on the trained proxy ...")
+            out["quality"] += quality(pm, pt, qd, proxy="trained")
+            out["proxy"] = {"steps": proxy_steps, "final_loss": loss}
     return out
 
 
@@ -315,11 +373,11 @@ def table(report: dict) -> str:
         a = report["auto"]
         lines += ["", f"dtype auto on this machine: **{a['dtype']}** - {a['reason']}"]
     if report.get("quality"):
-        lines += ["", "| dtype | max rel. logit error | RMS rel. logit error | argmax agreement |",
-                  "|---|---|---|---|"]
+        lines += ["", "| proxy | dtype | max rel. logit error | RMS rel. logit error | argmax agreement "
+                  "| top-k 250 KL (nats) | greedy agreement |", "|---|---|---|---|---|---|---|"]
         for q in report["quality"]:
-            lines.append(f"| {q['dtype']} | {q['max_rel_error']:.2e} | {q['rms_rel_error']:.2e} "
-                         f"| {q['argmax_agreement']:.3f} |")
+            lines.append(f"| {q['proxy']} | {q['dtype']} | {q['max_rel_error']:.2e} | {q['rms_rel_error']:.2e} "
+                         f"| {q['argmax_agreement']:.3f} | {q['topk250_kl']:.2e} | {q['greedy_agreement']:.3f} |")
     return "\n".join(lines)
 
 

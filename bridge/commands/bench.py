@@ -21,6 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", choices=["transformers", "none"], default="transformers")
     p.add_argument("--quality", action="store_true",
                    help="also report teacher-forced logit error of each precision vs float32")
+    p.add_argument("--proxy-steps", type=int, default=0, metavar="N",
+                   help="with --quality, also train the small MusicGen-shaped proxy for N steps "
+                        "(seeded: the same N gives the same weights; 300 is a few minutes) and "
+                        "report quantisation quality on it beside random weights")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--json", help="write the full report here")
     p.set_defaults(func=run)
@@ -44,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
                        args.stream_seconds or args.seconds, args.quality,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+                       log=lambda m: print(m, file=sys.stderr, flush=True),
+                       proxy_steps=args.proxy_steps if args.quality else 0)
     print(f"\n{args.arch}, {args.seconds:g} s of audio, {report['machine']['cpu']}, "
           f"{report['machine']['threads']} threads, torch {report['machine']['torch']}\n")
     print(bench.table(report))
