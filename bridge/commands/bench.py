@@ -25,6 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --quality, also train the small MusicGen-shaped proxy for N steps "
                         "(seeded: the same N gives the same weights; 300 is a few minutes) and "
                         "report quantisation quality on it beside random weights")
+    p.add_argument("--e2e", type=positive_float, default=None, metavar="SECONDS",
+                   help="instead: end to end, `musicbridge generate --seconds SECONDS` with default "
+                        "flags against transformers alone, each a fresh process loading from disk")
+    p.add_argument("--model", default=None,
+                   help="with --e2e: the checkpoint directory to use (default: write --arch's shapes "
+                        "with random weights to a temporary directory first)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--json", help="write the full report here")
     p.set_defaults(func=run)
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
                          "expected a comma-separated list of auto, float32, bfloat16, int8, int4")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.e2e is not None:
+        return _e2e(args)
     report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
                        args.stream_seconds or args.seconds, args.quality,
                        log=lambda m: print(m, file=sys.stderr, flush=True),
@@ -55,4 +63,33 @@ def run(args: argparse.Namespace) -> int:
     print(bench.table(report))
     if args.json:
         bench.save(report, args.json)
+    return 0
+
+
+def _e2e(args: argparse.Namespace) -> int:
+    import sys
+    import tempfile
+
+    from bridge.cli import UsageError
+    from model import e2e
+    from model.bench import save, write_random_model
+
+    def log(m: str) -> None:
+        print(m, file=sys.stderr, flush=True)
+
+    if args.model:
+        from pathlib import Path
+
+        if not (Path(args.model) / "config.json").exists():
+            raise UsageError(f"--model {args.model}: not a checkpoint directory (no config.json)")
+        report = e2e.compare(args.model, args.e2e, log)
+    else:
+        with tempfile.TemporaryDirectory(prefix="musicbridge-bench-ckpt-") as tmp:
+            log(f"writing a {args.arch}-shaped checkpoint with random weights ...")
+            path = write_random_model(args.arch, f"{tmp}/model")
+            report = e2e.compare(str(path), args.e2e, log)
+    print()
+    print(e2e.table(report))
+    if args.json:
+        save({"e2e": report}, args.json)
     return 0

@@ -1,0 +1,82 @@
+"""End to end, as a user runs it: `musicbridge generate` against `transformers` alone.
+
+Each side is a fresh process that loads the checkpoint from disk, generates the same number
+of seconds from the same prompt (sampling, top-k 250, guidance 3) and writes a WAV: load,
+text encoding, decoding and the codec are all inside the wall time. Peak RSS is each process's
+own high-water mark (wait4's rusage), so the two do not mix.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "lofi hip hop beat with warm piano chords and vinyl crackle"
+
+_REFERENCE = """
+import sys, torch, soundfile
+from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+path, seconds, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+model = MusicgenForConditionalGeneration.from_pretrained(path).eval()
+tok = AutoTokenizer.from_pretrained(path)
+frames = max(1, int(round(seconds * model.config.audio_encoder.frame_rate)))
+enc = tok([sys.argv[4]], return_tensors="pt", padding=True)
+torch.manual_seed(0)
+with torch.inference_mode():
+    audio = model.generate(**enc, do_sample=True, top_k=250, guidance_scale=3.0,
+                           max_new_tokens=frames + model.decoder.num_codebooks - 1)
+soundfile.write(out, audio[0].float().numpy().T, model.config.audio_encoder.sampling_rate)
+"""
+
+
+def _timed(cmd: list[str], env: dict) -> dict:
+    """Run `cmd`; wall seconds, peak RSS MB and its stderr."""
+    with tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        text = err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {text.strip()[-2000:]}")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "stderr": text}
+
+
+def compare(model_dir: str, seconds: float, log=print, extra_flags: tuple[str, ...] = ()) -> dict:
+    """Both sides on `model_dir`; ours with default flags (plus `extra_flags`)."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="musicbridge-e2e-") as tmp:
+        ours_cmd = [sys.executable, "-m", "bridge.cli", "generate", "--model", model_dir, "--prompt", PROMPT,
+                    "--seconds", f"{seconds:g}", "--seed", "0", "--out", str(Path(tmp) / "ours.wav"),
+                    *extra_flags]
+        log(f"end to end: musicbridge generate --seconds {seconds:g} {' '.join(extra_flags)}...")
+        ours = _timed(ours_cmd, env)
+        log(f"  {ours['wall_s']:.1f} s, peak RSS {ours['peak_rss_mb']:.0f} MB")
+        log(f"end to end: transformers alone, {seconds:g} s ...")
+        ref = _timed([sys.executable, "-c", _REFERENCE, model_dir, f"{seconds:g}", str(Path(tmp) / "ref.wav"),
+                      PROMPT], env)
+        log(f"  {ref['wall_s']:.1f} s, peak RSS {ref['peak_rss_mb']:.0f} MB")
+    auto = [ln for ln in ours["stderr"].splitlines() if ln.startswith("dtype auto:")]
+    return {"seconds": seconds, "model": model_dir, "flags": list(extra_flags),
+            "ours": {k: v for k, v in ours.items() if k != "stderr"},
+            "transformers": {k: v for k, v in ref.items() if k != "stderr"},
+            "speedup": ref["wall_s"] / ours["wall_s"], "auto": auto[0] if auto else None}
+
+
+def table(e: dict) -> str:
+    flags = " ".join(e["flags"]) or "(default flags)"
+    lines = [f"End to end, {e['seconds']:g} s of audio, load included, one process each:", "",
+             "| run | wall s | peak RSS MB | speed-up |", "|---|---|---|---|",
+             f"| transformers alone | {e['transformers']['wall_s']:.1f} | {e['transformers']['peak_rss_mb']:.0f} | 1.00x |",
+             f"| musicbridge generate {flags} | {e['ours']['wall_s']:.1f} | {e['ours']['peak_rss_mb']:.0f} "
+             f"| {e['speedup']:.2f}x |"]
+    if e.get("auto"):
+        lines += ["", e["auto"]]
+    return "\n".join(lines)
