@@ -22,7 +22,7 @@ import torch
 from model.conditioning import build_conditioning
 from model.decoder import DecoderSpec, MusicgenDecoderLM
 from model.generate import StepPlan, decode_n, new_state, prefill
-from model.loading import ResolvedModel, load_hf_model, resolve_model
+from model.loading import ResolvedModel, checkpoint_pattern, load_hf_model, resolve_model
 from model.patterns import get_pattern
 from model.sampling import Sampler
 from model.types import AudioChunk, GenerationRequest, RequestError
@@ -55,6 +55,7 @@ class EngineInfo:
     device: str
     dtype: str
     max_seconds: float
+    pattern: str = "delay"
 
 
 def pick_device(device: str) -> str:
@@ -149,13 +150,22 @@ class Engine:
         return lm, compute[0]
 
     @classmethod
-    def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto") -> Engine:
-        """Resolve and load a checkpoint (see `model.loading.resolve_model`)."""
+    def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto",
+             pattern: str | None = None) -> Engine:
+        """Resolve and load a checkpoint (see `model.loading.resolve_model`).
+
+        `pattern`: the codebook pattern to decode with; None is the checkpoint's own.
+        """
+        from model.patterns import PATTERNS
+
         resolved = resolve_model(spec)
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
+        if pattern is not None and pattern not in PATTERNS:
+            raise RequestError(f"unknown codebook pattern {pattern!r}: expected one of {', '.join(PATTERNS)}")
         model, tok = load_hf_model(resolved, device=dev)
-        return cls(model, tok, resolved, dev, dt, owns_model=True)
+        return cls(model, tok, resolved, dev, dt, pattern=pattern or checkpoint_pattern(resolved),
+                   owns_model=True)
 
     @property
     def info(self) -> EngineInfo:
@@ -164,7 +174,7 @@ class Engine:
             is_melody=self.is_melody, sample_rate=self.sample_rate, channels=self.channels,
             num_codebooks=self.num_codebooks, frame_rate=self.frame_rate,
             chroma_frame_rate=self.chroma_frame_rate, device=self.device, dtype=self.dtype,
-            max_seconds=600.0,
+            max_seconds=600.0, pattern=self.pattern.name,
         )
 
     def frames_for(self, seconds: float) -> int:
@@ -281,10 +291,8 @@ class Engine:
         """One window for a batch: prompt codes + new_frames each; yields (j, i, new codes)."""
         plens = [0 if p is None else p.shape[1] for p in prompts]
         totals = [p + f for p, f in zip(plens, new_frames)]
-        index = self.pattern.index(max(totals))
-        plan = StepPlan(index, totals, plens)
+        plan = StepPlan(self.pattern, totals, plens)
         done_after = plan.complete_after()  # frame -> step after which it is final
-        step_of = _step_of(index, max(totals))  # (K, T) column in the token grid
         sent = list(plens)  # frames handed out so far, per request (prompt frames are known)
         cancelled = [False] * len(reqs)
 
@@ -301,8 +309,7 @@ class Engine:
                 upto = totals[j] if final else ready(j, step)
                 want = first_chunk_frames if made[idx[j]] == 0 else chunk_frames
                 if upto - sent[j] >= max(want, 1) or (final and upto > sent[j]):
-                    f = np.arange(sent[j], upto)
-                    codes = cols[j][np.arange(self.num_codebooks)[:, None], step_of[:, f]]
+                    codes = plan.codes(cols[j], j)[:, sent[j]:upto]
                     sent[j] = upto
                     yield j, idx[j], codes
 
@@ -399,15 +406,6 @@ class Engine:
                first_chunk_seconds: float = 0.25) -> Iterator[AudioChunk]:
         """One request's audio chunks in order; raises Cancelled if it is cancelled."""
         yield from self.stream_batch([request], chunk_seconds, first_chunk_seconds=first_chunk_seconds)
-
-
-def _step_of(index: np.ndarray, n_frames: int) -> np.ndarray:
-    """(K, T): the token-grid column (1-based step) holding codebook k's frame f."""
-    k = index.shape[0]
-    out = np.zeros((k, n_frames), dtype=np.int64)
-    cb, st = np.nonzero((index >= 0) & (index < n_frames))
-    out[cb, index[cb, st]] = st + 1
-    return out
 
 
 def _release_unshared(theirs: torch.nn.Module, ours: torch.nn.Module) -> None:

@@ -9,7 +9,6 @@ loop reads a tensor back to the host, so steps queue without syncing on a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,49 +16,47 @@ import torch
 
 from model.conditioning import Conditioning
 from model.decoder import CrossKV, KVCache, MusicgenDecoderLM
+from model.patterns import CodebookPattern
 from model.sampling import Sampler, cfg_mix
 
 
 @dataclass
 class StepPlan:
-    """Where each request's frames fall in the step grid of one codebook pattern."""
+    """A batch's frames laid out by one codebook pattern; all step arithmetic asks the pattern."""
 
-    index: np.ndarray  # (K, S) frame emitted by codebook k at step s+1, -1 = pad
+    pattern: CodebookPattern
     n_frames: list[int]
     prompt_frames: list[int]
 
     @property
     def n_steps(self) -> int:
-        return int(self.index.shape[1])
+        return self.pattern.n_steps(max(self.n_frames))
 
     def complete_after(self) -> np.ndarray:
         """complete_after[f] = the step (1-based) after which frame f has every codebook."""
-        k, s = self.index.shape
-        t = max(self.n_frames)
-        out = np.zeros(t, dtype=np.int64)
-        for cb in range(k):
-            steps = np.nonzero(self.index[cb] >= 0)[0]
-            frames = self.index[cb, steps]
-            keep = frames < t
-            np.maximum.at(out, frames[keep], steps[keep] + 1)
-        return out
+        return self.pattern.first_complete_step(max(self.n_frames)) + 1
+
+    def codes(self, grid: np.ndarray, i: int) -> np.ndarray:
+        """Request i's codes (K, T_i) from its token grid (K, S+1; column 0 is BOS)."""
+        return self.pattern.revert(grid[:, 1:], max(self.n_frames))[:, : self.n_frames[i]]
 
 
 def build_forced(plan: StepPlan, pad: int, prompts: list[np.ndarray | None], device) -> torch.Tensor:
-    """(B, K, S+1) tokens known in advance (-1 = sample); column 0 is BOS (= pad id)."""
-    k, s = plan.index.shape
-    b = len(plan.n_frames)
-    forced = np.full((b, k, s + 1), -1, dtype=np.int64)
-    forced[:, :, 0] = pad
-    for i in range(b):
-        idx = plan.index
-        forced[i, :, 1:][(idx < 0) | (idx >= plan.n_frames[i])] = pad
+    """(B, K, S+1) tokens known in advance (-1 = sample); column 0 is BOS (= pad id).
+
+    Each request's frames are -1 (to sample), its prompt's codes where it has one, and pad
+    past its own length; the pattern lays them out (and pads where it emits no frame).
+    """
+    k, t = plan.pattern.n_codebooks, max(plan.n_frames)
+    rows = []
+    for i, n in enumerate(plan.n_frames):
+        frames = np.full((k, t), -1, dtype=np.int64)
+        frames[:, n:] = pad
         if prompts[i] is not None:
-            p = prompts[i]
-            known = (idx >= 0) & (idx < p.shape[1])
-            cb, st = np.nonzero(known)
-            forced[i, cb, st + 1] = p[cb, idx[cb, st]]
-    return torch.from_numpy(forced).to(device)
+            p = prompts[i][:, : min(prompts[i].shape[1], n)]
+            frames[:, : p.shape[1]] = p
+        rows.append(np.concatenate([np.full((k, 1), pad, np.int64), plan.pattern.build(frames, pad)], axis=1))
+    return torch.from_numpy(np.stack(rows)).to(device)
 
 
 @dataclass
@@ -146,21 +143,9 @@ def decode_one_token(state: DecodeState) -> None:
 
 
 @torch.inference_mode()
-def decode_n(state: DecodeState, n: int, on_step: Callable[[int], None] | None = None) -> None:
-    """Up to `n` more steps (fewer at the end); `on_step(step)` after each, for progress."""
+def decode_n(state: DecodeState, n: int) -> None:
+    """Up to `n` more steps (fewer at the end)."""
     for _ in range(n):
         if state.done:
             return
         decode_one_token(state)
-        if on_step is not None:
-            on_step(state.step - 1)
-
-
-def revert(plan: StepPlan, tokens: np.ndarray, i: int) -> np.ndarray:
-    """Request i's codes (K, T_i) from the step grid (K, S+1), via the pattern's index."""
-    k, s = plan.index.shape
-    t = plan.n_frames[i]
-    codes = np.zeros((k, t), dtype=np.int64)
-    cb, st = np.nonzero((plan.index >= 0) & (plan.index < t))
-    codes[cb, plan.index[cb, st]] = tokens[cb, st + 1]
-    return codes

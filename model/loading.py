@@ -156,3 +156,21 @@ def load_hf_model(resolved: ResolvedModel, device: str = "cpu", dtype=None):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load model from {resolved.path}: {first}") from e
     return model.to(device).eval(), tokenizer
+
+
+def checkpoint_pattern(resolved: ResolvedModel) -> str:
+    """The codebook pattern a checkpoint was trained with: its config's `codebooks_pattern`
+    (audiocraft's name for it) where given, else `delay`, which every MusicGen checkpoint and
+    `transformers`' own generate use."""
+    from model.patterns import PATTERNS
+
+    cfg = Path(resolved.path) / "config.json"
+    try:
+        name = json.loads(cfg.read_text()).get("codebooks_pattern") if cfg.exists() else None
+    except (OSError, ValueError):
+        name = None
+    if name is None:
+        return "delay"
+    if name not in PATTERNS:
+        raise ModelError(f"{cfg}: codebooks_pattern {name!r} is not one of {', '.join(PATTERNS)}")
+    return name

@@ -48,7 +48,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
-                   help="weights precision for the decoder (auto: fastest within quality bounds)")
+                   help="weights precision for the decoder (auto: the fastest within the quality "
+                        "bound, measured on this machine once and cached)")
+    p.add_argument("--pattern", default=None,
+                   choices=["delay", "parallel", "flatten", "coarse_first"],
+                   help="codebook interleaving pattern (default: the checkpoint's own, 'delay' for "
+                        "MusicGen checkpoints; others decode in a layout the model was not trained on)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

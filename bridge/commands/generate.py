@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from bridge.commands.common import (ProgressBar, add_model_args, add_sampling_args, nonneg_int,
@@ -23,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--melody", help="melody to follow: .mid, .wav, .flac or chroma .npy (melody models)")
     p.add_argument("--melody-track", default=None, help="MIDI track name or index for --melody")
     p.add_argument("--save-tokens", help="also write the codes as int array (codebooks, frames) .npy")
+    p.add_argument("--variations", type=int, default=1, metavar="N",
+                   help="N takes of the prompt in one batched pass (1-16), each with its own seed "
+                        "(--seed, --seed+1, ...), written as OUT-1.wav ... OUT-N.wav")
     p.set_defaults(func=run)
 
 
@@ -32,20 +36,25 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_writable_format(out)
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise UsageError(f"output folder {out.parent} does not exist")
     if args.save_tokens and not args.save_tokens.endswith(".npy"):
         raise UsageError("--save-tokens expects a file name ending in .npy")
     if args.sample_rate and not (8000 <= args.sample_rate <= 384000):
         raise UsageError(f"--sample-rate must be between 8000 and 384000, got {args.sample_rate}")
+    if not 1 <= args.variations <= MAX_VARIATIONS:
+        raise UsageError(f"--variations must be between 1 and {MAX_VARIATIONS}, got {args.variations}")
+    outs = numbered(out, args.variations)
+    tokens_out = numbered(Path(args.save_tokens), args.variations) if args.save_tokens else []
+    for o in outs:
+        if o.exists() and not args.overwrite:
+            raise UsageError(f"{o} already exists; pass --overwrite to replace it")
 
     from model.engine import Engine
     from model.types import GenerationRequest
 
     params = sampling_params(args)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, pattern=args.pattern)
     melody = None
     if args.melody:
         if not engine.is_melody:
@@ -54,16 +63,42 @@ def run(args: argparse.Namespace) -> int:
 
         melody = load_melody(args.melody, engine.chroma_frame_rate, seconds=args.seconds,
                              track=args.melody_track)
-    req = GenerationRequest(prompt=args.prompt, seconds=args.seconds, params=params, melody=melody)
-    (codes,) = engine.generate_tokens([req], progress=ProgressBar("generating"))
-    audio = engine.decode(codes)
-    rate = engine.sample_rate
-    if args.sample_rate and args.sample_rate != rate:
-        audio, rate = resample(audio, rate, args.sample_rate), args.sample_rate
-    if args.save_tokens:
-        import numpy as np
+    seeds = variation_seeds(params.seed, args.variations)
+    reqs = [GenerationRequest(prompt=args.prompt, seconds=args.seconds, params=replace(params, seed=sd),
+                              melody=melody) for sd in seeds]
+    codes_list = engine.generate_tokens(reqs, progress=ProgressBar("generating"))
+    for i, codes in enumerate(codes_list):
+        audio = engine.decode(codes)
+        rate = engine.sample_rate
+        if args.sample_rate and args.sample_rate != rate:
+            audio, rate = resample(audio, rate, args.sample_rate), args.sample_rate
+        if tokens_out:
+            import numpy as np
 
-        np.save(args.save_tokens, codes.astype(np.int64))
-    write_audio(out, audio, rate, overwrite=args.overwrite)
-    print(f"wrote {out} ({audio.shape[1] / rate:.2f} s, {rate} Hz, {audio.shape[0]} ch)")
+            np.save(tokens_out[i], codes.astype(np.int64))
+        write_audio(outs[i], audio, rate, overwrite=args.overwrite)
+        seed = f", seed {seeds[i]}" if args.variations > 1 else ""
+        print(f"wrote {outs[i]} ({audio.shape[1] / rate:.2f} s, {rate} Hz, {audio.shape[0]} ch{seed})")
     return 0
+
+
+MAX_VARIATIONS = 16
+
+
+def numbered(path: Path, n: int) -> list[Path]:
+    """`path` itself for one take; `stem-1.ext` ... `stem-n.ext` for n takes."""
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, n + 1)]
+
+
+def variation_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Each take its own seed: seed, seed+1, ...; with no seed, one drawn now for all of them
+    (so the takes still differ from one another) - or None for a single take, as before."""
+    if n == 1:
+        return [seed]
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbelow(2**62)
+    return [(seed + i) % 2**63 for i in range(n)]

@@ -57,7 +57,8 @@ def _load_engine(args: argparse.Namespace, spec: str | None, recorded: dict | No
             dtype = recorded["dtype"]
         if device == "auto" and recorded.get("device") == "cpu":
             device = "cpu"
-    return Engine.load(model, device=device, dtype=dtype)
+    pattern = args.pattern or (recorded or {}).get("pattern")
+    return Engine.load(model, device=device, dtype=dtype, pattern=pattern)
 
 
 def _render(args: argparse.Namespace) -> int:

@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) 
     from model.engine import Engine
 
     log.info("loading model %s ...", args.model)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, pattern=args.pattern)
     config = DaemonConfig(host=args.host, port=args.port, reply_to=args.reply_to, session_dir=session_dir,
                           stems_dir=stems_dir, allow_dirs=tuple(d.expanduser() for d in args.allow_dir),
                           grace=args.grace, limits=Limits(max_seconds=args.max_seconds,
