@@ -38,7 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [UsageError, ModelError, RequestError, FileNotFoundError,
                                        FileExistsError, PermissionError, IsADirectoryError]
-    for mod, name in (("plugin_host.audio_io", "AudioFileError"), ("model.melody", "MelodyError"), ("presets", "PresetError"),
+    for mod, name in (("audiofile", "AudioFileError"), ("model.melody", "MelodyError"), ("presets", "PresetError"),
                       ("bridge.session_file", "SessionFileError")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))

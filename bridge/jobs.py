@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bridge.protocol import Continue, Generate, Limits, ProtocolError
+from model.types import melody_refusal
 
 if TYPE_CHECKING:
-    from bridge.session import Track, Transport
+    from bridge.session import TrackSettings, Transport
     from model.types import GenerationRequest, SamplingParams
     from presets import Preset
 
@@ -308,7 +309,7 @@ def build_request(job: Job, engine) -> GenerationRequest:
         melody = melody_chroma(spec.melody, engine.chroma_frame_rate, spec.seconds, spec.tempo)
     audio_prompt = None
     if spec.continuation is not None:
-        from plugin_host.audio_io import read_audio, resample
+        from audiofile import read_audio, resample
 
         take, rate = read_audio(spec.continuation["path"])
         audio_prompt = resample(take, rate, engine.sample_rate) if rate != engine.sample_rate else take
@@ -374,7 +375,7 @@ def write_result(job: Job, audio: np.ndarray, engine, stems_dir: Path, engine_re
                       chain=chain, samples=int(round(spec.seconds * spec.stem_rate)))
 
 
-def track_sound(name: str, track: Track, preset: Preset | None, tempo: float) -> tuple[str, SamplingParams]:
+def track_sound(name: str, track: TrackSettings, preset: Preset | None, tempo: float) -> tuple[str, SamplingParams]:
     """(prompt, SamplingParams) of a track: its prompt or its preset's, "<bpm> bpm" unless the
     preset says add_bpm = false, and the preset's params with the track's own on top."""
     base = track.prompt or (preset.prompt if preset else "")
@@ -386,7 +387,7 @@ def track_sound(name: str, track: Track, preset: Preset | None, tempo: float) ->
     return prompt, sampling_params({**(dict(preset.params) if preset else {}), **track.params_dict()})
 
 
-def plan_job(cmd: Generate | Continue, track: Track, preset: Preset | None, transport: Transport, engine,
+def plan_job(cmd: Generate | Continue, track: TrackSettings, preset: Preset | None, transport: Transport, engine,
              limits: Limits, stem_rate: int = 48000) -> JobSpec:
     """The job a /track/<name>/generate or /continue asks for, from the track, its preset and the transport.
 
@@ -398,7 +399,7 @@ def plan_job(cmd: Generate | Continue, track: Track, preset: Preset | None, tran
     prompt, params = track_sound(cmd.track, track, preset, t.tempo)
     bars = getattr(cmd, "bars", None)
     if bars is not None:
-        seconds = t.bars_to_seconds(bars)
+        seconds = t.bars_to_seconds(bars)  # may exceed the daemon's limit: checked below
         length = f"{bars} bars at {_fmt_bpm(t.tempo)} bpm in {t.signature} = {seconds:g} s"
     else:
         seconds = float(cmd.seconds)
@@ -406,10 +407,9 @@ def plan_job(cmd: Generate | Continue, track: Track, preset: Preset | None, tran
     if seconds > limits.max_seconds:
         raise ProtocolError("limit", f"{length} is over this daemon's limit of {limits.max_seconds:g} s per job")
     melody = track.melody_dict()
-    if melody is not None and not engine.is_melody:
-        raise ProtocolError("model", f"track {cmd.track} follows a melody but model {engine.info.label} is "
-                                     f"text-only; clear it with /track/{cmd.track}/melody/clear or use a "
-                                     "MusicGen-Melody checkpoint")
+    if melody is not None and melody_refusal(engine):
+        raise ProtocolError("model", f"track {cmd.track} follows a melody, but {melody_refusal(engine)}; "
+                                     f"or clear it with /track/{cmd.track}/melody/clear")
     path = getattr(cmd, "path", None)
     continuation = {"path": str(path), "seconds": seconds} if path is not None else None
     sidecar = {"preset": preset.to_dict() if preset else None, "params": _params_json(params),

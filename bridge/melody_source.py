@@ -17,7 +17,7 @@ from bridge.jobs import melody_chroma
 from bridge.protocol import ProtocolError
 
 
-def natural_chroma(melody: dict[str, Any], rate: float, tempo: float) -> np.ndarray:
+def whole_melody_chroma(melody: dict[str, Any], rate: float, tempo: float) -> np.ndarray:
     """The whole melody at `rate` frames a second, as long as it naturally is."""
     kind = melody["kind"]
     if kind == "chroma":

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from bridge.session_file import Session, SessionFileError, TrackSpec
+from bridge.session_file import FileTrack, SessionFile, SessionFileError
+from model.types import MAX_REQUEST_SECONDS, melody_refusal
 
 SIDECAR_KIND = "musicbridge.stem"
 GEN_MARGIN_SECONDS = 0.1  # generated past the needed length, so trimming never pads
@@ -87,7 +88,7 @@ def engine_record(engine) -> dict[str, Any]:
 
 
 @dataclass
-class TrackPlan:
+class StemPlan:
     """Everything needed to make one stem: the engine request record and the post-processing."""
 
     name: str
@@ -97,8 +98,8 @@ class TrackPlan:
     extra: dict[str, Any] = field(default_factory=dict)  # preset and session context for the sidecar
 
 
-def plan_track(track: TrackSpec, session: Session, model_rate: int, loop: bool | None = None,
-               seed: int | None = None) -> TrackPlan:
+def plan_track(track: FileTrack, session: SessionFile, model_rate: int, loop: bool | None = None,
+               seed: int | None = None) -> StemPlan:
     from plugin_host.tempo import (STRETCH_LIMIT, bars_to_samples, bars_to_seconds,
                                    loop_crossfade_samples)
 
@@ -115,11 +116,11 @@ def plan_track(track: TrackSpec, session: Session, model_rate: int, loop: bool |
     need = (model_samples + crossfade) / model_rate
     # Room for a stretch that speeds the take up by up to STRETCH_LIMIT without running short.
     gen_seconds = need * (1.0 + STRETCH_LIMIT if track.bars is not None else 1.0) + GEN_MARGIN_SECONDS
-    if gen_seconds > 600.0:
+    if gen_seconds > MAX_REQUEST_SECONDS:
         key = "bars" if track.bars is not None else "seconds"
         raise SessionFileError(f"{session.path}: track {track.name!r}: key '{key}': {seconds:.1f} s "
                                f"needs {gen_seconds:.1f} s of generation; the engine makes at most "
-                               "600 s per request")
+                               f"{MAX_REQUEST_SECONDS:g} s per request")
     params = dict(track.params)
     params["seed"] = seed if seed is not None else (track.seed if track.seed is not None
                                                     else secrets.randbelow(2**31))
@@ -131,7 +132,7 @@ def plan_track(track: TrackSpec, session: Session, model_rate: int, loop: bool |
         melody = {"source": str(track.melody), "sha256": file_sha256(track.melody),
                   "track": track.melody_track}
     start = (track.start_bar - 1) * bars_to_seconds(1, bpm, sig)
-    return TrackPlan(
+    return StemPlan(
         name=track.name,
         request={"prompt": track.full_prompt(bpm), "seconds": round(gen_seconds, 6),
                  "params": params, "melody": melody, "continuation": None},
@@ -158,9 +159,9 @@ def build_request(rec: dict[str, Any], engine, where: str):
     melody = None
     m = rec.get("melody")
     if m:
-        if not engine.is_melody:
-            raise SessionFileError(f"{where}: follows melody {m['source']}, but {engine.info.label} is a "
-                                   "text-only model; use a MusicGen-Melody checkpoint (--model)")
+        if melody_refusal(engine):
+            raise SessionFileError(f"{where}: follows melody {m['source']}, but {melody_refusal(engine)} "
+                                   "(--model)")
         src = Path(m["source"])
         if not src.is_file():
             raise FileNotFoundError(f"{where}: melody file {src} does not exist")
@@ -205,7 +206,7 @@ def _sha(a: np.ndarray) -> str:
     return audio_sha256(a)
 
 
-def write_track(audio: np.ndarray, model_rate: int, plan: TrackPlan, engine_rec: dict[str, Any],
+def write_track(audio: np.ndarray, model_rate: int, plan: StemPlan, engine_rec: dict[str, Any],
                 batch: list[dict[str, Any]], index: int, report: dict[str, Any], out_dir: Path) -> Path:
     from plugin_host.stems import write_stem
 
@@ -263,7 +264,7 @@ def write_json_atomic(out_dir: Path, basename: str, data: dict[str, Any]) -> Pat
     """name.json, name-2.json, ...: never overwriting, never partial."""
     import tempfile
 
-    from plugin_host.audio_io import finalize
+    from audiofile import finalize
 
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{basename}.", suffix=".part.json", dir=out_dir)
@@ -337,15 +338,14 @@ class TrackResult:
     report: dict[str, Any]
 
 
-def check_melodies(session: Session, engine) -> None:
+def check_melodies(session: SessionFile, engine) -> None:
     for t in session.tracks:
-        if t.melody is not None and not engine.is_melody:
+        if t.melody is not None and melody_refusal(engine):
             raise SessionFileError(
-                f"{session.path}: track {t.name!r}: key 'melody': {engine.info.label} is a text-only "
-                "model and cannot follow a melody; use a MusicGen-Melody checkpoint (--model)")
+                f"{session.path}: track {t.name!r}: key 'melody': {melody_refusal(engine)} (--model)")
 
 
-def render_session(session: Session, engine, out_dir: Path, *, loop: bool | None = None,
+def render_session(session: SessionFile, engine, out_dir: Path, *, loop: bool | None = None,
                    batch_size: int = 8, progress: TrackBars | None = None) -> list[TrackResult]:
     """Render every track; tracks go to the engine in batches of up to `batch_size` (one call each)."""
     from model.types import RequestError
@@ -403,7 +403,7 @@ def regenerate(sidecar_path: str | os.PathLike, engine, out_dir: Path | None = N
     reqs = [build_request(rec, engine, f"{where}: batch request {k}") for k, rec in enumerate(batch)]
     audios = engine.generate(reqs, progress=progress)
     audio, report = finish_audio(audios[index], engine.sample_rate, sc["render"])
-    plan = TrackPlan(name=sc["track"], request=batch[index], render=sc["render"],
+    plan = StemPlan(name=sc["track"], request=batch[index], render=sc["render"],
                      start_seconds=float(sc.get("file", {}).get("start_seconds", 0.0)),
                      extra={"preset": sc.get("preset"), "session": sc.get("session")})
     report["regenerated_from"] = str(Path(sidecar_path).resolve())

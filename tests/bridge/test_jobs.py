@@ -10,7 +10,7 @@ import soundfile as sf
 from bridge import protocol as P
 from bridge.jobs import JobQueue, JobSpec, plan_job, resample_chroma
 from bridge.protocol import Limits, ProtocolError
-from bridge.session import Track, Transport
+from bridge.session import TrackSettings, Transport
 from model.types import SamplingParams
 from presets import load_preset
 
@@ -58,24 +58,24 @@ def ids():
 def test_plan_job_bars_bpm_and_params(tiny_engine):
     gen = P.Generate("/track/d/generate", "d", None, 4, 0)
     t = Transport(tempo=120.0)
-    s = plan_job(gen, Track(prompt="dusty drums", params=(("seed", 7),)), None, t, tiny_engine, Limits())
+    s = plan_job(gen, TrackSettings(prompt="dusty drums", params=(("seed", 7),)), None, t, tiny_engine, Limits())
     assert s.seconds == 8.0 and s.prompt == "dusty drums, 120 bpm" and s.params.seed == 7
     preset = load_preset("lofi_drums")
-    s = plan_job(gen, Track(preset="lofi_drums", params=(("top_k", 10),)), preset, Transport(tempo=97.5),
+    s = plan_job(gen, TrackSettings(preset="lofi_drums", params=(("top_k", 10),)), preset, Transport(tempo=97.5),
                  tiny_engine, Limits())
     assert s.prompt == f"{preset.prompt}, 97.5 bpm"
     assert s.params.top_k == 10 and s.params.guidance == preset.params["guidance"]
     assert s.chain and s.sidecar["bars"] == 4 and "97.5 bpm" in s.sidecar["length"]
     no_bpm = preset.__class__(name="x", prompt="pad", add_bpm=False)
-    assert plan_job(gen, Track(), no_bpm, t, tiny_engine, Limits()).prompt == "pad"
+    assert plan_job(gen, TrackSettings(), no_bpm, t, tiny_engine, Limits()).prompt == "pad"
     with pytest.raises(ProtocolError) as e:
-        plan_job(gen, Track(), None, t, tiny_engine, Limits())
+        plan_job(gen, TrackSettings(), None, t, tiny_engine, Limits())
     assert e.value.code == "bad_args"
     with pytest.raises(ProtocolError) as e:
-        plan_job(P.Generate("/g", "d", None, 64, 0), Track(prompt="x"), None, t, tiny_engine, Limits())
+        plan_job(P.Generate("/g", "d", None, 64, 0), TrackSettings(prompt="x"), None, t, tiny_engine, Limits())
     assert e.value.code == "limit"
     with pytest.raises(ProtocolError) as e:
-        plan_job(gen, Track(prompt="x", melody=(("kind", "midi"), ("path", "/x.mid"))), None, t, tiny_engine,
+        plan_job(gen, TrackSettings(prompt="x", melody=(("kind", "midi"), ("path", "/x.mid"))), None, t, tiny_engine,
                  Limits())
     assert e.value.code == "model"
 
@@ -153,7 +153,7 @@ def test_resample_chroma_onto_the_model_grid():
 def test_a_track_melody_loops_under_a_jam():
     import numpy as np
 
-    from bridge.melody_source import LoopedMelody, natural_chroma
+    from bridge.melody_source import LoopedMelody, whole_melody_chroma
 
     notes = {"kind": "notes", "notes": [[60, 0.0, 1.0], [62, 1.0, 1.0]]}  # 2 beats at 120 bpm = 1 s
     clock = iter([100.0]).__next__
@@ -165,11 +165,11 @@ def test_a_track_melody_loops_under_a_jam():
         import model.melody  # noqa: F401
     except ImportError:
         with pytest.raises(ProtocolError) as e:
-            natural_chroma(notes, 4.0, 120.0)
+            whole_melody_chroma(notes, 4.0, 120.0)
         assert e.value.code == "unavailable"
     chroma = {"kind": "chroma", "data": __import__("bridge.session", fromlist=["x"]).chroma_to_text(
         np.eye(12, dtype="<f4")[[3, 4]].tobytes()), "frame_rate": 2.0}
-    assert [int(r.argmax()) for r in natural_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]
+    assert [int(r.argmax()) for r in whole_melody_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]
 
 
 def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
@@ -182,7 +182,7 @@ def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
     chroma = np.eye(12, dtype="<f4")[[0, 4, 7, 4] * 4]  # 16 frames at 8 fps = 2 s
     melody = {"kind": "chroma", "data": chroma_to_text(chroma.tobytes()), "frame_rate": 8.0}
     gen = P.Generate("/track/m/generate", "m", 1.5, None, 0)
-    track = Track(prompt="piano", melody=tuple(sorted(melody.items())))
+    track = TrackSettings(prompt="piano", melody=tuple(sorted(melody.items())))
     no_bpm = load_preset("lofi_drums").__class__(name="x", prompt="unused", add_bpm=False)  # see test_osc_daemon
     s = plan_job(gen, track, no_bpm, Transport(), tiny_melody_engine, Limits())
     assert s.sidecar["melody"]["frames"] == 16 and len(s.sidecar["melody"]["sha256"]) == 64

@@ -96,7 +96,7 @@ def test_generate_round_trip_writes_the_stem(env):
 def test_continue_a_recorded_take(env):
     import numpy as np
 
-    from plugin_host.audio_io import write_audio
+    from audiofile import write_audio
 
     c = env["c"]
     take = env["allowed"] / "take.wav"

@@ -12,7 +12,7 @@ import pytest
 
 from bridge.render import TrackBars, read_sidecar, regenerate, render_session
 from bridge.session_file import SessionFileError, load_session
-from plugin_host.audio_io import read_audio
+from audiofile import read_audio
 from plugin_host.bwf import read_bext, wav_format
 
 SESSION = """\
