@@ -42,10 +42,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.types import GenerationRequest, SamplingParams
-from plugin_host.live import TrackPlayer
+from plugin_host.live import StatusCallback, TrackPlayer
 from plugin_host.output import AudioOutput
 
-StatusCallback = Callable[[dict[str, Any]], None]
 EDGE_FADE_SECONDS = 0.01  # fades around a chunk that is re-anchored after falling behind
 
 

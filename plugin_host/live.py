@@ -34,7 +34,7 @@ import numpy as np
 from model.types import AudioChunk
 from plugin_host.output import OutputTrack
 
-StatusCallback = Callable[[dict[str, Any]], None]
+StatusCallback = Callable[[dict[str, Any]], None]  # status dict -> None; the jam uses the same type
 
 
 class LiveError(ValueError):
