@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
-from bridge.jobs import Job, JobQueue, plan_job, sampling_params as _sampling, track_sound
+from bridge.jobs import Job, JobQueue, check_track_params, plan_job, track_sound
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
@@ -75,7 +75,7 @@ class Daemon:
 
     def __init__(self, engine, config: DaemonConfig, audio=None):
         """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None."""
-        from bridge.render import engine_record
+        from bridge.stem_output import engine_record
 
         self.engine, self.config, self.audio = engine, config, audio
         self.stems_dir = Path(config.stems_dir or Path(config.session_dir) / "stems")
@@ -143,14 +143,14 @@ class Daemon:
         if kind == "progress":
             self.server.send(to, "/job/progress", (job.id, float(payload[0])))
         elif kind == "done":
-            log.info("job %d done: track %s, %g s, wrote %s", job.id, job.spec.track, job.spec.seconds, payload[0])
+            log.info("job %d done: track %s, %g s, wrote %s", job.id, job.plan.name, job.plan.seconds, payload[0])
             self.server.send(to, "/job/done", (job.id, payload[0]))
         elif kind == "cancelled":
-            log.info("job %d (track %s) cancelled", job.id, job.spec.track)
+            log.info("job %d (track %s) cancelled", job.id, job.plan.name)
             self.server.send(to, "/job/cancelled", (job.id,))
         elif kind == "failed":
             code, message = payload
-            log.info("job %d (track %s) failed: %s", job.id, job.spec.track, message)
+            log.info("job %d (track %s) failed: %s", job.id, job.plan.name, message)
             self.server.send(to, "/error", (code, message, f"/job/{job.id}", job.id))
 
     # ------------------------------------------------------------ messages
@@ -236,7 +236,7 @@ class Daemon:
     def _cancel_job(self, cmd: P.CancelJob, sender: Address) -> None:
         job = self.jobs.cancel(cmd.job_id)
         if job.state == "running":
-            log.info("job %d (track %s): stopping at the next step", job.id, job.spec.track)
+            log.info("job %d (track %s): stopping at the next step", job.id, job.plan.name)
 
     @handles(P.JobStatus)
     def _job_status(self, cmd: P.JobStatus, sender: Address) -> None:
@@ -341,7 +341,7 @@ class Daemon:
         if cmd.name:
             preset = _load_preset(cmd.name)
             track = self.session.track(cmd.track)
-            _sampling({**preset.params, **(track.params_dict() if track else {})})
+            check_track_params(preset, track.params_dict() if track else {})
         self.session.update_track(cmd.track, preset=cmd.name)
         self._ok(sender, cmd, f"track {cmd.track}: preset {cmd.name!r}" if cmd.name
                  else f"track {cmd.track}: preset removed")
@@ -354,8 +354,7 @@ class Daemon:
             params.pop(cmd.key, None)
         else:
             params[cmd.key] = cmd.value
-        base = dict(_load_preset(track.preset).params) if track and track.preset else {}
-        _sampling({**base, **params})
+        check_track_params(_load_preset(track.preset) if track and track.preset else None, params)
         self.session.update_track(cmd.track, params=params)
         self._ok(sender, cmd, f"track {cmd.track}: {cmd.key} = {cmd.value if cmd.value is not None else 'default'}")
 
@@ -381,15 +380,16 @@ class Daemon:
         s = self.session
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
-        spec = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
-        if spec.continuation is not None:
-            s.update_track(cmd.track, continuation=spec.continuation)
+        plan = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
+        if isinstance(cmd, P.Continue):
+            s.update_track(cmd.track, continuation={"path": str(cmd.path), "seconds": cmd.seconds})
+
         def accepted(job: Job) -> None:
             self.reply(sender, "/job/accepted", job.id, cmd.track)
-            log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, spec.sidecar["length"],
-                     spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
+            log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
+                     plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 
-        self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id, accepted)
+        self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
 
 
 # The dispatch table, command class -> handler, gathered from the @handles marks above.

@@ -71,11 +71,6 @@ class FileTrack:
     loop: bool
     preset: Any = None  # presets.Preset or None
 
-    def full_prompt(self, bpm: float) -> str:
-        from presets import _fmt_bpm
-
-        return f"{self.prompt}, {_fmt_bpm(bpm)} bpm" if self.add_bpm else self.prompt
-
 
 @dataclass(frozen=True)
 class SessionFile:

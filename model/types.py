@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +75,22 @@ class SamplingParams:
             if v is not None and v not in r:
                 off = " (0 = off)" if key in ("top_k", "top_p") else ""
                 raise RequestError(f"{key} must be in {r}{off}, got {v}")
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> SamplingParams:
+        """The one parser of a params table (preset, session file, OSC track, sidecar); RequestError if bad."""
+        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise RequestError(f"unknown sampling parameter(s) {', '.join(unknown)}; expected "
+                               f"{', '.join(cls.__dataclass_fields__)}")
+        try:
+            return cls(**params)
+        except TypeError as e:  # a value of the wrong type, e.g. a string
+            raise RequestError(f"sampling parameters: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as recorded in a sidecar; from_dict(to_dict()) == self."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 SAMPLING_KEYS: tuple[str, ...] = tuple(SamplingParams.__dataclass_fields__)

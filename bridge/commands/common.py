@@ -81,8 +81,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def sampling_params(args: argparse.Namespace):
     from model.types import SamplingParams
 
-    return SamplingParams(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    return SamplingParams.from_dict({k: getattr(args, k) for k in SamplingParams.__dataclass_fields__})
 
 
 class ProgressBar:
