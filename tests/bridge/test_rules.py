@@ -15,7 +15,7 @@ from bridge.cli import main
 from bridge.osc import OscClient
 from model.types import MAX_REQUEST_SECONDS, SAMPLING_RANGES
 from plugin_host.tempo import DENOMINATORS, MAX_BPM, MIN_BPM, TimeSignature, bars_to_seconds
-from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess, drain, expect
+from tests.bridge.osc_helpers import DaemonProcess, drain, expect, start_daemon
 
 TEXT_ONLY = "is text-only and cannot follow a melody"
 
@@ -24,13 +24,7 @@ TEXT_ONLY = "is text-only and cannot follow a melody"
 def daemon(tmp_path_factory, tiny_model_dir):
     """A daemon that allows the longest job one request can make (--max-seconds at the rule's bound)."""
     base = tmp_path_factory.mktemp("rules")
-    presets = base / "presets"
-    presets.mkdir()
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
-    d = DaemonProcess(tiny_model_dir, base / "session", presets, "--max-seconds", f"{MAX_REQUEST_SECONDS:g}",
-                      "--allow-dir", str(base))
-    client = d.client()
-    d.wait_ready(client)
+    d, client = start_daemon(base, tiny_model_dir, "--max-seconds", f"{MAX_REQUEST_SECONDS:g}")
     yield {"d": d, "c": client, "base": base}
     d.stop()
     client.sock.close()

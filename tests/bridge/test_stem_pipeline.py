@@ -14,25 +14,15 @@ from audiofile import read_audio
 from bridge.cli import main
 from bridge.osc import OscClient
 from plugin_host.bwf import read_bext
-from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess, drain, expect
+from tests.bridge.osc_helpers import drain, expect, start_daemon
 
 DEVICE = ("--device", "cpu", "--dtype", "float32")
-
-
-def _start(base: Path, model_dir: Path) -> tuple[DaemonProcess, OscClient]:
-    presets = base / "presets"
-    presets.mkdir(exist_ok=True)
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
-    d = DaemonProcess(model_dir, base / "session", presets, "--allow-dir", str(base))
-    c = d.client()
-    d.wait_ready(c)
-    return d, c
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("pipe")
-    d, c = _start(base, tiny_model_dir)
+    d, c = start_daemon(base, tiny_model_dir)
     yield d, c, base
     d.stop()
     c.sock.close()
