@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="live audio output: a device name or index, 'default', or none (the default)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds a running job may take to finish after SIGINT/SIGTERM before it is cancelled")
-    p.add_argument("--max-seconds", type=request_seconds, default=120.0, help="longest job in seconds")
+    p.add_argument("--max-seconds", type=request_seconds, default=120.0, help="longest job in seconds (at most 600)")
     p.add_argument("--max-queued", type=nonneg_int, default=32, help="most jobs waiting at once")
     p.add_argument("--max-tracks", type=nonneg_int, default=64, help="most tracks in the session")
     p.set_defaults(func=run)
