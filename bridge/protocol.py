@@ -11,7 +11,7 @@ import math
 import re
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -545,7 +545,7 @@ def _no_args(a: _Args, cls: type, pre: tuple) -> Command:
 
 def _one(a: _Args, cls: type, pre: tuple) -> Command:
     a.count(1)
-    return cls(a.address, *pre, a.text(0, "argument"))
+    return cls(a.address, *pre, a.text(0, fields(cls)[1 + len(pre)].name))
 
 
 def _two(a: _Args, cls: type, pre: tuple) -> Command:
