@@ -305,6 +305,33 @@ def trained_proxy(steps: int, log=print):
     return model, tokenizer, loss
 
 
+def bench_variations(model, tokenizer, dtype: str, seconds: float, counts: list[int], log=print) -> list[dict]:
+    """N takes of one prompt in one batched pass (as `generate --variations N`), per N: wall
+    seconds, ms a step, and cost against one take. The step reads the weights once for all rows,
+    so N takes cost far less than N times one."""
+    resolved = ResolvedModel("random", "random weights", False, False, True)
+    eng = Engine(model, tokenizer, resolved, "cpu", dtype)
+    eng.generate([GenerationRequest(PROMPT, 0.3, SamplingParams(seed=1))])  # warm-up
+    rows = []
+    for n in counts:
+        stamps: list[float] = []
+        eng.step_hook = lambda: stamps.append(time.perf_counter())
+        reqs = [GenerationRequest(PROMPT, seconds, SamplingParams(seed=i, top_k=250, guidance=3.0))
+                for i in range(n)]
+        t0 = time.perf_counter()
+        eng.generate_tokens(reqs)
+        wall = time.perf_counter() - t0
+        rows.append({"n": n, "dtype": dtype, "wall_s": wall,
+                     "ms_per_step_median": float(np.median(np.diff(stamps)) * 1000)})
+        log(f"  variations {n}: {wall:.1f} s")
+    one = rows[0]["wall_s"] if rows and rows[0]["n"] == 1 else None
+    for r in rows:
+        r["vs_one"] = r["wall_s"] / one if one else None
+    del eng
+    gc.collect()
+    return rows
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -319,7 +346,7 @@ def machine() -> dict:
 
 
 def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seconds: float,
-        with_quality: bool, log=print, proxy_steps: int = 0) -> dict:
+        with_quality: bool, log=print, proxy_steps: int = 0, variations: list[int] | None = None) -> dict:
     t = time.perf_counter()
     model, tokenizer = build_random_model(arch)
     log(f"built {arch} with random weights in {time.perf_counter() - t:.1f} s")
@@ -343,6 +370,10 @@ def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seco
         results.append(bench_engine(model, tokenizer, dt, seconds, stream_seconds, bandwidth))
     out = {"arch": arch, "seconds": seconds, "machine": machine(), "bandwidth_gbs": bandwidth / 1e9,
            "results": [asdict(r) for r in results], "auto": auto}
+    if variations:
+        vd = dtypes[0]
+        log(f"variations {','.join(map(str, variations))} in {vd} ...")
+        out["variations"] = bench_variations(model, tokenizer, vd, seconds, variations, log)
     if with_quality:
         log("measuring quantisation quality on random weights ...")
         qd = [d for d in ("bfloat16", "int8", "int4") if d in dtypes] or ["int8"]
@@ -374,6 +405,12 @@ def table(report: dict) -> str:
     if report.get("auto"):
         a = report["auto"]
         lines += ["", f"dtype auto on this machine: **{a['dtype']}** - {a['reason']}"]
+    if report.get("variations"):
+        lines += ["", "| variations (one batched pass) | dtype | wall s | ms/step (median) | cost vs one take |",
+                  "|---|---|---|---|---|"]
+        for v in report["variations"]:
+            vs = f"{v['vs_one']:.2f}x" if v.get("vs_one") else "-"
+            lines.append(f"| {v['n']} | {v['dtype']} | {v['wall_s']:.1f} | {v['ms_per_step_median']:.1f} | {vs} |")
     if report.get("quality"):
         lines += ["", "| proxy | dtype | max rel. logit error | RMS rel. logit error | argmax agreement "
                   "| top-k 250 KL (nats) | greedy agreement |", "|---|---|---|---|---|---|---|"]

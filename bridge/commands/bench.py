@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --quality, also train the small MusicGen-shaped proxy for N steps "
                         "(seeded: the same N gives the same weights; 300 is a few minutes) and "
                         "report quantisation quality on it beside random weights")
+    p.add_argument("--variations", default="", metavar="N,N,...",
+                   help="also time N takes of one prompt in one batched pass for each N (e.g. 1,2,4), "
+                        "in the first --dtype")
     p.add_argument("--e2e", type=positive_float, default=None, metavar="SECONDS",
                    help="instead: end to end, `musicbridge generate --seconds SECONDS` with default "
                         "flags against transformers alone, each a fresh process loading from disk")
@@ -54,10 +57,16 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.e2e is not None:
         return _e2e(args)
+    try:
+        variations = [int(v) for v in args.variations.split(",") if v.strip()]
+    except ValueError:
+        variations = [0]
+    if any(not 1 <= v <= 16 for v in variations):
+        raise UsageError(f"--variations: expected counts between 1 and 16 like 1,2,4, got {args.variations!r}")
     report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
                        args.stream_seconds or args.seconds, args.quality,
                        log=lambda m: print(m, file=sys.stderr, flush=True),
-                       proxy_steps=args.proxy_steps if args.quality else 0)
+                       proxy_steps=args.proxy_steps if args.quality else 0, variations=variations)
     print(f"\n{args.arch}, {args.seconds:g} s of audio, {report['machine']['cpu']}, "
           f"{report['machine']['threads']} threads, torch {report['machine']['torch']}\n")
     print(bench.table(report))
