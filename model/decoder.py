@@ -111,6 +111,24 @@ class DecoderLayer(nn.Module):
         else:
             causal = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal)
+        return self._rest(x, a, layer, cross)
+
+    def step_static(self, x, layer: int, pos: torch.Tensor, valid: torch.Tensor, cache: KVCache,
+                    cross: CrossKV | None):
+        """One token per row at position `pos` with fixed shapes (see MusicgenDecoderLM.step_static)."""
+        d = x.shape[2]
+        h = self.ln_self(x)
+        q, k, v = self.qkv(h).split(d, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        keys, values = cache.k[layer], cache.v[layer]
+        keys.index_copy_(2, pos, k)
+        values.index_copy_(2, pos, v)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid)
+        return self._rest(x, a, layer, cross)
+
+    def _rest(self, x, a, layer: int, cross: CrossKV | None):
+        """Everything after self-attention: its projection, cross-attention, the feed-forward."""
+        b, n, d = x.shape
         x = x + self.out(a.transpose(1, 2).reshape(b, n, d))
         if cross is not None:
             h = self.ln_cross(x)
@@ -218,6 +236,25 @@ class MusicgenDecoderLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV | None):
         return self.forward_embeds(self.embed_tokens(tokens), start, cache, cross)
+
+    def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                    cross: CrossKV | None) -> torch.Tensor:
+        """One decode step with every shape fixed: tokens (batch, codebooks, 1) at position
+        `pos` (a one-element int64 tensor) -> logits (batch, codebooks, 1, vocab).
+
+        Attention reads the whole static cache under a mask of the filled positions (as
+        gpt-fast does), and the position is a tensor, not a Python number, so no shape or
+        host value changes from step to step: a CUDA graph can capture this call once and
+        replay it with `pos` updated in place. On the CPU the eager slice (`forward`) is
+        cheaper, as it reads only the filled part of the cache.
+        """
+        x = self.embed_tokens(tokens) + self.positions.index_select(0, pos)
+        valid = (torch.arange(cache.max_len, device=pos.device) <= pos).view(1, 1, 1, -1)
+        for i, layer in enumerate(self.layers):
+            x = layer.step_static(x, i, pos, valid, cache, cross)
+        logits = self.heads(self.ln_final(x))
+        b = x.shape[0]
+        return logits.view(b, 1, self.spec.n_codebooks, self.spec.vocab).transpose(1, 2)
 
 
 def _fuse(params: list[nn.Parameter]) -> nn.Parameter:

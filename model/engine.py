@@ -123,6 +123,9 @@ class Engine:
             self.dtype = self.dtype_decision.dtype
             log.info("%s", self.dtype_decision.line())
         self.step_hook: Callable[[], None] | None = None  # called after every decoder step (bench)
+        # Fixed-shape decode steps (the form CUDA graphs capture) on a GPU; the CPU's eager
+        # slice reads only the filled cache. Both are held to the same equivalence tests.
+        self.static_step = device.startswith("cuda")
         self.lm, self.compute_dtype = self._lay_out(hf_model, self.dtype, owns_model)
 
     def _lay_out(self, hf_model, dtype: str, release: bool) -> tuple[MusicgenDecoderLM, torch.dtype]:
@@ -322,6 +325,7 @@ class Engine:
                      if guided else None)
             sampler = Sampler.for_params(params, self.device)
             state = new_state(self.lm, cond, plan, sampler, scale, prompts, self.compute_dtype)
+            state.static = self.static_step
             prefill(state)
             last_pct = [-1] * len(reqs)
             while not state.done:

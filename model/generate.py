@@ -72,6 +72,8 @@ class DecodeState:
     tokens: torch.Tensor  # (B, K, S+1) in step layout
     forced: torch.Tensor  # (B, K, S+1), -1 where the model samples
     step: int = 0  # next column of `tokens` to fill
+    static: bool = False  # fixed-shape steps (`MusicgenDecoderLM.step_static`), as CUDA graphs need
+    pos: torch.Tensor | None = None  # the static step's position, updated in place
 
     @property
     def offset(self) -> int:
@@ -138,7 +140,13 @@ def decode_one_token(state: DecodeState) -> None:
     """One decoder step: feed column step-1, sample column step."""
     t = state.step
     x = _rows(state, state.tokens[:, :, t - 1 : t])
-    logits = state.lm(x, state.offset + t - 1, state.cache, state.cross)
+    if state.static:
+        if state.pos is None:
+            state.pos = torch.zeros(1, dtype=torch.long, device=x.device)
+        state.pos.fill_(state.offset + t - 1)
+        logits = state.lm.step_static(x, state.pos, state.cache, state.cross)
+    else:
+        logits = state.lm(x, state.offset + t - 1, state.cache, state.cross)
     _emit(state, logits[:, :, -1])
 
 
