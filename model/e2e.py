@@ -48,35 +48,42 @@ def _timed(cmd: list[str], env: dict) -> dict:
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "stderr": text}
 
 
-def compare(model_dir: str, seconds: float, log=print, extra_flags: tuple[str, ...] = ()) -> dict:
-    """Both sides on `model_dir`; ours with default flags (plus `extra_flags`)."""
+def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] = ()) -> dict:
+    """Both sides on `model_dir`: ours with default flags, then once with `--dtype D` for each
+    of `dtypes` (for the peak memory of each precision), then `transformers` alone."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
+    runs = []
     with tempfile.TemporaryDirectory(prefix="musicbridge-e2e-") as tmp:
-        ours_cmd = [sys.executable, "-m", "bridge.cli", "generate", "--model", model_dir, "--prompt", PROMPT,
-                    "--seconds", f"{seconds:g}", "--seed", "0", "--out", str(Path(tmp) / "ours.wav"),
-                    *extra_flags]
-        log(f"end to end: musicbridge generate --seconds {seconds:g} {' '.join(extra_flags)}...")
-        ours = _timed(ours_cmd, env)
-        log(f"  {ours['wall_s']:.1f} s, peak RSS {ours['peak_rss_mb']:.0f} MB")
+        for flags in [()] + [("--dtype", d) for d in dtypes]:
+            cmd = [sys.executable, "-m", "bridge.cli", "generate", "--model", model_dir, "--prompt", PROMPT,
+                   "--seconds", f"{seconds:g}", "--seed", "0", "--out", str(Path(tmp) / "ours.wav"),
+                   "--overwrite", *flags]
+            log(f"end to end: musicbridge generate --seconds {seconds:g} {' '.join(flags)}...")
+            r = _timed(cmd, env)
+            log(f"  {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+            auto = [ln for ln in r["stderr"].splitlines() if ln.startswith("dtype auto:")]
+            runs.append({"flags": list(flags), "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+                         "auto": auto[0] if auto else None})
         log(f"end to end: transformers alone, {seconds:g} s ...")
         ref = _timed([sys.executable, "-c", _REFERENCE, model_dir, f"{seconds:g}", str(Path(tmp) / "ref.wav"),
                       PROMPT], env)
         log(f"  {ref['wall_s']:.1f} s, peak RSS {ref['peak_rss_mb']:.0f} MB")
-    auto = [ln for ln in ours["stderr"].splitlines() if ln.startswith("dtype auto:")]
-    return {"seconds": seconds, "model": model_dir, "flags": list(extra_flags),
-            "ours": {k: v for k, v in ours.items() if k != "stderr"},
+    ours = runs[0]
+    return {"seconds": seconds, "model": model_dir, "flags": [], "ours": ours, "runs": runs,
             "transformers": {k: v for k, v in ref.items() if k != "stderr"},
-            "speedup": ref["wall_s"] / ours["wall_s"], "auto": auto[0] if auto else None}
+            "speedup": ref["wall_s"] / ours["wall_s"], "auto": ours["auto"]}
 
 
 def table(e: dict) -> str:
-    flags = " ".join(e["flags"]) or "(default flags)"
+    t = e["transformers"]
     lines = [f"End to end, {e['seconds']:g} s of audio, load included, one process each:", "",
              "| run | wall s | peak RSS MB | speed-up |", "|---|---|---|---|",
-             f"| transformers alone | {e['transformers']['wall_s']:.1f} | {e['transformers']['peak_rss_mb']:.0f} | 1.00x |",
-             f"| musicbridge generate {flags} | {e['ours']['wall_s']:.1f} | {e['ours']['peak_rss_mb']:.0f} "
-             f"| {e['speedup']:.2f}x |"]
+             f"| transformers alone | {t['wall_s']:.1f} | {t['peak_rss_mb']:.0f} | 1.00x |"]
+    for r in e.get("runs", [e["ours"]]):
+        flags = " ".join(r.get("flags", [])) or "(default flags)"
+        lines.append(f"| musicbridge generate {flags} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} "
+                     f"| {t['wall_s'] / r['wall_s']:.2f}x |")
     if e.get("auto"):
         lines += ["", e["auto"]]
     return "\n".join(lines)

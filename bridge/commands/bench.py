@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--e2e", type=positive_float, default=None, metavar="SECONDS",
                    help="instead: end to end, `musicbridge generate --seconds SECONDS` with default "
                         "flags against transformers alone, each a fresh process loading from disk")
+    p.add_argument("--e2e-dtype", default="", metavar="D,D",
+                   help="with --e2e: also run generate with --dtype D for each (peak memory per precision)")
     p.add_argument("--model", default=None,
                    help="with --e2e: the checkpoint directory to use (default: write --arch's shapes "
                         "with random weights to a temporary directory first)")
@@ -86,17 +88,24 @@ def _e2e(args: argparse.Namespace) -> int:
     def log(m: str) -> None:
         print(m, file=sys.stderr, flush=True)
 
+    from model.engine import DTYPES
+
+    extra = tuple(d.strip() for d in args.e2e_dtype.split(",") if d.strip())
+    bad = [d for d in extra if d not in DTYPES or d == "float16"]
+    if bad:
+        raise UsageError(f"--e2e-dtype: unknown or unsupported on CPU: {', '.join(bad)}; expected "
+                         "a comma-separated list of float32, bfloat16, int8, int4")
     if args.model:
         from pathlib import Path
 
         if not (Path(args.model) / "config.json").exists():
             raise UsageError(f"--model {args.model}: not a checkpoint directory (no config.json)")
-        report = e2e.compare(args.model, args.e2e, log)
+        report = e2e.compare(args.model, args.e2e, log, extra)
     else:
         with tempfile.TemporaryDirectory(prefix="musicbridge-bench-ckpt-") as tmp:
             log(f"writing a {args.arch}-shaped checkpoint with random weights ...")
             path = write_random_model(args.arch, f"{tmp}/model")
-            report = e2e.compare(str(path), args.e2e, log)
+            report = e2e.compare(str(path), args.e2e, log, extra)
     print()
     print(e2e.table(report))
     if args.json:

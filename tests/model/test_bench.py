@@ -56,10 +56,12 @@ def test_bench_variations_and_both_quality_proxies(tmp_path):
 def test_bench_end_to_end_against_transformers(tmp_path):
     out = tmp_path / "e2e.json"
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "--arch", "tiny", "--e2e", "0.2",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--e2e-dtype", "int8", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     e = json.loads(out.read_text())["e2e"]
     for side in ("ours", "transformers"):
         assert e[side]["wall_s"] > 0 and e[side]["peak_rss_mb"] > 50
     assert e["auto"] and e["auto"].startswith("dtype auto: ")  # default flags: auto was decided
     assert "| transformers alone |" in r.stdout and "| musicbridge generate (default flags) |" in r.stdout
+    assert [x["flags"] for x in e["runs"]] == [[], ["--dtype", "int8"]]
+    assert e["runs"][1]["auto"] is None and e["runs"][1]["peak_rss_mb"] > 50
