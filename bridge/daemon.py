@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
-from bridge.jobs import Job, JobQueue, check_track_params, plan_job, track_sound
+from bridge.jobs import Job, JobQueue, check_track_params, plan_job, track_sound, variation_plans
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
@@ -389,7 +389,12 @@ class Daemon:
             log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
                      plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 
-        self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
+        takes = 1 if isinstance(cmd, P.Continue) else int(track.params_dict().get("variations") or 1)
+        if takes == 1:
+            self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
+        else:
+            self.jobs.submit_all(variation_plans(plan, takes), self._to(sender), cmd.priority, s.take_job_id,
+                                 accepted)
 
 
 # The dispatch table, command class -> handler, gathered from the @handles marks above.

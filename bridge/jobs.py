@@ -9,6 +9,8 @@ callbacks. Every job ends in exactly one event: done, cancelled or failed.
 
 from __future__ import annotations
 
+import copy
+
 import itertools
 import logging
 import threading
@@ -113,6 +115,29 @@ class JobQueue:
             self._forget_old()
             self._cond.notify_all()
         return job
+
+    def submit_all(self, plans: list[StemPlan], reply_to: Address, priority: int, new_id: Callable[[], int],
+                   accepted: Callable[[Job], None] | None = None) -> list[Job]:
+        """Queue several jobs at once (the takes of one variations request): all or none, and
+        the worker sees them together, so they share one engine call (up to max_batch)."""
+        with self._cond:
+            if self._closing:
+                raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
+            free = self.max_queued - len(self._queued)
+            if len(plans) > free:
+                raise ProtocolError("busy", f"{len(plans)} variations need {len(plans)} queue places and "
+                                            f"{free} are free; wait, or lower variations")
+            jobs = []
+            for plan in plans:
+                job = Job(new_id(), plan, reply_to, priority, next(self._seq))
+                self.jobs[job.id] = job
+                if accepted is not None:
+                    accepted(job)
+                jobs.append(job)
+            self._queued.extend(jobs)
+            self._forget_old()
+            self._cond.notify_all()
+        return jobs
 
     def cancel(self, job_id: int) -> Job:
         """Cancel a queued job now, or ask a running one to stop; ProtocolError if unknown or finished."""
@@ -293,15 +318,35 @@ def track_sound(name: str, track: TrackSettings, preset: Preset | None, tempo: f
                                         f"or /track/{name}/preset first")
     try:
         return sound(base, preset.add_bpm if preset else True, tempo,
-                     dict(preset.params) if preset else {}, track.params_dict())
+                     dict(preset.params) if preset else {}, sampling_only(track.params_dict()))
     except RequestError as e:
         raise ProtocolError("bad_args", f"those parameters do not go together: {e}") from None
+
+
+def sampling_only(params: dict[str, Any]) -> dict[str, Any]:
+    """A track's params less the ones that are not sampling parameters (variations)."""
+    return {k: v for k, v in params.items() if k != "variations"}
+
+
+def variation_plans(plan: StemPlan, n: int) -> list[StemPlan]:
+    """n takes of one plan, each with its own seed (the plan's, +1, +2, ...); their jobs share
+    a batch key, so the queue runs them in one engine pass (up to its batch size)."""
+    if n <= 1:
+        return [plan]
+    seed = int(plan.request["params"]["seed"])
+    plans = []
+    for i in range(n):
+        p = copy.deepcopy(plan)
+        p.request["params"]["seed"] = (seed + i) % 2**63
+        p.context["variation"] = {"take": i + 1, "of": n}
+        plans.append(p)
+    return plans
 
 
 def check_track_params(preset: Preset | None, params: dict[str, Any]) -> None:
     """ProtocolError bad_args unless the preset's params with these on top go together."""
     try:
-        check_params(dict(preset.params) if preset else {}, params)
+        check_params(dict(preset.params) if preset else {}, sampling_only(params))
     except RequestError as e:
         raise ProtocolError("bad_args", f"those parameters do not go together: {e}") from None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from bridge.paths import PathPolicy
-from model.types import MAX_REQUEST_SECONDS, SAMPLING_KEYS, SAMPLING_RANGES
+from model.types import MAX_REQUEST_SECONDS, MAX_VARIATIONS, SAMPLING_KEYS, SAMPLING_RANGES
 from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM, TempoError, TimeSignature
 
 TRACK_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -28,7 +28,7 @@ MAX_BEAT_POSITION = 1e7  # transport positions, in beats
 MAX_CHROMA_RATE = 1000.0
 MIDI_SUFFIXES = (".mid", ".midi")
 AUDIO_SUFFIXES = (".wav", ".flac", ".aif", ".aiff", ".ogg", ".mp3")
-PARAM_KEYS = SAMPLING_KEYS
+PARAM_KEYS = SAMPLING_KEYS + ("variations",)  # variations: takes per generate, not a sampling param
 
 ERROR_CODES = (
     "bad_packet",   # not an OSC packet at all
@@ -136,6 +136,8 @@ def check_param(cmd: Command, key: str, v: Any) -> float | int | bool | None:
         return None
     if key == "greedy":
         return v if isinstance(v, bool) else bool(check_integer(cmd, v, key, 0, 1))
+    if key == "variations":
+        return check_integer(cmd, v, key, 1, MAX_VARIATIONS)
     r = SAMPLING_RANGES[key]
     if key in ("top_k", "seed"):
         return check_integer(cmd, v, key, int(r.lo), int(r.hi))

@@ -15,6 +15,7 @@ import numpy as np
 
 
 MAX_REQUEST_SECONDS = 600.0  # the longest music one request asks for (the OSC, CLI and session-file limit)
+MAX_VARIATIONS = 16  # takes of one prompt in one batched pass (generate --variations, OSC variations)
 
 
 class RequestError(ValueError):

@@ -31,8 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge.cli import UsageError
     from audiofile import check_writable_format, resample, write_audio
+    from bridge.cli import UsageError
+    from model.types import MAX_VARIATIONS
 
     out = Path(args.out)
     check_writable_format(out)
@@ -83,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {outs[i]} ({audio.shape[1] / rate:.2f} s, {rate} Hz, {audio.shape[0]} ch{seed})")
     return 0
 
-
-MAX_VARIATIONS = 16
 
 
 def numbered(path: Path, n: int) -> list[Path]:

@@ -243,6 +243,43 @@ def test_full_queue_answers_busy(env):
         left.discard(r[1][0])
 
 
+def test_variations_param_makes_numbered_takes_in_one_pass(env):
+    """/track/<name>/param variations 3: one generate queues three takes, each with its own seed
+    (the track's, +1, +2), batched into one engine pass, each written as its own stem."""
+    c, d = env["c"], env["d"]
+    drain(c, 0.1)
+    c.send("/track/keys/preset", "plain")
+    expect(c, "/ok")
+    c.send("/track/keys/param", "variations", 3)
+    assert expect(c, "/ok") == ["/track/keys/param"]
+    c.send("/track/keys/generate", 0.5)
+    ids = [expect(c, "/job/accepted")[0] for _ in range(3)]
+    assert len(set(ids)) == 3
+    done, seen = {}, []
+    while len(done) < 3:
+        r = c.wait_for(lambda a, v: a in ("/job/done", "/error") and v and v[0] in ids, 120.0, seen)
+        assert r is not None and r[0] == "/job/done", seen
+        done[r[1][0]] = r[1][1]
+    paths = [done[i] for i in ids]
+    assert len(set(paths)) == 3
+    sides = [json.loads(open(p[:-4] + ".json").read()) for p in paths]
+    assert [s["params"]["seed"] for s in sides] == [1, 2, 3]  # the preset's seed 1, then +1, +2
+    audio = [sf.read(p)[0] for p in paths]
+    assert not (audio[0] == audio[1]).all() and not (audio[1] == audio[2]).all()
+    assert f"running jobs {ids[0]}, {ids[1]}, {ids[2]} on the engine" in d.log_text()
+    # More takes than the queue has room for: refused whole, nothing queued.
+    c.send("/track/keys/param", "variations", 4)
+    expect(c, "/ok")
+    c.send("/track/keys/generate", 0.5)
+    err = expect(c, "/error")
+    assert err[0] == "busy" and "4 variations" in err[1]
+    c.send("/track/keys/param", "variations", 17)
+    err = expect(c, "/error")
+    assert err[0] == "bad_args" and "variations" in err[1]
+    c.send("/track/keys/param", "variations")  # reset
+    expect(c, "/ok")
+
+
 def test_still_answers_after_a_burst_of_malformed_packets(env):
     c, d = env["c"], env["d"]
     before = state(c, "drums")
