@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
+from bridge.access import Access
+from bridge.inputs import InputLimits, Inputs
+from bridge.journal import Entry, Journal, remove_stale_temporaries
 from bridge.jobs import Job, JobQueue, plan_job, sampling_params as _sampling, track_sound
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
+from bridge.replybudget import ReplyBudget
 from bridge.session import Session, chroma_to_text
 
 log = logging.getLogger("musicbridge.serve")
@@ -35,6 +39,10 @@ class DaemonConfig:
     grace: float = 10.0
     limits: Limits = field(default_factory=Limits)
     stem_rate: int = 48000
+    allow_from: tuple[str, ...] = ()  # CIDR networks that may send at all; empty: loopback only
+    key: str | None = None  # senders other than 127.0.0.1/::1 must /hello with it first
+    input_limits: InputLimits = field(default_factory=InputLimits)
+    resume: bool = False  # queue jobs a crash interrupted again instead of reporting them failed
 
 
 ERROR_REPLIES_PER_SECOND = 200
@@ -73,7 +81,15 @@ class Daemon:
         self.session = Session(config.session_dir, max_tracks=config.limits.max_tracks)
         self.jobs = JobQueue(engine, self.stems_dir, self._job_event, max_queued=config.limits.max_queued,
                              engine_record=engine_record(engine))
-        self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
+        self.inputs = Inputs(self.paths, config.input_limits)
+        self.jobs.inputs = self.inputs
+        self.access = Access(config.allow_from, config.key)
+        self.budget = ReplyBudget()
+        self.journal = Journal(config.session_dir)
+        self.server = OscServer(config.host, config.port, self.handle, self._bad_packet, budget=self.budget,
+                                admit=self.access.admits)
+        self._ok_log = _LogLimiter(20, "changes were not logged: too many at once")
+        self._budget_log = _LogLimiter(1, "replies over the reply byte budget were dropped")
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
@@ -82,6 +98,8 @@ class Daemon:
         self._jobs_entered = False
 
     def __enter__(self) -> Daemon:
+        remove_stale_temporaries(Path(self.config.session_dir), self.stems_dir)
+        interrupted = self.journal.load_interrupted()
         self.jobs.__enter__()
         self._jobs_entered = True
         try:
@@ -89,7 +107,19 @@ class Daemon:
         except BaseException:
             self.jobs.shutdown(0.0)
             raise
+        self._report_interrupted(interrupted)
         return self
+
+    def _report_interrupted(self, entries: list[Entry]) -> None:
+        """Jobs a crash cut off: `/job/failed id "interrupted"` to their reply address, or queued again."""
+        for e in entries:
+            if self.config.resume:
+                log.info("job %d (%s) was interrupted by a crash; queueing it again (--resume)", e.job_id, e.address)
+                self.handle(e.address, list(e.args), e.sender)
+            else:
+                log.info("job %d (%s) was interrupted by a crash; reporting it failed to %s:%d", e.job_id,
+                         e.address, *e.reply_to)
+                self.server.send(e.reply_to, "/job/failed", (e.job_id, "interrupted"))
 
     def __exit__(self, *exc) -> None:
         self.shutdown(self.config.grace)
@@ -115,7 +145,12 @@ class Daemon:
         return self.config.reply_to or sender
 
     def reply(self, sender: Address, address: str, *args: Any) -> None:
-        self.server.send(self._to(sender), address, args)
+        """An answer to a packet: to --reply-to (set by the operator), or to the sender, paid from its budget."""
+        if self.config.reply_to is not None:
+            self.server.send(self.config.reply_to, address, args)
+        elif not self.server.reply(sender, address, args) and self._budget_log.allow():
+            log.info("reply %s to %s:%d dropped: over the reply byte budget of that host (docs/osc.md)",
+                     address[:80], sender[0], sender[1])
 
     def _error(self, sender: Address, e: ProtocolError, address: str) -> None:
         if self._limiter.allow():
@@ -128,6 +163,8 @@ class Daemon:
 
     def _job_event(self, job: Job, kind: str, payload: tuple) -> None:
         to = job.reply_to
+        if kind != "progress":
+            self.journal.remove(job.id)
         if kind == "progress":
             self.server.send(to, "/job/progress", (job.id, float(payload[0])))
         elif kind == "done":
@@ -146,6 +183,9 @@ class Daemon:
     def handle(self, address: str, args: list[Any], sender: Address) -> None:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
+            if address == "/hello" or self.access.needs_hello(sender):
+                self._hello(address, args, sender)
+                return
             cmd = P.parse(address, args, limits=self.config.limits, paths=self.paths)
             self._apply(cmd, sender)
         except ProtocolError as e:
@@ -156,8 +196,20 @@ class Daemon:
                        str(address)[:256], 0)
 
     def _ok(self, sender: Address, cmd: P.Command, what: str) -> None:
-        log.info("%s", what)
+        if self._ok_log.allow():
+            log.info("%s", what)
         self.reply(sender, "/ok", cmd.address)
+
+    def _hello(self, address: str, args: list[Any], sender: Address) -> None:
+        """/hello s:key introduces a sender (needed with --key for hosts other than 127.0.0.1 / ::1)."""
+        if address != "/hello":
+            raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
+        if len(args) != 1 or not isinstance(args[0], str):
+            raise ProtocolError("bad_args", "/hello: expected (s key)")
+        if not self.access.hello(sender, args[0]):
+            raise ProtocolError("forbidden", "/hello: wrong key")
+        log.info("%s introduced itself with the key", sender[0])
+        self.reply(sender, "/ok", "/hello")
 
     def _apply(self, cmd: P.Command, sender: Address) -> None:
         s = self.session
@@ -205,6 +257,9 @@ class Daemon:
         elif isinstance(cmd, (P.Generate, P.Continue)):
             self._generate(cmd, sender)
         elif isinstance(cmd, P.CancelJob):
+            if not self.access.may_manage(cmd.job_id, sender):
+                raise ProtocolError("forbidden", f"job {cmd.job_id} was queued by another host; only that host "
+                                                 "or 127.0.0.1 may cancel it", cmd.job_id)
             job = self.jobs.cancel(cmd.job_id)
             if job.state == "running":
                 log.info("job %d (track %s): stopping at the next step", job.id, job.spec.track)
@@ -322,6 +377,7 @@ class Daemon:
             raise ProtocolError("model", f"model {self.engine.info.label} is text-only and cannot follow a "
                                          "melody; start the daemon with a MusicGen-Melody checkpoint")
         if isinstance(cmd, (P.MelodyMidi, P.MelodyAudio)):
+            self.inputs.check_now(cmd.path, "midi" if isinstance(cmd, P.MelodyMidi) else "audio")
             melody = {"kind": "midi" if isinstance(cmd, P.MelodyMidi) else "audio", "path": str(cmd.path)}
             what = f"melody from {cmd.path}"
         elif isinstance(cmd, P.MelodyNotes):
@@ -339,14 +395,30 @@ class Daemon:
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
         spec = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
+        if spec.seconds * self.engine.frame_rate < 1.0:
+            raise ProtocolError("bad_args", f"{cmd.address}: {spec.seconds:g} s is shorter than one frame of the "
+                                            f"model ({1.0 / self.engine.frame_rate:g} s)")
+        if isinstance(cmd, P.Continue):
+            self.inputs.check_now(cmd.path, "take")
         if spec.continuation is not None:
             s.update_track(cmd.track, continuation=spec.continuation)
         def accepted(job: Job) -> None:
+            self.access.own(job.id, sender)
+            self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender))
             self.reply(sender, "/job/accepted", job.id, cmd.track)
             log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, spec.sidecar["length"],
                      spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
 
         self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id, accepted)
+
+
+def _message_args(cmd: P.Generate | P.Continue) -> tuple[Any, ...]:
+    """The arguments of a message that asks for `cmd` again (the journal replays it with --resume)."""
+    if isinstance(cmd, P.Continue):
+        return (str(cmd.path), float(cmd.seconds), int(cmd.priority))
+    if cmd.bars is not None:
+        return (int(cmd.bars), "bars", int(cmd.priority))
+    return (float(cmd.seconds), int(cmd.priority))  # type: ignore[arg-type]
 
 
 def _load_preset(name: str):

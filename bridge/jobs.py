@@ -85,6 +85,7 @@ class JobQueue:
         self.engine, self.stems_dir, self.on_event = engine, Path(stems_dir), on_event
         self.max_queued, self.max_batch, self.tick = max_queued, max_batch, tick
         self.engine_record = engine_record or {}
+        self.inputs = None  # bridge.inputs.Inputs: checked, pinned, limited reads of takes and melody files
         self.jobs: dict[int, Job] = {}
         self._queued: list[Job] = []
         self._running: list[Job] = []
@@ -230,7 +231,7 @@ class JobQueue:
         for job in batch:
             self.on_event(job, "progress", (0.0,))
             try:
-                requests.append(build_request(job, self.engine))
+                requests.append(build_request(job, self.engine, self.inputs))
                 ready.append(job)
             except ProtocolError as e:
                 self._finish(job, "failed", (e.code, e.message))
@@ -298,19 +299,25 @@ def batch_key(spec: JobSpec, engine) -> tuple | None:
     return (engine.frames_for(spec.seconds), spec.melody is not None)
 
 
-def build_request(job: Job, engine) -> GenerationRequest:
-    """The engine request for a job: melody chroma and continuation take loaded now, on the worker."""
+def build_request(job: Job, engine, inputs=None) -> GenerationRequest:
+    """The engine request for a job: melody chroma and continuation take loaded now, on the worker.
+
+    inputs (bridge.inputs.Inputs): files are opened and checked again here, where they are read.
+    """
     from model.types import GenerationRequest
 
     spec = job.spec
     melody = None
     if spec.melody is not None:
-        melody = melody_chroma(spec.melody, engine.chroma_frame_rate, spec.seconds, spec.tempo)
+        melody = melody_chroma(spec.melody, engine.chroma_frame_rate, spec.seconds, spec.tempo, inputs)
     audio_prompt = None
     if spec.continuation is not None:
         from plugin_host.audio_io import read_audio, resample
 
-        take, rate = read_audio(spec.continuation["path"])
+        if inputs is not None:
+            take, rate = inputs.read_take(spec.continuation["path"], job.cancel)
+        else:
+            take, rate = read_audio(spec.continuation["path"])
         audio_prompt = resample(take, rate, engine.sample_rate) if rate != engine.sample_rate else take
         audio_prompt = fit_channels(audio_prompt, engine.channels)
     return GenerationRequest(prompt=spec.prompt, seconds=spec.seconds, params=spec.params, melody=melody,
@@ -324,7 +331,7 @@ def fit_channels(audio: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(mono, channels, axis=0).astype(np.float32)
 
 
-def melody_chroma(melody: dict[str, Any], rate: float, seconds: float, tempo: float) -> np.ndarray:
+def melody_chroma(melody: dict[str, Any], rate: float, seconds: float, tempo: float, inputs=None) -> np.ndarray:
     """A (frames, 12) chroma at the model's chroma rate from a session melody record."""
     kind = melody["kind"]
     if kind == "chroma":
@@ -337,6 +344,9 @@ def melody_chroma(melody: dict[str, Any], rate: float, seconds: float, tempo: fl
     except ImportError:
         raise ProtocolError("unavailable", "this build has no melody support (model.melody is missing)") from None
     if kind in ("midi", "audio"):
+        if inputs is not None:
+            with inputs.melody_file(melody) as path:
+                return np.asarray(mm.load_melody(path, rate, seconds=seconds), dtype=np.float32)
         return np.asarray(mm.load_melody(melody["path"], rate, seconds=seconds), dtype=np.float32)
     if kind == "notes":
         fn = getattr(mm, "notes_to_chroma", None)

@@ -1,22 +1,26 @@
 """OSC over UDP: bytes in, (address, args, sender) out, and replies back. No protocol logic here.
 
-python-osc only encodes and decodes packets; the receive loop is ours so that every datagram,
-however malformed, is answered or dropped on the receive thread and never raises out of it.
+python-osc only encodes packets. Decoding is ours and bounds-checked (`decode`): a datagram
+comes from anyone, so no size in it is trusted, bundles have a depth and element limit, and
+arguments must fit their type tags exactly. The receive loop is ours too, so that every
+datagram, however malformed, is answered or dropped on the receive thread and never raises out
+of it; replies to a packet are paid from the sender's byte budget (bridge.replybudget).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pythonosc.osc_bundle import OscBundle
-from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
-from pythonosc.osc_packet import OscPacket
+
+if TYPE_CHECKING:
+    from bridge.replybudget import ReplyBudget
 
 log = logging.getLogger("musicbridge.osc")
 
@@ -53,39 +57,123 @@ def encode(address: str, args: Sequence[Any] = ()) -> bytes:
 
 
 SUPPORTED_TAGS = frozenset("ihfdsbTFNm")
+MAX_BUNDLE_DEPTH = 4         # bundles inside bundles inside ... : deeper is refused
+MAX_BUNDLE_ELEMENTS = 1024   # elements in one bundle
+MAX_PACKET_MESSAGES = 1024   # messages in one datagram, all bundles together
+BUNDLE_TAG = b"#bundle\0"
 
 
 class OscDecodeError(ValueError):
-    """A datagram that is not an OSC message or bundle we can read."""
+    """A datagram that is not an OSC message or bundle we can read; the message says where and why."""
 
 
-def check_type_tags(data: bytes) -> None:
-    """Refuse type tags python-osc would silently drop (S, c, arrays...), so arity checks stay honest."""
-    end = data.find(b"\0")
-    if end < 0:
-        raise OscDecodeError("address is not terminated")
-    start = (end // 4 + 1) * 4
-    if start >= len(data):
-        return  # no type tag string: a message without arguments
-    stop = data.find(b"\0", start)
-    tags = data[start:stop if stop >= 0 else len(data)]
-    if not tags.startswith(b","):
+def _string(data: bytes, at: int, end: int, what: str) -> tuple[str, int]:
+    """An OSC-string at `at`: UTF-8, NUL-terminated, zero-padded to 4 bytes, all inside [at, end)."""
+    nul = data.find(b"\0", at, end)
+    if nul < 0:
+        raise OscDecodeError(f"{what} at byte {at} is not NUL-terminated inside the packet")
+    stop = at + ((nul - at) // 4 + 1) * 4
+    if stop > end:
+        raise OscDecodeError(f"{what} at byte {at} is not padded to a multiple of 4 bytes")
+    if data[nul:stop].count(0) != stop - nul:
+        raise OscDecodeError(f"{what} at byte {at} has non-zero padding")
+    try:
+        return data[at:nul].decode("utf-8"), stop
+    except UnicodeDecodeError:
+        raise OscDecodeError(f"{what} at byte {at} is not UTF-8 text") from None
+
+
+_FIXED = {"i": (">i", 4), "h": (">q", 8), "f": (">f", 4), "d": (">d", 8)}
+
+
+def _message(data: bytes, at: int, end: int) -> tuple[str, list[Any]]:
+    """One message occupying exactly data[at:end]; every argument must fit its tag, nothing may be left over."""
+    address, pos = _string(data, at, end, "address")
+    if not address.startswith("/"):
+        raise OscDecodeError(f"address {address[:40]!r} does not start with '/'")
+    if pos == end:
+        return address, []  # no type tag string: a message without arguments (OSC 1.0 allows it)
+    tags, pos = _string(data, pos, end, "type tag string")
+    if not tags.startswith(","):
         raise OscDecodeError("type tag string does not start with ','")
-    bad = sorted({chr(t) for t in tags[1:]} - SUPPORTED_TAGS)
+    bad = sorted({t for t in tags[1:]} - SUPPORTED_TAGS)
     if bad:
         raise OscDecodeError(f"unsupported OSC type tag(s) {''.join(bad)!r}; use i h f d s b T F N m")
+    args: list[Any] = []
+    for n, t in enumerate(tags[1:], 1):
+        if t in _FIXED:
+            fmt, size = _FIXED[t]
+            if pos + size > end:
+                raise OscDecodeError(f"argument {n} ({t}) needs {size} bytes, the packet has {end - pos} left")
+            args.append(struct.unpack_from(fmt, data, pos)[0])
+            pos += size
+        elif t == "s":
+            s, pos = _string(data, pos, end, f"argument {n} (s)")
+            args.append(s)
+        elif t == "b":
+            if pos + 4 > end:
+                raise OscDecodeError(f"argument {n} (b) has no size: the packet ends")
+            size = struct.unpack_from(">i", data, pos)[0]
+            pos += 4
+            padded = (size + 3) // 4 * 4
+            if size < 0 or pos + padded > end:
+                raise OscDecodeError(f"argument {n} (b) declares {size} bytes, the packet has {end - pos} left")
+            args.append(bytes(data[pos:pos + size]))
+            pos += padded
+        elif t == "m":
+            if pos + 4 > end:
+                raise OscDecodeError(f"argument {n} (m) needs 4 bytes, the packet has {end - pos} left")
+            args.append(tuple(data[pos:pos + 4]))
+            pos += 4
+        else:
+            args.append({"T": True, "F": False, "N": None}[t])
+    if pos != end:
+        raise OscDecodeError(f"{end - pos} byte(s) after the last argument that no type tag accounts for")
+    return address, args
+
+
+def _bundle(data: bytes, at: int, end: int, depth: int, out: list[tuple[str, list[Any]]]) -> None:
+    if depth > MAX_BUNDLE_DEPTH:
+        raise OscDecodeError(f"bundles nested more than {MAX_BUNDLE_DEPTH} deep")
+    if end - at < 16:
+        raise OscDecodeError("bundle shorter than its 16-byte header")
+    pos, elements = at + 16, 0  # '#bundle\0' and the time tag (ignored: we act on arrival)
+    while pos < end:
+        elements += 1
+        if elements > MAX_BUNDLE_ELEMENTS:
+            raise OscDecodeError(f"bundle has more than {MAX_BUNDLE_ELEMENTS} elements")
+        if pos + 4 > end:
+            raise OscDecodeError(f"bundle element {elements} has no size: the packet ends")
+        size = struct.unpack_from(">i", data, pos)[0]
+        pos += 4
+        if size <= 0 or size % 4 or pos + size > end:
+            raise OscDecodeError(f"bundle element {elements} declares {size} bytes; expected a positive "
+                                 f"multiple of 4 of at most the {end - pos} bytes left")
+        if data.startswith(BUNDLE_TAG, pos):
+            _bundle(data, pos, pos + size, depth + 1, out)
+        else:
+            if len(out) >= MAX_PACKET_MESSAGES:
+                raise OscDecodeError(f"more than {MAX_PACKET_MESSAGES} messages in one packet")
+            out.append(_message(data, pos, pos + size))
+        pos += size
 
 
 def decode(data: bytes) -> list[tuple[str, list[Any]]]:
-    """Every message in a datagram (bundles flattened, timetags ignored: we act on arrival)."""
-    if OscBundle.dgram_is_bundle(data):
-        messages = [m.message for m in OscPacket(data).messages]
-        for m in messages:
-            check_type_tags(m.dgram)
-        return [(m.address, list(m.params)) for m in messages]
-    check_type_tags(data)
-    msg = OscMessage(data)
-    return [(msg.address, list(msg.params))]
+    """Every message in a datagram (bundles flattened, timetags ignored: we act on arrival).
+
+    Our own parser, bounds-checked at every step: a datagram from anyone is decoded in time
+    linear in its length, and anything that does not fit exactly is OscDecodeError.
+    """
+    data = bytes(data)
+    if len(data) % 4:
+        raise OscDecodeError(f"packet is {len(data)} bytes, not a multiple of 4")
+    if data.startswith(BUNDLE_TAG):
+        out: list[tuple[str, list[Any]]] = []
+        _bundle(data, 0, len(data), 1, out)
+        return out
+    if not data:
+        raise OscDecodeError("empty packet")
+    return [_message(data, 0, len(data))]
 
 
 Handler = Callable[[str, list[Any], Address], None]
@@ -98,9 +186,12 @@ class OscServer:
     Use as a context manager: the socket is bound on enter and closed (thread joined) on exit.
     """
 
-    def __init__(self, host: str, port: int, handler: Handler, on_bad_packet: BadPacket):
+    def __init__(self, host: str, port: int, handler: Handler, on_bad_packet: BadPacket,
+                 budget: ReplyBudget | None = None, admit: Callable[[Address], bool] | None = None):
+        """budget: pays for replies (see `reply`); admit: False drops a sender's packets unread."""
         self.host, self.port = host, port
         self.handler, self.on_bad_packet = handler, on_bad_packet
+        self.budget, self.admit = budget, admit
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -140,6 +231,10 @@ class OscServer:
                 log.warning("receiving failed (%s); still listening", e)
                 continue
             sender = (sender[0], sender[1])
+            if self.admit is not None and not self.admit(sender):
+                continue
+            if self.budget is not None:
+                self.budget.received(sender[0], len(data), data.startswith(BUNDLE_TAG))
             try:
                 messages = decode(data)
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad packet, never fatal
@@ -153,14 +248,25 @@ class OscServer:
 
     def send(self, to: Address, address: str, args: Sequence[Any] = ()) -> None:
         """Send one message; a failure to send (peer gone, buffer full) is logged, never raised."""
+        self._send(to, address, args, budgeted=False)
+
+    def reply(self, to: Address, address: str, args: Sequence[Any] = ()) -> bool:
+        """Send an answer to a packet, paid from `to`'s byte budget; False when it did not fit (not sent)."""
+        return self._send(to, address, args, budgeted=self.budget is not None)
+
+    def _send(self, to: Address, address: str, args: Sequence[Any], budgeted: bool) -> bool:
         if self._sock is None:
-            return
+            return False
         try:
             data = encode(address, args)
+            if budgeted and not self.budget.spend(to[0], len(data)):  # type: ignore[union-attr]
+                return False
             with self._send_lock:
                 self._sock.sendto(data, to)
         except (OSError, OscEncodeError) as e:
             log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
+            return False
+        return True
 
 
 class OscClient:

@@ -39,6 +39,7 @@ ERROR_CODES = (
     "unavailable",  # a feature this daemon was started without (live audio)
     "failed",       # a job that failed while running; the message says why
     "internal",     # a bug: the daemon logged a traceback and carried on
+    "forbidden",    # not this sender's to ask: another host's job, or /hello with the key first
 )
 
 
