@@ -163,8 +163,6 @@ class Daemon:
 
     def _job_event(self, job: Job, kind: str, payload: tuple) -> None:
         to = job.reply_to
-        if kind != "progress":
-            self.journal.remove(job.id)
         if kind == "progress":
             self.server.send(to, "/job/progress", (job.id, float(payload[0])))
         elif kind == "done":
@@ -177,6 +175,8 @@ class Daemon:
             code, message = payload
             log.info("job %d (track %s) failed: %s", job.id, job.spec.track, message)
             self.server.send(to, "/error", (code, message, f"/job/{job.id}", job.id))
+        if kind != "progress":  # after the reply: the journal write (fsync) must not delay it
+            self.journal.remove(job.id)
 
     # ------------------------------------------------------------ messages
 
