@@ -124,3 +124,73 @@ def test_fuzz_seed_20261125_100k_packets(daemon):
     assert size < LOG_BOUND
     log = d.log_text()
     assert "Traceback" not in log and "internal error" not in log
+
+
+def _reply_bytes(sock: socket.socket, quiet: float = 0.5) -> tuple[int, int]:
+    """(bytes, datagrams) received until `quiet` seconds pass without one."""
+    sock.settimeout(quiet)
+    total = count = 0
+    while True:
+        try:
+            total += len(sock.recv(65535))
+            count += 1
+        except (TimeoutError, socket.timeout):
+            return total, count
+
+
+def _fresh_host_socket(host: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((host, 0))
+    return s
+
+
+def test_bundles_of_queries_get_no_more_bytes_back_than_they_sent(daemon):
+    """Issue #13: a 16 KB bundle of /tracks and /ping once brought back 506 KB (149x with long names)."""
+    from tests.bridge.hostile_packets import bundle
+
+    d, pinger = daemon
+    for i in range(40):  # long track names make /tracks big
+        pinger.send(f"/track/{'n' * 28}{i:04d}/prompt", "pad")
+    for _ in range(40):
+        expect(pinger, "/ok")
+    queries = [encode("/tracks"), encode("/ping"), encode("/status")]
+    # from 127.0.0.3: a host with no credit banked by the other tests' traffic
+    with _fresh_host_socket("127.0.0.3") as s:
+        sent = 0
+        for k in range(10):
+            data = bundle(*[queries[(k + i) % 3] for i in range(1000)])
+            s.sendto(data, ("127.0.0.1", d.port))
+            sent += len(data)
+        got, replies = _reply_bytes(s)
+    print(f"\nbundles of queries: sent {sent} bytes, got back {got} bytes in {replies} replies "
+          f"({got / sent:.2f}x)")
+    assert 0 < got <= sent
+
+    with _fresh_host_socket("127.0.0.4") as s:  # pongs are no bigger than pings: every one is answered
+        data = bundle(*[encode("/ping")] * 1000)
+        s.sendto(data, ("127.0.0.1", d.port))
+        got, replies = _reply_bytes(s)
+    assert replies == 1000 and got <= len(data)
+
+
+def test_lone_queries_get_at_most_the_small_allowance_more(daemon):
+    """Single-message packets may draw on 2 KiB + 1 KiB/s more than they sent (so /status polling works)."""
+    from bridge.replybudget import ALLOWANCE_BURST, ALLOWANCE_RATE
+
+    d, _ = daemon
+    with _fresh_host_socket("127.0.0.5") as s:
+        sent = 0
+        t0 = time.monotonic()
+        for i in range(3000):
+            data = encode("/tracks")
+            s.sendto(data, ("127.0.0.1", d.port))
+            sent += len(data)
+            if i % 100 == 99:
+                time.sleep(0.01)  # stay inside the daemon's socket buffer
+        got, replies = _reply_bytes(s)
+        elapsed = time.monotonic() - t0
+    allowed = sent + ALLOWANCE_BURST + ALLOWANCE_RATE * elapsed
+    print(f"\nlone /tracks: sent {sent} bytes, got back {got} ({replies} replies) in {elapsed:.1f} s; "
+          f"bound {allowed:.0f}")
+    assert 0 < got <= allowed
