@@ -267,7 +267,10 @@ class JobQueue:
             try:
                 path = write_result(job, audio, self.engine, self.stems_dir, self.engine_record)
             except Exception as e:  # noqa: BLE001 - disk full, chain error: this job fails, the daemon goes on
-                self._finish(job, "failed", ("failed", f"could not write the stem: {e}"))
+                from bridge.write_errors import describe_write_error
+
+                need = int(job.spec.seconds * job.spec.stem_rate * 2 * 4) + (1 << 20)  # stereo float, generous
+                self._finish(job, "failed", ("failed", describe_write_error(e, self.stems_dir, need)))
                 continue
             job.path = path
             self._finish(job, "done", (str(path),))

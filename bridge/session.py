@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.protocol import PARAM_KEYS, TRACK_RE, ProtocolError
+from bridge.session_check import check_session_data
 
 FILE_NAME = "session.json"
 VERSION = 1
@@ -104,6 +105,7 @@ class Session:
         try:
             if not isinstance(data, dict) or data.get("version") != VERSION:
                 raise ValueError(f"expected an object with \"version\": {VERSION}")
+            check_session_data(data)  # every field in range before any is used (bridge.session_check)
             t = data["transport"]
             transport = Transport(tempo=float(t["tempo"]), numerator=int(t["numerator"]),
                                   denominator=int(t["denominator"]), playing=bool(t["playing"]),
