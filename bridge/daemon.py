@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ class Daemon:
                                 admit=self.access.admits)
         self._ok_log = _LogLimiter(20, "changes were not logged: too many at once")
         self._budget_log = _LogLimiter(1, "replies over the reply byte budget were dropped")
+        self._own_initiative = threading.local()
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
@@ -115,7 +117,11 @@ class Daemon:
         for e in entries:
             if self.config.resume:
                 log.info("job %d (%s) was interrupted by a crash; queueing it again (--resume)", e.job_id, e.address)
-                self.handle(e.address, list(e.args), e.sender)
+                self._own_initiative.value = True  # its answers answer no packet: not paid from a budget
+                try:
+                    self.handle(e.address, list(e.args), e.sender)
+                finally:
+                    self._own_initiative.value = False
             else:
                 log.info("job %d (%s) was interrupted by a crash; reporting it failed to %s:%d", e.job_id,
                          e.address, *e.reply_to)
@@ -146,8 +152,8 @@ class Daemon:
 
     def reply(self, sender: Address, address: str, *args: Any) -> None:
         """An answer to a packet: to --reply-to (set by the operator), or to the sender, paid from its budget."""
-        if self.config.reply_to is not None:
-            self.server.send(self.config.reply_to, address, args)
+        if self.config.reply_to is not None or getattr(self._own_initiative, "value", False):
+            self.server.send(self._to(sender), address, args)
         elif not self.server.reply(sender, address, args) and self._budget_log.allow():
             log.info("reply %s to %s:%d dropped: over the reply byte budget of that host (docs/osc.md)",
                      address[:80], sender[0], sender[1])
