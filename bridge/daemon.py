@@ -189,6 +189,8 @@ class Daemon:
     def handle(self, address: str, args: list[Any], sender: Address) -> None:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
+            if address == "/pad":  # padding that earns reply credit (docs/osc.md); never answered
+                return
             if address == "/hello" or self.access.needs_hello(sender):
                 self._hello(address, args, sender)
                 return

@@ -138,6 +138,14 @@ def _reply_bytes(sock: socket.socket, quiet: float = 0.5) -> tuple[int, int]:
             return total, count
 
 
+def _long_track_names(pinger: OscClient) -> None:
+    """40 tracks with 32-character names: /tracks answers about 1.5 KB."""
+    for i in range(40):
+        pinger.send(f"/track/{'n' * 28}{i:04d}/prompt", "pad")
+    for _ in range(40):
+        expect(pinger, "/ok")
+
+
 def _fresh_host_socket(host: str) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -150,10 +158,7 @@ def test_bundles_of_queries_get_no_more_bytes_back_than_they_sent(daemon):
     from tests.bridge.hostile_packets import bundle
 
     d, pinger = daemon
-    for i in range(40):  # long track names make /tracks big
-        pinger.send(f"/track/{'n' * 28}{i:04d}/prompt", "pad")
-    for _ in range(40):
-        expect(pinger, "/ok")
+    _long_track_names(pinger)
     queries = [encode("/tracks"), encode("/ping"), encode("/status")]
     # from 127.0.0.3: a host with no credit banked by the other tests' traffic
     with _fresh_host_socket("127.0.0.3") as s:
@@ -194,3 +199,17 @@ def test_lone_queries_get_at_most_the_small_allowance_more(daemon):
     print(f"\nlone /tracks: sent {sent} bytes, got back {got} ({replies} replies) in {elapsed:.1f} s; "
           f"bound {allowed:.0f}")
     assert 0 < got <= allowed
+
+
+def test_a_pad_in_the_bundle_pays_for_a_big_answer(daemon):
+    from tests.bridge.hostile_packets import bundle
+
+    d, pinger = daemon
+    _long_track_names(pinger)
+    with _fresh_host_socket("127.0.0.6") as s:
+        s.sendto(bundle(encode("/tracks")), ("127.0.0.1", d.port))
+        assert _reply_bytes(s, 0.3) == (0, 0)  # a fresh host's bundle cannot pay for a 1.5 KB list
+        pad = encode("/pad", [b"\0" * 2000])
+        s.sendto(bundle(encode("/tracks"), pad), ("127.0.0.1", d.port))
+        got, replies = _reply_bytes(s, 0.3)
+        assert replies == 1 and 1000 < got <= 2000 + 40
