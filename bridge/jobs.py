@@ -234,7 +234,10 @@ class JobQueue:
                 requests.append(build_request(job, self.engine, self.inputs))
                 ready.append(job)
             except ProtocolError as e:
-                self._finish(job, "failed", (e.code, e.message))
+                if job.cancel.is_set():  # cancelled while its take was being read (bridge.inputs stops)
+                    self._finish(job, "cancelled", ())
+                else:
+                    self._finish(job, "failed", (e.code, e.message))
             except Exception as e:  # noqa: BLE001 - melody/take loading errors end this job only
                 self._finish(job, "failed", ("failed", f"could not prepare the job: {e}"))
         if not ready:
