@@ -58,6 +58,7 @@ def test_malformed_corpus_keeps_ping_under_100ms(daemon):
     pinger.send("/transport/tempo", 120.0)
     expect(pinger, "/ok")
     cases = corpus()
+    lines_before = len(d.log_text().splitlines())
     worst, worst_case = 0.0, ""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
         attacker.bind(("127.0.0.1", 0))
@@ -75,6 +76,7 @@ def test_malformed_corpus_keeps_ping_under_100ms(daemon):
     assert status[5] == 120.0  # the truncated /transport/tempo was not applied
     assert d.log_path.stat().st_size < LOG_BOUND
     log = d.log_text()
+    assert len(log.splitlines()) - lines_before <= len(cases)  # at most one line per bad packet
     assert "Traceback" not in log and "internal error" not in log
 
 
