@@ -238,6 +238,8 @@ class OscServer:
             try:
                 messages = decode(data)
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad packet, never fatal
+                if self.budget is not None:  # one packet, one /error: it may use the single-reply allowance
+                    self.budget.received(sender[0], 0, bundle=False)
                 self.on_bad_packet(f"not a valid OSC packet ({type(e).__name__}: {str(e)[:100]})", sender)
                 continue
             for address, args in messages:

@@ -7,7 +7,8 @@ address. Each sender host therefore has a byte credit:
 - every datagram received from the host earns its size in credit (bundles included), banked
   up to BANK bytes;
 - a reply to that host is sent only if the credit covers its size, and is then paid from it;
-- a packet holding one message (not a bundle) may also draw on a small allowance that refills
+- a packet holding one message (not a bundle), or a malformed packet (one /error), may also
+  draw on a small allowance that refills
   at ALLOWANCE_RATE bytes a second (burst ALLOWANCE_BURST), so a client polling /status, whose
   answer is bigger than the 12-byte question, is still answered;
 - whatever the credit, a host gets at most RATE_CAP reply bytes a second.
