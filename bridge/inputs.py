@@ -221,12 +221,17 @@ class Inputs:
         return read_audio(path, self.policy, self.limits, cancel, "take")
 
     @contextlib.contextmanager
-    def melody_file(self, melody: dict) -> Iterator[Path]:
-        """A pinned, checked name for a session melody file ({"kind": "midi"|"audio", "path": ...})."""
-        path = melody["path"]
-        if melody["kind"] == "midi":
-            check_midi(path, self.policy, self.limits)
-        else:
-            check_audio(path, self.policy, self.limits, "melody audio")
+    def pinned(self, path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
+        """A checked name for `path` that keeps reading the file as opened now (see `pinned`)."""
+        with pinned(path, self.policy, what) as p:
+            yield p
+
+    @contextlib.contextmanager
+    def melody_file(self, path: str | os.PathLike) -> Iterator[Path]:
+        """A pinned, checked name for a melody file named over OSC: MIDI by size and events, audio by size and length."""
         with pinned(path, self.policy, "melody file") as p:
+            if Path(str(path)).suffix.lower() in (".mid", ".midi"):
+                check_midi(p, self.policy, self.limits)
+            else:
+                check_audio(p, self.policy, self.limits, "melody audio")
             yield p

@@ -23,7 +23,7 @@ def wav_header(frames: int, rate: int = 44100, channels: int = 2) -> bytes:
 
 
 def write_take(path, seconds: float = 1.0, rate: int = 32000) -> None:
-    from plugin_host.audio_io import write_audio
+    from audiofile import write_audio
 
     t = np.arange(int(rate * seconds), dtype=np.float32) / rate
     write_audio(path, (0.3 * np.sin(2 * np.pi * 220 * t))[None, :], rate)

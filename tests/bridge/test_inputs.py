@@ -14,7 +14,7 @@ from bridge.protocol import ProtocolError
 
 
 def _take(path, seconds=3.0, rate=8000):
-    from plugin_host.audio_io import write_audio
+    from audiofile import write_audio
 
     write_audio(path, np.full((1, int(seconds * rate)), 0.1, np.float32), rate)
 
