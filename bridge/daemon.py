@@ -98,7 +98,8 @@ class Daemon:
         self.budget = ReplyBudget()
         self.journal = Journal(config.session_dir)
         self.server = OscServer(config.host, config.port, self.handle, self._bad_packet, budget=self.budget,
-                                admit=self.access.admits)
+                                admit=self.access.admits, group=self.session.saved_together,
+                                on_group_failed=self._group_failed)
         self._ok_log = _LogLimiter(20, "changes were not logged: too many at once")
         self._budget_log = _LogLimiter(1, "replies over the reply byte budget were dropped")
         self._own_initiative = threading.local()
@@ -162,11 +163,16 @@ class Daemon:
     def _to(self, sender: Address) -> Address:
         return self.config.reply_to or sender
 
-    def reply(self, sender: Address, address: str, *args: Any) -> None:
-        """An answer to a packet: to --reply-to (set by the operator), or to the sender, paid from its budget."""
-        if self.config.reply_to is not None or getattr(self._own_initiative, "value", False):
+    def reply(self, sender: Address, address: str, *args: Any, hold: bool = True) -> None:
+        """An answer to a packet: to --reply-to (set by the operator), or to the sender, paid from its budget.
+
+        Held (hold=True) until the session changes of the packets handled with this one are saved.
+        """
+        if getattr(self._own_initiative, "value", False):
             self.server.send(self._to(sender), address, args)
-        elif not self.server.reply(sender, address, args) and self._budget_log.allow():
+        elif self.config.reply_to is not None:
+            self.server.reply(self.config.reply_to, address, args, hold=hold, budgeted=False)
+        elif not self.server.reply(sender, address, args, hold=hold) and self._budget_log.allow():
             log.info("reply %s to %s:%d dropped: over the reply byte budget of that host (docs/osc.md)",
                      address[:80], sender[0], sender[1])
 
@@ -175,6 +181,12 @@ class Daemon:
             log.info("rejected %s from %s:%d: %s (%s)", address[:80], sender[0], sender[1], e.message, e.code)
         if self._error_replies.allow():  # a flood of junk gets a bounded trickle of answers
             self.reply(sender, "/error", e.code, e.message, address[:256], e.job_id)
+
+    def _group_failed(self, e: Exception, senders: set[Address]) -> None:
+        """The session could not be saved after a group of packets: their changes were undone; say so."""
+        message = e.message if isinstance(e, ProtocolError) else f"internal error: {e}"
+        for to in {self._to(s) for s in senders}:
+            self.server.send(to, "/error", ("failed", message, "", 0))
 
     def _bad_packet(self, why: str, sender: Address) -> None:
         self._error(sender, ProtocolError("bad_packet", why), "")
@@ -455,7 +467,7 @@ class Daemon:
         def accepted(job: Job) -> None:
             self.access.own(job.id, sender)
             self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender))
-            self.reply(sender, "/job/accepted", job.id, cmd.track)
+            self.reply(sender, "/job/accepted", job.id, cmd.track, hold=False)  # before any progress
             log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
                      plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 

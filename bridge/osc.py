@@ -9,7 +9,9 @@ of it; replies to a packet are paid from the sender's byte budget (bridge.replyb
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import socket
 import struct
 import threading
@@ -60,6 +62,7 @@ SUPPORTED_TAGS = frozenset("ihfdsbTFNm")
 MAX_BUNDLE_DEPTH = 4         # bundles inside bundles inside ... : deeper is refused
 MAX_BUNDLE_ELEMENTS = 1024   # elements in one bundle
 MAX_PACKET_MESSAGES = 1024   # messages in one datagram, all bundles together
+MAX_GROUP = 64               # datagrams waiting at once that are handled as one group (one session save)
 BUNDLE_TAG = b"#bundle\0"
 
 
@@ -187,11 +190,20 @@ class OscServer:
     """
 
     def __init__(self, host: str, port: int, handler: Handler, on_bad_packet: BadPacket,
-                 budget: ReplyBudget | None = None, admit: Callable[[Address], bool] | None = None):
-        """budget: pays for replies (see `reply`); admit: False drops a sender's packets unread."""
+                 budget: ReplyBudget | None = None, admit: Callable[[Address], bool] | None = None,
+                 group: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 on_group_failed: Callable[[Exception, set[Address]], None] | None = None):
+        """budget: pays for replies (see `reply`); admit: False drops a sender's packets unread.
+
+        group: a context the packets waiting at once are handled in (the daemon saves its session
+        once per group); replies to them are held until it ends, and dropped if it raises, in which
+        case on_group_failed(error, the senders) runs.
+        """
         self.host, self.port = host, port
         self.handler, self.on_bad_packet = handler, on_bad_packet
         self.budget, self.admit = budget, admit
+        self.group, self.on_group_failed = group, on_group_failed
+        self._held: list[tuple[bytes, Address]] | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -222,7 +234,7 @@ class OscServer:
         assert self._sock is not None
         while not self._stop.is_set():
             try:
-                data, sender = self._sock.recvfrom(MAX_DATAGRAM)
+                waiting = [self._sock.recvfrom(MAX_DATAGRAM)]
             except (TimeoutError, socket.timeout):
                 continue
             except OSError as e:
@@ -230,43 +242,90 @@ class OscServer:
                     return
                 log.warning("receiving failed (%s); still listening", e)
                 continue
-            sender = (sender[0], sender[1])
-            if self.admit is not None and not self.admit(sender):
-                continue
-            if self.budget is not None:
-                self.budget.received(sender[0], len(data), data.startswith(BUNDLE_TAG))
-            try:
-                messages = decode(data)
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad packet, never fatal
-                if self.budget is not None:  # one packet, one /error: it may use the single-reply allowance
-                    self.budget.received(sender[0], 0, bundle=False)
-                self.on_bad_packet(f"not a valid OSC packet ({type(e).__name__}: {str(e)[:100]})", sender)
-                continue
-            for address, args in messages:
+            while len(waiting) < MAX_GROUP:  # whatever else is already waiting joins this group
                 try:
-                    self.handler(address, args, sender)
-                except Exception:  # noqa: BLE001 - a handler bug must not stop the daemon listening
-                    log.exception("internal error while handling %s from %s:%d", address[:80], *sender)
+                    if not select.select([self._sock], [], [], 0)[0]:
+                        break
+                    waiting.append(self._sock.recvfrom(MAX_DATAGRAM))
+                except (OSError, ValueError):
+                    break
+            self._held = []
+            try:
+                with self.group() if self.group is not None else contextlib.nullcontext():
+                    for data, sender in waiting:
+                        self._packet(data, (sender[0], sender[1]))
+            except Exception as e:  # noqa: BLE001 - the group's save failed: its acknowledgements are void
+                held, self._held = self._held, None
+                log.warning("%s; %d replies withheld", e, len(held))
+                if self.on_group_failed is not None:
+                    self.on_group_failed(e, {to for _, to in held})
+                continue
+            held, self._held = self._held, None
+            for data, to in held:
+                self._sendto(data, to)
+
+    def _packet(self, data: bytes, sender: Address) -> None:
+        """One datagram: admit, pay in, decode, handle each message; nothing raises out of here."""
+        if self.admit is not None and not self.admit(sender):
+            return
+        if self.budget is not None:
+            self.budget.received(sender[0], len(data), data.startswith(BUNDLE_TAG))
+        try:
+            messages = decode(data)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad packet, never fatal
+            if self.budget is not None:  # one packet, one /error: it may use the single-reply allowance
+                self.budget.received(sender[0], 0, bundle=False)
+            self.on_bad_packet(f"not a valid OSC packet ({type(e).__name__}: {str(e)[:100]})", sender)
+            return
+        for address, args in messages:
+            try:
+                self.handler(address, args, sender)
+            except Exception:  # noqa: BLE001 - a handler bug must not stop the daemon listening
+                log.exception("internal error while handling %s from %s:%d", address[:80], *sender)
 
     def send(self, to: Address, address: str, args: Sequence[Any] = ()) -> None:
         """Send one message; a failure to send (peer gone, buffer full) is logged, never raised."""
         self._send(to, address, args, budgeted=False)
 
-    def reply(self, to: Address, address: str, args: Sequence[Any] = ()) -> bool:
-        """Send an answer to a packet, paid from `to`'s byte budget; False when it did not fit (not sent)."""
-        return self._send(to, address, args, budgeted=self.budget is not None)
+    def reply(self, to: Address, address: str, args: Sequence[Any] = (), hold: bool = True,
+              budgeted: bool = True) -> bool:
+        """Send an answer to a packet, paid from `to`'s byte budget; False when it did not fit (not sent).
+
+        On the receive thread the answer is held until the packet's group has been saved
+        (hold=False: now, for answers that must not wait, such as /job/accepted).
+        """
+        if self._sock is None:
+            return False
+        try:
+            data = encode(address, args)
+        except OscEncodeError as e:
+            log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
+            return False
+        if budgeted and self.budget is not None and not self.budget.spend(to[0], len(data)):
+            return False
+        if hold and self._held is not None and threading.current_thread() is self._thread:
+            self._held.append((data, to))
+            return True
+        return self._sendto(data, to)
 
     def _send(self, to: Address, address: str, args: Sequence[Any], budgeted: bool) -> bool:
         if self._sock is None:
             return False
         try:
             data = encode(address, args)
-            if budgeted and not self.budget.spend(to[0], len(data)):  # type: ignore[union-attr]
-                return False
+        except OscEncodeError as e:
+            log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
+            return False
+        return self._sendto(data, to)
+
+    def _sendto(self, data: bytes, to: Address) -> bool:
+        if self._sock is None:
+            return False
+        try:
             with self._send_lock:
                 self._sock.sendto(data, to)
-        except (OSError, OscEncodeError) as e:
-            log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
+        except OSError as e:
+            log.debug("could not send %d bytes to %s:%d (%s)", len(data), to[0], to[1], e)
             return False
         return True
 

@@ -27,7 +27,8 @@ def daemon(tmp_path_factory, tiny_model_dir):
     presets.mkdir()
     (presets / "plain.toml").write_text(PLAIN_PRESET)
     # --max-queued 0: a fuzzed generate is answered busy instead of running the model for minutes
-    d = DaemonProcess(tiny_model_dir, base / "session", presets, "--max-queued", "0")
+    # --max-tracks 512: fuzzed names must not use up the tracks the later tests create
+    d = DaemonProcess(tiny_model_dir, base / "session", presets, "--max-queued", "0", "--max-tracks", "512")
     with d.client() as pinger:
         d.wait_ready(pinger)
         yield d, pinger
@@ -217,3 +218,43 @@ def test_a_pad_in_the_bundle_pays_for_a_big_answer(daemon):
         s.sendto(bundle(encode("/tracks"), pad), ("127.0.0.1", d.port))
         got, replies = _reply_bytes(s, 0.3)
         assert replies == 1 and 1000 < got <= 2000 + 40
+
+
+def test_a_burst_of_valid_changes_is_saved_once_and_does_not_stall_ping(daemon):
+    """A 40 KB bundle of 1000 prompt changes once cost one fsync each: /ping waited ~10 s."""
+    from tests.bridge.hostile_packets import bundle
+
+    d, pinger = daemon
+    drain(pinger, 0.1)
+    changes = [encode(f"/track/burst{i % 8}/prompt", [f"take {i}"]) for i in range(1000)]
+    t0 = time.perf_counter()
+    pinger.send_raw(bundle(*changes))
+    pinger.send("/ping")
+    seen: list = []
+    assert pinger.wait_for(lambda a, _: a == "/pong", 5.0, seen) is not None
+    took = time.perf_counter() - t0
+    seen += list(pinger.replies(0.3))
+    oks = [r for r in seen if r[0] == "/ok"]
+    print(f"\n1000 changes in one bundle: /pong after {took * 1e3:.0f} ms, {len(oks)} /ok")
+    assert took < 1.0, f"/ping waited {took:.2f} s behind a bundle of 1000 valid changes"
+    assert len(oks) == 1000  # every change acknowledged, after the one save
+    import json
+
+    saved = json.loads((d.session_dir / "session.json").read_text())
+    assert saved["tracks"]["burst7"]["prompt"] == "take 999"  # the last change is on disk
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:  # the same as single packets
+        flood.bind(("127.0.0.1", 0))
+        for i in range(2000):
+            flood.sendto(encode(f"/track/burst{i % 8}/prompt", [f"again {i}"]), ("127.0.0.1", d.port))
+            if i % 100 == 99:
+                time.sleep(0.05)  # stay inside the socket buffer (a dropped /ping would never be answered)
+        t0 = time.perf_counter()
+        pinger.send("/ping")
+        assert pinger.wait_for(lambda a, _: a == "/pong", 5.0) is not None
+        took = time.perf_counter() - t0
+    print(f"2000 single-change packets: /pong {took * 1e3:.0f} ms after the last")
+    assert took < 1.0
+    drain(pinger, 0.5)
+    saved = json.loads((d.session_dir / "session.json").read_text())
+    assert saved["tracks"]["burst7"]["prompt"] == "again 1999"
