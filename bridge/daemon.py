@@ -381,6 +381,9 @@ class Daemon:
                                              f"{melody_refusal(self.engine)}")
             from bridge.melody_source import LoopedMelody, whole_melody_chroma
 
+            m = track.melody_dict()
+            if m["kind"] in ("midi", "audio"):  # the file may have changed since it was set: check it again
+                self.inputs.check_now(m["path"], m["kind"])
             rate = self.engine.chroma_frame_rate
             melody = LoopedMelody(whole_melody_chroma(track.melody_dict(), rate, t.tempo), rate)
         chain = None
