@@ -213,11 +213,8 @@ class Daemon:
     def handle(self, address: str, args: list[Any], sender: Address) -> None:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
-            if address == "/pad":  # padding that earns reply credit (docs/osc.md); never answered
-                return
-            if address == "/hello" or self.access.needs_hello(sender):
-                self._hello(address, args, sender)
-                return
+            if address not in ("/hello", "/pad") and self.access.needs_hello(sender):
+                raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
             cmd = P.parse(address, args, limits=self.config.limits, paths=self.paths)
             self._apply(cmd, sender)
         except ProtocolError as e:
@@ -232,16 +229,6 @@ class Daemon:
             log.info("%s", what)
         self.reply(sender, "/ok", cmd.address)
 
-    def _hello(self, address: str, args: list[Any], sender: Address) -> None:
-        """/hello s:key introduces a sender (needed with --key for hosts other than 127.0.0.1 / ::1)."""
-        if address != "/hello":
-            raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
-        if len(args) != 1 or not isinstance(args[0], str):
-            raise ProtocolError("bad_args", "/hello: expected (s key)")
-        if not self.access.hello(sender, args[0]):
-            raise ProtocolError("forbidden", "/hello: wrong key")
-        log.info("%s introduced itself with the key", sender[0])
-        self.reply(sender, "/ok", "/hello")
 
     def _apply(self, cmd: P.Command, sender: Address) -> None:
         handler = self.HANDLERS.get(type(cmd))
@@ -252,6 +239,18 @@ class Daemon:
     # One handler per command class, marked @handles(CommandClass): each changes state or queues
     # a job, then answers. To add a message: a frozen command class and its builder in
     # bridge.protocol, and a method here marked @handles(ThatClass).
+
+    @handles(P.Hello)
+    def _hello(self, cmd: P.Hello, sender: Address) -> None:
+        """Introduces the sender's host (needed with --key for hosts other than 127.0.0.1 / ::1)."""
+        if not self.access.hello(sender, cmd.key):
+            raise ProtocolError("forbidden", "/hello: wrong key")
+        log.info("%s introduced itself with the key", sender[0])
+        self.reply(sender, "/ok", "/hello")
+
+    @handles(P.Pad)
+    def _pad(self, cmd: P.Pad, sender: Address) -> None:
+        """Padding: its bytes earned the sender reply credit when it arrived (docs/osc.md); no answer."""
 
     @handles(P.Ping)
     def _ping(self, cmd: P.Ping, sender: Address) -> None:
