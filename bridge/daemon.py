@@ -99,7 +99,7 @@ class Daemon:
         self.journal = Journal(config.session_dir)
         self.server = OscServer(config.host, config.port, self.handle, self._bad_packet, budget=self.budget,
                                 admit=self.access.admits, group=self.session.saved_together,
-                                on_group_failed=self._group_failed)
+                                on_group_failed=self._group_failed, unsaved=self.session.unsaved)
         self._ok_log = _LogLimiter(20, "changes were not logged: too many at once")
         self._budget_log = _LogLimiter(1, "replies over the reply byte budget were dropped")
         self._own_initiative = threading.local()

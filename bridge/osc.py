@@ -63,6 +63,7 @@ MAX_BUNDLE_DEPTH = 4         # bundles inside bundles inside ... : deeper is ref
 MAX_BUNDLE_ELEMENTS = 1024   # elements in one bundle
 MAX_PACKET_MESSAGES = 1024   # messages in one datagram, all bundles together
 MAX_GROUP = 64               # datagrams waiting at once that are handled as one group (one session save)
+GROUP_SECONDS = 0.02         # ... or as many as arrive within this time of handling
 BUNDLE_TAG = b"#bundle\0"
 
 
@@ -192,17 +193,18 @@ class OscServer:
     def __init__(self, host: str, port: int, handler: Handler, on_bad_packet: BadPacket,
                  budget: ReplyBudget | None = None, admit: Callable[[Address], bool] | None = None,
                  group: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 on_group_failed: Callable[[Exception, set[Address]], None] | None = None):
+                 on_group_failed: Callable[[Exception, set[Address]], None] | None = None,
+                 unsaved: Callable[[], bool] | None = None):
         """budget: pays for replies (see `reply`); admit: False drops a sender's packets unread.
 
         group: a context the packets waiting at once are handled in (the daemon saves its session
-        once per group); replies to them are held until it ends, and dropped if it raises, in which
-        case on_group_failed(error, the senders) runs.
+        once per group); once unsaved() says a change is pending, replies are held until the group
+        ends, and dropped if it raises, in which case on_group_failed(error, the senders) runs.
         """
         self.host, self.port = host, port
         self.handler, self.on_bad_packet = handler, on_bad_packet
         self.budget, self.admit = budget, admit
-        self.group, self.on_group_failed = group, on_group_failed
+        self.group, self.on_group_failed, self.unsaved = group, on_group_failed, unsaved
         self._held: list[tuple[bytes, Address]] | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -242,18 +244,10 @@ class OscServer:
                     return
                 log.warning("receiving failed (%s); still listening", e)
                 continue
-            while len(waiting) < MAX_GROUP:  # whatever else is already waiting joins this group
-                try:
-                    if not select.select([self._sock], [], [], 0)[0]:
-                        break
-                    waiting.append(self._sock.recvfrom(MAX_DATAGRAM))
-                except (OSError, ValueError):
-                    break
             self._held = []
             try:
                 with self.group() if self.group is not None else contextlib.nullcontext():
-                    for data, sender in waiting:
-                        self._packet(data, (sender[0], sender[1]))
+                    self._group(waiting[0])
             except Exception as e:  # noqa: BLE001 - the group's save failed: its acknowledgements are void
                 held, self._held = self._held, None
                 log.warning("%s; %d replies withheld", e, len(held))
@@ -263,6 +257,23 @@ class OscServer:
             held, self._held = self._held, None
             for data, to in held:
                 self._sendto(data, to)
+
+    def _group(self, first: tuple[bytes, Any]) -> None:
+        """Handle `first`, then whatever else is already waiting, for at most MAX_GROUP datagrams
+        or GROUP_SECONDS, so that one session save covers them all and no answer waits long."""
+        assert self._sock is not None
+        t0, n = time.monotonic(), 1
+        data, sender = first
+        self._packet(data, (sender[0], sender[1]))
+        while n < MAX_GROUP and time.monotonic() - t0 < GROUP_SECONDS:
+            try:
+                if not select.select([self._sock], [], [], 0)[0]:
+                    return
+                data, sender = self._sock.recvfrom(MAX_DATAGRAM)
+            except (OSError, ValueError):
+                return
+            n += 1
+            self._packet(data, (sender[0], sender[1]))
 
     def _packet(self, data: bytes, sender: Address) -> None:
         """One datagram: admit, pay in, decode, handle each message; nothing raises out of here."""
@@ -303,7 +314,8 @@ class OscServer:
             return False
         if budgeted and self.budget is not None and not self.budget.spend(to[0], len(data)):
             return False
-        if hold and self._held is not None and threading.current_thread() is self._thread:
+        if (hold and self._held is not None and threading.current_thread() is self._thread
+                and (self._held or self.unsaved is None or self.unsaved())):
             self._held.append((data, to))
             return True
         return self._sendto(data, to)

@@ -172,6 +172,10 @@ class LiveSession:
             self.transport, self.tracks, self.next_job_id = old
             raise ProtocolError("failed", f"could not save the session to {self.path}: {e}") from None
 
+    def unsaved(self) -> bool:
+        """Whether a change inside `saved_together` is waiting for the group's save."""
+        return self._group_dirty
+
     @contextlib.contextmanager
     def saved_together(self):
         """Changes inside are saved with one write (and one fsync) at the end, not one each.
