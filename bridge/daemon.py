@@ -213,7 +213,8 @@ class Daemon:
     def handle(self, address: str, args: list[Any], sender: Address) -> None:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
-            if address not in ("/hello", "/pad") and self.access.needs_hello(sender):
+            replay = getattr(self._own_initiative, "value", False)  # --resume: accepted before the crash
+            if address not in ("/hello", "/pad") and not replay and self.access.needs_hello(sender):
                 raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
             cmd = P.parse(address, args, limits=self.config.limits, paths=self.paths)
             self._apply(cmd, sender)

@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Load the model once and serve OSC over UDP until SIGINT/SIGTERM.")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default loopback; anything else is reachable from the network)")
+                   help="address to bind (default loopback; anything else is reachable from the network "
+                        "and needs --allow-from)")
     p.add_argument("--port", type=nonneg_int, default=9010, help="UDP port (default 9010; 0 = any free port)")
     p.add_argument("--reply-to", type=host_port, default=None, metavar="HOST:PORT",
                    help="send every reply here instead of to the sender (DAWs listen on one fixed port)")
