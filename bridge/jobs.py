@@ -28,7 +28,7 @@ from model.types import RequestError, melody_refusal
 
 if TYPE_CHECKING:
     from bridge.session import TrackSettings, Transport
-    from model.types import SamplingParams
+    from model.types import GenerationRequest, SamplingParams
     from presets import Preset
 
 log = logging.getLogger("musicbridge.jobs")
@@ -215,8 +215,7 @@ class JobQueue:
         for job in batch:
             self.on_event(job, "progress", (0.0,))
             try:
-                requests.append(build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel,
-                                              inputs=self.inputs))
+                requests.append(self.request_of(job))
                 ready.append(job)
             except ProtocolError as e:  # from bridge.inputs: a file refused where it is opened
                 if job.cancel.is_set():  # cancelled while its take was being read
@@ -254,10 +253,7 @@ class JobQueue:
                 continue
             job.fraction = 1.0
             try:
-                job.plan.context["job"] = job.id
-                finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)
-                path = write_planned_stem(finished, self.engine.sample_rate, job.plan, self.engine_record,
-                                          records, index, report, self.stems_dir)
+                path = self.write_stem(job, audio, records, index)
             except Exception as e:  # noqa: BLE001 - disk full, chain error: this job fails, the daemon goes on
                 from bridge.write_errors import describe_write_error
 
@@ -266,6 +262,20 @@ class JobQueue:
                 continue
             job.path = path
             self._finish(job, "done", (str(path),))
+
+    def request_of(self, job: Job) -> GenerationRequest:
+        """The engine request of a job (melody chroma and take loaded now, on the calling worker)."""
+        return build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel,
+                             inputs=self.inputs)
+
+    def write_stem(self, job: Job, audio: np.ndarray, batch: list[dict[str, Any]] | None = None,
+                   index: int = 0) -> Path:
+        """The job's stem on disk: fitted to the grid, chained, placed, with the sidecar recording
+        `batch` (the request records of the engine call that made it; default: this job alone)."""
+        job.plan.context["job"] = job.id
+        finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)
+        return write_planned_stem(finished, self.engine.sample_rate, job.plan, self.engine_record,
+                                  batch or [job.plan.request], index, report, self.stems_dir)
 
     def _finish(self, job: Job, state: str, payload: tuple) -> None:
         with self._emit:
