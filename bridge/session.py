@@ -171,6 +171,8 @@ class LiveSession:
         except (OSError, ValueError) as e:
             self.transport, self.tracks, self.next_job_id = old
             raise ProtocolError("failed", f"could not save the session to {self.path}: {e}") from None
+        if self._group_depth:  # a save inside a group (a job id) saved the group's changes so far too
+            self._group_before = (self.transport, self.tracks)
 
     def unsaved(self) -> bool:
         """Whether a change inside `saved_together` is waiting for the group's save."""
