@@ -63,8 +63,11 @@ class _LogLimiter:
 class Daemon:
     """A running bridge; a context manager that binds the socket on enter and stops cleanly on exit."""
 
-    def __init__(self, engine, config: DaemonConfig, audio=None):
-        """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None."""
+    def __init__(self, engine, config: DaemonConfig, audio=None, notes=None):
+        """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None.
+        notes: a bridge.midi.NoteRouter fed by --midi-in ports (None: OSC notes only)."""
+        from bridge.live_control import LiveControl
+
         from bridge.render import engine_record
 
         self.engine, self.config, self.audio = engine, config, audio
@@ -77,7 +80,9 @@ class Daemon:
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
-        self.jams: dict[str, Any] = {}  # track -> bridge.jam.Jam (the latest one per track)
+        self.live = LiveControl(engine, audio, notes, self.session.transport,
+                                lambda to, address, args: self.server.send(to, address, args))
+        self.jams = self.live.jams  # track -> bridge.jam.Jam (the latest one per track)
         self._closed = False
         self._jobs_entered = False
 
@@ -103,8 +108,7 @@ class Daemon:
         if queued or running:
             log.info("shutting down: cancelling %d queued job(s), giving %d running job(s) up to %g s",
                      queued, running, grace)
-        for jam in self.jams.values():
-            jam.close()
+        self.live.close()
         self.jobs.shutdown(grace)
         self.server.__exit__(None, None, None)
         log.info("musicbridge stopped; the session is saved in %s", self.session.path)
@@ -213,82 +217,41 @@ class Daemon:
             self.reply(sender, "/job/status", job.id, job.state, float(job.fraction),
                        str(job.path) if job.path else "")
         elif isinstance(cmd, P.SetTempo):
-            s.update_transport(tempo=cmd.bpm)
+            self.live.transport_changed(s.update_transport(tempo=cmd.bpm))
             self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
         elif isinstance(cmd, P.SetSignature):
-            s.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
+            self.live.transport_changed(s.update_transport(numerator=cmd.numerator, denominator=cmd.denominator))
             self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
         elif isinstance(cmd, (P.Play, P.Stop)):
             changes: dict[str, Any] = {"playing": isinstance(cmd, P.Play)}
             if cmd.beat is not None:
                 changes["position"] = cmd.beat
             t = s.update_transport(**changes)
+            self.live.transport_changed(t, cmd.beat)
             self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
         elif isinstance(cmd, P.Locate):
-            s.update_transport(position=cmd.beat)
+            self.live.transport_changed(s.update_transport(position=cmd.beat), cmd.beat)
             self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
         elif isinstance(cmd, P.JamStart):
-            self._jam_start(cmd, sender)
+            track = self._existing(cmd.track)
+            preset = _load_preset(track.preset) if track.preset else None
+            self._ok(sender, cmd, self.live.jam_start(cmd.track, track, preset, s.transport, self._to(sender)))
         elif isinstance(cmd, P.JamStop):
-            jam = self.jams.get(cmd.track)
-            if jam is None or jam.state in ("stopping", "stopped", "failed"):
-                raise ProtocolError("not_found", f"no jam is running on track {cmd.track!r}")
-            jam.stop()
+            self.live.jam_stop(cmd.track)
             self._ok(sender, cmd, f"jam on track {cmd.track}: stopping at the next bar line")
         elif isinstance(cmd, P.JamStatus):
-            jam = self.jams.get(cmd.track)
-            if jam is None:
-                raise ProtocolError("not_found", f"no jam has run on track {cmd.track!r}")
-            self._send_jam_status(self._to(sender), jam.status())
+            self.live.jam_status(cmd.track, self._to(sender))
+        elif isinstance(cmd, P.Note):  # no /ok: a stream of notes stays quiet; errors are answered
+            self.live.note(cmd.track, cmd.pitch, cmd.velocity)
+        elif isinstance(cmd, P.NotesOff):
+            self.live.notes_off(cmd.track)
+            self._ok(sender, cmd, f"track {cmd.track}: all live notes off")
+        elif isinstance(cmd, P.MidiChannel):
+            self.live.midi_channel(cmd.track, cmd.channel)
+            self._ok(sender, cmd, f"MIDI channel {cmd.channel} -> track {cmd.track}" if cmd.channel
+                     else f"track {cmd.track}: MIDI channels back to the default")
         else:  # a command class without a handler is a bug, not user input
             raise ProtocolError("internal", f"no handler for {type(cmd).__name__}")
-
-    def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
-        if self.audio is None:
-            raise ProtocolError("unavailable", "this daemon has no live audio output; start it with "
-                                               "--audio DEVICE to jam")
-        try:
-            from bridge.jam import Jam, JamError
-        except ImportError:
-            raise ProtocolError("unavailable", "live jam is not available in this build") from None
-        old = self.jams.get(cmd.track)
-        if old is not None and old.state not in ("stopped", "failed") and not old.wait(0):
-            raise ProtocolError("bad_args", f"a jam is already running on track {cmd.track!r}; "
-                                            f"/jam/stop it first")
-        track = self._existing(cmd.track)
-        preset = _load_preset(track.preset) if track.preset else None
-        t = self.session.transport
-        prompt, params = track_sound(cmd.track, track, preset, t.tempo)
-        melody = None
-        if track.melody is not None:
-            if not self.engine.is_melody:
-                raise ProtocolError("model", f"track {cmd.track} follows a melody but model "
-                                             f"{self.engine.info.label} is text-only")
-            from bridge.melody_source import LoopedMelody, natural_chroma
-
-            rate = self.engine.chroma_frame_rate
-            melody = LoopedMelody(natural_chroma(track.melody_dict(), rate, t.tempo), rate)
-        chain = None
-        if preset and preset.chain:
-            chain = preset.build_chain()
-        to = self._to(sender)
-        if old is not None:
-            old.close()
-        try:
-            jam = Jam(self.engine, self.audio, cmd.track, prompt, melody=melody, params=params, chain=chain,
-                      tempo=t.tempo, numerator=t.numerator, denominator=t.denominator,
-                      on_status=lambda st: self._send_jam_status(to, st))
-        except JamError as e:
-            raise ProtocolError("bad_args", f"cannot jam on track {cmd.track}: {e}") from None
-        self.jams[cmd.track] = jam
-        jam.start()
-        self._ok(sender, cmd, f"jam on track {cmd.track}: started ({prompt[:60]!r})")
-
-    def _send_jam_status(self, to: Address, st: dict[str, Any]) -> None:
-        rtf = st.get("realtime_factor")
-        self.server.send(to, "/jam/status", (st["track"], st["state"], int(bool(st["behind"])), int(st["chunks"]),
-                                             float(rtf) if rtf is not None and rtf < 1e9 else 0.0,
-                                             int(st["underruns"]), st.get("error") or ""))
 
     def _existing(self, name: str):
         tr = self.session.track(name)

@@ -65,20 +65,52 @@ class LiveMelody:
         elif msg.type == "control_change" and msg.control in (120, 123):
             self.all_off()
 
+    def notes(self) -> list[tuple[int, float, float]]:
+        """(pitch, on, off) of the notes kept; a held note ends at +inf."""
+        with self._lock:
+            return list(self._done) + [(p, on, float("inf")) for p, on in self._held.items()]
+
     def chroma(self, start_s: float, seconds: float, frame_rate: float) -> np.ndarray:
         """(frames, 12) one-hot of the highest note at each frame centre in [start_s, start_s+seconds)."""
-        n = max(1, int(round(seconds * frame_rate)))
-        centres = start_s + (np.arange(n) + 0.5) / frame_rate
-        with self._lock:
-            notes = list(self._done) + [(p, on, float("inf")) for p, on in self._held.items()]
-        top = np.full(n, -1, dtype=np.int64)
-        for pitch, on, off in notes:
-            sounding = (centres >= on) & (centres < off)
-            top[sounding] = np.maximum(top[sounding], pitch)
-        out = np.zeros((n, 12), dtype=np.float32)
-        voiced = top >= 0
-        out[np.nonzero(voiced)[0], top[voiced] % 12] = 1.0
-        return out
+        return chroma_of(self.notes(), start_s, seconds, frame_rate)
+
+
+def chroma_of(notes: list[tuple[int, float, float]], start_s: float, seconds: float,
+              frame_rate: float) -> np.ndarray:
+    """(frames, 12) one-hot of the highest of `notes` sounding at each frame centre."""
+    n = max(1, int(round(seconds * frame_rate)))
+    centres = start_s + (np.arange(n) + 0.5) / frame_rate
+    top = np.full(n, -1, dtype=np.int64)
+    for pitch, on, off in notes:
+        sounding = (centres >= on) & (centres < off)
+        top[sounding] = np.maximum(top[sounding], pitch)
+    out = np.zeros((n, 12), dtype=np.float32)
+    voiced = top >= 0
+    out[np.nonzero(voiced)[0], top[voiced] % 12] = 1.0
+    return out
+
+
+class TrackNotes:
+    """What a track's jam hears: its own notes (OSC, routed channels) and, while no channel is
+    routed to it, the notes of every unrouted channel. A live MelodySource (bridge/jam.py)."""
+
+    live = True
+
+    def __init__(self, router: NoteRouter, track: str):
+        self.router, self.track = router, track
+
+    @property
+    def changed_at(self) -> float | None:
+        own, omni = self.router.melody(self.track), self.router.omni
+        times = [t for t in (own.changed_at, omni.changed_at if self.router.hears_omni(self.track) else None)
+                 if t is not None]
+        return max(times) if times else None
+
+    def chroma(self, start_s: float, seconds: float, frame_rate: float) -> np.ndarray:
+        notes = self.router.melody(self.track).notes()
+        if self.router.hears_omni(self.track):
+            notes += self.router.omni.notes()
+        return chroma_of(notes, start_s, seconds, frame_rate)
 
 
 class MidiInput:
@@ -120,16 +152,26 @@ class MidiInput:
 
 
 class NoteRouter:
-    """MIDI channels to tracks: each track has a LiveMelody; a routed channel feeds its track, the
-    other channels feed every track that no channel is routed to (the default: all channels to
-    whichever track jams). Writers: rtmidi threads and the OSC thread."""
+    """MIDI channels to tracks: each track has a LiveMelody (its OSC notes and routed channels);
+    unrouted channels feed `omni`, which every track with no channel routed to it also hears (the
+    default: all channels to whichever track jams). Writers: rtmidi threads and the OSC thread."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._lock = threading.Lock()
         self._melodies: dict[str, LiveMelody] = {}
         self._routes: dict[int, str] = {}  # channel 1-16 -> track
+        self.omni = LiveMelody(clock)  # the notes of every channel not routed to a track
         self.messages = 0  # MIDI messages received (all ports)
+
+    def source(self, track: str) -> TrackNotes:
+        """The live MelodySource a jam on `track` reads."""
+        self.melody(track)
+        return TrackNotes(self, track)
+
+    def hears_omni(self, track: str) -> bool:
+        with self._lock:
+            return track not in self._routes.values()
 
     def melody(self, track: str) -> LiveMelody:
         with self._lock:
@@ -157,10 +199,7 @@ class NoteRouter:
     def targets(self, channel: int) -> list[LiveMelody]:
         with self._lock:
             track = self._routes.get(channel)
-            if track is not None:
-                return [self._melodies[track]]
-            routed = set(self._routes.values())
-            return [m for name, m in self._melodies.items() if name not in routed]
+            return [self._melodies[track]] if track is not None else [self.omni]
 
     def message(self, msg) -> None:
         """A mido message from any port (channels are 0-based in mido, 1-based here)."""

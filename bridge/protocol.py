@@ -179,6 +179,24 @@ class TrackState(TrackCommand):
 
 
 @dataclass(frozen=True)
+class Note(TrackCommand):
+    pitch: int  # MIDI 0-127
+    velocity: int  # 0 = note off
+    pattern: ClassVar[str] = "/track/<name>/note"
+
+
+@dataclass(frozen=True)
+class NotesOff(TrackCommand):
+    pattern: ClassVar[str] = "/track/<name>/notes/off"
+
+
+@dataclass(frozen=True)
+class MidiChannel(TrackCommand):
+    channel: int  # 1-16; 0 = route this track's channels back to the default
+    pattern: ClassVar[str] = "/track/<name>/midi/channel"
+
+
+@dataclass(frozen=True)
 class CancelJob(Command):
     job_id: int
     pattern: ClassVar[str] = "/job/<id>/cancel"
@@ -452,7 +470,15 @@ def _track_command(address: str, name: str, verb: str, args: Sequence[Any], limi
                          "limit")
         prio = a.integer(2, "priority", 0, MAX_PRIORITY) if n == 3 else 0
         return Continue(address, track, path, seconds, prio)
-    simple = {"melody/clear": MelodyClear, "clear": ClearTrack, "delete": DeleteTrack, "state": TrackState}
+    if verb == "note":
+        a = A("i pitch 0-127, i velocity 0-127 (0 = off)")
+        a.count(2)
+        return Note(address, track, a.integer(0, "pitch", 0, 127), a.integer(1, "velocity", 0, 127))
+    if verb == "midi/channel":
+        a = A("i MIDI channel 1-16, or 0 to route it back to the default")
+        a.count(1)
+        return MidiChannel(address, track, a.integer(0, "channel", 0, 16))
+    simple = {"melody/clear": MelodyClear, "notes/off": NotesOff, "clear": ClearTrack, "delete": DeleteTrack, "state": TrackState}
     if verb in simple:
         A("no arguments").count(0)
         return simple[verb](address, track)

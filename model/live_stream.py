@@ -96,6 +96,11 @@ class LiveStream:
 
         The engine's gate is taken one step at a time and never held across a yield."""
         eng = self.engine
+        with eng.gate.live_session():  # offline steps wait until this chunk is made
+            yield from self._advance(until_frame, piece_frames, first_piece_frames, cancel)
+
+    def _advance(self, until_frame, piece_frames, first_piece_frames, cancel) -> Iterator[np.ndarray]:
+        eng = self.engine
         want = first_piece_frames or piece_frames
         pending_from = self.frames
         while self.frames < until_frame:
