@@ -204,6 +204,9 @@ class JobQueue:
         return batch
 
     def _work(self) -> None:
+        from model.scheduler import offline_thread
+
+        offline_thread()  # live work (jams) gets the CPU first (model/scheduler.py)
         while True:
             with self._cond:
                 while not self._queued and not self._closing:

@@ -19,6 +19,7 @@ calls is safe; the gate only orders them.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -27,10 +28,16 @@ class StepGate:
     """One decoder step at a time; live sessions go ahead of offline work."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        # Two conditions on one lock: a live step never wakes a waiting offline step (a woken
+        # thread would take the GIL from the live one just to go back to sleep).
+        self._live_cv = threading.Condition(lock)
+        self._offline_cv = threading.Condition(lock)
+        self._lock = lock
         self._live_sessions = 0
+        self._live_waiting = 0
         self._busy = False
-        self.offline_waits = 0  # steps an offline call waited because live work was due (stats)
+        self.offline_waits = 0  # offline steps that waited because live work was due (stats)
 
     @property
     def live_sessions(self) -> int:
@@ -39,30 +46,38 @@ class StepGate:
     @contextlib.contextmanager
     def live_session(self) -> Iterator[None]:
         """Live work is due: offline steps wait until every live session has closed."""
-        with self._cond:
+        with self._lock:
             self._live_sessions += 1
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._live_sessions -= 1
-                self._cond.notify_all()
+                if not self._live_sessions and not self._busy:
+                    self._offline_cv.notify()
 
     @contextlib.contextmanager
     def step(self, live: bool = False, stop: Callable[[], bool] | None = None) -> Iterator[bool]:
         """Hold the gate for one step. Yields False (and holds nothing) when `stop()` turned true
         while an offline step was waiting, so a cancelled job does not wait for a jam to end."""
         waited = False
-        with self._cond:
-            while True:
-                if not self._busy and (live or not self._live_sessions):
-                    self._busy = got = True
-                    break
-                if stop is not None and stop():
-                    got = False
-                    break
-                waited = waited or (not live and self._live_sessions > 0)
-                self._cond.wait(0.05)
+        with self._lock:
+            if live:
+                self._live_waiting += 1
+                while self._busy:
+                    self._live_cv.wait()
+                self._live_waiting -= 1
+                self._busy = got = True
+            else:
+                while True:
+                    if not self._busy and not self._live_sessions and not self._live_waiting:
+                        self._busy = got = True
+                        break
+                    if stop is not None and stop():
+                        got = False
+                        break
+                    waited = waited or self._live_sessions > 0
+                    self._offline_cv.wait(0.05)
         if waited:
             self.offline_waits += 1
         if not got:
@@ -71,6 +86,25 @@ class StepGate:
         try:
             yield True
         finally:
-            with self._cond:
+            with self._lock:
                 self._busy = False
-                self._cond.notify_all()
+                if self._live_waiting:
+                    self._live_cv.notify()
+                elif not self._live_sessions:
+                    self._offline_cv.notify()
+
+
+OFFLINE_NICE = 10
+
+
+def offline_thread() -> bool:
+    """Lower the calling thread's CPU priority (Linux: its own nice value) for offline work.
+
+    The gate orders decoder steps; this orders everything else an offline job does (decoding
+    its codes, writing its stem) behind the live threads when the machine's cores are busy.
+    Call it once at the start of a thread that only does offline work. True if it took effect."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), OFFLINE_NICE)
+        return True
+    except (AttributeError, OSError):  # not Linux, or not permitted: order by the gate alone
+        return False
