@@ -122,8 +122,9 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
         out = stack.enter_context(AudioOutputProcess(device=device))
     except OutputError as e:
         if spec == "auto":
-            log.info("no live audio: no default output device (%s); jams need --audio DEVICE, stems work",
-                     str(e).split(";")[0][:160])
+            log.info("no live audio: this machine has no default audio output (start JACK or PipeWire first, "
+                     "or pass --audio DEVICE); stems still work")
+            log.debug("--audio auto: %s", e)
             return None
         raise UsageError(str(e)) from None
     log.info("live audio goes to %s (%d Hz, %d channels)", out.device_name, out.samplerate, out.channels)

@@ -259,3 +259,34 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
         assert step[s] <= 1.5 * around.max(), (k, step[s], around.max(), xruns)
         checked += 1
     assert checked >= 5
+
+
+def test_serve_audio_auto_takes_the_default_output_or_says_there_is_none(tmp_path, presets, tiny_model_dir):
+    # --audio auto is the default; DaemonProcess passes --audio none first, so name it here.
+    with jack_server(rate=SR, period=256):
+        d = DaemonProcess(tiny_model_dir, tmp_path / "s1", presets, "--audio", "auto")
+        try:
+            with d.client() as c:
+                d.wait_ready(c)
+                c.send("/status")
+                assert expect(c, "/status")[4] >= 0  # a live output is open (-1 = none)
+            assert "live audio goes to" in d.log_text()
+        finally:
+            assert d.stop(signal.SIGTERM) == 0, d.log_text()
+    # Without a server: whatever this machine has, the daemon says which and behaves accordingly.
+    d = DaemonProcess(tiny_model_dir, tmp_path / "s2", presets, "--audio", "auto")
+    try:
+        with d.client() as c:
+            d.wait_ready(c)
+            c.send("/track/lead/prompt", "sax")
+            expect(c, "/ok")
+            c.send("/jam/start", "lead")
+            r = c.wait_for(lambda a, _: a in ("/ok", "/error"), 10.0)
+            log = d.log_text()
+            if "no live audio: this machine has no default audio output" in log:
+                assert r[0] == "/error" and r[1][0] == "unavailable" and "--audio" in r[1][1], r
+            else:
+                assert "live audio goes to" in log and r[0] == "/ok", (r, log)
+                c.send("/jam/stop", "lead")
+    finally:
+        assert d.stop(signal.SIGTERM) == 0, d.log_text()
