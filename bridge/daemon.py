@@ -301,6 +301,9 @@ class Daemon:
         s = self.session
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
+        if getattr(cmd, "play", False) and self.audio is None:
+            raise ProtocolError("unavailable", "this daemon has no live audio output; start it with --audio "
+                                               "DEVICE to play while generating, or use /generate")
         spec = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
         if spec.continuation is not None:
             s.update_track(cmd.track, continuation=spec.continuation)
@@ -309,7 +312,10 @@ class Daemon:
             log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, spec.sidecar["length"],
                      spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
 
-        self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id, accepted)
+        if getattr(cmd, "play", False):
+            self.jobs.run_live(spec, self._to(sender), s.take_job_id, self.live.player_for(preset), accepted)
+        else:
+            self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id, accepted)
 
 
 def _load_preset(name: str):

@@ -129,6 +129,44 @@ class JobQueue:
             self._cond.notify_all()
         return job
 
+    def run_live(self, spec: JobSpec, reply_to: Address, new_id: Callable[[], int],
+                 play: Callable[[Job, Any, Callable[[float], None]], Any],
+                 accepted: Callable[[Job], None] | None = None) -> Job:
+        """A job someone listens to (`/track/<name>/play`): it skips the queue and runs now on its own
+        thread, its steps ahead of offline ones. `play(job, request, progress)` generates and plays it
+        and returns the audio (None: cancelled); the stem is then written as for any job."""
+        with self._cond:
+            if self._closing:
+                raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
+            job = Job(new_id(), spec, reply_to, 0, next(self._seq), state="running")
+            self.jobs[job.id] = job
+            if accepted is not None:
+                accepted(job)
+            self._forget_old()
+        threading.Thread(target=self._run_live, args=(job, play), name=f"live-job-{job.id}", daemon=True).start()
+        return job
+
+    def _run_live(self, job: Job, play) -> None:
+        self.on_event(job, "progress", (0.0,))
+        try:
+            request = build_request(job, self.engine)
+
+            def progress(f: float) -> None:
+                job.fraction = max(job.fraction, min(float(f), 1.0))
+
+            audio = play(job, request, progress)
+            if audio is None or job.cancel.is_set():
+                self._finish(job, "cancelled", ())
+                return
+            job.fraction = 1.0
+            job.path = write_result(job, audio, self.engine, self.stems_dir, self.engine_record)
+            self._finish(job, "done", (str(job.path),))
+        except ProtocolError as e:
+            self._finish(job, "failed", (e.code, e.message))
+        except Exception as e:  # noqa: BLE001 - this job fails, the daemon goes on
+            log.exception("live job %d failed", job.id)
+            self._finish(job, "failed", ("failed", f"playing while generating failed: {type(e).__name__}: {e}"))
+
     def cancel(self, job_id: int) -> Job:
         """Cancel a queued job now, or ask a running one to stop; ProtocolError if unknown or finished."""
         with self._cond:

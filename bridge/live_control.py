@@ -85,6 +85,18 @@ class LiveControl:
                                          f"start the daemon with a MusicGen-Melody checkpoint to jam on notes "
                                          f"(track {track})")
 
+    # ------------------------------------------------------------ playing while generating
+
+    def player_for(self, preset):
+        """The `play` callable of JobQueue.run_live for /track/<name>/play: the track's chain, the grid."""
+        from bridge.live_play import play_while_generating
+
+        def play(job, request, progress):
+            chain = preset.build_chain() if preset and preset.chain else None
+            return play_while_generating(self.engine, self.audio, self.grid, job, request, chain, progress)
+
+        return play
+
     # ------------------------------------------------------------ jams
 
     def jam_start(self, name: str, track, preset, transport, to) -> str:

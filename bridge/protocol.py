@@ -152,6 +152,7 @@ class Generate(TrackCommand):
     seconds: float | None  # exactly one of seconds and bars is set
     bars: int | None
     priority: int = 0
+    play: bool = False  # /track/<name>/play: also play it live while it generates
     pattern: ClassVar[str] = "/track/<name>/generate"
 
 
@@ -460,6 +461,10 @@ def _track_command(address: str, name: str, verb: str, args: Sequence[Any], limi
         return _chroma(A("b float32 frames x 12, f frame_rate"), track)
     if verb == "generate":
         return _generate(A("f seconds | i bars, s \"bars\"; optional i priority 0-9"), track)
+    if verb == "play":  # as /generate, and heard live while it generates
+        from dataclasses import replace
+
+        return replace(_generate(A("f seconds | i bars, s \"bars\""), track), play=True)
     if verb == "continue":
         a = A("s path to a .wav/.flac take, f seconds; optional i priority 0-9")
         n = a.count(2, 3)
