@@ -45,10 +45,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.types import SamplingParams
-from plugin_host.live import TrackPlayer
+from plugin_host.live import BehindStatus, StatusCallback, TrackPlayer
 from plugin_host.output import AudioOutput
-
-StatusCallback = Callable[[dict[str, Any]], None]
 EDGE_FADE_SECONDS = 0.01  # fade-in of a piece moved to a later bar line after falling behind
 PIECE_SECONDS = 0.5  # audio decoded and queued at a time while a chunk is generated
 FIRST_PIECE_SECONDS = 0.2  # the first piece of a chunk is shorter: it is what the player waits for
@@ -133,8 +131,7 @@ class Jam:
         self.on_chunk = on_chunk
         self.history: list[dict[str, Any]] = []  # one entry per chunk: what conditioned it
         self.state = "idle"
-        self.behind = False
-        self.behind_events = 0
+        self.behind_status = BehindStatus(self._notify)  # one status with its player (plugin_host.live)
         self.error: str | None = None
         self.note_latency: float | None = None  # last melody change at the input -> first sample conditioned on it
         self.first_bar: float | None = None  # output time of the part's first frame (a bar line)
@@ -344,7 +341,7 @@ class Jam:
         entry["note_latency"] = self.note_latency
         self.history.append(entry)
         self._produced += seconds
-        self._set_behind(rtf < 1.0 or entry["late"])
+        self._set_behind(rtf < 1.0 or entry["late"], rtf)
         if self.on_chunk is not None:
             try:
                 self.on_chunk(entry)
@@ -372,7 +369,7 @@ class Jam:
             self._track = out.add_track(self.name, self.engine.channels, pair, gain, pan,
                                         buffer_seconds=max(4.0, 3 * cs + 1.0),
                                         start_frame=int(round(self.first_bar * out.samplerate)))
-            self._player = TrackPlayer(self._track, sr, self.chain)
+            self._player = TrackPlayer(self._track, sr, self.chain, status=self.behind_status)
             return False
         at = self._track.start_frame / out.samplerate + self._fed / sr
         if at >= earliest:
@@ -431,16 +428,21 @@ class Jam:
 
     # ---------------------------------------------------------------- behind and reporting
 
-    def _set_behind(self, behind: bool) -> None:
+    def _set_behind(self, behind: bool, rtf: float | None = None) -> None:
         if behind:
-            self.behind_events += 1
             if self.context_seconds > self.min_context_seconds:
                 self.context_seconds = max(self.min_context_seconds, self.context_seconds / 2)
             elif self.chunk_bars > 1:
                 self.chunk_bars = max(1, self.chunk_bars // 2)
-        if behind != self.behind:
-            self.behind = behind
-            self._notify()
+        self.behind_status.report("chunks", behind, new_event=behind, realtime_factor=rtf)
+
+    @property
+    def behind(self) -> bool:
+        return self.behind_status.behind
+
+    @property
+    def behind_events(self) -> int:
+        return self.behind_status.behind_events
 
     def _notify(self) -> None:
         if self.on_status is not None:
@@ -453,11 +455,9 @@ class Jam:
         """For /jam/status: the same behind/realtime fields as TrackPlayer.status(), plus the jam's own."""
         last = self.history[-1] if self.history else None
         track = self._track
-        player = self._player.status() if self._player is not None else None
         return {
             "track": self.name, "state": "stopped" if track is not None and track.done else self.state,
-            "behind": bool(self.behind or (player is not None and player["behind"])),
-            "behind_events": self.behind_events, "chunks": len(self.history),
+            "behind": self.behind, "behind_events": self.behind_events, "chunks": len(self.history),
             "chunk_seconds": self.chunk_seconds, "context_seconds": self.context_seconds,
             "realtime_factor": None if last is None else last["realtime_factor"],
             "chunk_latency": None if last is None else last["generate_seconds"],

@@ -30,8 +30,8 @@ class TypedGrid:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tempo) and 20.0 <= self.tempo <= 400.0):
             raise ValueError(f"tempo must be in [20, 400] bpm, got {self.tempo}")
-        if self.numerator < 1 or self.denominator not in (1, 2, 4, 8, 16):
-            raise ValueError(f"time signature must be N/D with N >= 1 and D in 1,2,4,8,16; "
+        if self.numerator < 1 or self.denominator not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"time signature must be N/D with N >= 1 and D in 1,2,4,8,16,32; "
                              f"got {self.numerator}/{self.denominator}")
 
     @property
