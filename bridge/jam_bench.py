@@ -147,7 +147,8 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
         for t in threads:
             t.start()
         first_audio_at = None
-        while time.monotonic() - t0 < seconds + 30 and jam.status()["produced_seconds"] < seconds:
+        deadline = t0 + max(180.0, 20.0 * seconds)  # a jam 20x slower than real time is reported as such
+        while time.monotonic() < deadline and jam.status()["produced_seconds"] < seconds:
             st = jam.status()
             if first_audio_at is None and st["state"] == "playing":
                 first_audio_at = time.monotonic() - t0
@@ -159,14 +160,18 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
         hist = list(jam.history)
         jam.stop()
         jam.wait(10)
-    steady = hist[1:] or hist
+    steady = hist[1:] or hist  # the first chunk includes the first prefill
+
+    def med(xs):
+        xs = [x for x in xs if x is not None]
+        return statistics.median(xs) if xs else None
+
     res = {
         "chunks": len(hist), "produced_seconds": status["produced_seconds"],
-        "rtf_median": statistics.median(h["realtime_factor"] for h in steady),
-        "rtf_min": min(h["realtime_factor"] for h in steady),
-        "chunk_latency_median": statistics.median(h["generate_seconds"] for h in steady),
-        "chunk_first_audio_median": statistics.median(h["first_audio_seconds"] for h in steady
-                                                      if h["first_audio_seconds"] is not None),
+        "rtf_median": med(h["realtime_factor"] for h in steady),
+        "rtf_min": min((h["realtime_factor"] for h in steady), default=None),
+        "chunk_latency_median": med(h["generate_seconds"] for h in steady),
+        "chunk_first_audio_median": med(h["first_audio_seconds"] for h in steady),
         "first_audio_after_start": first_audio_at,
         "first_audio_lead": status["first_audio_lead"],
         "underruns": status["underruns"], "behind_events": status["behind_events"],
@@ -174,9 +179,12 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
         "note_latency_median": statistics.median(latencies) if latencies else None,
         "note_latencies": latencies,
     }
-    log(f"  {len(hist)} chunks, rtf {res['rtf_median']:.2f} (min {res['rtf_min']:.2f}), "
-        f"chunk latency {res['chunk_latency_median']:.2f} s, underruns {res['underruns']}"
-        + (f", note->audio {res['note_latency_median']:.2f} s" if latencies else ""))
+    if not hist:
+        log(f"  no chunk finished within {deadline - t0:.0f} s: this precision cannot jam on this machine")
+    else:
+        log(f"  {len(hist)} chunks, rtf {res['rtf_median']:.2f} (min {res['rtf_min']:.2f}), "
+            f"chunk latency {res['chunk_latency_median']:.2f} s, underruns {res['underruns']}"
+            + (f", note->audio {res['note_latency_median']:.2f} s" if latencies else ""))
     return res
 
 
