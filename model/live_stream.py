@@ -79,10 +79,13 @@ class LiveStream:
         the frames still to be generated; returns True when it will."""
         if melody is not None and not self.engine.is_melody:
             raise RequestError("this model is text-only and cannot follow a melody")
-        if self._state is not None and _same_future(self._melody, self._melody_at, melody, at_frame,
-                                                    self.frames, self.engine):
-            return False
+        same = self._state is not None and _same_future(self._melody, self._melody_at, melody, at_frame,
+                                                        self.frames, self.engine)
+        # Keep the latest chroma either way: it reaches further, and a window that slides later
+        # is conditioned from it.
         self._melody, self._melody_at = (None if melody is None else np.asarray(melody, np.float32)), int(at_frame)
+        if same:
+            return False
         if self._state is not None:
             self._state = None
             self.last_prefill_reason = "conditioning"

@@ -48,6 +48,8 @@ def test_conditioning_re_prefills_only_when_what_is_to_come_changes(tiny_melody_
     same = np.zeros((60, 12), np.float32)
     same[:, 0] = 1.0
     assert not s.condition(same, 0)  # the same melody ahead: keep the state
+    assert not s.condition(same[8:], 8 * 50 / 7.8125)  # also when read from later on (frame 51.2)...
+    assert s._melody_at == 51 and len(s._melody) == 52  # ... and the later, further-reaching read is kept
     _codes(s, 80)
     assert s.prefills == 1
     g = same.copy()
