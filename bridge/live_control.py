@@ -121,8 +121,9 @@ class LiveControl:
             from bridge.melody_source import LoopedMelody, natural_chroma
 
             rate = self.engine.chroma_frame_rate
-            melody = LoopedMelody(natural_chroma(track.melody_dict(), rate, transport.tempo), rate)
-            what = f"its stored melody looped ({melody.seconds:.1f} s)"
+            bar = transport.bars_to_seconds(1)
+            melody = LoopedMelody(natural_chroma(track.melody_dict(), rate, transport.tempo), rate, bar)
+            what = f"its stored melody looped every {melody.seconds / bar:g} bars"
         elif self.engine.is_melody:
             melody, what = self.notes.source(name), "live notes"
         chain = preset.build_chain() if preset and preset.chain else None

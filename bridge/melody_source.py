@@ -8,6 +8,7 @@ that first bar line.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -40,19 +41,29 @@ class LoopedMelody:
 
     live = False
 
-    def __init__(self, chroma: np.ndarray, rate: float):
+    def __init__(self, chroma: np.ndarray, rate: float, bar_seconds: float | None = None):
+        """bar_seconds: the grid's bar; the loop is the melody rounded up to whole bars (a frame's
+        worth of rounding forgiven), so every repeat starts on a bar line. None: loop as long as
+        the chroma is."""
         if chroma.ndim != 2 or chroma.shape[1] != 12 or chroma.shape[0] == 0:
             raise ProtocolError("bad_args", f"melody must be (frames, 12), got {chroma.shape}")
         self.frames, self.rate = np.ascontiguousarray(chroma, dtype=np.float32), float(rate)
-
-    @property
-    def seconds(self) -> float:
-        """Length of one loop."""
-        return len(self.frames) / self.rate
+        natural = len(self.frames) / self.rate
+        if bar_seconds:
+            bars = max(1, math.ceil((natural - 1.0 / self.rate) / bar_seconds - 1e-9))
+            self.seconds = bars * bar_seconds
+        else:
+            self.seconds = natural
 
     def chroma(self, start_s: float, seconds: float, frame_rate: float) -> np.ndarray:
-        """(frames, 12): frame i is the melody at the centre of [start_s + i/rate, ...), looped."""
+        """(frames, 12): frame i is the melody at the centre of [start_s + i/rate, ...), looped
+        every `self.seconds` (silence between the melody's end and the loop's last bar line)."""
         n = max(1, int(round(seconds * frame_rate)))
-        t = start_s + (np.arange(n) + 0.5) / frame_rate
-        idx = np.floor(t * self.rate + 1e-9).astype(np.int64) % len(self.frames)
-        return self.frames[idx]
+        t = np.mod(start_s + (np.arange(n) + 0.5) / frame_rate, self.seconds)
+        idx = np.floor(t * self.rate + 1e-9).astype(np.int64)
+        # the chroma's length was rounded down to whole frames: its last frame lasts to the end
+        idx[(idx >= len(self.frames)) & (t < (len(self.frames) + 1) / self.rate)] = len(self.frames) - 1
+        out = np.zeros((n, 12), np.float32)
+        inside = idx < len(self.frames)
+        out[inside] = self.frames[idx[inside]]
+        return out
