@@ -88,6 +88,7 @@ class JobQueue:
         self.jobs: dict[int, Job] = {}
         self._queued: list[Job] = []
         self._running: list[Job] = []
+        self._live: list[Job] = []  # jobs played live (run_live), each on its own thread
         self._cond = threading.Condition()
         self._emit = threading.Lock()  # orders a job's progress reports before its final event
         self._seq = itertools.count()
@@ -140,6 +141,7 @@ class JobQueue:
                 raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
             job = Job(new_id(), spec, reply_to, 0, next(self._seq), state="running")
             self.jobs[job.id] = job
+            self._live.append(job)
             if accepted is not None:
                 accepted(job)
             self._forget_old()
@@ -166,6 +168,10 @@ class JobQueue:
         except Exception as e:  # noqa: BLE001 - this job fails, the daemon goes on
             log.exception("live job %d failed", job.id)
             self._finish(job, "failed", ("failed", f"playing while generating failed: {type(e).__name__}: {e}"))
+        finally:
+            with self._cond:
+                self._live.remove(job)
+                self._cond.notify_all()
 
     def cancel(self, job_id: int) -> Job:
         """Cancel a queued job now, or ask a running one to stop; ProtocolError if unknown or finished."""
@@ -206,9 +212,9 @@ class JobQueue:
             self.on_event(job, "cancelled", ())
         deadline = time.monotonic() + grace
         with self._cond:
-            while self._running and time.monotonic() < deadline:
+            while (self._running or self._live) and time.monotonic() < deadline:
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-            for job in self._running:
+            for job in self._running + self._live:
                 job.cancel.set()
                 log.info("stopping job %d (track %s): still running when the grace period ended", job.id,
                          job.spec.track)
