@@ -11,15 +11,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
-from bridge.jobs import Job, JobQueue, plan_job, sampling_params as _sampling, track_sound
+from bridge.jobs import Job, JobQueue, check_track_params, plan_job
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
-from bridge.session import Session, chroma_to_text
+from bridge.session import LiveSession, chroma_to_text
+from model.types import melody_refusal
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -60,6 +62,14 @@ class _LogLimiter:
         return True
 
 
+def handles(*classes: type) -> Callable:
+    """Mark a Daemon method as the handler of these command classes (the dispatch table's entries)."""
+    def mark(fn: Callable) -> Callable:
+        fn.handles = classes  # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
 class Daemon:
     """A running bridge; a context manager that binds the socket on enter and stops cleanly on exit."""
 
@@ -67,24 +77,26 @@ class Daemon:
         """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None.
         notes: a bridge.midi.NoteRouter fed by --midi-in ports (None: OSC notes only)."""
         from bridge.live_control import LiveControl
-
-        from bridge.render import engine_record
+        from bridge.stem_output import engine_record
 
         self.engine, self.config, self.audio = engine, config, audio
         self.stems_dir = Path(config.stems_dir or Path(config.session_dir) / "stems")
         self.paths = PathPolicy([self.stems_dir, *config.allow_dirs])
-        self.session = Session(config.session_dir, max_tracks=config.limits.max_tracks)
+        self.session = LiveSession(config.session_dir, max_tracks=config.limits.max_tracks)
         self.jobs = JobQueue(engine, self.stems_dir, self._job_event, max_queued=config.limits.max_queued,
                              engine_record=engine_record(engine))
         self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
+        # jams, live notes and the typed bar grid (bridge/live_control.py)
         self.live = LiveControl(engine, audio, notes, self.session.transport,
                                 lambda to, address, args: self.server.send(to, address, args))
         self.jams = self.live.jams  # track -> bridge.jam.Jam (the latest one per track)
         self._closed = False
         self._jobs_entered = False
+
+    HANDLERS: dict[type, Callable[[Daemon, Any, Address], None]]  # built below the class from @handles
 
     def __enter__(self) -> Daemon:
         self.jobs.__enter__()
@@ -135,14 +147,14 @@ class Daemon:
         if kind == "progress":
             self.server.send(to, "/job/progress", (job.id, float(payload[0])))
         elif kind == "done":
-            log.info("job %d done: track %s, %g s, wrote %s", job.id, job.spec.track, job.spec.seconds, payload[0])
+            log.info("job %d done: track %s, %g s, wrote %s", job.id, job.plan.name, job.plan.seconds, payload[0])
             self.server.send(to, "/job/done", (job.id, payload[0]))
         elif kind == "cancelled":
-            log.info("job %d (track %s) cancelled", job.id, job.spec.track)
+            log.info("job %d (track %s) cancelled", job.id, job.plan.name)
             self.server.send(to, "/job/cancelled", (job.id,))
         elif kind == "failed":
             code, message = payload
-            log.info("job %d (track %s) failed: %s", job.id, job.spec.track, message)
+            log.info("job %d (track %s) failed: %s", job.id, job.plan.name, message)
             self.server.send(to, "/error", (code, message, f"/job/{job.id}", job.id))
 
     # ------------------------------------------------------------ messages
@@ -164,94 +176,134 @@ class Daemon:
         self.reply(sender, "/ok", cmd.address)
 
     def _apply(self, cmd: P.Command, sender: Address) -> None:
-        s = self.session
-        if isinstance(cmd, P.Ping):
-            self.reply(sender, "/pong")
-        elif isinstance(cmd, P.Status):
-            queued, running = self.jobs.counts()
-            t = s.transport
-            xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
-            self.reply(sender, "/status", self.engine.info.label, len(s.tracks), queued, running, xruns,
-                       t.tempo, t.signature, int(t.playing), t.position)
-        elif isinstance(cmd, P.ListTracks):
-            self.reply(sender, "/tracks", *sorted(s.tracks))
-        elif isinstance(cmd, P.TrackState):
-            tr = s.track(cmd.track)
-            if tr is None:
-                raise ProtocolError("not_found", f"there is no track {cmd.track!r}; /tracks lists them")
-            state = tr.to_json()
-            m = state["melody"]
-            if m and m["kind"] == "chroma":  # keep the reply well inside one datagram
-                frames = len(m["data"]) * 3 // 4 // 48
-                state["melody"] = {"kind": "chroma", "frame_rate": m["frame_rate"], "frames": frames}
-            elif m and m["kind"] == "notes":
-                state["melody"] = {"kind": "notes", "notes": len(m["notes"])}
-            self.reply(sender, f"/track/{cmd.track}/state", json.dumps(state))
-        elif isinstance(cmd, P.SetPrompt):
-            s.update_track(cmd.track, prompt=cmd.text)
-            self._ok(sender, cmd, f"track {cmd.track}: prompt is now {cmd.text[:80]!r}")
-        elif isinstance(cmd, P.SetPreset):
-            self._set_preset(cmd, sender)
-        elif isinstance(cmd, P.SetParam):
-            self._set_param(cmd, sender)
-        elif isinstance(cmd, (P.MelodyMidi, P.MelodyAudio, P.MelodyNotes, P.MelodyChroma)):
-            self._set_melody(cmd, sender)
-        elif isinstance(cmd, P.MelodyClear):
-            self._existing(cmd.track)
-            s.update_track(cmd.track, melody=None)
-            self._ok(sender, cmd, f"track {cmd.track}: melody cleared")
-        elif isinstance(cmd, P.ClearTrack):
-            s.clear_track(cmd.track)
-            self._ok(sender, cmd, f"track {cmd.track}: cleared")
-        elif isinstance(cmd, P.DeleteTrack):
-            s.delete_track(cmd.track)
-            self._ok(sender, cmd, f"track {cmd.track}: deleted")
-        elif isinstance(cmd, (P.Generate, P.Continue)):
-            self._generate(cmd, sender)
-        elif isinstance(cmd, P.CancelJob):
-            job = self.jobs.cancel(cmd.job_id)
-            if job.state == "running":
-                log.info("job %d (track %s): stopping at the next step", job.id, job.spec.track)
-        elif isinstance(cmd, P.JobStatus):
-            job = self.jobs.get(cmd.job_id)
-            self.reply(sender, "/job/status", job.id, job.state, float(job.fraction),
-                       str(job.path) if job.path else "")
-        elif isinstance(cmd, P.SetTempo):
-            self.live.transport_changed(s.update_transport(tempo=cmd.bpm))
-            self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
-        elif isinstance(cmd, P.SetSignature):
-            self.live.transport_changed(s.update_transport(numerator=cmd.numerator, denominator=cmd.denominator))
-            self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
-        elif isinstance(cmd, (P.Play, P.Stop)):
-            changes: dict[str, Any] = {"playing": isinstance(cmd, P.Play)}
-            if cmd.beat is not None:
-                changes["position"] = cmd.beat
-            t = s.update_transport(**changes)
-            self.live.transport_changed(t, cmd.beat)
-            self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
-        elif isinstance(cmd, P.Locate):
-            self.live.transport_changed(s.update_transport(position=cmd.beat), cmd.beat)
-            self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
-        elif isinstance(cmd, P.JamStart):
-            track = self._existing(cmd.track)
-            preset = _load_preset(track.preset) if track.preset else None
-            self._ok(sender, cmd, self.live.jam_start(cmd.track, track, preset, s.transport, self._to(sender)))
-        elif isinstance(cmd, P.JamStop):
-            self.live.jam_stop(cmd.track)
-            self._ok(sender, cmd, f"jam on track {cmd.track}: stopping at the next bar line")
-        elif isinstance(cmd, P.JamStatus):
-            self.live.jam_status(cmd.track, self._to(sender))
-        elif isinstance(cmd, P.Note):  # no /ok: a stream of notes stays quiet; errors are answered
-            self.live.note(cmd.track, cmd.pitch, cmd.velocity)
-        elif isinstance(cmd, P.NotesOff):
-            self.live.notes_off(cmd.track)
-            self._ok(sender, cmd, f"track {cmd.track}: all live notes off")
-        elif isinstance(cmd, P.MidiChannel):
-            self.live.midi_channel(cmd.track, cmd.channel)
-            self._ok(sender, cmd, f"MIDI channel {cmd.channel} -> track {cmd.track}" if cmd.channel
-                     else f"track {cmd.track}: MIDI channels back to the default")
-        else:  # a command class without a handler is a bug, not user input
+        handler = self.HANDLERS.get(type(cmd))
+        if handler is None:  # a command class without a handler is a bug, not user input
             raise ProtocolError("internal", f"no handler for {type(cmd).__name__}")
+        handler(self, cmd, sender)
+
+    # One handler per command class, marked @handles(CommandClass): each changes state or queues
+    # a job, then answers. To add a message: a frozen command class and its builder in
+    # bridge.protocol, and a method here marked @handles(ThatClass).
+
+    @handles(P.Ping)
+    def _ping(self, cmd: P.Ping, sender: Address) -> None:
+        self.reply(sender, "/pong")
+
+    @handles(P.Status)
+    def _status(self, cmd: P.Status, sender: Address) -> None:
+        queued, running = self.jobs.counts()
+        t = self.session.transport
+        xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
+        self.reply(sender, "/status", self.engine.info.label, len(self.session.tracks), queued, running, xruns,
+                   t.tempo, t.signature, int(t.playing), t.position)
+
+    @handles(P.ListTracks)
+    def _list_tracks(self, cmd: P.ListTracks, sender: Address) -> None:
+        self.reply(sender, "/tracks", *sorted(self.session.tracks))
+
+    @handles(P.TrackState)
+    def _track_state(self, cmd: P.TrackState, sender: Address) -> None:
+        tr = self.session.track(cmd.track)
+        if tr is None:
+            raise ProtocolError("not_found", f"there is no track {cmd.track!r}; /tracks lists them")
+        state = tr.to_json()
+        m = state["melody"]
+        if m and m["kind"] == "chroma":  # keep the reply well inside one datagram
+            frames = len(m["data"]) * 3 // 4 // 48
+            state["melody"] = {"kind": "chroma", "frame_rate": m["frame_rate"], "frames": frames}
+        elif m and m["kind"] == "notes":
+            state["melody"] = {"kind": "notes", "notes": len(m["notes"])}
+        self.reply(sender, f"/track/{cmd.track}/state", json.dumps(state))
+
+    @handles(P.SetPrompt)
+    def _set_prompt(self, cmd: P.SetPrompt, sender: Address) -> None:
+        self.session.update_track(cmd.track, prompt=cmd.text)
+        self._ok(sender, cmd, f"track {cmd.track}: prompt is now {cmd.text[:80]!r}")
+
+    @handles(P.MelodyClear)
+    def _melody_clear(self, cmd: P.MelodyClear, sender: Address) -> None:
+        self._existing(cmd.track)
+        self.session.update_track(cmd.track, melody=None)
+        self._ok(sender, cmd, f"track {cmd.track}: melody cleared")
+
+    @handles(P.ClearTrack)
+    def _clear_track(self, cmd: P.ClearTrack, sender: Address) -> None:
+        self.session.clear_track(cmd.track)
+        self._ok(sender, cmd, f"track {cmd.track}: cleared")
+
+    @handles(P.DeleteTrack)
+    def _delete_track(self, cmd: P.DeleteTrack, sender: Address) -> None:
+        self.session.delete_track(cmd.track)
+        self._ok(sender, cmd, f"track {cmd.track}: deleted")
+
+    @handles(P.CancelJob)
+    def _cancel_job(self, cmd: P.CancelJob, sender: Address) -> None:
+        job = self.jobs.cancel(cmd.job_id)
+        if job.state == "running":
+            log.info("job %d (track %s): stopping at the next step", job.id, job.plan.name)
+
+    @handles(P.JobStatus)
+    def _job_status(self, cmd: P.JobStatus, sender: Address) -> None:
+        job = self.jobs.get(cmd.job_id)
+        self.reply(sender, "/job/status", job.id, job.state, float(job.fraction),
+                   str(job.path) if job.path else "")
+
+    @handles(P.SetTempo)
+    def _set_tempo(self, cmd: P.SetTempo, sender: Address) -> None:
+        self.live.transport_changed(self.session.update_transport(tempo=cmd.bpm))
+        self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
+
+    @handles(P.SetSignature)
+    def _set_signature(self, cmd: P.SetSignature, sender: Address) -> None:
+        self.live.transport_changed(self.session.update_transport(numerator=cmd.numerator,
+                                                                  denominator=cmd.denominator))
+        self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
+
+    @handles(P.Play, P.Stop)
+    def _play_stop(self, cmd: P.Play | P.Stop, sender: Address) -> None:
+        changes: dict[str, Any] = {"playing": isinstance(cmd, P.Play)}
+        if cmd.beat is not None:
+            changes["position"] = cmd.beat
+        t = self.session.update_transport(**changes)
+        self.live.transport_changed(t, cmd.beat)
+        self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
+
+    @handles(P.Locate)
+    def _locate(self, cmd: P.Locate, sender: Address) -> None:
+        self.live.transport_changed(self.session.update_transport(position=cmd.beat), cmd.beat)
+        self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
+
+    @handles(P.JamStart)
+    def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
+        track = self._existing(cmd.track)
+        preset = _load_preset(track.preset) if track.preset else None
+        self._ok(sender, cmd, self.live.jam_start(cmd.track, track, preset, self.session.transport,
+                                                  self._to(sender)))
+
+    @handles(P.JamStop)
+    def _jam_stop(self, cmd: P.JamStop, sender: Address) -> None:
+        self.live.jam_stop(cmd.track)
+        self._ok(sender, cmd, f"jam on track {cmd.track}: stopping at the next bar line")
+
+    @handles(P.JamStatus)
+    def _jam_status(self, cmd: P.JamStatus, sender: Address) -> None:
+        self.live.jam_status(cmd.track, self._to(sender))
+
+    @handles(P.Note)
+    def _note(self, cmd: P.Note, sender: Address) -> None:
+        """No /ok: a stream of notes stays quiet (errors are answered)."""
+        self.live.note(cmd.track, cmd.pitch, cmd.velocity)
+
+    @handles(P.NotesOff)
+    def _notes_off(self, cmd: P.NotesOff, sender: Address) -> None:
+        self.live.notes_off(cmd.track)
+        self._ok(sender, cmd, f"track {cmd.track}: all live notes off")
+
+    @handles(P.MidiChannel)
+    def _midi_channel(self, cmd: P.MidiChannel, sender: Address) -> None:
+        self.live.midi_channel(cmd.track, cmd.channel)
+        self._ok(sender, cmd, f"MIDI channel {cmd.channel} -> track {cmd.track}" if cmd.channel
+                 else f"track {cmd.track}: MIDI channels back to the default")
 
     def _existing(self, name: str):
         tr = self.session.track(name)
@@ -259,15 +311,17 @@ class Daemon:
             raise ProtocolError("not_found", f"there is no track {name!r}; set its prompt or preset first")
         return tr
 
+    @handles(P.SetPreset)
     def _set_preset(self, cmd: P.SetPreset, sender: Address) -> None:
         if cmd.name:
             preset = _load_preset(cmd.name)
             track = self.session.track(cmd.track)
-            _sampling({**preset.params, **(track.params_dict() if track else {})})
+            check_track_params(preset, track.params_dict() if track else {})
         self.session.update_track(cmd.track, preset=cmd.name)
         self._ok(sender, cmd, f"track {cmd.track}: preset {cmd.name!r}" if cmd.name
                  else f"track {cmd.track}: preset removed")
 
+    @handles(P.SetParam)
     def _set_param(self, cmd: P.SetParam, sender: Address) -> None:
         track = self.session.track(cmd.track)
         params = track.params_dict() if track else {}
@@ -275,15 +329,14 @@ class Daemon:
             params.pop(cmd.key, None)
         else:
             params[cmd.key] = cmd.value
-        base = dict(_load_preset(track.preset).params) if track and track.preset else {}
-        _sampling({**base, **params})
+        check_track_params(_load_preset(track.preset) if track and track.preset else None, params)
         self.session.update_track(cmd.track, params=params)
         self._ok(sender, cmd, f"track {cmd.track}: {cmd.key} = {cmd.value if cmd.value is not None else 'default'}")
 
+    @handles(P.MelodyMidi, P.MelodyAudio, P.MelodyNotes, P.MelodyChroma)
     def _set_melody(self, cmd: P.Command, sender: Address) -> None:
-        if not self.engine.is_melody:
-            raise ProtocolError("model", f"model {self.engine.info.label} is text-only and cannot follow a "
-                                         "melody; start the daemon with a MusicGen-Melody checkpoint")
+        if melody_refusal(self.engine):
+            raise ProtocolError("model", f"{melody_refusal(self.engine)} (start the daemon with one)")
         if isinstance(cmd, (P.MelodyMidi, P.MelodyAudio)):
             melody = {"kind": "midi" if isinstance(cmd, P.MelodyMidi) else "audio", "path": str(cmd.path)}
             what = f"melody from {cmd.path}"
@@ -297,25 +350,32 @@ class Daemon:
         self.session.update_track(cmd.track, melody=melody)  # type: ignore[attr-defined]
         self._ok(sender, cmd, f"track {cmd.track}: {what}")  # type: ignore[attr-defined]
 
+    @handles(P.Generate, P.PlayGenerate, P.Continue)
     def _generate(self, cmd: P.Generate | P.Continue, sender: Address) -> None:
         s = self.session
-        track = self._existing(cmd.track)
-        preset = _load_preset(track.preset) if track.preset else None
-        if getattr(cmd, "play", False) and self.audio is None:
+        live = isinstance(cmd, P.PlayGenerate)
+        if live and self.audio is None:
             raise ProtocolError("unavailable", "this daemon has no live audio output; start it with --audio "
                                                "DEVICE to play while generating, or use /generate")
-        spec = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
-        if spec.continuation is not None:
-            s.update_track(cmd.track, continuation=spec.continuation)
+        track = self._existing(cmd.track)
+        preset = _load_preset(track.preset) if track.preset else None
+        plan = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
+        if isinstance(cmd, P.Continue):
+            s.update_track(cmd.track, continuation={"path": str(cmd.path), "seconds": cmd.seconds})
+
         def accepted(job: Job) -> None:
             self.reply(sender, "/job/accepted", job.id, cmd.track)
-            log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, spec.sidecar["length"],
-                     spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
+            log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
+                     plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 
-        if getattr(cmd, "play", False):
-            self.jobs.run_live(spec, self._to(sender), s.take_job_id, self.live.player_for(preset), accepted)
+        if live:  # heard while it generates: it skips the offline queue (bridge/live_play.py)
+            self.jobs.run_live(plan, self._to(sender), s.take_job_id, self.live.player_for(preset), accepted)
         else:
-            self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id, accepted)
+            self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
+
+
+# The dispatch table, command class -> handler, gathered from the @handles marks above.
+Daemon.HANDLERS = {cls: fn for fn in vars(Daemon).values() for cls in getattr(fn, "handles", ())}
 
 
 def _load_preset(name: str):

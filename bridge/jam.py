@@ -47,6 +47,7 @@ import numpy as np
 from model.types import SamplingParams
 from plugin_host.live import BehindStatus, StatusCallback, TrackPlayer
 from plugin_host.output import AudioOutput
+
 EDGE_FADE_SECONDS = 0.01  # fade-in of a piece moved to a later bar line after falling behind
 PIECE_SECONDS = 0.5  # audio decoded and queued at a time while a chunk is generated
 FIRST_PIECE_SECONDS = 0.2  # the first piece of a chunk is shorter: it is what the player waits for
@@ -100,10 +101,10 @@ class Jam:
                  on_status: StatusCallback | None = None,
                  on_chunk: Callable[[dict[str, Any]], None] | None = None):
         from bridge.typed_grid import TypedGrid
+        from model.types import melody_refusal
 
-        if melody is not None and not engine.is_melody:
-            raise JamError(f"model {engine.info.label} is text-only and cannot follow a melody; "
-                           "load a MusicGen-Melody checkpoint for a melody-following jam")
+        if melody is not None and melody_refusal(engine):
+            raise JamError(str(melody_refusal(engine)))
         if not isinstance(chunk_bars, int) or not 1 <= chunk_bars <= 16:
             raise JamError(f"chunk_bars must be a whole number in [1, 16], got {chunk_bars}")
         if not (0 < min_context_seconds <= context_seconds <= 20):

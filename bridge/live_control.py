@@ -80,10 +80,10 @@ class LiveControl:
             self.notes.route(channel, track)
 
     def _need_melody_model(self, track: str) -> None:
-        if not self.engine.is_melody:
-            raise ProtocolError("model", f"model {self.engine.info.label} is text-only and cannot follow notes; "
-                                         f"start the daemon with a MusicGen-Melody checkpoint to jam on notes "
-                                         f"(track {track})")
+        from model.types import melody_refusal
+
+        if melody_refusal(self.engine):
+            raise ProtocolError("model", f"track {track} gets live notes, but {melody_refusal(self.engine)}")
 
     # ------------------------------------------------------------ playing while generating
 
@@ -115,14 +115,15 @@ class LiveControl:
         prompt, params = track_sound(name, track, preset, transport.tempo)
         melody, what = None, "text only"
         if track.melody is not None:
-            if not self.engine.is_melody:
-                raise ProtocolError("model", f"track {name} follows a melody but model "
-                                             f"{self.engine.info.label} is text-only")
-            from bridge.melody_source import LoopedMelody, natural_chroma
+            from model.types import melody_refusal
+
+            if melody_refusal(self.engine):
+                raise ProtocolError("model", f"track {name} follows a melody, but {melody_refusal(self.engine)}")
+            from bridge.melody_source import LoopedMelody, whole_melody_chroma
 
             rate = self.engine.chroma_frame_rate
             bar = transport.bars_to_seconds(1)
-            melody = LoopedMelody(natural_chroma(track.melody_dict(), rate, transport.tempo), rate, bar)
+            melody = LoopedMelody(whole_melody_chroma(track.melody_dict(), rate, transport.tempo), rate, bar)
             what = f"its stored melody looped every {melody.seconds / bar:g} bars"
         elif self.engine.is_melody:
             melody, what = self.notes.source(name), "live notes"

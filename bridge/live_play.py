@@ -25,7 +25,7 @@ def play_while_generating(engine, output, grid: Callable, job, request, chain=No
     """Stream `request` into a new output track while generating; the whole audio, or None if cancelled."""
     from model.engine import Cancelled
 
-    name = f"{job.spec.track}-play{job.id}"
+    name = f"{job.plan.name}-play{job.id}"
     track = None
     parts: list[np.ndarray] = []
     player = None

@@ -28,11 +28,13 @@ class TypedGrid:
     source: str = "typed"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.tempo) and 20.0 <= self.tempo <= 400.0):
-            raise ValueError(f"tempo must be in [20, 400] bpm, got {self.tempo}")
-        if self.numerator < 1 or self.denominator not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"time signature must be N/D with N >= 1 and D in 1,2,4,8,16,32; "
-                             f"got {self.numerator}/{self.denominator}")
+        from plugin_host.tempo import TempoError, TimeSignature, check_bpm  # the one home of these rules
+
+        try:
+            check_bpm(self.tempo)
+            TimeSignature(self.numerator, self.denominator)
+        except TempoError as e:
+            raise ValueError(str(e)) from None
 
     @property
     def beat_seconds(self) -> float:
