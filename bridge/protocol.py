@@ -305,11 +305,12 @@ class MelodyClear(TrackCommand):
 
 
 @dataclass(frozen=True)
-class Generate(TrackCommand):
+class LengthCommand(TrackCommand):
+    """A stem of a given length: /generate and /play."""
+
     seconds: float | None  # exactly one of seconds and bars is set
     bars: int | None
     priority: int = 0
-    pattern: ClassVar[str] = "/track/<name>/generate"
     expects: ClassVar[str] = "f seconds | i bars, s \"bars\"; optional i priority 0-9"
 
     def check(self) -> None:
@@ -324,7 +325,12 @@ class Generate(TrackCommand):
 
 
 @dataclass(frozen=True)
-class PlayGenerate(Generate):
+class Generate(LengthCommand):
+    pattern: ClassVar[str] = "/track/<name>/generate"
+
+
+@dataclass(frozen=True)
+class PlayGenerate(LengthCommand):
     """/generate, and the part is heard live while it generates (bridge/live_play.py)."""
 
     pattern: ClassVar[str] = "/track/<name>/play"
