@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import threading
+from fractions import Fraction
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -291,7 +292,11 @@ class Jam:
         t = time.monotonic()
         reprefill = False
         if self.melody is not None:
+            # on a grid where stream frames and chroma frames coincide (32 frames = 5 chroma frames
+            # at 50 and 7.8125 a second), so chromas read at different chunks compare exactly
+            align = Fraction(eng.frame_rate / eng.chroma_frame_rate).limit_denominator(1000).numerator
             at = max(0, stream.frames - stream.context)
+            at -= at % align
             chroma = self._chroma(at, stream.window, read_at)
             reprefill = stream.condition(chroma, at)
         first_audio = None
@@ -419,12 +424,13 @@ class Jam:
 
     def _chunk_chroma(self, frame0: int, frame1: int) -> np.ndarray | None:
         """The chroma that conditions stream frames [frame0, frame1) in the stream's current state."""
+        from model.live_stream import chroma_index
         s = self._stream
         if self.melody is None or s._melody is None:
             return None
         eng = self.engine
-        a = int(round((frame0 - s._melody_at) / eng.frame_rate * eng.chroma_frame_rate))
-        b = int(round((frame1 - s._melody_at) / eng.frame_rate * eng.chroma_frame_rate))
+        a = chroma_index(frame0 - s._melody_at, eng)
+        b = chroma_index(frame1 - s._melody_at, eng)
         return s._melody[max(0, a):max(0, b)].copy()
 
     # ---------------------------------------------------------------- behind and reporting

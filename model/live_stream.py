@@ -22,6 +22,7 @@ Every decoder step passes the engine's gate as live work (model/scheduler.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -180,7 +181,7 @@ class LiveStream:
             return self._text_cond
         melody = None
         if self._melody is not None:  # the window's chroma starts at the window's first frame
-            first = int(round((self._w0 - self._melody_at) / eng.frame_rate * eng.chroma_frame_rate))
+            first = chroma_index(self._w0 - self._melody_at, eng)
             if first < 0:
                 melody = np.concatenate([np.zeros((-first, 12), np.float32), self._melody])
             else:
@@ -191,6 +192,12 @@ class LiveStream:
                                   eng.compute_dtype)
 
 
+def chroma_index(frames: float, engine) -> int:
+    """The chroma frame nearest `frames` stream frames on, halves rounded up (never to even: two
+    chromas read on the same grid must map a frame the same way)."""
+    return math.floor(frames / engine.frame_rate * engine.chroma_frame_rate + 0.5)
+
+
 def _same_future(old: np.ndarray | None, old_at: int, new: np.ndarray | None, new_at: int, frame: int,
                  engine) -> bool:
     """Do two chromas agree from stream frame `frame` on (as far as both reach)?"""
@@ -198,7 +205,7 @@ def _same_future(old: np.ndarray | None, old_at: int, new: np.ndarray | None, ne
         return old is None and new is None
 
     def tail(m: np.ndarray, at: int) -> np.ndarray:
-        first = max(0, int(round((frame - at) / engine.frame_rate * engine.chroma_frame_rate)))
+        first = max(0, chroma_index(frame - at, engine))
         return m[first:]
 
     a, b = tail(old, old_at), tail(new, new_at)

@@ -190,6 +190,7 @@ def test_a_stored_melody_loops_on_the_jam_grid_and_each_chunk_gets_its_own_bars(
         finally:
             assert d.stop(signal.SIGTERM) == 0, d.log_text()
     first_bar = ch.chunks[0][3]
+    checked = 0
     assert first_bar == pytest.approx(round(first_bar))  # the part starts on a bar line
     for k, args in enumerate(ch.chunks[:5]):
         rel = args[3] - first_bar  # bars since the jam's first bar line
@@ -198,9 +199,15 @@ def test_a_stored_melody_loops_on_the_jam_grid_and_each_chunk_gets_its_own_bars(
         assert len(got) in (15, 16)  # 2 s of chroma at 7.8125 frames a second
         for j, b in enumerate(got):
             pos = rel + (j + 0.5) / CHROMA_RATE  # bar position of this chroma frame's centre
-            if abs(pos - round(pos)) < 0.5 / CHROMA_RATE:
-                continue  # a frame straddling a bar line may belong to either bar (frame quantisation)
+            # The model reads the chroma on its window's frame grid, which sits up to half a frame
+            # off the chunk's own: a frame within one frame of a bar line may show either bar.
+            if abs(pos - round(pos)) <= 1.0 / CHROMA_RATE:
+                continue
             assert b == "0123456789ab"[bars[int(pos) % 3]], (k, j, got)
+            checked += 1
+    assert checked >= 5 * 10  # most frames of every chunk were compared
+    # the whole window ahead is known: no re-prefill until the 30 s window slides
+    assert [int(a[8]) for a in ch.chunks[:5]] == [1, 0, 0, 0, 0]
     assert any(args[9] == 0 for args in ch.chunks)  # not late
 
 
