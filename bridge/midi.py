@@ -213,7 +213,8 @@ class NoteRouter:
 
 def open_midi_inputs(specs: list[str], callback, stack) -> list[str]:
     """Open every input port named (exactly, or by a part of its name that matches one port) in
-    `specs`, over every rtmidi API this machine has (JACK, ALSA, CoreMIDI, WinMM); each stays open
+    `specs`, over every rtmidi API this machine has (JACK, ALSA, CoreMIDI, WinMM; "API: name", as
+    the error and `musicbridge devices` list them, picks one API's port); each stays open
     until `stack` (a contextlib.ExitStack) closes. Returns "API: port" names; ValueError saying
     which ports exist when a name matches none or several."""
     import mido
@@ -231,7 +232,9 @@ def open_midi_inputs(specs: list[str], callback, stack) -> list[str]:
             continue
     opened = []
     for spec in specs:
-        matches = [p for p in ports if p[1] == spec] or [p for p in ports if spec in p[1]]
+        full = [(f"{a}: {n}", (a, n, b)) for a, n, b in ports]  # "UNIX_JACK: port" picks one API's port
+        matches = ([p for f, p in full if spec in (f, p[1])]
+                   or [p for f, p in full if spec in f])
         if len(matches) != 1:
             found = "; ".join(f"{a}: {n}" for a, n, _ in ports) or "none (is the JACK/ALSA MIDI system running?)"
             raise ValueError(f"--midi-in {spec!r} matches {len(matches)} input ports; expected exactly one. "

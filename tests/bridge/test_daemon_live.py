@@ -340,3 +340,26 @@ def test_play_generates_a_stem_and_plays_it_live_while_generating(tmp_path, pres
     # loaded machine would show as a block that differs, so compare the bulk, block by block).
     blocks = [np.max(np.abs(got[i:i + 256] - ref[i:i + 256])) for i in range(0, len(ref) - 256, 256)]
     assert np.median(blocks) < 1e-4 and sum(b > 1e-3 for b in blocks) <= 3 * 4, max(blocks)
+
+
+def test_serve_midi_in_that_matches_no_port_stops_with_the_list_of_ports(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    import mido
+
+    from tests.bridge.osc_helpers import ROOT
+
+    with jack_server(rate=SR, period=256):
+        keys = mido.Backend("mido.backends.rtmidi/UNIX_JACK").open_output("mbkeys", virtual=True)
+        try:
+            r = subprocess.run([sys.executable, "-m", "bridge.cli", "serve", "--model", str(tiny_model_dir),
+                                "--audio", "none", "--port", "0", "--session-dir", str(tmp_path / "s"),
+                                "--midi-in", "no-such-keyboard"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        finally:
+            keys.close()
+    assert r.returncode == 2, r.stderr
+    assert "--midi-in 'no-such-keyboard' matches 0 input ports" in r.stderr
+    assert "UNIX_JACK: " in r.stderr and "mbkeys" in r.stderr  # the ports there are, by API
+    assert "loading model" not in r.stderr  # refused before the slow model load
