@@ -338,13 +338,13 @@ class Jam:
         }
         self._late_in_chunk = False
         self._anchors = []
+        entry["note_latency"] = None  # measured in this chunk (status keeps the last one)
         if reprefill and getattr(self.melody, "live", False):
             changed = getattr(self.melody, "changed_at", None)
             if changed is not None and self._melody_seen < changed <= read_at:
                 # from the change at the input to the first output sample generated under it
-                self.note_latency = self._time_of(first_new) - changed
+                self.note_latency = entry["note_latency"] = self._time_of(first_new) - changed
                 self._melody_seen = changed
-        entry["note_latency"] = self.note_latency
         self.history.append(entry)
         self._produced += seconds
         self._set_behind(rtf < 1.0 or entry["late"], rtf)

@@ -133,7 +133,7 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
             i += 1
 
     def on_chunk(entry):
-        if notes and entry.get("note_latency") is not None and entry["reprefilled"]:
+        if notes and entry.get("note_latency") is not None:
             latencies.append(entry["note_latency"])
 
     if melody is not None:
