@@ -136,6 +136,9 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
         if notes and entry.get("note_latency") is not None:
             latencies.append(entry["note_latency"])
 
+    from model.live_stream import LiveStream
+
+    list(LiveStream(engine, PROMPT, SamplingParams(seed=1), context_seconds=1.0).advance(3))  # warm-up
     if melody is not None:
         melody.note_on(60)
     t0 = time.monotonic()

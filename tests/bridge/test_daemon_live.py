@@ -232,12 +232,12 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
                 n = len(ch.chunks)
                 ch.until(n + 5)
                 with_job = [float(a[6]) for a in ch.chunks[n:n + 5]]
-                c.send(f"/job/{job}/status")
-                job_state = ch.expect("/job/status")[1]
                 c.send("/jam/status", "lead")
                 st = ch.expect("/jam/status")
                 c.send("/jam/stop", "lead")
                 ch.expect("/ok")
+                # the offline job was paused between steps, never dropped: it finishes
+                done = [o for o in ch.other if o[0] == "/job/done"] or [("/job/done", ch.expect("/job/done", 60))]
                 time.sleep(2.0)
             c2 = d.client()
             with c2:
@@ -245,8 +245,7 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
                 xruns = expect(c2, "/status")[4]
         finally:
             assert d.stop(signal.SIGTERM) == 0, d.log_text()
-    # The offline job had to wait for the jam (it was still queued or running while we measured).
-    assert job_state in ("queued", "running", "done"), job_state
+    assert done[0][1][0] == job and str(done[0][1][1]).endswith(".wav")
     # Chunk latency with the job queued is within 20 % of without (medians of 5 chunks each).
     assert statistics.median(with_job) <= 1.2 * statistics.median(alone), (alone, with_job)
     assert st[5] == 0 and st[2] == 0, st  # no underruns, never behind
