@@ -20,7 +20,7 @@ from bridge import protocol as P
 from bridge.access import Access
 from bridge.inputs import InputLimits, Inputs
 from bridge.journal import Entry, Journal, remove_stale_temporaries
-from bridge.jobs import Job, JobQueue, check_track_params, plan_job, track_sound
+from bridge.jobs import Job, JobQueue, check_track_params, plan_job
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
@@ -82,8 +82,10 @@ def handles(*classes: type) -> Callable:
 class Daemon:
     """A running bridge; a context manager that binds the socket on enter and stops cleanly on exit."""
 
-    def __init__(self, engine, config: DaemonConfig, audio=None):
-        """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None."""
+    def __init__(self, engine, config: DaemonConfig, audio=None, notes=None):
+        """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None.
+        notes: a bridge.midi.NoteRouter fed by --midi-in ports (None: OSC notes only)."""
+        from bridge.live_control import LiveControl
         from bridge.stem_output import engine_record
 
         self.engine, self.config, self.audio = engine, config, audio
@@ -106,7 +108,10 @@ class Daemon:
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
-        self.jams: dict[str, Any] = {}  # track -> bridge.jam.Jam (the latest one per track)
+        # jams, live notes and the typed bar grid (bridge/live_control.py)
+        self.live = LiveControl(engine, audio, notes, self.session.transport,
+                                lambda to, address, args: self.server.send(to, address, args))
+        self.jams = self.live.jams  # track -> bridge.jam.Jam (the latest one per track)
         self._closed = False
         self._jobs_entered = False
 
@@ -152,8 +157,7 @@ class Daemon:
         if queued or running:
             log.info("shutting down: cancelling %d queued job(s), giving %d running job(s) up to %g s",
                      queued, running, grace)
-        for jam in self.jams.values():
-            jam.close()
+        self.live.close()
         self.jobs.shutdown(grace)
         self.server.__exit__(None, None, None)
         log.info("musicbridge stopped; the session is saved in %s", self.session.path)
@@ -321,12 +325,13 @@ class Daemon:
 
     @handles(P.SetTempo)
     def _set_tempo(self, cmd: P.SetTempo, sender: Address) -> None:
-        self.session.update_transport(tempo=cmd.bpm)
+        self.live.transport_changed(self.session.update_transport(tempo=cmd.bpm))
         self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
 
     @handles(P.SetSignature)
     def _set_signature(self, cmd: P.SetSignature, sender: Address) -> None:
-        self.session.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
+        self.live.transport_changed(self.session.update_transport(numerator=cmd.numerator,
+                                                                  denominator=cmd.denominator))
         self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
 
     @handles(P.Play, P.Stop)
@@ -335,78 +340,48 @@ class Daemon:
         if cmd.beat is not None:
             changes["position"] = cmd.beat
         t = self.session.update_transport(**changes)
+        self.live.transport_changed(t, cmd.beat)
         self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
 
     @handles(P.Locate)
     def _locate(self, cmd: P.Locate, sender: Address) -> None:
-        self.session.update_transport(position=cmd.beat)
+        self.live.transport_changed(self.session.update_transport(position=cmd.beat), cmd.beat)
         self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
+
+    @handles(P.JamStart)
+    def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
+        track = self._existing(cmd.track)
+        m = track.melody_dict()
+        if m and m["kind"] in ("midi", "audio"):  # the file may have changed since it was set: check it again
+            self.inputs.check_now(m["path"], m["kind"])
+        preset = _load_preset(track.preset) if track.preset else None
+        self._ok(sender, cmd, self.live.jam_start(cmd.track, track, preset, self.session.transport,
+                                                  self._to(sender)))
 
     @handles(P.JamStop)
     def _jam_stop(self, cmd: P.JamStop, sender: Address) -> None:
-        jam = self.jams.get(cmd.track)
-        if jam is None or jam.state in ("stopping", "stopped", "failed"):
-            raise ProtocolError("not_found", f"no jam is running on track {cmd.track!r}")
-        jam.stop()
+        self.live.jam_stop(cmd.track)
         self._ok(sender, cmd, f"jam on track {cmd.track}: stopping at the next bar line")
 
     @handles(P.JamStatus)
     def _jam_status(self, cmd: P.JamStatus, sender: Address) -> None:
-        jam = self.jams.get(cmd.track)
-        if jam is None:
-            raise ProtocolError("not_found", f"no jam has run on track {cmd.track!r}")
-        self._send_jam_status(self._to(sender), jam.status())
+        self.live.jam_status(cmd.track, self._to(sender))
 
-    @handles(P.JamStart)
-    def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
-        if self.audio is None:
-            raise ProtocolError("unavailable", "this daemon has no live audio output; start it with "
-                                               "--audio DEVICE to jam")
-        try:
-            from bridge.jam import Jam, JamError
-        except ImportError:
-            raise ProtocolError("unavailable", "live jam is not available in this build") from None
-        old = self.jams.get(cmd.track)
-        if old is not None and old.state not in ("stopped", "failed") and not old.wait(0):
-            raise ProtocolError("bad_args", f"a jam is already running on track {cmd.track!r}; "
-                                            f"/jam/stop it first")
-        track = self._existing(cmd.track)
-        preset = _load_preset(track.preset) if track.preset else None
-        t = self.session.transport
-        prompt, params = track_sound(cmd.track, track, preset, t.tempo)
-        melody = None
-        if track.melody is not None:
-            if melody_refusal(self.engine):
-                raise ProtocolError("model", f"track {cmd.track} follows a melody, but "
-                                             f"{melody_refusal(self.engine)}")
-            from bridge.melody_source import LoopedMelody, whole_melody_chroma
+    @handles(P.Note)
+    def _note(self, cmd: P.Note, sender: Address) -> None:
+        """No /ok: a stream of notes stays quiet (errors are answered)."""
+        self.live.note(cmd.track, cmd.pitch, cmd.velocity)
 
-            m = track.melody_dict()
-            if m["kind"] in ("midi", "audio"):  # the file may have changed since it was set: check it again
-                self.inputs.check_now(m["path"], m["kind"])
-            rate = self.engine.chroma_frame_rate
-            melody = LoopedMelody(whole_melody_chroma(track.melody_dict(), rate, t.tempo), rate)
-        chain = None
-        if preset and preset.chain:
-            chain = preset.build_chain()
-        to = self._to(sender)
-        if old is not None:
-            old.close()
-        try:
-            jam = Jam(self.engine, self.audio, cmd.track, prompt, melody=melody, params=params, chain=chain,
-                      tempo=t.tempo, numerator=t.numerator, denominator=t.denominator,
-                      on_status=lambda st: self._send_jam_status(to, st))
-        except JamError as e:
-            raise ProtocolError("bad_args", f"cannot jam on track {cmd.track}: {e}") from None
-        self.jams[cmd.track] = jam
-        jam.start()
-        self._ok(sender, cmd, f"jam on track {cmd.track}: started ({prompt[:60]!r})")
+    @handles(P.NotesOff)
+    def _notes_off(self, cmd: P.NotesOff, sender: Address) -> None:
+        self.live.notes_off(cmd.track)
+        self._ok(sender, cmd, f"track {cmd.track}: all live notes off")
 
-    def _send_jam_status(self, to: Address, st: dict[str, Any]) -> None:
-        rtf = st.get("realtime_factor")
-        self.server.send(to, "/jam/status", (st["track"], st["state"], int(bool(st["behind"])), int(st["chunks"]),
-                                             float(rtf) if rtf is not None and rtf < 1e9 else 0.0,
-                                             int(st["underruns"]), st.get("error") or ""))
+    @handles(P.MidiChannel)
+    def _midi_channel(self, cmd: P.MidiChannel, sender: Address) -> None:
+        self.live.midi_channel(cmd.track, cmd.channel)
+        self._ok(sender, cmd, f"MIDI channel {cmd.channel} -> track {cmd.track}" if cmd.channel
+                 else f"track {cmd.track}: MIDI channels back to the default")
 
     def _existing(self, name: str):
         tr = self.session.track(name)
@@ -454,9 +429,13 @@ class Daemon:
         self.session.update_track(cmd.track, melody=melody)  # type: ignore[attr-defined]
         self._ok(sender, cmd, f"track {cmd.track}: {what}")  # type: ignore[attr-defined]
 
-    @handles(P.Generate, P.Continue)
+    @handles(P.Generate, P.PlayGenerate, P.Continue)
     def _generate(self, cmd: P.Generate | P.Continue, sender: Address) -> None:
         s = self.session
+        live = isinstance(cmd, P.PlayGenerate)
+        if live and self.audio is None:
+            raise ProtocolError("unavailable", "this daemon has no live audio output; start it with --audio "
+                                               "DEVICE to play while generating, or use /generate")
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
         plan = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
@@ -474,7 +453,10 @@ class Daemon:
             log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
                      plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 
-        self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
+        if live:  # heard while it generates: it skips the offline queue (bridge/live_play.py)
+            self.jobs.run_live(plan, self._to(sender), s.take_job_id, self.live.player_for(preset), accepted)
+        else:
+            self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
 
 
 # The dispatch table, command class -> handler, gathered from the @handles marks above.

@@ -306,11 +306,12 @@ class MelodyClear(TrackCommand):
 
 
 @dataclass(frozen=True)
-class Generate(TrackCommand):
+class LengthCommand(TrackCommand):
+    """A stem of a given length: /generate and /play."""
+
     seconds: float | None  # exactly one of seconds and bars is set
     bars: int | None
     priority: int = 0
-    pattern: ClassVar[str] = "/track/<name>/generate"
     expects: ClassVar[str] = "f seconds | i bars, s \"bars\"; optional i priority 0-9"
 
     def check(self) -> None:
@@ -322,6 +323,18 @@ class Generate(TrackCommand):
         else:
             _set(self, "seconds", check_seconds(self, self.seconds))
         _set(self, "priority", check_integer(self, self.priority, "priority", 0, MAX_PRIORITY))
+
+
+@dataclass(frozen=True)
+class Generate(LengthCommand):
+    pattern: ClassVar[str] = "/track/<name>/generate"
+
+
+@dataclass(frozen=True)
+class PlayGenerate(LengthCommand):
+    """/generate, and the part is heard live while it generates (bridge/live_play.py)."""
+
+    pattern: ClassVar[str] = "/track/<name>/play"
 
 
 @dataclass(frozen=True)
@@ -352,6 +365,35 @@ class DeleteTrack(TrackCommand):
 @dataclass(frozen=True)
 class TrackState(TrackCommand):
     pattern: ClassVar[str] = "/track/<name>/state"
+
+
+@dataclass(frozen=True)
+class Note(TrackCommand):
+    pitch: int  # MIDI 0-127
+    velocity: int  # 0 = note off
+    pattern: ClassVar[str] = "/track/<name>/note"
+    expects: ClassVar[str] = "i pitch 0-127, i velocity 0-127 (0 = off)"
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "pitch", check_integer(self, self.pitch, "pitch", 0, 127))
+        _set(self, "velocity", check_integer(self, self.velocity, "velocity", 0, 127))
+
+
+@dataclass(frozen=True)
+class NotesOff(TrackCommand):
+    pattern: ClassVar[str] = "/track/<name>/notes/off"
+
+
+@dataclass(frozen=True)
+class MidiChannel(TrackCommand):
+    channel: int  # 1-16; 0 = route this track's channels back to the default
+    pattern: ClassVar[str] = "/track/<name>/midi/channel"
+    expects: ClassVar[str] = "i MIDI channel 1-16, or 0 to route it back to the default"
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "channel", check_integer(self, self.channel, "channel", 0, 16))
 
 
 @dataclass(frozen=True)
@@ -638,7 +680,8 @@ BUILDERS: dict[type, Builder] = {
     SetPrompt: _one, SetPreset: _one, SetParam: _param,
     MelodyMidi: _path_of("MIDI file", MIDI_SUFFIXES), MelodyAudio: _path_of("audio file", AUDIO_SUFFIXES),
     MelodyNotes: _notes, MelodyChroma: _chroma, MelodyClear: _no_args,
-    Generate: _generate, Continue: _continue,
+    Generate: _generate, PlayGenerate: _generate, Continue: _continue,
+    Note: _two, NotesOff: _no_args, MidiChannel: _one,
     ClearTrack: _no_args, DeleteTrack: _no_args, TrackState: _no_args,
     CancelJob: _no_args, JobStatus: _no_args,
     SetTempo: _one, SetSignature: _two, Play: _optional_beat, Stop: _optional_beat, Locate: _one,

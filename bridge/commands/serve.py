@@ -39,8 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where stems are written (default SESSION_DIR/stems); message paths may point here")
     p.add_argument("--allow-dir", type=Path, action="append", default=[], metavar="DIR",
                    help="another folder message paths (melody files, takes) may point into; repeatable")
-    p.add_argument("--audio", default="none", metavar="DEVICE|none",
-                   help="live audio output: a device name or index, 'default', or none (the default)")
+    p.add_argument("--audio", default="auto", metavar="DEVICE|auto|none",
+                   help="live audio output for jams and playing while generating: a device name (or part of "
+                        "one) or index, 'default', 'auto' (the default: the default output if there is one, "
+                        "else none), or none (stems only)")
+    p.add_argument("--midi-in", action="append", default=[], metavar="PORT",
+                   help="a MIDI input port to hear live notes from (a name or a part of one, on any rtmidi API: "
+                        "JACK, ALSA, CoreMIDI, WinMM; `musicbridge devices` lists them); repeatable")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds a running job may take to finish after SIGINT/SIGTERM before it is cancelled")
     p.add_argument("--max-seconds", type=request_seconds, default=120.0, help="longest job in seconds (at most 600)")
@@ -103,7 +108,26 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         audio = None if args.audio == "none" else open_audio(args.audio, stack)
-        return _serve(args, session_dir, stems_dir, audio)
+        notes = open_notes(args.midi_in, audio, stack)
+        return _serve(args, session_dir, stems_dir, audio, notes)
+
+
+def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
+    """The note router (live notes for jams), fed by every --midi-in port; stamped on the output clock."""
+    import time
+
+    from bridge.cli import UsageError
+    from bridge.midi import NoteRouter, open_midi_inputs
+
+    clock = (lambda: audio.position / audio.samplerate) if audio is not None else time.monotonic
+    router = NoteRouter(clock)
+    if ports:
+        try:
+            opened = open_midi_inputs(ports, router.message, stack)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        log.info("live notes from MIDI input %s", ", ".join(opened))
+    return router
 
 
 def open_audio(spec: str, stack: contextlib.ExitStack):
@@ -116,16 +140,21 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
     except ImportError:
         raise UsageError(f"live audio output (--audio {spec}) is not available in this build; "
                          "use --audio none and render stems") from None
-    device = None if spec == "default" else int(spec) if spec.isdigit() else spec
+    device = None if spec in ("default", "auto") else int(spec) if spec.isdigit() else spec
     try:  # the callback in its own process: the engine's decode loop holds this one's GIL (docs/live.md)
         out = stack.enter_context(AudioOutputProcess(device=device))
     except OutputError as e:
+        if spec == "auto":
+            log.info("no live audio: this machine has no default audio output (start JACK or PipeWire first, "
+                     "or pass --audio DEVICE); stems still work")
+            log.debug("--audio auto: %s", e)
+            return None
         raise UsageError(str(e)) from None
     log.info("live audio goes to %s (%d Hz, %d channels)", out.device_name, out.samplerate, out.channels)
     return out
 
 
-def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) -> int:
+def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes=None) -> int:
     from bridge.cli import UsageError
     from bridge.daemon import Daemon, DaemonConfig
     from bridge.inputs import InputLimits
@@ -151,7 +180,7 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            daemon = Daemon(engine, config, audio=audio)
+            daemon = Daemon(engine, config, audio=audio, notes=notes)
         except OSError as e:
             raise UsageError(f"cannot start: {e}") from None
         try:
