@@ -236,9 +236,6 @@ class JobQueue:
         return batch
 
     def _work(self) -> None:
-        from model.scheduler import offline_thread
-
-        offline_thread()  # live work (jams) gets the CPU first (model/scheduler.py)
         while True:
             with self._cond:
                 while not self._queued and not self._closing:
@@ -296,6 +293,7 @@ class JobQueue:
                 self._finish(job, "cancelled", ())
                 continue
             job.fraction = 1.0
+            self.engine.gate.offline_turn(job.cancel.is_set)  # between live chunks (model/scheduler.py)
             try:
                 job.plan.context["job"] = job.id
                 finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)

@@ -217,7 +217,7 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
         d = DaemonProcess(tiny_model_dir, tmp_path / "session", presets, "--audio", "default",
                           "--max-seconds", "60")
         try:
-            with d.client() as c, _ready(d, c), capture(40.0) as cap:
+            with d.client() as c, _ready(d, c), capture(60.0) as cap:
                 _start(d, c)
                 c.send("/track/bg/prompt", "ambient pad")
                 expect(c, "/ok")
@@ -227,17 +227,26 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
                 ch = Chunks(c)
                 ch.until(6)
                 alone = [float(a[6]) for a in ch.chunks[1:6]]
-                c.send("/track/bg/generate", 30.0)  # an offline job while the jam plays
-                job = ch.expect("/job/accepted")[0]
+                jobs = []
+                for _ in range(1):  # the case: one 30 s offline job queued while the jam plays
+                    c.send("/track/bg/generate", 30.0)
+                    jobs.append(ch.expect("/job/accepted")[0])
                 n = len(ch.chunks)
                 ch.until(n + 5)
                 with_job = [float(a[6]) for a in ch.chunks[n:n + 5]]
+                # (the job was queued from the first of these chunks on; it ends within a few)
+                # the offline jobs were paused between steps, never dropped: they finish
+                deadline = time.monotonic() + 120
+                while sum(o[0] == "/job/done" for o in ch.other) < len(jobs) and time.monotonic() < deadline:
+                    ch.pump(0.2)
+                done = [o[1] for o in ch.other if o[0] == "/job/done"]
+                n = len(ch.chunks) + 1
+                ch.until(n + 5)  # and the jam alone again: a baseline on each side of the job
+                after = [float(a[6]) for a in ch.chunks[n:n + 5]]
                 c.send("/jam/status", "lead")
                 st = ch.expect("/jam/status")
                 c.send("/jam/stop", "lead")
                 ch.expect("/ok")
-                # the offline job was paused between steps, never dropped: it finishes
-                done = [o for o in ch.other if o[0] == "/job/done"] or [("/job/done", ch.expect("/job/done", 60))]
                 time.sleep(2.0)
             c2 = d.client()
             with c2:
@@ -245,9 +254,11 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
                 xruns = expect(c2, "/status")[4]
         finally:
             assert d.stop(signal.SIGTERM) == 0, d.log_text()
-    assert done[0][1][0] == job and str(done[0][1][1]).endswith(".wav")
-    # Chunk latency with the job queued is within 20 % of without (medians of 5 chunks each).
-    assert statistics.median(with_job) <= 1.2 * statistics.median(alone), (alone, with_job)
+    assert sorted(d[0] for d in done) == sorted(jobs) and all(str(d[1]).endswith(".wav") for d in done)
+    # Chunk latency with the job queued is within 20 % of without: medians of 5 chunks each, the
+    # jam alone measured before and after the job (the build machine's load drifts meanwhile).
+    baseline = (statistics.median(alone) + statistics.median(after)) / 2
+    assert statistics.median(with_job) <= 1.2 * baseline, (alone, with_job, after)
     assert st[5] == 0 and st[2] == 0, st  # no underruns, never behind
     assert not any(a[9] for a in ch.chunks)  # no chunk was late
     rec = cap.audio[0]
