@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -16,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
+from bridge.access import Access
+from bridge.inputs import InputLimits, Inputs
+from bridge.journal import Entry, Journal, remove_stale_temporaries
 from bridge.jobs import Job, JobQueue, check_track_params, plan_job
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
+from bridge.replybudget import ReplyBudget
 from bridge.session import LiveSession, chroma_to_text
 from model.types import melody_refusal
 
@@ -37,6 +42,10 @@ class DaemonConfig:
     grace: float = 10.0
     limits: Limits = field(default_factory=Limits)
     stem_rate: int = 48000
+    allow_from: tuple[str, ...] = ()  # CIDR networks that may send at all; empty: loopback only
+    key: str | None = None  # senders other than 127.0.0.1/::1 must /hello with it first
+    input_limits: InputLimits = field(default_factory=InputLimits)
+    resume: bool = False  # queue jobs a crash interrupted again instead of reporting them failed
 
 
 ERROR_REPLIES_PER_SECOND = 200
@@ -85,7 +94,17 @@ class Daemon:
         self.session = LiveSession(config.session_dir, max_tracks=config.limits.max_tracks)
         self.jobs = JobQueue(engine, self.stems_dir, self._job_event, max_queued=config.limits.max_queued,
                              engine_record=engine_record(engine))
-        self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
+        self.inputs = Inputs(self.paths, config.input_limits)
+        self.jobs.inputs = self.inputs
+        self.access = Access(config.allow_from, config.key)
+        self.budget = ReplyBudget()
+        self.journal = Journal(config.session_dir)
+        self.server = OscServer(config.host, config.port, self.handle, self._bad_packet, budget=self.budget,
+                                admit=self.access.admits, group=self.session.saved_together,
+                                on_group_failed=self._group_failed, unsaved=self.session.unsaved)
+        self._ok_log = _LogLimiter(20, "changes were not logged: too many at once")
+        self._budget_log = _LogLimiter(1, "replies over the reply byte budget were dropped")
+        self._own_initiative = threading.local()
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
@@ -99,6 +118,8 @@ class Daemon:
     HANDLERS: dict[type, Callable[[Daemon, Any, Address], None]]  # built below the class from @handles
 
     def __enter__(self) -> Daemon:
+        remove_stale_temporaries(Path(self.config.session_dir), self.stems_dir)
+        interrupted = self.journal.load_interrupted()
         self.jobs.__enter__()
         self._jobs_entered = True
         try:
@@ -106,7 +127,23 @@ class Daemon:
         except BaseException:
             self.jobs.shutdown(0.0)
             raise
+        self._report_interrupted(interrupted)
         return self
+
+    def _report_interrupted(self, entries: list[Entry]) -> None:
+        """Jobs a crash cut off: `/job/failed id "interrupted"` to their reply address, or queued again."""
+        for e in entries:
+            if self.config.resume:
+                log.info("job %d (%s) was interrupted by a crash; queueing it again (--resume)", e.job_id, e.address)
+                self._own_initiative.value = True  # its answers answer no packet: not paid from a budget
+                try:
+                    self.handle(e.address, list(e.args), e.sender)
+                finally:
+                    self._own_initiative.value = False
+            else:
+                log.info("job %d (%s) was interrupted by a crash; reporting it failed to %s:%d", e.job_id,
+                         e.address, *e.reply_to)
+                self.server.send(e.reply_to, "/job/failed", (e.job_id, "interrupted"))
 
     def __exit__(self, *exc) -> None:
         self.shutdown(self.config.grace)
@@ -130,14 +167,30 @@ class Daemon:
     def _to(self, sender: Address) -> Address:
         return self.config.reply_to or sender
 
-    def reply(self, sender: Address, address: str, *args: Any) -> None:
-        self.server.send(self._to(sender), address, args)
+    def reply(self, sender: Address, address: str, *args: Any, hold: bool = True) -> None:
+        """An answer to a packet: to --reply-to (set by the operator), or to the sender, paid from its budget.
+
+        Held (hold=True) until the session changes of the packets handled with this one are saved.
+        """
+        if getattr(self._own_initiative, "value", False):
+            self.server.send(self._to(sender), address, args)
+        elif self.config.reply_to is not None:
+            self.server.reply(self.config.reply_to, address, args, hold=hold, budgeted=False)
+        elif not self.server.reply(sender, address, args, hold=hold) and self._budget_log.allow():
+            log.info("reply %s to %s:%d dropped: over the reply byte budget of that host (docs/osc.md)",
+                     address[:80], sender[0], sender[1])
 
     def _error(self, sender: Address, e: ProtocolError, address: str) -> None:
         if self._limiter.allow():
             log.info("rejected %s from %s:%d: %s (%s)", address[:80], sender[0], sender[1], e.message, e.code)
         if self._error_replies.allow():  # a flood of junk gets a bounded trickle of answers
             self.reply(sender, "/error", e.code, e.message, address[:256], e.job_id)
+
+    def _group_failed(self, e: Exception, senders: set[Address]) -> None:
+        """The session could not be saved after a group of packets: their changes were undone; say so."""
+        message = e.message if isinstance(e, ProtocolError) else f"internal error: {e}"
+        for to in {self._to(s) for s in senders}:
+            self.server.send(to, "/error", ("failed", message, "", 0))
 
     def _bad_packet(self, why: str, sender: Address) -> None:
         self._error(sender, ProtocolError("bad_packet", why), "")
@@ -156,12 +209,17 @@ class Daemon:
             code, message = payload
             log.info("job %d (track %s) failed: %s", job.id, job.plan.name, message)
             self.server.send(to, "/error", (code, message, f"/job/{job.id}", job.id))
+        if kind != "progress":  # after the reply: the journal write (fsync) must not delay it
+            self.journal.remove(job.id)
 
     # ------------------------------------------------------------ messages
 
     def handle(self, address: str, args: list[Any], sender: Address) -> None:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
+            replay = getattr(self._own_initiative, "value", False)  # --resume: accepted before the crash
+            if address not in ("/hello", "/pad") and not replay and self.access.needs_hello(sender):
+                raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
             cmd = P.parse(address, args, limits=self.config.limits, paths=self.paths)
             self._apply(cmd, sender)
         except ProtocolError as e:
@@ -172,8 +230,10 @@ class Daemon:
                        str(address)[:256], 0)
 
     def _ok(self, sender: Address, cmd: P.Command, what: str) -> None:
-        log.info("%s", what)
+        if self._ok_log.allow():
+            log.info("%s", what)
         self.reply(sender, "/ok", cmd.address)
+
 
     def _apply(self, cmd: P.Command, sender: Address) -> None:
         handler = self.HANDLERS.get(type(cmd))
@@ -184,6 +244,18 @@ class Daemon:
     # One handler per command class, marked @handles(CommandClass): each changes state or queues
     # a job, then answers. To add a message: a frozen command class and its builder in
     # bridge.protocol, and a method here marked @handles(ThatClass).
+
+    @handles(P.Hello)
+    def _hello(self, cmd: P.Hello, sender: Address) -> None:
+        """Introduces the sender's host (needed with --key for hosts other than 127.0.0.1 / ::1)."""
+        if not self.access.hello(sender, cmd.key):
+            raise ProtocolError("forbidden", "/hello: wrong key")
+        log.info("%s introduced itself with the key", sender[0])
+        self.reply(sender, "/ok", "/hello")
+
+    @handles(P.Pad)
+    def _pad(self, cmd: P.Pad, sender: Address) -> None:
+        """Padding: its bytes earned the sender reply credit when it arrived (docs/osc.md); no answer."""
 
     @handles(P.Ping)
     def _ping(self, cmd: P.Ping, sender: Address) -> None:
@@ -238,6 +310,9 @@ class Daemon:
 
     @handles(P.CancelJob)
     def _cancel_job(self, cmd: P.CancelJob, sender: Address) -> None:
+        if not self.access.may_manage(cmd.job_id, sender):
+            raise ProtocolError("forbidden", f"job {cmd.job_id} was queued by another host; only that host "
+                                             "or 127.0.0.1 may cancel it", cmd.job_id)
         job = self.jobs.cancel(cmd.job_id)
         if job.state == "running":
             log.info("job %d (track %s): stopping at the next step", job.id, job.plan.name)
@@ -276,6 +351,9 @@ class Daemon:
     @handles(P.JamStart)
     def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
         track = self._existing(cmd.track)
+        m = track.melody_dict()
+        if m and m["kind"] in ("midi", "audio"):  # the file may have changed since it was set: check it again
+            self.inputs.check_now(m["path"], m["kind"])
         preset = _load_preset(track.preset) if track.preset else None
         self._ok(sender, cmd, self.live.jam_start(cmd.track, track, preset, self.session.transport,
                                                   self._to(sender)))
@@ -338,6 +416,7 @@ class Daemon:
         if melody_refusal(self.engine):
             raise ProtocolError("model", f"{melody_refusal(self.engine)} (start the daemon with one)")
         if isinstance(cmd, (P.MelodyMidi, P.MelodyAudio)):
+            self.inputs.check_now(cmd.path, "midi" if isinstance(cmd, P.MelodyMidi) else "audio")
             melody = {"kind": "midi" if isinstance(cmd, P.MelodyMidi) else "audio", "path": str(cmd.path)}
             what = f"melody from {cmd.path}"
         elif isinstance(cmd, P.MelodyNotes):
@@ -360,11 +439,17 @@ class Daemon:
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
         plan = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
+        if plan.seconds * self.engine.frame_rate < 1.0:
+            raise ProtocolError("bad_args", f"{cmd.address}: {plan.seconds:g} s is shorter than one frame of the "
+                                            f"model ({1.0 / self.engine.frame_rate:g} s)")
         if isinstance(cmd, P.Continue):
+            self.inputs.check_now(cmd.path, "take")
             s.update_track(cmd.track, continuation={"path": str(cmd.path), "seconds": cmd.seconds})
 
         def accepted(job: Job) -> None:
-            self.reply(sender, "/job/accepted", job.id, cmd.track)
+            self.access.own(job.id, sender)
+            self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender))
+            self.reply(sender, "/job/accepted", job.id, cmd.track, hold=False)  # before any progress
             log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
                      plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 
@@ -376,6 +461,15 @@ class Daemon:
 
 # The dispatch table, command class -> handler, gathered from the @handles marks above.
 Daemon.HANDLERS = {cls: fn for fn in vars(Daemon).values() for cls in getattr(fn, "handles", ())}
+
+
+def _message_args(cmd: P.Generate | P.Continue) -> tuple[Any, ...]:
+    """The arguments of a message that asks for `cmd` again (the journal replays it with --resume)."""
+    if isinstance(cmd, P.Continue):
+        return (str(cmd.path), float(cmd.seconds), int(cmd.priority))
+    if cmd.bars is not None:
+        return (int(cmd.bars), "bars", int(cmd.priority))
+    return (float(cmd.seconds), int(cmd.priority))  # type: ignore[arg-type]
 
 
 def _load_preset(name: str):

@@ -28,7 +28,7 @@ from model.types import RequestError, melody_refusal
 
 if TYPE_CHECKING:
     from bridge.session import TrackSettings, Transport
-    from model.types import SamplingParams
+    from model.types import GenerationRequest, SamplingParams
     from presets import Preset
 
 log = logging.getLogger("musicbridge.jobs")
@@ -70,6 +70,7 @@ class JobQueue:
         self.engine, self.stems_dir, self.on_event = engine, Path(stems_dir), on_event
         self.max_queued, self.max_batch, self.tick = max_queued, max_batch, tick
         self.engine_record = engine_record or {}
+        self.inputs = None  # bridge.inputs.Inputs: checked, pinned, limited reads of takes and melody files
         self.jobs: dict[int, Job] = {}
         self._queued: list[Job] = []
         self._running: list[Job] = []
@@ -261,8 +262,13 @@ class JobQueue:
         for job in batch:
             self.on_event(job, "progress", (0.0,))
             try:
-                requests.append(build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel))
+                requests.append(self.request_of(job))
                 ready.append(job)
+            except ProtocolError as e:  # from bridge.inputs: a file refused where it is opened
+                if job.cancel.is_set():  # cancelled while its take was being read
+                    self._finish(job, "cancelled", ())
+                else:
+                    self._finish(job, "failed", (e.code, e.message))
             except Exception as e:  # noqa: BLE001 - melody/take loading errors end this job only
                 self._finish(job, "failed", ("failed", f"could not prepare the job: {e}"))
         if not ready:
@@ -295,15 +301,29 @@ class JobQueue:
             job.fraction = 1.0
             self.engine.gate.offline_turn(job.cancel.is_set)  # between live chunks (model/scheduler.py)
             try:
-                job.plan.context["job"] = job.id
-                finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)
-                path = write_planned_stem(finished, self.engine.sample_rate, job.plan, self.engine_record,
-                                          records, index, report, self.stems_dir)
+                path = self.write_stem(job, audio, records, index)
             except Exception as e:  # noqa: BLE001 - disk full, chain error: this job fails, the daemon goes on
-                self._finish(job, "failed", ("failed", f"could not write the stem: {e}"))
+                from bridge.write_errors import describe_write_error
+
+                need = int(job.plan.render.get("samples") or 0) * 2 * 4 + (1 << 20)  # stereo float, generous
+                self._finish(job, "failed", ("failed", describe_write_error(e, self.stems_dir, need)))
                 continue
             job.path = path
             self._finish(job, "done", (str(path),))
+
+    def request_of(self, job: Job) -> GenerationRequest:
+        """The engine request of a job (melody chroma and take loaded now, on the calling worker)."""
+        return build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel,
+                             inputs=self.inputs)
+
+    def write_stem(self, job: Job, audio: np.ndarray, batch: list[dict[str, Any]] | None = None,
+                   index: int = 0) -> Path:
+        """The job's stem on disk: fitted to the grid, chained, placed, with the sidecar recording
+        `batch` (the request records of the engine call that made it; default: this job alone)."""
+        job.plan.context["job"] = job.id
+        finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)
+        return write_planned_stem(finished, self.engine.sample_rate, job.plan, self.engine_record,
+                                  batch or [job.plan.request], index, report, self.stems_dir)
 
     def _finish(self, job: Job, state: str, payload: tuple) -> None:
         with self._emit:

@@ -43,6 +43,7 @@ ERROR_CODES = (
     "unavailable",  # a feature this daemon was started without (live audio)
     "failed",       # a job that failed while running; the message says why
     "internal",     # a bug: the daemon logged a traceback and carried on
+    "forbidden",    # not this sender's to ask: another host's job, or /hello with the key first
 )
 
 
@@ -486,6 +487,27 @@ class JamCommand(Command):
 
 
 @dataclass(frozen=True)
+class Hello(Command):
+    """A sender introducing its host with the daemon's --key (bridge.access)."""
+
+    key: str
+    pattern: ClassVar[str] = "/hello"
+    expects: ClassVar[str] = "s key"
+
+    def check(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise _fail(self, "the key must be a non-empty string (s)")
+
+
+@dataclass(frozen=True)
+class Pad(Command):
+    """Bytes that earn the sender reply credit (bridge.replybudget); any arguments, never answered."""
+
+    pattern: ClassVar[str] = "/pad"
+    expects: ClassVar[str] = "anything"
+
+
+@dataclass(frozen=True)
 class JamStart(JamCommand):
     pattern: ClassVar[str] = "/jam/start"
 
@@ -664,6 +686,7 @@ BUILDERS: dict[type, Builder] = {
     CancelJob: _no_args, JobStatus: _no_args,
     SetTempo: _one, SetSignature: _two, Play: _optional_beat, Stop: _optional_beat, Locate: _one,
     JamStart: _one, JamStop: _one, JamStatus: _one,
+    Hello: _one, Pad: lambda a, cls, pre: cls(a.address),
 }
 
 

@@ -6,11 +6,12 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
 
-from bridge.commands.common import add_model_args, nonneg_int, request_seconds
+from bridge.commands.common import add_model_args, nonneg_int, positive_float, request_seconds
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -27,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Load the model once and serve OSC over UDP until SIGINT/SIGTERM.")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default loopback; anything else is reachable from the network)")
+                   help="address to bind (default loopback; anything else is reachable from the network "
+                        "and needs --allow-from)")
     p.add_argument("--port", type=nonneg_int, default=9010, help="UDP port (default 9010; 0 = any free port)")
     p.add_argument("--reply-to", type=host_port, default=None, metavar="HOST:PORT",
                    help="send every reply here instead of to the sender (DAWs listen on one fixed port)")
@@ -49,6 +51,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=request_seconds, default=120.0, help="longest job in seconds (at most 600)")
     p.add_argument("--max-queued", type=nonneg_int, default=32, help="most jobs waiting at once")
     p.add_argument("--max-tracks", type=nonneg_int, default=64, help="most tracks in the session")
+    p.add_argument("--max-take-seconds", type=positive_float, default=600.0,
+                   help="longest take or melody audio file accepted, by its declared length (default 600)")
+    p.add_argument("--allow-from", action="append", default=[], metavar="CIDR",
+                   help="a network whose hosts may send (repeatable, e.g. 192.168.1.0/24); default loopback "
+                        "only; required to bind a non-loopback --host (docs/security.md)")
+    p.add_argument("--key", default=os.environ.get("MUSICBRIDGE_KEY"), metavar="KEY",
+                   help="senders other than 127.0.0.1/::1 must first send /hello KEY (8-256 characters; "
+                        "default $MUSICBRIDGE_KEY, which keeps it out of the process list)")
+    p.add_argument("--resume", action="store_true",
+                   help="queue jobs a crash interrupted again, instead of reporting them /job/failed")
     p.set_defaults(func=run)
 
 
@@ -70,9 +82,20 @@ def run(args: argparse.Namespace) -> int:
     from plugin_host.stems import check_out_dir
 
     check_out_dir(stems_dir)
+    from bridge.access import Access, AccessError
+
+    try:
+        Access(args.allow_from, args.key)
+    except AccessError as e:
+        raise UsageError(str(e)) from None
     if not _is_loopback(args.host):
-        log.warning("WARNING: binding %s makes the daemon reachable from other machines; anyone who can "
-                    "send it UDP can queue jobs and read files under the allowed folders", args.host)
+        if not args.allow_from:
+            raise UsageError(f"--host {args.host} makes the daemon reachable from other machines, and anyone who "
+                             "can send it UDP could queue jobs, cancel them and read files under the allowed "
+                             "folders; say who may send with --allow-from CIDR (e.g. --allow-from "
+                             "192.168.1.0/24), and consider --key (see docs/security.md)")
+        log.warning("WARNING: binding %s: hosts in %s may send%s", args.host, ", ".join(args.allow_from),
+                    "" if args.key else " (no --key: any of them can queue and cancel jobs)")
 
     _check_port_free(args.host, args.port)
 
@@ -134,6 +157,7 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
 def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes=None) -> int:
     from bridge.cli import UsageError
     from bridge.daemon import Daemon, DaemonConfig
+    from bridge.inputs import InputLimits
     from bridge.protocol import Limits
     from model.engine import Engine
 
@@ -143,7 +167,9 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, 
                           stems_dir=stems_dir, allow_dirs=tuple(d.expanduser() for d in args.allow_dir),
                           grace=args.grace, limits=Limits(max_seconds=args.max_seconds,
                                                           max_queued=args.max_queued,
-                                                          max_tracks=args.max_tracks))
+                                                          max_tracks=args.max_tracks),
+                          allow_from=tuple(args.allow_from), key=args.key, resume=args.resume,
+                          input_limits=InputLimits(max_take_seconds=args.max_take_seconds))
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:
