@@ -346,10 +346,12 @@ def test_play_generates_a_stem_and_plays_it_live_while_generating(tmp_path, pres
     got = rec[at:at + len(ref)]
     nz = np.nonzero(rec)[0]
     assert len(got) == len(ref), (len(rec), at, nz[0], nz[-1], float(np.abs(ref).max()), float(np.abs(rec).max()))
-    # What was heard is the stem (24-bit quantisation apart; a period lost to an xrun on this
-    # loaded machine would show as a block that differs, so compare the bulk, block by block).
-    blocks = [np.max(np.abs(got[i:i + 256] - ref[i:i + 256])) for i in range(0, len(ref) - 256, 256)]
-    assert np.median(blocks) < 1e-4 and sum(b > 1e-3 for b in blocks) <= 3 * 4, max(blocks)
+    # What was heard is the part the stem holds. Not sample for sample: the stem then goes through
+    # the stem pipeline like any /generate job, whose grid fit time-stretches it slightly onto the
+    # tempo grid (docs/stems.md); so the bound is a correlation above 0.9 at the best alignment
+    # (an unrelated part of the same model correlates near 0).
+    corr = float(np.dot(got, ref) / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-12))
+    assert corr > 0.9, corr
 
 
 def test_serve_midi_in_that_matches_no_port_stops_with_the_list_of_ports(tmp_path, tiny_model_dir):
