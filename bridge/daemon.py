@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
+from bridge.clock import FollowSpec
+from bridge.clock.hub import ClockHub, output_clock
 from bridge.jobs import Job, JobQueue, plan_job, sampling_params as _sampling, track_sound
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
@@ -35,6 +37,9 @@ class DaemonConfig:
     grace: float = 10.0
     limits: Limits = field(default_factory=Limits)
     stem_rate: int = 48000
+    follow: FollowSpec = field(default_factory=FollowSpec)  # the clock that leads (serve --follow)
+    ardour: Address | None = None    # Ardour's OSC port, asked for transport feedback (--follow osc)
+    done_list: Path | None = None    # every finished stem is appended here (daw/reaper imports it)
 
 
 ERROR_REPLIES_PER_SECOND = 200
@@ -74,6 +79,8 @@ class Daemon:
         self.jobs = JobQueue(engine, self.stems_dir, self._job_event, max_queued=config.limits.max_queued,
                              engine_record=engine_record(engine))
         self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
+        self.clock = ClockHub(self.session, config.follow, clock=output_clock(audio), ardour=config.ardour,
+                              send=self.server.send)
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
@@ -88,6 +95,13 @@ class Daemon:
             self.server.__enter__()
         except BaseException:
             self.jobs.shutdown(0.0)
+            raise
+        try:
+            self.clock.__enter__()
+        except BaseException:
+            self._closed = True
+            self.jobs.shutdown(0.0)
+            self.server.__exit__(None, None, None)
             raise
         return self
 
@@ -105,6 +119,7 @@ class Daemon:
                      queued, running, grace)
         for jam in self.jams.values():
             jam.close()
+        self.clock.close()
         self.jobs.shutdown(grace)
         self.server.__exit__(None, None, None)
         log.info("musicbridge stopped; the session is saved in %s", self.session.path)
@@ -132,6 +147,7 @@ class Daemon:
             self.server.send(to, "/job/progress", (job.id, float(payload[0])))
         elif kind == "done":
             log.info("job %d done: track %s, %g s, wrote %s", job.id, job.spec.track, job.spec.seconds, payload[0])
+            self._append_done(job, str(payload[0]))
             self.server.send(to, "/job/done", (job.id, payload[0]))
         elif kind == "cancelled":
             log.info("job %d (track %s) cancelled", job.id, job.spec.track)
@@ -146,6 +162,8 @@ class Daemon:
     def handle(self, address: str, args: list[Any], sender: Address) -> None:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
+            if isinstance(address, str) and self.clock.feedback(address, args, sender):
+                return  # a DAW's transport feedback (docs/daw.md): followed or ignored, never answered
             cmd = P.parse(address, args, limits=self.config.limits, paths=self.paths)
             self._apply(cmd, sender)
         except ProtocolError as e:
@@ -165,10 +183,14 @@ class Daemon:
             self.reply(sender, "/pong")
         elif isinstance(cmd, P.Status):
             queued, running = self.jobs.counts()
-            t = s.transport
+            source, tempo, num, den, playing, beat, age = self.clock.state()
             xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
             self.reply(sender, "/status", self.engine.info.label, len(s.tracks), queued, running, xruns,
-                       t.tempo, t.signature, int(t.playing), t.position)
+                       float(tempo), f"{num}/{den}", int(playing), float(beat), source, float(age))
+        elif isinstance(cmd, P.TransportState):
+            source, tempo, num, den, playing, beat, age = self.clock.state()
+            self.reply(sender, "/transport/state", source, float(tempo), num, den, int(playing), float(beat),
+                       float(age))
         elif isinstance(cmd, P.ListTracks):
             self.reply(sender, "/tracks", *sorted(s.tracks))
         elif isinstance(cmd, P.TrackState):
@@ -214,18 +236,22 @@ class Daemon:
                        str(job.path) if job.path else "")
         elif isinstance(cmd, P.SetTempo):
             s.update_transport(tempo=cmd.bpm)
+            self.clock.typed_changed()
             self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
         elif isinstance(cmd, P.SetSignature):
             s.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
+            self.clock.typed_changed()
             self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
         elif isinstance(cmd, (P.Play, P.Stop)):
             changes: dict[str, Any] = {"playing": isinstance(cmd, P.Play)}
             if cmd.beat is not None:
                 changes["position"] = cmd.beat
             t = s.update_transport(**changes)
+            self.clock.typed_changed()
             self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
         elif isinstance(cmd, P.Locate):
             s.update_transport(position=cmd.beat)
+            self.clock.typed_changed()
             self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
         elif isinstance(cmd, P.JamStart):
             self._jam_start(cmd, sender)
@@ -338,7 +364,9 @@ class Daemon:
         s = self.session
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
-        spec = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
+        spec = plan_job(cmd, track, preset, self._followed_transport(), self.engine, self.config.limits,
+                        self.config.stem_rate)
+        spec = self._placed(spec, getattr(cmd, "at_bar", None))
         if spec.continuation is not None:
             s.update_track(cmd.track, continuation=spec.continuation)
         def accepted(job: Job) -> None:
@@ -347,6 +375,39 @@ class Daemon:
                      spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
 
         self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id, accepted)
+
+
+    # ------------------------------------------------------------ the followed clock (docs/daw.md)
+
+    def _followed_transport(self):
+        """The session transport as the leading clock has it now: `generate ... bars` uses its tempo and
+        signature, the sidecar its position."""
+        from dataclasses import replace
+
+        _source, tempo, num, den, playing, beat, _age = self.clock.state()
+        return replace(self.session.transport, tempo=tempo, numerator=num, denominator=den, playing=playing,
+                       position=max(0.0, beat))
+
+    def _placed(self, spec, at_bar: int | None):
+        """The stem's place on the DAW timeline: the bar named in the request, else the bar line at or
+        before the transport position now; it becomes the stem's BWF time reference."""
+        from dataclasses import replace
+
+        beat, seconds = self.clock.stem_start(at_bar)
+        sidecar = {**spec.sidecar, "timeline": {"beat": beat, "bar": int(beat // self.clock.grid().numerator) + 1,
+                                                "seconds": seconds, "clock": self.clock.grid().source}}
+        return replace(spec, start_seconds=seconds, sidecar=sidecar)
+
+    def _append_done(self, job: Job, path: str) -> None:
+        """One line per finished stem, "<job>\t<track>\t<path>", for DAW scripts that cannot take OSC
+        (daw/reaper/musicbridge_import.lua); a failure to write is logged, the job stays done."""
+        if self.config.done_list is None:
+            return
+        try:
+            with open(self.config.done_list, "a", encoding="utf-8") as f:
+                f.write(f"{job.id}\t{job.spec.track}\t{path}\n")
+        except OSError as e:
+            log.warning("could not append job %d to the done list %s: %s", job.id, self.config.done_list, e)
 
 
 def _load_preset(name: str):

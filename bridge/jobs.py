@@ -53,6 +53,7 @@ class JobSpec:
     tempo: float = 120.0
     sidecar: dict[str, Any] = field(default_factory=dict)
     stem_rate: int = 48000
+    start_seconds: float = 0.0  # the stem's place on the DAW timeline: its BWF time reference / rate
 
 
 @dataclass(eq=False)
@@ -371,7 +372,8 @@ def write_result(job: Job, audio: np.ndarray, engine, stems_dir: Path, engine_re
     sidecar = {"kind": "musicbridge.osc-job", "job": job.id, "track": spec.track, "model": engine_record,
                "prompt": spec.prompt, "seconds": spec.seconds, **spec.sidecar}
     return write_stem(audio, engine.sample_rate, stems_dir, spec.track, sidecar, target_rate=spec.stem_rate,
-                      chain=chain, samples=int(round(spec.seconds * spec.stem_rate)))
+                      chain=chain, samples=int(round(spec.seconds * spec.stem_rate)),
+                      start_seconds=spec.start_seconds)
 
 
 def track_sound(name: str, track: Track, preset: Preset | None, tempo: float) -> tuple[str, SamplingParams]:

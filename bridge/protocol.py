@@ -152,6 +152,7 @@ class Generate(TrackCommand):
     seconds: float | None  # exactly one of seconds and bars is set
     bars: int | None
     priority: int = 0
+    at_bar: int | None = None  # the bar (1 = first) the stem belongs on; None: where the transport is
     pattern: ClassVar[str] = "/track/<name>/generate"
 
 
@@ -219,6 +220,11 @@ class Stop(Command):
 class Locate(Command):
     beat: float
     pattern: ClassVar[str] = "/transport/locate"
+
+
+@dataclass(frozen=True)
+class TransportState(Command):
+    pattern: ClassVar[str] = "/transport/state"
 
 
 @dataclass(frozen=True)
@@ -354,8 +360,19 @@ def _param(a: _Args, key: str) -> float | int | bool | None:
     return bool(a.integer(1, key, 0, 1))
 
 
+def _at_bar(a: _Args) -> int | None:
+    """A trailing (s "at", i bar) names the bar a stem belongs on; it is removed from a.args."""
+    if len(a.args) >= 2 and a.args[-2] == "at":
+        bar = a.integer(len(a.args) - 1, "bar after \"at\"", 1, 100_000)
+        a.args = a.args[:-2]
+        return bar
+    return None
+
+
 def _generate(a: _Args, track: str) -> Generate:
-    """(f seconds) | (i bars, s "bars") | (f n, s "seconds"), each with an optional trailing i priority."""
+    """(f seconds) | (i bars, s "bars") | (f n, s "seconds"), each with an optional trailing i priority,
+    then optionally s "at", i bar."""
+    at_bar = _at_bar(a)
     n = a.count(1, 2, 3)
     unit = a.args[1] if n >= 2 and isinstance(a.args[1], str) else None
     if unit is not None and unit not in ("bars", "seconds"):
@@ -366,11 +383,11 @@ def _generate(a: _Args, track: str) -> Generate:
     priority = a.integer(prio_at, "priority", 0, MAX_PRIORITY) if n == prio_at + 1 else 0
     if unit == "bars":
         bars = a.integer(0, "bars", 1, 1024)
-        return Generate(a.address, track, None, bars, priority)
+        return Generate(a.address, track, None, bars, priority, at_bar)
     seconds = a.number(0, "seconds", 0.0, 1e9, lo_open=True)
     if seconds > a.limits.max_seconds:
         raise a.fail(f"{seconds:g} s is over this daemon's limit of {a.limits.max_seconds:g} s per job", "limit")
-    return Generate(a.address, track, seconds, None, priority)
+    return Generate(a.address, track, seconds, None, priority, at_bar)
 
 
 def _notes(a: _Args, track: str) -> MelodyNotes:
@@ -441,7 +458,8 @@ def _track_command(address: str, name: str, verb: str, args: Sequence[Any], limi
     if verb == "melody/chroma":
         return _chroma(A("b float32 frames x 12, f frame_rate"), track)
     if verb == "generate":
-        return _generate(A("f seconds | i bars, s \"bars\"; optional i priority 0-9"), track)
+        return _generate(A("f seconds | i bars, s \"bars\"; optional i priority 0-9; optional s \"at\", i bar"),
+                         track)
     if verb == "continue":
         a = A("s path to a .wav/.flac take, f seconds; optional i priority 0-9")
         n = a.count(2, 3)
@@ -494,6 +512,9 @@ def parse(address: Any, args: Sequence[Any], *, limits: Limits = Limits(),
         a = A("optional f beat position")
         beat = a.number(0, "beat", 0.0, 1e7) if a.count(0, 1) else None
         return (Play if address.endswith("play") else Stop)(address, beat)
+    if address == "/transport/state":
+        A("no arguments").count(0)
+        return TransportState(address)
     if address == "/transport/locate":
         a = A("f beat position")
         a.count(1)
