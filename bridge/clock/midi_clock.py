@@ -1,10 +1,10 @@
 """Follow MIDI clock: 24 clocks per quarter note, Start / Stop / Continue and Song Position Pointer.
 
-Tempo is the slope of a least-squares line through the arrival times of the last bar of clocks
-(96 at 4/4), not the last interval: a clock jittered by a millisecond or two (and JACK MIDI
+Tempo is the slope of a least-squares line through the arrival times of the last 96 clocks (a
+bar of 4/4), not the last interval: a clock jittered by a millisecond or two (and JACK MIDI
 delivers events once per period, a few milliseconds apart) then moves the tempo by hundredths
-of a bpm instead of several bpm. When the recent intervals disagree with the line by more than
-10 % the tempo really changed: older clocks are dropped and the line restarts from the new ones.
+of a bpm instead of several bpm. A real tempo change is seen by a shorter line through the
+last quarter note; the long line then restarts from there (see TempoFit).
 
 The port is opened through python-rtmidi: the JACK API when a JACK server runs, else ALSA.
 PORT names an existing MIDI output (exactly, or a unique part of its name) to connect to; when
@@ -25,36 +25,49 @@ PPQN = 24
 
 
 class TempoFit:
-    """Least-squares tempo from clock arrival times; robust to jitter, quick to follow a real change."""
+    """Least-squares tempo from clock arrival times; robust to jitter, quick to follow a real change.
 
-    def __init__(self, window: int = 96, min_points: int = 12):
-        self.window, self.min_points = window, min_points
+    The line through the last `window` clocks gives the tempo. A second line through the last
+    quarter note (24 clocks) watches for a real change: when the two disagree by more than 5 %,
+    the older clocks are dropped and the long line restarts from the last quarter note. A line
+    through 24 points is itself barely moved by one late clock, so jitter never restarts it.
+    """
+
+    def __init__(self, window: int = 96, recent: int = PPQN, min_points: int = 12):
+        self.window, self.recent, self.min_points = window, recent, min_points
         self.times: deque[float] = deque(maxlen=window)
         self.interval: float | None = None  # seconds per clock from the fit
         self.last: float | None = None      # the fitted time of the newest clock (jitter removed)
 
+    @staticmethod
+    def _line(ts: list[float]) -> tuple[float, float]:
+        """(seconds per clock, fitted time of the last point) of a least-squares line."""
+        n = len(ts)
+        mean_i = (n - 1) / 2.0
+        mean_t = sum(ts) / n
+        num = sum((i - mean_i) * (t - mean_t) for i, t in enumerate(ts))
+        den = sum((i - mean_i) ** 2 for i in range(n))
+        slope = num / den
+        return slope, mean_t + slope * (n - 1 - mean_i)
+
     def add(self, t: float) -> None:
         self.times.append(t)
-        self.last = t
         n = len(self.times)
-        if n >= 14 and self.interval is not None:
-            recent = (self.times[-1] - self.times[-13]) / 12.0
-            if abs(recent - self.interval) > 0.1 * self.interval:  # a tempo change, not jitter
-                keep = list(self.times)[-13:]
+        if n < 2:
+            self.last = t
+            return
+        if n < self.min_points:
+            self.interval, self.last = (t - self.times[0]) / (n - 1), t
+            return
+        ts = list(self.times)
+        if n > self.recent:
+            recent, last = self._line(ts[-self.recent:])
+            if self.interval and abs(recent - self.interval) > 0.05 * self.interval:  # a change, not jitter
                 self.times.clear()
-                self.times.extend(keep)
-                self.interval = recent
+                self.times.extend(ts[-self.recent:])
+                self.interval, self.last = recent, last
                 return
-        if n >= self.min_points:
-            ts = list(self.times)
-            mean_i = (n - 1) / 2.0
-            mean_t = sum(ts) / n
-            num = sum((i - mean_i) * (t - mean_t) for i, t in enumerate(ts))
-            den = sum((i - mean_i) ** 2 for i in range(n))
-            self.interval = num / den
-            self.last = mean_t + self.interval * (n - 1 - mean_i)
-        elif n >= 2:
-            self.interval = (self.times[-1] - self.times[0]) / (n - 1)
+        self.interval, self.last = self._line(ts)
 
     def reset(self) -> None:
         self.times.clear()
