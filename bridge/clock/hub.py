@@ -45,6 +45,8 @@ class ClockHub:
         self._fed: Grid | None = None
         self._feeder: PollThread | None = None
         self._ignored_logged: set[str] = set()
+        self._free: Grid | None = None
+        self._free_key: tuple | None = None
 
     # ------------------------------------------------------------ lifetime
 
@@ -113,6 +115,18 @@ class ClockHub:
 
     def now(self) -> float:
         return self.clock()
+
+    def jam_grid(self) -> Grid:
+        """The grid a jam plays on: the leading one while the DAW plays; while it is stopped, one that
+        runs on from where it stopped (a jam needs bar lines that move with time), fixed until the
+        DAW says something new, so every chunk lands on the same lattice."""
+        g = self.grid()
+        if g.playing:
+            return g
+        key = (g.source, g.anchor_beat, g.tempo, g.numerator, g.denominator)
+        if self._free_key != key:
+            self._free, self._free_key = g.moved(playing=True), key
+        return self._free
 
     def state(self) -> tuple[str, float, int, int, bool, float, float]:
         """(source, tempo, numerator, denominator, playing, beat now, age in seconds or -1 for never)."""

@@ -22,6 +22,7 @@ from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid
 
 CLOCK, START, CONTINUE, STOP, SPP = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 PPQN = 24
+TRIM_SECONDS = 0.006  # further off the line than jitter plus JACK's period can put a clock
 
 
 class TempoFit:
@@ -29,8 +30,9 @@ class TempoFit:
 
     The line through the last `window` clocks gives the tempo. A second line through the last
     quarter note (24 clocks) watches for a real change: when the two disagree by more than 5 %,
-    the older clocks are dropped and the long line restarts from the last quarter note. A line
-    through 24 points is itself barely moved by one late clock, so jitter never restarts it.
+    the long line restarts from the last quarter note; then the oldest clocks that sit more than
+    6 ms off the line (they came before the change) are dropped one by one. A line through 24
+    points is barely moved by one late clock, and jitter never puts a clock 6 ms off the line.
     """
 
     def __init__(self, window: int = 96, recent: int = PPQN, min_points: int = 12):
@@ -40,34 +42,37 @@ class TempoFit:
         self.last: float | None = None      # the fitted time of the newest clock (jitter removed)
 
     @staticmethod
-    def _line(ts: list[float]) -> tuple[float, float]:
-        """(seconds per clock, fitted time of the last point) of a least-squares line."""
+    def _line(ts) -> tuple[float, float, float]:
+        """(seconds per clock, fitted time of the first point, of the last) of a least-squares line."""
         n = len(ts)
         mean_i = (n - 1) / 2.0
         mean_t = sum(ts) / n
         num = sum((i - mean_i) * (t - mean_t) for i, t in enumerate(ts))
         den = sum((i - mean_i) ** 2 for i in range(n))
         slope = num / den
-        return slope, mean_t + slope * (n - 1 - mean_i)
+        return slope, mean_t - slope * mean_i, mean_t + slope * (n - 1 - mean_i)
 
     def add(self, t: float) -> None:
         self.times.append(t)
         n = len(self.times)
-        if n < 2:
-            self.last = t
-            return
         if n < self.min_points:
-            self.interval, self.last = (t - self.times[0]) / (n - 1), t
+            self.interval = (t - self.times[0]) / (n - 1) if n >= 2 else None
+            self.last = t
             return
         ts = list(self.times)
         if n > self.recent:
-            recent, last = self._line(ts[-self.recent:])
+            recent, _first, last = self._line(ts[-self.recent:])
             if self.interval and abs(recent - self.interval) > 0.05 * self.interval:  # a change, not jitter
                 self.times.clear()
                 self.times.extend(ts[-self.recent:])
-                self.interval, self.last = recent, last
-                return
-        self.interval, self.last = self._line(ts)
+                ts = ts[-self.recent:]
+        slope, first, last = self._line(ts)
+        # Clocks from before a tempo change sit further and further off the new line: drop them.
+        while len(ts) > self.min_points and abs(ts[0] - first) > TRIM_SECONDS:
+            self.times.popleft()
+            ts = ts[1:]
+            slope, first, last = self._line(ts)
+        self.interval, self.last = slope, last
 
     def reset(self) -> None:
         self.times.clear()
