@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -58,6 +59,11 @@ def test_transport_state_follows_the_jack_timebase_master(tmp_path, tiny_model_d
             st = transport_state(c)
             assert 16.0 <= jack_beat < 16.0 + 20 * BPM / 60.0, pos  # rolling from bar 5 for seconds, not more
             assert st["beat"] == pytest.approx(jack_beat, abs=0.1)
+            # The followed transport is saved in the session (a restart resumes it).
+            deadline = time.monotonic() + 5
+            while json.loads((tmp_path / "session" / "session.json").read_text())["transport"]["tempo"] != BPM:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
             # Stopping the master stops the follower, and the position stays put.
             master.stdin.write("stop\n")
             master.stdin.flush()

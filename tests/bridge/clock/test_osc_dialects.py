@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import soundfile as sf
 
 from bridge.osc import OscClient, decode
 from tests.bridge.clock.helpers import following_daemon, transport_state
-from tests.bridge.osc_helpers import drain
+from plugin_host.bwf import read_bext
+from tests.bridge.osc_helpers import drain, expect
 
 
 def _settle(c, want, timeout=3.0):
@@ -55,6 +57,17 @@ def test_reaper_and_bitwig_feedback(tmp_path, tiny_model_dir):
             daw.send("/tempo/raw", "fast")
             daw.send("/beat/str", "one")
             assert transport_state(c)["tempo"] == pytest.approx(97.0, abs=1e-3)
+            # The followed clock drives stems: 1 bar of 3/4 at 97 bpm, placed on bar 2 (beat 3).
+            c.send("/track/drums/preset", "plain")
+            expect(c, "/ok")
+            c.send("/track/drums/generate", 1, "bars")
+            job, _ = expect(c, "/job/accepted")
+            r = c.wait_for(lambda a, v: a in ("/job/done", "/error") and v and (v[0] == job or v[-1] == job), 120)
+            assert r is not None and r[0] == "/job/done", r
+            path = r[1][1]
+            info = sf.info(path)
+            assert info.frames == round(3 * 60 / 97 * info.samplerate)
+            assert read_bext(path)["time_reference"] == round(3 * 60 / 97 * info.samplerate)
         finally:
             daw.sock.close()
 
