@@ -81,3 +81,20 @@ def test_pd_abstraction_drives_the_daemon_to_a_finished_stem(tmp_path, tiny_mode
     assert stem.endswith(".wav")
     assert read_bext(stem)["time_reference"] == 16 * 48000  # Pd's floats: tempo 120, locate 32 -> bar 9
     assert "reply: ok /transport/tempo" in out and "reply: ok /track/drums/prompt" in out
+
+
+def test_help_patch_loads_cleanly(tmp_path):
+    pd = shutil.which("pd") or shutil.which("puredata")
+    assert pd, "Pure Data is not installed (Debian package puredata-core; run scripts/setup.sh)"
+    help_patch = (ROOT / "daw" / "pd" / "musicbridge-help.pd").read_text()
+    port, reply = free_udp_port(), free_udp_port()  # its own ports, not the 9010/9011 of the example
+    patch = tmp_path / "help.pd"
+    patch.write_text(help_patch.replace("musicbridge drums 9010 9011", f"musicbridge drums {port} {reply}")
+                     .replace("#N canvas 60 60 760 560 12;",
+                              f"#N canvas 60 60 760 560 12;\n#X declare -path {ROOT / 'daw' / 'pd'};", 1))
+    p = subprocess.Popen([pd, "-nogui", "-noaudio", "-nomidi", "-stderr", "-open", str(patch)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(2.0)
+    p.terminate()
+    out, _ = p.communicate(timeout=10)
+    assert "error" not in out.lower() and "couldn't create" not in out, out
