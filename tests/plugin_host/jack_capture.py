@@ -32,6 +32,7 @@ class Capture:
         self._log = log
         self.audio = np.zeros((0, 0), np.float32)
         self.missed_cycles = 0
+        self.first_frame: int | None = None  # JACK frame time of the recording's first frame
 
     def _ask(self, line: str, timeout: float = 30.0) -> str:
         self._proc.stdin.write(line + "\n")
@@ -59,6 +60,7 @@ class Capture:
     def _finish(self) -> None:
         reply = self._ask("stop")
         self.missed_cycles = int(reply.split()[1])
+        self.first_frame = int(reply.split()[2])
         self.audio = np.load(self._path)
 
 
@@ -106,11 +108,13 @@ def _main(path: str, seconds: str, channels: str, name: str) -> None:
     client = jack.Client(name, no_start_server=True)
     ports = [client.inports.register(f"in_{i}") for i in range(int(channels))]
     buf = np.zeros((len(ports), int(float(seconds) * client.samplerate)), np.float32)
-    state = {"frames": 0, "missed": 0}
+    state = {"frames": 0, "missed": 0, "first": -1}
 
     @client.set_process_callback
     def process(n: int) -> None:
         k = state["frames"]
+        if k == 0 and state["first"] < 0:
+            state["first"] = client.last_frame_time
         if k + n > buf.shape[1]:
             state["missed"] += 1
             return
@@ -141,7 +145,7 @@ def _main(path: str, seconds: str, channels: str, name: str) -> None:
         elif cmd == "stop":
             client.deactivate()
             np.save(path, buf[:, :state["frames"]])
-            print(f"ok {state['missed']}", flush=True)
+            print(f"ok {state['missed']} {state['first']}", flush=True)
             break
     client.close()
 
