@@ -118,3 +118,17 @@ def test_feedback_is_ignored_when_following_typed(tmp_path, tiny_model_dir):
         assert [a for a, _ in drain(c, 0.3)] == []  # not followed, not answered
         st = transport_state(c)
         assert st["source"] == "typed" and st["tempo"] == 120.0 and st["playing"] == 0
+
+
+def test_serve_refuses_ardour_without_follow_osc_and_unknown_sources(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.bridge.osc_helpers import ROOT
+
+    for extra, says in ((["--ardour", "127.0.0.1:3819"], "only --follow osc follows"),
+                        (["--follow", "ableton"], "--follow must be typed, jack, link, midi-clock:PORT or osc"),
+                        (["--follow", "osc", "--ardour", "3819"], "expected HOST:PORT")):
+        r = subprocess.run([sys.executable, "-m", "bridge.cli", "serve", "--model", "tiny", "--session-dir",
+                            str(tmp_path / "s"), *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and says in r.stderr, (extra, r.stderr)
