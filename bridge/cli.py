@@ -38,8 +38,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [UsageError, ModelError, RequestError, FileNotFoundError,
                                        FileExistsError, PermissionError, IsADirectoryError]
-    for mod, name in (("plugin_host.audio_io", "AudioFileError"), ("model.melody", "MelodyError"), ("presets", "PresetError"),
-                      ("bridge.session_file", "SessionFileError")):
+    for mod, name in (("audiofile", "AudioFileError"), ("model.melody", "MelodyError"), ("presets", "PresetError"),
+                      ("bridge.session_file", "SessionFileError"), ("bridge.stem_output", "SidecarError"),
+                      ("bridge.stem_request", "StemRequestError")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

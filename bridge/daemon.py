@@ -11,17 +11,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
 from bridge.clock import FollowSpec
 from bridge.clock.hub import ClockHub, output_clock
-from bridge.jobs import Job, JobQueue, plan_job, sampling_params as _sampling, track_sound
+from bridge.jobs import Job, JobQueue, check_track_params, plan_job, track_sound
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
-from bridge.session import Session, chroma_to_text
+from bridge.session import LiveSession, chroma_to_text
+from model.types import melody_refusal
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -65,17 +67,25 @@ class _LogLimiter:
         return True
 
 
+def handles(*classes: type) -> Callable:
+    """Mark a Daemon method as the handler of these command classes (the dispatch table's entries)."""
+    def mark(fn: Callable) -> Callable:
+        fn.handles = classes  # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
 class Daemon:
     """A running bridge; a context manager that binds the socket on enter and stops cleanly on exit."""
 
     def __init__(self, engine, config: DaemonConfig, audio=None):
         """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None."""
-        from bridge.render import engine_record
+        from bridge.stem_output import engine_record
 
         self.engine, self.config, self.audio = engine, config, audio
         self.stems_dir = Path(config.stems_dir or Path(config.session_dir) / "stems")
         self.paths = PathPolicy([self.stems_dir, *config.allow_dirs])
-        self.session = Session(config.session_dir, max_tracks=config.limits.max_tracks)
+        self.session = LiveSession(config.session_dir, max_tracks=config.limits.max_tracks)
         self.jobs = JobQueue(engine, self.stems_dir, self._job_event, max_queued=config.limits.max_queued,
                              engine_record=engine_record(engine))
         self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
@@ -87,6 +97,8 @@ class Daemon:
         self.jams: dict[str, Any] = {}  # track -> bridge.jam.Jam (the latest one per track)
         self._closed = False
         self._jobs_entered = False
+
+    HANDLERS: dict[type, Callable[[Daemon, Any, Address], None]]  # built below the class from @handles
 
     def __enter__(self) -> Daemon:
         self.jobs.__enter__()
@@ -146,15 +158,15 @@ class Daemon:
         if kind == "progress":
             self.server.send(to, "/job/progress", (job.id, float(payload[0])))
         elif kind == "done":
-            log.info("job %d done: track %s, %g s, wrote %s", job.id, job.spec.track, job.spec.seconds, payload[0])
-            self._append_done(job, str(payload[0]))
+            log.info("job %d done: track %s, %g s, wrote %s", job.id, job.plan.name, job.plan.seconds, payload[0])
+            self._append_done(job, str(payload[0]))  # before the reply: whoever hears /job/done finds the line
             self.server.send(to, "/job/done", (job.id, payload[0]))
         elif kind == "cancelled":
-            log.info("job %d (track %s) cancelled", job.id, job.spec.track)
+            log.info("job %d (track %s) cancelled", job.id, job.plan.name)
             self.server.send(to, "/job/cancelled", (job.id,))
         elif kind == "failed":
             code, message = payload
-            log.info("job %d (track %s) failed: %s", job.id, job.spec.track, message)
+            log.info("job %d (track %s) failed: %s", job.id, job.plan.name, message)
             self.server.send(to, "/error", (code, message, f"/job/{job.id}", job.id))
 
     # ------------------------------------------------------------ messages
@@ -178,97 +190,127 @@ class Daemon:
         self.reply(sender, "/ok", cmd.address)
 
     def _apply(self, cmd: P.Command, sender: Address) -> None:
-        s = self.session
-        if isinstance(cmd, P.Ping):
-            self.reply(sender, "/pong")
-        elif isinstance(cmd, P.Status):
-            queued, running = self.jobs.counts()
-            source, tempo, num, den, playing, beat, age = self.clock.state()
-            xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
-            self.reply(sender, "/status", self.engine.info.label, len(s.tracks), queued, running, xruns,
-                       float(tempo), f"{num}/{den}", int(playing), float(beat), source, float(age))
-        elif isinstance(cmd, P.TransportState):
-            source, tempo, num, den, playing, beat, age = self.clock.state()
-            self.reply(sender, "/transport/state", source, float(tempo), num, den, int(playing), float(beat),
-                       float(age))
-        elif isinstance(cmd, P.ListTracks):
-            self.reply(sender, "/tracks", *sorted(s.tracks))
-        elif isinstance(cmd, P.TrackState):
-            tr = s.track(cmd.track)
-            if tr is None:
-                raise ProtocolError("not_found", f"there is no track {cmd.track!r}; /tracks lists them")
-            state = tr.to_json()
-            m = state["melody"]
-            if m and m["kind"] == "chroma":  # keep the reply well inside one datagram
-                frames = len(m["data"]) * 3 // 4 // 48
-                state["melody"] = {"kind": "chroma", "frame_rate": m["frame_rate"], "frames": frames}
-            elif m and m["kind"] == "notes":
-                state["melody"] = {"kind": "notes", "notes": len(m["notes"])}
-            self.reply(sender, f"/track/{cmd.track}/state", json.dumps(state))
-        elif isinstance(cmd, P.SetPrompt):
-            s.update_track(cmd.track, prompt=cmd.text)
-            self._ok(sender, cmd, f"track {cmd.track}: prompt is now {cmd.text[:80]!r}")
-        elif isinstance(cmd, P.SetPreset):
-            self._set_preset(cmd, sender)
-        elif isinstance(cmd, P.SetParam):
-            self._set_param(cmd, sender)
-        elif isinstance(cmd, (P.MelodyMidi, P.MelodyAudio, P.MelodyNotes, P.MelodyChroma)):
-            self._set_melody(cmd, sender)
-        elif isinstance(cmd, P.MelodyClear):
-            self._existing(cmd.track)
-            s.update_track(cmd.track, melody=None)
-            self._ok(sender, cmd, f"track {cmd.track}: melody cleared")
-        elif isinstance(cmd, P.ClearTrack):
-            s.clear_track(cmd.track)
-            self._ok(sender, cmd, f"track {cmd.track}: cleared")
-        elif isinstance(cmd, P.DeleteTrack):
-            s.delete_track(cmd.track)
-            self._ok(sender, cmd, f"track {cmd.track}: deleted")
-        elif isinstance(cmd, (P.Generate, P.Continue)):
-            self._generate(cmd, sender)
-        elif isinstance(cmd, P.CancelJob):
-            job = self.jobs.cancel(cmd.job_id)
-            if job.state == "running":
-                log.info("job %d (track %s): stopping at the next step", job.id, job.spec.track)
-        elif isinstance(cmd, P.JobStatus):
-            job = self.jobs.get(cmd.job_id)
-            self.reply(sender, "/job/status", job.id, job.state, float(job.fraction),
-                       str(job.path) if job.path else "")
-        elif isinstance(cmd, P.SetTempo):
-            s.update_transport(tempo=cmd.bpm)
-            self.clock.typed_changed()
-            self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
-        elif isinstance(cmd, P.SetSignature):
-            s.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
-            self.clock.typed_changed()
-            self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
-        elif isinstance(cmd, (P.Play, P.Stop)):
-            changes: dict[str, Any] = {"playing": isinstance(cmd, P.Play)}
-            if cmd.beat is not None:
-                changes["position"] = cmd.beat
-            t = s.update_transport(**changes)
-            self.clock.typed_changed()
-            self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
-        elif isinstance(cmd, P.Locate):
-            s.update_transport(position=cmd.beat)
-            self.clock.typed_changed()
-            self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
-        elif isinstance(cmd, P.JamStart):
-            self._jam_start(cmd, sender)
-        elif isinstance(cmd, P.JamStop):
-            jam = self.jams.get(cmd.track)
-            if jam is None or jam.state in ("stopping", "stopped", "failed"):
-                raise ProtocolError("not_found", f"no jam is running on track {cmd.track!r}")
-            jam.stop()
-            self._ok(sender, cmd, f"jam on track {cmd.track}: stopping at the next bar line")
-        elif isinstance(cmd, P.JamStatus):
-            jam = self.jams.get(cmd.track)
-            if jam is None:
-                raise ProtocolError("not_found", f"no jam has run on track {cmd.track!r}")
-            self._send_jam_status(self._to(sender), jam.status())
-        else:  # a command class without a handler is a bug, not user input
+        handler = self.HANDLERS.get(type(cmd))
+        if handler is None:  # a command class without a handler is a bug, not user input
             raise ProtocolError("internal", f"no handler for {type(cmd).__name__}")
+        handler(self, cmd, sender)
 
+    # One handler per command class, marked @handles(CommandClass): each changes state or queues
+    # a job, then answers. To add a message: a frozen command class and its builder in
+    # bridge.protocol, and a method here marked @handles(ThatClass).
+
+    @handles(P.Ping)
+    def _ping(self, cmd: P.Ping, sender: Address) -> None:
+        self.reply(sender, "/pong")
+
+    @handles(P.Status)
+    def _status(self, cmd: P.Status, sender: Address) -> None:
+        queued, running = self.jobs.counts()
+        source, tempo, num, den, playing, beat, age = self.clock.state()
+        xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
+        self.reply(sender, "/status", self.engine.info.label, len(self.session.tracks), queued, running, xruns,
+                   float(tempo), f"{num}/{den}", int(playing), float(beat), source, float(age))
+
+    @handles(P.TransportState)
+    def _transport_state(self, cmd: P.TransportState, sender: Address) -> None:
+        source, tempo, num, den, playing, beat, age = self.clock.state()
+        self.reply(sender, "/transport/state", source, float(tempo), num, den, int(playing), float(beat),
+                   float(age))
+
+    @handles(P.ListTracks)
+    def _list_tracks(self, cmd: P.ListTracks, sender: Address) -> None:
+        self.reply(sender, "/tracks", *sorted(self.session.tracks))
+
+    @handles(P.TrackState)
+    def _track_state(self, cmd: P.TrackState, sender: Address) -> None:
+        tr = self.session.track(cmd.track)
+        if tr is None:
+            raise ProtocolError("not_found", f"there is no track {cmd.track!r}; /tracks lists them")
+        state = tr.to_json()
+        m = state["melody"]
+        if m and m["kind"] == "chroma":  # keep the reply well inside one datagram
+            frames = len(m["data"]) * 3 // 4 // 48
+            state["melody"] = {"kind": "chroma", "frame_rate": m["frame_rate"], "frames": frames}
+        elif m and m["kind"] == "notes":
+            state["melody"] = {"kind": "notes", "notes": len(m["notes"])}
+        self.reply(sender, f"/track/{cmd.track}/state", json.dumps(state))
+
+    @handles(P.SetPrompt)
+    def _set_prompt(self, cmd: P.SetPrompt, sender: Address) -> None:
+        self.session.update_track(cmd.track, prompt=cmd.text)
+        self._ok(sender, cmd, f"track {cmd.track}: prompt is now {cmd.text[:80]!r}")
+
+    @handles(P.MelodyClear)
+    def _melody_clear(self, cmd: P.MelodyClear, sender: Address) -> None:
+        self._existing(cmd.track)
+        self.session.update_track(cmd.track, melody=None)
+        self._ok(sender, cmd, f"track {cmd.track}: melody cleared")
+
+    @handles(P.ClearTrack)
+    def _clear_track(self, cmd: P.ClearTrack, sender: Address) -> None:
+        self.session.clear_track(cmd.track)
+        self._ok(sender, cmd, f"track {cmd.track}: cleared")
+
+    @handles(P.DeleteTrack)
+    def _delete_track(self, cmd: P.DeleteTrack, sender: Address) -> None:
+        self.session.delete_track(cmd.track)
+        self._ok(sender, cmd, f"track {cmd.track}: deleted")
+
+    @handles(P.CancelJob)
+    def _cancel_job(self, cmd: P.CancelJob, sender: Address) -> None:
+        job = self.jobs.cancel(cmd.job_id)
+        if job.state == "running":
+            log.info("job %d (track %s): stopping at the next step", job.id, job.plan.name)
+
+    @handles(P.JobStatus)
+    def _job_status(self, cmd: P.JobStatus, sender: Address) -> None:
+        job = self.jobs.get(cmd.job_id)
+        self.reply(sender, "/job/status", job.id, job.state, float(job.fraction),
+                   str(job.path) if job.path else "")
+
+    @handles(P.SetTempo)
+    def _set_tempo(self, cmd: P.SetTempo, sender: Address) -> None:
+        self.session.update_transport(tempo=cmd.bpm)
+        self.clock.typed_changed()
+        self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
+
+    @handles(P.SetSignature)
+    def _set_signature(self, cmd: P.SetSignature, sender: Address) -> None:
+        self.session.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
+        self.clock.typed_changed()
+        self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
+
+    @handles(P.Play, P.Stop)
+    def _play_stop(self, cmd: P.Play | P.Stop, sender: Address) -> None:
+        changes: dict[str, Any] = {"playing": isinstance(cmd, P.Play)}
+        if cmd.beat is not None:
+            changes["position"] = cmd.beat
+        t = self.session.update_transport(**changes)
+        self.clock.typed_changed()
+        self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
+
+    @handles(P.Locate)
+    def _locate(self, cmd: P.Locate, sender: Address) -> None:
+        self.session.update_transport(position=cmd.beat)
+        self.clock.typed_changed()
+        self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
+
+    @handles(P.JamStop)
+    def _jam_stop(self, cmd: P.JamStop, sender: Address) -> None:
+        jam = self.jams.get(cmd.track)
+        if jam is None or jam.state in ("stopping", "stopped", "failed"):
+            raise ProtocolError("not_found", f"no jam is running on track {cmd.track!r}")
+        jam.stop()
+        self._ok(sender, cmd, f"jam on track {cmd.track}: stopping at the next bar line")
+
+    @handles(P.JamStatus)
+    def _jam_status(self, cmd: P.JamStatus, sender: Address) -> None:
+        jam = self.jams.get(cmd.track)
+        if jam is None:
+            raise ProtocolError("not_found", f"no jam has run on track {cmd.track!r}")
+        self._send_jam_status(self._to(sender), jam.status())
+
+    @handles(P.JamStart)
     def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
         if self.audio is None:
             raise ProtocolError("unavailable", "this daemon has no live audio output; start it with "
@@ -287,13 +329,13 @@ class Daemon:
         prompt, params = track_sound(cmd.track, track, preset, t.tempo)
         melody = None
         if track.melody is not None:
-            if not self.engine.is_melody:
-                raise ProtocolError("model", f"track {cmd.track} follows a melody but model "
-                                             f"{self.engine.info.label} is text-only")
-            from bridge.melody_source import LoopedMelody, natural_chroma
+            if melody_refusal(self.engine):
+                raise ProtocolError("model", f"track {cmd.track} follows a melody, but "
+                                             f"{melody_refusal(self.engine)}")
+            from bridge.melody_source import LoopedMelody, whole_melody_chroma
 
             rate = self.engine.chroma_frame_rate
-            melody = LoopedMelody(natural_chroma(track.melody_dict(), rate, t.tempo), rate)
+            melody = LoopedMelody(whole_melody_chroma(track.melody_dict(), rate, t.tempo), rate)
         chain = None
         if preset and preset.chain:
             chain = preset.build_chain()
@@ -322,15 +364,17 @@ class Daemon:
             raise ProtocolError("not_found", f"there is no track {name!r}; set its prompt or preset first")
         return tr
 
+    @handles(P.SetPreset)
     def _set_preset(self, cmd: P.SetPreset, sender: Address) -> None:
         if cmd.name:
             preset = _load_preset(cmd.name)
             track = self.session.track(cmd.track)
-            _sampling({**preset.params, **(track.params_dict() if track else {})})
+            check_track_params(preset, track.params_dict() if track else {})
         self.session.update_track(cmd.track, preset=cmd.name)
         self._ok(sender, cmd, f"track {cmd.track}: preset {cmd.name!r}" if cmd.name
                  else f"track {cmd.track}: preset removed")
 
+    @handles(P.SetParam)
     def _set_param(self, cmd: P.SetParam, sender: Address) -> None:
         track = self.session.track(cmd.track)
         params = track.params_dict() if track else {}
@@ -338,15 +382,14 @@ class Daemon:
             params.pop(cmd.key, None)
         else:
             params[cmd.key] = cmd.value
-        base = dict(_load_preset(track.preset).params) if track and track.preset else {}
-        _sampling({**base, **params})
+        check_track_params(_load_preset(track.preset) if track and track.preset else None, params)
         self.session.update_track(cmd.track, params=params)
         self._ok(sender, cmd, f"track {cmd.track}: {cmd.key} = {cmd.value if cmd.value is not None else 'default'}")
 
+    @handles(P.MelodyMidi, P.MelodyAudio, P.MelodyNotes, P.MelodyChroma)
     def _set_melody(self, cmd: P.Command, sender: Address) -> None:
-        if not self.engine.is_melody:
-            raise ProtocolError("model", f"model {self.engine.info.label} is text-only and cannot follow a "
-                                         "melody; start the daemon with a MusicGen-Melody checkpoint")
+        if melody_refusal(self.engine):
+            raise ProtocolError("model", f"{melody_refusal(self.engine)} (start the daemon with one)")
         if isinstance(cmd, (P.MelodyMidi, P.MelodyAudio)):
             melody = {"kind": "midi" if isinstance(cmd, P.MelodyMidi) else "audio", "path": str(cmd.path)}
             what = f"melody from {cmd.path}"
@@ -360,43 +403,41 @@ class Daemon:
         self.session.update_track(cmd.track, melody=melody)  # type: ignore[attr-defined]
         self._ok(sender, cmd, f"track {cmd.track}: {what}")  # type: ignore[attr-defined]
 
+    @handles(P.Generate, P.Continue)
     def _generate(self, cmd: P.Generate | P.Continue, sender: Address) -> None:
         s = self.session
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
-        spec = plan_job(cmd, track, preset, self._followed_transport(), self.engine, self.config.limits,
-                        self.config.stem_rate)
-        spec = self._placed(spec, getattr(cmd, "at_bar", None))
-        if spec.continuation is not None:
-            s.update_track(cmd.track, continuation=spec.continuation)
+        transport, timeline = self._stem_transport(getattr(cmd, "at_bar", None))
+        plan = plan_job(cmd, track, preset, transport, self.engine, self.config.limits, self.config.stem_rate)
+        plan.context["timeline"] = timeline
+        if isinstance(cmd, P.Continue):
+            s.update_track(cmd.track, continuation={"path": str(cmd.path), "seconds": cmd.seconds})
+
         def accepted(job: Job) -> None:
             self.reply(sender, "/job/accepted", job.id, cmd.track)
-            log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, spec.sidecar["length"],
-                     spec.prompt[:80], f", priority {cmd.priority}" if cmd.priority else "")
+            log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
+                     plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 
-        self.jobs.submit(spec, self._to(sender), cmd.priority, s.take_job_id, accepted)
+        self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
 
 
     # ------------------------------------------------------------ the followed clock (docs/daw.md)
 
-    def _followed_transport(self):
-        """The session transport as the leading clock has it now: `generate ... bars` uses its tempo and
-        signature, the sidecar its position."""
+    def _stem_transport(self, at_bar: int | None):
+        """The transport a stem is planned with: the leading clock's tempo and signature now (so
+        `generate ... bars` follows the DAW), and as position the stem's place on the timeline, which
+        becomes its BWF time reference: bar `at_bar` if the request names one, else the bar line at or
+        before where the transport is. Also the sidecar's record of how that place was found."""
         from dataclasses import replace
 
-        _source, tempo, num, den, playing, beat, _age = self.clock.state()
-        return replace(self.session.transport, tempo=tempo, numerator=num, denominator=den, playing=playing,
-                       position=max(0.0, beat))
-
-    def _placed(self, spec, at_bar: int | None):
-        """The stem's place on the DAW timeline: the bar named in the request, else the bar line at or
-        before the transport position now; it becomes the stem's BWF time reference."""
-        from dataclasses import replace
-
+        source, tempo, num, den, playing, beat_now, _age = self.clock.state()
         beat, seconds = self.clock.stem_start(at_bar)
-        sidecar = {**spec.sidecar, "timeline": {"beat": beat, "bar": int(beat // self.clock.grid().numerator) + 1,
-                                                "seconds": seconds, "clock": self.clock.grid().source}}
-        return replace(spec, start_seconds=seconds, sidecar=sidecar)
+        transport = replace(self.session.transport, tempo=tempo, numerator=num, denominator=den, playing=playing,
+                            position=beat * 4.0 / den)  # the session counts quarter notes
+        timeline = {"clock": source, "asked_at_beat": round(beat_now, 6), "at_bar": at_bar,
+                    "bar": int(round(beat / num)) + 1, "beat": beat, "seconds": seconds}
+        return transport, timeline
 
     def _append_done(self, job: Job, path: str) -> None:
         """One line per finished stem, "<job>\t<track>\t<path>", for DAW scripts that cannot take OSC
@@ -405,9 +446,13 @@ class Daemon:
             return
         try:
             with open(self.config.done_list, "a", encoding="utf-8") as f:
-                f.write(f"{job.id}\t{job.spec.track}\t{path}\n")
+                f.write(f"{job.id}\t{job.plan.name}\t{path}\n")
         except OSError as e:
             log.warning("could not append job %d to the done list %s: %s", job.id, self.config.done_list, e)
+
+
+# The dispatch table, command class -> handler, gathered from the @handles marks above.
+Daemon.HANDLERS = {cls: fn for fn in vars(Daemon).values() for cls in getattr(fn, "handles", ())}
 
 
 def _load_preset(name: str):

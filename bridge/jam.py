@@ -42,10 +42,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.types import GenerationRequest, SamplingParams
-from plugin_host.live import TrackPlayer
+from plugin_host.live import StatusCallback, TrackPlayer
 from plugin_host.output import AudioOutput
 
-StatusCallback = Callable[[dict[str, Any]], None]
 EDGE_FADE_SECONDS = 0.01  # fades around a chunk that is re-anchored after falling behind
 
 
@@ -83,13 +82,16 @@ class Jam:
                  chunk_bars: int = 2, context_seconds: float = 4.0, min_context_seconds: float = 0.5,
                  gain: float = 1.0, pan: float = 0.0, out_channels: tuple[int, int] = (0, 1),
                  on_status: StatusCallback | None = None):
-        if melody is not None and not engine.is_melody:
-            raise JamError(f"model {engine.info.label} is text-only and cannot follow a melody; "
-                           "load a MusicGen-Melody checkpoint for a melody-following jam")
-        if not (math.isfinite(tempo) and 20.0 <= tempo <= 400.0):
-            raise JamError(f"tempo must be in [20, 400] bpm, got {tempo}")
-        if numerator < 1 or denominator not in (1, 2, 4, 8, 16):
-            raise JamError(f"time signature must be N/D with N >= 1 and D in 1,2,4,8,16; got {numerator}/{denominator}")
+        from model.types import melody_refusal
+        from plugin_host.tempo import TempoError, TimeSignature, check_bpm
+
+        if melody is not None and melody_refusal(engine):
+            raise JamError(str(melody_refusal(engine)))
+        try:
+            check_bpm(tempo)
+            TimeSignature(numerator, denominator)
+        except TempoError as e:
+            raise JamError(str(e)) from None
         if not isinstance(chunk_bars, int) or not 1 <= chunk_bars <= 16:
             raise JamError(f"chunk_bars must be a whole number in [1, 16], got {chunk_bars}")
         if not (0 < min_context_seconds <= context_seconds <= 20):

@@ -21,10 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bridge.protocol import Continue, Generate, Limits, ProtocolError
+from bridge.stem_output import finish_audio, write_planned_stem
+from bridge.stem_plan import PlanError, StemPlan, check_params, plan_stem, sound
+from bridge.stem_request import build_request, session_melody_record
+from model.types import RequestError, melody_refusal
 
 if TYPE_CHECKING:
-    from bridge.session import Track, Transport
-    from model.types import GenerationRequest, SamplingParams
+    from bridge.session import TrackSettings, Transport
+    from model.types import SamplingParams
     from presets import Preset
 
 log = logging.getLogger("musicbridge.jobs")
@@ -34,32 +38,12 @@ STATES = ("queued", "running", "done", "cancelled", "failed")
 HISTORY = 1000
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything a job needs, snapshotted from the session when it was queued.
-
-    melody: a session melody record ({"kind": "midi"|"audio"|"notes"|"chroma", ...}) or None.
-    continuation: {"path": take} or None. chain: the preset's effect chain entries.
-    sidecar: what to record beside the stem so it can be regenerated.
-    """
-
-    track: str
-    prompt: str
-    seconds: float
-    params: Any  # model.types.SamplingParams
-    melody: dict[str, Any] | None = None
-    continuation: dict[str, Any] | None = None
-    chain: tuple[dict[str, Any], ...] = ()
-    tempo: float = 120.0
-    sidecar: dict[str, Any] = field(default_factory=dict)
-    stem_rate: int = 48000
-    start_seconds: float = 0.0  # the stem's place on the DAW timeline: its BWF time reference / rate
-
-
 @dataclass(eq=False)
 class Job:
+    """One queued stem: its plan (bridge.stem_plan.StemPlan), who to tell, and how it is going."""
+
     id: int
-    spec: JobSpec
+    plan: StemPlan
     reply_to: Address
     priority: int = 0
     seq: int = 0
@@ -107,7 +91,7 @@ class JobQueue:
 
     # ------------------------------------------------------------ the OSC side
 
-    def submit(self, spec: JobSpec, reply_to: Address, priority: int, new_id: Callable[[], int],
+    def submit(self, plan: StemPlan, reply_to: Address, priority: int, new_id: Callable[[], int],
                accepted: Callable[[Job], None] | None = None) -> Job:
         """Queue a job (it runs later); ProtocolError busy when full or shutting down.
 
@@ -121,7 +105,7 @@ class JobQueue:
             if len(self._queued) >= self.max_queued:
                 raise ProtocolError("busy", f"{len(self._queued)} jobs are already queued, the limit; "
                                             "wait for one to finish or cancel one")
-            job = Job(new_id(), spec, reply_to, priority, next(self._seq))
+            job = Job(new_id(), plan, reply_to, priority, next(self._seq))
             self.jobs[job.id] = job
             if accepted is not None:
                 accepted(job)
@@ -174,7 +158,7 @@ class JobQueue:
             for job in self._running:
                 job.cancel.set()
                 log.info("stopping job %d (track %s): still running when the grace period ended", job.id,
-                         job.spec.track)
+                         job.plan.name)
         self._stopped.set()
         if self._worker.is_alive():
             self._worker.join(timeout=5.0)
@@ -190,13 +174,13 @@ class JobQueue:
     def _next_batch(self) -> list[Job]:
         """The most urgent job and the queued jobs that can share its engine call (caller holds the lock)."""
         head = min(self._queued, key=lambda j: (-j.priority, j.seq))
-        key = batch_key(head.spec, self.engine)
+        key = batch_key(head.plan, self.engine)
         batch = [head]
         if key is not None:
             for j in sorted(self._queued, key=lambda j: (-j.priority, j.seq)):
                 if len(batch) >= self.max_batch:
                     break
-                if j is not head and batch_key(j.spec, self.engine) == key:
+                if j is not head and batch_key(j.plan, self.engine) == key:
                     batch.append(j)
         for j in batch:
             self._queued.remove(j)
@@ -225,22 +209,19 @@ class JobQueue:
 
     def _run(self, batch: list[Job]) -> None:
         from model.engine import Cancelled
-        from model.types import RequestError
 
         requests, ready = [], []
         for job in batch:
             self.on_event(job, "progress", (0.0,))
             try:
-                requests.append(build_request(job, self.engine))
+                requests.append(build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel))
                 ready.append(job)
-            except ProtocolError as e:
-                self._finish(job, "failed", (e.code, e.message))
             except Exception as e:  # noqa: BLE001 - melody/take loading errors end this job only
                 self._finish(job, "failed", ("failed", f"could not prepare the job: {e}"))
         if not ready:
             return
         log.info("running job%s %s on the engine (%s)", "s" if len(ready) > 1 else "",
-                 ", ".join(str(j.id) for j in ready), ", ".join(f"{j.spec.track} {j.spec.seconds:g} s" for j in ready))
+                 ", ".join(str(j.id) for j in ready), ", ".join(f"{j.plan.name} {j.plan.seconds:g} s" for j in ready))
 
         def progress(index: int, fraction: float) -> None:
             if 0 <= index < len(ready) and np.isfinite(fraction):
@@ -259,13 +240,17 @@ class JobQueue:
             for j in ready:
                 self._finish(j, "failed", ("failed", f"generation failed: {type(e).__name__}: {e}"))
             return
-        for job, audio in zip(ready, audios):
+        records = [j.plan.request for j in ready]
+        for index, (job, audio) in enumerate(zip(ready, audios, strict=True)):
             if audio is None or job.cancel.is_set():
                 self._finish(job, "cancelled", ())
                 continue
             job.fraction = 1.0
             try:
-                path = write_result(job, audio, self.engine, self.stems_dir, self.engine_record)
+                job.plan.context["job"] = job.id
+                finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)
+                path = write_planned_stem(finished, self.engine.sample_rate, job.plan, self.engine_record,
+                                          records, index, report, self.stems_dir)
             except Exception as e:  # noqa: BLE001 - disk full, chain error: this job fails, the daemon goes on
                 self._finish(job, "failed", ("failed", f"could not write the stem: {e}"))
                 continue
@@ -292,163 +277,64 @@ class JobQueue:
 # ---------------------------------------------------------------- job stages
 
 
-def batch_key(spec: JobSpec, engine) -> tuple | None:
+def batch_key(plan: StemPlan, engine) -> tuple | None:
     """Jobs with equal keys can share one engine call; None: this job runs alone."""
-    if spec.continuation is not None:
+    if plan.request["continuation"] is not None:
         return None
-    return (engine.frames_for(spec.seconds), spec.melody is not None)
+    return (engine.frames_for(plan.request["seconds"]), plan.request["melody"] is not None)
 
 
-def build_request(job: Job, engine) -> GenerationRequest:
-    """The engine request for a job: melody chroma and continuation take loaded now, on the worker."""
-    from model.types import GenerationRequest
-
-    spec = job.spec
-    melody = None
-    if spec.melody is not None:
-        melody = melody_chroma(spec.melody, engine.chroma_frame_rate, spec.seconds, spec.tempo)
-    audio_prompt = None
-    if spec.continuation is not None:
-        from plugin_host.audio_io import read_audio, resample
-
-        take, rate = read_audio(spec.continuation["path"])
-        audio_prompt = resample(take, rate, engine.sample_rate) if rate != engine.sample_rate else take
-        audio_prompt = fit_channels(audio_prompt, engine.channels)
-    return GenerationRequest(prompt=spec.prompt, seconds=spec.seconds, params=spec.params, melody=melody,
-                             audio_prompt=audio_prompt, cancel=job.cancel)
-
-
-def fit_channels(audio: np.ndarray, channels: int) -> np.ndarray:
-    if audio.shape[0] == channels:
-        return audio
-    mono = audio.mean(axis=0, keepdims=True)
-    return np.repeat(mono, channels, axis=0).astype(np.float32)
-
-
-def melody_chroma(melody: dict[str, Any], rate: float, seconds: float, tempo: float) -> np.ndarray:
-    """A (frames, 12) chroma at the model's chroma rate from a session melody record."""
-    kind = melody["kind"]
-    if kind == "chroma":
-        from bridge.session import chroma_from_text
-
-        src = np.frombuffer(chroma_from_text(melody["data"]), dtype="<f4").reshape(-1, 12)
-        return resample_chroma(src, float(melody["frame_rate"]), rate, seconds)
-    try:
-        import model.melody as mm
-    except ImportError:
-        raise ProtocolError("unavailable", "this build has no melody support (model.melody is missing)") from None
-    if kind in ("midi", "audio"):
-        return np.asarray(mm.load_melody(melody["path"], rate, seconds=seconds), dtype=np.float32)
-    if kind == "notes":
-        fn = getattr(mm, "notes_to_chroma", None)
-        if fn is None:
-            raise ProtocolError("unavailable", "this build cannot turn notes into a melody yet "
-                                               "(model.melody.notes_to_chroma is missing)")
-        notes = [(int(p), float(s) * 60.0 / tempo, float(n) * 60.0 / tempo) for p, s, n in melody["notes"]]
-        return np.asarray(fn(notes, rate, seconds), dtype=np.float32)
-    raise ProtocolError("failed", f"unknown melody kind {kind!r} in the session")
-
-
-def resample_chroma(src: np.ndarray, src_rate: float, rate: float, seconds: float) -> np.ndarray:
-    """Nearest-frame resampling of a chroma onto the model's frame grid; past its end: silence (zeros)."""
-    n = max(1, int(round(seconds * rate)))
-    idx = np.floor(np.arange(n) * src_rate / rate + 1e-9).astype(np.int64)
-    out = np.zeros((n, 12), dtype=np.float32)
-    ok = idx < len(src)
-    out[ok] = src[idx[ok]]
-    return out
-
-
-def write_result(job: Job, audio: np.ndarray, engine, stems_dir: Path, engine_record: dict[str, Any]) -> Path:
-    """The stem on disk (through the track's chain, at the stem rate, exact length) with its sidecar."""
-    from plugin_host.stems import write_stem
-
-    spec = job.spec
-    chain = None
-    if spec.chain:
-        from plugin_host.chain import build_chain
-
-        chain = build_chain(list(spec.chain), where=f"track {spec.track}: chain")
-    sidecar = {"kind": "musicbridge.osc-job", "job": job.id, "track": spec.track, "model": engine_record,
-               "prompt": spec.prompt, "seconds": spec.seconds, **spec.sidecar}
-    return write_stem(audio, engine.sample_rate, stems_dir, spec.track, sidecar, target_rate=spec.stem_rate,
-                      chain=chain, samples=int(round(spec.seconds * spec.stem_rate)),
-                      start_seconds=spec.start_seconds)
-
-
-def track_sound(name: str, track: Track, preset: Preset | None, tempo: float) -> tuple[str, SamplingParams]:
-    """(prompt, SamplingParams) of a track: its prompt or its preset's, "<bpm> bpm" unless the
-    preset says add_bpm = false, and the preset's params with the track's own on top."""
+def track_sound(name: str, track: TrackSettings, preset: Preset | None, tempo: float) -> tuple[str, SamplingParams]:
+    """(prompt, SamplingParams) of a live track: its prompt or its preset's, "<bpm> bpm" unless the
+    preset says add_bpm = false, the preset's params with the track's own on top, and a seed."""
     base = track.prompt or (preset.prompt if preset else "")
     if not base:
         raise ProtocolError("bad_args", f"track {name} has no prompt; send /track/{name}/prompt "
                                         f"or /track/{name}/preset first")
-    add_bpm = preset.add_bpm if preset else True
-    prompt = f"{base}, {_fmt_bpm(tempo)} bpm" if add_bpm else base
-    return prompt, sampling_params({**(dict(preset.params) if preset else {}), **track.params_dict()})
-
-
-def plan_job(cmd: Generate | Continue, track: Track, preset: Preset | None, transport: Transport, engine,
-             limits: Limits, stem_rate: int = 48000) -> JobSpec:
-    """The job a /track/<name>/generate or /continue asks for, from the track, its preset and the transport.
-
-    The prompt is the track's own, else its preset's, with "<bpm> bpm" appended unless the
-    preset says add_bpm = false; params are the preset's with the track's on top; bars become
-    seconds at the transport tempo and time signature (4 bars at 120 bpm in 4/4 = 8.0 s).
-    """
-    t = transport
-    prompt, params = track_sound(cmd.track, track, preset, t.tempo)
-    bars = getattr(cmd, "bars", None)
-    if bars is not None:
-        seconds = t.bars_to_seconds(bars)
-        length = f"{bars} bars at {_fmt_bpm(t.tempo)} bpm in {t.signature} = {seconds:g} s"
-    else:
-        seconds = float(cmd.seconds)
-        length = f"{seconds:g} s"
-    if seconds > limits.max_seconds:
-        raise ProtocolError("limit", f"{length} is over this daemon's limit of {limits.max_seconds:g} s per job")
-    melody = track.melody_dict()
-    if melody is not None and not engine.is_melody:
-        raise ProtocolError("model", f"track {cmd.track} follows a melody but model {engine.info.label} is "
-                                     f"text-only; clear it with /track/{cmd.track}/melody/clear or use a "
-                                     "MusicGen-Melody checkpoint")
-    path = getattr(cmd, "path", None)
-    continuation = {"path": str(path), "seconds": seconds} if path is not None else None
-    sidecar = {"preset": preset.to_dict() if preset else None, "params": _params_json(params),
-               "transport": {"tempo": t.tempo, "signature": t.signature, "position": t.position},
-               "bars": bars, "length": length, "melody": _melody_record(melody), "continuation": continuation}
-    return JobSpec(track=cmd.track, prompt=prompt, seconds=float(seconds), params=params, melody=melody,
-                   continuation=continuation, chain=tuple(dict(c) for c in preset.chain) if preset else (),
-                   tempo=t.tempo, sidecar=sidecar, stem_rate=stem_rate)
-
-
-def _fmt_bpm(bpm: float) -> str:
-    return str(int(bpm)) if float(bpm).is_integer() else f"{bpm:g}"
-
-
-def sampling_params(params: dict[str, Any]) -> SamplingParams:
-    from model.types import RequestError, SamplingParams
-
     try:
-        return SamplingParams(**params)
-    except (RequestError, TypeError) as e:
+        return sound(base, preset.add_bpm if preset else True, tempo,
+                     dict(preset.params) if preset else {}, track.params_dict())
+    except RequestError as e:
         raise ProtocolError("bad_args", f"those parameters do not go together: {e}") from None
 
 
-def _params_json(p) -> dict[str, Any]:
-    return {"guidance": p.guidance, "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-            "greedy": p.greedy, "seed": p.seed}
+def check_track_params(preset: Preset | None, params: dict[str, Any]) -> None:
+    """ProtocolError bad_args unless the preset's params with these on top go together."""
+    try:
+        check_params(dict(preset.params) if preset else {}, params)
+    except RequestError as e:
+        raise ProtocolError("bad_args", f"those parameters do not go together: {e}") from None
 
 
-def _melody_record(melody: dict[str, Any] | None) -> dict[str, Any] | None:
-    if melody is None:
-        return None
-    if melody["kind"] == "chroma":
-        import hashlib
+def plan_job(cmd: Generate | Continue, track: TrackSettings, preset: Preset | None, transport: Transport, engine,
+             limits: Limits, stem_rate: int = 48000) -> StemPlan:
+    """The stem a /track/<name>/generate or /continue asks for, from the track, its preset and the transport.
 
-        from bridge.session import chroma_from_text
-
-        data = chroma_from_text(melody["data"])
-        return {"kind": "chroma", "frame_rate": melody["frame_rate"], "frames": len(data) // 48,
-                "sha256": hashlib.sha256(data).hexdigest()}
-    return dict(melody)
+    The same plan a session file's track gets (bridge.stem_plan): the prompt is the track's own,
+    else its preset's, with "<bpm> bpm" unless the preset says add_bpm = false; bars become
+    seconds at the transport tempo and time signature (4 bars at 120 bpm in 4/4 = 8.0 s) and
+    the take is fitted to the bar grid; the stem sits at the transport position (its BWF time
+    reference); a seed is drawn when the track has none, so the sidecar can regenerate it.
+    """
+    t = transport
+    prompt, params = track_sound(cmd.track, track, preset, t.tempo)
+    melody = track.melody_dict()
+    if melody is not None and melody_refusal(engine):
+        raise ProtocolError("model", f"track {cmd.track} follows a melody, but {melody_refusal(engine)}; "
+                                     f"or clear it with /track/{cmd.track}/melody/clear")
+    path = getattr(cmd, "path", None)
+    continuation = {"path": str(path), "seconds": float(cmd.seconds), "sha256": None} if path is not None else None
+    try:
+        plan = plan_stem(cmd.track, prompt=prompt, params=params, tempo=t.tempo, signature=t.time_signature,
+                         bars=getattr(cmd, "bars", None), seconds=cmd.seconds, model_rate=engine.sample_rate,
+                         target_rate=stem_rate, start_quarters=t.position,
+                         chain=preset.chain if preset else (), melody=session_melody_record(melody, t.tempo),
+                         continuation=continuation,
+                         context={"preset": preset.to_dict() if preset else None,
+                                  "transport": {"tempo": t.tempo, "signature": t.signature, "position": t.position}})
+    except PlanError as e:
+        raise ProtocolError("limit", f"{e}") from None
+    if plan.seconds > limits.max_seconds:
+        raise ProtocolError("limit", f"{plan.length_text} is over this daemon's limit of {limits.max_seconds:g} s "
+                                     "per job")
+    return plan

@@ -13,24 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from bridge.jobs import melody_chroma
 from bridge.protocol import ProtocolError
+from bridge.stem_request import melody_chroma, session_melody_record
 
 
-def natural_chroma(melody: dict[str, Any], rate: float, tempo: float) -> np.ndarray:
-    """The whole melody at `rate` frames a second, as long as it naturally is."""
-    kind = melody["kind"]
-    if kind == "chroma":
-        seconds = (len(melody["data"]) * 3 // 4) / 48 / float(melody["frame_rate"])
-    elif kind == "notes":
-        seconds = max(s + n for _, s, n in melody["notes"]) * 60.0 / tempo
-    else:
-        try:
-            import model.melody as mm
-        except ImportError:
-            raise ProtocolError("unavailable", "this build has no melody support (model.melody is missing)") from None
-        return np.asarray(mm.load_melody(melody["path"], rate), dtype=np.float32)
-    return melody_chroma(melody, rate, max(seconds, 1.0 / rate), tempo)
+def whole_melody_chroma(melody: dict[str, Any], rate: float, tempo: float) -> np.ndarray:
+    """A live track's melody at `rate` frames a second, as long as it is (no more, no less)."""
+    return melody_chroma(session_melody_record(melody, tempo), rate, None, "jam melody")
 
 
 class LoopedMelody:

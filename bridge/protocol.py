@@ -10,21 +10,26 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from bridge.paths import PathPolicy
+from model.types import MAX_REQUEST_SECONDS, SAMPLING_KEYS, SAMPLING_RANGES
+from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM, TempoError, TimeSignature
 
 TRACK_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 PRESET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-MIN_BPM, MAX_BPM = 20.0, 400.0
 MAX_PRIORITY = 9
+MAX_BARS = 1024
+MAX_BEAT = 100_000.0  # note starts and lengths, in beats
+MAX_BEAT_POSITION = 1e7  # transport positions, in beats
+MAX_BAR_POSITION = 100_000  # `generate ... at BAR`: the bar a stem belongs on
 MAX_CHROMA_RATE = 1000.0
 MIDI_SUFFIXES = (".mid", ".midi")
 AUDIO_SUFFIXES = (".wav", ".flac", ".aif", ".aiff", ".ogg", ".mp3")
-PARAM_KEYS = ("guidance", "temperature", "top_k", "top_p", "seed", "greedy")
+PARAM_KEYS = SAMPLING_KEYS
 
 ERROR_CODES = (
     "bad_packet",   # not an OSC packet at all
@@ -62,7 +67,93 @@ class Limits:
     max_notes: int = 2048
     max_tracks: int = 64
     max_queued: int = 32
-    max_seconds: float = 120.0
+    max_seconds: float = 120.0  # at most MAX_REQUEST_SECONDS, what one engine request makes
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_seconds <= MAX_REQUEST_SECONDS:
+            raise ValueError(f"max_seconds must be in (0, {MAX_REQUEST_SECONDS:g}], got {self.max_seconds}")
+
+
+# ---------------------------------------------------------------- field checks
+#
+# A command checks its own fields when it is built (as mido's messages do), so a command that
+# exists is valid, whoever built it: parse() below, a test, or another part of the daemon.
+# Bounds a daemon configures (Limits, the path policy) are checked by parse(), before.
+
+
+def _fail(cmd: Command, what: str, code: str = "bad_args") -> ProtocolError:
+    return ProtocolError(code, f"{cmd.address}: {what}; expected ({cmd.expects})")
+
+
+def _set(cmd: Command, name: str, value: Any) -> None:
+    object.__setattr__(cmd, name, value)  # normalising a field of a frozen dataclass in __post_init__
+
+
+def check_text(cmd: Command, v: Any, what: str, allow_empty: bool = False) -> str:
+    if not isinstance(v, str):
+        raise _fail(cmd, f"{what} must be a string (s), got {type_tags([v])}")
+    if "\x00" in v or any(ord(c) < 32 and c not in "\t\n" for c in v):
+        raise _fail(cmd, f"{what} contains control characters")
+    if not allow_empty and not v.strip():
+        raise _fail(cmd, f"{what} is empty")
+    return v
+
+
+def check_number(cmd: Command, v: Any, what: str, lo: float, hi: float, lo_open: bool = False,
+                 over: str = "bad_args") -> float:
+    """A finite number in [lo, hi] (or (lo, hi]); `over` is the error code above hi."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _fail(cmd, f"{what} must be a number (f or i), got {type_tags([v])}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise _fail(cmd, f"{what} must be a finite number, got {v}")
+    if v < lo or (lo_open and v == lo) or v > hi:
+        raise _fail(cmd, f"{what} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v:g}",
+                    over if v > hi else "bad_args")
+    return v
+
+
+def check_integer(cmd: Command, v: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _fail(cmd, f"{what} must be a whole number (i), got {type_tags([v])}")
+    if not lo <= v <= hi:
+        raise _fail(cmd, f"{what} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def check_track(cmd: Command, name: Any) -> str:
+    if not isinstance(name, str) or not TRACK_RE.match(name):
+        shown = name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "..."
+        raise ProtocolError("bad_track", f"{cmd.address}: track name {shown!r} must be 1-32 letters, digits, "
+                                         "'_' or '-'")
+    return name
+
+
+def check_param(cmd: Command, key: str, v: Any) -> float | int | bool | None:
+    """One sampling parameter, in the range model.types.SAMPLING_RANGES defines; None resets it."""
+    if v is None:
+        return None
+    if key == "greedy":
+        return v if isinstance(v, bool) else bool(check_integer(cmd, v, key, 0, 1))
+    r = SAMPLING_RANGES[key]
+    if key in ("top_k", "seed"):
+        return check_integer(cmd, v, key, int(r.lo), int(r.hi))
+    return check_number(cmd, v, key, r.lo, r.hi, lo_open=r.lo_open)
+
+
+def check_seconds(cmd: Command, v: Any, what: str = "seconds") -> float:
+    """A length of music: positive, at most what one engine request makes (model.types)."""
+    return check_number(cmd, v, what, 0.0, MAX_REQUEST_SECONDS, lo_open=True, over="limit")
+
+
+def check_path(cmd: Command, v: Any, what: str, suffixes: Sequence[str]) -> Path:
+    if not isinstance(v, Path):
+        raise _fail(cmd, f"{what} must be a path, got {type(v).__name__}")
+    if v.suffix.lower() not in suffixes:
+        raise _fail(cmd, f"{what} {v.name!r} must end in {', '.join(suffixes)}")
+    return v
 
 
 # ---------------------------------------------------------------- commands
@@ -70,8 +161,17 @@ class Limits:
 
 @dataclass(frozen=True)
 class Command:
+    """One OSC message. `pattern` is its address, `expects` its arguments (for error messages)."""
+
     address: str
     pattern: ClassVar[str] = ""
+    expects: ClassVar[str] = "no arguments"
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ProtocolError if a field is out of range; normalise fields with _set."""
 
 
 @dataclass(frozen=True)
@@ -93,17 +193,32 @@ class ListTracks(Command):
 class TrackCommand(Command):
     track: str
 
+    def check(self) -> None:
+        check_track(self, self.track)
+
 
 @dataclass(frozen=True)
 class SetPrompt(TrackCommand):
     text: str
     pattern: ClassVar[str] = "/track/<name>/prompt"
+    expects: ClassVar[str] = "s text"
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "text", check_text(self, self.text, "prompt").strip())
 
 
 @dataclass(frozen=True)
 class SetPreset(TrackCommand):
     name: str  # "" clears the preset
     pattern: ClassVar[str] = "/track/<name>/preset"
+    expects: ClassVar[str] = "s preset name, or \"\" to clear"
+
+    def check(self) -> None:
+        super().check()
+        v = check_text(self, self.name, "preset name", allow_empty=True)
+        if v and not PRESET_RE.match(v):
+            raise _fail(self, f"preset name {v[:40]!r} must be 1-64 letters, digits, '_' or '-'")
 
 
 @dataclass(frozen=True)
@@ -111,24 +226,52 @@ class SetParam(TrackCommand):
     key: str
     value: float | int | bool | None  # None: back to the preset's / default value
     pattern: ClassVar[str] = "/track/<name>/param"
+    expects: ClassVar[str] = f"s key ({', '.join(PARAM_KEYS)}), value; or s key alone to reset it"
+
+    def check(self) -> None:
+        super().check()
+        key = check_text(self, self.key, "key")
+        if key not in PARAM_KEYS:
+            raise _fail(self, f"unknown parameter {key[:40]!r}")
+        _set(self, "value", check_param(self, key, self.value))
 
 
 @dataclass(frozen=True)
 class MelodyMidi(TrackCommand):
     path: Path
     pattern: ClassVar[str] = "/track/<name>/melody/midi"
+    expects: ClassVar[str] = "s path to a .mid file"
+
+    def check(self) -> None:
+        super().check()
+        check_path(self, self.path, "MIDI file", MIDI_SUFFIXES)
 
 
 @dataclass(frozen=True)
 class MelodyAudio(TrackCommand):
     path: Path
     pattern: ClassVar[str] = "/track/<name>/melody/audio"
+    expects: ClassVar[str] = "s path to a .wav/.flac file"
+
+    def check(self) -> None:
+        super().check()
+        check_path(self, self.path, "audio file", AUDIO_SUFFIXES)
 
 
 @dataclass(frozen=True)
 class MelodyNotes(TrackCommand):
     notes: tuple[tuple[int, float, float], ...]  # (pitch, start_beat, length_beats)
     pattern: ClassVar[str] = "/track/<name>/melody/notes"
+    expects: ClassVar[str] = "i pitch, f start_beat, f length_beats, ... (one triple per note)"
+
+    def check(self) -> None:
+        super().check()
+        if not self.notes or not all(isinstance(n, (tuple, list)) and len(n) == 3 for n in self.notes):
+            raise _fail(self, "no notes, or a note that is not a (pitch, start, length) triple")
+        _set(self, "notes", tuple((check_integer(self, p, f"note {k} pitch", 0, 127),
+                                   check_number(self, s, f"note {k} start beat", 0.0, MAX_BEAT),
+                                   check_number(self, n, f"note {k} length", 0.0, MAX_BEAT, lo_open=True))
+                                  for k, (p, s, n) in enumerate(self.notes, 1)))
 
 
 @dataclass(frozen=True)
@@ -136,6 +279,21 @@ class MelodyChroma(TrackCommand):
     data: bytes  # little-endian float32, frames x 12
     frame_rate: float
     pattern: ClassVar[str] = "/track/<name>/melody/chroma"
+    expects: ClassVar[str] = "b float32 frames x 12, f frame_rate"
+
+    def check(self) -> None:
+        super().check()
+        blob = self.data
+        if not isinstance(blob, (bytes, bytearray)):
+            raise _fail(self, f"chroma must be a blob (b), got {type_tags([blob])}")
+        if len(blob) == 0 or len(blob) % 48:
+            raise _fail(self, f"blob of {len(blob)} bytes is not whole frames of 12 float32 values (48 bytes)")
+        values = struct.unpack(f"<{len(blob) // 4}f", blob)
+        if not all(math.isfinite(v) for v in values):
+            raise _fail(self, "chroma contains NaN or inf")
+        _set(self, "data", bytes(blob))
+        _set(self, "frame_rate", check_number(self, self.frame_rate, "frame rate", 0.0, MAX_CHROMA_RATE,
+                                              lo_open=True))
 
     @property
     def frames(self) -> int:
@@ -152,8 +310,21 @@ class Generate(TrackCommand):
     seconds: float | None  # exactly one of seconds and bars is set
     bars: int | None
     priority: int = 0
-    at_bar: int | None = None  # the bar (1 = first) the stem belongs on; None: where the transport is
+    at_bar: int | None = None  # the bar (1 = the first) the stem belongs on; None: where the transport is
     pattern: ClassVar[str] = "/track/<name>/generate"
+    expects: ClassVar[str] = "f seconds | i bars, s \"bars\"; optional i priority 0-9; optional s \"at\", i bar"
+
+    def check(self) -> None:
+        super().check()
+        if (self.seconds is None) == (self.bars is None):
+            raise _fail(self, "give a length in seconds or in bars, not both or neither")
+        if self.bars is not None:
+            _set(self, "bars", check_integer(self, self.bars, "bars", 1, MAX_BARS))
+        else:
+            _set(self, "seconds", check_seconds(self, self.seconds))
+        _set(self, "priority", check_integer(self, self.priority, "priority", 0, MAX_PRIORITY))
+        if self.at_bar is not None:
+            _set(self, "at_bar", check_integer(self, self.at_bar, "bar after \"at\"", 1, MAX_BAR_POSITION))
 
 
 @dataclass(frozen=True)
@@ -162,6 +333,13 @@ class Continue(TrackCommand):
     seconds: float
     priority: int = 0
     pattern: ClassVar[str] = "/track/<name>/continue"
+    expects: ClassVar[str] = "s path to a .wav/.flac take, f seconds; optional i priority 0-9"
+
+    def check(self) -> None:
+        super().check()
+        check_path(self, self.path, "take", AUDIO_SUFFIXES)
+        _set(self, "seconds", check_seconds(self, self.seconds))
+        _set(self, "priority", check_integer(self, self.priority, "priority", 0, MAX_PRIORITY))
 
 
 @dataclass(frozen=True)
@@ -180,14 +358,22 @@ class TrackState(TrackCommand):
 
 
 @dataclass(frozen=True)
-class CancelJob(Command):
+class JobCommand(Command):
     job_id: int
+
+    def check(self) -> None:
+        if isinstance(self.job_id, bool) or not isinstance(self.job_id, int) or not 1 <= self.job_id < 10**12:
+            raise ProtocolError("bad_address", f"{self.address}: job id must be a positive whole number, "
+                                               "as in /job/3/cancel")
+
+
+@dataclass(frozen=True)
+class CancelJob(JobCommand):
     pattern: ClassVar[str] = "/job/<id>/cancel"
 
 
 @dataclass(frozen=True)
-class JobStatus(Command):
-    job_id: int
+class JobStatus(JobCommand):
     pattern: ClassVar[str] = "/job/<id>/status"
 
 
@@ -195,6 +381,10 @@ class JobStatus(Command):
 class SetTempo(Command):
     bpm: float
     pattern: ClassVar[str] = "/transport/tempo"
+    expects: ClassVar[str] = f"f bpm in [{MIN_BPM:g}, {MAX_BPM:g}]"
+
+    def check(self) -> None:
+        _set(self, "bpm", check_number(self, self.bpm, "tempo", MIN_BPM, MAX_BPM))
 
 
 @dataclass(frozen=True)
@@ -202,24 +392,49 @@ class SetSignature(Command):
     numerator: int
     denominator: int
     pattern: ClassVar[str] = "/transport/signature"
+    expects: ClassVar[str] = (f"i numerator 1-{MAX_NUMERATOR}, "
+                              f"i denominator {'/'.join(str(d) for d in DENOMINATORS)}")
+
+    def check(self) -> None:
+        num = check_integer(self, self.numerator, "numerator", 1, MAX_NUMERATOR)
+        den = check_integer(self, self.denominator, "denominator", 1, max(DENOMINATORS))
+        try:
+            TimeSignature(num, den)
+        except TempoError as e:
+            raise _fail(self, str(e)) from None
+        _set(self, "numerator", num)
+        _set(self, "denominator", den)
 
 
 @dataclass(frozen=True)
-class Play(Command):
-    beat: float | None
+class TransportMove(Command):
+    beat: float | None  # None: stay where the transport is
+
+    def check(self) -> None:
+        if self.beat is not None:
+            _set(self, "beat", check_number(self, self.beat, "beat", 0.0, MAX_BEAT_POSITION))
+
+
+@dataclass(frozen=True)
+class Play(TransportMove):
     pattern: ClassVar[str] = "/transport/play"
+    expects: ClassVar[str] = "optional f beat position"
 
 
 @dataclass(frozen=True)
-class Stop(Command):
-    beat: float | None
+class Stop(TransportMove):
     pattern: ClassVar[str] = "/transport/stop"
+    expects: ClassVar[str] = "optional f beat position"
 
 
 @dataclass(frozen=True)
-class Locate(Command):
+class Locate(TransportMove):
     beat: float
     pattern: ClassVar[str] = "/transport/locate"
+    expects: ClassVar[str] = "f beat position"
+
+    def check(self) -> None:
+        _set(self, "beat", check_number(self, self.beat, "beat", 0.0, MAX_BEAT_POSITION))
 
 
 @dataclass(frozen=True)
@@ -228,20 +443,27 @@ class TransportState(Command):
 
 
 @dataclass(frozen=True)
-class JamStart(Command):
+class JamCommand(Command):
     track: str
+    expects: ClassVar[str] = "s track"
+
+    def check(self) -> None:
+        check_text(self, self.track, "track")
+        check_track(self, self.track)
+
+
+@dataclass(frozen=True)
+class JamStart(JamCommand):
     pattern: ClassVar[str] = "/jam/start"
 
 
 @dataclass(frozen=True)
-class JamStop(Command):
-    track: str
+class JamStop(JamCommand):
     pattern: ClassVar[str] = "/jam/stop"
 
 
 @dataclass(frozen=True)
-class JamStatus(Command):
-    track: str
+class JamStatus(JamCommand):
     pattern: ClassVar[str] = "/jam/status"
 
 
@@ -272,10 +494,15 @@ def type_tags(args: Sequence[Any]) -> str:
 
 
 class _Args:
-    """Typed access to one message's arguments; every failure is a bad_args naming the address."""
+    """One message's arguments: counts and the daemon's own bounds (Limits, paths); every failure names the address.
 
-    def __init__(self, address: str, args: Sequence[Any], expects: str, limits: Limits):
+    Types and ranges are the commands' own business (they check themselves when built).
+    """
+
+    def __init__(self, address: str, args: Sequence[Any], expects: str, limits: Limits,
+                 policy: PathPolicy | None = None):
         self.address, self.args, self.expects, self.limits = address, list(args), expects, limits
+        self.policy = policy
 
     def fail(self, what: str, code: str = "bad_args") -> ProtocolError:
         return ProtocolError(code, f"{self.address}: {what}; expected ({self.expects})")
@@ -287,92 +514,79 @@ class _Args:
             raise self.fail(f"got {got}")
         return n
 
-    def text(self, i: int, what: str, allow_empty: bool = False) -> str:
+    def text(self, i: int, what: str) -> Any:
+        """Argument i, refused with `limit` when it is text longer than the daemon allows."""
         v = self.args[i]
-        if not isinstance(v, str):
-            raise self.fail(f"{what} must be a string (s), got {type_tags([v])}")
-        if len(v) > self.limits.max_string:
+        if isinstance(v, str) and len(v) > self.limits.max_string:
             raise self.fail(f"{what} is {len(v)} characters, the limit is {self.limits.max_string}", "limit")
-        if "\x00" in v or any(ord(c) < 32 and c not in "\t\n" for c in v):
-            raise self.fail(f"{what} contains control characters")
-        if not allow_empty and not v.strip():
-            raise self.fail(f"{what} is empty")
-        return v
-
-    def number(self, i: int, what: str, lo: float, hi: float, lo_open: bool = False) -> float:
-        v = self.args[i]
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise self.fail(f"{what} must be a number (f or i), got {type_tags([v])}")
-        v = float(v)
-        if not math.isfinite(v):
-            raise self.fail(f"{what} must be a finite number, got {v}")
-        if v < lo or (lo_open and v == lo) or v > hi:
-            raise self.fail(f"{what} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v:g}")
-        return v
-
-    def integer(self, i: int, what: str, lo: int, hi: int) -> int:
-        v = self.args[i]
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(f"{what} must be a whole number (i), got {type_tags([v])}")
-        if not lo <= v <= hi:
-            raise self.fail(f"{what} must be in [{lo}, {hi}], got {v}")
         return v
 
     def path(self, i: int, what: str, policy: PathPolicy | None, suffixes: Sequence[str]) -> Path:
         text = self.text(i, what)
+        if not isinstance(text, str) or not text.strip():
+            raise self.fail(f"{what} must be a non-empty string (s), got {type_tags([text])}")
         if policy is None:
             raise ProtocolError("bad_path", f"{self.address}: this daemon accepts no paths")
         return policy.check(text, suffixes, what=f"{self.address}: {what}")
 
-
-def _track(name: str, address: str) -> str:
-    if not TRACK_RE.match(name):
-        shown = name if len(name) <= 40 else name[:40] + "..."
-        raise ProtocolError("bad_track", f"{address}: track name {shown!r} must be 1-32 letters, digits, "
-                                         "'_' or '-'")
-    return name
-
-
-def _job_id(text: str, address: str) -> int:
-    if not text.isdigit() or len(text) > 12 or int(text) < 1:
-        raise ProtocolError("bad_address", f"{address}: job id must be a positive whole number, "
-                                           f"as in /job/3/cancel")
-    return int(text)
+    def seconds(self, cmd: Generate | Continue) -> Generate | Continue:
+        """The command, unless it asks for more seconds than this daemon allows one job."""
+        if cmd.seconds is not None and cmd.seconds > self.limits.max_seconds:
+            raise self.fail(f"{cmd.seconds:g} s is over this daemon's limit of {self.limits.max_seconds:g} s "
+                            "per job", "limit")
+        return cmd
 
 
-def _param(a: _Args, key: str) -> float | int | bool | None:
-    if len(a.args) == 1:
-        return None
-    if key in ("guidance", "temperature"):
-        return a.number(1, key, 0.0, 20.0 if key == "guidance" else 10.0, lo_open=True)
-    if key == "top_p":
-        return a.number(1, key, 0.0, 1.0)
-    if key == "top_k":
-        return a.integer(1, key, 0, 100_000)
-    if key == "seed":
-        v = a.integer(1, key, -1, 2**63 - 1)
-        return None if v == -1 else v
-    v = a.args[1]  # greedy
-    if isinstance(v, bool):
-        return v
-    return bool(a.integer(1, key, 0, 1))
+# ---------------------------------------------------------------- OSC arguments -> constructors
+#
+# A builder takes the message's arguments and the fields its address carries (the track name,
+# the job id) and calls the command's constructor, which checks every field. To add a message:
+# a frozen Command subclass with `pattern` and `expects`, a builder entry in BUILDERS below, and a
+# handler entry in bridge.daemon.Daemon's dispatch table.
+
+Builder = Callable[[_Args, type, tuple], Command]
 
 
-def _at_bar(a: _Args) -> int | None:
-    """A trailing (s "at", i bar) names the bar a stem belongs on; it is removed from a.args."""
-    if len(a.args) >= 2 and a.args[-2] == "at":
-        bar = a.integer(len(a.args) - 1, "bar after \"at\"", 1, 100_000)
-        a.args = a.args[:-2]
-        return bar
-    return None
+def _no_args(a: _Args, cls: type, pre: tuple) -> Command:
+    a.count(0)
+    return cls(a.address, *pre)
 
 
-def _generate(a: _Args, track: str) -> Generate:
+def _one(a: _Args, cls: type, pre: tuple) -> Command:
+    a.count(1)
+    return cls(a.address, *pre, a.text(0, fields(cls)[1 + len(pre)].name))
+
+
+def _two(a: _Args, cls: type, pre: tuple) -> Command:
+    a.count(2)
+    return cls(a.address, *pre, *a.args)
+
+
+def _optional_beat(a: _Args, cls: type, pre: tuple) -> Command:
+    return cls(a.address, *pre, a.args[0] if a.count(0, 1) else None)
+
+
+def _path_of(what: str, suffixes: Sequence[str]) -> Builder:
+    def build(a: _Args, cls: type, pre: tuple) -> Command:
+        a.count(1)
+        return cls(a.address, *pre, a.path(0, what, a.policy, suffixes))
+    return build
+
+
+def _param(a: _Args, cls: type, pre: tuple) -> Command:
+    n = a.count(1, 2)
+    value = a.args[1] if n == 2 else None
+    if a.args[0] == "seed" and value == -1 and not isinstance(value, bool):
+        value = None  # seed -1: back to a fresh seed
+    return cls(a.address, *pre, a.args[0], value)
+
+
+def _generate(a: _Args, cls: type, pre: tuple) -> Command:
     """(f seconds) | (i bars, s "bars") | (f n, s "seconds"), each with an optional trailing i priority,
-    then optionally s "at", i bar."""
-    at_bar = _at_bar(a)
+    then optionally s "at", i bar (a string, so it can never be taken for the priority)."""
+    at_bar = None
+    if len(a.args) >= 2 and a.args[-2] == "at":
+        at_bar, a.args = a.args[-1], list(a.args[:-2])
     n = a.count(1, 2, 3)
     unit = a.args[1] if n >= 2 and isinstance(a.args[1], str) else None
     if unit is not None and unit not in ("bars", "seconds"):
@@ -380,101 +594,59 @@ def _generate(a: _Args, track: str) -> Generate:
     prio_at = 2 if unit is not None else 1
     if n > prio_at + 1:
         raise a.fail(f"got ({type_tags(a.args)})")
-    priority = a.integer(prio_at, "priority", 0, MAX_PRIORITY) if n == prio_at + 1 else 0
+    priority = a.args[prio_at] if n == prio_at + 1 else 0
     if unit == "bars":
-        bars = a.integer(0, "bars", 1, 1024)
-        return Generate(a.address, track, None, bars, priority, at_bar)
-    seconds = a.number(0, "seconds", 0.0, 1e9, lo_open=True)
-    if seconds > a.limits.max_seconds:
-        raise a.fail(f"{seconds:g} s is over this daemon's limit of {a.limits.max_seconds:g} s per job", "limit")
-    return Generate(a.address, track, seconds, None, priority, at_bar)
+        return cls(a.address, *pre, None, a.args[0], priority, at_bar)
+    return a.seconds(cls(a.address, *pre, a.args[0], None, priority, at_bar))
 
 
-def _notes(a: _Args, track: str) -> MelodyNotes:
+def _continue(a: _Args, cls: type, pre: tuple) -> Command:
+    n = a.count(2, 3)
+    path = a.path(0, "take", a.policy, AUDIO_SUFFIXES)
+    return a.seconds(cls(a.address, *pre, path, a.args[1], a.args[2] if n == 3 else 0))
+
+
+def _notes(a: _Args, cls: type, pre: tuple) -> Command:
     n = len(a.args)
     if n == 0 or n % 3:
         raise a.fail(f"got {n} arguments, not a whole number of (pitch, start, length) triples")
     if n // 3 > a.limits.max_notes:
         raise a.fail(f"{n // 3} notes, the limit is {a.limits.max_notes}", "limit")
-    notes = []
-    for k in range(0, n, 3):
-        notes.append((a.integer(k, f"note {k // 3 + 1} pitch", 0, 127),
-                      a.number(k + 1, f"note {k // 3 + 1} start beat", 0.0, 100_000.0),
-                      a.number(k + 2, f"note {k // 3 + 1} length", 0.0, 100_000.0, lo_open=True)))
-    return MelodyNotes(a.address, track, tuple(notes))
+    return cls(a.address, *pre, tuple(tuple(a.args[k:k + 3]) for k in range(0, n, 3)))
 
 
-def _chroma(a: _Args, track: str) -> MelodyChroma:
+def _chroma(a: _Args, cls: type, pre: tuple) -> Command:
     a.count(2)
     blob = a.args[0]
-    if not isinstance(blob, (bytes, bytearray)):
-        raise a.fail(f"chroma must be a blob (b), got {type_tags([blob])}")
-    if len(blob) > a.limits.max_blob:
+    if isinstance(blob, (bytes, bytearray)) and len(blob) > a.limits.max_blob:
         raise a.fail(f"blob is {len(blob)} bytes, the limit is {a.limits.max_blob}", "limit")
-    if len(blob) == 0 or len(blob) % 48:
-        raise a.fail(f"blob of {len(blob)} bytes is not whole frames of 12 float32 values (48 bytes)")
-    values = struct.unpack(f"<{len(blob) // 4}f", blob)
-    if not all(math.isfinite(v) for v in values):
-        raise a.fail("chroma contains NaN or inf")
-    rate = a.number(1, "frame rate", 0.0, MAX_CHROMA_RATE, lo_open=True)
-    return MelodyChroma(a.address, track, bytes(blob), rate)
+    return cls(a.address, *pre, blob, a.args[1])
 
 
-def _track_command(address: str, name: str, verb: str, args: Sequence[Any], limits: Limits,
-                   paths: PathPolicy | None) -> Command:
-    track = _track(name, address)
+# command class -> builder; the class's `pattern` is the address it answers.
+BUILDERS: dict[type, Builder] = {
+    Ping: _no_args, Status: _no_args, ListTracks: _no_args,
+    SetPrompt: _one, SetPreset: _one, SetParam: _param,
+    MelodyMidi: _path_of("MIDI file", MIDI_SUFFIXES), MelodyAudio: _path_of("audio file", AUDIO_SUFFIXES),
+    MelodyNotes: _notes, MelodyChroma: _chroma, MelodyClear: _no_args,
+    Generate: _generate, Continue: _continue,
+    ClearTrack: _no_args, DeleteTrack: _no_args, TrackState: _no_args,
+    CancelJob: _no_args, JobStatus: _no_args,
+    SetTempo: _one, SetSignature: _two, Play: _optional_beat, Stop: _optional_beat, Locate: _one,
+    TransportState: _no_args,
+    JamStart: _one, JamStop: _one, JamStatus: _one,
+}
 
-    def A(expects: str) -> _Args:
-        return _Args(address, args, expects, limits)
 
-    if verb == "prompt":
-        a = A("s text")
-        a.count(1)
-        return SetPrompt(address, track, a.text(0, "prompt").strip())
-    if verb == "preset":
-        a = A("s preset name, or \"\" to clear")
-        a.count(1)
-        v = a.text(0, "preset name", allow_empty=True)
-        if v and not PRESET_RE.match(v):
-            raise a.fail(f"preset name {v[:40]!r} must be 1-64 letters, digits, '_' or '-'")
-        return SetPreset(address, track, v)
-    if verb == "param":
-        a = A(f"s key ({', '.join(PARAM_KEYS)}), value; or s key alone to reset it")
-        a.count(1, 2)
-        key = a.text(0, "key")
-        if key not in PARAM_KEYS:
-            raise a.fail(f"unknown parameter {key[:40]!r}")
-        return SetParam(address, track, key, _param(a, key))
-    if verb == "melody/midi":
-        a = A("s path to a .mid file")
-        a.count(1)
-        return MelodyMidi(address, track, a.path(0, "MIDI file", paths, MIDI_SUFFIXES))
-    if verb == "melody/audio":
-        a = A("s path to a .wav/.flac file")
-        a.count(1)
-        return MelodyAudio(address, track, a.path(0, "audio file", paths, AUDIO_SUFFIXES))
-    if verb == "melody/notes":
-        return _notes(A("i pitch, f start_beat, f length_beats, ... (one triple per note)"), track)
-    if verb == "melody/chroma":
-        return _chroma(A("b float32 frames x 12, f frame_rate"), track)
-    if verb == "generate":
-        return _generate(A("f seconds | i bars, s \"bars\"; optional i priority 0-9; optional s \"at\", i bar"),
-                         track)
-    if verb == "continue":
-        a = A("s path to a .wav/.flac take, f seconds; optional i priority 0-9")
-        n = a.count(2, 3)
-        path = a.path(0, "take", paths, AUDIO_SUFFIXES)
-        seconds = a.number(1, "seconds", 0.0, 1e9, lo_open=True)
-        if seconds > limits.max_seconds:
-            raise a.fail(f"{seconds:g} s is over this daemon's limit of {limits.max_seconds:g} s per job",
-                         "limit")
-        prio = a.integer(2, "priority", 0, MAX_PRIORITY) if n == 3 else 0
-        return Continue(address, track, path, seconds, prio)
-    simple = {"melody/clear": MelodyClear, "clear": ClearTrack, "delete": DeleteTrack, "state": TrackState}
-    if verb in simple:
-        A("no arguments").count(0)
-        return simple[verb](address, track)
-    raise ProtocolError("bad_address", f"unknown address {address[:80]!r}; see docs/osc.md")
+def _route(address: str) -> tuple[str, tuple]:
+    """The pattern an address matches and the fields its path carries: /track/a/prompt -> (.., ("a",))."""
+    parts = address.split("/")
+    if len(parts) >= 4 and parts[1] == "track":
+        return "/track/<name>/" + "/".join(parts[3:]), (parts[2],)
+    if len(parts) == 4 and parts[1] == "job":
+        text = parts[2]
+        return f"/job/<id>/{parts[3]}", (int(text) if text.isdigit() and len(text) <= 12 else 0,)
+    return address, ()
 
 
 def parse(address: Any, args: Sequence[Any], *, limits: Limits = Limits(),
@@ -482,46 +654,12 @@ def parse(address: Any, args: Sequence[Any], *, limits: Limits = Limits(),
     """One OSC message -> its frozen command; ProtocolError with a stable code otherwise."""
     if not isinstance(address, str) or not address.startswith("/") or len(address) > 256:
         raise ProtocolError("bad_address", "address must be text starting with '/', at most 256 characters")
-    parts = address.split("/")[1:]
+    pattern, pre = _route(address)
+    cls = _BY_PATTERN.get(pattern)
+    if cls is None:
+        raise ProtocolError("bad_address", f"unknown address {address[:80]!r}; see docs/osc.md")
+    a = _Args(address, args, cls.expects, limits, paths)
+    return BUILDERS[cls](a, cls, pre)
 
-    def A(expects: str) -> _Args:
-        return _Args(address, args, expects, limits)
 
-    if address in ("/ping", "/status", "/tracks"):
-        A("no arguments").count(0)
-        return {"/ping": Ping, "/status": Status, "/tracks": ListTracks}[address](address)
-    if parts[0] == "track" and len(parts) >= 3:
-        return _track_command(address, parts[1], "/".join(parts[2:]), args, limits, paths)
-    if parts[0] == "job" and len(parts) == 3 and parts[2] in ("cancel", "status"):
-        job = _job_id(parts[1], address)
-        A("no arguments").count(0)
-        return (CancelJob if parts[2] == "cancel" else JobStatus)(address, job)
-    if address == "/transport/tempo":
-        a = A(f"f bpm in [{MIN_BPM:g}, {MAX_BPM:g}]")
-        a.count(1)
-        return SetTempo(address, a.number(0, "tempo", MIN_BPM, MAX_BPM))
-    if address == "/transport/signature":
-        a = A("i numerator 1-32, i denominator 1/2/4/8/16/32")
-        a.count(2)
-        num = a.integer(0, "numerator", 1, 32)
-        den = a.integer(1, "denominator", 1, 32)
-        if den not in (1, 2, 4, 8, 16, 32):
-            raise a.fail(f"denominator must be 1, 2, 4, 8, 16 or 32, got {den}")
-        return SetSignature(address, num, den)
-    if address in ("/transport/play", "/transport/stop"):
-        a = A("optional f beat position")
-        beat = a.number(0, "beat", 0.0, 1e7) if a.count(0, 1) else None
-        return (Play if address.endswith("play") else Stop)(address, beat)
-    if address == "/transport/state":
-        A("no arguments").count(0)
-        return TransportState(address)
-    if address == "/transport/locate":
-        a = A("f beat position")
-        a.count(1)
-        return Locate(address, a.number(0, "beat", 0.0, 1e7))
-    if address in ("/jam/start", "/jam/stop", "/jam/status"):
-        a = A("s track")
-        a.count(1)
-        track = _track(a.text(0, "track"), address)
-        return {"/jam/start": JamStart, "/jam/stop": JamStop, "/jam/status": JamStatus}[address](address, track)
-    raise ProtocolError("bad_address", f"unknown address {address[:80]!r}; see docs/osc.md")
+_BY_PATTERN: dict[str, type] = {cls.pattern: cls for cls in BUILDERS}

@@ -1,227 +1,65 @@
-"""Whole-session renders to stems, and regeneration of a stem from its sidecar.
+"""`musicbridge render`: whole session files to stems, and any stem again from its sidecar.
 
-One engine.generate call renders a batch of tracks (all of them, up to `batch_size`); each
-track's audio is then locked to the bar grid (stretched if it drifted), run through its chain,
-made a seamless loop if asked, and written by plugin_host.stems with a sidecar that records
-the whole batch, so `regenerate` can repeat exactly the same engine call and get the same audio.
+Each [[track]] becomes a bridge.stem_plan.StemPlan; one engine.generate call renders a batch of
+tracks (all of them, up to `batch_size`); bridge.stem_output fits each to the bar grid, runs its
+chain, loops it if asked and writes it with a sidecar recording the whole batch, so `regenerate`
+repeats exactly the same engine call and gets the same audio. OSC jobs (bridge.jobs) share
+every one of those stages, so `regenerate` works on their stems too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bridge.session_file import Session, SessionFileError, TrackSpec
+from bridge.session_file import FileTrack, SessionFile, SessionFileError
+from bridge.stem_output import engine_record, finish_audio, plan_from_sidecar, read_sidecar, write_planned_stem
+from bridge.stem_plan import PlanError, StemPlan, plan_stem, sound
+from bridge.stem_request import StemRequestError, build_request, file_sha256
+from model.types import melody_refusal
 
-SIDECAR_KIND = "musicbridge.stem"
-GEN_MARGIN_SECONDS = 0.1  # generated past the needed length, so trimming never pads
 Progress = Callable[[int, float], None]
 
 
-def musicbridge_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("musicbridge")
-    except Exception:  # noqa: BLE001 - not installed as a distribution: running from source
-        return "source"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_fingerprint(path: str) -> dict[str, Any]:
-    """Identify the weights a stem came from without reading gigabytes.
-
-    A Hugging Face cache snapshot is named by its commit (the revision). Any local folder also
-    gets a sha256 over file names and sizes, small files whole, and the first and last MiB of
-    large ones (safetensors headers and tails differ between checkpoints).
-    """
-    p = Path(path)
-    out: dict[str, Any] = {"path": str(path)}
-    if p.parent.name == "snapshots":
-        out["revision"] = p.name
-    if not p.is_dir():
-        return out
-    h = hashlib.sha256()
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(p)}:{size}\n".encode())
-        with open(f, "rb") as fh:
-            if size <= 2 << 20:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read())
-    out["checkpoint_sha256"] = h.hexdigest()
-    return out
-
-
-def engine_record(engine) -> dict[str, Any]:
-    import torch
-
-    info = engine.info
-    rec = {"label": info.label, "device": info.device, "dtype": info.dtype,
-           "sample_rate": info.sample_rate, "channels": info.channels, "is_melody": info.is_melody,
-           "musicbridge_version": musicbridge_version(), "torch_version": torch.__version__}
-    rec.update(checkpoint_fingerprint(info.path))
-    return rec
-
-
-# ------------------------------------------------------------------ planning
-
-
-@dataclass
-class TrackPlan:
-    """Everything needed to make one stem: the engine request record and the post-processing."""
-
-    name: str
-    request: dict[str, Any]  # prompt, seconds, params, melody {source, sha256, track}
-    render: dict[str, Any]  # bars, tempo, signature, loop, crossfade, target_rate, samples, chain, ...
-    start_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)  # preset and session context for the sidecar
-
-
-def plan_track(track: TrackSpec, session: Session, model_rate: int, loop: bool | None = None,
-               seed: int | None = None) -> TrackPlan:
-    from plugin_host.tempo import (STRETCH_LIMIT, bars_to_samples, bars_to_seconds,
-                                   loop_crossfade_samples)
-
-    bpm, sig, rate = session.tempo, session.signature, session.sample_rate
+def plan_track(track: FileTrack, session: SessionFile, model_rate: int, loop: bool | None = None,
+               seed: int | None = None) -> StemPlan:
+    """The stem plan of one [[track]] of a session file (SessionFileError naming its key if it cannot be)."""
     is_loop = track.loop if loop is None else (loop and track.bars is not None)
-    if track.bars is not None:
-        seconds = bars_to_seconds(track.bars, bpm, sig)
-        samples = bars_to_samples(track.bars, bpm, sig, rate)
-    else:
-        seconds = float(track.seconds)
-        samples = int(round(seconds * rate))
-    model_samples = int(round(samples * model_rate / rate))
-    crossfade = loop_crossfade_samples(bpm, model_rate, model_samples) if is_loop else 0
-    need = (model_samples + crossfade) / model_rate
-    # Room for a stretch that speeds the take up by up to STRETCH_LIMIT without running short.
-    gen_seconds = need * (1.0 + STRETCH_LIMIT if track.bars is not None else 1.0) + GEN_MARGIN_SECONDS
-    if gen_seconds > 600.0:
-        key = "bars" if track.bars is not None else "seconds"
-        raise SessionFileError(f"{session.path}: track {track.name!r}: key '{key}': {seconds:.1f} s "
-                               f"needs {gen_seconds:.1f} s of generation; the engine makes at most "
-                               "600 s per request")
-    params = dict(track.params)
-    params["seed"] = seed if seed is not None else (track.seed if track.seed is not None
-                                                    else secrets.randbelow(2**31))
-    from model.types import SamplingParams
-
-    params = _params_dict(SamplingParams(**params))
+    prompt, params = sound(track.prompt, track.add_bpm, session.tempo, track.params,
+                           seed=seed if seed is not None else track.seed)
     melody = None
     if track.melody is not None:
-        melody = {"source": str(track.melody), "sha256": file_sha256(track.melody),
+        melody = {"kind": "file", "source": str(track.melody), "sha256": file_sha256(track.melody),
                   "track": track.melody_track}
-    start = (track.start_bar - 1) * bars_to_seconds(1, bpm, sig)
-    return TrackPlan(
-        name=track.name,
-        request={"prompt": track.full_prompt(bpm), "seconds": round(gen_seconds, 6),
-                 "params": params, "melody": melody, "continuation": None},
-        render={"bars": track.bars, "seconds": seconds, "tempo": bpm, "time_signature": str(sig),
-                "start_bar": track.start_bar, "loop": is_loop, "crossfade_samples": crossfade,
-                "model_samples": model_samples, "target_rate": rate, "samples": samples,
-                "format": session.format, "chain": [dict(c) for c in track.chain],
-                "stretch_to_grid": track.bars is not None},
-        start_seconds=start,
-        extra={"preset": track.preset.to_dict() if track.preset else None,
-               "session": {"file": str(session.path), "sha256": session.sha256}},
-    )
+    try:
+        return plan_stem(track.name, prompt=prompt, params=params, tempo=session.tempo,
+                         signature=session.signature, bars=track.bars, seconds=track.seconds,
+                         model_rate=model_rate, target_rate=session.sample_rate,
+                         start_quarters=(track.start_bar - 1) * session.signature.quarters_per_bar,
+                         loop=is_loop, chain=track.chain, fmt=session.format, melody=melody,
+                         context={"preset": track.preset.to_dict() if track.preset else None,
+                                  "session": {"file": str(session.path), "sha256": session.sha256}})
+    except PlanError as e:
+        raise SessionFileError(f"{session.path}: track {track.name!r}: key '{e.key}': {e}") from None
 
 
-def _params_dict(p) -> dict[str, Any]:
-    return {"guidance": p.guidance, "temperature": p.temperature, "top_k": p.top_k,
-            "top_p": p.top_p, "greedy": p.greedy, "seed": p.seed}
+def _generate(records: list[dict[str, Any]], engine, wheres: list[str],
+              progress: Progress | None) -> list[np.ndarray]:
+    """One engine call for a batch of request records; an error names the file and track."""
+    from model.types import RequestError
 
-
-def build_request(rec: dict[str, Any], engine, where: str):
-    """A GenerationRequest from a request record; the melody file must be unchanged."""
-    from model.types import GenerationRequest, SamplingParams
-
-    melody = None
-    m = rec.get("melody")
-    if m:
-        if not engine.is_melody:
-            raise SessionFileError(f"{where}: follows melody {m['source']}, but {engine.info.label} is a "
-                                   "text-only model; use a MusicGen-Melody checkpoint (--model)")
-        src = Path(m["source"])
-        if not src.is_file():
-            raise FileNotFoundError(f"{where}: melody file {src} does not exist")
-        if m.get("sha256") and file_sha256(src) != m["sha256"]:
-            raise SessionFileError(f"{where}: melody file {src} has changed since it was recorded "
-                                   "(sha256 differs); the stem cannot be reproduced from it")
-        from model.melody import load_melody
-
-        try:
-            melody = load_melody(str(src), engine.chroma_frame_rate, seconds=rec["seconds"],
-                                 track=m.get("track"))
-        except (ValueError, OSError) as e:  # MelodyError is a ValueError: name the track too
-            raise SessionFileError(f"{where}: key 'melody': {e}") from None
-    return GenerationRequest(prompt=rec["prompt"], seconds=float(rec["seconds"]),
-                             params=SamplingParams(**rec["params"]), melody=melody)
-
-
-# ------------------------------------------------------------------ post-processing
-
-
-def finish_audio(raw: np.ndarray, model_rate: int, render: dict[str, Any]) -> tuple[np.ndarray, dict]:
-    """Grid-lock, chain and loop one track's raw model-rate audio; returns (audio, report)."""
-    from plugin_host.chain import build_chain, process_chunks
-    from plugin_host.tempo import exact_length, make_loop, stretch_to_tempo
-
-    audio = np.ascontiguousarray(raw, dtype=np.float32)
-    report: dict[str, Any] = {"raw_sha256": _sha(audio)}
-    n, xf = int(render["model_samples"]), int(render["crossfade_samples"])
-    if render.get("stretch_to_grid"):
-        audio, fit = stretch_to_tempo(audio, model_rate, float(render["tempo"]))
-        report["grid"] = fit.to_dict()
-    audio = exact_length(audio, n + xf)
-    if render.get("chain"):
-        audio = process_chunks(build_chain(render["chain"]), audio, model_rate)
-    audio = make_loop(audio, n, xf) if render.get("loop") else exact_length(audio, n)
-    return audio, report
-
-
-def _sha(a: np.ndarray) -> str:
-    from plugin_host.stems import audio_sha256
-
-    return audio_sha256(a)
-
-
-def write_track(audio: np.ndarray, model_rate: int, plan: TrackPlan, engine_rec: dict[str, Any],
-                batch: list[dict[str, Any]], index: int, report: dict[str, Any], out_dir: Path) -> Path:
-    from plugin_host.stems import write_stem
-
-    r = plan.render
-    sidecar = {
-        "kind": SIDECAR_KIND, "track": plan.name, "model": engine_rec, "prompt": plan.request["prompt"],
-        "preset": plan.extra.get("preset"), "params": plan.request["params"],
-        "seed": plan.request["params"]["seed"], "melody": plan.request["melody"],
-        "continuation": plan.request["continuation"], "tempo": r["tempo"],
-        "time_signature": r["time_signature"], "start_bar": r["start_bar"], "bars": r["bars"],
-        "loop": r["loop"], "render": r, "result": report, "session": plan.extra.get("session"),
-        "engine_version": engine_rec["musicbridge_version"],
-        "batch": {"index": index, "requests": batch},
-    }
-    return write_stem(audio, model_rate, out_dir, plan.name, sidecar, target_rate=r["target_rate"],
-                      fmt=r["format"], start_seconds=plan.start_seconds, samples=r["samples"])
+    try:
+        reqs = [build_request(rec, engine, where) for rec, where in zip(records, wheres, strict=True)]
+    except (StemRequestError, RequestError) as e:
+        raise SessionFileError(str(e)) from None
+    return engine.generate(reqs, progress=progress)
 
 
 # ------------------------------------------------------------------ output folder
@@ -263,7 +101,7 @@ def write_json_atomic(out_dir: Path, basename: str, data: dict[str, Any]) -> Pat
     """name.json, name-2.json, ...: never overwriting, never partial."""
     import tempfile
 
-    from plugin_host.audio_io import finalize
+    from audiofile import finalize
 
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{basename}.", suffix=".part.json", dir=out_dir)
@@ -337,19 +175,16 @@ class TrackResult:
     report: dict[str, Any]
 
 
-def check_melodies(session: Session, engine) -> None:
+def check_melodies(session: SessionFile, engine) -> None:
     for t in session.tracks:
-        if t.melody is not None and not engine.is_melody:
+        if t.melody is not None and melody_refusal(engine):
             raise SessionFileError(
-                f"{session.path}: track {t.name!r}: key 'melody': {engine.info.label} is a text-only "
-                "model and cannot follow a melody; use a MusicGen-Melody checkpoint (--model)")
+                f"{session.path}: track {t.name!r}: key 'melody': {melody_refusal(engine)} (--model)")
 
 
-def render_session(session: Session, engine, out_dir: Path, *, loop: bool | None = None,
+def render_session(session: SessionFile, engine, out_dir: Path, *, loop: bool | None = None,
                    batch_size: int = 8, progress: TrackBars | None = None) -> list[TrackResult]:
     """Render every track; tracks go to the engine in batches of up to `batch_size` (one call each)."""
-    from model.types import RequestError
-
     check_melodies(session, engine)
     plans = [plan_track(t, session, engine.sample_rate, loop) for t in session.tracks]
     erec = engine_record(engine)
@@ -358,55 +193,30 @@ def render_session(session: Session, engine, out_dir: Path, *, loop: bool | None
     for lo in range(0, len(plans), max(1, batch_size)):
         idx = list(range(lo, min(len(plans), lo + batch_size)))
         batch = [plans[i].request for i in idx]
-        try:
-            reqs = [build_request(rec, engine, f"{session.path}: track {plans[i].name!r}")
-                    for i, rec in zip(idx, batch)]
-        except RequestError as e:
-            raise SessionFileError(f"{session.path}: {e}") from None
-        audios = engine.generate(reqs, progress=progress.for_batch(idx))
+        wheres = [f"{session.path}: track {plans[i].name!r}" for i in idx]
+        audios = _generate(batch, engine, wheres, progress.for_batch(idx))
         for j, i in enumerate(idx):
             audio, report = finish_audio(audios[j], engine.sample_rate, plans[i].render)
-            path = write_track(audio, engine.sample_rate, plans[i], erec, batch, j, report, out_dir)
-            results.append(TrackResult(plans[i].name, path, plans[i].render["samples"]
-                                       / plans[i].render["target_rate"], report))
+            path = write_planned_stem(audio, engine.sample_rate, plans[i], erec, batch, j, report, out_dir)
+            results.append(TrackResult(plans[i].name, path, plans[i].seconds, report))
     return results
-
-
-def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"sidecar {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SessionFileError(f"{p}: not a JSON sidecar ({e})") from None
-    if not isinstance(data, dict) or data.get("kind") != SIDECAR_KIND:
-        raise SessionFileError(f"{p}: key 'kind': expected {SIDECAR_KIND!r} (a stem sidecar written by "
-                               "musicbridge render)")
-    for key in ("batch", "render", "model", "track"):
-        if key not in data:
-            raise SessionFileError(f"{p}: key {key!r} is missing; this sidecar cannot regenerate its stem")
-    return data
 
 
 def regenerate(sidecar_path: str | os.PathLike, engine, out_dir: Path | None = None,
                progress: Progress | None = None) -> tuple[Path, bool]:
-    """Repeat the engine call recorded in a sidecar and write the stem again (a new numbered file).
+    """Repeat the engine call recorded in a sidecar (any stem: rendered or from an OSC job) and
+    write the stem again (a new numbered file).
 
     progress(request_index, fraction) sees every request of the recorded batch.
     Returns (path, identical): identical is True when the new audio hashes to the recorded one.
     """
     sc = read_sidecar(sidecar_path)
-    where = f"{sidecar_path}"
+    plan = plan_from_sidecar(sc)
     batch = sc["batch"]["requests"]
+    audios = _generate(batch, engine, [f"{sidecar_path}: batch request {k}" for k in range(len(batch))], progress)
     index = int(sc["batch"]["index"])
-    reqs = [build_request(rec, engine, f"{where}: batch request {k}") for k, rec in enumerate(batch)]
-    audios = engine.generate(reqs, progress=progress)
-    audio, report = finish_audio(audios[index], engine.sample_rate, sc["render"])
-    plan = TrackPlan(name=sc["track"], request=batch[index], render=sc["render"],
-                     start_seconds=float(sc.get("file", {}).get("start_seconds", 0.0)),
-                     extra={"preset": sc.get("preset"), "session": sc.get("session")})
+    audio, report = finish_audio(audios[index], engine.sample_rate, plan.render)
     report["regenerated_from"] = str(Path(sidecar_path).resolve())
     out = out_dir or Path(sidecar_path).resolve().parent
-    path = write_track(audio, engine.sample_rate, plan, engine_record(engine), batch, index, report, out)
+    path = write_planned_stem(audio, engine.sample_rate, plan, engine_record(engine), batch, index, report, out)
     return path, report["raw_sha256"] == sc.get("result", {}).get("raw_sha256")

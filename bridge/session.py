@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.protocol import PARAM_KEYS, TRACK_RE, ProtocolError
+from plugin_host.tempo import TimeSignature, bars_to_seconds, check_bpm
 
 FILE_NAME = "session.json"
 VERSION = 1
@@ -40,14 +41,18 @@ class Transport:
     def signature(self) -> str:
         return f"{self.numerator}/{self.denominator}"
 
+    @property
+    def time_signature(self) -> TimeSignature:
+        return TimeSignature(self.numerator, self.denominator)
+
     def bars_to_seconds(self, bars: float) -> float:
-        """4 bars at 120 bpm in 4/4 -> 8.0 s."""
-        return bars * self.numerator * 4.0 / self.denominator * 60.0 / self.tempo
+        """4 bars at 120 bpm in 4/4 -> 8.0 s (plugin_host.tempo's rule)."""
+        return bars_to_seconds(bars, self.tempo, self.time_signature)
 
 
 @dataclass(frozen=True)
-class Track:
-    """One track's settings. `melody` and `continuation` are plain JSON-able dicts (see docs/osc.md)."""
+class TrackSettings:
+    """One track's settings in the live session (what OSC changes; a stem is made from them). `melody` and `continuation` are plain JSON-able dicts (see docs/osc.md)."""
 
     prompt: str = ""
     preset: str = ""
@@ -79,8 +84,10 @@ def chroma_from_text(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
-class Session:
-    """Tracks and transport of one session folder. Thread-safe; every change is saved before it shows."""
+class LiveSession:
+    """The daemon's session (session.json), changed by OSC; bridge.session_file.SessionFile is a TOML render plan.
+
+    Tracks and transport of one session folder. Thread-safe; every change is saved before it shows."""
 
     def __init__(self, folder: str | os.PathLike, max_tracks: int = 64):
         self.folder = Path(folder).expanduser()
@@ -88,7 +95,7 @@ class Session:
         self.max_tracks = max_tracks
         self._lock = threading.Lock()
         self.transport = Transport()
-        self.tracks: dict[str, Track] = {}
+        self.tracks: dict[str, TrackSettings] = {}
         self.next_job_id = 1
         if self.path.exists():
             self._load()
@@ -108,8 +115,10 @@ class Session:
             transport = Transport(tempo=float(t["tempo"]), numerator=int(t["numerator"]),
                                   denominator=int(t["denominator"]), playing=bool(t["playing"]),
                                   position=float(t["position"]))
-            if not (20.0 <= transport.tempo <= 400.0 and math.isfinite(transport.position)):
-                raise ValueError("transport tempo or position out of range")
+            check_bpm(transport.tempo)
+            transport.time_signature  # noqa: B018 - raises TempoError (a ValueError) when invalid
+            if not math.isfinite(transport.position):
+                raise ValueError("transport position out of range")
             tracks = {}
             for name, tr in dict(data["tracks"]).items():
                 if not TRACK_RE.match(name):
@@ -117,7 +126,7 @@ class Session:
                 params = dict(tr.get("params") or {})
                 if set(params) - set(PARAM_KEYS):
                     raise ValueError(f"track {name}: unknown params {sorted(set(params) - set(PARAM_KEYS))}")
-                tracks[name] = Track(prompt=str(tr.get("prompt", "")), preset=str(tr.get("preset", "")),
+                tracks[name] = TrackSettings(prompt=str(tr.get("prompt", "")), preset=str(tr.get("preset", "")),
                                      params=_frozen(params) or (), melody=_frozen(tr.get("melody")),
                                      continuation=_frozen(tr.get("continuation")))
             next_id = int(data.get("next_job_id", 1))
@@ -144,7 +153,7 @@ class Session:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _commit(self, transport: Transport, tracks: dict[str, Track], next_job_id: int) -> None:
+    def _commit(self, transport: Transport, tracks: dict[str, TrackSettings], next_job_id: int) -> None:
         """Save the new state, then make it current (caller holds the lock)."""
         old = (self.transport, self.tracks, self.next_job_id)
         self.transport, self.tracks, self.next_job_id = transport, tracks, next_job_id
@@ -160,10 +169,10 @@ class Session:
 
     # ------------------------------------------------------------ changes
 
-    def track(self, name: str) -> Track | None:
+    def track(self, name: str) -> TrackSettings | None:
         return self.tracks.get(name)
 
-    def update_track(self, name: str, **changes: Any) -> Track:
+    def update_track(self, name: str, **changes: Any) -> TrackSettings:
         """Create or change a track; `params`, `melody`, `continuation` are given as dicts (or None)."""
         for k in ("params", "melody", "continuation"):
             if k in changes:
@@ -172,21 +181,21 @@ class Session:
             if name not in self.tracks and len(self.tracks) >= self.max_tracks:
                 raise ProtocolError("limit", f"this session already has {self.max_tracks} tracks, the limit; "
                                              "delete one with /track/<name>/delete")
-            new = replace(self.tracks.get(name, Track()), **changes)
+            new = replace(self.tracks.get(name, TrackSettings()), **changes)
             self._commit(self.transport, {**self.tracks, name: new}, self.next_job_id)
             return new
 
     def clear_track(self, name: str) -> None:
         self._require(name)
         with self._lock:
-            self._commit(self.transport, {**self.tracks, name: Track()}, self.next_job_id)
+            self._commit(self.transport, {**self.tracks, name: TrackSettings()}, self.next_job_id)
 
     def delete_track(self, name: str) -> None:
         self._require(name)
         with self._lock:
             self._commit(self.transport, {n: t for n, t in self.tracks.items() if n != name}, self.next_job_id)
 
-    def _require(self, name: str) -> Track:
+    def _require(self, name: str) -> TrackSettings:
         t = self.tracks.get(name)
         if t is None:
             raise ProtocolError("not_found", f"there is no track {name!r}; /tracks lists them")

@@ -19,6 +19,12 @@
     params = { guidance = 3.5 } # optional, on top of the preset's
     chain = [ { plugin = "Reverb", room_size = 0.3 } ]   # optional, replaces the preset's
 
+Vocabulary: a *track* is a named voice of a session (its prompt, preset, params, melody); a *stem*
+is the audio file made for a track. The same word appears in four records, one per layer:
+bridge.session.TrackSettings (a live track, changed over OSC), FileTrack (a [[track]] table of a
+session file), bridge.render.StemPlan (everything needed to make one stem) and
+plugin_host.output.OutputTrack (a live output channel a track plays through).
+
 Every mistake raises SessionFileError naming the file, the line where it can be found, the key
 and what is expected; nothing is rendered from a file that does not validate completely.
 """
@@ -34,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.types import MAX_REQUEST_SECONDS
+
 TRACK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 SESSION_KEYS = ("tempo", "signature", "sample_rate", "format", "loop", "model", "track")
 TRACK_KEYS = ("name", "preset", "prompt", "bars", "seconds", "start_bar", "seed", "melody",
@@ -46,7 +54,9 @@ class SessionFileError(ValueError):
 
 
 @dataclass(frozen=True)
-class TrackSpec:
+class FileTrack:
+    """One [[track]] table of a session file, validated."""
+
     name: str
     prompt: str  # without the "<bpm> bpm" suffix
     add_bpm: bool
@@ -61,14 +71,11 @@ class TrackSpec:
     loop: bool
     preset: Any = None  # presets.Preset or None
 
-    def full_prompt(self, bpm: float) -> str:
-        from presets import _fmt_bpm
-
-        return f"{self.prompt}, {_fmt_bpm(bpm)} bpm" if self.add_bpm else self.prompt
-
 
 @dataclass(frozen=True)
-class Session:
+class SessionFile:
+    """A parsed, fully validated session file; bridge.session.LiveSession is the daemon's live state."""
+
     path: Path
     sha256: str
     tempo: float
@@ -77,10 +84,10 @@ class Session:
     format: str
     loop: bool
     model: str | None
-    tracks: tuple[TrackSpec, ...] = field(default_factory=tuple)
+    tracks: tuple[FileTrack, ...] = field(default_factory=tuple)
 
 
-def load_session(path: str | Path) -> Session:
+def load_session(path: str | Path) -> SessionFile:
     """Parse and fully validate a session file (presets, chains and melody paths included)."""
     p = Path(path).expanduser()
     if not p.is_file():
@@ -132,7 +139,7 @@ class _Parser:
 
     # -- the session
 
-    def session(self, data: Mapping[str, Any]) -> Session:
+    def session(self, data: Mapping[str, Any]) -> SessionFile:
         from plugin_host.tempo import MAX_BPM, MIN_BPM, TempoError, TimeSignature
 
         for key in data:
@@ -172,9 +179,9 @@ class _Parser:
             if s.name in seen:
                 raise self.error(f"track name {s.name!r} is used twice; names must be unique", "name", i, s.name)
             seen.add(s.name)
-        return Session(self.path.resolve(), self.sha, float(tempo), sig, rate, fmt, loop, model, tuple(specs))
+        return SessionFile(self.path.resolve(), self.sha, float(tempo), sig, rate, fmt, loop, model, tuple(specs))
 
-    def track(self, i: int, t: Mapping[str, Any], tempo: float, session_loop: bool) -> TrackSpec:
+    def track(self, i: int, t: Mapping[str, Any], tempo: float, session_loop: bool) -> FileTrack:
         name = t.get("name")
         err = lambda msg, key: self.error(msg, key, i, name if isinstance(name, str) else None)  # noqa: E731
         for key in t:
@@ -208,8 +215,8 @@ class _Parser:
                                  or not math.isfinite(bars) or bars <= 0):
             raise err(f"expected a positive number of bars, got {bars!r}", "bars")
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                                    or not math.isfinite(seconds) or not 0 < seconds <= 600):
-            raise err(f"expected a number of seconds in (0, 600], got {seconds!r}", "seconds")
+                                    or not math.isfinite(seconds) or not 0 < seconds <= MAX_REQUEST_SECONDS):
+            raise err(f"expected a number of seconds in (0, {MAX_REQUEST_SECONDS:g}], got {seconds!r}", "seconds")
 
         start_bar = t.get("start_bar", 1)
         if isinstance(start_bar, bool) or not isinstance(start_bar, (int, float)) \
@@ -268,7 +275,7 @@ class _Parser:
             except ChainError as e:
                 m = re.match(r"(chain[^:\s]*): (.*)", str(e), re.S)
                 raise (err(m.group(2), m.group(1)) if m else err(str(e), "chain")) from None
-        return TrackSpec(name=name, prompt=prompt.strip(), add_bpm=add_bpm, params=params,
+        return FileTrack(name=name, prompt=prompt.strip(), add_bpm=add_bpm, params=params,
                          chain=tuple(dict(c) for c in chain), bars=None if bars is None else float(bars),
                          seconds=None if seconds is None else float(seconds),
                          start_bar=float(start_bar), seed=seed, melody=melody,

@@ -51,7 +51,7 @@ def _bank() -> torch.Tensor:
 
 def raw_chroma(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     """Per-frame chroma energies (frames, 12) of float32 audio (channels, samples) or (samples,)."""
-    from plugin_host.audio_io import resample
+    from audiofile import resample
 
     a = np.asarray(audio, dtype=np.float32)
     if a.ndim == 1:

@@ -25,7 +25,7 @@ from model.generate import StepPlan, decode_n, new_state, prefill
 from model.loading import ResolvedModel, load_hf_model, resolve_model
 from model.patterns import get_pattern
 from model.sampling import Sampler
-from model.types import AudioChunk, GenerationRequest, RequestError
+from model.types import MAX_REQUEST_SECONDS, AudioChunk, GenerationRequest, RequestError, melody_refusal
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Engine:
             is_melody=self.is_melody, sample_rate=self.sample_rate, channels=self.channels,
             num_codebooks=self.num_codebooks, frame_rate=self.frame_rate,
             chroma_frame_rate=self.chroma_frame_rate, device=self.device, dtype=self.dtype,
-            max_seconds=600.0,
+            max_seconds=MAX_REQUEST_SECONDS,
         )
 
     def frames_for(self, seconds: float) -> int:
@@ -158,11 +158,8 @@ class Engine:
         if not requests:
             raise RequestError("no requests given")
         for r in requests:
-            if r.melody is not None and not self.is_melody:
-                raise RequestError(
-                    f"model {self.resolved.label} is text-only and cannot follow a melody; "
-                    "use a MusicGen-Melody checkpoint (e.g. facebook/musicgen-melody)"
-                )
+            if r.melody is not None and melody_refusal(self):
+                raise RequestError(melody_refusal(self))
             if r.audio_prompt is not None and r.audio_prompt.shape[0] not in (1, self.channels):
                 raise RequestError(
                     f"audio_prompt has {r.audio_prompt.shape[0]} channels; this model takes "

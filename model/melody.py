@@ -161,7 +161,7 @@ def load_melody(path: str | os.PathLike, chroma_frame_rate: float, seconds: floa
         chroma = chroma.astype(np.float32)
     else:
         from model import chroma as ch
-        from plugin_host.audio_io import READABLE, AudioFileError, read_audio
+        from audiofile import READABLE, AudioFileError, read_audio
 
         if ext not in READABLE:
             raise MelodyError(f"{p}: expected a .mid, .npy or audio file ({', '.join(READABLE)})")

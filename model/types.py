@@ -7,13 +7,55 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 
+MAX_REQUEST_SECONDS = 600.0  # the longest music one request asks for (the OSC, CLI and session-file limit)
+
+
 class RequestError(ValueError):
     """A request the engine cannot run as given; the message says what is expected."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed range [lo, hi], or (lo, hi] when lo_open."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        return math.isfinite(v) and (self.lo < v if self.lo_open else self.lo <= v) and v <= self.hi
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+
+
+# The one definition of each sampling parameter's range; OSC, presets and session files check against it.
+SAMPLING_RANGES: dict[str, Range] = {
+    "guidance": Range(0.0, 20.0, lo_open=True),
+    "temperature": Range(0.0, 10.0, lo_open=True),
+    "top_k": Range(0, 100_000),  # 0 = off
+    "top_p": Range(0.0, 1.0),  # 0 = off
+    "seed": Range(0, 2**63 - 1),
+}
+
+
+def melody_refusal(engine) -> str | None:
+    """Why `engine` (anything with .is_melody and .info.label) cannot follow a melody, or None if it can.
+
+    The one wording of the rule "a text-only model cannot follow a melody"; callers prefix
+    where the melody came from and raise their own error type.
+    """
+    if engine.is_melody:
+        return None
+    return (f"model {engine.info.label} is text-only and cannot follow a melody; "
+            "use a MusicGen-Melody checkpoint (e.g. facebook/musicgen-melody)")
 
 
 @dataclass(frozen=True)
@@ -28,16 +70,30 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.guidance) and 0.0 < self.guidance <= 20.0):
-            raise RequestError(f"guidance must be in (0, 20], got {self.guidance}")
-        if not (math.isfinite(self.temperature) and 0.0 < self.temperature <= 10.0):
-            raise RequestError(f"temperature must be in (0, 10], got {self.temperature}")
-        if not (0 <= self.top_k <= 100_000):
-            raise RequestError(f"top_k must be in [0, 100000] (0 = off), got {self.top_k}")
-        if not (math.isfinite(self.top_p) and 0.0 <= self.top_p <= 1.0):
-            raise RequestError(f"top_p must be in [0, 1] (0 = off), got {self.top_p}")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise RequestError(f"seed must be in [0, 2**63), got {self.seed}")
+        for key, r in SAMPLING_RANGES.items():
+            v = getattr(self, key)
+            if v is not None and v not in r:
+                off = " (0 = off)" if key in ("top_k", "top_p") else ""
+                raise RequestError(f"{key} must be in {r}{off}, got {v}")
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> SamplingParams:
+        """The one parser of a params table (preset, session file, OSC track, sidecar); RequestError if bad."""
+        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise RequestError(f"unknown sampling parameter(s) {', '.join(unknown)}; expected "
+                               f"{', '.join(cls.__dataclass_fields__)}")
+        try:
+            return cls(**params)
+        except TypeError as e:  # a value of the wrong type, e.g. a string
+            raise RequestError(f"sampling parameters: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as recorded in a sidecar; from_dict(to_dict()) == self."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+SAMPLING_KEYS: tuple[str, ...] = tuple(SamplingParams.__dataclass_fields__)
 
 
 @dataclass
@@ -62,8 +118,8 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
             raise RequestError("prompt must be text")
-        if not (math.isfinite(self.seconds) and 0.0 < self.seconds <= 600.0):
-            raise RequestError(f"seconds must be in (0, 600], got {self.seconds}")
+        if self.seconds not in Range(0.0, MAX_REQUEST_SECONDS, lo_open=True):
+            raise RequestError(f"seconds must be in (0, {MAX_REQUEST_SECONDS:g}], got {self.seconds}")
         if self.melody is not None:
             m = np.asarray(self.melody, dtype=np.float32)
             if m.ndim != 2 or m.shape[1] != 12 or m.shape[0] == 0:

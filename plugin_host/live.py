@@ -6,7 +6,7 @@ hands finished frames to `plugin_host.output.OutputTrack` through its lock-free 
 
 The chain runs chunk by chunk with `reset=False`, so reverb and delay tails carry across chunk
 boundaries, and the resampler (pedalboard.io.StreamResampler) keeps its state between chunks:
-the frames that reach the ring are exactly what the chain plus `plugin_host.audio_io.resample`
+the frames that reach the ring are exactly what the chain plus `audiofile.resample`
 would give for the whole stem at once.
 
 Usage::
@@ -34,7 +34,7 @@ import numpy as np
 from model.types import AudioChunk
 from plugin_host.output import OutputTrack
 
-StatusCallback = Callable[[dict[str, Any]], None]
+StatusCallback = Callable[[dict[str, Any]], None]  # status dict -> None; the jam uses the same type
 
 
 class LiveError(ValueError):

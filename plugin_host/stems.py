@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from plugin_host.audio_io import AudioFileError, finalize, resample
+from audiofile import AudioFileError, finalize, resample
 
 FORMATS = ("wav", "flac")
 BIT_DEPTH = 24

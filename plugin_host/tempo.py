@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_BPM, MAX_BPM = 20.0, 400.0
+MIN_BPM, MAX_BPM = 20.0, 400.0  # the one tempo range: OSC, session files and the jam check against it
+DENOMINATORS = (1, 2, 4, 8, 16, 32)  # the one set of time-signature denominators
+MAX_NUMERATOR = 32
 STRETCH_TOLERANCE = 0.01  # 1 %: 80 ms over 4 bars at 120 bpm, audible against a click
 STRETCH_LIMIT = 0.12  # beyond this the estimate is more likely wrong than the music off-tempo
 MIN_CONFIDENCE = 0.3
@@ -28,10 +30,12 @@ class TimeSignature:
     denominator: int = 4
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.numerator, int) and 1 <= self.numerator <= 32):
-            raise TempoError(f"time signature numerator must be 1-32, got {self.numerator!r}")
-        if self.denominator not in (1, 2, 4, 8, 16, 32):
-            raise TempoError(f"time signature denominator must be 1, 2, 4, 8, 16 or 32, got {self.denominator!r}")
+        if not (isinstance(self.numerator, int) and 1 <= self.numerator <= MAX_NUMERATOR):
+            raise TempoError(f"time signature numerator must be 1-{MAX_NUMERATOR}, got {self.numerator!r}")
+        if self.denominator not in DENOMINATORS:
+            raise TempoError("time signature denominator must be "
+                             f"{', '.join(map(str, DENOMINATORS[:-1]))} or {DENOMINATORS[-1]}, "
+                             f"got {self.denominator!r}")
 
     @classmethod
     def parse(cls, text: str) -> TimeSignature:

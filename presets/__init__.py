@@ -55,16 +55,13 @@ class Preset:
 
     def prompt_for(self, bpm: float | None = None) -> str:
         """The prompt, with "<bpm> bpm" appended when the preset asks for it and a tempo is known."""
-        if bpm is None or not self.add_bpm:
-            return self.prompt
-        return f"{self.prompt}, {_fmt_bpm(bpm)} bpm"
+        return prompt_with_bpm(self.prompt, bpm, self.add_bpm)
 
     def sampling_params(self, **overrides: Any):
         """model.types.SamplingParams from this preset's params, with `overrides` on top."""
         from model.types import SamplingParams
 
-        merged = {**self.params, **{k: v for k, v in overrides.items() if v is not None}}
-        return SamplingParams(**merged)
+        return SamplingParams.from_dict({**self.params, **{k: v for k, v in overrides.items() if v is not None}})
 
     def build_chain(self):
         """A fresh pedalboard.Pedalboard for this preset's chain (one per track: chains hold state)."""
@@ -79,8 +76,20 @@ class Preset:
                 "description": self.description, "source": str(self.source) if self.source else None}
 
 
-def _fmt_bpm(bpm: float) -> str:
+def fmt_bpm(bpm: float) -> str:
+    """120.0 -> "120", 97.5 -> "97.5"."""
     return str(int(bpm)) if float(bpm).is_integer() else f"{bpm:g}"
+
+
+def prompt_with_bpm(prompt: str, bpm: float | None, add_bpm: bool = True) -> str:
+    """The one prompt builder: "<prompt>, <bpm> bpm" when add_bpm and a tempo is known, else the prompt.
+
+    OSC jobs, session renders and jams all build their prompt here, so the same track asks the
+    model for the same text whichever way it is made.
+    """
+    if bpm is None or not add_bpm:
+        return prompt
+    return f"{prompt}, {fmt_bpm(bpm)} bpm"
 
 
 def user_dir() -> Path:
@@ -186,7 +195,7 @@ def _check_params(params: Any, where: str) -> dict[str, Any]:
     from model.types import RequestError, SamplingParams
 
     try:
-        SamplingParams(**out)
+        SamplingParams.from_dict(out)
     except RequestError as e:
         raise PresetError(f"{where}: key 'params': {e}") from None
     return out

@@ -53,7 +53,7 @@ def test_tiny_model_refuses_nonempty_dir(tmp_path, capsys):
 
 
 def test_generate_writes_two_seconds(tiny_model_dir, tmp_path):
-    from plugin_host.audio_io import read_audio
+    from audiofile import read_audio
 
     out = tmp_path / "a.wav"
     r = _run("generate", "--model", str(tiny_model_dir), "--prompt", "lofi beat", "--seconds", "2",
@@ -69,7 +69,7 @@ def test_generate_writes_two_seconds(tiny_model_dir, tmp_path):
 
 
 def test_generate_resamples(tiny_model_dir, tmp_path):
-    from plugin_host.audio_io import read_audio
+    from audiofile import read_audio
 
     out = tmp_path / "a.flac"
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "pad", "--seconds", "1",

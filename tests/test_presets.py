@@ -130,7 +130,7 @@ def test_every_shipped_preset_renders_with_the_tiny_checkpoint(tiny_engine, tmp_
         preset = load_preset(r.name)
         assert meta["preset"]["name"] == r.name and meta["render"]["chain"] == [dict(c) for c in preset.chain]
         assert meta["prompt"] == preset.prompt_for(240)
-        from plugin_host.audio_io import read_audio
+        from audiofile import read_audio
 
         audio, _ = read_audio(r.path)
         assert np.isfinite(audio).all() and np.abs(audio).max() > 0

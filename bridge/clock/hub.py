@@ -92,8 +92,8 @@ class ClockHub:
     def typed_grid(self) -> Grid:
         t = self.session.transport
         return Grid(tempo=t.tempo, numerator=t.numerator, denominator=t.denominator, playing=t.playing,
-                    source="typed", anchor_time=self._typed_at, anchor_beat=t.position,
-                    updated=self._typed_updated)
+                    source="typed", anchor_time=self._typed_at, anchor_beat=t.position * t.denominator / 4.0,
+                    updated=self._typed_updated)  # the session counts quarter notes, the grid beats
 
     def typed_changed(self) -> None:
         """A /transport/* message changed the session transport: the typed grid re-anchors now, and a
@@ -190,6 +190,6 @@ class ClockHub:
         try:
             self.session.update_transport(tempo=round(g.tempo, 3), numerator=g.numerator,
                                           denominator=g.denominator, playing=g.playing,
-                                          position=round(max(0.0, g.beat_at(t)), 4))
+                                          position=round(max(0.0, g.beat_at(t)) * 4.0 / g.denominator, 4))
         except Exception as e:  # noqa: BLE001 - a full disk must not stop following
             log.warning("could not save the followed transport to the session: %s", e)

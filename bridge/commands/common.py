@@ -17,6 +17,37 @@ def positive_float(text: str) -> float:
     return v
 
 
+def request_seconds(text: str) -> float:
+    """A length of music one engine request can make: (0, model.types.MAX_REQUEST_SECONDS]."""
+    from model.types import MAX_REQUEST_SECONDS
+
+    v = positive_float(text)
+    if v > MAX_REQUEST_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_REQUEST_SECONDS:g} seconds (one request), "
+                                         f"got {text!r}")
+    return v
+
+
+def sampling_value(key: str):
+    """An argparse type for one sampling parameter, in the range model.types.SAMPLING_RANGES gives it."""
+    from model.types import SAMPLING_RANGES
+
+    r = SAMPLING_RANGES[key]
+    whole = key in ("top_k", "seed")
+
+    def parse(text: str) -> float | int:
+        try:
+            v = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if whole else ''}number, got {text!r}") from None
+        if v not in r:
+            raise argparse.ArgumentTypeError(f"expected a number in {r}, got {text!r}")
+        return v
+
+    parse.__name__ = key  # argparse names the type in its messages
+    return parse
+
+
 def nonneg_int(text: str) -> int:
     try:
         v = int(text)
@@ -25,20 +56,6 @@ def nonneg_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return v
-
-
-def unit_float(text: str) -> float:
-    v = float(text) if _is_number(text) else None
-    if v is None or not (0.0 <= v <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -52,20 +69,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=nonneg_int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--seed", type=sampling_value("seed"), default=None, help="seed for reproducible sampling")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
-    p.add_argument("--guidance", type=positive_float, default=3.0,
+    p.add_argument("--guidance", type=sampling_value("guidance"), default=3.0,
                    help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--top-k", type=nonneg_int, default=250, help="0 = off")
-    p.add_argument("--top-p", type=unit_float, default=0.0, help="0 = off")
+    p.add_argument("--temperature", type=sampling_value("temperature"), default=1.0)
+    p.add_argument("--top-k", type=sampling_value("top_k"), default=250, help="0 = off")
+    p.add_argument("--top-p", type=sampling_value("top_p"), default=0.0, help="0 = off")
 
 
 def sampling_params(args: argparse.Namespace):
     from model.types import SamplingParams
 
-    return SamplingParams(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    return SamplingParams.from_dict({k: getattr(args, k) for k in SamplingParams.__dataclass_fields__})
 
 
 class ProgressBar:

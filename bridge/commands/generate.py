@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bridge.commands.common import (ProgressBar, add_model_args, add_sampling_args, nonneg_int,
-                                    positive_float, sampling_params)
+                                    request_seconds, sampling_params)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Generate music from a text prompt and write it to WAV or FLAC.")
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="text description of the music")
-    p.add_argument("--seconds", type=positive_float, default=8.0, help="length of audio to make")
+    p.add_argument("--seconds", type=request_seconds, default=8.0, help="length of audio to make")
     p.add_argument("--out", required=True, help="output .wav or .flac (not overwritten unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_sampling_args(p)
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bridge.cli import UsageError
-    from plugin_host.audio_io import check_writable_format, resample, write_audio
+    from audiofile import check_writable_format, resample, write_audio
 
     out = Path(args.out)
     check_writable_format(out)
@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     melody = None
     if args.melody:
-        if not engine.is_melody:
-            raise UsageError(f"--melody needs a MusicGen-Melody checkpoint; {engine.info.label} is text-only")
+        from model.types import melody_refusal
+
+        if melody_refusal(engine):
+            raise UsageError(f"--melody: {melody_refusal(engine)}")
         from model.melody import load_melody
 
         melody = load_melody(args.melody, engine.chroma_frame_rate, seconds=args.seconds,

@@ -99,14 +99,13 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _regenerate(args: argparse.Namespace) -> int:
-    from bridge.render import check_out_target, prepare_out_dir, read_sidecar, regenerate
+    from bridge.render import check_out_target, prepare_out_dir, regenerate
+    from bridge.stem_output import checkpoint_fingerprint, read_sidecar
 
     sc = read_sidecar(args.from_sidecar)
     target = check_out_target(args.out or Path(args.from_sidecar).resolve().parent)
     engine = _load_engine(args, sc["model"].get("path"), sc["model"])
     recorded = sc["model"].get("checkpoint_sha256")
-    from bridge.render import checkpoint_fingerprint
-
     if recorded and checkpoint_fingerprint(engine.info.path).get("checkpoint_sha256") != recorded:
         print(f"warning: {engine.info.label} is not the checkpoint the stem was made with "
               f"({sc['model'].get('label')}); the audio will differ", file=sys.stderr)

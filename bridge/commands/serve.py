@@ -10,7 +10,7 @@ import signal
 import threading
 from pathlib import Path
 
-from bridge.commands.common import add_model_args, nonneg_int, positive_float
+from bridge.commands.common import add_model_args, nonneg_int, request_seconds
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="live audio output: a device name or index, 'default', or none (the default)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds a running job may take to finish after SIGINT/SIGTERM before it is cancelled")
-    p.add_argument("--max-seconds", type=positive_float, default=120.0, help="longest job in seconds")
+    p.add_argument("--max-seconds", type=request_seconds, default=120.0, help="longest job in seconds (at most 600)")
     p.add_argument("--max-queued", type=nonneg_int, default=32, help="most jobs waiting at once")
     p.add_argument("--max-tracks", type=nonneg_int, default=64, help="most tracks in the session")
     p.add_argument("--follow", type=follow_spec, default="typed", metavar="SOURCE",
@@ -94,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
     _check_port_free(args.host, args.port)
 
-    from bridge.session import Session, SessionError
+    from bridge.session import LiveSession, SessionError
 
     try:
-        Session(session_dir)  # a broken session file stops us before the model loads
+        LiveSession(session_dir)  # a broken session file stops us before the model loads
     except SessionError as e:
         raise UsageError(str(e)) from None
 

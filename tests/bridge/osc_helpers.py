@@ -76,6 +76,17 @@ class DaemonProcess:
         return rc
 
 
+def start_daemon(base: Path, model_dir: Path, *extra: str) -> tuple[DaemonProcess, OscClient]:
+    """A daemon on `base`/session with the plain preset, answering `base`-relative paths; ready."""
+    presets = base / "presets"
+    presets.mkdir(exist_ok=True)
+    (presets / "plain.toml").write_text(PLAIN_PRESET)
+    d = DaemonProcess(model_dir, base / "session", presets, "--allow-dir", str(base), *extra)
+    c = d.client()
+    d.wait_ready(c)
+    return d, c
+
+
 def expect(client: OscClient, address: str, timeout: float = 10.0, seen: list | None = None):
     r = client.wait_for(lambda a, _: a == address, timeout, seen)
     assert r is not None, f"no {address} reply within {timeout} s (other replies: {seen})"

@@ -8,10 +8,13 @@ import pytest
 import soundfile as sf
 
 from bridge import protocol as P
-from bridge.jobs import JobQueue, JobSpec, plan_job, resample_chroma
+from bridge.jobs import JobQueue, plan_job
 from bridge.protocol import Limits, ProtocolError
-from bridge.session import Track, Transport
+from bridge.session import TrackSettings, Transport
+from bridge.stem_plan import plan_stem
+from bridge.stem_request import resample_chroma
 from model.types import SamplingParams
+from plugin_host.tempo import TimeSignature
 from presets import load_preset
 
 
@@ -46,8 +49,10 @@ class Events:
         return {i: (k, p) for i, k, p in self.items if k in ("done", "cancelled", "failed")}
 
 
-def spec(track, seconds, prompt=None):
-    return JobSpec(track=track, prompt=prompt or track, seconds=seconds, params=SamplingParams(seed=1, top_k=20))
+def spec(track, seconds, prompt=None, continuation=None):
+    return plan_stem(track, prompt=prompt or track, params=SamplingParams(seed=1, top_k=20), tempo=120.0,
+                     signature=TimeSignature(), bars=None, seconds=seconds, model_rate=32000, target_rate=48000,
+                     continuation=continuation)
 
 
 def ids():
@@ -58,24 +63,30 @@ def ids():
 def test_plan_job_bars_bpm_and_params(tiny_engine):
     gen = P.Generate("/track/d/generate", "d", None, 4, 0)
     t = Transport(tempo=120.0)
-    s = plan_job(gen, Track(prompt="dusty drums", params=(("seed", 7),)), None, t, tiny_engine, Limits())
-    assert s.seconds == 8.0 and s.prompt == "dusty drums, 120 bpm" and s.params.seed == 7
+    s = plan_job(gen, TrackSettings(prompt="dusty drums", params=(("seed", 7),)), None, t, tiny_engine, Limits())
+    assert s.seconds == 8.0 and s.request["prompt"] == "dusty drums, 120 bpm" and s.request["params"]["seed"] == 7
+    assert s.render["samples"] == 8 * 48000 and s.render["stretch_to_grid"]  # bars: fitted to the grid
+    assert s.request["seconds"] > 8.0  # with room for the stretch
     preset = load_preset("lofi_drums")
-    s = plan_job(gen, Track(preset="lofi_drums", params=(("top_k", 10),)), preset, Transport(tempo=97.5),
+    s = plan_job(gen, TrackSettings(preset="lofi_drums", params=(("top_k", 10),)), preset, Transport(tempo=97.5),
                  tiny_engine, Limits())
-    assert s.prompt == f"{preset.prompt}, 97.5 bpm"
-    assert s.params.top_k == 10 and s.params.guidance == preset.params["guidance"]
-    assert s.chain and s.sidecar["bars"] == 4 and "97.5 bpm" in s.sidecar["length"]
+    assert s.request["prompt"] == f"{preset.prompt}, 97.5 bpm"
+    assert s.request["params"]["top_k"] == 10 and s.request["params"]["guidance"] == preset.params["guidance"]
+    assert s.request["params"]["seed"] is not None  # drawn, so the stem can be made again
+    assert s.render["chain"] and s.render["bars"] == 4 and "97.5 bpm" in s.length_text
     no_bpm = preset.__class__(name="x", prompt="pad", add_bpm=False)
-    assert plan_job(gen, Track(), no_bpm, t, tiny_engine, Limits()).prompt == "pad"
+    assert plan_job(gen, TrackSettings(), no_bpm, t, tiny_engine, Limits()).request["prompt"] == "pad"
+    located = plan_job(gen, TrackSettings(prompt="x"), None, Transport(tempo=120.0, position=8.0), tiny_engine,
+                       Limits())
+    assert located.start_seconds == 4.0  # 8 quarter notes at 120 bpm: the stem's BWF time reference
     with pytest.raises(ProtocolError) as e:
-        plan_job(gen, Track(), None, t, tiny_engine, Limits())
+        plan_job(gen, TrackSettings(), None, t, tiny_engine, Limits())
     assert e.value.code == "bad_args"
     with pytest.raises(ProtocolError) as e:
-        plan_job(P.Generate("/g", "d", None, 64, 0), Track(prompt="x"), None, t, tiny_engine, Limits())
+        plan_job(P.Generate("/g", "d", None, 64, 0), TrackSettings(prompt="x"), None, t, tiny_engine, Limits())
     assert e.value.code == "limit"
     with pytest.raises(ProtocolError) as e:
-        plan_job(gen, Track(prompt="x", melody=(("kind", "midi"), ("path", "/x.mid"))), None, t, tiny_engine,
+        plan_job(gen, TrackSettings(prompt="x", melody=(("kind", "midi"), ("path", "/x.mid"))), None, t, tiny_engine,
                  Limits())
     assert e.value.code == "model"
 
@@ -96,7 +107,7 @@ def test_equal_lengths_share_one_engine_call_and_priority_goes_first(tiny_engine
         kind, (path,) = final[job.id]
         assert kind == "done" and job.path is not None and str(job.path) == path
         info = sf.info(path)
-        assert info.samplerate == 48000 and info.frames == round(job.spec.seconds * 48000)
+        assert info.samplerate == 48000 and info.frames == round(job.plan.seconds * 48000)
     progress = [p for i, k, p in ev.items if k == "progress" and i == a.id]
     assert progress and all(0.0 <= f <= 1.0 for (f,) in progress)
 
@@ -130,8 +141,8 @@ def test_a_failing_job_does_not_stop_the_queue(tiny_engine, tmp_path):
     ev = Events()
     q = JobQueue(tiny_engine, tmp_path, ev)
     new_id = ids()
-    bad = q.submit(JobSpec(track="x", prompt="x", seconds=1.0, params=SamplingParams(),
-                           continuation={"path": str(tmp_path / "missing.wav")}), ("127.0.0.1", 1), 0, new_id)
+    bad = q.submit(spec("x", 1.0, continuation={"path": str(tmp_path / "missing.wav"), "seconds": 1.0}),
+                   ("127.0.0.1", 1), 0, new_id)
     good = q.submit(spec("y", 0.5), ("127.0.0.1", 1), 0, new_id)
     with q:
         final = ev.wait_final([bad.id, good.id])
@@ -153,7 +164,7 @@ def test_resample_chroma_onto_the_model_grid():
 def test_a_track_melody_loops_under_a_jam():
     import numpy as np
 
-    from bridge.melody_source import LoopedMelody, natural_chroma
+    from bridge.melody_source import LoopedMelody, whole_melody_chroma
 
     notes = {"kind": "notes", "notes": [[60, 0.0, 1.0], [62, 1.0, 1.0]]}  # 2 beats at 120 bpm = 1 s
     clock = iter([100.0]).__next__
@@ -161,15 +172,10 @@ def test_a_track_melody_loops_under_a_jam():
     out = src.chroma(100.0, 2.0, 4.0)
     assert [int(r.argmax()) for r in out] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert [int(r.argmax()) for r in src.chroma(100.5, 0.5, 4.0)] == [1, 1]
-    try:
-        import model.melody  # noqa: F401
-    except ImportError:
-        with pytest.raises(ProtocolError) as e:
-            natural_chroma(notes, 4.0, 120.0)
-        assert e.value.code == "unavailable"
+    assert [int(r.argmax()) for r in whole_melody_chroma(notes, 4.0, 120.0)] == [0, 0, 2, 2]  # C then D
     chroma = {"kind": "chroma", "data": __import__("bridge.session", fromlist=["x"]).chroma_to_text(
         np.eye(12, dtype="<f4")[[3, 4]].tobytes()), "frame_rate": 2.0}
-    assert [int(r.argmax()) for r in natural_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]
+    assert [int(r.argmax()) for r in whole_melody_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]
 
 
 def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
@@ -182,10 +188,10 @@ def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
     chroma = np.eye(12, dtype="<f4")[[0, 4, 7, 4] * 4]  # 16 frames at 8 fps = 2 s
     melody = {"kind": "chroma", "data": chroma_to_text(chroma.tobytes()), "frame_rate": 8.0}
     gen = P.Generate("/track/m/generate", "m", 1.5, None, 0)
-    track = Track(prompt="piano", melody=tuple(sorted(melody.items())))
+    track = TrackSettings(prompt="piano", melody=tuple(sorted(melody.items())))
     no_bpm = load_preset("lofi_drums").__class__(name="x", prompt="unused", add_bpm=False)  # see test_osc_daemon
     s = plan_job(gen, track, no_bpm, Transport(), tiny_melody_engine, Limits())
-    assert s.sidecar["melody"]["frames"] == 16 and len(s.sidecar["melody"]["sha256"]) == 64
+    assert s.request["melody"]["frames"] == 16 and len(s.request["melody"]["sha256"]) == 64
     ev = Events()
     q = JobQueue(tiny_melody_engine, tmp_path, ev)
     with q:

@@ -8,6 +8,7 @@ embed the word "bpm" (see the report on model/tiny.py); bpm appending is tested 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -96,7 +97,7 @@ def test_generate_round_trip_writes_the_stem(env):
 def test_continue_a_recorded_take(env):
     import numpy as np
 
-    from plugin_host.audio_io import write_audio
+    from audiofile import write_audio
 
     c = env["c"]
     take = env["allowed"] / "take.wav"
@@ -110,7 +111,8 @@ def test_continue_a_recorded_take(env):
     assert address == "/job/done", args
     assert sf.info(args[1]).frames == 72000
     side = json.loads(open(args[1][:-4] + ".json").read())
-    assert side["continuation"] == {"path": str(take.resolve()), "seconds": 1.5}
+    assert side["continuation"] == {"path": str(take.resolve()), "seconds": 1.5,
+                                    "sha256": hashlib.sha256(take.read_bytes()).hexdigest()}
     assert state(c, "keys")["continuation"] == {"path": str(take.resolve()), "seconds": 1.5}
 
 

@@ -128,3 +128,38 @@ def test_osc_codec_round_trip_and_refuses_dropped_types():
     symbol = b"/a\x00\x00,S\x00\x00drums\x00\x00\x00"  # liblo `oscsend ... S drums`
     with pytest.raises(OscDecodeError, match="'S'"):
         decode(symbol)
+
+
+def test_commands_are_valid_from_birth():
+    """A command checks its own fields when built, whoever builds it, not only inside parse()."""
+    with pytest.raises(ProtocolError) as e:
+        P.SetTempo("/transport/tempo", 500.0)
+    assert e.value.code == "bad_args" and "[20, 400]" in e.value.message
+    with pytest.raises(ProtocolError) as e:
+        P.SetPrompt("/track/a b/prompt", "a b", "x")
+    assert e.value.code == "bad_track"
+    with pytest.raises(ProtocolError):
+        P.Generate("/track/a/generate", "a", 4.0, 2, 0)  # both seconds and bars
+    with pytest.raises(ProtocolError):
+        P.SetParam("/track/a/param", "a", "guidance", 0.0)
+    with pytest.raises(ProtocolError):
+        P.MelodyNotes("/track/a/melody/notes", "a", ((60, 0.0, 0.0),))
+    with pytest.raises(ProtocolError):
+        P.SetSignature("/transport/signature", 4, 64)
+    assert P.SetTempo("/transport/tempo", 90).bpm == 90.0 and isinstance(P.SetTempo("/t", 90).bpm, float)
+    assert P.Generate("/g", "a", 8, None).seconds == 8.0
+
+
+def test_every_command_has_a_builder_and_a_daemon_handler():
+    """The two tables a new message is added to: bridge.protocol.BUILDERS and Daemon.HANDLERS (@handles)."""
+    from bridge.daemon import Daemon
+
+    def leaves(cls):
+        subs = cls.__subclasses__()
+        return [c for s in subs for c in leaves(s)] if subs else [cls]
+
+    commands = set(leaves(P.Command))
+    assert commands == set(P.BUILDERS)
+    assert commands == set(Daemon.HANDLERS)
+    patterns = [c.pattern for c in commands]
+    assert len(set(patterns)) == len(patterns) and all(p.startswith("/") for p in patterns)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bridge.render import TrackBars, read_sidecar, regenerate, render_session
+from audiofile import read_audio
+from bridge.render import TrackBars, regenerate, render_session
 from bridge.session_file import SessionFileError, load_session
-from plugin_host.audio_io import read_audio
+from bridge.stem_output import SidecarError, finish_audio, read_sidecar
 from plugin_host.bwf import read_bext, wav_format
 
 SESSION = """\
@@ -110,7 +110,8 @@ def test_same_file_and_seeds_give_identical_audio(session_file, tiny_engine, tmp
     a.mkdir(), b.mkdir()
     ra = render_session(load_session(session_file), tiny_engine, a)
     rb = render_session(load_session(session_file), tiny_engine, b)
-    for x, y in zip(ra, rb):
+    assert [r.name for r in ra] == [r.name for r in rb] == ["drums", "bass", "pad"]
+    for x, y in zip(ra, rb, strict=True):
         xa, _ = read_audio(x.path)
         ya, _ = read_audio(y.path)
         assert np.array_equal(xa, ya), x.name
@@ -223,7 +224,7 @@ def test_unwritable_output_folder_is_named_before_anything_runs(session_file, tm
 def test_sidecar_checks(tmp_path, capsys):
     bad = tmp_path / "x.json"
     bad.write_text('{"kind": "something else"}')
-    with pytest.raises(SessionFileError, match=r"x\.json: key 'kind'"):
+    with pytest.raises(SidecarError, match=r"x\.json: key 'kind'"):
         read_sidecar(bad)
     assert _cli("render", "--from-sidecar", str(tmp_path / "missing.json")) == 2
     assert "missing.json does not exist" in capsys.readouterr().err
@@ -238,7 +239,6 @@ def _render_spec(**kw):
 
 
 def test_a_drifting_take_is_locked_to_the_grid_at_the_exact_length():
-    from bridge.render import finish_audio
     from plugin_host.tempo import estimate_tempo
     from tests.plugin_host.test_tempo import click_track
 
@@ -251,7 +251,6 @@ def test_a_drifting_take_is_locked_to_the_grid_at_the_exact_length():
 
 
 def test_loop_render_wraps_without_a_click_and_chain_runs_before_the_crossfade():
-    from bridge.render import finish_audio
 
     t = np.arange(32000 * 3) / 32000
     raw = (0.4 * np.sin(2 * np.pi * 331.7 * t)).astype(np.float32)[None, :]

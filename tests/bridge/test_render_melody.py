@@ -13,7 +13,7 @@ import pytest
 
 from bridge.render import regenerate, render_session
 from bridge.session_file import SessionFileError, load_session
-from plugin_host.audio_io import read_audio
+from audiofile import read_audio
 
 
 def write_riff(path) -> None:

@@ -7,17 +7,17 @@ import json
 import pytest
 
 from bridge.protocol import ProtocolError
-from bridge.session import Session, SessionError, chroma_from_text, chroma_to_text
+from bridge.session import LiveSession, SessionError, chroma_from_text, chroma_to_text
 
 
 def test_changes_persist_and_restore(tmp_path):
-    s = Session(tmp_path / "sess")
+    s = LiveSession(tmp_path / "sess")
     s.update_track("drums", prompt="dusty drums", preset="lofi_drums", params={"seed": 3, "top_k": 50})
     s.update_track("keys", prompt="piano", melody={"kind": "chroma", "data": chroma_to_text(b"\x00" * 48),
                                                    "frame_rate": 7.8125})
     s.update_transport(tempo=97.5, numerator=6, denominator=8, playing=True, position=16.0)
     first = s.take_job_id()
-    r = Session(tmp_path / "sess")
+    r = LiveSession(tmp_path / "sess")
     assert r.tracks == s.tracks and r.transport == s.transport
     assert r.track("drums").params_dict() == {"seed": 3, "top_k": 50}
     assert chroma_from_text(r.track("keys").melody_dict()["data"]) == b"\x00" * 48
@@ -35,24 +35,24 @@ def test_bars_to_seconds():
 
 
 def test_clear_delete_and_track_limit(tmp_path):
-    s = Session(tmp_path, max_tracks=2)
+    s = LiveSession(tmp_path, max_tracks=2)
     s.update_track("a", prompt="x")
     s.update_track("b", prompt="y")
     with pytest.raises(ProtocolError) as e:
         s.update_track("c", prompt="z")
-    assert e.value.code == "limit" and "c" not in Session(tmp_path).tracks
+    assert e.value.code == "limit" and "c" not in LiveSession(tmp_path).tracks
     s.update_track("a", prompt="changed")  # existing tracks can still change
     s.clear_track("a")
-    assert Session(tmp_path).track("a").prompt == ""
+    assert LiveSession(tmp_path).track("a").prompt == ""
     s.delete_track("b")
-    assert sorted(Session(tmp_path).tracks) == ["a"]
+    assert sorted(LiveSession(tmp_path).tracks) == ["a"]
     with pytest.raises(ProtocolError) as e:
         s.delete_track("b")
     assert e.value.code == "not_found"
 
 
 def test_a_failed_save_changes_nothing(tmp_path):
-    s = Session(tmp_path)
+    s = LiveSession(tmp_path)
     s.update_track("a", prompt="kept")
     saved = (tmp_path / "session.json").read_bytes()
     (tmp_path / "session.json").unlink()
@@ -67,7 +67,7 @@ def test_a_failed_save_changes_nothing(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".session.")]
     (tmp_path / "session.json").rmdir()
     (tmp_path / "session.json").write_bytes(saved)
-    assert Session(tmp_path).track("a").prompt == "kept"
+    assert LiveSession(tmp_path).track("a").prompt == "kept"
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", json.dumps({"version": 99}),
@@ -78,4 +78,4 @@ def test_a_failed_save_changes_nothing(tmp_path):
 def test_a_broken_session_file_is_named(tmp_path, text):
     (tmp_path / "session.json").write_text(text)
     with pytest.raises(SessionError, match="session.json"):
-        Session(tmp_path)
+        LiveSession(tmp_path)

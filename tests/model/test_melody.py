@@ -139,7 +139,7 @@ def test_beats_to_seconds():
 
 @pytest.mark.parametrize("case", ["empty_midi", "no_notes", "corrupt_wav", "empty_wav", "missing", "bad_npy"])
 def test_bad_input_names_the_problem(case, tmp_path):
-    from plugin_host.audio_io import write_audio
+    from audiofile import write_audio
 
     if case == "empty_midi":
         p = tmp_path / "e.mid"

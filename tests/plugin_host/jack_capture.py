@@ -154,6 +154,9 @@ if __name__ == "__main__":
     _main(*sys.argv[1:5])
 
 
+MAX_LOST_FRACTION = 0.05  # the most of a recording that xruns may excuse
+
+
 def assert_exact_unless_xrun(recording: np.ndarray, expected: np.ndarray, offset: int, xruns: int,
                              period: int = 256) -> None:
     """`expected` (channels, n) is in `recording` (channels, N) at `offset`, bit-exact, block by block.
@@ -162,7 +165,9 @@ def assert_exact_unless_xrun(recording: np.ndarray, expected: np.ndarray, offset
     lost or garbled between the output and the recorder, and what follows arrives a period
     earlier or later. Each block of `period` frames must still be found bit-exact at the offset
     (allowing whole-period shifts after a miss); only blocks touched by a missed period may be
-    absent, at most 3 per xrun the output reported while this audio played.
+    absent, at most 3 per xrun the output reported while this audio played, and never more than
+    one xrun's worth or MAX_LOST_FRACTION of all blocks, whichever is more: however many xruns a
+    loaded machine reports, most of the audio must still arrive bit-exact.
     """
     shift, missing = 0, []
     n = expected.shape[1]
@@ -178,9 +183,11 @@ def assert_exact_unless_xrun(recording: np.ndarray, expected: np.ndarray, offset
             missing.append(start)
     if not missing:
         return
-    assert len(missing) <= 3 * xruns, (
-        f"{len(missing)} of {-(-n // period)} blocks did not arrive bit-exact (first at frame {missing[0]}); "
-        f"the output reported {xruns} xrun(s) meanwhile")
+    blocks = -(-n // period)
+    allowed = min(3 * xruns, max(3, int(blocks * MAX_LOST_FRACTION)))
+    assert len(missing) <= allowed, (
+        f"{len(missing)} of {blocks} blocks did not arrive bit-exact (first at frame {missing[0]}); "
+        f"the output reported {xruns} xrun(s) meanwhile, which excuse at most {allowed}")
     import warnings
 
     warnings.warn(f"{len(missing)} blocks lost to {xruns} reported xrun(s) on this loaded machine", stacklevel=2)

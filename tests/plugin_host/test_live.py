@@ -39,7 +39,7 @@ def _wait(cond, timeout=20.0):
 
 
 def test_streamed_stem_is_sample_exact_after_the_chain(jack, tiny_engine):
-    from plugin_host.audio_io import resample
+    from audiofile import resample
     from plugin_host.chain import build_chain
     from plugin_host.live import TrackPlayer
     from plugin_host.output import AudioOutput
@@ -119,7 +119,7 @@ def test_wrong_audio_is_refused_with_a_reason(jack):
 @pytest.mark.parametrize("sizes", [[4949] + [16000] * 6, [100, 20000, 333, 40000, 50000], [1000] * 96])
 def test_chain_and_resampler_do_not_depend_on_chunk_sizes(sizes):
     """A short first chunk then longer ones must not re-prepare the chain (which drops its tails)."""
-    from plugin_host.audio_io import resample
+    from audiofile import resample
     from plugin_host.chain import build_chain
     from plugin_host.live import ChunkProcessor
 

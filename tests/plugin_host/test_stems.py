@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pedalboard.io import AudioFile
 
-from plugin_host.audio_io import read_audio
+from audiofile import read_audio
 from plugin_host.bwf import read_bext, wav_format
 from plugin_host.chain import build_chain, process_chunks
 from plugin_host.stems import StemError, audio_sha256, sidecar_path, write_stem
