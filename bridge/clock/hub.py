@@ -193,3 +193,20 @@ class ClockHub:
                                           position=round(max(0.0, g.beat_at(t)) * 4.0 / g.denominator, 4))
         except Exception as e:  # noqa: BLE001 - a full disk must not stop following
             log.warning("could not save the followed transport to the session: %s", e)
+
+
+class JamGridSource:
+    """The leading clock as a jam reads its grid (call it for the current one, at every chunk).
+
+    Stands in for the typed grid source of bridge.live_control when a DAW clock leads; typed
+    /transport/* changes reach the hub itself (ClockHub.typed_changed), so update() has nothing
+    to do here."""
+
+    def __init__(self, hub: ClockHub):
+        self.hub = hub
+
+    def __call__(self) -> Grid:
+        return self.hub.jam_grid()
+
+    def update(self, **_changes) -> Grid:
+        return self.hub.jam_grid()
