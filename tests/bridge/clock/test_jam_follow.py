@@ -75,7 +75,7 @@ def test_jam_begins_on_the_next_bar_line_of_the_followed_jack_master(tmp_path, t
     rec = np.abs(cap.audio).max(axis=0)
     nz = np.nonzero(rec > 1e-6)[0]
     assert len(nz), "the jam never played"
-    start = cap.first_frame + int(nz[0]) + offset  # the part's first sound, in JACK transport frames
+    start = cap.jack_frame(int(nz[0])) + offset  # the part's first sound, in JACK transport frames
     bar_line = round(start / BAR) * BAR
     assert abs(start - bar_line) <= TOLERANCE, (start, bar_line, start - bar_line)
     assert asked < bar_line + TOLERANCE  # after it was asked for ...
