@@ -18,7 +18,8 @@ SR, PERIOD = 48000, 256
 BPM = 97.0
 BAR = 4 * 60.0 / BPM * SR  # frames per bar of 4/4
 # The output clock advances a callback (one period) at a time and the recorder may sit one cycle
-# after the output in JACK's graph: a part "on the bar line" lands within 3 periods of it.
+# after the output in JACK's graph: a part "on the bar line" lands within 3 periods of it (plus
+# whatever cycles the server skipped meanwhile, see the end of the test).
 TOLERANCE = 3 * PERIOD
 
 
@@ -60,6 +61,7 @@ def test_jam_begins_on_the_next_bar_line_of_the_followed_jack_master(tmp_path, t
                     time.sleep(0.05)
                 offset = _transport_minus_frame_time(probe)
                 asked = probe.transport_query()[1]["frame"]
+                asked_time = probe.frame_time
                 c.send("/jam/start", "lead")
                 expect(c, "/ok")
                 time.sleep(3 * BAR / SR)
@@ -77,6 +79,12 @@ def test_jam_begins_on_the_next_bar_line_of_the_followed_jack_master(tmp_path, t
     assert len(nz), "the jam never played"
     start = cap.jack_frame(int(nz[0])) + offset  # the part's first sound, in JACK transport frames
     bar_line = round(start / BAR) * BAR
-    assert abs(start - bar_line) <= TOLERANCE, (start, bar_line, start - bar_line)
+    # A non-realtime JACK server on a loaded machine skips cycles: JACK time runs on while the output
+    # renders nothing, so audio placed before a skip is heard that much later. The recorder's own
+    # block times say how many frames were skipped between the request and the first sound.
+    between = (cap.block_frames > asked_time) & (cap.block_frames <= cap.jack_frame(int(nz[0])))
+    steps = np.diff(cap.block_frames)[between[1:]]
+    skipped = int((steps - PERIOD).clip(min=0).sum())
+    assert -TOLERANCE <= start - bar_line <= skipped + TOLERANCE, (start, bar_line, start - bar_line, skipped)
     assert asked < bar_line + TOLERANCE  # after it was asked for ...
     assert bar_line - asked <= 3 * BAR  # ... on the next bar line the first chunk could make
