@@ -325,7 +325,7 @@ class Daemon:
                                             f"/jam/stop it first")
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
-        t = self.session.transport
+        t, _timeline = self._stem_transport(None)  # the leading clock's tempo and signature
         prompt, params = track_sound(cmd.track, track, preset, t.tempo)
         melody = None
         if track.melody is not None:
@@ -345,7 +345,7 @@ class Daemon:
         try:
             jam = Jam(self.engine, self.audio, cmd.track, prompt, melody=melody, params=params, chain=chain,
                       tempo=t.tempo, numerator=t.numerator, denominator=t.denominator,
-                      on_status=lambda st: self._send_jam_status(to, st))
+                      origin_frame=self._jam_origin(), on_status=lambda st: self._send_jam_status(to, st))
         except JamError as e:
             raise ProtocolError("bad_args", f"cannot jam on track {cmd.track}: {e}") from None
         self.jams[cmd.track] = jam
@@ -438,6 +438,13 @@ class Daemon:
         timeline = {"clock": source, "asked_at_beat": round(beat_now, 6), "at_bar": at_bar,
                     "bar": int(round(beat / num)) + 1, "beat": beat, "seconds": seconds}
         return transport, timeline
+
+    def _jam_origin(self) -> int | None:
+        """A bar line of the followed DAW's grid, as an output frame (None: the jam's own grid)."""
+        if self.config.follow.source == "typed" or self.audio is None:
+            return None
+        g = self.clock.jam_grid()
+        return int(round(g.next_bar_time(self.clock.now()) * self.audio.samplerate))
 
     def _append_done(self, job: Job, path: str) -> None:
         """One line per finished stem, "<job>\t<track>\t<path>", for DAW scripts that cannot take OSC
