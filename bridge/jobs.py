@@ -28,7 +28,7 @@ from model.types import RequestError, melody_refusal
 
 if TYPE_CHECKING:
     from bridge.session import TrackSettings, Transport
-    from model.types import SamplingParams
+    from model.types import GenerationRequest, SamplingParams
     from presets import Preset
 
 log = logging.getLogger("musicbridge.jobs")
@@ -214,7 +214,7 @@ class JobQueue:
         for job in batch:
             self.on_event(job, "progress", (0.0,))
             try:
-                requests.append(build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel))
+                requests.append(self.request_of(job))
                 ready.append(job)
             except Exception as e:  # noqa: BLE001 - melody/take loading errors end this job only
                 self._finish(job, "failed", ("failed", f"could not prepare the job: {e}"))
@@ -247,15 +247,25 @@ class JobQueue:
                 continue
             job.fraction = 1.0
             try:
-                job.plan.context["job"] = job.id
-                finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)
-                path = write_planned_stem(finished, self.engine.sample_rate, job.plan, self.engine_record,
-                                          records, index, report, self.stems_dir)
+                path = self.write_stem(job, audio, records, index)
             except Exception as e:  # noqa: BLE001 - disk full, chain error: this job fails, the daemon goes on
                 self._finish(job, "failed", ("failed", f"could not write the stem: {e}"))
                 continue
             job.path = path
             self._finish(job, "done", (str(path),))
+
+    def request_of(self, job: Job) -> GenerationRequest:
+        """The engine request of a job (melody chroma and take loaded now, on the calling worker)."""
+        return build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel)
+
+    def write_stem(self, job: Job, audio: np.ndarray, batch: list[dict[str, Any]] | None = None,
+                   index: int = 0) -> Path:
+        """The job's stem on disk: fitted to the grid, chained, placed, with the sidecar recording
+        `batch` (the request records of the engine call that made it; default: this job alone)."""
+        job.plan.context["job"] = job.id
+        finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)
+        return write_planned_stem(finished, self.engine.sample_rate, job.plan, self.engine_record,
+                                  batch or [job.plan.request], index, report, self.stems_dir)
 
     def _finish(self, job: Job, state: str, payload: tuple) -> None:
         with self._emit:
