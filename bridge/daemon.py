@@ -286,13 +286,13 @@ class Daemon:
         if cmd.beat is not None:
             changes["position"] = cmd.beat
         t = self.session.update_transport(**changes)
-        self.clock.typed_changed()
+        self.clock.typed_changed(cmd.beat)
         self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
 
     @handles(P.Locate)
     def _locate(self, cmd: P.Locate, sender: Address) -> None:
         self.session.update_transport(position=cmd.beat)
-        self.clock.typed_changed()
+        self.clock.typed_changed(cmd.beat)
         self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
 
     @handles(P.JamStop)

@@ -42,6 +42,9 @@ class ClockHub:
         self.follower: Follower | None = None
         self._typed_at = clock()         # output time of the last typed transport change
         self._typed_updated = time.monotonic()
+        t = session.transport
+        self._typed_quarters = t.position  # where the typed transport was then, in quarter notes
+        self._typed_tempo, self._typed_playing = t.tempo, t.playing  # ... and how it moved from there
         self._fed: Grid | None = None
         self._feeder: PollThread | None = None
         self._ignored_logged: set[str] = set()
@@ -92,14 +95,27 @@ class ClockHub:
     def typed_grid(self) -> Grid:
         t = self.session.transport
         return Grid(tempo=t.tempo, numerator=t.numerator, denominator=t.denominator, playing=t.playing,
-                    source="typed", anchor_time=self._typed_at, anchor_beat=t.position * t.denominator / 4.0,
-                    updated=self._typed_updated)  # the session counts quarter notes, the grid beats
+                    source="typed", anchor_time=self._typed_at,
+                    anchor_beat=self._typed_quarters * t.denominator / 4.0,  # the grid counts signature beats
+                    updated=self._typed_updated)
 
-    def typed_changed(self) -> None:
-        """A /transport/* message changed the session transport: the typed grid re-anchors now, and a
-        follower whose source has no signature (MIDI clock, Link, REAPER) takes the typed one."""
-        self._typed_at = self.clock()
+    def _typed_quarters_at(self, t: float) -> float:
+        """Quarter notes of the typed transport at output time t, as the grid stood before a change."""
+        if not self._typed_playing:
+            return self._typed_quarters
+        return self._typed_quarters + (t - self._typed_at) * self._typed_tempo / 60.0
+
+    def typed_changed(self, located: float | None = None) -> None:
+        """A /transport/* message changed the session transport: the typed grid re-anchors now, at
+        `located` (quarter notes) when the message named a position, else where it had got to (a
+        tempo change while playing keeps the beat that is sounding). A follower whose source has
+        no signature (MIDI clock, Link, REAPER) takes the typed one."""
+        now = self.clock()
+        self._typed_quarters = float(located) if located is not None else self._typed_quarters_at(now)
+        self._typed_at = now
         self._typed_updated = time.monotonic()
+        t = self.session.transport
+        self._typed_tempo, self._typed_playing = t.tempo, t.playing
         if self.follower is not None:
             self.follower.set_base(self.typed_grid())
 

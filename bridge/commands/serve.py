@@ -164,8 +164,8 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) 
         try:
             s = daemon.session
             log.info("musicbridge is listening for OSC on %s:%d (model %s); %d track(s) restored from %s; "
-                     "stems go to %s; transport follows %s%s", args.host, daemon.server.port, engine.info.label, len(s.tracks),
-                     s.path, stems_dir, args.follow,
+                     "stems go to %s; transport follows %s%s", args.host, daemon.server.port, engine.info.label,
+                     len(s.tracks), s.path, stems_dir, args.follow,
                      f"; replies go to {args.reply_to[0]}:{args.reply_to[1]}" if args.reply_to else "")
             while not stop.wait(0.5):
                 pass
