@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -16,12 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from bridge import protocol as P
+from bridge.access import Access
 from bridge.clock import FollowSpec
-from bridge.clock.hub import ClockHub, output_clock
-from bridge.jobs import Job, JobQueue, check_track_params, plan_job, track_sound
+from bridge.clock.hub import ClockHub, JamGridSource, output_clock
+from bridge.inputs import InputLimits, Inputs
+from bridge.journal import Entry, Journal, remove_stale_temporaries
+from bridge.jobs import Job, JobQueue, check_track_params, plan_job
 from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
+from bridge.replybudget import ReplyBudget
 from bridge.session import LiveSession, chroma_to_text
 from model.types import melody_refusal
 
@@ -39,6 +44,10 @@ class DaemonConfig:
     grace: float = 10.0
     limits: Limits = field(default_factory=Limits)
     stem_rate: int = 48000
+    allow_from: tuple[str, ...] = ()  # CIDR networks that may send at all; empty: loopback only
+    key: str | None = None  # senders other than 127.0.0.1/::1 must /hello with it first
+    input_limits: InputLimits = field(default_factory=InputLimits)
+    resume: bool = False  # queue jobs a crash interrupted again instead of reporting them failed
     follow: FollowSpec = field(default_factory=FollowSpec)  # the clock that leads (serve --follow)
     ardour: Address | None = None    # Ardour's OSC port, asked for transport feedback (--follow osc)
     done_list: Path | None = None    # every finished stem is appended here (daw/reaper imports it)
@@ -78,8 +87,10 @@ def handles(*classes: type) -> Callable:
 class Daemon:
     """A running bridge; a context manager that binds the socket on enter and stops cleanly on exit."""
 
-    def __init__(self, engine, config: DaemonConfig, audio=None):
-        """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None."""
+    def __init__(self, engine, config: DaemonConfig, audio=None, notes=None):
+        """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None.
+        notes: a bridge.midi.NoteRouter fed by --midi-in ports (None: OSC notes only)."""
+        from bridge.live_control import LiveControl
         from bridge.stem_output import engine_record
 
         self.engine, self.config, self.audio = engine, config, audio
@@ -88,19 +99,36 @@ class Daemon:
         self.session = LiveSession(config.session_dir, max_tracks=config.limits.max_tracks)
         self.jobs = JobQueue(engine, self.stems_dir, self._job_event, max_queued=config.limits.max_queued,
                              engine_record=engine_record(engine))
-        self.server = OscServer(config.host, config.port, self.handle, self._bad_packet)
+        self.inputs = Inputs(self.paths, config.input_limits)
+        self.jobs.inputs = self.inputs
+        self.access = Access(config.allow_from, config.key)
+        self.budget = ReplyBudget()
+        self.journal = Journal(config.session_dir)
+        self.server = OscServer(config.host, config.port, self.handle, self._bad_packet, budget=self.budget,
+                                admit=self.access.admits, group=self.session.saved_together,
+                                on_group_failed=self._group_failed, unsaved=self.session.unsaved)
+        self._ok_log = _LogLimiter(20, "changes were not logged: too many at once")
+        self._budget_log = _LogLimiter(1, "replies over the reply byte budget were dropped")
+        self._own_initiative = threading.local()
         self.clock = ClockHub(self.session, config.follow, clock=output_clock(audio), ardour=config.ardour,
                               send=self.server.send)
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
-        self.jams: dict[str, Any] = {}  # track -> bridge.jam.Jam (the latest one per track)
+        # jams, live notes and the typed bar grid (bridge/live_control.py)
+        self.live = LiveControl(engine, audio, notes, self.session.transport,
+                                lambda to, address, args: self.server.send(to, address, args))
+        self.jams = self.live.jams  # track -> bridge.jam.Jam (the latest one per track)
+        if config.follow.source != "typed":  # jams play on the followed DAW's bar grid (docs/daw.md)
+            self.live.grid = JamGridSource(self.clock)
         self._closed = False
         self._jobs_entered = False
 
     HANDLERS: dict[type, Callable[[Daemon, Any, Address], None]]  # built below the class from @handles
 
     def __enter__(self) -> Daemon:
+        remove_stale_temporaries(Path(self.config.session_dir), self.stems_dir)
+        interrupted = self.journal.load_interrupted()
         self.jobs.__enter__()
         self._jobs_entered = True
         try:
@@ -115,7 +143,23 @@ class Daemon:
             self.jobs.shutdown(0.0)
             self.server.__exit__(None, None, None)
             raise
+        self._report_interrupted(interrupted)
         return self
+
+    def _report_interrupted(self, entries: list[Entry]) -> None:
+        """Jobs a crash cut off: `/job/failed id "interrupted"` to their reply address, or queued again."""
+        for e in entries:
+            if self.config.resume:
+                log.info("job %d (%s) was interrupted by a crash; queueing it again (--resume)", e.job_id, e.address)
+                self._own_initiative.value = True  # its answers answer no packet: not paid from a budget
+                try:
+                    self.handle(e.address, list(e.args), e.sender)
+                finally:
+                    self._own_initiative.value = False
+            else:
+                log.info("job %d (%s) was interrupted by a crash; reporting it failed to %s:%d", e.job_id,
+                         e.address, *e.reply_to)
+                self.server.send(e.reply_to, "/job/failed", (e.job_id, "interrupted"))
 
     def __exit__(self, *exc) -> None:
         self.shutdown(self.config.grace)
@@ -129,8 +173,7 @@ class Daemon:
         if queued or running:
             log.info("shutting down: cancelling %d queued job(s), giving %d running job(s) up to %g s",
                      queued, running, grace)
-        for jam in self.jams.values():
-            jam.close()
+        self.live.close()
         self.clock.close()
         self.jobs.shutdown(grace)
         self.server.__exit__(None, None, None)
@@ -141,14 +184,30 @@ class Daemon:
     def _to(self, sender: Address) -> Address:
         return self.config.reply_to or sender
 
-    def reply(self, sender: Address, address: str, *args: Any) -> None:
-        self.server.send(self._to(sender), address, args)
+    def reply(self, sender: Address, address: str, *args: Any, hold: bool = True) -> None:
+        """An answer to a packet: to --reply-to (set by the operator), or to the sender, paid from its budget.
+
+        Held (hold=True) until the session changes of the packets handled with this one are saved.
+        """
+        if getattr(self._own_initiative, "value", False):
+            self.server.send(self._to(sender), address, args)
+        elif self.config.reply_to is not None:
+            self.server.reply(self.config.reply_to, address, args, hold=hold, budgeted=False)
+        elif not self.server.reply(sender, address, args, hold=hold) and self._budget_log.allow():
+            log.info("reply %s to %s:%d dropped: over the reply byte budget of that host (docs/osc.md)",
+                     address[:80], sender[0], sender[1])
 
     def _error(self, sender: Address, e: ProtocolError, address: str) -> None:
         if self._limiter.allow():
             log.info("rejected %s from %s:%d: %s (%s)", address[:80], sender[0], sender[1], e.message, e.code)
         if self._error_replies.allow():  # a flood of junk gets a bounded trickle of answers
             self.reply(sender, "/error", e.code, e.message, address[:256], e.job_id)
+
+    def _group_failed(self, e: Exception, senders: set[Address]) -> None:
+        """The session could not be saved after a group of packets: their changes were undone; say so."""
+        message = e.message if isinstance(e, ProtocolError) else f"internal error: {e}"
+        for to in {self._to(s) for s in senders}:
+            self.server.send(to, "/error", ("failed", message, "", 0))
 
     def _bad_packet(self, why: str, sender: Address) -> None:
         self._error(sender, ProtocolError("bad_packet", why), "")
@@ -168,12 +227,17 @@ class Daemon:
             code, message = payload
             log.info("job %d (track %s) failed: %s", job.id, job.plan.name, message)
             self.server.send(to, "/error", (code, message, f"/job/{job.id}", job.id))
+        if kind != "progress":  # after the reply: the journal write (fsync) must not delay it
+            self.journal.remove(job.id)
 
     # ------------------------------------------------------------ messages
 
     def handle(self, address: str, args: list[Any], sender: Address) -> None:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
+            replay = getattr(self._own_initiative, "value", False)  # --resume: accepted before the crash
+            if address not in ("/hello", "/pad") and not replay and self.access.needs_hello(sender):
+                raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
             if isinstance(address, str) and self.clock.feedback(address, args, sender):
                 return  # a DAW's transport feedback (docs/daw.md): followed or ignored, never answered
             cmd = P.parse(address, args, limits=self.config.limits, paths=self.paths)
@@ -186,8 +250,10 @@ class Daemon:
                        str(address)[:256], 0)
 
     def _ok(self, sender: Address, cmd: P.Command, what: str) -> None:
-        log.info("%s", what)
+        if self._ok_log.allow():
+            log.info("%s", what)
         self.reply(sender, "/ok", cmd.address)
+
 
     def _apply(self, cmd: P.Command, sender: Address) -> None:
         handler = self.HANDLERS.get(type(cmd))
@@ -198,6 +264,18 @@ class Daemon:
     # One handler per command class, marked @handles(CommandClass): each changes state or queues
     # a job, then answers. To add a message: a frozen command class and its builder in
     # bridge.protocol, and a method here marked @handles(ThatClass).
+
+    @handles(P.Hello)
+    def _hello(self, cmd: P.Hello, sender: Address) -> None:
+        """Introduces the sender's host (needed with --key for hosts other than 127.0.0.1 / ::1)."""
+        if not self.access.hello(sender, cmd.key):
+            raise ProtocolError("forbidden", "/hello: wrong key")
+        log.info("%s introduced itself with the key", sender[0])
+        self.reply(sender, "/ok", "/hello")
+
+    @handles(P.Pad)
+    def _pad(self, cmd: P.Pad, sender: Address) -> None:
+        """Padding: its bytes earned the sender reply credit when it arrived (docs/osc.md); no answer."""
 
     @handles(P.Ping)
     def _ping(self, cmd: P.Ping, sender: Address) -> None:
@@ -258,6 +336,9 @@ class Daemon:
 
     @handles(P.CancelJob)
     def _cancel_job(self, cmd: P.CancelJob, sender: Address) -> None:
+        if not self.access.may_manage(cmd.job_id, sender):
+            raise ProtocolError("forbidden", f"job {cmd.job_id} was queued by another host; only that host "
+                                             "or 127.0.0.1 may cancel it", cmd.job_id)
         job = self.jobs.cancel(cmd.job_id)
         if job.state == "running":
             log.info("job %d (track %s): stopping at the next step", job.id, job.plan.name)
@@ -270,13 +351,14 @@ class Daemon:
 
     @handles(P.SetTempo)
     def _set_tempo(self, cmd: P.SetTempo, sender: Address) -> None:
-        self.session.update_transport(tempo=cmd.bpm)
+        self.live.transport_changed(self.session.update_transport(tempo=cmd.bpm))
         self.clock.typed_changed()
         self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
 
     @handles(P.SetSignature)
     def _set_signature(self, cmd: P.SetSignature, sender: Address) -> None:
-        self.session.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
+        self.live.transport_changed(self.session.update_transport(numerator=cmd.numerator,
+                                                                  denominator=cmd.denominator))
         self.clock.typed_changed()
         self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
 
@@ -286,77 +368,50 @@ class Daemon:
         if cmd.beat is not None:
             changes["position"] = cmd.beat
         t = self.session.update_transport(**changes)
+        self.live.transport_changed(t, cmd.beat)
         self.clock.typed_changed(cmd.beat)
         self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
 
     @handles(P.Locate)
     def _locate(self, cmd: P.Locate, sender: Address) -> None:
-        self.session.update_transport(position=cmd.beat)
+        self.live.transport_changed(self.session.update_transport(position=cmd.beat), cmd.beat)
         self.clock.typed_changed(cmd.beat)
         self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
 
+    @handles(P.JamStart)
+    def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
+        track = self._existing(cmd.track)
+        m = track.melody_dict()
+        if m and m["kind"] in ("midi", "audio"):  # the file may have changed since it was set: check it again
+            self.inputs.check_now(m["path"], m["kind"])
+        preset = _load_preset(track.preset) if track.preset else None
+        self._ok(sender, cmd, self.live.jam_start(cmd.track, track, preset, self._stem_transport(None)[0],
+                                                  self._to(sender)))
+
     @handles(P.JamStop)
     def _jam_stop(self, cmd: P.JamStop, sender: Address) -> None:
-        jam = self.jams.get(cmd.track)
-        if jam is None or jam.state in ("stopping", "stopped", "failed"):
-            raise ProtocolError("not_found", f"no jam is running on track {cmd.track!r}")
-        jam.stop()
+        self.live.jam_stop(cmd.track)
         self._ok(sender, cmd, f"jam on track {cmd.track}: stopping at the next bar line")
 
     @handles(P.JamStatus)
     def _jam_status(self, cmd: P.JamStatus, sender: Address) -> None:
-        jam = self.jams.get(cmd.track)
-        if jam is None:
-            raise ProtocolError("not_found", f"no jam has run on track {cmd.track!r}")
-        self._send_jam_status(self._to(sender), jam.status())
+        self.live.jam_status(cmd.track, self._to(sender))
 
-    @handles(P.JamStart)
-    def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
-        if self.audio is None:
-            raise ProtocolError("unavailable", "this daemon has no live audio output; start it with "
-                                               "--audio DEVICE to jam")
-        try:
-            from bridge.jam import Jam, JamError
-        except ImportError:
-            raise ProtocolError("unavailable", "live jam is not available in this build") from None
-        old = self.jams.get(cmd.track)
-        if old is not None and old.state not in ("stopped", "failed") and not old.wait(0):
-            raise ProtocolError("bad_args", f"a jam is already running on track {cmd.track!r}; "
-                                            f"/jam/stop it first")
-        track = self._existing(cmd.track)
-        preset = _load_preset(track.preset) if track.preset else None
-        t, _timeline = self._stem_transport(None)  # the leading clock's tempo and signature
-        prompt, params = track_sound(cmd.track, track, preset, t.tempo)
-        melody = None
-        if track.melody is not None:
-            if melody_refusal(self.engine):
-                raise ProtocolError("model", f"track {cmd.track} follows a melody, but "
-                                             f"{melody_refusal(self.engine)}")
-            from bridge.melody_source import LoopedMelody, whole_melody_chroma
+    @handles(P.Note)
+    def _note(self, cmd: P.Note, sender: Address) -> None:
+        """No /ok: a stream of notes stays quiet (errors are answered)."""
+        self.live.note(cmd.track, cmd.pitch, cmd.velocity)
 
-            rate = self.engine.chroma_frame_rate
-            melody = LoopedMelody(whole_melody_chroma(track.melody_dict(), rate, t.tempo), rate)
-        chain = None
-        if preset and preset.chain:
-            chain = preset.build_chain()
-        to = self._to(sender)
-        if old is not None:
-            old.close()
-        try:
-            jam = Jam(self.engine, self.audio, cmd.track, prompt, melody=melody, params=params, chain=chain,
-                      tempo=t.tempo, numerator=t.numerator, denominator=t.denominator,
-                      origin_frame=self._jam_origin(), on_status=lambda st: self._send_jam_status(to, st))
-        except JamError as e:
-            raise ProtocolError("bad_args", f"cannot jam on track {cmd.track}: {e}") from None
-        self.jams[cmd.track] = jam
-        jam.start()
-        self._ok(sender, cmd, f"jam on track {cmd.track}: started ({prompt[:60]!r})")
+    @handles(P.NotesOff)
+    def _notes_off(self, cmd: P.NotesOff, sender: Address) -> None:
+        self.live.notes_off(cmd.track)
+        self._ok(sender, cmd, f"track {cmd.track}: all live notes off")
 
-    def _send_jam_status(self, to: Address, st: dict[str, Any]) -> None:
-        rtf = st.get("realtime_factor")
-        self.server.send(to, "/jam/status", (st["track"], st["state"], int(bool(st["behind"])), int(st["chunks"]),
-                                             float(rtf) if rtf is not None and rtf < 1e9 else 0.0,
-                                             int(st["underruns"]), st.get("error") or ""))
+    @handles(P.MidiChannel)
+    def _midi_channel(self, cmd: P.MidiChannel, sender: Address) -> None:
+        self.live.midi_channel(cmd.track, cmd.channel)
+        self._ok(sender, cmd, f"MIDI channel {cmd.channel} -> track {cmd.track}" if cmd.channel
+                 else f"track {cmd.track}: MIDI channels back to the default")
 
     def _existing(self, name: str):
         tr = self.session.track(name)
@@ -391,6 +446,7 @@ class Daemon:
         if melody_refusal(self.engine):
             raise ProtocolError("model", f"{melody_refusal(self.engine)} (start the daemon with one)")
         if isinstance(cmd, (P.MelodyMidi, P.MelodyAudio)):
+            self.inputs.check_now(cmd.path, "midi" if isinstance(cmd, P.MelodyMidi) else "audio")
             melody = {"kind": "midi" if isinstance(cmd, P.MelodyMidi) else "audio", "path": str(cmd.path)}
             what = f"melody from {cmd.path}"
         elif isinstance(cmd, P.MelodyNotes):
@@ -403,24 +459,36 @@ class Daemon:
         self.session.update_track(cmd.track, melody=melody)  # type: ignore[attr-defined]
         self._ok(sender, cmd, f"track {cmd.track}: {what}")  # type: ignore[attr-defined]
 
-    @handles(P.Generate, P.Continue)
+    @handles(P.Generate, P.PlayGenerate, P.Continue)
     def _generate(self, cmd: P.Generate | P.Continue, sender: Address) -> None:
         s = self.session
+        live = isinstance(cmd, P.PlayGenerate)
+        if live and self.audio is None:
+            raise ProtocolError("unavailable", "this daemon has no live audio output; start it with --audio "
+                                               "DEVICE to play while generating, or use /generate")
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
         transport, timeline = self._stem_transport(getattr(cmd, "at_bar", None))
         plan = plan_job(cmd, track, preset, transport, self.engine, self.config.limits, self.config.stem_rate)
         plan.context["timeline"] = timeline
+        if plan.seconds * self.engine.frame_rate < 1.0:
+            raise ProtocolError("bad_args", f"{cmd.address}: {plan.seconds:g} s is shorter than one frame of the "
+                                            f"model ({1.0 / self.engine.frame_rate:g} s)")
         if isinstance(cmd, P.Continue):
+            self.inputs.check_now(cmd.path, "take")
             s.update_track(cmd.track, continuation={"path": str(cmd.path), "seconds": cmd.seconds})
 
         def accepted(job: Job) -> None:
-            self.reply(sender, "/job/accepted", job.id, cmd.track)
+            self.access.own(job.id, sender)
+            self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender))
+            self.reply(sender, "/job/accepted", job.id, cmd.track, hold=False)  # before any progress
             log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
                      plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 
-        self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
-
+        if live:  # heard while it generates: it skips the offline queue (bridge/live_play.py)
+            self.jobs.run_live(plan, self._to(sender), s.take_job_id, self.live.player_for(preset), accepted)
+        else:
+            self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
 
     # ------------------------------------------------------------ the followed clock (docs/daw.md)
 
@@ -439,13 +507,6 @@ class Daemon:
                     "bar": int(round(beat / num)) + 1, "beat": beat, "seconds": seconds}
         return transport, timeline
 
-    def _jam_origin(self) -> int | None:
-        """A bar line of the followed DAW's grid, as an output frame (None: the jam's own grid)."""
-        if self.config.follow.source == "typed" or self.audio is None:
-            return None
-        g = self.clock.jam_grid()
-        return int(round(g.next_bar_time(self.clock.now()) * self.audio.samplerate))
-
     def _append_done(self, job: Job, path: str) -> None:
         """One line per finished stem, "<job>\t<track>\t<path>", for DAW scripts that cannot take OSC
         (daw/reaper/musicbridge_import.lua); a failure to write is logged, the job stays done."""
@@ -460,6 +521,15 @@ class Daemon:
 
 # The dispatch table, command class -> handler, gathered from the @handles marks above.
 Daemon.HANDLERS = {cls: fn for fn in vars(Daemon).values() for cls in getattr(fn, "handles", ())}
+
+
+def _message_args(cmd: P.Generate | P.Continue) -> tuple[Any, ...]:
+    """The arguments of a message that asks for `cmd` again (the journal replays it with --resume)."""
+    if isinstance(cmd, P.Continue):
+        return (str(cmd.path), float(cmd.seconds), int(cmd.priority))
+    if cmd.bars is not None:
+        return (int(cmd.bars), "bars", int(cmd.priority))
+    return (float(cmd.seconds), int(cmd.priority))  # type: ignore[arg-type]
 
 
 def _load_preset(name: str):

@@ -70,9 +70,11 @@ class JobQueue:
         self.engine, self.stems_dir, self.on_event = engine, Path(stems_dir), on_event
         self.max_queued, self.max_batch, self.tick = max_queued, max_batch, tick
         self.engine_record = engine_record or {}
+        self.inputs = None  # bridge.inputs.Inputs: checked, pinned, limited reads of takes and melody files
         self.jobs: dict[int, Job] = {}
         self._queued: list[Job] = []
         self._running: list[Job] = []
+        self._live: list[Job] = []  # jobs played live (run_live), each on its own thread
         self._cond = threading.Condition()
         self._emit = threading.Lock()  # orders a job's progress reports before its final event
         self._seq = itertools.count()
@@ -114,6 +116,52 @@ class JobQueue:
             self._cond.notify_all()
         return job
 
+    def run_live(self, plan: StemPlan, reply_to: Address, new_id: Callable[[], int],
+                 play: Callable[[Job, Any, Callable[[float], None]], Any],
+                 accepted: Callable[[Job], None] | None = None) -> Job:
+        """A job someone listens to (`/track/<name>/play`): it skips the queue and runs now on its own
+        thread, its steps ahead of offline ones. `play(job, request, progress)` generates and plays it
+        and returns the audio (None: cancelled); the stem is then finished and written as for any job."""
+        with self._cond:
+            if self._closing:
+                raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
+            job = Job(new_id(), plan, reply_to, 0, next(self._seq), state="running")
+            self.jobs[job.id] = job
+            self._live.append(job)
+            if accepted is not None:
+                accepted(job)
+            self._forget_old()
+        threading.Thread(target=self._run_live, args=(job, play), name=f"live-job-{job.id}", daemon=True).start()
+        return job
+
+    def _run_live(self, job: Job, play) -> None:
+        self.on_event(job, "progress", (0.0,))
+        try:
+            request = build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel)
+
+            def progress(f: float) -> None:
+                job.fraction = max(job.fraction, min(float(f), 1.0))
+
+            audio = play(job, request, progress)
+            if audio is None or job.cancel.is_set():
+                self._finish(job, "cancelled", ())
+                return
+            job.fraction = 1.0
+            job.plan.context["job"] = job.id
+            finished, report = finish_audio(audio, self.engine.sample_rate, job.plan.render)
+            job.path = write_planned_stem(finished, self.engine.sample_rate, job.plan, self.engine_record,
+                                          [job.plan.request], 0, report, self.stems_dir)
+            self._finish(job, "done", (str(job.path),))
+        except ProtocolError as e:
+            self._finish(job, "failed", (e.code, e.message))
+        except Exception as e:  # noqa: BLE001 - this job fails, the daemon goes on
+            log.exception("live job %d failed", job.id)
+            self._finish(job, "failed", ("failed", f"playing while generating failed: {type(e).__name__}: {e}"))
+        finally:
+            with self._cond:
+                self._live.remove(job)
+                self._cond.notify_all()
+
     def cancel(self, job_id: int) -> Job:
         """Cancel a queued job now, or ask a running one to stop; ProtocolError if unknown or finished."""
         with self._cond:
@@ -153,9 +201,9 @@ class JobQueue:
             self.on_event(job, "cancelled", ())
         deadline = time.monotonic() + grace
         with self._cond:
-            while self._running and time.monotonic() < deadline:
+            while (self._running or self._live) and time.monotonic() < deadline:
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-            for job in self._running:
+            for job in self._running + self._live:
                 job.cancel.set()
                 log.info("stopping job %d (track %s): still running when the grace period ended", job.id,
                          job.plan.name)
@@ -189,6 +237,9 @@ class JobQueue:
         return batch
 
     def _work(self) -> None:
+        from model.scheduler import offline_thread
+
+        offline_thread()  # live work (jams) gets the CPU first (model/scheduler.py)
         while True:
             with self._cond:
                 while not self._queued and not self._closing:
@@ -216,6 +267,11 @@ class JobQueue:
             try:
                 requests.append(self.request_of(job))
                 ready.append(job)
+            except ProtocolError as e:  # from bridge.inputs: a file refused where it is opened
+                if job.cancel.is_set():  # cancelled while its take was being read
+                    self._finish(job, "cancelled", ())
+                else:
+                    self._finish(job, "failed", (e.code, e.message))
             except Exception as e:  # noqa: BLE001 - melody/take loading errors end this job only
                 self._finish(job, "failed", ("failed", f"could not prepare the job: {e}"))
         if not ready:
@@ -249,14 +305,18 @@ class JobQueue:
             try:
                 path = self.write_stem(job, audio, records, index)
             except Exception as e:  # noqa: BLE001 - disk full, chain error: this job fails, the daemon goes on
-                self._finish(job, "failed", ("failed", f"could not write the stem: {e}"))
+                from bridge.write_errors import describe_write_error
+
+                need = int(job.plan.render.get("samples") or 0) * 2 * 4 + (1 << 20)  # stereo float, generous
+                self._finish(job, "failed", ("failed", describe_write_error(e, self.stems_dir, need)))
                 continue
             job.path = path
             self._finish(job, "done", (str(path),))
 
     def request_of(self, job: Job) -> GenerationRequest:
         """The engine request of a job (melody chroma and take loaded now, on the calling worker)."""
-        return build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel)
+        return build_request(job.plan.request, self.engine, f"job {job.id}", cancel=job.cancel,
+                             inputs=self.inputs)
 
     def write_stem(self, job: Job, audio: np.ndarray, batch: list[dict[str, Any]] | None = None,
                    index: int = 0) -> Path:

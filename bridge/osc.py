@@ -1,22 +1,28 @@
 """OSC over UDP: bytes in, (address, args, sender) out, and replies back. No protocol logic here.
 
-python-osc only encodes and decodes packets; the receive loop is ours so that every datagram,
-however malformed, is answered or dropped on the receive thread and never raises out of it.
+python-osc only encodes packets. Decoding is ours and bounds-checked (`decode`): a datagram
+comes from anyone, so no size in it is trusted, bundles have a depth and element limit, and
+arguments must fit their type tags exactly. The receive loop is ours too, so that every
+datagram, however malformed, is answered or dropped on the receive thread and never raises out
+of it; replies to a packet are paid from the sender's byte budget (bridge.replybudget).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pythonosc.osc_bundle import OscBundle
-from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
-from pythonosc.osc_packet import OscPacket
+
+if TYPE_CHECKING:
+    from bridge.replybudget import ReplyBudget
 
 log = logging.getLogger("musicbridge.osc")
 
@@ -53,39 +59,125 @@ def encode(address: str, args: Sequence[Any] = ()) -> bytes:
 
 
 SUPPORTED_TAGS = frozenset("ihfdsbTFNm")
+MAX_BUNDLE_DEPTH = 4         # bundles inside bundles inside ... : deeper is refused
+MAX_BUNDLE_ELEMENTS = 1024   # elements in one bundle
+MAX_PACKET_MESSAGES = 1024   # messages in one datagram, all bundles together
+MAX_GROUP = 64               # datagrams waiting at once that are handled as one group (one session save)
+GROUP_SECONDS = 0.02         # ... or as many as arrive within this time of handling
+BUNDLE_TAG = b"#bundle\0"
 
 
 class OscDecodeError(ValueError):
-    """A datagram that is not an OSC message or bundle we can read."""
+    """A datagram that is not an OSC message or bundle we can read; the message says where and why."""
 
 
-def check_type_tags(data: bytes) -> None:
-    """Refuse type tags python-osc would silently drop (S, c, arrays...), so arity checks stay honest."""
-    end = data.find(b"\0")
-    if end < 0:
-        raise OscDecodeError("address is not terminated")
-    start = (end // 4 + 1) * 4
-    if start >= len(data):
-        return  # no type tag string: a message without arguments
-    stop = data.find(b"\0", start)
-    tags = data[start:stop if stop >= 0 else len(data)]
-    if not tags.startswith(b","):
+def _string(data: bytes, at: int, end: int, what: str) -> tuple[str, int]:
+    """An OSC-string at `at`: UTF-8, NUL-terminated, zero-padded to 4 bytes, all inside [at, end)."""
+    nul = data.find(b"\0", at, end)
+    if nul < 0:
+        raise OscDecodeError(f"{what} at byte {at} is not NUL-terminated inside the packet")
+    stop = at + ((nul - at) // 4 + 1) * 4
+    if stop > end:
+        raise OscDecodeError(f"{what} at byte {at} is not padded to a multiple of 4 bytes")
+    if data[nul:stop].count(0) != stop - nul:
+        raise OscDecodeError(f"{what} at byte {at} has non-zero padding")
+    try:
+        return data[at:nul].decode("utf-8"), stop
+    except UnicodeDecodeError:
+        raise OscDecodeError(f"{what} at byte {at} is not UTF-8 text") from None
+
+
+_FIXED = {"i": (">i", 4), "h": (">q", 8), "f": (">f", 4), "d": (">d", 8)}
+
+
+def _message(data: bytes, at: int, end: int) -> tuple[str, list[Any]]:
+    """One message occupying exactly data[at:end]; every argument must fit its tag, nothing may be left over."""
+    address, pos = _string(data, at, end, "address")
+    if not address.startswith("/"):
+        raise OscDecodeError(f"address {address[:40]!r} does not start with '/'")
+    if pos == end:
+        return address, []  # no type tag string: a message without arguments (OSC 1.0 allows it)
+    tags, pos = _string(data, pos, end, "type tag string")
+    if not tags.startswith(","):
         raise OscDecodeError("type tag string does not start with ','")
-    bad = sorted({chr(t) for t in tags[1:]} - SUPPORTED_TAGS)
+    bad = sorted({t for t in tags[1:]} - SUPPORTED_TAGS)
     if bad:
         raise OscDecodeError(f"unsupported OSC type tag(s) {''.join(bad)!r}; use i h f d s b T F N m")
+    args: list[Any] = []
+    for n, t in enumerate(tags[1:], 1):
+        if t in _FIXED:
+            fmt, size = _FIXED[t]
+            if pos + size > end:
+                raise OscDecodeError(f"argument {n} ({t}) needs {size} bytes, the packet has {end - pos} left")
+            args.append(struct.unpack_from(fmt, data, pos)[0])
+            pos += size
+        elif t == "s":
+            s, pos = _string(data, pos, end, f"argument {n} (s)")
+            args.append(s)
+        elif t == "b":
+            if pos + 4 > end:
+                raise OscDecodeError(f"argument {n} (b) has no size: the packet ends")
+            size = struct.unpack_from(">i", data, pos)[0]
+            pos += 4
+            padded = (size + 3) // 4 * 4
+            if size < 0 or pos + padded > end:
+                raise OscDecodeError(f"argument {n} (b) declares {size} bytes, the packet has {end - pos} left")
+            args.append(bytes(data[pos:pos + size]))
+            pos += padded
+        elif t == "m":
+            if pos + 4 > end:
+                raise OscDecodeError(f"argument {n} (m) needs 4 bytes, the packet has {end - pos} left")
+            args.append(tuple(data[pos:pos + 4]))
+            pos += 4
+        else:
+            args.append({"T": True, "F": False, "N": None}[t])
+    if pos != end:
+        raise OscDecodeError(f"{end - pos} byte(s) after the last argument that no type tag accounts for")
+    return address, args
+
+
+def _bundle(data: bytes, at: int, end: int, depth: int, out: list[tuple[str, list[Any]]]) -> None:
+    if depth > MAX_BUNDLE_DEPTH:
+        raise OscDecodeError(f"bundles nested more than {MAX_BUNDLE_DEPTH} deep")
+    if end - at < 16:
+        raise OscDecodeError("bundle shorter than its 16-byte header")
+    pos, elements = at + 16, 0  # '#bundle\0' and the time tag (ignored: we act on arrival)
+    while pos < end:
+        elements += 1
+        if elements > MAX_BUNDLE_ELEMENTS:
+            raise OscDecodeError(f"bundle has more than {MAX_BUNDLE_ELEMENTS} elements")
+        if pos + 4 > end:
+            raise OscDecodeError(f"bundle element {elements} has no size: the packet ends")
+        size = struct.unpack_from(">i", data, pos)[0]
+        pos += 4
+        if size <= 0 or size % 4 or pos + size > end:
+            raise OscDecodeError(f"bundle element {elements} declares {size} bytes; expected a positive "
+                                 f"multiple of 4 of at most the {end - pos} bytes left")
+        if data.startswith(BUNDLE_TAG, pos):
+            _bundle(data, pos, pos + size, depth + 1, out)
+        else:
+            if len(out) >= MAX_PACKET_MESSAGES:
+                raise OscDecodeError(f"more than {MAX_PACKET_MESSAGES} messages in one packet")
+            out.append(_message(data, pos, pos + size))
+        pos += size
 
 
 def decode(data: bytes) -> list[tuple[str, list[Any]]]:
-    """Every message in a datagram (bundles flattened, timetags ignored: we act on arrival)."""
-    if OscBundle.dgram_is_bundle(data):
-        messages = [m.message for m in OscPacket(data).messages]
-        for m in messages:
-            check_type_tags(m.dgram)
-        return [(m.address, list(m.params)) for m in messages]
-    check_type_tags(data)
-    msg = OscMessage(data)
-    return [(msg.address, list(msg.params))]
+    """Every message in a datagram (bundles flattened, timetags ignored: we act on arrival).
+
+    Our own parser, bounds-checked at every step: a datagram from anyone is decoded in time
+    linear in its length, and anything that does not fit exactly is OscDecodeError.
+    """
+    data = bytes(data)
+    if len(data) % 4:
+        raise OscDecodeError(f"packet is {len(data)} bytes, not a multiple of 4")
+    if data.startswith(BUNDLE_TAG):
+        out: list[tuple[str, list[Any]]] = []
+        _bundle(data, 0, len(data), 1, out)
+        return out
+    if not data:
+        raise OscDecodeError("empty packet")
+    return [_message(data, 0, len(data))]
 
 
 Handler = Callable[[str, list[Any], Address], None]
@@ -98,9 +190,22 @@ class OscServer:
     Use as a context manager: the socket is bound on enter and closed (thread joined) on exit.
     """
 
-    def __init__(self, host: str, port: int, handler: Handler, on_bad_packet: BadPacket):
+    def __init__(self, host: str, port: int, handler: Handler, on_bad_packet: BadPacket,
+                 budget: ReplyBudget | None = None, admit: Callable[[Address], bool] | None = None,
+                 group: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 on_group_failed: Callable[[Exception, set[Address]], None] | None = None,
+                 unsaved: Callable[[], bool] | None = None):
+        """budget: pays for replies (see `reply`); admit: False drops a sender's packets unread.
+
+        group: a context the packets waiting at once are handled in (the daemon saves its session
+        once per group); once unsaved() says a change is pending, replies are held until the group
+        ends, and dropped if it raises, in which case on_group_failed(error, the senders) runs.
+        """
         self.host, self.port = host, port
         self.handler, self.on_bad_packet = handler, on_bad_packet
+        self.budget, self.admit = budget, admit
+        self.group, self.on_group_failed, self.unsaved = group, on_group_failed, unsaved
+        self._held: list[tuple[bytes, Address]] | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -131,7 +236,7 @@ class OscServer:
         assert self._sock is not None
         while not self._stop.is_set():
             try:
-                data, sender = self._sock.recvfrom(MAX_DATAGRAM)
+                waiting = [self._sock.recvfrom(MAX_DATAGRAM)]
             except (TimeoutError, socket.timeout):
                 continue
             except OSError as e:
@@ -139,28 +244,102 @@ class OscServer:
                     return
                 log.warning("receiving failed (%s); still listening", e)
                 continue
-            sender = (sender[0], sender[1])
+            self._held = []
             try:
-                messages = decode(data)
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad packet, never fatal
-                self.on_bad_packet(f"not a valid OSC packet ({type(e).__name__}: {str(e)[:100]})", sender)
+                with self.group() if self.group is not None else contextlib.nullcontext():
+                    self._group(waiting[0])
+            except Exception as e:  # noqa: BLE001 - the group's save failed: its acknowledgements are void
+                held, self._held = self._held, None
+                log.warning("%s; %d replies withheld", e, len(held))
+                if self.on_group_failed is not None:
+                    self.on_group_failed(e, {to for _, to in held})
                 continue
-            for address, args in messages:
-                try:
-                    self.handler(address, args, sender)
-                except Exception:  # noqa: BLE001 - a handler bug must not stop the daemon listening
-                    log.exception("internal error while handling %s from %s:%d", address[:80], *sender)
+            held, self._held = self._held, None
+            for data, to in held:
+                self._sendto(data, to)
+
+    def _group(self, first: tuple[bytes, Any]) -> None:
+        """Handle `first`, then whatever else is already waiting, for at most MAX_GROUP datagrams
+        or GROUP_SECONDS, so that one session save covers them all and no answer waits long."""
+        assert self._sock is not None
+        t0, n = time.monotonic(), 1
+        data, sender = first
+        self._packet(data, (sender[0], sender[1]))
+        while n < MAX_GROUP and time.monotonic() - t0 < GROUP_SECONDS:
+            try:
+                if not select.select([self._sock], [], [], 0)[0]:
+                    return
+                data, sender = self._sock.recvfrom(MAX_DATAGRAM)
+            except (OSError, ValueError):
+                return
+            n += 1
+            self._packet(data, (sender[0], sender[1]))
+
+    def _packet(self, data: bytes, sender: Address) -> None:
+        """One datagram: admit, pay in, decode, handle each message; nothing raises out of here."""
+        if self.admit is not None and not self.admit(sender):
+            return
+        if self.budget is not None:
+            self.budget.received(sender[0], len(data), data.startswith(BUNDLE_TAG))
+        try:
+            messages = decode(data)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad packet, never fatal
+            if self.budget is not None:  # one packet, one /error: it may use the single-reply allowance
+                self.budget.received(sender[0], 0, bundle=False)
+            self.on_bad_packet(f"not a valid OSC packet ({type(e).__name__}: {str(e)[:100]})", sender)
+            return
+        for address, args in messages:
+            try:
+                self.handler(address, args, sender)
+            except Exception:  # noqa: BLE001 - a handler bug must not stop the daemon listening
+                log.exception("internal error while handling %s from %s:%d", address[:80], *sender)
 
     def send(self, to: Address, address: str, args: Sequence[Any] = ()) -> None:
         """Send one message; a failure to send (peer gone, buffer full) is logged, never raised."""
+        self._send(to, address, args, budgeted=False)
+
+    def reply(self, to: Address, address: str, args: Sequence[Any] = (), hold: bool = True,
+              budgeted: bool = True) -> bool:
+        """Send an answer to a packet, paid from `to`'s byte budget; False when it did not fit (not sent).
+
+        On the receive thread the answer is held until the packet's group has been saved
+        (hold=False: now, for answers that must not wait, such as /job/accepted).
+        """
         if self._sock is None:
-            return
+            return False
         try:
             data = encode(address, args)
+        except OscEncodeError as e:
+            log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
+            return False
+        if budgeted and self.budget is not None and not self.budget.spend(to[0], len(data)):
+            return False
+        if (hold and self._held is not None and threading.current_thread() is self._thread
+                and (self._held or self.unsaved is None or self.unsaved())):
+            self._held.append((data, to))
+            return True
+        return self._sendto(data, to)
+
+    def _send(self, to: Address, address: str, args: Sequence[Any], budgeted: bool) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            data = encode(address, args)
+        except OscEncodeError as e:
+            log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
+            return False
+        return self._sendto(data, to)
+
+    def _sendto(self, data: bytes, to: Address) -> bool:
+        if self._sock is None:
+            return False
+        try:
             with self._send_lock:
                 self._sock.sendto(data, to)
-        except (OSError, OscEncodeError) as e:
-            log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
+        except OSError as e:
+            log.debug("could not send %d bytes to %s:%d (%s)", len(data), to[0], to[1], e)
+            return False
+        return True
 
 
 class OscClient:

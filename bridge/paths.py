@@ -2,12 +2,14 @@
 
 A message can come from anything that can send a UDP packet to the daemon, so a path in it
 is resolved (symlinks and '..' included) before it is compared with the roots; a link inside
-a root that points outside is refused like any other outside path.
+a root that points outside is refused like any other outside path. This is the check at
+message time; bridge.inputs checks again where the file is opened (a name can be swapped).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -32,8 +34,14 @@ class PathPolicy:
             roots = ", ".join(str(r) for r in self.roots) or "(none configured)"
             raise ProtocolError("bad_path", f"{what} {text[:200]!r} is outside the allowed folders ({roots}); "
                                             "start the daemon with --allow-dir to add one")
-        if not resolved.is_file():
-            raise ProtocolError("not_found", f"{what} {text[:200]!r} does not exist or is not a file")
+        try:
+            mode = os.stat(resolved).st_mode
+        except OSError:
+            raise ProtocolError("not_found", f"{what} {text[:200]!r} does not exist") from None
+        if not stat.S_ISREG(mode):
+            from bridge.inputs import _kind_of
+
+            raise ProtocolError("bad_args", f"{what} {text[:200]!r} is {_kind_of(mode)}; expected a regular file")
         if suffixes and resolved.suffix.lower() not in suffixes:
             raise ProtocolError("bad_args", f"{what} {text[:200]!r} must end in {', '.join(suffixes)}")
         return resolved

@@ -44,6 +44,7 @@ ERROR_CODES = (
     "unavailable",  # a feature this daemon was started without (live audio)
     "failed",       # a job that failed while running; the message says why
     "internal",     # a bug: the daemon logged a traceback and carried on
+    "forbidden",    # not this sender's to ask: another host's job, or /hello with the key first
 )
 
 
@@ -306,12 +307,13 @@ class MelodyClear(TrackCommand):
 
 
 @dataclass(frozen=True)
-class Generate(TrackCommand):
+class LengthCommand(TrackCommand):
+    """A stem of a given length: /generate and /play."""
+
     seconds: float | None  # exactly one of seconds and bars is set
     bars: int | None
     priority: int = 0
     at_bar: int | None = None  # the bar (1 = the first) the stem belongs on; None: where the transport is
-    pattern: ClassVar[str] = "/track/<name>/generate"
     expects: ClassVar[str] = "f seconds | i bars, s \"bars\"; optional i priority 0-9; optional s \"at\", i bar"
 
     def check(self) -> None:
@@ -325,6 +327,18 @@ class Generate(TrackCommand):
         _set(self, "priority", check_integer(self, self.priority, "priority", 0, MAX_PRIORITY))
         if self.at_bar is not None:
             _set(self, "at_bar", check_integer(self, self.at_bar, "bar after \"at\"", 1, MAX_BAR_POSITION))
+
+
+@dataclass(frozen=True)
+class Generate(LengthCommand):
+    pattern: ClassVar[str] = "/track/<name>/generate"
+
+
+@dataclass(frozen=True)
+class PlayGenerate(LengthCommand):
+    """/generate, and the part is heard live while it generates (bridge/live_play.py)."""
+
+    pattern: ClassVar[str] = "/track/<name>/play"
 
 
 @dataclass(frozen=True)
@@ -355,6 +369,35 @@ class DeleteTrack(TrackCommand):
 @dataclass(frozen=True)
 class TrackState(TrackCommand):
     pattern: ClassVar[str] = "/track/<name>/state"
+
+
+@dataclass(frozen=True)
+class Note(TrackCommand):
+    pitch: int  # MIDI 0-127
+    velocity: int  # 0 = note off
+    pattern: ClassVar[str] = "/track/<name>/note"
+    expects: ClassVar[str] = "i pitch 0-127, i velocity 0-127 (0 = off)"
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "pitch", check_integer(self, self.pitch, "pitch", 0, 127))
+        _set(self, "velocity", check_integer(self, self.velocity, "velocity", 0, 127))
+
+
+@dataclass(frozen=True)
+class NotesOff(TrackCommand):
+    pattern: ClassVar[str] = "/track/<name>/notes/off"
+
+
+@dataclass(frozen=True)
+class MidiChannel(TrackCommand):
+    channel: int  # 1-16; 0 = route this track's channels back to the default
+    pattern: ClassVar[str] = "/track/<name>/midi/channel"
+    expects: ClassVar[str] = "i MIDI channel 1-16, or 0 to route it back to the default"
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "channel", check_integer(self, self.channel, "channel", 0, 16))
 
 
 @dataclass(frozen=True)
@@ -450,6 +493,27 @@ class JamCommand(Command):
     def check(self) -> None:
         check_text(self, self.track, "track")
         check_track(self, self.track)
+
+
+@dataclass(frozen=True)
+class Hello(Command):
+    """A sender introducing its host with the daemon's --key (bridge.access)."""
+
+    key: str
+    pattern: ClassVar[str] = "/hello"
+    expects: ClassVar[str] = "s key"
+
+    def check(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise _fail(self, "the key must be a non-empty string (s)")
+
+
+@dataclass(frozen=True)
+class Pad(Command):
+    """Bytes that earn the sender reply credit (bridge.replybudget); any arguments, never answered."""
+
+    pattern: ClassVar[str] = "/pad"
+    expects: ClassVar[str] = "anything"
 
 
 @dataclass(frozen=True)
@@ -629,12 +693,14 @@ BUILDERS: dict[type, Builder] = {
     SetPrompt: _one, SetPreset: _one, SetParam: _param,
     MelodyMidi: _path_of("MIDI file", MIDI_SUFFIXES), MelodyAudio: _path_of("audio file", AUDIO_SUFFIXES),
     MelodyNotes: _notes, MelodyChroma: _chroma, MelodyClear: _no_args,
-    Generate: _generate, Continue: _continue,
+    Generate: _generate, PlayGenerate: _generate, Continue: _continue,
+    Note: _two, NotesOff: _no_args, MidiChannel: _one,
     ClearTrack: _no_args, DeleteTrack: _no_args, TrackState: _no_args,
     CancelJob: _no_args, JobStatus: _no_args,
     SetTempo: _one, SetSignature: _two, Play: _optional_beat, Stop: _optional_beat, Locate: _one,
     TransportState: _no_args,
     JamStart: _one, JamStop: _one, JamStatus: _one,
+    Hello: _one, Pad: lambda a, cls, pre: cls(a.address),
 }
 
 

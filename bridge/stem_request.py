@@ -52,9 +52,12 @@ def session_melody_record(melody: dict[str, Any] | None, tempo: float) -> dict[s
             "frames": len(data) // 48, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _checked_file(rec: dict[str, Any], key: str, what: str, where: str) -> Path:
-    """The file a record names; its sha256 recorded on first use and checked on every later one."""
-    p = Path(rec[key])
+def _checked_file(rec: dict[str, Any], key: str, what: str, where: str, pinned: Path | None = None) -> Path:
+    """The file a record names; its sha256 recorded on first use and checked on every later one.
+
+    pinned: a name for the already opened and checked file (bridge.inputs), read instead of rec[key].
+    """
+    p = pinned or Path(rec[key])
     if not p.is_file():
         raise FileNotFoundError(f"{where}: {what} {p} does not exist")
     sha = file_sha256(p)
@@ -66,7 +69,7 @@ def _checked_file(rec: dict[str, Any], key: str, what: str, where: str) -> Path:
     return p
 
 
-def melody_chroma(rec: dict[str, Any], rate: float, seconds: float | None, where: str) -> np.ndarray:
+def melody_chroma(rec: dict[str, Any], rate: float, seconds: float | None, where: str, inputs=None) -> np.ndarray:
     """The (frames, 12) chroma of a melody record at the model's chroma rate, `seconds` long
     (None: as long as the melody is)."""
     import model.melody as mm
@@ -83,6 +86,11 @@ def melody_chroma(rec: dict[str, Any], rate: float, seconds: float | None, where
         if kind == "notes":
             notes = mm.beats_to_seconds(rec["notes"], float(rec["tempo"]))
             return np.asarray(mm.notes_to_chroma(notes, rate, seconds), dtype=np.float32)
+        if kind == "file" and inputs is not None:  # opened, checked and limited by bridge.inputs first
+            with inputs.melody_file(rec["source"]) as pinned:
+                src = _checked_file(rec, "source", "melody file", where, pinned)
+                return np.asarray(mm.load_melody(str(src), rate, seconds=seconds, track=rec.get("track")),
+                                  dtype=np.float32)
         if kind == "file":
             src = _checked_file(rec, "source", "melody file", where)
             return np.asarray(mm.load_melody(str(src), rate, seconds=seconds, track=rec.get("track")),
@@ -104,11 +112,21 @@ def resample_chroma(src: np.ndarray, src_rate: float, rate: float, seconds: floa
     return out
 
 
-def load_take(rec: dict[str, Any], engine, where: str) -> np.ndarray:
-    """A continuation's take at the model's rate and channel count."""
+def load_take(rec: dict[str, Any], engine, where: str, inputs=None,
+              cancel: threading.Event | None = None) -> np.ndarray:
+    """A continuation's take at the model's rate and channel count.
+
+    inputs (bridge.inputs.Inputs): the take is opened and checked where it is read (a name
+    swapped for a link after the message was accepted is bad_path), limited, and read a second
+    at a time so `cancel` stops it.
+    """
     from audiofile import read_audio, resample
 
-    take, rate = read_audio(_checked_file(rec, "path", "take", where))
+    if inputs is not None:
+        with inputs.pinned(rec["path"], "take") as pinned:
+            take, rate = inputs.read_take(_checked_file(rec, "path", "take", where, pinned), cancel)
+    else:
+        take, rate = read_audio(_checked_file(rec, "path", "take", where))
     audio = resample(take, rate, engine.sample_rate) if rate != engine.sample_rate else take
     return fit_channels(audio, engine.channels)
 
@@ -121,15 +139,18 @@ def fit_channels(audio: np.ndarray, channels: int) -> np.ndarray:
 
 
 def build_request(rec: dict[str, Any], engine, where: str,
-                  cancel: threading.Event | None = None) -> GenerationRequest:
-    """The GenerationRequest of a request record (the one request builder for every stem)."""
+                  cancel: threading.Event | None = None, inputs=None) -> GenerationRequest:
+    """The GenerationRequest of a request record (the one request builder for every stem).
+
+    inputs: the daemon's bridge.inputs.Inputs (files named over OSC are checked where opened).
+    """
     melody = None
     if rec.get("melody"):
         refusal = melody_refusal(engine)
         if refusal:
             raise StemRequestError(f"{where}: follows a melody, but {refusal}")
-        melody = melody_chroma(rec["melody"], engine.chroma_frame_rate, float(rec["seconds"]), where)
-    audio_prompt = load_take(rec["continuation"], engine, where) if rec.get("continuation") else None
+        melody = melody_chroma(rec["melody"], engine.chroma_frame_rate, float(rec["seconds"]), where, inputs)
+    audio_prompt = load_take(rec["continuation"], engine, where, inputs, cancel) if rec.get("continuation") else None
     return GenerationRequest(prompt=rec["prompt"], seconds=float(rec["seconds"]),
                              params=SamplingParams.from_dict(rec["params"]), melody=melody,
                              audio_prompt=audio_prompt, cancel=cancel or threading.Event())

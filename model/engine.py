@@ -12,7 +12,6 @@ Requests in one call are decoded together, one forward pass per step for the who
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -25,6 +24,7 @@ from model.generate import StepPlan, decode_n, new_state, prefill
 from model.loading import ResolvedModel, load_hf_model, resolve_model
 from model.patterns import get_pattern
 from model.sampling import Sampler
+from model.scheduler import StepGate
 from model.types import MAX_REQUEST_SECONDS, AudioChunk, GenerationRequest, RequestError, melody_refusal
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,10 @@ def pick_dtype(dtype: str, device: str) -> str:
 class Engine:
     """A loaded MusicGen and the decode loop over its weights.
 
-    Thread-safety: one call at a time (a lock serialises them); `request.cancel` may be set
-    from any thread and is honoured within one decoder step.
+    Thread-safety: calls may run from several threads; their decoder steps pass one at a time
+    through `self.gate` (model.scheduler.StepGate), live calls ahead of offline ones, and no
+    lock is held across a yield to a consumer. `request.cancel` may be set from any thread and
+    is honoured within one decoder step.
     """
 
     def __init__(self, hf_model, tokenizer, resolved: ResolvedModel, device: str = "cpu",
@@ -92,7 +94,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.resolved = resolved
         self.device = device
-        self._lock = threading.Lock()
+        self.gate = StepGate()  # one decoder step at a time, live work first (model/scheduler.py)
         cfg = hf_model.config
         self.sample_rate = int(cfg.audio_encoder.sampling_rate)
         self.channels = int(cfg.decoder.audio_channels)
@@ -190,7 +192,7 @@ class Engine:
 
     def _frames(
         self, requests: Sequence[GenerationRequest], progress: Progress | None,
-        chunk_frames: int = 0, first_chunk_frames: int = 0,
+        chunk_frames: int = 0, first_chunk_frames: int = 0, live: bool = False,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (request index, newly final codes (K, n)) as frames complete.
 
@@ -233,7 +235,7 @@ class Engine:
                 win_reqs.append(self._window_request(requests[i], start))
             for j, i, codes in self._run_window(win_reqs, win_prompts, new,
                                                 progress, chunk_frames, made, targets, idx,
-                                                first_chunk_frames or chunk_frames):
+                                                first_chunk_frames or chunk_frames, live):
                 history[i] = np.concatenate([history[i], codes], axis=1)[:, -window:]
                 made[i] += codes.shape[1]
                 yield i, codes
@@ -253,7 +255,7 @@ class Engine:
         return replace(r, melody=melody, audio_prompt=None, cancel=r.cancel)
 
     def _run_window(self, reqs, prompts, new_frames, progress, chunk_frames, made, targets, idx,
-                    first_chunk_frames=0):
+                    first_chunk_frames=0, live=False):
         """One window for a batch: prompt codes + new_frames each; yields (j, i, new codes)."""
         plens = [0 if p is None else p.shape[1] for p in prompts]
         totals = [p + f for p, f in zip(plens, new_frames)]
@@ -282,41 +284,51 @@ class Engine:
                     sent[j] = upto
                     yield j, idx[j], codes
 
-        with self._lock, torch.inference_mode():
-            params = [r.params for r in reqs]
-            guided = any(p.guidance != 1.0 for p in params)
-            cond = build_conditioning(
-                self.hf, self.tokenizer, [r.prompt for r in reqs],
-                [r.melody for r in reqs] if self.is_melody else None, guided, self.device,
-                self.compute_dtype,
-            )
-            scale = (torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1)
-                     if guided else None)
-            sampler = Sampler.for_params(params, self.device)
-            state = new_state(self.lm, cond, plan, sampler, scale, prompts, self.compute_dtype)
-            prefill(state)
-            last_pct = [-1] * len(reqs)
-            while not state.done:
-                decode_n(state, 1)
-                if self.step_hook is not None:
-                    self.step_hook()
-                step = state.step - 1
-                for j, r in enumerate(reqs):
-                    if r.cancel.is_set():
-                        cancelled[j] = True
-                if all(cancelled):
-                    break
-                if progress is not None:
-                    for j in range(len(reqs)):
-                        new = max(0, ready(j, step) - plens[j])
-                        frac = min(1.0, (made[idx[j]] + new) / targets[idx[j]])
-                        if not cancelled[j] and int(frac * 100) != last_pct[j]:
-                            last_pct[j] = int(frac * 100)
-                            progress(idx[j], frac)
-                if chunk_frames:
-                    yield from emit(step, final=False)
-            if not all(cancelled):
-                yield from emit(state.n_steps, final=True)
+        def stop() -> bool:
+            return all(r.cancel.is_set() for r in reqs)
+
+        # The gate is held for one step (or the prefill) at a time and never across a yield:
+        # live calls go ahead of offline ones between steps (model/scheduler.py).
+        with self.gate.step(live, stop) as ok:
+            if not ok:
+                return
+            with torch.inference_mode():
+                params = [r.params for r in reqs]
+                guided = any(p.guidance != 1.0 for p in params)
+                cond = build_conditioning(
+                    self.hf, self.tokenizer, [r.prompt for r in reqs],
+                    [r.melody for r in reqs] if self.is_melody else None, guided, self.device,
+                    self.compute_dtype,
+                )
+                scale = (torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1)
+                         if guided else None)
+                sampler = Sampler.for_params(params, self.device)
+                state = new_state(self.lm, cond, plan, sampler, scale, prompts, self.compute_dtype)
+                prefill(state)
+        last_pct = [-1] * len(reqs)
+        while not state.done:
+            with self.gate.step(live, stop) as ok:
+                if ok:
+                    decode_n(state, 1)
+            if self.step_hook is not None and ok:
+                self.step_hook()
+            step = state.step - 1
+            for j, r in enumerate(reqs):
+                if r.cancel.is_set():
+                    cancelled[j] = True
+            if all(cancelled):
+                break
+            if progress is not None:
+                for j in range(len(reqs)):
+                    new = max(0, ready(j, step) - plens[j])
+                    frac = min(1.0, (made[idx[j]] + new) / targets[idx[j]])
+                    if not cancelled[j] and int(frac * 100) != last_pct[j]:
+                        last_pct[j] = int(frac * 100)
+                        progress(idx[j], frac)
+            if chunk_frames:
+                yield from emit(step, final=False)
+        if not all(cancelled):
+            yield from emit(state.n_steps, final=True)
 
     # ------------------------------------------------------------------ public calls
 
@@ -344,13 +356,14 @@ class Engine:
 
     def stream_batch(
         self, requests: Sequence[GenerationRequest], chunk_seconds: float = 1.0,
-        progress: Progress | None = None, first_chunk_seconds: float = 0.25,
+        progress: Progress | None = None, first_chunk_seconds: float = 0.25, live: bool = False,
     ) -> Iterator[AudioChunk]:
         """Audio chunks of every request as soon as the codec can produce them.
 
         Each request's chunks arrive in order with `start` offsets; raises Cancelled when all
         requests are cancelled. The codec decodes a sliding window, so a chunk's cost does not
-        grow with what was already generated.
+        grow with what was already generated. `live`: a call someone is listening to (a track
+        playing while it generates): its steps go ahead of offline calls (model/scheduler.py).
         """
         from model.codec import StreamingDecoder
 
@@ -358,7 +371,7 @@ class Engine:
         first_frames = max(1, min(chunk_frames, int(round(first_chunk_seconds * self.frame_rate))))
         decoders = [StreamingDecoder(self.hf.audio_encoder, self.channels) for _ in requests]
         starts = [0] * len(requests)
-        for i, codes in self._frames(requests, progress, chunk_frames, first_frames):
+        for i, codes in self._frames(requests, progress, chunk_frames, first_frames, live):
             with torch.inference_mode():
                 audio = decoders[i].push(torch.from_numpy(codes).to(self.device))
             if audio.shape[1]:
@@ -372,9 +385,10 @@ class Engine:
             yield AudioChunk(tail, self.sample_rate, starts[i], True, i)
 
     def stream(self, request: GenerationRequest, chunk_seconds: float = 1.0,
-               first_chunk_seconds: float = 0.25) -> Iterator[AudioChunk]:
+               first_chunk_seconds: float = 0.25, live: bool = False) -> Iterator[AudioChunk]:
         """One request's audio chunks in order; raises Cancelled if it is cancelled."""
-        yield from self.stream_batch([request], chunk_seconds, first_chunk_seconds=first_chunk_seconds)
+        yield from self.stream_batch([request], chunk_seconds, first_chunk_seconds=first_chunk_seconds,
+                                     live=live)
 
 
 def _step_of(index: np.ndarray, n_frames: int) -> np.ndarray:

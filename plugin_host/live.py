@@ -41,6 +41,41 @@ class LiveError(ValueError):
     """Audio a track player cannot take (wrong rate or channel count); the message says what it expects."""
 
 
+class BehindStatus:
+    """One behind/realtime status for everything that feeds a live track (TrackPlayer, Jam).
+
+    Each source (the player's ring, the jam's chunks) reports whether it is behind; the status is
+    behind while any source is. `on_change(fields)` is called when the aggregate flips. Shared so
+    that a jam and its player report one `behind`, one `behind_events`, one realtime factor.
+    """
+
+    def __init__(self, on_change: Callable[[], None] | None = None):
+        self.on_change = on_change
+        self._sources: dict[str, bool] = {}
+        self.behind = False
+        self.behind_events = 0  # reports of falling behind (a player: each time its ring runs low or dry)
+        self.realtime_factor: float | None = None  # audio seconds per second of producing it (latest)
+
+    def report(self, source: str, behind: bool, new_event: bool = False,
+               realtime_factor: float | None = None) -> bool:
+        """Record `source`'s state; True when the aggregate `behind` changed."""
+        if realtime_factor is not None:
+            self.realtime_factor = realtime_factor
+        self._sources[source] = behind
+        if behind and (new_event or not self.behind):
+            self.behind_events += 1
+        now = any(self._sources.values())
+        changed = now != self.behind
+        self.behind = now
+        if changed and self.on_change is not None:
+            self.on_change()
+        return changed
+
+    def fields(self) -> dict[str, Any]:
+        return {"behind": self.behind, "behind_events": self.behind_events,
+                "realtime_factor": self.realtime_factor}
+
+
 CHAIN_BLOCK = 4096  # frames per chain call; the first call is exactly this long (see ChunkProcessor)
 
 
@@ -118,7 +153,8 @@ class TrackPlayer:
     """
 
     def __init__(self, track: OutputTrack, source_rate: int, chain=None,
-                 on_status: StatusCallback | None = None, behind_margin: float = 0.25):
+                 on_status: StatusCallback | None = None, behind_margin: float = 0.25,
+                 status: BehindStatus | None = None):
         self.track = track
         self.proc = ChunkProcessor(source_rate, track.samplerate, track.channels, chain)
         self.on_status = on_status
@@ -128,8 +164,8 @@ class TrackPlayer:
         self.error: BaseException | None = None
         self.produced_seconds = 0.0  # audio seconds received from the source
         self.chunks = 0
-        self.behind = False
-        self.behind_events = 0
+        self.behind_status = status or BehindStatus()  # shared with a jam that owns this player
+        self._was_behind = False
         self.chunk_rate = float("inf")  # last chunk: audio seconds per wall second of waiting for it
         self._t_start = time.monotonic()
         self._t_ready = self._t_start
@@ -209,17 +245,24 @@ class TrackPlayer:
         self._underruns_seen = self.track.underruns
         slow = self.chunk_rate < 1.0 and self.track.buffered_seconds < self.behind_margin
         behind = underran or slow
-        if behind and not self.behind:
-            self.behind_events += 1
-        changed = behind != self.behind
-        self.behind = behind
+        changed = self.behind_status.report("player", behind, new_event=behind and not self._was_behind)
+        self._was_behind = behind
         if (changed or force) and self.on_status is not None:
             self.on_status(self.status())
+
+    @property
+    def behind(self) -> bool:
+        return self.behind_status.behind
+
+    @property
+    def behind_events(self) -> int:
+        return self.behind_status.behind_events
 
     def status(self) -> dict[str, Any]:
         wall = max(1e-9, time.monotonic() - self._t_start)
         return {
             "track": self.track.name, "behind": self.behind, "behind_events": self.behind_events,
+            "behind_sources": {k: v for k, v in self.behind_status._sources.items() if v},
             "chunks": self.chunks, "produced_seconds": self.produced_seconds,
             "realtime_factor": self.produced_seconds / wall, "chunk_rate": self.chunk_rate,
             "buffered": self.track.buffered_seconds, "underruns": self.track.underruns,

@@ -22,6 +22,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also report teacher-forced logit error of each precision vs float32")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--json", help="write the full report here")
+    p.add_argument("--jam", action="store_true",
+                   help="benchmark a live jam instead (bridge/jam_bench.py): jam realtime factor, chunk latency, "
+                        "first audio vs its bar line, note-to-audio latency; 2-bar chunks at 120 bpm by default")
+    p.add_argument("--jam-seconds", type=positive_float, default=30.0, help="--jam: music per run (default 30)")
+    p.add_argument("--tempo", type=positive_float, default=120.0, help="--jam: bpm (default 120)")
+    p.add_argument("--chunk-bars", type=int, default=2, help="--jam: bars per chunk (default 2)")
+    p.add_argument("--audio", default="jack-dummy",
+                   help="--jam: output device, or jack-dummy (the default: a private JACK dummy server)")
+    p.add_argument("--no-notes", action="store_true",
+                   help="--jam: skip the melody-input runs that measure note-to-audio latency")
     p.set_defaults(func=run)
 
 
@@ -41,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
                          "expected a comma-separated list of float32, bfloat16, int8, int4")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.jam:
+        return _run_jam(args, dtypes)
     report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
                        args.stream_seconds or args.seconds, args.quality,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -49,4 +61,31 @@ def run(args: argparse.Namespace) -> int:
     print(bench.table(report))
     if args.json:
         bench.save(report, args.json)
+    return 0
+
+
+def _run_jam(args: argparse.Namespace, dtypes: list[str]) -> int:
+    import json
+    import sys
+
+    from bridge import jam_bench
+    from bridge.cli import UsageError
+
+    if not 1 <= args.chunk_bars <= 16:
+        raise UsageError(f"--chunk-bars must be 1-16, got {args.chunk_bars}")
+    if not 20 <= args.tempo <= 400:
+        raise UsageError(f"--tempo must be in [20, 400] bpm, got {args.tempo}")
+    device = args.audio if args.audio == "jack-dummy" or not args.audio.isdigit() else int(args.audio)
+    try:
+        report = jam_bench.run(args.arch, dtypes, args.jam_seconds, args.tempo, args.chunk_bars, device,
+                               not args.no_notes, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except RuntimeError as e:
+        raise UsageError(str(e)) from None
+    m = report["machine"]
+    print(f"\njam: {args.arch}, {args.chunk_bars}-bar chunks at {args.tempo:g} bpm, {args.jam_seconds:g} s per run, "
+          f"{m['cpu']}, {m['threads']} threads, output {report['device']}\n")
+    print(jam_bench.table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=float)
     return 0

@@ -6,11 +6,12 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
 
-from bridge.commands.common import add_model_args, nonneg_int, request_seconds
+from bridge.commands.common import add_model_args, nonneg_int, positive_float, request_seconds
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -36,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Load the model once and serve OSC over UDP until SIGINT/SIGTERM.")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default loopback; anything else is reachable from the network)")
+                   help="address to bind (default loopback; anything else is reachable from the network "
+                        "and needs --allow-from)")
     p.add_argument("--port", type=nonneg_int, default=9010, help="UDP port (default 9010; 0 = any free port)")
     p.add_argument("--reply-to", type=host_port, default=None, metavar="HOST:PORT",
                    help="send every reply here instead of to the sender (DAWs listen on one fixed port)")
@@ -46,13 +48,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where stems are written (default SESSION_DIR/stems); message paths may point here")
     p.add_argument("--allow-dir", type=Path, action="append", default=[], metavar="DIR",
                    help="another folder message paths (melody files, takes) may point into; repeatable")
-    p.add_argument("--audio", default="none", metavar="DEVICE|none",
-                   help="live audio output: a device name or index, 'default', or none (the default)")
+    p.add_argument("--audio", default="auto", metavar="DEVICE|auto|none",
+                   help="live audio output for jams and playing while generating: a device name (or part of "
+                        "one) or index, 'default', 'auto' (the default: the default output if there is one, "
+                        "else none), or none (stems only)")
+    p.add_argument("--midi-in", action="append", default=[], metavar="PORT",
+                   help="a MIDI input port to hear live notes from (a name or a part of one, on any rtmidi API: "
+                        "JACK, ALSA, CoreMIDI, WinMM; `musicbridge devices` lists them); repeatable")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds a running job may take to finish after SIGINT/SIGTERM before it is cancelled")
     p.add_argument("--max-seconds", type=request_seconds, default=120.0, help="longest job in seconds (at most 600)")
     p.add_argument("--max-queued", type=nonneg_int, default=32, help="most jobs waiting at once")
     p.add_argument("--max-tracks", type=nonneg_int, default=64, help="most tracks in the session")
+    p.add_argument("--max-take-seconds", type=positive_float, default=600.0,
+                   help="longest take or melody audio file accepted, by its declared length (default 600)")
+    p.add_argument("--allow-from", action="append", default=[], metavar="CIDR",
+                   help="a network whose hosts may send (repeatable, e.g. 192.168.1.0/24); default loopback "
+                        "only; required to bind a non-loopback --host (docs/security.md)")
+    p.add_argument("--key", default=os.environ.get("MUSICBRIDGE_KEY"), metavar="KEY",
+                   help="senders other than 127.0.0.1/::1 must first send /hello KEY (8-256 characters; "
+                        "default $MUSICBRIDGE_KEY, which keeps it out of the process list)")
+    p.add_argument("--resume", action="store_true",
+                   help="queue jobs a crash interrupted again, instead of reporting them /job/failed")
     p.add_argument("--follow", type=follow_spec, default="typed", metavar="SOURCE",
                    help="the clock the transport follows: typed (the /transport/* messages, the default), "
                         "jack, link, midi-clock:PORT or osc (a DAW's own OSC feedback); see docs/daw.md")
@@ -88,9 +105,20 @@ def run(args: argparse.Namespace) -> int:
     from plugin_host.stems import check_out_dir
 
     check_out_dir(stems_dir)
+    from bridge.access import Access, AccessError
+
+    try:
+        Access(args.allow_from, args.key)
+    except AccessError as e:
+        raise UsageError(str(e)) from None
     if not _is_loopback(args.host):
-        log.warning("WARNING: binding %s makes the daemon reachable from other machines; anyone who can "
-                    "send it UDP can queue jobs and read files under the allowed folders", args.host)
+        if not args.allow_from:
+            raise UsageError(f"--host {args.host} makes the daemon reachable from other machines, and anyone who "
+                             "can send it UDP could queue jobs, cancel them and read files under the allowed "
+                             "folders; say who may send with --allow-from CIDR (e.g. --allow-from "
+                             "192.168.1.0/24), and consider --key (see docs/security.md)")
+        log.warning("WARNING: binding %s: hosts in %s may send%s", args.host, ", ".join(args.allow_from),
+                    "" if args.key else " (no --key: any of them can queue and cancel jobs)")
 
     _check_port_free(args.host, args.port)
 
@@ -103,7 +131,26 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         audio = None if args.audio == "none" else open_audio(args.audio, stack)
-        return _serve(args, session_dir, stems_dir, audio)
+        notes = open_notes(args.midi_in, audio, stack)
+        return _serve(args, session_dir, stems_dir, audio, notes)
+
+
+def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
+    """The note router (live notes for jams), fed by every --midi-in port; stamped on the output clock."""
+    import time
+
+    from bridge.cli import UsageError
+    from bridge.midi import NoteRouter, open_midi_inputs
+
+    clock = (lambda: audio.position / audio.samplerate) if audio is not None else time.monotonic
+    router = NoteRouter(clock)
+    if ports:
+        try:
+            opened = open_midi_inputs(ports, router.message, stack)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        log.info("live notes from MIDI input %s", ", ".join(opened))
+    return router
 
 
 def open_audio(spec: str, stack: contextlib.ExitStack):
@@ -116,18 +163,24 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
     except ImportError:
         raise UsageError(f"live audio output (--audio {spec}) is not available in this build; "
                          "use --audio none and render stems") from None
-    device = None if spec == "default" else int(spec) if spec.isdigit() else spec
+    device = None if spec in ("default", "auto") else int(spec) if spec.isdigit() else spec
     try:  # the callback in its own process: the engine's decode loop holds this one's GIL (docs/live.md)
         out = stack.enter_context(AudioOutputProcess(device=device))
     except OutputError as e:
+        if spec == "auto":
+            log.info("no live audio: this machine has no default audio output (start JACK or PipeWire first, "
+                     "or pass --audio DEVICE); stems still work")
+            log.debug("--audio auto: %s", e)
+            return None
         raise UsageError(str(e)) from None
     log.info("live audio goes to %s (%d Hz, %d channels)", out.device_name, out.samplerate, out.channels)
     return out
 
 
-def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) -> int:
+def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes=None) -> int:
     from bridge.cli import UsageError
     from bridge.daemon import Daemon, DaemonConfig
+    from bridge.inputs import InputLimits
     from bridge.protocol import Limits
     from model.engine import Engine
 
@@ -138,6 +191,8 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) 
                           grace=args.grace, limits=Limits(max_seconds=args.max_seconds,
                                                           max_queued=args.max_queued,
                                                           max_tracks=args.max_tracks),
+                          allow_from=tuple(args.allow_from), key=args.key, resume=args.resume,
+                          input_limits=InputLimits(max_take_seconds=args.max_take_seconds),
                           follow=args.follow, ardour=args.ardour,
                           done_list=(args.done_list or session_dir / "done-list.txt").expanduser())
     stop = threading.Event()
@@ -150,7 +205,7 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio) 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            daemon = Daemon(engine, config, audio=audio)
+            daemon = Daemon(engine, config, audio=audio, notes=notes)
         except OSError as e:
             raise UsageError(f"cannot start: {e}") from None
         from bridge.clock import ClockError

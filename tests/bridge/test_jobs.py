@@ -167,9 +167,9 @@ def test_a_track_melody_loops_under_a_jam():
     from bridge.melody_source import LoopedMelody, whole_melody_chroma
 
     notes = {"kind": "notes", "notes": [[60, 0.0, 1.0], [62, 1.0, 1.0]]}  # 2 beats at 120 bpm = 1 s
-    clock = iter([100.0]).__next__
-    src = LoopedMelody(np.eye(12, dtype=np.float32)[[0, 0, 1, 1]], 4.0, clock=clock)  # 1 s at 4 fps
-    out = src.chroma(100.0, 2.0, 4.0)
+    src = LoopedMelody(np.eye(12, dtype=np.float32)[[0, 0, 1, 1]], 4.0)  # 1 s at 4 fps
+    assert src.live is False  # a jam asks it for the stretch a chunk will play over
+    out = src.chroma(0.0, 2.0, 4.0)  # time 0 = the jam's first bar line = the melody's start
     assert [int(r.argmax()) for r in out] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert [int(r.argmax()) for r in src.chroma(100.5, 0.5, 4.0)] == [1, 1]
     assert [int(r.argmax()) for r in whole_melody_chroma(notes, 4.0, 120.0)] == [0, 0, 2, 2]  # C then D

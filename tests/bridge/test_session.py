@@ -79,3 +79,36 @@ def test_a_broken_session_file_is_named(tmp_path, text):
     (tmp_path / "session.json").write_text(text)
     with pytest.raises(SessionError, match="session.json"):
         LiveSession(tmp_path)
+
+
+def test_changes_saved_together_are_one_write_and_undone_together_when_it_fails(tmp_path, monkeypatch):
+    """The daemon handles packets waiting at once as a group: one save at the end, all or nothing."""
+    import json
+
+    import pytest
+
+    from bridge.protocol import ProtocolError
+    from bridge.session import LiveSession
+
+    s = LiveSession(tmp_path)
+    s.update_track("a", prompt="one")
+    writes = []
+    real = s._write
+    monkeypatch.setattr(s, "_write", lambda data: (writes.append(data), real(data)))
+    with s.saved_together():
+        s.update_track("a", prompt="two")
+        s.update_transport(tempo=90.0)
+        assert s.unsaved() and writes == []
+    assert len(writes) == 1 and not s.unsaved()
+    assert json.loads((tmp_path / "session.json").read_text())["tracks"]["a"]["prompt"] == "two"
+
+    def full(data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(s, "_write", full)
+    with pytest.raises(ProtocolError, match="No space left") as e:
+        with s.saved_together():
+            s.update_track("a", prompt="three")
+            s.update_transport(tempo=100.0)
+    assert e.value.code == "failed"
+    assert s.track("a").prompt == "two" and s.transport.tempo == 90.0  # both undone

@@ -1,0 +1,260 @@
+"""Hostile datagrams against the real daemon (`musicbridge serve`) over loopback UDP.
+
+Issue #13: one 24-byte packet used to hang the daemon for good. Here every malformed packet
+of a corpus, and 100,000 fuzzed ones, must leave /ping answered within 100 ms, the log small
+and the session unchanged. The fuzz seed is in the test name: rerun with the same seed to replay.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from bridge.osc import OscClient, encode
+from tests.bridge.hostile_packets import corpus, fuzz_packets
+from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess, drain, expect
+
+PING_BOUND = 0.100  # seconds: the issue's bound for /ping after a bad packet
+LOG_BOUND = 1_000_000  # bytes
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, tiny_model_dir):
+    base = tmp_path_factory.mktemp("hostile")
+    presets = base / "presets"
+    presets.mkdir()
+    (presets / "plain.toml").write_text(PLAIN_PRESET)
+    # --max-queued 0: a fuzzed generate is answered busy instead of running the model for minutes
+    # --max-tracks 512: fuzzed names must not use up the tracks the later tests create
+    d = DaemonProcess(tiny_model_dir, base / "session", presets, "--max-queued", "0", "--max-tracks", "512")
+    with d.client() as pinger:
+        d.wait_ready(pinger)
+        yield d, pinger
+    assert d.stop() == 0
+
+
+def ping_latency(c: OscClient, timeout: float = 1.0) -> float:
+    drain(c, 0.0)
+    t0 = time.perf_counter()
+    c.send("/ping")
+    r = c.wait_for(lambda a, _: a == "/pong", timeout)
+    assert r is not None, f"no /pong within {timeout} s"
+    return time.perf_counter() - t0
+
+
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped on the daemon's socket (its receive buffer was full)."""
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[1].endswith(f":{port:04X}"):
+                return int(cols[-1])
+    raise AssertionError(f"no UDP socket on port {port}")
+
+
+def test_malformed_corpus_keeps_ping_under_100ms(daemon):
+    d, pinger = daemon
+    pinger.send("/transport/tempo", 120.0)
+    expect(pinger, "/ok")
+    cases = corpus()
+    lines_before = len(d.log_text().splitlines())
+    worst, worst_case = 0.0, ""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        attacker.bind(("127.0.0.1", 0))
+        for name, data in cases:
+            attacker.sendto(data, ("127.0.0.1", d.port))
+            latency = ping_latency(pinger)
+            assert d.proc.poll() is None, f"daemon died on {name!r}:\n{d.log_text()[-3000:]}"
+            if latency > worst:
+                worst, worst_case = latency, name
+    print(f"\n{len(cases)} malformed packets; worst /ping latency {worst * 1e3:.1f} ms (after {worst_case!r}); "
+          f"log {d.log_path.stat().st_size} bytes")
+    assert worst < PING_BOUND, f"/ping took {worst * 1e3:.1f} ms after {worst_case!r}"
+    pinger.send("/status")
+    status = expect(pinger, "/status")
+    assert status[5] == 120.0  # the truncated /transport/tempo was not applied
+    assert d.log_path.stat().st_size < LOG_BOUND
+    log = d.log_text()
+    assert len(log.splitlines()) - lines_before <= len(cases)  # at most one line per bad packet
+    assert "Traceback" not in log and "internal error" not in log
+
+
+def test_corpus_packets_get_bad_packet_errors(daemon):
+    """A malformed packet is answered /error bad_packet naming the problem (when the budget allows)."""
+    d, _ = daemon
+    time.sleep(1.1)  # the daemon sends at most 200 error replies a second: let the corpus's second pass
+    # from its own host address: 127.0.0.1's reply allowance went on the corpus's errors
+    with OscClient("127.0.0.1", d.port, listen_host="127.0.0.7") as c:
+        for data, why in [(b"#bundle\0" + b"\0\0\0\0\0\0\0\1\xff\xff\xff\xfc/ping\0\0\0,\0\0\0", "declares -4 bytes"),
+                          (encode("/transport/tempo", [120.0])[:25], "not a multiple of 4")]:
+            c.send_raw(data)
+            err = expect(c, "/error")
+            assert err[0] == "bad_packet" and why in err[1], err
+
+
+def test_fuzz_seed_20261125_100k_packets(daemon):
+    """100,000 fuzzed datagrams in bursts of 100; after each burst /ping within 100 ms, none lost."""
+    d, pinger = daemon
+    seed, total, burst = 20261125, 100_000, 100
+    drops_before = udp_drops(d.port)
+    worst = 0.0
+    sent = 0
+    t0 = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        attacker.bind(("127.0.0.1", 0))
+        batch = []
+        for data in fuzz_packets(seed, total):
+            batch.append(data)
+            if len(batch) < burst:
+                continue
+            for p in batch:
+                attacker.sendto(p, ("127.0.0.1", d.port))
+            sent += len(batch)
+            batch = []
+            # catch up: the burst waits in the socket buffer; a /ping queued behind it is answered once read
+            pinger.send("/ping")
+            assert pinger.wait_for(lambda a, _: a == "/pong", 30.0) is not None, \
+                f"no /pong after {sent} packets (seed {seed}):\n{d.log_text()[-3000:]}"
+            worst = max(worst, ping_latency(pinger))
+    elapsed = time.monotonic() - t0
+    size = d.log_path.stat().st_size
+    drops = udp_drops(d.port) - drops_before
+    print(f"\nfuzz seed {seed}: {sent} packets in {elapsed:.1f} s; worst /ping {worst * 1e3:.1f} ms; "
+          f"log {size} bytes; kernel drops {drops}")
+    assert sent == total
+    assert drops == 0, f"{drops} datagrams never reached the daemon"
+    assert worst < PING_BOUND, f"/ping took {worst * 1e3:.1f} ms"
+    assert size < LOG_BOUND
+    log = d.log_text()
+    assert "Traceback" not in log and "internal error" not in log
+
+
+def _reply_bytes(sock: socket.socket, quiet: float = 0.5) -> tuple[int, int]:
+    """(bytes, datagrams) received until `quiet` seconds pass without one."""
+    sock.settimeout(quiet)
+    total = count = 0
+    while True:
+        try:
+            total += len(sock.recv(65535))
+            count += 1
+        except (TimeoutError, socket.timeout):
+            return total, count
+
+
+def _long_track_names(pinger: OscClient) -> None:
+    """40 tracks with 32-character names: /tracks answers about 1.5 KB."""
+    for i in range(40):
+        pinger.send(f"/track/{'n' * 28}{i:04d}/prompt", "pad")
+    for _ in range(40):
+        expect(pinger, "/ok")
+
+
+def _fresh_host_socket(host: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((host, 0))
+    return s
+
+
+def test_bundles_of_queries_get_no_more_bytes_back_than_they_sent(daemon):
+    """Issue #13: a 16 KB bundle of /tracks and /ping once brought back 506 KB (149x with long names)."""
+    from tests.bridge.hostile_packets import bundle
+
+    d, pinger = daemon
+    _long_track_names(pinger)
+    queries = [encode("/tracks"), encode("/ping"), encode("/status")]
+    # from 127.0.0.3: a host with no credit banked by the other tests' traffic
+    with _fresh_host_socket("127.0.0.3") as s:
+        sent = 0
+        for k in range(10):
+            data = bundle(*[queries[(k + i) % 3] for i in range(1000)])
+            s.sendto(data, ("127.0.0.1", d.port))
+            sent += len(data)
+        got, replies = _reply_bytes(s)
+    print(f"\nbundles of queries: sent {sent} bytes, got back {got} bytes in {replies} replies "
+          f"({got / sent:.2f}x)")
+    assert 0 < got <= sent
+
+    with _fresh_host_socket("127.0.0.4") as s:  # pongs are no bigger than pings: every one is answered
+        data = bundle(*[encode("/ping")] * 1000)
+        s.sendto(data, ("127.0.0.1", d.port))
+        got, replies = _reply_bytes(s)
+    assert replies == 1000 and got <= len(data)
+
+
+def test_lone_queries_get_at_most_the_small_allowance_more(daemon):
+    """Single-message packets may draw on 2 KiB + 1 KiB/s more than they sent (so /status polling works)."""
+    from bridge.replybudget import ALLOWANCE_BURST, ALLOWANCE_RATE
+
+    d, _ = daemon
+    with _fresh_host_socket("127.0.0.5") as s:
+        sent = 0
+        t0 = time.monotonic()
+        for i in range(3000):
+            data = encode("/tracks")
+            s.sendto(data, ("127.0.0.1", d.port))
+            sent += len(data)
+            if i % 100 == 99:
+                time.sleep(0.01)  # stay inside the daemon's socket buffer
+        got, replies = _reply_bytes(s)
+        elapsed = time.monotonic() - t0
+    allowed = sent + ALLOWANCE_BURST + ALLOWANCE_RATE * elapsed
+    print(f"\nlone /tracks: sent {sent} bytes, got back {got} ({replies} replies) in {elapsed:.1f} s; "
+          f"bound {allowed:.0f}")
+    assert 0 < got <= allowed
+
+
+def test_a_pad_in_the_bundle_pays_for_a_big_answer(daemon):
+    from tests.bridge.hostile_packets import bundle
+
+    d, pinger = daemon
+    _long_track_names(pinger)
+    with _fresh_host_socket("127.0.0.6") as s:
+        s.sendto(bundle(encode("/tracks")), ("127.0.0.1", d.port))
+        assert _reply_bytes(s, 0.3) == (0, 0)  # a fresh host's bundle cannot pay for a 1.5 KB list
+        pad = encode("/pad", [b"\0" * 2000])
+        s.sendto(bundle(encode("/tracks"), pad), ("127.0.0.1", d.port))
+        got, replies = _reply_bytes(s, 0.3)
+        assert replies == 1 and 1000 < got <= 2000 + 40
+
+
+def test_a_burst_of_valid_changes_is_saved_once_and_does_not_stall_ping(daemon):
+    """A 40 KB bundle of 1000 prompt changes once cost one fsync each: /ping waited ~10 s."""
+    from tests.bridge.hostile_packets import bundle
+
+    d, pinger = daemon
+    drain(pinger, 0.1)
+    changes = [encode(f"/track/burst{i % 8}/prompt", [f"take {i}"]) for i in range(1000)]
+    t0 = time.perf_counter()
+    pinger.send_raw(bundle(*changes))
+    pinger.send("/ping")
+    seen: list = []
+    assert pinger.wait_for(lambda a, _: a == "/pong", 5.0, seen) is not None
+    took = time.perf_counter() - t0
+    seen += list(pinger.replies(0.3))
+    oks = [r for r in seen if r[0] == "/ok"]
+    print(f"\n1000 changes in one bundle: /pong after {took * 1e3:.0f} ms, {len(oks)} /ok")
+    assert took < 1.0, f"/ping waited {took:.2f} s behind a bundle of 1000 valid changes"
+    assert len(oks) == 1000  # every change acknowledged, after the one save
+    import json
+
+    saved = json.loads((d.session_dir / "session.json").read_text())
+    assert saved["tracks"]["burst7"]["prompt"] == "take 999"  # the last change is on disk
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:  # the same as single packets
+        flood.bind(("127.0.0.1", 0))
+        for i in range(2000):
+            flood.sendto(encode(f"/track/burst{i % 8}/prompt", [f"again {i}"]), ("127.0.0.1", d.port))
+            if i % 100 == 99:
+                time.sleep(0.05)  # stay inside the socket buffer (a dropped /ping would never be answered)
+        t0 = time.perf_counter()
+        pinger.send("/ping")
+        assert pinger.wait_for(lambda a, _: a == "/pong", 5.0) is not None
+        took = time.perf_counter() - t0
+    print(f"2000 single-change packets: /pong {took * 1e3:.0f} ms after the last")
+    assert took < 1.0
+    drain(pinger, 0.5)
+    saved = json.loads((d.session_dir / "session.json").read_text())
+    assert saved["tracks"]["burst7"]["prompt"] == "again 1999"

@@ -1,0 +1,81 @@
+"""LiveStream (a jam's endless token stream) and StepGate (live steps before offline ones)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from model.live_stream import LiveStream
+from model.types import GenerationRequest, SamplingParams
+
+
+def _codes(stream: LiveStream, *stops: int) -> np.ndarray:
+    parts = []
+    for stop in stops:
+        parts += list(stream.advance(stop, piece_frames=7, first_piece_frames=3))
+    return np.concatenate(parts, axis=1)
+
+
+def test_chunks_continue_one_decode_state_exactly(tiny_engine):
+    """Pausing between chunks changes nothing: the same tokens as one uninterrupted run, one prefill."""
+    whole = LiveStream(tiny_engine, "drums", SamplingParams(seed=3), context_seconds=1.0)
+    chunked = LiveStream(tiny_engine, "drums", SamplingParams(seed=3), context_seconds=1.0)
+    a = _codes(whole, 120)
+    b = _codes(chunked, 13, 50, 51, 99, 120)
+    assert a.shape == (tiny_engine.num_codebooks, 120)
+    assert np.array_equal(a, b)
+    assert whole.prefills == chunked.prefills == 1  # no re-prefill inside the window
+
+
+def test_the_window_slides_from_the_streams_own_codes(tiny_engine):
+    s = LiveStream(tiny_engine, "drums", SamplingParams(seed=1), context_seconds=0.5, window_seconds=2.0)
+    codes = _codes(s, 260)  # 2 s window = 100 frames: slides at 100 and at 175 (25 frames of context)
+    assert codes.shape[1] == 260 and s.frames == 260
+    assert s.prefills == 4
+    assert (codes >= 0).all() and (codes < 2048).all()
+
+
+def test_conditioning_re_prefills_only_when_what_is_to_come_changes(tiny_melody_engine):
+    eng = tiny_melody_engine
+    s = LiveStream(eng, "sax", SamplingParams(seed=2), context_seconds=1.0)
+    c = np.zeros((60, 12), np.float32)
+    c[:, 0] = 1.0
+    assert s.condition(c, 0)
+    _codes(s, 50)
+    assert s.prefills == 1
+    same = np.zeros((60, 12), np.float32)
+    same[:, 0] = 1.0
+    assert not s.condition(same, 0)  # the same melody ahead: keep the state
+    assert not s.condition(same[8:], 8 * 50 / 7.8125)  # also when read from later on (frame 51.2)...
+    assert s._melody_at == 51 and len(s._melody) == 52  # ... and the later, further-reaching read is kept
+    _codes(s, 80)
+    assert s.prefills == 1
+    g = same.copy()
+    g[20:] = 0.0
+    g[20:, 7] = 1.0  # from chroma frame 20 (2.56 s = frame 128) on: G, still ahead of frame 80
+    assert s.condition(g, 0)
+    _codes(s, 100)
+    assert s.prefills == 2 and s.frames == 100
+
+
+def test_offline_steps_wait_while_a_live_session_is_open(tiny_engine):
+    progress: list[float] = []
+    gate = tiny_engine.gate
+    done = threading.Event()
+
+    def offline():
+        tiny_engine.generate([GenerationRequest("pad", 3.0)], lambda i, f: progress.append(f))
+        done.set()
+
+    with gate.live_session():
+        t = threading.Thread(target=offline, daemon=True)
+        t.start()
+        time.sleep(1.0)
+        assert progress == [] and not done.is_set()  # not one step while live work is due
+        with gate.step(live=True) as ok:  # live steps still run
+            assert ok
+    assert done.wait(60)
+    assert progress and progress[-1] == 1.0
+    assert gate.offline_waits >= 1
