@@ -18,6 +18,8 @@ from typing import Any
 
 from bridge import protocol as P
 from bridge.access import Access
+from bridge.clock import FollowSpec
+from bridge.clock.hub import ClockHub, JamGridSource, output_clock
 from bridge.inputs import InputLimits, Inputs
 from bridge.journal import Entry, Journal, remove_stale_temporaries
 from bridge.jobs import Job, JobQueue, check_track_params, plan_job
@@ -46,6 +48,9 @@ class DaemonConfig:
     key: str | None = None  # senders other than 127.0.0.1/::1 must /hello with it first
     input_limits: InputLimits = field(default_factory=InputLimits)
     resume: bool = False  # queue jobs a crash interrupted again instead of reporting them failed
+    follow: FollowSpec = field(default_factory=FollowSpec)  # the clock that leads (serve --follow)
+    ardour: Address | None = None    # Ardour's OSC port, asked for transport feedback (--follow osc)
+    done_list: Path | None = None    # every finished stem is appended here (daw/reaper imports it)
 
 
 ERROR_REPLIES_PER_SECOND = 200
@@ -105,6 +110,8 @@ class Daemon:
         self._ok_log = _LogLimiter(20, "changes were not logged: too many at once")
         self._budget_log = _LogLimiter(1, "replies over the reply byte budget were dropped")
         self._own_initiative = threading.local()
+        self.clock = ClockHub(self.session, config.follow, clock=output_clock(audio), ardour=config.ardour,
+                              send=self.server.send)
         self._limiter = _LogLimiter()
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
@@ -112,6 +119,8 @@ class Daemon:
         self.live = LiveControl(engine, audio, notes, self.session.transport,
                                 lambda to, address, args: self.server.send(to, address, args))
         self.jams = self.live.jams  # track -> bridge.jam.Jam (the latest one per track)
+        if config.follow.source != "typed":  # jams play on the followed DAW's bar grid (docs/daw.md)
+            self.live.grid = JamGridSource(self.clock)
         self._closed = False
         self._jobs_entered = False
 
@@ -126,6 +135,13 @@ class Daemon:
             self.server.__enter__()
         except BaseException:
             self.jobs.shutdown(0.0)
+            raise
+        try:
+            self.clock.__enter__()
+        except BaseException:
+            self._closed = True
+            self.jobs.shutdown(0.0)
+            self.server.__exit__(None, None, None)
             raise
         self._report_interrupted(interrupted)
         return self
@@ -158,6 +174,7 @@ class Daemon:
             log.info("shutting down: cancelling %d queued job(s), giving %d running job(s) up to %g s",
                      queued, running, grace)
         self.live.close()
+        self.clock.close()
         self.jobs.shutdown(grace)
         self.server.__exit__(None, None, None)
         log.info("musicbridge stopped; the session is saved in %s", self.session.path)
@@ -201,6 +218,7 @@ class Daemon:
             self.server.send(to, "/job/progress", (job.id, float(payload[0])))
         elif kind == "done":
             log.info("job %d done: track %s, %g s, wrote %s", job.id, job.plan.name, job.plan.seconds, payload[0])
+            self._append_done(job, str(payload[0]))  # before the reply: whoever hears /job/done finds the line
             self.server.send(to, "/job/done", (job.id, payload[0]))
         elif kind == "cancelled":
             log.info("job %d (track %s) cancelled", job.id, job.plan.name)
@@ -220,6 +238,8 @@ class Daemon:
             replay = getattr(self._own_initiative, "value", False)  # --resume: accepted before the crash
             if address not in ("/hello", "/pad") and not replay and self.access.needs_hello(sender):
                 raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
+            if isinstance(address, str) and self.clock.feedback(address, args, sender):
+                return  # a DAW's transport feedback (docs/daw.md): followed or ignored, never answered
             cmd = P.parse(address, args, limits=self.config.limits, paths=self.paths)
             self._apply(cmd, sender)
         except ProtocolError as e:
@@ -264,10 +284,16 @@ class Daemon:
     @handles(P.Status)
     def _status(self, cmd: P.Status, sender: Address) -> None:
         queued, running = self.jobs.counts()
-        t = self.session.transport
+        source, tempo, num, den, playing, beat, age = self.clock.state()
         xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
         self.reply(sender, "/status", self.engine.info.label, len(self.session.tracks), queued, running, xruns,
-                   t.tempo, t.signature, int(t.playing), t.position)
+                   float(tempo), f"{num}/{den}", int(playing), float(beat), source, float(age))
+
+    @handles(P.TransportState)
+    def _transport_state(self, cmd: P.TransportState, sender: Address) -> None:
+        source, tempo, num, den, playing, beat, age = self.clock.state()
+        self.reply(sender, "/transport/state", source, float(tempo), num, den, int(playing), float(beat),
+                   float(age))
 
     @handles(P.ListTracks)
     def _list_tracks(self, cmd: P.ListTracks, sender: Address) -> None:
@@ -326,12 +352,14 @@ class Daemon:
     @handles(P.SetTempo)
     def _set_tempo(self, cmd: P.SetTempo, sender: Address) -> None:
         self.live.transport_changed(self.session.update_transport(tempo=cmd.bpm))
+        self.clock.typed_changed()
         self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
 
     @handles(P.SetSignature)
     def _set_signature(self, cmd: P.SetSignature, sender: Address) -> None:
         self.live.transport_changed(self.session.update_transport(numerator=cmd.numerator,
                                                                   denominator=cmd.denominator))
+        self.clock.typed_changed()
         self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
 
     @handles(P.Play, P.Stop)
@@ -341,11 +369,13 @@ class Daemon:
             changes["position"] = cmd.beat
         t = self.session.update_transport(**changes)
         self.live.transport_changed(t, cmd.beat)
+        self.clock.typed_changed(cmd.beat)
         self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
 
     @handles(P.Locate)
     def _locate(self, cmd: P.Locate, sender: Address) -> None:
         self.live.transport_changed(self.session.update_transport(position=cmd.beat), cmd.beat)
+        self.clock.typed_changed(cmd.beat)
         self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
 
     @handles(P.JamStart)
@@ -355,7 +385,7 @@ class Daemon:
         if m and m["kind"] in ("midi", "audio"):  # the file may have changed since it was set: check it again
             self.inputs.check_now(m["path"], m["kind"])
         preset = _load_preset(track.preset) if track.preset else None
-        self._ok(sender, cmd, self.live.jam_start(cmd.track, track, preset, self.session.transport,
+        self._ok(sender, cmd, self.live.jam_start(cmd.track, track, preset, self._stem_transport(None)[0],
                                                   self._to(sender)))
 
     @handles(P.JamStop)
@@ -438,7 +468,9 @@ class Daemon:
                                                "DEVICE to play while generating, or use /generate")
         track = self._existing(cmd.track)
         preset = _load_preset(track.preset) if track.preset else None
-        plan = plan_job(cmd, track, preset, s.transport, self.engine, self.config.limits, self.config.stem_rate)
+        transport, timeline = self._stem_transport(getattr(cmd, "at_bar", None))
+        plan = plan_job(cmd, track, preset, transport, self.engine, self.config.limits, self.config.stem_rate)
+        plan.context["timeline"] = timeline
         if plan.seconds * self.engine.frame_rate < 1.0:
             raise ProtocolError("bad_args", f"{cmd.address}: {plan.seconds:g} s is shorter than one frame of the "
                                             f"model ({1.0 / self.engine.frame_rate:g} s)")
@@ -457,6 +489,34 @@ class Daemon:
             self.jobs.run_live(plan, self._to(sender), s.take_job_id, self.live.player_for(preset), accepted)
         else:
             self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)
+
+    # ------------------------------------------------------------ the followed clock (docs/daw.md)
+
+    def _stem_transport(self, at_bar: int | None):
+        """The transport a stem is planned with: the leading clock's tempo and signature now (so
+        `generate ... bars` follows the DAW), and as position the stem's place on the timeline, which
+        becomes its BWF time reference: bar `at_bar` if the request names one, else the bar line at or
+        before where the transport is. Also the sidecar's record of how that place was found."""
+        from dataclasses import replace
+
+        source, tempo, num, den, playing, beat_now, _age = self.clock.state()
+        beat, seconds = self.clock.stem_start(at_bar)
+        transport = replace(self.session.transport, tempo=tempo, numerator=num, denominator=den, playing=playing,
+                            position=beat * 4.0 / den)  # the session counts quarter notes
+        timeline = {"clock": source, "asked_at_beat": round(beat_now, 6), "at_bar": at_bar,
+                    "bar": int(round(beat / num)) + 1, "beat": beat, "seconds": seconds}
+        return transport, timeline
+
+    def _append_done(self, job: Job, path: str) -> None:
+        """One line per finished stem, "<job>\t<track>\t<path>", for DAW scripts that cannot take OSC
+        (daw/reaper/musicbridge_import.lua); a failure to write is logged, the job stays done."""
+        if self.config.done_list is None:
+            return
+        try:
+            with open(self.config.done_list, "a", encoding="utf-8") as f:
+                f.write(f"{job.id}\t{job.plan.name}\t{path}\n")
+        except OSError as e:
+            log.warning("could not append job %d to the done list %s: %s", job.id, self.config.done_list, e)
 
 
 # The dispatch table, command class -> handler, gathered from the @handles marks above.

@@ -237,9 +237,6 @@ class JobQueue:
         return batch
 
     def _work(self) -> None:
-        from model.scheduler import offline_thread
-
-        offline_thread()  # live work (jams) gets the CPU first (model/scheduler.py)
         while True:
             with self._cond:
                 while not self._queued and not self._closing:
@@ -302,6 +299,7 @@ class JobQueue:
                 self._finish(job, "cancelled", ())
                 continue
             job.fraction = 1.0
+            self.engine.gate.offline_turn(job.cancel.is_set)  # between live chunks (model/scheduler.py)
             try:
                 path = self.write_stem(job, audio, records, index)
             except Exception as e:  # noqa: BLE001 - disk full, chain error: this job fails, the daemon goes on

@@ -4,8 +4,8 @@ Why its own path: a part someone is listening to is live work. It does not wait 
 queue behind renders; it runs at once on its own thread, its decoder steps ahead of offline
 ones (engine.stream(live=True), model/scheduler.py), and its audio is streamed through the
 track's chain into the live output as it decodes (plugin_host.live.TrackPlayer), starting on
-the first bar line of the grid it can make. When the part is complete the stem is written
-exactly as /generate writes it (same request, same sidecar), so what you heard is what you keep.
+the first bar line of the grid it can make. When the part is complete its audio (what was
+heard, before the chain) goes through the stem pipeline like any /generate job.
 """
 
 from __future__ import annotations

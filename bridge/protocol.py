@@ -25,6 +25,7 @@ MAX_PRIORITY = 9
 MAX_BARS = 1024
 MAX_BEAT = 100_000.0  # note starts and lengths, in beats
 MAX_BEAT_POSITION = 1e7  # transport positions, in beats
+MAX_BAR_POSITION = 100_000  # `generate ... at BAR`: the bar a stem belongs on
 MAX_CHROMA_RATE = 1000.0
 MIDI_SUFFIXES = (".mid", ".midi")
 AUDIO_SUFFIXES = (".wav", ".flac", ".aif", ".aiff", ".ogg", ".mp3")
@@ -312,7 +313,8 @@ class LengthCommand(TrackCommand):
     seconds: float | None  # exactly one of seconds and bars is set
     bars: int | None
     priority: int = 0
-    expects: ClassVar[str] = "f seconds | i bars, s \"bars\"; optional i priority 0-9"
+    at_bar: int | None = None  # the bar (1 = the first) the stem belongs on; None: where the transport is
+    expects: ClassVar[str] = "f seconds | i bars, s \"bars\"; optional i priority 0-9; optional s \"at\", i bar"
 
     def check(self) -> None:
         super().check()
@@ -323,6 +325,8 @@ class LengthCommand(TrackCommand):
         else:
             _set(self, "seconds", check_seconds(self, self.seconds))
         _set(self, "priority", check_integer(self, self.priority, "priority", 0, MAX_PRIORITY))
+        if self.at_bar is not None:
+            _set(self, "at_bar", check_integer(self, self.at_bar, "bar after \"at\"", 1, MAX_BAR_POSITION))
 
 
 @dataclass(frozen=True)
@@ -474,6 +478,11 @@ class Locate(TransportMove):
 
     def check(self) -> None:
         _set(self, "beat", check_number(self, self.beat, "beat", 0.0, MAX_BEAT_POSITION))
+
+
+@dataclass(frozen=True)
+class TransportState(Command):
+    pattern: ClassVar[str] = "/transport/state"
 
 
 @dataclass(frozen=True)
@@ -637,7 +646,11 @@ def _param(a: _Args, cls: type, pre: tuple) -> Command:
 
 
 def _generate(a: _Args, cls: type, pre: tuple) -> Command:
-    """(f seconds) | (i bars, s "bars") | (f n, s "seconds"), each with an optional trailing i priority."""
+    """(f seconds) | (i bars, s "bars") | (f n, s "seconds"), each with an optional trailing i priority,
+    then optionally s "at", i bar (a string, so it can never be taken for the priority)."""
+    at_bar = None
+    if len(a.args) >= 2 and a.args[-2] == "at":
+        at_bar, a.args = a.args[-1], list(a.args[:-2])
     n = a.count(1, 2, 3)
     unit = a.args[1] if n >= 2 and isinstance(a.args[1], str) else None
     if unit is not None and unit not in ("bars", "seconds"):
@@ -647,8 +660,8 @@ def _generate(a: _Args, cls: type, pre: tuple) -> Command:
         raise a.fail(f"got ({type_tags(a.args)})")
     priority = a.args[prio_at] if n == prio_at + 1 else 0
     if unit == "bars":
-        return cls(a.address, *pre, None, a.args[0], priority)
-    return a.seconds(cls(a.address, *pre, a.args[0], None, priority))
+        return cls(a.address, *pre, None, a.args[0], priority, at_bar)
+    return a.seconds(cls(a.address, *pre, a.args[0], None, priority, at_bar))
 
 
 def _continue(a: _Args, cls: type, pre: tuple) -> Command:
@@ -685,6 +698,7 @@ BUILDERS: dict[type, Builder] = {
     ClearTrack: _no_args, DeleteTrack: _no_args, TrackState: _no_args,
     CancelJob: _no_args, JobStatus: _no_args,
     SetTempo: _one, SetSignature: _two, Play: _optional_beat, Stop: _optional_beat, Locate: _one,
+    TransportState: _no_args,
     JamStart: _one, JamStop: _one, JamStatus: _one,
     Hello: _one, Pad: lambda a, cls, pre: cls(a.address),
 }

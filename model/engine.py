@@ -352,7 +352,12 @@ class Engine:
         codes = self.generate_tokens(requests, progress)
         if all(c is None for c in codes):
             raise Cancelled("all requests were cancelled")
-        return [None if c is None else self.decode(c) for c in codes]
+        out = []
+        for c in codes:
+            if c is not None:
+                self.gate.offline_turn()  # a long decode waits for a gap between live chunks
+            out.append(None if c is None else self.decode(c))
+        return out
 
     def stream_batch(
         self, requests: Sequence[GenerationRequest], chunk_seconds: float = 1.0,

@@ -19,7 +19,6 @@ calls is safe; the gate only orders them.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -55,6 +54,15 @@ class StepGate:
                 self._live_sessions -= 1
                 if not self._live_sessions and not self._busy:
                     self._offline_cv.notify()
+
+    def offline_turn(self, stop: Callable[[], bool] | None = None) -> None:
+        """Wait (holding nothing, not even the GIL) until no live session is open: offline work
+        that is not a decoder step (decoding a finished job's codes, writing its stem) runs
+        between live chunks too. A thread of lower CPU priority would not do: holding the GIL
+        while descheduled, it would stall the live thread it yields to."""
+        with self._lock:
+            while self._live_sessions and not (stop is not None and stop()):
+                self._offline_cv.wait(0.05)
 
     @contextlib.contextmanager
     def step(self, live: bool = False, stop: Callable[[], bool] | None = None) -> Iterator[bool]:
@@ -94,17 +102,3 @@ class StepGate:
                     self._offline_cv.notify()
 
 
-OFFLINE_NICE = 10
-
-
-def offline_thread() -> bool:
-    """Lower the calling thread's CPU priority (Linux: its own nice value) for offline work.
-
-    The gate orders decoder steps; this orders everything else an offline job does (decoding
-    its codes, writing its stem) behind the live threads when the machine's cores are busy.
-    Call it once at the start of a thread that only does offline work. True if it took effect."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), OFFLINE_NICE)
-        return True
-    except (AttributeError, OSError):  # not Linux, or not permitted: order by the gate alone
-        return False

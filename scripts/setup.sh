@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 VENV=.venv
-APT_PKGS=(libportaudio2 jackd2 liblo-tools libsndfile1)
+APT_PKGS=(libportaudio2 jackd2 liblo-tools libsndfile1 puredata-core lua5.4)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -23,6 +23,15 @@ def host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def follow_spec(text: str):
+    from bridge.clock import parse_follow
+
+    try:
+        return parse_follow(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OSC bridge daemon (protocol v1, see docs/osc.md)",
                        description="Load the model once and serve OSC over UDP until SIGINT/SIGTERM.")
@@ -61,6 +70,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "default $MUSICBRIDGE_KEY, which keeps it out of the process list)")
     p.add_argument("--resume", action="store_true",
                    help="queue jobs a crash interrupted again, instead of reporting them /job/failed")
+    p.add_argument("--follow", type=follow_spec, default="typed", metavar="SOURCE",
+                   help="the clock the transport follows: typed (the /transport/* messages, the default), "
+                        "jack, link, midi-clock:PORT or osc (a DAW's own OSC feedback); see docs/daw.md")
+    p.add_argument("--ardour", type=host_port, default=None, metavar="HOST:PORT",
+                   help="with --follow osc: ask Ardour's OSC surface here (usually 127.0.0.1:3819) for "
+                        "transport and bar/beat feedback")
+    p.add_argument("--done-list", type=Path, default=None, metavar="FILE",
+                   help="append a line for every finished stem (default SESSION_DIR/done-list.txt); "
+                        "DAW scripts watch it (daw/reaper)")
     p.set_defaults(func=run)
 
 
@@ -69,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.grace >= 0 and args.grace < 1e6):
         raise UsageError(f"--grace must be a number of seconds >= 0, got {args.grace}")
+    if isinstance(args.follow, str):
+        args.follow = follow_spec(args.follow)
+    if args.ardour is not None and args.follow.source != "osc":
+        raise UsageError(f"--ardour asks Ardour for OSC feedback, which only --follow osc follows "
+                         f"(this daemon follows {args.follow})")
     for d in args.allow_dir:
         if not d.expanduser().is_dir():
             raise UsageError(f"--allow-dir {d} is not an existing folder")
@@ -169,7 +192,9 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, 
                                                           max_queued=args.max_queued,
                                                           max_tracks=args.max_tracks),
                           allow_from=tuple(args.allow_from), key=args.key, resume=args.resume,
-                          input_limits=InputLimits(max_take_seconds=args.max_take_seconds))
+                          input_limits=InputLimits(max_take_seconds=args.max_take_seconds),
+                          follow=args.follow, ardour=args.ardour,
+                          done_list=(args.done_list or session_dir / "done-list.txt").expanduser())
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -183,15 +208,19 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, 
             daemon = Daemon(engine, config, audio=audio, notes=notes)
         except OSError as e:
             raise UsageError(f"cannot start: {e}") from None
+        from bridge.clock import ClockError
+
         try:
             daemon.__enter__()
         except OSError as e:
             raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        except ClockError as e:
+            raise UsageError(f"cannot follow the {args.follow} clock: {e}") from None
         try:
             s = daemon.session
             log.info("musicbridge is listening for OSC on %s:%d (model %s); %d track(s) restored from %s; "
-                     "stems go to %s%s", args.host, daemon.server.port, engine.info.label, len(s.tracks),
-                     s.path, stems_dir,
+                     "stems go to %s; transport follows %s%s", args.host, daemon.server.port, engine.info.label,
+                     len(s.tracks), s.path, stems_dir, args.follow,
                      f"; replies go to {args.reply_to[0]}:{args.reply_to[1]}" if args.reply_to else "")
             while not stop.wait(0.5):
                 pass

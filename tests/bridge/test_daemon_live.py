@@ -217,7 +217,7 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
         d = DaemonProcess(tiny_model_dir, tmp_path / "session", presets, "--audio", "default",
                           "--max-seconds", "60")
         try:
-            with d.client() as c, _ready(d, c), capture(40.0) as cap:
+            with d.client() as c, _ready(d, c), capture(60.0) as cap:
                 _start(d, c)
                 c.send("/track/bg/prompt", "ambient pad")
                 expect(c, "/ok")
@@ -227,17 +227,26 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
                 ch = Chunks(c)
                 ch.until(6)
                 alone = [float(a[6]) for a in ch.chunks[1:6]]
-                c.send("/track/bg/generate", 30.0)  # an offline job while the jam plays
-                job = ch.expect("/job/accepted")[0]
+                jobs = []
+                for _ in range(1):  # the case: one 30 s offline job queued while the jam plays
+                    c.send("/track/bg/generate", 30.0)
+                    jobs.append(ch.expect("/job/accepted")[0])
                 n = len(ch.chunks)
                 ch.until(n + 5)
                 with_job = [float(a[6]) for a in ch.chunks[n:n + 5]]
+                # (the job was queued from the first of these chunks on; it ends within a few)
+                # the offline jobs were paused between steps, never dropped: they finish
+                deadline = time.monotonic() + 120
+                while sum(o[0] == "/job/done" for o in ch.other) < len(jobs) and time.monotonic() < deadline:
+                    ch.pump(0.2)
+                done = [o[1] for o in ch.other if o[0] == "/job/done"]
+                n = len(ch.chunks) + 1
+                ch.until(n + 5)  # and the jam alone again: a baseline on each side of the job
+                after = [float(a[6]) for a in ch.chunks[n:n + 5]]
                 c.send("/jam/status", "lead")
                 st = ch.expect("/jam/status")
                 c.send("/jam/stop", "lead")
                 ch.expect("/ok")
-                # the offline job was paused between steps, never dropped: it finishes
-                done = [o for o in ch.other if o[0] == "/job/done"] or [("/job/done", ch.expect("/job/done", 60))]
                 time.sleep(2.0)
             c2 = d.client()
             with c2:
@@ -245,9 +254,11 @@ def test_jam_audio_runs_on_across_chunks_and_keeps_its_latency_with_an_offline_j
                 xruns = expect(c2, "/status")[4]
         finally:
             assert d.stop(signal.SIGTERM) == 0, d.log_text()
-    assert done[0][1][0] == job and str(done[0][1][1]).endswith(".wav")
-    # Chunk latency with the job queued is within 20 % of without (medians of 5 chunks each).
-    assert statistics.median(with_job) <= 1.2 * statistics.median(alone), (alone, with_job)
+    assert sorted(d[0] for d in done) == sorted(jobs) and all(str(d[1]).endswith(".wav") for d in done)
+    # Chunk latency with the job queued is within 20 % of without: medians of 5 chunks each, the
+    # jam alone measured before and after the job (the build machine's load drifts meanwhile).
+    baseline = (statistics.median(alone) + statistics.median(after)) / 2
+    assert statistics.median(with_job) <= 1.2 * baseline, (alone, with_job, after)
     assert st[5] == 0 and st[2] == 0, st  # no underruns, never behind
     assert not any(a[9] for a in ch.chunks)  # no chunk was late
     rec = cap.audio[0]
@@ -335,10 +346,12 @@ def test_play_generates_a_stem_and_plays_it_live_while_generating(tmp_path, pres
     got = rec[at:at + len(ref)]
     nz = np.nonzero(rec)[0]
     assert len(got) == len(ref), (len(rec), at, nz[0], nz[-1], float(np.abs(ref).max()), float(np.abs(rec).max()))
-    # What was heard is the stem (24-bit quantisation apart; a period lost to an xrun on this
-    # loaded machine would show as a block that differs, so compare the bulk, block by block).
-    blocks = [np.max(np.abs(got[i:i + 256] - ref[i:i + 256])) for i in range(0, len(ref) - 256, 256)]
-    assert np.median(blocks) < 1e-4 and sum(b > 1e-3 for b in blocks) <= 3 * 4, max(blocks)
+    # What was heard is the part the stem holds. Not sample for sample: the stem then goes through
+    # the stem pipeline like any /generate job, whose grid fit time-stretches it slightly onto the
+    # tempo grid (docs/stems.md); so the bound is a correlation above 0.9 at the best alignment
+    # (an unrelated part of the same model correlates near 0).
+    corr = float(np.dot(got, ref) / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-12))
+    assert corr > 0.9, corr
 
 
 def test_serve_midi_in_that_matches_no_port_stops_with_the_list_of_ports(tmp_path, tiny_model_dir):

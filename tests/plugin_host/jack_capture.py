@@ -32,6 +32,8 @@ class Capture:
         self._log = log
         self.audio = np.zeros((0, 0), np.float32)
         self.missed_cycles = 0
+        self.block_starts = np.zeros(0, np.int64)  # recording index where each JACK cycle's block starts
+        self.block_frames = np.zeros(0, np.int64)  # ... and that cycle's JACK frame time
 
     def _ask(self, line: str, timeout: float = 30.0) -> str:
         self._proc.stdin.write(line + "\n")
@@ -60,6 +62,13 @@ class Capture:
         reply = self._ask("stop")
         self.missed_cycles = int(reply.split()[1])
         self.audio = np.load(self._path)
+        self.block_starts, self.block_frames = np.load(self._path.with_suffix(".times.npy"))
+
+    def jack_frame(self, index: int) -> int:
+        """The JACK frame time at which recording frame `index` was captured (exact across xruns:
+        each block carries its own cycle's time)."""
+        b = int(np.searchsorted(self.block_starts, index, side="right")) - 1
+        return int(self.block_frames[b] + index - self.block_starts[b])
 
 
 @contextlib.contextmanager
@@ -106,7 +115,8 @@ def _main(path: str, seconds: str, channels: str, name: str) -> None:
     client = jack.Client(name, no_start_server=True)
     ports = [client.inports.register(f"in_{i}") for i in range(int(channels))]
     buf = np.zeros((len(ports), int(float(seconds) * client.samplerate)), np.float32)
-    state = {"frames": 0, "missed": 0}
+    state = {"frames": 0, "missed": 0, "blocks": 0}
+    times = np.zeros((2, buf.shape[1] // 16 + 1), np.int64)  # per block: start index, JACK frame time
 
     @client.set_process_callback
     def process(n: int) -> None:
@@ -116,7 +126,9 @@ def _main(path: str, seconds: str, channels: str, name: str) -> None:
             return
         for i, p in enumerate(ports):
             buf[i, k:k + n] = p.get_array()
-        state["frames"] = k + n
+        b = state["blocks"]
+        times[0, b], times[1, b] = k, client.last_frame_time
+        state["frames"], state["blocks"] = k + n, b + 1
 
     client.activate()
     print("ready", flush=True)
@@ -141,6 +153,7 @@ def _main(path: str, seconds: str, channels: str, name: str) -> None:
         elif cmd == "stop":
             client.deactivate()
             np.save(path, buf[:, :state["frames"]])
+            np.save(Path(path).with_suffix(".times.npy"), times[:, :state["blocks"]])
             print(f"ok {state['missed']}", flush=True)
             break
     client.close()

@@ -1,0 +1,228 @@
+"""The one leading clock of a running daemon, and what it drives.
+
+Exactly one source leads: the one `serve --follow` names (default `typed`: the session
+transport as /transport/* messages set it). The hub owns that source's follower, answers
+"where is the DAW now" for /status, /transport/state, `generate ... bars`, stems' BWF time
+references and jams, and copies the followed transport into the session (a background thread
+writes it when the tempo, signature, play state or position really change, never from a JACK
+or MIDI thread, so no file write can stall them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from bridge.clock import FollowSpec
+from bridge.clock.follower import Follower, PollThread
+from bridge.clock.grid import Grid
+
+log = logging.getLogger("musicbridge.clock")
+
+FEED_SECONDS = 0.1
+
+
+def output_clock(audio) -> Callable[[], float]:
+    """Seconds on the output clock: frames played / rate with a live output, else time.monotonic."""
+    if audio is None:
+        return time.monotonic
+    rate = float(audio.samplerate)
+    return lambda: audio.position / rate
+
+
+class ClockHub:
+    """A context manager: starts the follower on enter, stops it on exit."""
+
+    def __init__(self, session, spec: FollowSpec = FollowSpec(), *, clock: Callable[[], float] = time.monotonic,
+                 ardour: tuple[str, int] | None = None, send: Callable[..., None] | None = None):
+        self.session, self.spec, self.clock = session, spec, clock
+        self.ardour, self.send = ardour, send
+        self.follower: Follower | None = None
+        self._typed_at = clock()         # output time of the last typed transport change
+        self._typed_updated = time.monotonic()
+        t = session.transport
+        self._typed_quarters = t.position  # where the typed transport was then, in quarter notes
+        self._typed_tempo, self._typed_playing = t.tempo, t.playing  # ... and how it moved from there
+        self._fed: Grid | None = None
+        self._feeder: PollThread | None = None
+        self._ignored_logged: set[str] = set()
+        self._free: Grid | None = None
+        self._free_key: tuple | None = None
+
+    # ------------------------------------------------------------ lifetime
+
+    def __enter__(self) -> ClockHub:
+        src = self.spec.source
+        base = self.typed_grid()
+        if src == "jack":
+            from bridge.clock.jack import JackFollower
+
+            self.follower = JackFollower(base, clock=self.clock)
+        elif src == "link":
+            from bridge.clock.link import LinkFollower
+
+            self.follower = LinkFollower(base, clock=self.clock)
+        elif src == "midi-clock":
+            from bridge.clock.midi_clock import MidiClockFollower
+
+            self.follower = MidiClockFollower(self.spec.port, base, clock=self.clock)
+        elif src == "osc":
+            from bridge.clock.osc_dialects import OscDialectFollower
+
+            self.follower = OscDialectFollower(base, clock=self.clock, ardour=self.ardour, send=self.send)
+        if self.follower is not None:
+            self.follower.__enter__()
+            self._feeder = PollThread("clock-feed", self.feed_session, FEED_SECONDS)
+            self._feeder.start()
+            log.info("following the %s clock", self.spec)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._feeder is not None:
+            self._feeder.close()
+            self._feeder = None
+        if self.follower is not None:
+            self.follower.close()
+            self.follower = None
+
+    # ------------------------------------------------------------ the grid
+
+    def typed_grid(self) -> Grid:
+        t = self.session.transport
+        return Grid(tempo=t.tempo, numerator=t.numerator, denominator=t.denominator, playing=t.playing,
+                    source="typed", anchor_time=self._typed_at,
+                    anchor_beat=self._typed_quarters * t.denominator / 4.0,  # the grid counts signature beats
+                    updated=self._typed_updated)
+
+    def _typed_quarters_at(self, t: float) -> float:
+        """Quarter notes of the typed transport at output time t, as the grid stood before a change."""
+        if not self._typed_playing:
+            return self._typed_quarters
+        return self._typed_quarters + (t - self._typed_at) * self._typed_tempo / 60.0
+
+    def typed_changed(self, located: float | None = None) -> None:
+        """A /transport/* message changed the session transport: the typed grid re-anchors now, at
+        `located` (quarter notes) when the message named a position, else where it had got to (a
+        tempo change while playing keeps the beat that is sounding). A follower whose source has
+        no signature (MIDI clock, Link, REAPER) takes the typed one."""
+        now = self.clock()
+        self._typed_quarters = float(located) if located is not None else self._typed_quarters_at(now)
+        self._typed_at = now
+        self._typed_updated = time.monotonic()
+        t = self.session.transport
+        self._typed_tempo, self._typed_playing = t.tempo, t.playing
+        if self.follower is not None:
+            self.follower.set_base(self.typed_grid())
+
+    def grid(self) -> Grid:
+        """The leading grid. Before a followed source has said anything it is the typed transport
+        under the followed source's name, with an age of infinity ("never heard")."""
+        if self.follower is None:
+            return self.typed_grid()
+        g = self.follower.grid
+        if g is None:
+            return self.typed_grid().moved(source=self.follower.source, updated=-math.inf)
+        return g
+
+    def now(self) -> float:
+        return self.clock()
+
+    def jam_grid(self) -> Grid:
+        """The grid a jam plays on: the leading one while the DAW plays; while it is stopped, one that
+        runs on from where it stopped (a jam needs bar lines that move with time), fixed until the
+        DAW says something new, so every chunk lands on the same lattice."""
+        g = self.grid()
+        if g.playing:
+            return g
+        key = (g.source, g.anchor_beat, g.tempo, g.numerator, g.denominator)
+        if self._free_key != key:
+            self._free, self._free_key = g.moved(playing=True), key
+        return self._free
+
+    def state(self) -> tuple[str, float, int, int, bool, float, float]:
+        """(source, tempo, numerator, denominator, playing, beat now, age in seconds or -1 for never)."""
+        g = self.grid()
+        age = g.age()
+        return (g.source, g.tempo, g.numerator, g.denominator, g.playing, g.beat_at(self.clock()),
+                age if math.isfinite(age) else -1.0)
+
+    def stem_start(self, at_bar: int | None = None) -> tuple[float, float]:
+        """(beat, timeline seconds) where a stem asked for now belongs: bar `at_bar` if named, else the
+        bar line at or before the leading transport's position."""
+        g = self.grid()
+        if at_bar is not None:
+            beat = g.bar_start_beat(at_bar)
+        else:
+            beat = g.bar_line_at_or_before(max(0.0, g.beat_at(self.clock())))
+        return beat, g.beats_to_seconds(beat)
+
+    # ------------------------------------------------------------ DAW feedback on the daemon's port
+
+    def feedback(self, address: str, args, sender) -> bool:
+        """True when `address` is DAW feedback (consumed here, never answered: a DAW does not want
+        replies to its feedback); False for everything else (the protocol's own messages)."""
+        from bridge.clock import osc_dialects as od
+
+        if od.is_dialect(address):
+            f = self.follower
+            if isinstance(f, od.OscDialectFollower):
+                try:
+                    f.feed(od.parse(address, args), sender)
+                except od.DialectError as e:
+                    self._log_once(f"bad:{address}", "ignored DAW feedback: %s", e)
+            else:
+                self._log_once(address, "ignoring DAW feedback %s: this daemon follows the %s clock "
+                                        "(serve --follow osc follows it)", address, self.spec)
+            return True
+        if self.spec.source == "osc" and od.is_quiet(address):
+            return True
+        return False
+
+    def _log_once(self, key: str, fmt: str, *args) -> None:
+        if key not in self._ignored_logged and len(self._ignored_logged) < 100:
+            self._ignored_logged.add(key)
+            log.info(fmt, *args)
+
+    # ------------------------------------------------------------ the session transport
+
+    def feed_session(self) -> None:
+        """Copy the followed transport into the session when it really changed (restarts resume it)."""
+        f = self.follower
+        g = f.grid if f is not None else None
+        if g is None:
+            return
+        last = self._fed
+        t = self.clock()
+        if last is not None and abs(g.tempo - last.tempo) < 0.05 and g.numerator == last.numerator \
+                and g.denominator == last.denominator and g.playing == last.playing \
+                and abs(g.beat_at(t) - last.beat_at(t)) < 0.25:
+            return
+        self._fed = g
+        try:
+            self.session.update_transport(tempo=round(g.tempo, 3), numerator=g.numerator,
+                                          denominator=g.denominator, playing=g.playing,
+                                          position=round(max(0.0, g.beat_at(t)) * 4.0 / g.denominator, 4))
+        except Exception as e:  # noqa: BLE001 - a full disk must not stop following
+            log.warning("could not save the followed transport to the session: %s", e)
+
+
+class JamGridSource:
+    """The leading clock as a jam reads its grid (call it for the current one, at every chunk).
+
+    Stands in for the typed grid source of bridge.live_control when a DAW clock leads; typed
+    /transport/* changes reach the hub itself (ClockHub.typed_changed), so update() has nothing
+    to do here."""
+
+    def __init__(self, hub: ClockHub):
+        self.hub = hub
+
+    def __call__(self) -> Grid:
+        return self.hub.jam_grid()
+
+    def update(self, **_changes) -> Grid:
+        return self.hub.jam_grid()

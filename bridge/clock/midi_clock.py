@@ -1,0 +1,177 @@
+"""Follow MIDI clock: 24 clocks per quarter note, Start / Stop / Continue and Song Position Pointer.
+
+Tempo is the slope of a least-squares line through the arrival times of the last 96 clocks (a
+bar of 4/4), not the last interval: a clock jittered by a millisecond or two (and JACK MIDI
+delivers events once per period, a few milliseconds apart) then moves the tempo by hundredths
+of a bpm instead of several bpm. A real tempo change is seen by a shorter line through the
+last quarter note; the long line then restarts from there (see TempoFit).
+
+The port is opened through python-rtmidi: the JACK API when a JACK server runs, else ALSA.
+PORT names an existing MIDI output (exactly, or a unique part of its name) to connect to; when
+no port matches, a new input port called PORT is made for the DAW to connect its clock to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from bridge.clock.follower import ClockError, Follower, log
+from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid
+
+CLOCK, START, CONTINUE, STOP, SPP = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
+PPQN = 24
+TRIM_SECONDS = 0.006  # further off the line than jitter plus JACK's period can put a clock
+
+
+class TempoFit:
+    """Least-squares tempo from clock arrival times; robust to jitter, quick to follow a real change.
+
+    The line through the last `window` clocks gives the tempo. A second line through the last
+    quarter note (24 clocks) watches for a real change: when the two disagree by more than 5 %,
+    the long line restarts from the last quarter note; then the oldest clocks that sit more than
+    6 ms off the line (they came before the change) are dropped one by one. A line through 24
+    points is barely moved by one late clock, and jitter never puts a clock 6 ms off the line.
+    """
+
+    def __init__(self, window: int = 96, recent: int = PPQN, min_points: int = 12):
+        self.window, self.recent, self.min_points = window, recent, min_points
+        self.times: deque[float] = deque(maxlen=window)
+        self.interval: float | None = None  # seconds per clock from the fit
+        self.last: float | None = None      # the fitted time of the newest clock (jitter removed)
+
+    @staticmethod
+    def _line(ts) -> tuple[float, float, float]:
+        """(seconds per clock, fitted time of the first point, of the last) of a least-squares line."""
+        n = len(ts)
+        mean_i = (n - 1) / 2.0
+        mean_t = sum(ts) / n
+        num = sum((i - mean_i) * (t - mean_t) for i, t in enumerate(ts))
+        den = sum((i - mean_i) ** 2 for i in range(n))
+        slope = num / den
+        return slope, mean_t - slope * mean_i, mean_t + slope * (n - 1 - mean_i)
+
+    def add(self, t: float) -> None:
+        self.times.append(t)
+        n = len(self.times)
+        if n < self.min_points:
+            self.interval = (t - self.times[0]) / (n - 1) if n >= 2 else None
+            self.last = t
+            return
+        ts = list(self.times)
+        if n > self.recent:
+            recent, _first, last = self._line(ts[-self.recent:])
+            if self.interval and abs(recent - self.interval) > 0.05 * self.interval:  # a change, not jitter
+                self.times.clear()
+                self.times.extend(ts[-self.recent:])
+                ts = ts[-self.recent:]
+        slope, first, last = self._line(ts)
+        # Clocks from before a tempo change sit further and further off the new line: drop them.
+        while len(ts) > self.min_points and abs(ts[0] - first) > TRIM_SECONDS:
+            self.times.popleft()
+            ts = ts[1:]
+            slope, first, last = self._line(ts)
+        self.interval, self.last = slope, last
+
+    def reset(self) -> None:
+        self.times.clear()
+        self.interval = self.last = None
+
+    @property
+    def bpm(self) -> float | None:
+        if not self.interval or self.interval <= 0:
+            return None
+        return 60.0 / (PPQN * self.interval)
+
+
+class MidiClockFollower(Follower):
+    source = "midi-clock"
+
+    def __init__(self, port: str, base: Grid, on_update: Callable[[Grid], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, api: str | None = None):
+        super().__init__(base, on_update, clock)
+        if not port:
+            raise ClockError("--follow midi-clock:PORT needs a port name after the colon")
+        self.port, self.api = port, api
+        self._in = None
+        self.fit = TempoFit()
+        self.clocks = 0            # clocks (1/24 quarter) from bar 1
+        self.playing = False
+        self._first_after_start = False
+        self.port_name = ""
+
+    def __enter__(self) -> MidiClockFollower:
+        import rtmidi
+
+        apis = {"jack": rtmidi.API_UNIX_JACK, "alsa": rtmidi.API_LINUX_ALSA}
+        order = [apis[self.api]] if self.api else [rtmidi.API_UNIX_JACK, rtmidi.API_LINUX_ALSA]
+        errors = []
+        for api in order:
+            if api not in rtmidi.get_compiled_api():
+                continue
+            try:
+                self._in = rtmidi.MidiIn(api, name="musicbridge")
+                break
+            except (rtmidi.SystemError, rtmidi.RtMidiError) as e:
+                errors.append(f"{rtmidi.get_api_name(api)}: {e}")
+        if self._in is None:
+            raise ClockError("cannot follow MIDI clock: no MIDI system to open (" + "; ".join(errors) +
+                             "); start a JACK server or load the ALSA sequencer")
+        self._in.ignore_types(sysex=True, timing=False, active_sense=True)
+        names = self._in.get_ports()
+        matches = [i for i, n in enumerate(names) if n == self.port] or \
+                  [i for i, n in enumerate(names) if self.port in n]
+        if len(matches) > 1:
+            self._in.delete()
+            raise ClockError(f"MIDI port {self.port!r} matches {len(matches)} ports "
+                             f"({', '.join(names[i] for i in matches)}); name one exactly")
+        if matches:
+            self._in.open_port(matches[0], "clock-in")
+            self.port_name = names[matches[0]]
+            log.info("following MIDI clock from %s", self.port_name)
+        else:
+            self._in.open_virtual_port(self.port)
+            self.port_name = self.port
+            log.info("following MIDI clock on a new input port %r: connect your DAW's clock output to it",
+                     self.port)
+        self._in.set_callback(self._message)
+        return self
+
+    def _message(self, event, _data=None) -> None:
+        msg, _delta = event
+        if msg:
+            self.feed(msg, self.clock())
+
+    def feed(self, msg, t: float) -> None:
+        """One MIDI message that arrived at output time t."""
+        status = msg[0]
+        if status == CLOCK:
+            self.fit.add(t)
+            if self._first_after_start:  # the first clock after Start/Continue is the downbeat itself
+                self._first_after_start = False
+            elif self.playing:
+                self.clocks += 1
+        elif status == START:
+            self.clocks, self.playing, self._first_after_start = 0, True, True
+        elif status == CONTINUE:
+            self.playing, self._first_after_start = True, True
+        elif status == STOP:
+            self.playing = False
+        elif status == SPP and len(msg) >= 3:
+            self.clocks = ((msg[2] & 0x7F) << 7 | (msg[1] & 0x7F)) * (PPQN // 4)  # sixteenths -> clocks
+        else:
+            return
+        bpm = self.fit.bpm
+        tempo = min(MAX_BPM, max(MIN_BPM, bpm)) if bpm else self.base.tempo
+        den = self.base.denominator
+        at = self.fit.last if status == CLOCK and self.fit.last is not None else t
+        self.publish(tempo=tempo, playing=self.playing, anchor_time=at,
+                     anchor_beat=self.clocks / PPQN * den / 4.0)
+
+    def close(self) -> None:
+        if self._in is not None:
+            self._in.cancel_callback()
+            self._in.close_port()
+            self._in.delete()
+            self._in = None

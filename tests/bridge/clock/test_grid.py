@@ -1,0 +1,61 @@
+"""The grid's arithmetic (INTERFACES.md) and the MIDI clock's tempo line, on exact numbers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bridge.clock.grid import Grid
+from bridge.clock.midi_clock import TempoFit
+
+
+def test_grid_bar_lines_at_120_in_4_4():
+    g = Grid(tempo=120.0, playing=True, anchor_time=10.0, anchor_beat=32.0)
+    assert g.beat_at(10.0) == 32.0 and g.beat_at(11.0) == 34.0
+    assert g.next_bar_time(10.0) == 10.0           # on a bar line: that one
+    assert g.next_bar_time(10.1) == pytest.approx(12.0)
+    assert g.bar_line_at_or_before(34.5) == 32.0 and g.bar_start_beat(9) == 32.0
+    assert g.beats_to_seconds(32.0) == 16.0
+    six_eight = Grid(tempo=90.0, numerator=6, denominator=8, playing=True)
+    assert six_eight.bar_seconds == pytest.approx(2.0)  # 6 eighths = 3 quarters at 90 bpm
+
+
+def test_stopped_grid_holds_its_position_and_rejects_nonsense():
+    g = Grid(tempo=97.0, playing=False, anchor_time=5.0, anchor_beat=17.0)
+    assert g.beat_at(100.0) == 17.0
+    assert g.next_bar_time(5.0) == pytest.approx(5.0 + 3 * 60 / 97)
+    with pytest.raises(ValueError, match="tempo"):
+        Grid(tempo=0.0)
+    with pytest.raises(ValueError, match="signature"):
+        Grid(numerator=4, denominator=3)
+    with pytest.raises(ValueError, match="source"):
+        Grid(source="vst")
+
+
+@pytest.mark.parametrize("bpm", [60.0, 120.0, 200.0])
+def test_tempo_line_ignores_jitter_and_period_quantisation(bpm):
+    rng = random.Random(3)
+    fit = TempoFit()
+    interval = 60.0 / bpm / 24
+    period = 256 / 48000  # JACK MIDI arrives once per period
+    for k in range(2 * 96):
+        t = k * interval + rng.uniform(-0.001, 0.001)
+        fit.add(period * (t // period + 1))
+    assert fit.bpm == pytest.approx(bpm, abs=0.5)
+
+
+def test_tempo_line_follows_a_real_change_within_a_quarter_note():
+    fit = TempoFit()
+    t = 0.0
+    for _ in range(96):
+        t += 60.0 / 120 / 24
+        fit.add(t)
+    for _ in range(24):
+        t += 60.0 / 97 / 24
+        fit.add(t)
+    assert fit.bpm == pytest.approx(97.0, abs=0.5)  # a quarter note after the change
+    for _ in range(72):
+        t += 60.0 / 97 / 24
+        fit.add(t)
+    assert fit.bpm == pytest.approx(97.0, abs=0.01)  # a bar after: the old tempo is gone
