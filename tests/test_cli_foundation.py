@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bridge.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _run(*args: str) -> subprocess.CompletedProcess:
+    """`python -m bridge.cli ...` on this checkout's code, from whatever folder the test is in
+    (without PYTHONPATH a test that chdirs would run the installed copy instead)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "bridge.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def test_tiny_model_is_deterministic(tmp_path):
@@ -89,7 +96,7 @@ def test_generate_resamples(tiny_model_dir, tmp_path):
         (["--seconds", "nan"], "expected a positive number"),
         (["--top-p", "1.5"], "expected a number in [0, 1]"),
         (["--sample-rate", "12"], "--sample-rate must be between"),
-        (["--melody", "tune.mid"], "needs a MusicGen-Melody checkpoint"),
+        (["--melody", "tune.mid"], "is text-only and cannot follow a melody; use a MusicGen-Melody checkpoint"),
     ],
 )
 def test_generate_user_errors_exit_2(args, message, tiny_model_dir, tmp_path, monkeypatch):
