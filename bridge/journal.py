@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bridge.session import replace_json
 
 log = logging.getLogger("musicbridge.serve")
 FILE_NAME = "jobs-journal.json"
@@ -96,17 +97,7 @@ class Journal:
                                         "reply_to": list(e.reply_to), "sender": list(e.sender)}
                                        for e in self._entries.values()]}
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".jobs-journal.", suffix=".json.tmp", dir=self.folder)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(data, f, allow_nan=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            replace_json(self.path, data, prefix=".jobs-journal.")
         except (OSError, ValueError) as e:  # the journal is bookkeeping: a full disk must not fail the job
             log.warning("could not update the job journal %s: %s", self.path, e)
 

@@ -296,7 +296,7 @@ class OscServer:
 
     def send(self, to: Address, address: str, args: Sequence[Any] = ()) -> None:
         """Send one message; a failure to send (peer gone, buffer full) is logged, never raised."""
-        self._send(to, address, args, budgeted=False)
+        self._send(to, address, args)
 
     def reply(self, to: Address, address: str, args: Sequence[Any] = (), hold: bool = True,
               budgeted: bool = True) -> bool:
@@ -305,12 +305,8 @@ class OscServer:
         On the receive thread the answer is held until the packet's group has been saved
         (hold=False: now, for answers that must not wait, such as /job/accepted).
         """
-        if self._sock is None:
-            return False
-        try:
-            data = encode(address, args)
-        except OscEncodeError as e:
-            log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
+        data = self._encode(to, address, args)
+        if data is None:
             return False
         if budgeted and self.budget is not None and not self.budget.spend(to[0], len(data)):
             return False
@@ -320,15 +316,19 @@ class OscServer:
             return True
         return self._sendto(data, to)
 
-    def _send(self, to: Address, address: str, args: Sequence[Any], budgeted: bool) -> bool:
+    def _send(self, to: Address, address: str, args: Sequence[Any]) -> bool:
+        data = self._encode(to, address, args)
+        return data is not None and self._sendto(data, to)
+
+    def _encode(self, to: Address, address: str, args: Sequence[Any]) -> bytes | None:
+        """The datagram, or None (logged) when the socket is closed or an argument has no OSC type."""
         if self._sock is None:
-            return False
+            return None
         try:
-            data = encode(address, args)
+            return encode(address, args)
         except OscEncodeError as e:
             log.debug("could not send %s to %s:%d (%s)", address, to[0], to[1], e)
-            return False
-        return self._sendto(data, to)
+            return None
 
     def _sendto(self, data: bytes, to: Address) -> bool:
         if self._sock is None:

@@ -27,6 +27,21 @@ FILE_NAME = "session.json"
 VERSION = 1
 
 
+def replace_json(path: Path, data: dict[str, Any], prefix: str, indent: int | None = None) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, fsynced, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".json.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=indent, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class SessionError(ValueError):
     """A session file that cannot be restored; the message names the file and the problem."""
 
@@ -145,17 +160,7 @@ class LiveSession:
                 "next_job_id": self.next_job_id}
 
     def _write(self, data: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".session.", suffix=".json.tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, allow_nan=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_json(self.path, data, prefix=".session.", indent=2)
 
     def _commit(self, transport: Transport, tracks: dict[str, TrackSettings], next_job_id: int,
                 now: bool = False) -> None:
