@@ -6,8 +6,8 @@ measured, not assumed: one decoder layer of the model's own shapes, random weigh
 (guidance), one token against a part-filled KV cache, each precision timed in interleaved
 rounds so that a busy neighbour slows all of them alike. The median per precision is kept.
 
-Results are cached in the user's cache folder, keyed by CPU model, torch version, thread count
-and decoder shape, so the measurement (about a second for musicgen-small) runs once per
+Results are cached in the user's cache folder, keyed by CPU model, torch version, thread count,
+decoder shape and which C kernels run (model/gemv.py), so the measurement (about a second for musicgen-small) runs once per
 machine and model shape. The pick is the fastest precision that holds the quality bound
 (`model.precision`).
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import gemv
 from model.cache import cache_dir
 from model.decoder import CrossKV, DecoderLayer, DecoderSpec, KVCache
 from model.precision import CPU_CANDIDATES, QUALITY_BOUND, TRAINED_PROXY_ERROR, apply_precision, within_bound
@@ -75,7 +76,8 @@ def cpu_name() -> str:
 def cache_key(spec: DecoderSpec) -> str:
     shape = (f"d{spec.d_model}-h{spec.n_heads}-f{spec.ffn}-l{spec.n_layers}-k{spec.n_codebooks}"
              f"-v{spec.vocab}-{'x' if spec.cross_attention else 'p'}")
-    return f"{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{shape}"
+    return (f"{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{shape}"
+            f"|kernels {gemv.signature()}")
 
 
 def _cache_path() -> Path:

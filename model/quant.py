@@ -2,10 +2,10 @@
 
 A decode step at batch 1-2 is a stream of matrix-vector products, bound by the bytes of
 weights read. Storing weights in 8 or 4 bits cuts those bytes 4x or 8x against float32.
-Activations stay in bfloat16: on this kind of CPU, PyTorch's packed int8/int4 kernels are only
-fast with bfloat16 inputs (measured for a 4096x1024 weight at batch 2: float32 `F.linear`
-8.0 ms, int8 with float32 input 8.0 ms, int8 with bfloat16 input 0.18 ms, int4 with bfloat16
-input 0.19 ms).
+On the CPU, int8 and bfloat16 decode steps run the C kernels (model/gemv.py) with float32
+activations. int4 and the fallbacks use PyTorch's packed kernels, which are only fast with
+bfloat16 inputs (measured for a 4096x1024 weight at batch 2: float32 `F.linear` 8.0 ms, int8
+with float32 input 8.0 ms, int8 with bfloat16 input 0.18 ms, int4 with bfloat16 input 0.19 ms).
 
 On devices without the packed CPU kernels the same modules dequantise on the fly, so a
 quantised model still runs (slower) everywhere.
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model import gemv
 
 MODES = ("int8", "int4")
 
@@ -46,7 +48,12 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class Bf16Linear(nn.Module):
-    """bfloat16 weights behind float32 activations: half the bytes a step reads."""
+    """bfloat16 weights behind float32 activations: half the bytes a step reads.
+
+    On the CPU a decode step's few rows go to the C kernel (model/gemv.py), which widens the
+    weights in registers and keeps the activations float32; longer inputs (prefill) run the
+    same arithmetic as one float32 matmul.
+    """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -54,26 +61,53 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+        self.kernel = linear.weight.device.type == "cpu" and linear.in_features % 64 == 0 and gemv.available()
+        self._bias32 = None if self.bias is None else self.bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel and x.dtype == torch.float32:
+            if gemv.suits(x, self.in_features):
+                return gemv.linear_bf16(x, self.weight, self._bias32)
+            # Many rows (prefill): the kernel's arithmetic (float32 activations), as one matmul.
+            return F.linear(x, self.weight.float(), self._bias32)
         return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
+    """int8 weights, one scale per output row.
+
+    Where the C kernels run (CPU), the weights are stored for their arithmetic: biased to
+    unsigned (q + 128) for integer dot products ("vnni"), plain int8 for widening ("float").
+    Elsewhere PyTorch's packed kernel runs, with activations cast to `act_dtype`.
+    """
+
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype):
         super().__init__()
         q, scale = quantize_int8(linear.weight.detach())
+        on_cpu = linear.weight.device.type == "cpu"
+        # The kernels take rows of whole 64-input blocks (every MusicGen width is one).
+        self.arithmetic = gemv.int8_arithmetic() if on_cpu and linear.in_features % 64 == 0 else None
+        if self.arithmetic == "vnni":
+            q = (q.to(torch.int16) + 128).to(torch.uint8)
         self.register_buffer("weight", q)
-        self.register_buffer("scale", scale.to(act_dtype))
+        self.register_buffer("scale", scale if self.arithmetic else scale.to(act_dtype))
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype),
-                                                                  requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().to(torch.float32 if self.arithmetic else act_dtype), requires_grad=False)
+
+    def _signed(self) -> torch.Tensor:
+        return self.weight.to(torch.int16).sub_(128).to(torch.int8) if self.weight.dtype == torch.uint8 else self.weight
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scale.float()[:, None]
+        return self._signed().float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.arithmetic and gemv.suits(x, self.in_features):
+            return gemv.linear_i8(x, self.weight, self.scale, self.bias)
         shape = x.shape
+        if self.arithmetic:  # many rows (prefill): compute-bound, one float32 matmul
+            y = F.linear(x.reshape(-1, self.in_features).float(), self.dequantized(), self.bias)
+            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)
         if x2.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2, self.weight, self.scale)

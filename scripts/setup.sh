@@ -44,3 +44,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         || { echo "setup: the install did not complete" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi
+
+# The decode step's C kernels, compiled for this CPU into the cache folder (about a second);
+# without a compiler musicbridge runs PyTorch's kernels and says so.
+"$VENV/bin/python" -c "from model import gemv; print('setup: C kernels:', gemv.build())" \
+    || echo "setup: the C kernels did not build (is gcc installed?); the decoder will use PyTorch's slower kernels" >&2

@@ -1,0 +1,213 @@
+/* Matrix-vector products for the decode step: y[M,N] = x[M,K] . W[N,K]^T (+ bias), float32 in
+ * and out, the weights stored as bfloat16 or int8 (one scale per row). (float32 weights stay with
+ * PyTorch's matmul, which streams them as fast as this code does: measured, BENCHMARKS.md.)
+ *
+ * Why: a decode step at batch 1-8 reads every weight once and does two flops with it, so its
+ * speed is the speed weights stream from memory. Weights are widened to float32 in registers
+ * and never written back; activations stay float32 (no bfloat16 round trip, as PyTorch's packed
+ * CPU kernels need). Rows of W are split across OpenMP threads; each thread keeps a tile of
+ * NT rows x MT activation rows in vector registers and prefetches the next tile, because one
+ * row (1-4 KB) is too short for the hardware prefetcher to ramp up on.
+ *
+ * Built by model/gemv.py with the machine's own flags (-march=native): the vector width is the
+ * machine's (LANES floats: 16 with AVX-512, 8 with AVX2, 4 otherwise), written with GCC's
+ * generic vectors so that one source serves every x86 and ARM CPU; where the CPU has integer
+ * dot products (AVX512-VNNI), int8 uses them (mb_gemv_i8_vnni, below).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define LANES 16
+#define NT 4
+#elif defined(__AVX2__) || defined(__ARM_NEON)
+#define LANES 8
+#define NT 2
+#else
+#define LANES 4
+#define NT 2
+#endif
+#define MT 2
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef int8_t vb __attribute__((vector_size(LANES)));
+typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
+
+int mb_lanes(void) { return LANES; }
+
+static inline vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+
+/* Byte widening by intrinsics where there are some: GCC's generic int8 vectors go through
+ * general registers one byte at a time (measured 8x slower on AVX-512). */
+static inline vf widen_i8(const int8_t *p) {
+#if LANES == 16 && defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif LANES == 8 && defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    vb b; memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+#endif
+}
+
+static inline vf widen_bf16(const uint16_t *p) {
+    vh h; memcpy(&h, p, sizeof h);
+    vi bits = __builtin_convertvector(h, vi) << 16;
+    vf f; memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float hsum(vf v) {
+    float s = 0.f;
+    for (int i = 0; i < LANES; i++) s += v[i];
+    return s;
+}
+
+/* Row tile [n, n+nt) against activation rows [m, m+mt): the inner loop is specialised for the
+ * weight format by `kind`; a tile narrower than NT x MT (the edges) runs the same code. */
+enum { BF16 = 1, I8 = 2 };
+
+static inline __attribute__((always_inline)) void tile_dense(int kind, const float *x, int mt, int K, const void *w, int n, int nt,
+                              float out[NT][MT]) {
+    vf acc[NT][MT];
+    for (int r = 0; r < NT; r++)
+        for (int c = 0; c < MT; c++) acc[r][c] = (vf){0};
+    for (int k = 0; k < K; k += LANES) {
+        vf xv[MT];
+        for (int c = 0; c < MT; c++) xv[c] = c < mt ? load_f(x + (size_t)c * K + k) : (vf){0};
+        for (int r = 0; r < NT; r++) {
+            if (r >= nt) break;
+            size_t off = (size_t)(n + r) * K + k;
+            /* The next tile's matching bytes: rows are short (1-4 KB), too short for the
+             * hardware prefetcher to ramp up on its own. */
+            if (kind == I8) __builtin_prefetch((const int8_t *)w + off + (size_t)NT * K);
+            else __builtin_prefetch((const uint16_t *)w + off + (size_t)NT * K);
+            vf wv = kind == I8 ? widen_i8((const int8_t *)w + off) : widen_bf16((const uint16_t *)w + off);
+            for (int c = 0; c < MT; c++) acc[r][c] += wv * xv[c];
+        }
+    }
+    for (int r = 0; r < NT; r++)
+        for (int c = 0; c < MT; c++) out[r][c] = hsum(acc[r][c]);
+}
+
+static void gemv_dense(int kind, const float *x, int M, int K, const void *w, const float *scale,
+                       const float *bias, float *y, int N) {
+    int tiles = (N + NT - 1) / NT;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        int n = t * NT, nt = N - n < NT ? N - n : NT;
+        for (int m = 0; m < M; m += MT) {
+            int mt = M - m < MT ? M - m : MT;
+            float out[NT][MT];
+            switch (kind) {  /* constant kind per call: the compiler specialises each arm */
+            case I8: tile_dense(I8, x + (size_t)m * K, mt, K, w, n, nt, out); break;
+            default: tile_dense(BF16, x + (size_t)m * K, mt, K, w, n, nt, out); break;
+            }
+            for (int r = 0; r < nt; r++)
+                for (int c = 0; c < mt; c++) {
+                    float v = out[r][c];
+                    if (scale) v *= scale[n + r];
+                    if (bias) v += bias[n + r];
+                    y[(size_t)(m + c) * N + n + r] = v;
+                }
+        }
+    }
+}
+
+void mb_gemv_bf16(const float *x, int M, int K, const uint16_t *w, const float *bias, float *y, int N) {
+    gemv_dense(BF16, x, M, K, w, 0, bias, y, N);
+}
+
+void mb_gemv_i8(const float *x, int M, int K, const int8_t *w, const float *scale, const float *bias,
+                float *y, int N) {
+    gemv_dense(I8, x, M, K, w, scale, bias, y, N);
+}
+
+int mb_threads(void) { return omp_get_max_threads(); }
+
+/* int8 with integer dot products (AVX512-VNNI): the activations are quantised too, per block
+ * of QB inputs (scale = the block's max |x| / 127), and each 64-byte block of weights costs one
+ * vpdpbusd per activation row instead of widening 64 weights to float. The weights are stored
+ * biased as unsigned (q + 128, the instruction's unsigned operand); the bias contributes
+ * 128 * sum(x_q) per block, the same for every output row, so it is taken off once per row of x.
+ * Block scales keep an outlier's damage to its own 64 inputs. */
+#define QB 64
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+int mb_has_vnni(void) { return 1; }
+
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, float *corr) {
+    int blocks = K / QB;
+    for (int m = 0; m < M; m++) {
+        double c = 0.0;
+        for (int b = 0; b < blocks; b++) {
+            const float *xb = x + (size_t)m * K + (size_t)b * QB;
+            __m512 amax = _mm512_setzero_ps();
+            for (int i = 0; i < QB; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+            float a = _mm512_reduce_max_ps(amax), s = a / 127.f;
+            __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
+            int sum = 0;
+            for (int i = 0; i < QB; i += 16) {
+                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));
+                _mm_storeu_si128((__m128i *)(xq + (size_t)m * K + (size_t)b * QB + i), _mm512_cvtsepi32_epi8(qi));
+                sum += _mm512_reduce_add_epi32(qi);
+            }
+            sx[(size_t)m * blocks + b] = s;
+            c += 128.0 * s * sum;
+        }
+        corr[m] = (float)c;
+    }
+}
+
+void mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
+                     float *y, int N) {
+    int blocks = K / QB, tiles = (N + 3) / 4;
+    int8_t *xq = malloc((size_t)M * K);
+    float *sx = malloc(sizeof(float) * ((size_t)M * blocks + M));
+    if (!xq || !sx) { free(xq); free(sx); return; }
+    float *corr = sx + (size_t)M * blocks;
+    quantize_rows(x, M, K, xq, sx, corr);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        int n = t * 4, nt = N - n < 4 ? N - n : 4;
+        for (int m = 0; m < M; m += 2) {
+            int mt = M - m < 2 ? M - m : 2;
+            __m512 acc[4][2];
+            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+            for (int b = 0; b < blocks; b++) {
+                __m512i xv0 = _mm512_loadu_si512(xq + (size_t)m * K + (size_t)b * QB);
+                __m512i xv1 = mt > 1 ? _mm512_loadu_si512(xq + (size_t)(m + 1) * K + (size_t)b * QB) : xv0;
+                __m512 s0 = _mm512_set1_ps(sx[(size_t)m * blocks + b]);
+                __m512 s1 = _mm512_set1_ps(mt > 1 ? sx[(size_t)(m + 1) * blocks + b] : 0.f);
+                for (int r = 0; r < 4; r++) {
+                    if (r >= nt) break;
+                    const uint8_t *wp = w + (size_t)(n + r) * K + (size_t)b * QB;
+                    __builtin_prefetch(wp + (size_t)4 * K);
+                    __m512i wv = _mm512_loadu_si512(wp);
+                    acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv0)), s0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv1)), s1, acc[r][1]);
+                }
+            }
+            for (int r = 0; r < nt; r++)
+                for (int c = 0; c < mt; c++) {
+                    float v = (_mm512_reduce_add_ps(acc[r][c]) - corr[m + c]) * scale[n + r];
+                    if (bias) v += bias[n + r];
+                    y[(size_t)(m + c) * N + n + r] = v;
+                }
+        }
+    }
+    free(xq);
+    free(sx);
+}
+#else
+int mb_has_vnni(void) { return 0; }
+void mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
+                     float *y, int N) {
+    (void)x; (void)M; (void)K; (void)w; (void)scale; (void)bias; (void)y; (void)N;
+}
+#endif

@@ -1,0 +1,181 @@
+"""The decode step's matrix-vector kernels (model/gemv.c), built for this machine and loaded once.
+
+PyTorch's CPU kernels for a product with 1-8 activation rows stream weights at a fraction of
+the memory bandwidth and need bfloat16 activations for int8 (BENCHMARKS.md). The C kernels keep
+activations in float32 and widen the weights in registers, or, for int8 on CPUs with integer
+dot products (AVX512-VNNI), quantise the activations per block of 64 and use them. They are
+compiled with the machine's own flags (`-march=native`) on first use, or by `make setup`, into
+the cache folder, keyed by the source, the compiler and the CPU, so a copied cache never runs
+code built for another CPU.
+
+Without a C compiler, or with MUSICBRIDGE_KERNELS=0 (for A/B measurements), `available()` is
+False and the linears use PyTorch's kernels instead: slower, same results within rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from model.cache import cache_dir
+
+log = logging.getLogger("musicbridge.model")
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+# Above this many activation rows (prefill, long batches) a product is compute-bound, not
+# bound by reading weights: it runs as one PyTorch matmul over the widened weights instead.
+MAX_ROWS = 8
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be compiled; the message carries the compiler's own words."""
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def library_path() -> Path:
+    cc = _compiler() or "none"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()])
+                         .encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"gemv-{key}.so"
+
+
+def build() -> Path:
+    """Compile the kernels for this machine (no-op when the cached build matches); return its path."""
+    out = library_path()
+    if out.exists():
+        return out
+    cc = _compiler()
+    if cc is None:
+        raise KernelBuildError("no C compiler found (set CC, or install gcc)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".gemv-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 0:
+            raise KernelBuildError(f"{cc} failed on {SOURCE.name}: {r.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("MUSICBRIDGE_KERNELS", "1") == "0":
+            log.info("C kernels off (MUSICBRIDGE_KERNELS=0): PyTorch's kernels run the linears")
+            return None
+        try:
+            # torch is imported first, so the library's OpenMP is torch's own runtime (one
+            # thread pool, sized by torch.set_num_threads), not a second one competing for cores.
+            lib = ctypes.CDLL(str(build()))
+        except (OSError, KernelBuildError, subprocess.SubprocessError) as e:
+            log.warning("C kernels unavailable, using PyTorch's (slower): %s", e)
+            return None
+        for name, args in {
+            "mb_gemv_bf16": [_P, _I, _I, _P, _P, _P, _I],
+            "mb_gemv_i8": [_P, _I, _I, _P, _P, _P, _P, _I],
+            "mb_gemv_i8_vnni": [_P, _I, _I, _P, _P, _P, _P, _I],
+        }.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, None
+        lib.mb_lanes.restype = lib.mb_has_vnni.restype = _I
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    return x2
+
+
+def signature() -> str:
+    """Which kernels run here, for caches of measured speed: "off", or the arithmetic and build."""
+    arithmetic = int8_arithmetic()
+    return "off" if arithmetic is None else f"{arithmetic} {library_path().stem}"
+
+
+def int8_arithmetic() -> str | None:
+    """How int8 linears run here: "vnni" (integer dot products), "float" (widened weights), or
+    None (PyTorch's kernels)."""
+    lib = _load()
+    if lib is None:
+        return None
+    return "vnni" if lib.mb_has_vnni() else "float"
+
+
+def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) float32 -> (..., N) for 1..MAX_ROWS rows; w (N, K) int8, or uint8 biased by 128
+    for the "vnni" arithmetic (K a multiple of 64); scale (N,) float32; bias (N,) or None."""
+    n, k = w.shape
+    x2 = _rows(x, k)
+    y = torch.empty(x2.shape[0], n)
+    fn = _lib.mb_gemv_i8_vnni if w.dtype == torch.uint8 else _lib.mb_gemv_i8
+    fn(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(), n)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) float32 -> (..., N) float32 for 1..MAX_ROWS rows, w (N, K) bfloat16."""
+    n, k = w.shape
+    x2 = _rows(x, k)
+    y = torch.empty(x2.shape[0], n)
+    _lib.mb_gemv_bf16(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), _ptr(bias), y.data_ptr(), n)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def rows_of(x: torch.Tensor) -> int:
+    """How many activation rows a product over `x` has: at most MAX_ROWS go to the kernels."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def suits(x: torch.Tensor, in_features: int) -> bool:
+    """Whether a product with these activations runs in the C kernels (CPU, float32, few rows)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows_of(x) <= MAX_ROWS
+            and in_features % 64 == 0)

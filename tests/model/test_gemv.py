@@ -1,0 +1,121 @@
+"""The C decode kernels (model/gemv.py): built here, exact against their own arithmetic, and the
+same logits step by step (kernels) as in one pass (PyTorch matmul over the same weights)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from model import gemv
+from model.quant import Bf16Linear, Int8Linear, quantize_int8
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_the_kernels_build_and_load_on_this_machine():
+    assert gemv.available(), "the C kernels did not build: the decode step would fall back to PyTorch's"
+    assert gemv.build() == gemv.library_path()  # a second build is the cached one
+    assert gemv.int8_arithmetic() in ("vnni", "float")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("n", [64, 67, 200])
+def test_bf16_kernel_equals_float32_matmul_over_the_widened_weights(rows, n):
+    torch.manual_seed(rows * 100 + n)
+    w = (torch.randn(n, 192) * 0.05).to(torch.bfloat16)
+    x, bias = torch.randn(rows, 192), torch.randn(n)
+    assert _rel(gemv.linear_bf16(x, w, bias), x @ w.float().T + bias) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("n", [64, 131])
+def test_int8_float_kernel_equals_the_dequantised_matmul(rows, n):
+    torch.manual_seed(rows + n)
+    q, scale = quantize_int8(torch.randn(n, 256) * 0.05)
+    x, bias = torch.randn(rows, 256), torch.randn(n)
+    ref = x @ (q.float() * scale[:, None]).T + bias
+    assert _rel(gemv.linear_i8(x, q, scale, bias), ref) < 1e-5
+
+
+def _block_quantised(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """The VNNI kernel's view of the activations: int8 per block of 64, scale = max|x| / 127."""
+    xb = x.view(x.shape[0], -1, block)
+    scale = xb.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(xb / torch.where(scale > 0, scale, 1)), 0).clamp(-127, 127)
+    return (q * scale).view_as(x)
+
+
+@pytest.mark.skipif(gemv.int8_arithmetic() != "vnni", reason="this CPU has no AVX512-VNNI: int8 runs the float kernel")
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_int8_vnni_kernel_equals_its_block_quantised_arithmetic(rows):
+    torch.manual_seed(rows)
+    q, scale = quantize_int8(torch.randn(96, 512) * 0.05)
+    x = torch.randn(rows, 512)
+    x[:, 7] = 40.0  # an outlier: only its own block of 64 loses resolution
+    biased = (q.to(torch.int16) + 128).to(torch.uint8)
+    got = gemv.linear_i8(x, biased, scale, None)
+    exact = _block_quantised(x) @ (q.float() * scale[:, None]).T
+    assert _rel(got, exact) < 1e-5
+    assert _rel(got, x @ (q.float() * scale[:, None]).T) < 2e-2
+
+
+@pytest.mark.parametrize("cls", ["bf16", "int8"])
+def test_linears_route_few_rows_to_the_kernel_and_many_rows_to_one_matmul(cls):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96, bias=True).requires_grad_(False)
+    mod = Bf16Linear(lin) if cls == "bf16" else Int8Linear(lin, torch.bfloat16)
+    x = torch.randn(2, 10, 128)  # 20 rows: the matmul path
+    many = mod(x)
+    few = torch.cat([mod(x[:, i : i + 1]) for i in range(10)], dim=1)  # 2 rows at a time: the kernel
+    vnni = cls == "int8" and mod.arithmetic == "vnni"
+    assert _rel(few, many) < (2e-2 if vnni else 1e-5)
+
+
+def test_kernels_off_falls_back_to_pytorch_with_the_same_results_within_rounding(tmp_path):
+    code = ("import torch; from model import gemv; from model.quant import Int8Linear; "
+            "torch.manual_seed(0); lin = torch.nn.Linear(128, 64, bias=False); m = Int8Linear(lin, torch.bfloat16); "
+            "x = torch.randn(2, 128); torch.save((gemv.available(), m.arithmetic, x, m(x), m.dequantized()), "
+            f"{str(tmp_path / 'out.pt')!r})")
+    env = {**os.environ, "MUSICBRIDGE_KERNELS": "0"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.getcwd())
+    available, arithmetic, x, y, w = torch.load(tmp_path / "out.pt")
+    assert available is False and arithmetic is None
+    assert _rel(y.float(), x @ w.T) < 2e-2  # PyTorch's packed kernel: bfloat16 activations
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_decoder_logits_step_by_step_equal_one_pass(dtype):
+    """A decoder 64 wide (the kernels' block), teacher-forced: every step's logits from the
+    kernels equal the same positions' logits from one prefill pass over the same weights."""
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+    from model.decoder import DecoderSpec, KVCache, MusicgenDecoderLM
+    from model.precision import apply_precision
+    from model.tiny import tiny_configs
+
+    _, _, kw = tiny_configs()
+    kw.update(hidden_size=64, ffn_dim=128, num_attention_heads=4)
+    torch.manual_seed(5)
+    hf = MusicgenForCausalLM(MusicgenDecoderConfig(**kw)).eval()
+
+    class Wrap:  # DecoderSpec.of_hf / from_hf read `model.decoder`
+        decoder = hf
+
+    spec = DecoderSpec.of_hf(Wrap)
+    lm = MusicgenDecoderLM.from_hf(Wrap)
+    apply_precision(lm, dtype)
+    cross = lm.cross_kv(torch.randn(2, 5, 64), torch.ones(2, 5))
+    tokens = torch.randint(0, spec.vocab, (2, spec.n_codebooks, 12), generator=torch.Generator().manual_seed(1))
+    whole = lm(tokens, 0, KVCache(spec, 2, 16, "cpu", torch.float32), cross)
+    cache = KVCache(spec, 2, 16, "cpu", torch.float32)
+    steps = torch.cat([lm(tokens[:, :, t : t + 1], t, cache, cross) for t in range(12)], dim=2)
+    vnni = dtype == "int8" and gemv.int8_arithmetic() == "vnni"
+    assert _rel(steps, whole) < (2e-2 if vnni else 1e-4)
