@@ -224,7 +224,7 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
             greedy_seconds: float = 1.0) -> list[dict]:
     """Each precision against float32 on one model: logit error, greedy and sampling agreement.
 
-    - teacher-forced logits on 2 sequences x `n_tokens` steps (random tokens for random
+    - teacher-forced logits, one decode step at a time, on 2 sequences x `n_tokens` steps (random tokens for random
       weights; held-out structured clips for the trained proxy): max and RMS error relative to
       float32's max / RMS, and argmax agreement;
     - top-k 250 sampling KL: KL(P || Q) where P is float32's top-250 sampling distribution
@@ -254,7 +254,10 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
     def logits(eng: Engine) -> torch.Tensor:
         cond = build_conditioning(eng.hf, tokenizer, prompts, None, False, "cpu", eng.compute_dtype)
         cache = KVCache(eng.lm.spec, 2, tokens.shape[2], "cpu", eng.compute_dtype)
-        return eng.lm(tokens, 0, cache, eng.lm.cross_kv(cond.states, cond.mask)).float()
+        cross = eng.lm.cross_kv(cond.states, cond.mask)
+        # Step by step, as decoding runs: the decode kernels' arithmetic, not a prefill's.
+        steps = [eng.lm(tokens[:, :, t : t + 1], t, cache, cross) for t in range(tokens.shape[2])]
+        return torch.cat(steps, dim=2).float()
 
     def greedy(eng: Engine) -> list[np.ndarray]:
         reqs = [GenerationRequest(p, greedy_seconds, SamplingParams(greedy=True, guidance=3.0)) for p in prompts]

@@ -12,7 +12,8 @@
  * Built by model/gemv.py with the machine's own flags (-march=native): the vector width is the
  * machine's (LANES floats: 16 with AVX-512, 8 with AVX2, 4 otherwise), written with GCC's
  * generic vectors so that one source serves every x86 and ARM CPU; where the CPU has integer
- * dot products (AVX512-VNNI), int8 uses them (mb_gemv_i8_vnni, below).
+ * dot products (AVX512-VNNI), int8 can use them (mb_gemv_i8_vnni, below; asked for with
+ * MUSICBRIDGE_KERNELS=vnni, because it quantises the activations too).
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -2,14 +2,17 @@
 
 PyTorch's CPU kernels for a product with 1-8 activation rows stream weights at a fraction of
 the memory bandwidth and need bfloat16 activations for int8 (BENCHMARKS.md). The C kernels keep
-activations in float32 and widen the weights in registers, or, for int8 on CPUs with integer
-dot products (AVX512-VNNI), quantise the activations per block of 64 and use them. They are
+activations in float32 and widen the weights in registers. They are
 compiled with the machine's own flags (`-march=native`) on first use, or by `make setup`, into
 the cache folder, keyed by the source, the compiler and the CPU, so a copied cache never runs
 code built for another CPU.
 
 Without a C compiler, or with MUSICBRIDGE_KERNELS=0 (for A/B measurements), `available()` is
 False and the linears use PyTorch's kernels instead: slower, same results within rounding.
+MUSICBRIDGE_KERNELS=vnni runs int8 with integer dot products where the CPU has AVX512-VNNI:
+the activations are quantised too (per block of 64), which is faster (1.4x on the linears on an
+Intel Xeon with AMX) but doubles the logit error on the trained proxy (BENCHMARKS.md), so it is
+not the default.
 """
 
 from __future__ import annotations
@@ -142,12 +145,21 @@ def signature() -> str:
 
 
 def int8_arithmetic() -> str | None:
-    """How int8 linears run here: "vnni" (integer dot products), "float" (widened weights), or
-    None (PyTorch's kernels)."""
+    """How int8 linears run here: "float" (weights widened, activations float32: the default),
+    "vnni" (activations quantised too, for integer dot products: asked for with
+    MUSICBRIDGE_KERNELS=vnni), or None (PyTorch's kernels)."""
     lib = _load()
     if lib is None:
         return None
-    return "vnni" if lib.mb_has_vnni() else "float"
+    if lib.mb_has_vnni() and os.environ.get("MUSICBRIDGE_KERNELS", "1") == "vnni":
+        return "vnni"
+    return "float"
+
+
+def has_vnni() -> bool:
+    """Whether this CPU (and the build) has the integer dot products `MUSICBRIDGE_KERNELS=vnni` uses."""
+    lib = _load()
+    return lib is not None and bool(lib.mb_has_vnni())
 
 
 def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_the_kernels_build_and_load_on_this_machine():
     assert gemv.available(), "the C kernels did not build: the decode step would fall back to PyTorch's"
     assert gemv.build() == gemv.library_path()  # a second build is the cached one
-    assert gemv.int8_arithmetic() in ("vnni", "float")
+    assert gemv.int8_arithmetic() == "float"  # the default: exact int8 weights, float32 activations
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
@@ -52,7 +52,7 @@ def _block_quantised(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     return (q * scale).view_as(x)
 
 
-@pytest.mark.skipif(gemv.int8_arithmetic() != "vnni", reason="this CPU has no AVX512-VNNI: int8 runs the float kernel")
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so MUSICBRIDGE_KERNELS=vnni runs the float kernel")
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 def test_int8_vnni_kernel_equals_its_block_quantised_arithmetic(rows):
     torch.manual_seed(rows)
@@ -76,6 +76,13 @@ def test_linears_route_few_rows_to_the_kernel_and_many_rows_to_one_matmul(cls):
     few = torch.cat([mod(x[:, i : i + 1]) for i in range(10)], dim=1)  # 2 rows at a time: the kernel
     vnni = cls == "int8" and mod.arithmetic == "vnni"
     assert _rel(few, many) < (2e-2 if vnni else 1e-5)
+
+
+def test_vnni_is_asked_for_and_falls_back_to_float_where_the_cpu_lacks_it():
+    code = "from model import gemv; print(gemv.int8_arithmetic(), gemv.has_vnni())"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, "MUSICBRIDGE_KERNELS": "vnni"}, cwd=os.getcwd()).stdout.split()
+    assert out == (["vnni", "True"] if gemv.has_vnni() else ["float", "False"])
 
 
 def test_kernels_off_falls_back_to_pytorch_with_the_same_results_within_rounding(tmp_path):
