@@ -330,11 +330,14 @@ def test_play_generates_a_stem_and_plays_it_live_while_generating(tmp_path, pres
                 expect(c, "/ok")
                 cap.connect("PortAudio")
                 c.send("/track/keys/play", 3.0)
+                asked = time.monotonic()
                 job = expect(c, "/job/accepted")[0]
                 path = expect(c, "/job/done", timeout=60)[1]
                 c.send("/track/keys/play", 500.0)
                 assert expect(c, "/error")[0] == "limit"  # the same limits as /generate
-                time.sleep(4.0)  # let the part play out
+                # Let the part play out: it starts on the next bar line (up to 2 s at 120 bpm)
+                # and lasts 3 s, however soon the job itself is done.
+                time.sleep(max(0.0, asked + 3.0 + 2.0 + 2.0 - time.monotonic()))
         finally:
             assert d.stop(signal.SIGTERM) == 0, d.log_text()
     assert job >= 1
