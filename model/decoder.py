@@ -95,8 +95,12 @@ class DecoderLayer(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.spec.n_heads, self.spec.head_dim).transpose(1, 2)
 
+    fused = None  # model.layer_step.FusedLayer once `MusicgenDecoderLM.fuse` has run
+
     def forward(self, x, layer: int, start: int, cache: KVCache, cross: CrossKV | None):
         b, n, d = x.shape
+        if n == 1 and self.fused is not None and self.fused.suits(x, cache, cross):
+            return self.fused(x, layer, start, cache, cross)
         h = self.ln_self(x)
         q, k, v = self.qkv(h).split(d, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
@@ -206,6 +210,15 @@ class MusicgenDecoderLM(nn.Module):
         left = [n for n, t in list(lm.named_parameters()) + list(lm.named_buffers()) if t.is_meta]
         assert not left, f"decoder tensors not laid out: {left}"
         return lm.eval().requires_grad_(False)
+
+    def fuse(self) -> int:
+        """Give each layer its one-call C decode step where it applies (model/layer_step.py);
+        call after the precision is applied. Returns how many layers got one."""
+        from model.layer_step import FusedLayer
+
+        for layer in self.layers:
+            layer.fused = FusedLayer.of(layer)
+        return sum(layer.fused is not None for layer in self.layers)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, codebooks, n) ids -> (batch, n, d): the sum of the codebooks' embeddings."""

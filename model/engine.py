@@ -152,6 +152,10 @@ class Engine:
             compute[0] = apply_precision(lm, dtype, self.device)  # the heads
             if release:
                 _release_unshared(hf_model.decoder, lm)
+        if not str(self.device).startswith("cuda"):
+            fused = lm.fuse()
+            log.info("decoder: %d of %d layers take their decode step in one C call (model/layer_step.c)",
+                     fused, len(lm.layers))
         return lm, compute[0]
 
     @classmethod

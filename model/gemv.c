@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "kernels.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -72,7 +73,7 @@ static inline float hsum(vf v) {
 
 /* Row tile [n, n+nt) against activation rows [m, m+mt): the inner loop is specialised for the
  * weight format by `kind`; a tile narrower than NT x MT (the edges) runs the same code. */
-enum { BF16 = 1, I8 = 2 };
+enum { F32 = 0, BF16 = 1, I8 = 2, I8_VNNI = 3 };  /* as in kernels.h */
 
 static inline __attribute__((always_inline)) void tile_dense(int kind, const float *x, int mt, int K, const void *w, int n, int nt,
                               float out[NT][MT]) {
@@ -88,8 +89,10 @@ static inline __attribute__((always_inline)) void tile_dense(int kind, const flo
             /* The next tile's matching bytes: rows are short (1-4 KB), too short for the
              * hardware prefetcher to ramp up on its own. */
             if (kind == I8) __builtin_prefetch((const int8_t *)w + off + (size_t)NT * K);
-            else __builtin_prefetch((const uint16_t *)w + off + (size_t)NT * K);
-            vf wv = kind == I8 ? widen_i8((const int8_t *)w + off) : widen_bf16((const uint16_t *)w + off);
+            else if (kind == BF16) __builtin_prefetch((const uint16_t *)w + off + (size_t)NT * K);
+            else __builtin_prefetch((const float *)w + off + (size_t)NT * K);
+            vf wv = kind == I8 ? widen_i8((const int8_t *)w + off)
+                  : kind == BF16 ? widen_bf16((const uint16_t *)w + off) : load_f((const float *)w + off);
             for (int c = 0; c < MT; c++) acc[r][c] += wv * xv[c];
         }
     }
@@ -108,7 +111,8 @@ static void gemv_dense(int kind, const float *x, int M, int K, const void *w, co
             float out[NT][MT];
             switch (kind) {  /* constant kind per call: the compiler specialises each arm */
             case I8: tile_dense(I8, x + (size_t)m * K, mt, K, w, n, nt, out); break;
-            default: tile_dense(BF16, x + (size_t)m * K, mt, K, w, n, nt, out); break;
+            case BF16: tile_dense(BF16, x + (size_t)m * K, mt, K, w, n, nt, out); break;
+            default: tile_dense(F32, x + (size_t)m * K, mt, K, w, n, nt, out); break;
             }
             for (int r = 0; r < nt; r++)
                 for (int c = 0; c < mt; c++) {
@@ -212,3 +216,8 @@ void mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float
     (void)x; (void)M; (void)K; (void)w; (void)scale; (void)bias; (void)y; (void)N;
 }
 #endif
+
+void mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N) {
+    if (kind == I8_VNNI) mb_gemv_i8_vnni(x, M, K, w, scale, 0, y, N);
+    else gemv_dense(kind, x, M, K, w, kind == I8 ? scale : 0, 0, y, N);
+}

@@ -1,4 +1,5 @@
-"""The decode step's matrix-vector kernels (model/gemv.c), built for this machine and loaded once.
+"""The decode step's C kernels (model/gemv.c: products; model/layer_step.c: a whole layer's step),
+built for this machine and loaded once.
 
 PyTorch's CPU kernels for a product with 1-8 activation rows stream weights at a fraction of
 the memory bandwidth and need bfloat16 activations for int8 (BENCHMARKS.md). The C kernels keep
@@ -33,8 +34,10 @@ import torch
 from model.cache import cache_dir
 
 log = logging.getLogger("musicbridge.model")
-SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "gemv.c", HERE / "layer_step.c")
+HEADERS = (HERE / "kernels.h",)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", f"-I{HERE}")
 # Above this many activation rows (prefill, long batches) a product is compute-bound, not
 # bound by reading weights: it runs as one PyTorch matmul over the widened weights instead.
 MAX_ROWS = 8
@@ -68,7 +71,8 @@ def library_path() -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_id()])
+    texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, cc, version, " ".join(FLAGS[:-1]), _cpu_id()])
                          .encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"gemv-{key}.so"
 
@@ -85,10 +89,11 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".gemv-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
+                           text=True, timeout=300)
         if r.returncode != 0:
-            raise KernelBuildError(f"{cc} failed on {SOURCE.name}: {r.stderr.strip()[-2000:]}")
+            names = ", ".join(p.name for p in SOURCES)
+            raise KernelBuildError(f"{cc} failed on {names}: {r.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -115,10 +120,11 @@ def _load() -> ctypes.CDLL | None:
             "mb_gemv_bf16": [_P, _I, _I, _P, _P, _P, _I],
             "mb_gemv_i8": [_P, _I, _I, _P, _P, _P, _P, _I],
             "mb_gemv_i8_vnni": [_P, _I, _I, _P, _P, _P, _P, _I],
+            "mb_layer_step": [_P, _P, _P, _P, _I, _P, _P, _P],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        lib.mb_lanes.restype = lib.mb_has_vnni.restype = _I
+        lib.mb_lanes.restype = lib.mb_has_vnni.restype = lib.mb_layer_step.restype = _I
         _lib = lib
         return lib
 

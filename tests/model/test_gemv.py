@@ -1,5 +1,6 @@
-"""The C decode kernels (model/gemv.py): built here, exact against their own arithmetic, and the
-same logits step by step (kernels) as in one pass (PyTorch matmul over the same weights)."""
+"""The C decode kernels (model/gemv.py, model/layer_step.py): built here, exact against their own
+arithmetic, the same logits step by step (kernels, one-call layer step) as in one pass (PyTorch
+matmul over the same weights), and the C layer step equal to the eager one."""
 
 from __future__ import annotations
 
@@ -97,32 +98,72 @@ def test_kernels_off_falls_back_to_pytorch_with_the_same_results_within_rounding
     assert _rel(y.float(), x @ w.T) < 2e-2  # PyTorch's packed kernel: bfloat16 activations
 
 
-@torch.inference_mode()
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_decoder_logits_step_by_step_equal_one_pass(dtype):
-    """A decoder 64 wide (the kernels' block), teacher-forced: every step's logits from the
-    kernels equal the same positions' logits from one prefill pass over the same weights."""
+def _wide_decoder(dtype: str, width: int = 64):
+    """A tiny decoder `width` wide (whole 64-blocks, so the kernels apply) in `dtype`."""
     from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 
-    from model.decoder import DecoderSpec, KVCache, MusicgenDecoderLM
+    from model.decoder import MusicgenDecoderLM
     from model.precision import apply_precision
     from model.tiny import tiny_configs
 
     _, _, kw = tiny_configs()
-    kw.update(hidden_size=64, ffn_dim=128, num_attention_heads=4)
+    kw.update(hidden_size=width, ffn_dim=2 * width, num_attention_heads=4)
     torch.manual_seed(5)
-    hf = MusicgenForCausalLM(MusicgenDecoderConfig(**kw)).eval()
 
     class Wrap:  # DecoderSpec.of_hf / from_hf read `model.decoder`
-        decoder = hf
+        decoder = MusicgenForCausalLM(MusicgenDecoderConfig(**kw)).eval()
 
-    spec = DecoderSpec.of_hf(Wrap)
     lm = MusicgenDecoderLM.from_hf(Wrap)
     apply_precision(lm, dtype)
+    return lm
+
+
+def _teacher_forced(lm, tokens, cross, one_pass: bool) -> torch.Tensor:
+    from model.decoder import KVCache
+
+    cache = KVCache(lm.spec, tokens.shape[0], 16, "cpu", torch.float32)
+    if one_pass:
+        return lm(tokens, 0, cache, cross)
+    return torch.cat([lm(tokens[:, :, t : t + 1], t, cache, cross) for t in range(tokens.shape[2])], dim=2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_decoder_logits_step_by_step_equal_one_pass(dtype):
+    """Teacher-forced: every step's logits from the kernels (and the one-call C layer step)
+    equal the same positions' logits from one prefill pass over the same weights."""
+    lm = _wide_decoder(dtype)
+    assert lm.fuse() == lm.spec.n_layers
     cross = lm.cross_kv(torch.randn(2, 5, 64), torch.ones(2, 5))
-    tokens = torch.randint(0, spec.vocab, (2, spec.n_codebooks, 12), generator=torch.Generator().manual_seed(1))
-    whole = lm(tokens, 0, KVCache(spec, 2, 16, "cpu", torch.float32), cross)
-    cache = KVCache(spec, 2, 16, "cpu", torch.float32)
-    steps = torch.cat([lm(tokens[:, :, t : t + 1], t, cache, cross) for t in range(12)], dim=2)
+    tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(1))
+    whole = _teacher_forced(lm, tokens, cross, one_pass=True)
+    steps = _teacher_forced(lm, tokens, cross, one_pass=False)
     vnni = dtype == "int8" and gemv.int8_arithmetic() == "vnni"
     assert _rel(steps, whole) < (2e-2 if vnni else 1e-4)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_the_c_layer_step_equals_the_eager_layer_step(dtype):
+    """Same weights, same tokens, a cross-attention mask with a fully masked (unconditional) row:
+    the C layer step writes the same cache and gives the same logits as the eager step; int4
+    (PyTorch's kernel) keeps the eager step."""
+    lm = _wide_decoder(dtype, width=128)
+    cross = lm.cross_kv(torch.randn(2, 5, 128), torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
+    tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(2))
+    eager = _teacher_forced(lm, tokens, cross, one_pass=False)
+    fused = lm.fuse()
+    assert fused == (0 if dtype == "int4" else lm.spec.n_layers)
+    assert _rel(_teacher_forced(lm, tokens, cross, one_pass=False), eager) < 1e-5
+
+
+@torch.inference_mode()
+def test_the_c_layer_step_refuses_a_position_outside_the_cache():
+    from model.decoder import KVCache
+
+    lm = _wide_decoder("float32")
+    lm.fuse()
+    cross = lm.cross_kv(torch.randn(2, 5, 64), torch.ones(2, 5))
+    tokens = torch.zeros(2, lm.spec.n_codebooks, 1, dtype=torch.long)
+    with pytest.raises(IndexError, match="position 16 of a cache of 16"):
+        lm(tokens, 16, KVCache(lm.spec, 2, 16, "cpu", torch.float32), cross)

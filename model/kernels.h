@@ -1,0 +1,12 @@
+/* What model/gemv.c offers model/layer_step.c: one product of any weight format. */
+#ifndef MB_KERNELS_H
+#define MB_KERNELS_H
+
+/* Weight formats: float32, bfloat16, int8 (one scale per row), int8 biased to uint8 for
+ * integer dot products. */
+enum { MB_F32 = 0, MB_BF16 = 1, MB_I8 = 2, MB_I8_VNNI = 3 };
+
+/* y[M,N] = x[M,K] . W[N,K]^T, float32 activations; `scale` for the int8 formats, else NULL. */
+void mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N);
+
+#endif

@@ -1,0 +1,118 @@
+/* One decoder layer's decode step (one new token per row) in one call: the same arithmetic as
+ * model/decoder.py's DecoderLayer.forward with n == 1, float32 throughout.
+ *
+ * Why: with the products at memory speed (gemv.c), a step's remaining cost was some forty
+ * small PyTorch ops per layer (norms, views, cache writes, attention, GELU, residuals), each
+ * a few to eighty microseconds of dispatch and threading for a few kilobytes of work. Here
+ * they are plain loops between the products; attention runs its heads in parallel.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#include "kernels.h"
+
+/* One linear: its weight format and tensors. */
+typedef struct {
+    int kind;
+    const void *w;
+    const float *scale;
+} mb_linear;
+
+typedef struct {
+    int rows, d, heads, ffn, max_len, cross_len;
+    float eps;
+    const float *ln_self_w, *ln_self_b, *ln_cross_w, *ln_cross_b, *ln_ff_w, *ln_ff_b;
+    mb_linear qkv, out, cross_q, cross_out, fc1, fc2;
+} mb_layer;
+
+static void layer_norm(const float *x, const float *w, const float *b, float eps, int rows, int d, float *y) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * d;
+        float *yr = y + (size_t)r * d;
+        double mean = 0.0, var = 0.0;
+        for (int i = 0; i < d; i++) mean += xr[i];
+        mean /= d;
+        for (int i = 0; i < d; i++) { double c = xr[i] - mean; var += c * c; }
+        float inv = (float)(1.0 / sqrt(var / d + eps)), m = (float)mean;
+        for (int i = 0; i < d; i++) yr[i] = (xr[i] - m) * inv * w[i] + b[i];
+    }
+}
+
+/* a[r, h*hd:(h+1)*hd] = softmax(q . K^T / sqrt(hd), masked) . V over keys [0, n) of row r's head h.
+ * K, V are (rows, heads, stride, hd); mask (rows, n) or NULL. */
+static void attend(const float *q, int q_stride, const float *K, const float *V, int stride, int n,
+                   const uint8_t *mask, int rows, int heads, int hd, float *a, int a_stride, float *scores) {
+    float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for schedule(static)
+    for (int rh = 0; rh < rows * heads; rh++) {
+        int r = rh / heads, h = rh % heads;
+        const float *qh = q + (size_t)r * q_stride + (size_t)h * hd;
+        const float *Kh = K + ((size_t)r * heads + h) * stride * hd;
+        const float *Vh = V + ((size_t)r * heads + h) * stride * hd;
+        float *s = scores + (size_t)rh * n, best = -INFINITY;
+        for (int t = 0; t < n; t++) {
+            if (mask && !mask[(size_t)r * n + t]) { s[t] = -INFINITY; continue; }
+            float dot = 0.f;
+            for (int j = 0; j < hd; j++) dot += qh[j] * Kh[(size_t)t * hd + j];
+            s[t] = dot * scale;
+            if (s[t] > best) best = s[t];
+        }
+        float total = 0.f;
+        for (int t = 0; t < n; t++) { s[t] = s[t] == -INFINITY ? 0.f : expf(s[t] - best); total += s[t]; }
+        float *ah = a + (size_t)r * a_stride + (size_t)h * hd;
+        for (int j = 0; j < hd; j++) ah[j] = 0.f;
+        for (int t = 0; t < n; t++) {
+            float p = s[t] / total;
+            for (int j = 0; j < hd; j++) ah[j] += p * Vh[(size_t)t * hd + j];
+        }
+    }
+}
+
+static void product(const mb_linear *l, const float *x, int rows, int k, float *y, int n) {
+    mb_product(l->kind, x, rows, k, l->w, l->scale, y, n);
+}
+
+/* x (rows, d) is updated in place. The new token's key and value go to column `pos` of
+ * kcache/vcache (rows, heads, max_len, hd), and attention reads columns [0, pos]. Cross-attention
+ * (skipped when ck is NULL) reads ck/cv (rows, heads, cross_len, hd) under cmask (rows, cross_len).
+ * Returns 0, or -1 when scratch memory could not be had (x is then unchanged). */
+int mb_layer_step(const mb_layer *L, float *x, float *kcache, float *vcache, int pos,
+                  const float *ck, const float *cv, const uint8_t *cmask) {
+    int rows = L->rows, d = L->d, heads = L->heads, hd = d / heads, ffn = L->ffn;
+    int keys = pos + 1, widest = keys > L->cross_len ? keys : L->cross_len;
+    size_t need = (size_t)rows * (d + 3 * d + d + d + ffn) + (size_t)rows * heads * widest;
+    float *h = malloc(sizeof(float) * need);
+    if (!h) return -1;
+    float *qkv = h + (size_t)rows * d, *a = qkv + (size_t)rows * 3 * d, *o = a + (size_t)rows * d;
+    float *f = o + (size_t)rows * d, *scores = f + (size_t)rows * ffn;
+
+    layer_norm(x, L->ln_self_w, L->ln_self_b, L->eps, rows, d, h);
+    product(&L->qkv, h, rows, d, qkv, 3 * d);
+    for (int r = 0; r < rows; r++)
+        for (int hh = 0; hh < heads; hh++) {
+            size_t at = (((size_t)r * heads + hh) * L->max_len + pos) * hd;
+            memcpy(kcache + at, qkv + (size_t)r * 3 * d + d + (size_t)hh * hd, sizeof(float) * hd);
+            memcpy(vcache + at, qkv + (size_t)r * 3 * d + 2 * d + (size_t)hh * hd, sizeof(float) * hd);
+        }
+    attend(qkv, 3 * d, kcache, vcache, L->max_len, keys, NULL, rows, heads, hd, a, d, scores);
+    product(&L->out, a, rows, d, o, d);
+    for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
+
+    if (ck) {
+        layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
+        product(&L->cross_q, h, rows, d, qkv, d);
+        attend(qkv, d, ck, cv, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d, scores);
+        product(&L->cross_out, a, rows, d, o, d);
+        for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
+    }
+
+    layer_norm(x, L->ln_ff_w, L->ln_ff_b, L->eps, rows, d, h);
+    product(&L->fc1, h, rows, d, f, ffn);
+    for (size_t i = 0; i < (size_t)rows * ffn; i++) f[i] = 0.5f * f[i] * (1.0f + erff(f[i] * 0.70710678118654752f));
+    product(&L->fc2, f, rows, ffn, o, d);
+    for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
+    free(h);
+    return 0;
+}

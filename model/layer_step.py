@@ -1,0 +1,123 @@
+"""A decoder layer's one-token step as one C call (model/layer_step.c), over the layer's own tensors.
+
+With the products at memory speed, a decode step's remaining cost was the forty-odd small
+PyTorch ops per layer around them; the C step runs the same arithmetic (float32 activations,
+layer norms, attention over the filled cache, exact GELU, residuals) between the same
+products. `FusedLayer.of` says None where it does not apply (int4, a GPU, biases, another
+activation, kernels unavailable, widths that are not whole 64-blocks), and the layer then runs
+its eager code. The weights are the layer's own: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from model import gemv
+
+F32, BF16, I8, I8_VNNI = 0, 1, 2, 3  # kernels.h
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _I), ("w", _P), ("scale", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("rows", _I), ("d", _I), ("heads", _I), ("ffn", _I), ("max_len", _I), ("cross_len", _I),
+                ("eps", ctypes.c_float),
+                ("ln_self_w", _P), ("ln_self_b", _P), ("ln_cross_w", _P), ("ln_cross_b", _P),
+                ("ln_ff_w", _P), ("ln_ff_b", _P),
+                ("qkv", _Linear), ("out", _Linear), ("cross_q", _Linear), ("cross_out", _Linear),
+                ("fc1", _Linear), ("fc2", _Linear)]
+
+
+def _linear(mod: nn.Module) -> _Linear | None:
+    """The C view of one linear, or None where the C step cannot run it."""
+    from model.quant import Bf16Linear, Int8Linear
+
+    if getattr(mod, "bias", None) is not None or mod.in_features % 64:
+        return None
+    if type(mod) is nn.Linear and mod.weight.dtype == torch.float32:
+        return _Linear(F32, mod.weight.data_ptr(), None)
+    if isinstance(mod, Bf16Linear) and mod.kernel:
+        return _Linear(BF16, mod.weight.data_ptr(), None)
+    if isinstance(mod, Int8Linear) and mod.arithmetic:
+        kind = I8_VNNI if mod.arithmetic == "vnni" else I8
+        return _Linear(kind, mod.weight.data_ptr(), mod.scale.data_ptr())
+    return None
+
+
+def _norm(ln: nn.LayerNorm) -> tuple[int, int] | None:
+    if ln.weight is None or ln.bias is None or ln.weight.dtype != torch.float32:
+        return None
+    return ln.weight.data_ptr(), ln.bias.data_ptr()
+
+
+class FusedLayer:
+    """One DecoderLayer's tensors laid out for `mb_layer_step`; call it as the layer's n == 1 step."""
+
+    def __init__(self, layer: nn.Module, spec, struct: _Layer, keep: list):
+        self.spec = spec
+        self.struct = struct
+        self._keep = keep  # the tensors behind the pointers stay alive as long as this does
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> FusedLayer | None:
+        spec = layer.spec
+        if not gemv.available() or spec.activation != "gelu" or spec.d_model % spec.n_heads:
+            return None
+        if layer.ln_self.weight.device.type != "cpu":
+            return None
+        names = ["qkv", "out", "fc1", "fc2"] + (["cross_q", "cross_out"] if spec.cross_attention else [])
+        linears = {n: _linear(getattr(layer, n)) for n in names}
+        norms = {n: _norm(getattr(layer, n)) for n in
+                 ["ln_self", "ln_ff"] + (["ln_cross"] if spec.cross_attention else [])}
+        if any(v is None for v in (*linears.values(), *norms.values())):
+            return None
+        eps = {layer.ln_self.eps, layer.ln_ff.eps} | ({layer.ln_cross.eps} if spec.cross_attention else set())
+        if len(eps) != 1:
+            return None
+        s = _Layer(0, spec.d_model, spec.n_heads, spec.ffn, 0, 0, eps.pop())
+        s.ln_self_w, s.ln_self_b = norms["ln_self"]
+        s.ln_ff_w, s.ln_ff_b = norms["ln_ff"]
+        if spec.cross_attention:
+            s.ln_cross_w, s.ln_cross_b = norms["ln_cross"]
+        for n, lin in linears.items():
+            setattr(s, n, lin)
+        tensors = [t for t in (*layer.parameters(), *layer.buffers())]
+        return cls(layer, spec, s, tensors)
+
+    def suits(self, x: torch.Tensor, cache, cross) -> bool:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype != torch.float32:
+            return False
+        if cross is None:
+            return not self.spec.cross_attention
+        return self.spec.cross_attention and cross.k.dtype == torch.float32 and cross.mask.dtype == torch.bool
+
+    def __call__(self, x: torch.Tensor, layer: int, start: int, cache, cross) -> torch.Tensor:
+        """x (rows, 1, d) at position `start` -> the layer's output; writes the cache column."""
+        rows = x.shape[0]
+        if not 0 <= start < cache.max_len or cache.k.shape[1] != rows or (
+                cross is not None and cross.k.shape[1] != rows):
+            raise IndexError(f"decode step at position {start} of a cache of {cache.max_len} "
+                             f"({cache.k.shape[1]} rows) with {rows} rows of input")
+        out = x.contiguous().clone()
+        s = self.struct
+        s.rows, s.max_len = out.shape[0], cache.max_len
+        k, v = cache.k[layer], cache.v[layer]
+        if cross is not None:
+            ck, cv = cross.k[layer], cross.v[layer]
+            s.cross_len = ck.shape[2]
+            mask = cross.mask.contiguous()
+            rc = gemv._lib.mb_layer_step(ctypes.byref(s), out.data_ptr(), k.data_ptr(), v.data_ptr(), start,
+                                         ck.data_ptr(), cv.data_ptr(), mask.data_ptr())
+        else:
+            s.cross_len = 0
+            rc = gemv._lib.mb_layer_step(ctypes.byref(s), out.data_ptr(), k.data_ptr(), v.data_ptr(), start,
+                                         None, None, None)
+        if rc != 0:
+            raise MemoryError("the fused decoder layer step could not get its scratch memory")
+        return out
