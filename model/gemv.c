@@ -71,58 +71,86 @@ static inline float hsum(vf v) {
     return s;
 }
 
-/* Row tile [n, n+nt) against activation rows [m, m+mt): the inner loop is specialised for the
- * weight format by `kind`; a tile narrower than NT x MT (the edges) runs the same code. */
+/* A tile: NTV weight rows [n, n+nt) against MTV activation rows [m, m+mt), the shape fixed at
+ * compile time; `kind` (constant at each call) picks the weight format. A tile narrower than its
+ * shape (the edges) runs the same code. */
 enum { F32 = 0, BF16 = 1, I8 = 2, I8_VNNI = 3 };  /* as in kernels.h */
 
-static inline __attribute__((always_inline)) void tile_dense(int kind, const float *x, int mt, int K, const void *w, int n, int nt,
-                              float out[NT][MT]) {
-    vf acc[NT][MT];
-    for (int r = 0; r < NT; r++)
-        for (int c = 0; c < MT; c++) acc[r][c] = (vf){0};
-    for (int k = 0; k < K; k += LANES) {
-        vf xv[MT];
-        for (int c = 0; c < MT; c++) xv[c] = c < mt ? load_f(x + (size_t)c * K + k) : (vf){0};
-        for (int r = 0; r < NT; r++) {
-            if (r >= nt) break;
-            size_t off = (size_t)(n + r) * K + k;
-            /* The next tile's matching bytes: rows are short (1-4 KB), too short for the
-             * hardware prefetcher to ramp up on its own. */
-            if (kind == I8) __builtin_prefetch((const int8_t *)w + off + (size_t)NT * K);
-            else if (kind == BF16) __builtin_prefetch((const uint16_t *)w + off + (size_t)NT * K);
-            else __builtin_prefetch((const float *)w + off + (size_t)NT * K);
-            vf wv = kind == I8 ? widen_i8((const int8_t *)w + off)
-                  : kind == BF16 ? widen_bf16((const uint16_t *)w + off) : load_f((const float *)w + off);
-            for (int c = 0; c < MT; c++) acc[r][c] += wv * xv[c];
-        }
-    }
-    for (int r = 0; r < NT; r++)
-        for (int c = 0; c < MT; c++) out[r][c] = hsum(acc[r][c]);
+/* One function per tile shape, so that every array below has its exact size and the
+ * accumulators stay in registers (arrays sized for the largest shape and partly used were
+ * kept in memory: measured 2.5x slower). The weight format is switched on inside the
+ * parallel loop, where it is a constant to each inlined tile (outside, OpenMP's outlined body
+ * would test it for every vector). */
+#define DEFINE_SHAPE(NAME, NTV, MTV)                                                              \
+static inline __attribute__((always_inline)) void NAME##_tile(int kind, const float *xm, int mt, int K, \
+                                                              const void *w, int n, int nt,       \
+                                                              float out[NTV][MTV]) {              \
+    vf acc[NTV][MTV];                                                                             \
+    for (int r = 0; r < NTV; r++)                                                                 \
+        for (int c = 0; c < MTV; c++) acc[r][c] = (vf){0};                                        \
+    for (int k = 0; k < K; k += LANES) {                                                          \
+        vf xv[MTV];                                                                               \
+        for (int c = 0; c < MTV; c++) xv[c] = c < mt ? load_f(xm + (size_t)c * K + k) : (vf){0};  \
+        for (int r = 0; r < NTV; r++) {                                                           \
+            if (r >= nt) break;                                                                   \
+            size_t off = (size_t)(n + r) * K + k;                                                 \
+            vf wv;                                                                                \
+            if (kind == I8) {                                                                     \
+                __builtin_prefetch((const int8_t *)w + off + (size_t)NTV * K);                    \
+                wv = widen_i8((const int8_t *)w + off);                                           \
+            } else if (kind == BF16) {                                                            \
+                __builtin_prefetch((const uint16_t *)w + off + (size_t)NTV * K);                  \
+                wv = widen_bf16((const uint16_t *)w + off);                                       \
+            } else {                                                                              \
+                __builtin_prefetch((const float *)w + off + (size_t)NTV * K);                     \
+                wv = load_f((const float *)w + off);                                              \
+            }                                                                                     \
+            for (int c = 0; c < MTV; c++) acc[r][c] += wv * xv[c];                                \
+        }                                                                                         \
+    }                                                                                             \
+    for (int r = 0; r < NTV; r++)                                                                 \
+        for (int c = 0; c < MTV; c++) out[r][c] = hsum(acc[r][c]);                                \
+}                                                                                                 \
+static void NAME(int kind, const float *x, int M, int K, const void *w, const float *scale,      \
+                 const float *bias, float *y, int N) {                                            \
+    int tiles = (N + NTV - 1) / NTV;                                                              \
+    _Pragma("omp parallel for schedule(static)")                                                  \
+    for (int t = 0; t < tiles; t++) {                                                             \
+        int n = t * NTV, nt = N - n < NTV ? N - n : NTV;                                          \
+        for (int m = 0; m < M; m += MTV) {                                                        \
+            int mt = M - m < MTV ? M - m : MTV;                                                   \
+            const float *xm = x + (size_t)m * K;                                                  \
+            float out[NTV][MTV];                                                                  \
+            switch (kind) {                                                                       \
+            case I8: NAME##_tile(I8, xm, mt, K, w, n, nt, out); break;                            \
+            case BF16: NAME##_tile(BF16, xm, mt, K, w, n, nt, out); break;                        \
+            default: NAME##_tile(F32, xm, mt, K, w, n, nt, out); break;                           \
+            }                                                                                     \
+            for (int r = 0; r < nt; r++)                                                          \
+                for (int c = 0; c < mt; c++) {                                                    \
+                    float v = out[r][c];                                                          \
+                    if (scale) v *= scale[n + r];                                                 \
+                    if (bias) v += bias[n + r];                                                   \
+                    y[(size_t)(m + c) * N + n + r] = v;                                           \
+                }                                                                                 \
+        }                                                                                         \
+    }                                                                                             \
 }
 
+/* The next tile's matching bytes are prefetched: rows are short (1-4 KB), too short for the
+ * hardware prefetcher to ramp up on its own. */
+DEFINE_SHAPE(gemv_wide, NT, MT)
+DEFINE_SHAPE(gemv_four, NT, 4)
+DEFINE_SHAPE(gemv_eight, (NT / 2), 8)
+
+/* Each widened weight vector serves every activation row of its tile, so with more rows
+ * (guidance x variations) a tile takes fewer weight rows, keeping its accumulators in
+ * registers instead of widening the same weights again for each pair of rows. */
 static void gemv_dense(int kind, const float *x, int M, int K, const void *w, const float *scale,
                        const float *bias, float *y, int N) {
-    int tiles = (N + NT - 1) / NT;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles; t++) {
-        int n = t * NT, nt = N - n < NT ? N - n : NT;
-        for (int m = 0; m < M; m += MT) {
-            int mt = M - m < MT ? M - m : MT;
-            float out[NT][MT];
-            switch (kind) {  /* constant kind per call: the compiler specialises each arm */
-            case I8: tile_dense(I8, x + (size_t)m * K, mt, K, w, n, nt, out); break;
-            case BF16: tile_dense(BF16, x + (size_t)m * K, mt, K, w, n, nt, out); break;
-            default: tile_dense(F32, x + (size_t)m * K, mt, K, w, n, nt, out); break;
-            }
-            for (int r = 0; r < nt; r++)
-                for (int c = 0; c < mt; c++) {
-                    float v = out[r][c];
-                    if (scale) v *= scale[n + r];
-                    if (bias) v += bias[n + r];
-                    y[(size_t)(m + c) * N + n + r] = v;
-                }
-        }
-    }
+    if (M <= MT) gemv_wide(kind, x, M, K, w, scale, bias, y, N);
+    else if (M <= 4) gemv_four(kind, x, M, K, w, scale, bias, y, N);
+    else gemv_eight(kind, x, M, K, w, scale, bias, y, N);
 }
 
 void mb_gemv_bf16(const float *x, int M, int K, const uint16_t *w, const float *bias, float *y, int N) {
