@@ -65,25 +65,14 @@ def build_random_model(arch: str):
 
 def write_random_model(arch: str, out_dir) -> Path:
     """Write `build_random_model(arch)` as a checkpoint directory, atomically."""
-    import os
-    import shutil
+    from model.cache import new_folder
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".random-", dir=out.parent))
-    try:
+    with new_folder(out, ".random-") as tmp:
         model, tokenizer = build_random_model(arch)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del model
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

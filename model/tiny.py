@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from model.cache import new_folder
 
 TINY_VOCAB = 64  # codebook entries; the pad/bos token is TINY_VOCAB
 TINY_SEED = 1234
@@ -152,11 +153,7 @@ def build_tiny_model(melody: bool = False, stereo: bool = False):
 def write_tiny_model(out_dir: str | os.PathLike, melody: bool = False, stereo: bool = False) -> Path:
     """Write the tiny checkpoint atomically: a half-written directory is never left under `out_dir`."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    try:
+    with new_folder(out, ".tiny-") as tmp:
         model = build_tiny_model(melody=melody, stereo=stereo)
         model.save_pretrained(tmp, safe_serialization=True)
         _build_tokenizer(tmp)
@@ -164,12 +161,6 @@ def write_tiny_model(out_dir: str | os.PathLike, melody: bool = False, stereo: b
             json.dumps({"tiny": True, "melody": melody, "stereo": stereo, "seed": TINY_SEED,
                         "version": TINY_VERSION}) + "\n"
         )
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
