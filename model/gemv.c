@@ -197,12 +197,12 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, f
     }
 }
 
-void mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
-                     float *y, int N) {
+int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
+                    float *y, int N) {
     int blocks = K / QB, tiles = (N + 3) / 4;
     int8_t *xq = malloc((size_t)M * K);
     float *sx = malloc(sizeof(float) * ((size_t)M * blocks + M));
-    if (!xq || !sx) { free(xq); free(sx); return; }
+    if (!xq || !sx) { free(xq); free(sx); return -1; }
     float *corr = sx + (size_t)M * blocks;
     quantize_rows(x, M, K, xq, sx, corr);
 #pragma omp parallel for schedule(static)
@@ -236,16 +236,19 @@ void mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float
     }
     free(xq);
     free(sx);
+    return 0;
 }
 #else
 int mb_has_vnni(void) { return 0; }
-void mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
-                     float *y, int N) {
+int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
+                    float *y, int N) {
     (void)x; (void)M; (void)K; (void)w; (void)scale; (void)bias; (void)y; (void)N;
+    return -2;
 }
 #endif
 
-void mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N) {
-    if (kind == I8_VNNI) mb_gemv_i8_vnni(x, M, K, w, scale, 0, y, N);
-    else gemv_dense(kind, x, M, K, w, kind == I8 ? scale : 0, 0, y, N);
+int mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N) {
+    if (kind == I8_VNNI) return mb_gemv_i8_vnni(x, M, K, w, scale, 0, y, N);
+    gemv_dense(kind, x, M, K, w, kind == I8 ? scale : 0, 0, y, N);
+    return 0;
 }

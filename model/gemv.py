@@ -124,7 +124,8 @@ def _load() -> ctypes.CDLL | None:
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        lib.mb_lanes.restype = lib.mb_has_vnni.restype = lib.mb_layer_step.restype = _I
+        for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_gemv_i8_vnni"):
+            getattr(lib, name).restype = _I
         _lib = lib
         return lib
 
@@ -174,8 +175,11 @@ def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
     n, k = w.shape
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n)
-    fn = _lib.mb_gemv_i8_vnni if w.dtype == torch.uint8 else _lib.mb_gemv_i8
-    fn(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(), n)
+    if w.dtype != torch.uint8:
+        _lib.mb_gemv_i8(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(), n)
+    elif _lib.mb_gemv_i8_vnni(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), scale.data_ptr(), _ptr(bias),
+                              y.data_ptr(), n) != 0:
+        raise MemoryError("the int8 (VNNI) product could not get its scratch memory")
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -6,7 +6,9 @@
  * integer dot products. */
 enum { MB_F32 = 0, MB_BF16 = 1, MB_I8 = 2, MB_I8_VNNI = 3 };
 
-/* y[M,N] = x[M,K] . W[N,K]^T, float32 activations; `scale` for the int8 formats, else NULL. */
-void mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N);
+/* y[M,N] = x[M,K] . W[N,K]^T, float32 activations; `scale` for the int8 formats, else NULL.
+ * Returns 0, or nonzero (y unwritten) when scratch memory could not be had or the format is not
+ * built here. */
+int mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N);
 
 #endif

@@ -70,14 +70,15 @@ static void attend(const float *q, int q_stride, const float *K, const float *V,
     }
 }
 
-static void product(const mb_linear *l, const float *x, int rows, int k, float *y, int n) {
-    mb_product(l->kind, x, rows, k, l->w, l->scale, y, n);
+static int product(const mb_linear *l, const float *x, int rows, int k, float *y, int n) {
+    return mb_product(l->kind, x, rows, k, l->w, l->scale, y, n);
 }
 
 /* x (rows, d) is updated in place. The new token's key and value go to column `pos` of
  * kcache/vcache (rows, heads, max_len, hd), and attention reads columns [0, pos]. Cross-attention
  * (skipped when ck is NULL) reads ck/cv (rows, heads, cross_len, hd) under cmask (rows, cross_len).
- * Returns 0, or -1 when scratch memory could not be had (x is then unchanged). */
+ * Returns 0, or -1 when scratch memory could not be had (x is then partly updated: the caller
+ * passes a copy and discards it). */
 int mb_layer_step(const mb_layer *L, float *x, float *kcache, float *vcache, int pos,
                   const float *ck, const float *cv, const uint8_t *cmask) {
     int rows = L->rows, d = L->d, heads = L->heads, hd = d / heads, ffn = L->ffn;
@@ -89,7 +90,7 @@ int mb_layer_step(const mb_layer *L, float *x, float *kcache, float *vcache, int
     float *f = o + (size_t)rows * d, *scores = f + (size_t)rows * ffn;
 
     layer_norm(x, L->ln_self_w, L->ln_self_b, L->eps, rows, d, h);
-    product(&L->qkv, h, rows, d, qkv, 3 * d);
+    if (product(&L->qkv, h, rows, d, qkv, 3 * d)) goto fail;
     for (int r = 0; r < rows; r++)
         for (int hh = 0; hh < heads; hh++) {
             size_t at = (((size_t)r * heads + hh) * L->max_len + pos) * hd;
@@ -97,22 +98,25 @@ int mb_layer_step(const mb_layer *L, float *x, float *kcache, float *vcache, int
             memcpy(vcache + at, qkv + (size_t)r * 3 * d + 2 * d + (size_t)hh * hd, sizeof(float) * hd);
         }
     attend(qkv, 3 * d, kcache, vcache, L->max_len, keys, NULL, rows, heads, hd, a, d, scores);
-    product(&L->out, a, rows, d, o, d);
+    if (product(&L->out, a, rows, d, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
 
     if (ck) {
         layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
-        product(&L->cross_q, h, rows, d, qkv, d);
+        if (product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
         attend(qkv, d, ck, cv, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d, scores);
-        product(&L->cross_out, a, rows, d, o, d);
+        if (product(&L->cross_out, a, rows, d, o, d)) goto fail;
         for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
     }
 
     layer_norm(x, L->ln_ff_w, L->ln_ff_b, L->eps, rows, d, h);
-    product(&L->fc1, h, rows, d, f, ffn);
+    if (product(&L->fc1, h, rows, d, f, ffn)) goto fail;
     for (size_t i = 0; i < (size_t)rows * ffn; i++) f[i] = 0.5f * f[i] * (1.0f + erff(f[i] * 0.70710678118654752f));
-    product(&L->fc2, f, rows, ffn, o, d);
+    if (product(&L->fc2, f, rows, ffn, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
     free(h);
     return 0;
+fail:
+    free(h);
+    return -1;
 }
