@@ -7,8 +7,8 @@ measured, not assumed: one decoder layer of the model's own shapes, random weigh
 rounds so that a busy neighbour slows all of them alike. The median per precision is kept.
 
 Results are cached in the user's cache folder, keyed by CPU model, torch version, thread count,
-decoder shape and which C kernels run (model/gemv.py), so the measurement (about a second for musicgen-small) runs once per
-machine and model shape. The pick is the fastest precision that holds the quality bound
+decoder shape and which C kernels run (model/gemv.py), so the measurement (about a second for
+musicgen-small) runs once per machine and model shape. The pick is the fastest precision that holds the quality bound
 (`model.precision`).
 """
 

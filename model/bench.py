@@ -213,8 +213,9 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
             greedy_seconds: float = 1.0) -> list[dict]:
     """Each precision against float32 on one model: logit error, greedy and sampling agreement.
 
-    - teacher-forced logits, one decode step at a time, on 2 sequences x `n_tokens` steps (random tokens for random
-      weights; held-out structured clips for the trained proxy): max and RMS error relative to
+    - teacher-forced logits, one decode step at a time, on 2 sequences x `n_tokens` steps
+      (random tokens for random weights; held-out structured clips for the trained proxy):
+      max and RMS error relative to
       float32's max / RMS, and argmax agreement;
     - top-k 250 sampling KL: KL(P || Q) where P is float32's top-250 sampling distribution
       and Q the precision's distribution renormalised over the same 250 tokens (nats, mean over

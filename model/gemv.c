@@ -74,7 +74,6 @@ static inline float hsum(vf v) {
 /* A tile: NTV weight rows [n, n+nt) against MTV activation rows [m, m+mt), the shape fixed at
  * compile time; `kind` (constant at each call) picks the weight format. A tile narrower than its
  * shape (the edges) runs the same code. */
-enum { F32 = 0, BF16 = 1, I8 = 2, I8_VNNI = 3 };  /* as in kernels.h */
 
 /* One function per tile shape, so that every array below has its exact size and the
  * accumulators stay in registers (arrays sized for the largest shape and partly used were
@@ -95,10 +94,10 @@ static inline __attribute__((always_inline)) void NAME##_tile(int kind, const fl
             if (r >= nt) break;                                                                   \
             size_t off = (size_t)(n + r) * K + k;                                                 \
             vf wv;                                                                                \
-            if (kind == I8) {                                                                     \
+            if (kind == MB_I8) {                                                                  \
                 __builtin_prefetch((const int8_t *)w + off + (size_t)NTV * K);                    \
                 wv = widen_i8((const int8_t *)w + off);                                           \
-            } else if (kind == BF16) {                                                            \
+            } else if (kind == MB_BF16) {                                                         \
                 __builtin_prefetch((const uint16_t *)w + off + (size_t)NTV * K);                  \
                 wv = widen_bf16((const uint16_t *)w + off);                                       \
             } else {                                                                              \
@@ -111,7 +110,7 @@ static inline __attribute__((always_inline)) void NAME##_tile(int kind, const fl
     for (int r = 0; r < NTV; r++)                                                                 \
         for (int c = 0; c < MTV; c++) out[r][c] = hsum(acc[r][c]);                                \
 }                                                                                                 \
-static void NAME(int kind, const float *x, int M, int K, const void *w, const float *scale,      \
+static void NAME(int kind, const float *x, int M, int K, const void *w, const float *scale,       \
                  const float *bias, float *y, int N) {                                            \
     int tiles = (N + NTV - 1) / NTV;                                                              \
     _Pragma("omp parallel for schedule(static)")                                                  \
@@ -122,9 +121,9 @@ static void NAME(int kind, const float *x, int M, int K, const void *w, const fl
             const float *xm = x + (size_t)m * K;                                                  \
             float out[NTV][MTV];                                                                  \
             switch (kind) {                                                                       \
-            case I8: NAME##_tile(I8, xm, mt, K, w, n, nt, out); break;                            \
-            case BF16: NAME##_tile(BF16, xm, mt, K, w, n, nt, out); break;                        \
-            default: NAME##_tile(F32, xm, mt, K, w, n, nt, out); break;                           \
+            case MB_I8: NAME##_tile(MB_I8, xm, mt, K, w, n, nt, out); break;                      \
+            case MB_BF16: NAME##_tile(MB_BF16, xm, mt, K, w, n, nt, out); break;                  \
+            default: NAME##_tile(MB_F32, xm, mt, K, w, n, nt, out); break;                        \
             }                                                                                     \
             for (int r = 0; r < nt; r++)                                                          \
                 for (int c = 0; c < mt; c++) {                                                    \
@@ -154,12 +153,12 @@ static void gemv_dense(int kind, const float *x, int M, int K, const void *w, co
 }
 
 void mb_gemv_bf16(const float *x, int M, int K, const uint16_t *w, const float *bias, float *y, int N) {
-    gemv_dense(BF16, x, M, K, w, 0, bias, y, N);
+    gemv_dense(MB_BF16, x, M, K, w, 0, bias, y, N);
 }
 
 void mb_gemv_i8(const float *x, int M, int K, const int8_t *w, const float *scale, const float *bias,
                 float *y, int N) {
-    gemv_dense(I8, x, M, K, w, scale, bias, y, N);
+    gemv_dense(MB_I8, x, M, K, w, scale, bias, y, N);
 }
 
 int mb_threads(void) { return omp_get_max_threads(); }
@@ -248,7 +247,7 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
 #endif
 
 int mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N) {
-    if (kind == I8_VNNI) return mb_gemv_i8_vnni(x, M, K, w, scale, 0, y, N);
-    gemv_dense(kind, x, M, K, w, kind == I8 ? scale : 0, 0, y, N);
+    if (kind == MB_I8_VNNI) return mb_gemv_i8_vnni(x, M, K, w, scale, 0, y, N);
+    gemv_dense(kind, x, M, K, w, kind == MB_I8 ? scale : 0, 0, y, N);
     return 0;
 }

@@ -19,6 +19,7 @@ not the default.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -65,16 +66,21 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def library_path() -> Path:
+@functools.lru_cache(maxsize=1)
+def _build_key() -> str:
+    """What the build depends on (sources, compiler, flags, CPU), worked out once per process."""
     cc = _compiler() or "none"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, cc, version, " ".join(FLAGS[:-1]), _cpu_id()])
-                         .encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"gemv-{key}.so"
+    return hashlib.sha256("\0".join([*texts, cc, version, " ".join(FLAGS[:-1]), _cpu_id()])
+                          .encode()).hexdigest()[:16]
+
+
+def library_path() -> Path:
+    return cache_dir() / "kernels" / f"gemv-{_build_key()}.so"
 
 
 def build() -> Path:
@@ -148,25 +154,38 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 def signature() -> str:
     """Which kernels run here, for caches of measured speed: "off", or the arithmetic and build."""
     arithmetic = int8_arithmetic()
-    return "off" if arithmetic is None else f"{arithmetic} {library_path().stem}"
-
-
-def int8_arithmetic() -> str | None:
-    """How int8 linears run here: "float" (weights widened, activations float32: the default),
-    "vnni" (activations quantised too, for integer dot products: asked for with
-    MUSICBRIDGE_KERNELS=vnni), or None (PyTorch's kernels)."""
-    lib = _load()
-    if lib is None:
-        return None
-    if lib.mb_has_vnni() and os.environ.get("MUSICBRIDGE_KERNELS", "1") == "vnni":
-        return "vnni"
-    return "float"
+    return "off" if arithmetic is None else f"{arithmetic} gemv-{_build_key()}"
 
 
 def has_vnni() -> bool:
     """Whether this CPU (and the build) has the integer dot products `MUSICBRIDGE_KERNELS=vnni` uses."""
     lib = _load()
     return lib is not None and bool(lib.mb_has_vnni())
+
+
+def int8_arithmetic() -> str | None:
+    """How int8 linears run here: "float" (weights widened, activations float32: the default),
+    "vnni" (activations quantised too, for integer dot products: asked for with
+    MUSICBRIDGE_KERNELS=vnni), or None (PyTorch's kernels)."""
+    if not available():
+        return None
+    if os.environ.get("MUSICBRIDGE_KERNELS", "1") != "vnni":
+        return "float"
+    if has_vnni():
+        return "vnni"
+    _warn_no_vnni()
+    return "float"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_vnni() -> None:
+    log.warning("MUSICBRIDGE_KERNELS=vnni, but this CPU has no AVX512-VNNI: int8 runs the float kernel")
+
+
+def takes(in_features: int) -> bool:
+    """Whether the kernels can run a linear this wide: they read rows in whole 64-input blocks
+    (every MusicGen width is some)."""
+    return in_features % 64 == 0 and available()
 
 
 def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -197,7 +216,7 @@ def rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def suits(x: torch.Tensor, in_features: int) -> bool:
-    """Whether a product with these activations runs in the C kernels (CPU, float32, few rows)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows_of(x) <= MAX_ROWS
-            and in_features % 64 == 0)
+def suits(x: torch.Tensor) -> bool:
+    """Whether a product with these activations runs in the C kernels (CPU, float32, few rows);
+    the linear itself was checked once with `takes`."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows_of(x) <= MAX_ROWS

@@ -38,9 +38,9 @@ def _linear(mod: nn.Module) -> _Linear | None:
     """The C view of one linear, or None where the C step cannot run it."""
     from model.quant import Bf16Linear, Int8Linear
 
-    if getattr(mod, "bias", None) is not None or mod.in_features % 64:
+    if getattr(mod, "bias", None) is not None:
         return None
-    if type(mod) is nn.Linear and mod.weight.dtype == torch.float32:
+    if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and gemv.takes(mod.in_features):
         return _Linear(F32, mod.weight.data_ptr(), None)
     if isinstance(mod, Bf16Linear) and mod.kernel:
         return _Linear(BF16, mod.weight.data_ptr(), None)
@@ -59,7 +59,7 @@ def _norm(ln: nn.LayerNorm) -> tuple[int, int] | None:
 class FusedLayer:
     """One DecoderLayer's tensors laid out for `mb_layer_step`; call it as the layer's n == 1 step."""
 
-    def __init__(self, layer: nn.Module, spec, struct: _Layer, keep: list):
+    def __init__(self, spec, struct: _Layer, keep: list):
         self.spec = spec
         self.struct = struct
         self._keep = keep  # the tensors behind the pointers stay alive as long as this does
@@ -87,8 +87,8 @@ class FusedLayer:
             s.ln_cross_w, s.ln_cross_b = norms["ln_cross"]
         for n, lin in linears.items():
             setattr(s, n, lin)
-        tensors = [t for t in (*layer.parameters(), *layer.buffers())]
-        return cls(layer, spec, s, tensors)
+        tensors = [*layer.parameters(), *layer.buffers()]
+        return cls(spec, s, tensors)
 
     def suits(self, x: torch.Tensor, cache, cross) -> bool:
         if x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype != torch.float32:

@@ -61,12 +61,12 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(torch.bfloat16), requires_grad=False)
-        self.kernel = linear.weight.device.type == "cpu" and linear.in_features % 64 == 0 and gemv.available()
+        self.kernel = linear.weight.device.type == "cpu" and gemv.takes(linear.in_features)
         self._bias32 = None if self.bias is None else self.bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel and x.dtype == torch.float32:
-            if gemv.suits(x, self.in_features):
+            if gemv.suits(x):
                 return gemv.linear_bf16(x, self.weight, self._bias32)
             # Many rows (prefill): the kernel's arithmetic (float32 activations), as one matmul.
             return F.linear(x, self.weight.float(), self._bias32)
@@ -84,9 +84,8 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype):
         super().__init__()
         q, scale = quantize_int8(linear.weight.detach())
-        on_cpu = linear.weight.device.type == "cpu"
-        # The kernels take rows of whole 64-input blocks (every MusicGen width is one).
-        self.arithmetic = gemv.int8_arithmetic() if on_cpu and linear.in_features % 64 == 0 else None
+        kernels = linear.weight.device.type == "cpu" and gemv.takes(linear.in_features)
+        self.arithmetic = gemv.int8_arithmetic() if kernels else None
         if self.arithmetic == "vnni":
             q = (q.to(torch.int16) + 128).to(torch.uint8)
         self.register_buffer("weight", q)
@@ -102,7 +101,7 @@ class Int8Linear(nn.Module):
         return self._signed().float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.arithmetic and gemv.suits(x, self.in_features):
+        if self.arithmetic and gemv.suits(x):
             return gemv.linear_i8(x, self.weight, self.scale, self.bias)
         shape = x.shape
         if self.arithmetic:  # many rows (prefill): compute-bound, one float32 matmul
