@@ -95,8 +95,11 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".gemv-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
-                           text=True, timeout=300)
+        try:
+            r = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
+                               text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise KernelBuildError(f"could not run the C compiler {cc!r} (from CC or PATH): {e}") from e
         if r.returncode != 0:
             names = ", ".join(p.name for p in SOURCES)
             raise KernelBuildError(f"{cc} failed on {names}: {r.stderr.strip()[-2000:]}")

@@ -167,3 +167,11 @@ def test_the_c_layer_step_refuses_a_position_outside_the_cache():
     tokens = torch.zeros(2, lm.spec.n_codebooks, 1, dtype=torch.long)
     with pytest.raises(IndexError, match="position 16 of a cache of 16"):
         lm(tokens, 16, KVCache(lm.spec, 2, 16, "cpu", torch.float32), cross)
+
+
+def test_a_compiler_that_cannot_run_is_a_build_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSICBRIDGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(gemv.KernelBuildError, match="could not run the C compiler .*no-such-cc"):
+        gemv.build()
+    assert not any((tmp_path / "kernels").iterdir())  # no half-written library left behind
