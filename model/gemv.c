@@ -10,8 +10,7 @@
  * row (1-4 KB) is too short for the hardware prefetcher to ramp up on.
  *
  * Built by model/gemv.py with the machine's own flags (-march=native): the vector width is the
- * machine's (LANES floats: 16 with AVX-512, 8 with AVX2, 4 otherwise), written with GCC's
- * generic vectors so that one source serves every x86 and ARM CPU; where the CPU has integer
+ * machine's (LANES floats, model/vec.h); where the CPU has integer
  * dot products (AVX512-VNNI), int8 can use them (mb_gemv_i8_vnni, below; asked for with
  * MUSICBRIDGE_KERNELS=vnni, because it quantises the activations too).
  */
@@ -20,30 +19,19 @@
 #include <string.h>
 #include <omp.h>
 #include "kernels.h"
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
-#if defined(__AVX512F__)
-#define LANES 16
+#if LANES == 16
 #define NT 4
-#elif defined(__AVX2__) || defined(__ARM_NEON)
-#define LANES 8
-#define NT 2
 #else
-#define LANES 4
 #define NT 2
 #endif
 #define MT 2
 
-typedef float vf __attribute__((vector_size(LANES * 4)));
-typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 typedef int8_t vb __attribute__((vector_size(LANES)));
 typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
 
 int mb_lanes(void) { return LANES; }
-
-static inline vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
 /* Byte widening by intrinsics where there are some: GCC's generic int8 vectors go through
  * general registers one byte at a time (measured 8x slower on AVX-512). */
@@ -65,12 +53,6 @@ static inline vf widen_bf16(const uint16_t *p) {
     return f;
 }
 
-static inline float hsum(vf v) {
-    float s = 0.f;
-    for (int i = 0; i < LANES; i++) s += v[i];
-    return s;
-}
-
 /* A tile: NTV weight rows [n, n+nt) against MTV activation rows [m, m+mt), the shape fixed at
  * compile time; `kind` (constant at each call) picks the weight format. A tile narrower than its
  * shape (the edges) runs the same code. */
@@ -89,7 +71,7 @@ static inline __attribute__((always_inline)) void NAME##_tile(int kind, const fl
         for (int c = 0; c < MTV; c++) acc[r][c] = (vf){0};                                        \
     for (int k = 0; k < K; k += LANES) {                                                          \
         vf xv[MTV];                                                                               \
-        for (int c = 0; c < MTV; c++) xv[c] = c < mt ? load_f(xm + (size_t)c * K + k) : (vf){0};  \
+        for (int c = 0; c < MTV; c++) xv[c] = c < mt ? vload(xm + (size_t)c * K + k) : (vf){0};  \
         for (int r = 0; r < NTV; r++) {                                                           \
             if (r >= nt) break;                                                                   \
             size_t off = (size_t)(n + r) * K + k;                                                 \
@@ -102,13 +84,13 @@ static inline __attribute__((always_inline)) void NAME##_tile(int kind, const fl
                 wv = widen_bf16((const uint16_t *)w + off);                                       \
             } else {                                                                              \
                 __builtin_prefetch((const float *)w + off + (size_t)NTV * K);                     \
-                wv = load_f((const float *)w + off);                                              \
+                wv = vload((const float *)w + off);                                              \
             }                                                                                     \
             for (int c = 0; c < MTV; c++) acc[r][c] += wv * xv[c];                                \
         }                                                                                         \
     }                                                                                             \
     for (int r = 0; r < NTV; r++)                                                                 \
-        for (int c = 0; c < MTV; c++) out[r][c] = hsum(acc[r][c]);                                \
+        for (int c = 0; c < MTV; c++) out[r][c] = vsum(acc[r][c]);                                \
 }                                                                                                 \
 static void NAME(int kind, const float *x, int M, int K, const void *w, const float *scale,       \
                  const float *bias, float *y, int N) {                                            \

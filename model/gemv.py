@@ -36,8 +36,8 @@ from model.cache import cache_dir
 
 log = logging.getLogger("musicbridge.model")
 HERE = Path(__file__).parent
-SOURCES = (HERE / "gemv.c", HERE / "layer_step.c")
-HEADERS = (HERE / "kernels.h",)
+SOURCES = (HERE / "gemv.c", HERE / "attention.c", HERE / "layer_step.c")
+HEADERS = (HERE / "kernels.h", HERE / "vec.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", f"-I{HERE}")
 # Above this many activation rows (prefill, long batches) a product is compute-bound, not
 # bound by reading weights: it runs as one PyTorch matmul over the widened weights instead.
@@ -130,10 +130,13 @@ def _load() -> ctypes.CDLL | None:
             "mb_gemv_i8": [_P, _I, _I, _P, _P, _P, _P, _I],
             "mb_gemv_i8_vnni": [_P, _I, _I, _P, _P, _P, _P, _I],
             "mb_layer_step": [_P, _P, _P, _P, _I, _P, _P, _P],
+            "mb_attend": [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I, _P],
+            "mb_attend_scratch": [_I, _I, _I],
+            "mb_gelu": [_P, ctypes.c_long],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_gemv_i8_vnni"):
+        for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_gemv_i8_vnni", "mb_attend_scratch"):
             getattr(lib, name).restype = _I
         _lib = lib
         return lib

@@ -4,7 +4,7 @@
  * Why: with the products at memory speed (gemv.c), a step's remaining cost was some forty
  * small PyTorch ops per layer (norms, views, cache writes, attention, GELU, residuals), each
  * a few to eighty microseconds of dispatch and threading for a few kilobytes of work. Here
- * they are plain loops between the products; attention runs its heads in parallel.
+ * they are plain loops between the products; attention is model/attention.c's.
  */
 #include <math.h>
 #include <stdint.h>
@@ -12,6 +12,7 @@
 #include <string.h>
 #include <omp.h>
 #include "kernels.h"
+#include "vec.h"
 
 /* One linear: its weight format and tensors. */
 typedef struct {
@@ -40,34 +41,14 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     }
 }
 
-/* a[r, h*hd:(h+1)*hd] = softmax(q . K^T / sqrt(hd), masked) . V over keys [0, n) of row r's head h.
- * K, V are (rows, heads, stride, hd); mask (rows, n) or NULL. */
-static void attend(const float *q, int q_stride, const float *K, const float *V, int stride, int n,
-                   const uint8_t *mask, int rows, int heads, int hd, float *a, int a_stride, float *scores) {
-    float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel for schedule(static)
-    for (int rh = 0; rh < rows * heads; rh++) {
-        int r = rh / heads, h = rh % heads;
-        const float *qh = q + (size_t)r * q_stride + (size_t)h * hd;
-        const float *Kh = K + ((size_t)r * heads + h) * stride * hd;
-        const float *Vh = V + ((size_t)r * heads + h) * stride * hd;
-        float *s = scores + (size_t)rh * n, best = -INFINITY;
-        for (int t = 0; t < n; t++) {
-            if (mask && !mask[(size_t)r * n + t]) { s[t] = -INFINITY; continue; }
-            float dot = 0.f;
-            for (int j = 0; j < hd; j++) dot += qh[j] * Kh[(size_t)t * hd + j];
-            s[t] = dot * scale;
-            if (s[t] > best) best = s[t];
-        }
-        float total = 0.f;
-        for (int t = 0; t < n; t++) { s[t] = s[t] == -INFINITY ? 0.f : expf(s[t] - best); total += s[t]; }
-        float *ah = a + (size_t)r * a_stride + (size_t)h * hd;
-        for (int j = 0; j < hd; j++) ah[j] = 0.f;
-        for (int t = 0; t < n; t++) {
-            float p = s[t] / total;
-            for (int j = 0; j < hd; j++) ah[j] += p * Vh[(size_t)t * hd + j];
-        }
+/* The exact (erf) GELU in place, LANES at a time. */
+void mb_gelu(float *x, long n) {
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vf v = vload(x + i);
+        vstore(x + i, 0.5f * v * (1.0f + verf(v * 0.70710678118654752f)));
     }
+    for (; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
 }
 
 static int product(const mb_linear *l, const float *x, int rows, int k, float *y, int n) {
@@ -83,7 +64,7 @@ int mb_layer_step(const mb_layer *L, float *x, float *kcache, float *vcache, int
                   const float *ck, const float *cv, const uint8_t *cmask) {
     int rows = L->rows, d = L->d, heads = L->heads, hd = d / heads, ffn = L->ffn;
     int keys = pos + 1, widest = keys > L->cross_len ? keys : L->cross_len;
-    size_t need = (size_t)rows * (d + 3 * d + d + d + ffn) + (size_t)rows * heads * widest;
+    size_t need = (size_t)rows * (d + 3 * d + d + d + ffn) + (size_t)mb_attend_scratch(rows, heads, widest);
     float *h = malloc(sizeof(float) * need);
     if (!h) return -1;
     float *qkv = h + (size_t)rows * d, *a = qkv + (size_t)rows * 3 * d, *o = a + (size_t)rows * d;
@@ -97,21 +78,21 @@ int mb_layer_step(const mb_layer *L, float *x, float *kcache, float *vcache, int
             memcpy(kcache + at, qkv + (size_t)r * 3 * d + d + (size_t)hh * hd, sizeof(float) * hd);
             memcpy(vcache + at, qkv + (size_t)r * 3 * d + 2 * d + (size_t)hh * hd, sizeof(float) * hd);
         }
-    attend(qkv, 3 * d, kcache, vcache, L->max_len, keys, NULL, rows, heads, hd, a, d, scores);
+    mb_attend(qkv, 3 * d, kcache, vcache, L->max_len, keys, NULL, rows, heads, hd, a, d, scores);
     if (product(&L->out, a, rows, d, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
 
     if (ck) {
         layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
         if (product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
-        attend(qkv, d, ck, cv, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d, scores);
+        mb_attend(qkv, d, ck, cv, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d, scores);
         if (product(&L->cross_out, a, rows, d, o, d)) goto fail;
         for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
     }
 
     layer_norm(x, L->ln_ff_w, L->ln_ff_b, L->eps, rows, d, h);
     if (product(&L->fc1, h, rows, d, f, ffn)) goto fail;
-    for (size_t i = 0; i < (size_t)rows * ffn; i++) f[i] = 0.5f * f[i] * (1.0f + erff(f[i] * 0.70710678118654752f));
+    mb_gelu(f, (long)rows * ffn);
     if (product(&L->fc2, f, rows, ffn, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
     free(h);

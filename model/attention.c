@@ -1,0 +1,98 @@
+/* Attention for the decode step: one new query per row and head against the cached keys.
+ *
+ * Why its own vector code: at batch 2 the step's attention reads the whole float32 cache
+ * (24 layers x 2 rows x 16 heads x 64 x 4 bytes x 2 per position: 295 MB a step at 30 s), and
+ * scalar dot products and expf made it compute-bound: 59 ms a step at position 1500 against
+ * 24 ms for all the weights' products (measured, docs/engine.md). Here each key costs
+ * hd/LANES fused multiply-adds and one lane sum, the softmax's exponentials run LANES at a time
+ * (vec.h), and heads run in parallel, so the cost follows the bytes of the cache.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+#include "kernels.h"
+#include "vec.h"
+
+#define MAX_HD_VECTORS (256 / LANES)
+
+/* Scores, softmax and the weighted sum for one row's head; K, V (n, hd) rows of `stride` floats
+ * apart are that head's keys. `s` holds n (rounded up to LANES) floats of scratch. */
+static void attend_one(const float *q, const float *K, const float *V, int n, const uint8_t *mask,
+                       int hd, float scale, float *out, float *s) {
+    int nv = hd / LANES;
+    vf qv[MAX_HD_VECTORS], acc[MAX_HD_VECTORS];
+    for (int i = 0; i < nv; i++) qv[i] = vload(q + i * LANES) * scale;
+    float best = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        if (mask && !mask[t]) { s[t] = -INFINITY; continue; }
+        const float *k = K + (size_t)t * hd;
+        vf dot = qv[0] * vload(k);
+        for (int i = 1; i < nv; i++) dot += qv[i] * vload(k + i * LANES);
+        s[t] = vsum(dot);
+        if (s[t] > best) best = s[t];
+    }
+    for (int i = 0; i < nv; i++) acc[i] = (vf){0};
+    if (best == -INFINITY) { /* no key to attend to: zeros, as a fully masked softmax row gives */
+        for (int i = 0; i < nv; i++) vstore(out + i * LANES, acc[i]);
+        return;
+    }
+    int padded = (n + LANES - 1) / LANES * LANES;
+    for (int t = n; t < padded; t++) s[t] = -INFINITY;
+    vf total = (vf){0}, top = vsplat(best);
+    for (int t = 0; t < padded; t += LANES) {
+        vf e = vexp(vload(s + t) - top);
+        vstore(s + t, e);
+        total += e;
+    }
+    for (int t = 0; t < n; t++) {
+        if (s[t] == 0.f) continue;
+        const float *v = V + (size_t)t * hd;
+        vf p = vsplat(s[t]);
+        for (int i = 0; i < nv; i++) acc[i] += p * vload(v + i * LANES);
+    }
+    float inv = 1.f / vsum(total);
+    for (int i = 0; i < nv; i++) vstore(out + i * LANES, acc[i] * inv);
+}
+
+static void attend_one_scalar(const float *q, const float *K, const float *V, int n, const uint8_t *mask,
+                              int hd, float scale, float *out, float *s) {
+    float best = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        if (mask && !mask[t]) { s[t] = -INFINITY; continue; }
+        float dot = 0.f;
+        for (int j = 0; j < hd; j++) dot += q[j] * K[(size_t)t * hd + j];
+        s[t] = dot * scale;
+        if (s[t] > best) best = s[t];
+    }
+    for (int j = 0; j < hd; j++) out[j] = 0.f;
+    if (best == -INFINITY) return;
+    float total = 0.f;
+    for (int t = 0; t < n; t++) { s[t] = s[t] == -INFINITY ? 0.f : expf(s[t] - best); total += s[t]; }
+    for (int t = 0; t < n; t++) {
+        float p = s[t] / total;
+        for (int j = 0; j < hd; j++) out[j] += p * V[(size_t)t * hd + j];
+    }
+}
+
+int mb_attend_scratch(int rows, int heads, int n) {
+    return rows * heads * ((n + LANES - 1) / LANES * LANES);
+}
+
+void mb_attend(const float *q, int q_stride, const float *K, const float *V, int stride, int n,
+               const unsigned char *mask, int rows, int heads, int hd, float *a, int a_stride, float *scores) {
+    float scale = 1.0f / sqrtf((float)hd);
+    int vector = hd % LANES == 0 && hd / LANES <= MAX_HD_VECTORS;
+    int padded = (n + LANES - 1) / LANES * LANES;
+    /* A short cross-attention (a dozen text tokens) is cheaper than waking the other threads. */
+#pragma omp parallel for schedule(static) if ((long)rows * heads * n * hd >= 8192)
+    for (int rh = 0; rh < rows * heads; rh++) {
+        int r = rh / heads, h = rh % heads;
+        const float *qh = q + (size_t)r * q_stride + (size_t)h * hd;
+        const float *Kh = K + ((size_t)r * heads + h) * stride * hd;
+        const float *Vh = V + ((size_t)r * heads + h) * stride * hd;
+        const uint8_t *m = mask ? mask + (size_t)r * n : 0;
+        float *ah = a + (size_t)r * a_stride + (size_t)h * hd, *s = scores + (size_t)rh * padded;
+        if (vector) attend_one(qh, Kh, Vh, n, m, hd, scale, ah, s);
+        else attend_one_scalar(qh, Kh, Vh, n, m, hd, scale, ah, s);
+    }
+}

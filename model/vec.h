@@ -1,0 +1,84 @@
+/* The decode kernels' vector type and the few vector functions they share (gemv.c, attention.c,
+ * layer_step.c).
+ *
+ * Written with GCC's generic vectors so that one source serves AVX-512, AVX2 and NEON: the
+ * width is the machine's (LANES floats), set by -march=native at build time. exp and erf are
+ * our own polynomials because the scalar libm calls, one element at a time, were what a layer
+ * step spent its time on outside the products (attention's softmax, GELU; measured, docs/engine.md).
+ */
+#ifndef MB_VEC_H
+#define MB_VEC_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX2__) || defined(__ARM_NEON)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vsplat(float x) { return (vf){0} + x; }
+
+/* Lanes of `a` where `m` is set (all ones), else of `b`. */
+static inline vf vselect(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+
+static inline float vsum(vf v) {
+#if LANES == 16 && defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float s = 0.f;
+    for (int i = 0; i < LANES; i++) s += v[i];
+    return s;
+#endif
+}
+
+/* e^x to about 2 ulp (Cody-Waite reduction to |r| <= ln2/2, degree-6 polynomial); 0 below
+ * -87.3 (so -inf, a masked score, gives exactly 0), clamped above 88.3. */
+static inline vf vexp(vf x) {
+    vi under = x < vsplat(-87.33654f);
+    x = vselect(x > vsplat(88.3762626647949f), vsplat(88.3762626647949f), x);
+    x = vselect(under, vsplat(0.f), x);
+    const vf magic = vsplat(12582912.f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf t = x * 1.44269504088896341f + magic;
+    vf n = t - magic;
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = vsplat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vf y = p * (r * r) + r + 1.f;
+    vi bits = ((vi)t - 0x4B400000 + 127) << 23; /* 2^n from the integer in t's low mantissa bits */
+    y = y * (vf)bits;
+    return vselect(under, vsplat(0.f), y);
+}
+
+/* erf(x) to 1.5e-7 absolute (Abramowitz and Stegun 7.1.26), for the exact (erf) GELU. */
+static inline vf verf(vf x) {
+    vi sign = (vi)x & ((vi){0} + INT32_MIN);
+    vf a = (vf)((vi)x ^ sign);
+    vf t = 1.f / (1.f + 0.3275911f * a);
+    vf p = vsplat(1.061405429f);
+    p = p * t - 1.453152027f;
+    p = p * t + 1.421413741f;
+    p = p * t - 0.284496736f;
+    p = p * t + 0.254829592f;
+    vf y = 1.f - p * t * vexp(-(a * a));
+    return (vf)((vi)y ^ sign);
+}
+
+#endif

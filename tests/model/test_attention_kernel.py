@@ -1,0 +1,78 @@
+"""The decode step's vector attention and GELU (model/attention.c, model/layer_step.c's mb_gelu)
+against PyTorch's, at the lengths a long generation or a jam reaches."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import gemv
+
+pytestmark = pytest.mark.skipif(not gemv.available(), reason="needs the C kernels (a C compiler)")
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (rows, heads, hd); k, v (rows, heads, stride, hd), the first n = mask's width (or stride) used."""
+    rows, heads, hd = q.shape
+    stride = k.shape[2]
+    n = stride if mask is None else mask.shape[1]
+    out = torch.full((rows, heads * hd), float("nan"))
+    scores = torch.empty(gemv._lib.mb_attend_scratch(rows, heads, n))
+    m = None if mask is None else mask.to(torch.uint8).contiguous()
+    gemv._lib.mb_attend(q.contiguous().data_ptr(), heads * hd, k.data_ptr(), v.data_ptr(), stride, n,
+                        None if m is None else m.data_ptr(), rows, heads, hd, out.data_ptr(), heads * hd,
+                        scores.data_ptr())
+    return out.view(rows, heads, hd)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("hd", [64, 32, 24])  # 24: not a whole number of vectors: the scalar path
+@pytest.mark.parametrize("n", [1, 17, 1500])
+def test_attention_over_the_cache_equals_sdpa(hd, n):
+    torch.manual_seed(hd + n)
+    rows, heads, stride = 2, 3, n + 5  # the cache is longer than its filled part
+    q = torch.randn(rows, heads, hd) * 2
+    k, v = torch.randn(rows, heads, stride, hd), torch.randn(rows, heads, stride, hd)
+    k[:, :, n:] = float("nan")  # beyond the filled part: must not be read
+    want = F.scaled_dot_product_attention(q[:, :, None], k[:, :, :n], v[:, :, :n])[:, :, 0]
+    assert _rel(_attend(q, k, v, None if n == stride else torch.ones(rows, n, dtype=torch.bool)), want) < 1e-5
+
+
+def test_masked_keys_get_no_weight_and_a_fully_masked_row_gives_zeros():
+    torch.manual_seed(3)
+    rows, heads, hd, n = 2, 4, 64, 40
+    q, k, v = torch.randn(rows, heads, hd), torch.randn(rows, heads, n, hd), torch.randn(rows, heads, n, hd)
+    mask = torch.zeros(rows, n, dtype=torch.bool)
+    mask[0, :7] = True
+    got = _attend(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q[:1, :, None], k[:1, :, :7], v[:1, :, :7])[:, :, 0]
+    assert _rel(got[:1], want) < 1e-5
+    assert torch.equal(got[1], torch.zeros(heads, hd))
+
+
+def test_softmax_of_widely_spread_scores_stays_finite_and_exact():
+    """Scores hundreds apart: the exponentials underflow to exactly zero, never to NaN or inf."""
+    rows, heads, hd, n = 1, 1, 64, 64
+    q = torch.ones(rows, heads, hd)
+    k = torch.zeros(rows, heads, n, hd)
+    k[0, 0, :, 0] = torch.linspace(-800, 800, n)  # scores -100 .. 100 after 1/sqrt(64)
+    v = torch.randn(rows, heads, n, hd)
+    got = _attend(q, k, v, None)
+    want = F.scaled_dot_product_attention(q[:, :, None], k, v)[:, :, 0]
+    assert torch.isfinite(got).all()
+    assert _rel(got, want) < 1e-5
+
+
+def test_vector_gelu_equals_the_exact_erf_gelu():
+    x = torch.cat([torch.linspace(-12, 12, 100_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0])])
+    for n in (x.numel(), 13):  # 13: a tail shorter than one vector
+        y = x[:n].clone()
+        gemv._lib.mb_gelu(y.data_ptr(), ctypes.c_long(n))
+        want = F.gelu(x[:n].double()).float()
+        assert (y - want).abs().max().item() < 1e-6  # PyTorch's own float32 GELU: 1.2e-6
