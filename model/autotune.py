@@ -30,7 +30,7 @@ from model import gemv
 from model.cache import cache_dir
 from model.decoder import CrossKV, DecoderLayer, DecoderSpec, KVCache
 from model.layer_step import FusedLayer
-from model.precision import CPU_CANDIDATES, QUALITY_BOUND, TRAINED_PROXY_ERROR, apply_precision, within_bound
+from model.precision import CPU_CANDIDATES, QUALITY_BOUND, TRAINED_PROXY_ERROR, apply_precision, kv_dtype, within_bound
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _layer_runner(spec: DecoderSpec, dtype: str):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     act = apply_precision(layer, dtype)
     layer.fused = FusedLayer.of(layer)  # as the engine runs it (MusicgenDecoderLM.fuse)
-    cache = KVCache(one, ROWS, CONTEXT + 8, "cpu", act)
+    cache = KVCache(one, ROWS, CONTEXT + 8, "cpu", (kv_dtype(dtype) if layer.fused else None) or act)
     cache.k.normal_(generator=g)
     cache.v.normal_(generator=g)
     cross = None

@@ -225,7 +225,6 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
       so this is the strictest of the three).
     """
     from model.conditioning import build_conditioning
-    from model.decoder import KVCache
 
     resolved = ResolvedModel("random", f"{proxy} proxy", False, False, True)
     ref_eng = Engine(model, tokenizer, resolved, "cpu", "float32")
@@ -243,7 +242,7 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
 
     def logits(eng: Engine) -> torch.Tensor:
         cond = build_conditioning(eng.hf, tokenizer, prompts, None, False, "cpu", eng.compute_dtype)
-        cache = KVCache(eng.lm.spec, 2, tokens.shape[2], "cpu", eng.compute_dtype)
+        cache = eng.lm.new_cache(2, tokens.shape[2], "cpu", eng.compute_dtype)
         cross = eng.lm.cross_kv(cond.states, cond.mask)
         # Step by step, as decoding runs: the decode kernels' arithmetic, not a prefill's.
         steps = [eng.lm(tokens[:, :, t : t + 1], t, cache, cross) for t in range(tokens.shape[2])]

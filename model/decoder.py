@@ -58,9 +58,14 @@ class KVCache:
     """
 
     def __init__(self, spec: DecoderSpec, batch: int, max_len: int, device, dtype):
+        from model import hugepages
+
         shape = (spec.n_layers, batch, spec.n_heads, max_len, spec.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if torch.device(device).type == "cpu":  # streamed every step: on huge pages where there are some
+            self.k, self.v = hugepages.zeros(shape, dtype), hugepages.zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
 
@@ -107,7 +112,7 @@ class DecoderLayer(nn.Module):
         end = start + n
         cache.k[layer, :, :, start:end] = k
         cache.v[layer, :, :, start:end] = v
-        keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        keys, values = _read(cache.k[layer, :, :, :end], q), _read(cache.v[layer, :, :, :end], q)
         if n == 1:
             a = F.scaled_dot_product_attention(q, keys, values)
         elif start == 0:
@@ -125,9 +130,9 @@ class DecoderLayer(nn.Module):
         q, k, v = self.qkv(h).split(d, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         keys, values = cache.k[layer], cache.v[layer]
-        keys.index_copy_(2, pos, k)
-        values.index_copy_(2, pos, v)
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid)
+        keys.index_copy_(2, pos, k.to(keys.dtype))
+        values.index_copy_(2, pos, v.to(values.dtype))
+        a = F.scaled_dot_product_attention(q, _read(keys, q), _read(values, q), attn_mask=valid)
         return self._rest(x, a, layer, cross)
 
     def _rest(self, x, a, layer: int, cross: CrossKV | None):
@@ -146,6 +151,11 @@ class DecoderLayer(nn.Module):
         return x + h
 
 
+def _read(cached: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Cached keys or values in the activations' dtype (the cache may be kept narrower)."""
+    return cached if cached.dtype == q.dtype else cached.to(q.dtype)
+
+
 def _act(name: str):
     from transformers.activations import ACT2FN
 
@@ -154,6 +164,9 @@ def _act(name: str):
 
 class MusicgenDecoderLM(nn.Module):
     """The decoder plus heads: tokens (batch, codebooks, n) -> logits (batch, codebooks, n, vocab)."""
+
+    kv_dtype: torch.dtype | None = None
+    """The self-attention cache's dtype where it is not the activations' (model.precision.kv_dtype)."""
 
     def __init__(self, spec: DecoderSpec):
         super().__init__()
@@ -219,6 +232,10 @@ class MusicgenDecoderLM(nn.Module):
         for layer in self.layers:
             layer.fused = FusedLayer.of(layer)
         return sum(layer.fused is not None for layer in self.layers)
+
+    def new_cache(self, batch: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
+        """An empty cache for `batch` rows; `dtype` is the activations', the cache's own may differ."""
+        return KVCache(self.spec, batch, max_len, device, self.kv_dtype or dtype)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, codebooks, n) ids -> (batch, n, d): the sum of the codebooks' embeddings."""

@@ -138,7 +138,7 @@ class Engine:
         soon as the converted layer exists (that model's decoder is then unusable, which is
         why only `Engine.load`, which made it, asks for it).
         """
-        from model.precision import apply_precision
+        from model.precision import apply_precision, kv_dtype
 
         compute = [torch.float32]
 
@@ -153,10 +153,29 @@ class Engine:
             if release:
                 _release_unshared(hf_model.decoder, lm)
         if not str(self.device).startswith("cuda"):
+            self._on_huge_pages(lm, dtype)
             fused = lm.fuse()
             log.info("decoder: %d of %d layers take their decode step in one C call (model/layer_step.c)",
                      fused, len(lm.layers))
+            if fused == len(lm.layers):
+                lm.kv_dtype = kv_dtype(dtype, self.device)
         return lm, compute[0]
+
+    @staticmethod
+    def _on_huge_pages(lm: MusicgenDecoderLM, dtype: str) -> None:
+        """Put the weights a step streams on huge pages (model/hugepages.py), before `fuse`
+        takes their addresses. float32 weights are the checkpoint's own (shared), so they are
+        collapsed where they lie; converted ones are the engine's, so they are packed."""
+        from torch import nn
+
+        from model import hugepages
+
+        streamed = nn.ModuleList([lm.layers, lm.heads])
+        if dtype == "float32":
+            moved, how = hugepages.collapse(streamed), "collapsed in place"
+        else:
+            moved, how = hugepages.pack(streamed), "packed into one arena"
+        log.info("decoder weights on huge pages: %.0f MB %s", moved / 1e6, how)
 
     @classmethod
     def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto",

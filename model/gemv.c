@@ -29,7 +29,6 @@
 #define MT 2
 
 typedef int8_t vb __attribute__((vector_size(LANES)));
-typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
 
 int mb_lanes(void) { return LANES; }
 
@@ -44,13 +43,6 @@ static inline vf widen_i8(const int8_t *p) {
     vb b; memcpy(&b, p, sizeof b);
     return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
 #endif
-}
-
-static inline vf widen_bf16(const uint16_t *p) {
-    vh h; memcpy(&h, p, sizeof h);
-    vi bits = __builtin_convertvector(h, vi) << 16;
-    vf f; memcpy(&f, &bits, sizeof f);
-    return f;
 }
 
 /* A tile: NTV weight rows [n, n+nt) against MTV activation rows [m, m+mt), the shape fixed at
@@ -81,7 +73,7 @@ static inline __attribute__((always_inline)) void NAME##_tile(int kind, const fl
                 wv = widen_i8((const int8_t *)w + off);                                           \
             } else if (kind == MB_BF16) {                                                         \
                 __builtin_prefetch((const uint16_t *)w + off + (size_t)NTV * K);                  \
-                wv = widen_bf16((const uint16_t *)w + off);                                       \
+                wv = vload_bf16((const uint16_t *)w + off);                                       \
             } else {                                                                              \
                 __builtin_prefetch((const float *)w + off + (size_t)NTV * K);                     \
                 wv = vload((const float *)w + off);                                              \

@@ -98,7 +98,7 @@ def new_state(
     forced = build_forced(plan, lm.spec.pad_id, prompts, device)
     tokens = forced.clamp(min=0).clone()
     prefix_len = cond.states.shape[1] if cond.is_prefix else 0
-    cache = KVCache(lm.spec, rows, prefix_len + plan.n_steps + 1, device, dtype)
+    cache = lm.new_cache(rows, prefix_len + plan.n_steps + 1, device, dtype)
     cross = None if cond.is_prefix else lm.cross_kv(cond.states, cond.mask)
     prefix = cond.states if cond.is_prefix else None
     assert cond.states.shape[0] == rows, "conditioning rows must match the guided batch"

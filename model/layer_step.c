@@ -26,6 +26,7 @@ typedef struct {
     float eps;
     const float *ln_self_w, *ln_self_b, *ln_cross_w, *ln_cross_b, *ln_ff_w, *ln_ff_b;
     mb_linear qkv, out, cross_q, cross_out, fc1, fc2;
+    int kv_bf16; /* the self-attention cache is bfloat16 (else float32) */
 } mb_layer;
 
 static void layer_norm(const float *x, const float *w, const float *b, float eps, int rows, int d, float *y) {
@@ -56,11 +57,12 @@ static int product(const mb_linear *l, const float *x, int rows, int k, float *y
 }
 
 /* x (rows, d) is updated in place. The new token's key and value go to column `pos` of
- * kcache/vcache (rows, heads, max_len, hd), and attention reads columns [0, pos]. Cross-attention
+ * kcache/vcache (rows, heads, max_len, hd; float32, or bfloat16 where L->kv_bf16), and
+ * attention reads columns [0, pos]. Cross-attention
  * (skipped when ck is NULL) reads ck/cv (rows, heads, cross_len, hd) under cmask (rows, cross_len).
  * Returns 0, or -1 when scratch memory could not be had (x is then partly updated: the caller
  * passes a copy and discards it). */
-int mb_layer_step(const mb_layer *L, float *x, float *kcache, float *vcache, int pos,
+int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, int pos,
                   const float *ck, const float *cv, const uint8_t *cmask) {
     int rows = L->rows, d = L->d, heads = L->heads, hd = d / heads, ffn = L->ffn;
     int keys = pos + 1, widest = keys > L->cross_len ? keys : L->cross_len;
@@ -75,17 +77,25 @@ int mb_layer_step(const mb_layer *L, float *x, float *kcache, float *vcache, int
     for (int r = 0; r < rows; r++)
         for (int hh = 0; hh < heads; hh++) {
             size_t at = (((size_t)r * heads + hh) * L->max_len + pos) * hd;
-            memcpy(kcache + at, qkv + (size_t)r * 3 * d + d + (size_t)hh * hd, sizeof(float) * hd);
-            memcpy(vcache + at, qkv + (size_t)r * 3 * d + 2 * d + (size_t)hh * hd, sizeof(float) * hd);
+            const float *k = qkv + (size_t)r * 3 * d + d + (size_t)hh * hd, *v = k + d;
+            if (L->kv_bf16) {
+                for (int j = 0; j < hd; j++) {
+                    ((uint16_t *)kcache)[at + j] = to_bf16(k[j]);
+                    ((uint16_t *)vcache)[at + j] = to_bf16(v[j]);
+                }
+            } else {
+                memcpy((float *)kcache + at, k, sizeof(float) * hd);
+                memcpy((float *)vcache + at, v, sizeof(float) * hd);
+            }
         }
-    mb_attend(qkv, 3 * d, kcache, vcache, L->max_len, keys, NULL, rows, heads, hd, a, d, scores);
+    mb_attend(qkv, 3 * d, kcache, vcache, L->kv_bf16, L->max_len, keys, NULL, rows, heads, hd, a, d, scores);
     if (product(&L->out, a, rows, d, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
 
     if (ck) {
         layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
         if (product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
-        mb_attend(qkv, d, ck, cv, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d, scores);
+        mb_attend(qkv, d, ck, cv, 0, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d, scores);
         if (product(&L->cross_out, a, rows, d, o, d)) goto fail;
         for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
     }

@@ -3,7 +3,7 @@
 With the products at memory speed, a decode step's remaining cost was the forty-odd small
 PyTorch ops per layer around them; the C step runs the same arithmetic (float32 activations,
 layer norms, attention over the filled cache, exact GELU, residuals) between the same
-products. `FusedLayer.of` says None where it does not apply (int4, a GPU, biases, another
+products, over a float32 or bfloat16 cache. `FusedLayer.of` says None where it does not apply (int4, a GPU, biases, another
 activation, kernels unavailable, widths that are not whole 64-blocks), and the layer then runs
 its eager code. The weights are the layer's own: nothing is copied.
 """
@@ -18,6 +18,7 @@ from torch import nn
 from model import gemv
 
 F32, BF16, I8, I8_VNNI = 0, 1, 2, 3  # kernels.h
+KV_DTYPES = (torch.float32, torch.bfloat16)  # the self-attention caches the C step reads
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
@@ -31,7 +32,7 @@ class _Layer(ctypes.Structure):
                 ("ln_self_w", _P), ("ln_self_b", _P), ("ln_cross_w", _P), ("ln_cross_b", _P),
                 ("ln_ff_w", _P), ("ln_ff_b", _P),
                 ("qkv", _Linear), ("out", _Linear), ("cross_q", _Linear), ("cross_out", _Linear),
-                ("fc1", _Linear), ("fc2", _Linear)]
+                ("fc1", _Linear), ("fc2", _Linear), ("kv_bf16", _I)]
 
 
 def _linear(mod: nn.Module) -> _Linear | None:
@@ -91,7 +92,7 @@ class FusedLayer:
         return cls(spec, s, tensors)
 
     def suits(self, x: torch.Tensor, cache, cross) -> bool:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype != torch.float32:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype not in KV_DTYPES:
             return False
         if cross is None:
             return not self.spec.cross_attention
@@ -106,7 +107,7 @@ class FusedLayer:
                              f"({cache.k.shape[1]} rows) with {rows} rows of input")
         out = x.contiguous().clone()
         s = self.struct
-        s.rows, s.max_len = out.shape[0], cache.max_len
+        s.rows, s.max_len, s.kv_bf16 = out.shape[0], cache.max_len, cache.k.dtype == torch.bfloat16
         k, v = cache.k[layer], cache.v[layer]
         if cross is not None:
             ck, cv = cross.k[layer], cross.v[layer]

@@ -31,6 +31,23 @@ static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf vsplat(float x) { return (vf){0} + x; }
 
+typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
+
+/* bfloat16 is float32's top half: widening is a shift. */
+static inline vf vload_bf16(const uint16_t *p) {
+    vh h; memcpy(&h, p, sizeof h);
+    vi bits = __builtin_convertvector(h, vi) << 16;
+    vf f; memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* float32 -> bfloat16 rounded to nearest even, as PyTorch converts (NaN stays NaN). */
+static inline uint16_t to_bf16(float x) {
+    uint32_t u; memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* Lanes of `a` where `m` is set (all ones), else of `b`. */
 static inline vf vselect(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 

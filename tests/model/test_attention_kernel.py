@@ -15,14 +15,17 @@ pytestmark = pytest.mark.skipif(not gemv.available(), reason="needs the C kernel
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q (rows, heads, hd); k, v (rows, heads, stride, hd), the first n = mask's width (or stride) used."""
+    """q (rows, heads, hd); k, v (rows, heads, stride, hd) float32 or bfloat16, the first n = mask's
+    width (or stride) used."""
     rows, heads, hd = q.shape
     stride = k.shape[2]
     n = stride if mask is None else mask.shape[1]
     out = torch.full((rows, heads * hd), float("nan"))
     scores = torch.empty(gemv._lib.mb_attend_scratch(rows, heads, n))
     m = None if mask is None else mask.to(torch.uint8).contiguous()
-    gemv._lib.mb_attend(q.contiguous().data_ptr(), heads * hd, k.data_ptr(), v.data_ptr(), stride, n,
+    assert k.dtype == v.dtype
+    gemv._lib.mb_attend(q.contiguous().data_ptr(), heads * hd, k.data_ptr(), v.data_ptr(),
+                        int(k.dtype == torch.bfloat16), stride, n,
                         None if m is None else m.data_ptr(), rows, heads, hd, out.data_ptr(), heads * hd,
                         scores.data_ptr())
     return out.view(rows, heads, hd)
@@ -42,6 +45,16 @@ def test_attention_over_the_cache_equals_sdpa(hd, n):
     k[:, :, n:] = float("nan")  # beyond the filled part: must not be read
     want = F.scaled_dot_product_attention(q[:, :, None], k[:, :, :n], v[:, :, :n])[:, :, 0]
     assert _rel(_attend(q, k, v, None if n == stride else torch.ones(rows, n, dtype=torch.bool)), want) < 1e-5
+
+
+@pytest.mark.parametrize("hd", [64, 24])
+def test_attention_over_a_bfloat16_cache_equals_sdpa_over_the_widened_cache(hd):
+    torch.manual_seed(hd)
+    rows, heads, n = 2, 3, 700
+    q = torch.randn(rows, heads, hd)
+    k, v = torch.randn(rows, heads, n, hd).bfloat16(), torch.randn(rows, heads, n, hd).bfloat16()
+    want = F.scaled_dot_product_attention(q[:, :, None], k.float(), v.float())[:, :, 0]
+    assert _rel(_attend(q, k, v, None), want) < 1e-5
 
 
 def test_masked_keys_get_no_weight_and_a_fully_masked_row_gives_zeros():

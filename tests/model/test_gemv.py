@@ -118,43 +118,65 @@ def _wide_decoder(dtype: str, width: int = 64):
     return lm
 
 
-def _teacher_forced(lm, tokens, cross, one_pass: bool) -> torch.Tensor:
+def _teacher_forced(lm, tokens, cross, one_pass: bool, kv=torch.float32) -> torch.Tensor:
     from model.decoder import KVCache
 
-    cache = KVCache(lm.spec, tokens.shape[0], 16, "cpu", torch.float32)
+    cache = KVCache(lm.spec, tokens.shape[0], 16, "cpu", kv)
     if one_pass:
         return lm(tokens, 0, cache, cross)
     return torch.cat([lm(tokens[:, :, t : t + 1], t, cache, cross) for t in range(tokens.shape[2])], dim=2)
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_decoder_logits_step_by_step_equal_one_pass(dtype):
+def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv):
     """Teacher-forced: every step's logits from the kernels (and the one-call C layer step)
-    equal the same positions' logits from one prefill pass over the same weights."""
+    equal the same positions' logits from one prefill pass over the same weights, with the
+    cache in float32 or bfloat16 (model.precision.kv_dtype)."""
     lm = _wide_decoder(dtype)
     assert lm.fuse() == lm.spec.n_layers
     cross = lm.cross_kv(torch.randn(2, 5, 64), torch.ones(2, 5))
     tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(1))
-    whole = _teacher_forced(lm, tokens, cross, one_pass=True)
-    steps = _teacher_forced(lm, tokens, cross, one_pass=False)
+    whole = _teacher_forced(lm, tokens, cross, one_pass=True, kv=kv)
+    steps = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
     vnni = dtype == "int8" and gemv.int8_arithmetic() == "vnni"
     assert _rel(steps, whole) < (2e-2 if vnni else 1e-4)
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
-def test_the_c_layer_step_equals_the_eager_layer_step(dtype):
+def test_the_c_layer_step_equals_the_eager_layer_step(dtype, kv):
     """Same weights, same tokens, a cross-attention mask with a fully masked (unconditional) row:
-    the C layer step writes the same cache and gives the same logits as the eager step; int4
-    (PyTorch's kernel) keeps the eager step."""
+    the C layer step writes the same cache (float32, or bfloat16 rounded as PyTorch rounds) and
+    gives the same logits as the eager step; int4 (PyTorch's kernel) keeps the eager step."""
     lm = _wide_decoder(dtype, width=128)
     cross = lm.cross_kv(torch.randn(2, 5, 128), torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
     tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(2))
-    eager = _teacher_forced(lm, tokens, cross, one_pass=False)
+    eager = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
     fused = lm.fuse()
     assert fused == (0 if dtype == "int4" else lm.spec.n_layers)
-    assert _rel(_teacher_forced(lm, tokens, cross, one_pass=False), eager) < 1e-5
+    assert _rel(_teacher_forced(lm, tokens, cross, one_pass=False, kv=kv), eager) < 1e-5
+
+
+@torch.inference_mode()
+def test_the_c_layer_step_rounds_the_bfloat16_cache_as_pytorch_does():
+    """The same C step into a float32 and a bfloat16 cache: the bfloat16 columns are exactly the
+    float32 ones converted by PyTorch (round to nearest even)."""
+    from model.decoder import KVCache
+
+    lm = _wide_decoder("int8", width=128)
+    lm.fuse()
+    layer = lm.layers[0]
+    x = torch.randn(2, 1, 128) * 30  # wide values: many roundings go up, many down
+    caches = {kv: KVCache(lm.spec, 2, 4, "cpu", kv) for kv in (torch.float32, torch.bfloat16)}
+    for cache in caches.values():
+        layer.fused(x, 0, 2, cache, None)
+    wide, narrow = caches[torch.float32], caches[torch.bfloat16]
+    assert torch.equal(narrow.k[0, :, :, 2].view(torch.int16), wide.k[0, :, :, 2].bfloat16().view(torch.int16))
+    assert torch.equal(narrow.v[0, :, :, 2].view(torch.int16), wide.v[0, :, :, 2].bfloat16().view(torch.int16))
+    assert wide.k[0, :, :, 2].abs().sum() > 0
 
 
 @torch.inference_mode()
