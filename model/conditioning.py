@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.memory import drop_pages
+
 
 @dataclass
 class Conditioning:
@@ -37,6 +39,10 @@ def encode_text(hf_model, tokenizer, prompts: list[str], device) -> tuple[torch.
             "the checkpoint's tokenizer does not match its model"
         )
     states = hf_model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    # The text encoder runs once per request and reads every weight; its pages of the mapped
+    # checkpoint go back to the page cache until the next request (measured: no slower, and
+    # about 0.3-0.4 GB less resident memory for musicgen-small while decoding; model/memory.py).
+    drop_pages(list(hf_model.text_encoder.parameters()))
     if hasattr(hf_model, "enc_to_dec_proj"):
         states = hf_model.enc_to_dec_proj(states)
     states = states * mask[..., None].to(states.dtype)

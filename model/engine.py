@@ -237,10 +237,11 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes (codebooks, frames) to float32 audio (channels, samples)."""
-        from model.codec import decode_full
+        """Codes (codebooks, frames) to float32 audio (channels, samples), in bounded memory
+        however long (model.codec.decode)."""
+        from model.codec import decode
 
-        return decode_full(self.hf.audio_encoder, np.asarray(codes, dtype=np.int64), self.channels)
+        return decode(self.hf.audio_encoder, np.asarray(codes, dtype=np.int64), self.channels)
 
     def _window_frames(self) -> int:
         return self.frames_for(self.window_seconds)

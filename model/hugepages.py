@@ -93,12 +93,35 @@ def pack(module: nn.Module) -> int:
     if total < MIN_BYTES:
         return 0
     arena = empty((total,), torch.uint8)
+    freed = 0
     with torch.no_grad():
         for t, at in zip(tensors, offsets):
-            view = arena[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            view.copy_(t)
-            t.data = view
+            nbytes = t.numel() * t.element_size()
+            arena[at : at + nbytes].view(t.dtype).view(t.shape).copy_(t)
+            t.data = arena[at : at + nbytes].view(t.dtype).view(t.shape)
+            freed += nbytes
+            if freed >= 32 << 20:  # hand the old copies' pages back as we go: the peak stays one copy
+                _trim()
+                freed = 0
+    _trim()
     return total
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def _trim() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise, and they count)."""
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)
 
 
 def collapse(module: nn.Module) -> int:

@@ -48,6 +48,21 @@ def test_stream_equals_full_decode_real_shapes(real_shape_codec, chunk):
     assert max(windows) <= dec.left + chunk + dec.right
 
 
+def test_long_decodes_go_by_windows_within_the_stream_bound(real_shape_codec):
+    """Past `window` frames the decode is windowed (bounded memory): same length, within the
+    streaming bound of the full decode, the same every time; up to it, the full decode itself."""
+    from model.codec import decode
+
+    codes = torch.randint(0, 2048, (4, 130), generator=torch.Generator().manual_seed(9)).numpy()
+    full = decode_full(real_shape_codec, codes, 1)
+    windowed = decode(real_shape_codec, codes, 1, window=50)
+    assert windowed.shape == full.shape == (1, 130 * 640)
+    assert np.abs(windowed - full).max() / np.abs(full).max() < BOUND
+    assert not np.array_equal(windowed, full)  # it really went by windows
+    np.testing.assert_array_equal(decode(real_shape_codec, codes, 1, window=50), windowed)
+    np.testing.assert_array_equal(decode(real_shape_codec, codes, 1, window=130), full)
+
+
 def test_stream_equals_full_tiny_stereo(tiny_stereo_dir):
     from transformers import MusicgenForConditionalGeneration
 
