@@ -1,0 +1,45 @@
+"""model/hugepages.py: the decoder's weights packed into one huge-page arena and caches on
+2 MB-aligned memory, without changing a value or a tensor's identity."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from model import hugepages
+
+
+def test_large_tensors_are_2mb_aligned_and_small_ones_plain():
+    big = hugepages.zeros((3, 1 << 20), torch.bfloat16)
+    assert big.data_ptr() % hugepages.HUGE == 0
+    assert big.shape == (3, 1 << 20) and big.dtype == torch.bfloat16 and not big.any()
+    small = hugepages.zeros((10,), torch.float32)
+    assert small.shape == (10,) and not small.any()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are asked for on Linux only")
+def test_the_kernel_accepts_the_huge_page_advice_here():
+    big = hugepages.empty((4 << 20,), torch.uint8)
+    assert hugepages._advise(big.data_ptr(), big.data_ptr() + big.numel(), hugepages._MADV_HUGEPAGE)
+
+
+def test_pack_moves_tensors_into_one_arena_keeping_values_and_identity():
+    torch.manual_seed(0)
+    mods = nn.ModuleList([nn.Linear(1024, 1024, bias=False), nn.LayerNorm(1024), nn.Linear(1024, 3000)])
+    mods[2].register_buffer("q", torch.randint(-127, 127, (3000, 1024), dtype=torch.int8))
+    before = {n: t.clone() for n, t in [*mods.named_parameters(), *mods.named_buffers()]}
+    ids = {n: id(t) for n, t in [*mods.named_parameters(), *mods.named_buffers()]}
+    total = hugepages.pack(mods)
+    tensors = dict([*mods.named_parameters(), *mods.named_buffers()])
+    assert total >= sum(t.numel() * t.element_size() for t in tensors.values())
+    assert {n: id(t) for n, t in tensors.items()} == ids  # the same Parameter / buffer objects
+    for n, t in tensors.items():
+        assert torch.equal(t, before[n]), n
+    starts = sorted(t.data_ptr() for t in tensors.values())
+    assert starts[0] % hugepages.HUGE == 0 and starts[-1] - starts[0] < total  # one arena, in order
+    assert isinstance(mods[0].weight, nn.Parameter)
+    y = mods[0](torch.ones(2, 1024))
+    assert torch.allclose(y, torch.ones(2, 1024) @ before["0.weight"].T)
