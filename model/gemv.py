@@ -133,6 +133,7 @@ def _load() -> ctypes.CDLL | None:
             "mb_attend": [_P, _I, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _P],
             "mb_attend_scratch": [_I, _I, _I],
             "mb_gelu": [_P, ctypes.c_long],
+            "mb_quantize_i8": [_P, _I, _I, _P, _P],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
@@ -206,6 +207,15 @@ def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
                               y.data_ptr(), n) != 0:
         raise MemoryError("the int8 (VNNI) product could not get its scratch memory")
     return y.reshape(*x.shape[:-1], n)
+
+
+def quantize_i8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.quant.quantize_int8's arithmetic in one C pass per row: w (N, K) contiguous float32
+    -> q (N, K) int8, scale (N,) float32."""
+    n, k = w.shape
+    q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
+    _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr())
+    return q, scale
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

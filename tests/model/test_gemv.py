@@ -45,6 +45,25 @@ def test_int8_float_kernel_equals_the_dequantised_matmul(rows, n):
     assert _rel(gemv.linear_i8(x, q, scale, bias), ref) < 1e-5
 
 
+def test_c_quantiser_equals_pytorchs_arithmetic_bit_for_bit():
+    """model.quant.quantize_int8 in C (one pass per row) against the same arithmetic in PyTorch:
+    random rows, a zero row, ties at .5 (round half to even), huge and tiny magnitudes."""
+    torch.manual_seed(4)
+    w = torch.randn(70, 320) * 0.05
+    w[3] = 0.0
+    w[4, :] = torch.arange(320) * 0.5 - 80  # max 79.5: many exact .5 steps after scaling
+    w[5] *= 1e6
+    w[6] *= 1e-20
+    w[7, :] = -torch.linspace(0, 3, 320)  # all negative: the scale comes from the minimum
+    lo, hi = torch.aminmax(w, dim=1)
+    scale = (torch.maximum(hi, -lo) / 127.0).clamp_(min=1e-12)
+    q = (w * (1.0 / scale)[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    cq, cscale = gemv.quantize_i8(w)
+    assert torch.equal(cscale, scale)
+    assert torch.equal(cq, q)
+    assert torch.equal(quantize_int8(w)[0], q)  # and the loader uses it
+
+
 def _block_quantised(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     """The VNNI kernel's view of the activations: int8 per block of 64, scale = max|x| / 127."""
     xb = x.view(x.shape[0], -1, block)
