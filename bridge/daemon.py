@@ -57,23 +57,39 @@ ERROR_REPLIES_PER_SECOND = 200
 
 
 class _LogLimiter:
-    """At most `per_second` events a second of a noisy kind (log lines, error replies); the rest are counted."""
+    """At most `per_second` events a second of a noisy kind (log lines, error replies); the rest are counted.
 
-    def __init__(self, per_second: int = 5, what: str = "rejected messages were not logged"):
-        self.per_second, self.what = per_second, what
-        self.window, self.count, self.dropped = 0, 0, 0
+    A token bucket, not a window per clock second: up to `per_second` events at once, then one
+    more every 1/per_second s. A window that a flood filled stayed shut until the clock reached
+    the next whole second, so a good client's one bad message, sent up to a second after a flood
+    of junk had ended, went unanswered; with the bucket, once a flood stops the next event after
+    1/per_second s is allowed. Over any t seconds at most per_second * (1 + t) are allowed, as
+    with the window. What was refused is logged as one count at most once a second.
+    """
+
+    def __init__(self, per_second: int = 5, what: str = "rejected messages were not logged",
+                 clock: Callable[[], float] = time.monotonic):
+        self.per_second, self.what, self._clock = per_second, what, clock
+        self._lock = threading.Lock()
+        self.tokens = float(per_second)
+        self.refilled = self.reported = clock()
+        self.dropped = 0
 
     def allow(self) -> bool:
-        now = int(time.monotonic())
-        if now != self.window:
-            if self.dropped:
+        with self._lock:
+            now = self._clock()
+            self.tokens = min(float(self.per_second), self.tokens + (now - self.refilled) * self.per_second)
+            self.refilled = now
+            if self.dropped and now - self.reported >= 1.0:
                 log.info("(%d more %s)", self.dropped, self.what)
-            self.window, self.count, self.dropped = now, 0, 0
-        self.count += 1
-        if self.count > self.per_second:
+                self.dropped, self.reported = 0, now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return True
+            if not self.dropped:
+                self.reported = now  # the count covers at least the second from its first refusal
             self.dropped += 1
             return False
-        return True
 
 
 def handles(*classes: type) -> Callable:
