@@ -12,11 +12,15 @@ from tests.jack_server import jack_server
 from tests.plugin_host.jack_capture import align, assert_exact_unless_xrun, capture
 
 SR = 48000
+# 1024 frames (21 ms) a period, not 256: JACK runs without realtime priority here, and on a
+# loaded 2-core VM a 5 ms period was missed often enough (8 xruns in half a second) to garble
+# more blocks than the per-xrun rule excuses. The comparisons are as strict as before, per period.
+PERIOD = 1024
 
 
 @pytest.fixture(scope="module")
 def jack():
-    with jack_server(rate=SR, period=256) as name:
+    with jack_server(rate=SR, period=PERIOD) as name:
         yield name
 
 
@@ -49,7 +53,7 @@ def test_track_arrives_bit_exact_on_its_channel_pair(jack):
     rec = cap.audio
     off = align(rec[0], x[:, 0])
     # float32 passes through the ring, the mix (gain exactly 1) and JACK untouched: exact.
-    assert_exact_unless_xrun(rec, x.T, off, stats["xruns"] - x0)
+    assert_exact_unless_xrun(rec, x.T, off, stats["xruns"] - x0, PERIOD)
     assert stats["underruns"] == 0
     assert stats["tracks"]["st"]["state"] == "ended"
 
@@ -75,7 +79,7 @@ def test_gain_pan_and_mix_of_two_tracks(jack):
     n = len(b)
     # left: a at half gain plus b, summed in float32 exactly as numpy does it
     expected = np.stack([a[:, 0] * np.float32(0.5) + b[:, 0], b[:, 0]])
-    assert_exact_unless_xrun(rec, expected, off, xruns)
+    assert_exact_unless_xrun(rec, expected, off, xruns, PERIOD)
 
 
 def test_gain_change_ramps_without_a_click(jack):
@@ -127,15 +131,17 @@ def test_underrun_plays_silence_and_resumes_aligned_without_stalling_others(jack
     assert stats["tracks"]["late"]["underruns"] > 0
     assert stats["tracks"]["ok"]["underruns"] == 0
     off = align(rec[1], steady[:, 0])
-    assert_exact_unless_xrun(rec[1:], steady.T, off, xruns)  # the other track never stalled
+    assert_exact_unless_xrun(rec[1:], steady.T, off, xruns, PERIOD)  # the other track never stalled
     got = rec[0, off:off + n]
     played = got != 0
-    # (1024-frame margins: a period missed in a reported xrun shifts what follows by 256 frames)
-    assert not played.all() and played[1024: n // 4 - 1024].all()  # a gap of silence after the first quarter
-    assert played[-n // 4:-1024].all()  # and it resumed
+    # (margins of 4 periods: a period missed in a reported xrun shifts what follows by one period)
+    m = 4 * PERIOD
+    assert not played.all() and played[m: n // 4 - m].all()  # a gap of silence after the first quarter
+    assert played[-n // 4:-m].all()  # and it resumed
     # Aligned, not delayed: where it plays, each sample is the one meant for that moment, so the
     # recording equals the signal with the silent gap cut in (the same gap as recorded).
-    assert_exact_unless_xrun(rec[:1], np.where(played, idx[:, 0], 0.0)[None, :].astype(np.float32), off, xruns)
+    assert_exact_unless_xrun(rec[:1], np.where(played, idx[:, 0], 0.0)[None, :].astype(np.float32), off, xruns,
+                             PERIOD)
 
 
 def test_stats_report_latency_and_buffering(jack):
