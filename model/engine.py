@@ -172,10 +172,12 @@ class Engine:
 
         streamed = nn.ModuleList([lm.layers, lm.heads])
         if dtype == "float32":
-            moved, how = hugepages.collapse(streamed), "collapsed in place"
+            hugepages.collapse(streamed)
         else:
-            moved, how = hugepages.pack(streamed), "packed into one arena"
-        log.info("decoder weights on huge pages: %.0f MB %s", moved / 1e6, how)
+            hugepages.pack(streamed)
+        weights = [*streamed.parameters(), *streamed.buffers()]
+        log.info("decoder weights on huge pages: %.0f of %.0f MB (model/hugepages.py)",
+                 hugepages.huge_bytes(weights) / 1e6, sum(t.numel() * t.element_size() for t in weights) / 1e6)
 
     @classmethod
     def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto",

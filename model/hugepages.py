@@ -124,6 +124,25 @@ def _trim() -> None:
         fn(0)
 
 
+def huge_bytes(tensors: list[torch.Tensor]) -> int:
+    """How many bytes of the memory areas holding `tensors` the kernel has on huge pages now
+    (AnonHugePages in /proc/self/smaps; 0 where that cannot be read)."""
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel()]
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = any(a < hi and lo < b for a, b in spans)
+                elif inside and head == "AnonHugePages:":
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return 0
+    return total
+
+
 def collapse(module: nn.Module) -> int:
     """Ask the kernel to put `module`'s large tensors on huge pages where they lie (for tensors
     shared with a loaded checkpoint, which `pack` would duplicate). Returns the bytes accepted."""

@@ -26,6 +26,18 @@ def test_the_kernel_accepts_the_huge_page_advice_here():
     assert hugepages._advise(big.data_ptr(), big.data_ptr() + big.numel(), hugepages._MADV_HUGEPAGE)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_huge_bytes_reads_the_kernels_account_of_the_arena():
+    """What the engine logs: the bytes of the arena on huge pages, as /proc/self/smaps says, and
+    never more than the areas holding the tensors."""
+    big = hugepages.zeros((16 << 20,), torch.uint8)  # written after the advice
+    got = hugepages.huge_bytes([big])
+    assert 0 <= got <= big.numel() + 2 * hugepages.HUGE
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" not in mode:  # the kernel offers them: a fresh 16 MB arena gets some
+        assert got > 0, mode
+
+
 def test_pack_moves_tensors_into_one_arena_keeping_values_and_identity():
     torch.manual_seed(0)
     mods = nn.ModuleList([nn.Linear(1024, 1024, bias=False), nn.LayerNorm(1024), nn.Linear(1024, 3000)])
