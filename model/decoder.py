@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import hugepages
+
 
 @dataclass(frozen=True)
 class DecoderSpec:
@@ -58,8 +60,6 @@ class KVCache:
     """
 
     def __init__(self, spec: DecoderSpec, batch: int, max_len: int, device, dtype):
-        from model import hugepages
-
         shape = (spec.n_layers, batch, spec.n_heads, max_len, spec.head_dim)
         if torch.device(device).type == "cpu":  # streamed every step: on huge pages where there are some
             self.k, self.v = hugepages.zeros(shape, dtype), hugepages.zeros(shape, dtype)
