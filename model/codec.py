@@ -18,6 +18,8 @@ argument, and the cost of a chunk grows only with left + chunk + right, never wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -58,18 +60,26 @@ def decode_full(codec, codes: np.ndarray | torch.Tensor, channels: int) -> np.nd
 WINDOW_FRAMES = 300  # one full decode up to here (6 s at 50 Hz); longer ones go by windows
 
 
-def decode(codec, codes: np.ndarray, channels: int, window: int = WINDOW_FRAMES) -> np.ndarray:
+def decode(codec, codes: np.ndarray, channels: int, window: int = WINDOW_FRAMES,
+           between: Callable[[], None] | None = None) -> np.ndarray:
     """Codes (codebooks, frames) -> float32 audio (channels, frames * hop) in bounded memory.
 
     Why: one full decode's activations grow with its length (measured on musicgen-small's
     codec, Intel Xeon: +0.3 GB for 6 s, +1.1 GB for 30 s). Up to `window` frames this is the
     full decode; beyond, the streaming decoder's windows of `window` frames (plus its context,
-    so within 1.4e-6 of the full decode's peak, and the same every time).
+    so within 1.4e-6 of the full decode's peak, and the same every time). `between()` runs
+    before each window: the engine waits there for a gap between live chunks.
     """
+    if between is not None:
+        between()
     if codes.shape[1] <= window:
         return decode_full(codec, codes, channels)
     dec = StreamingDecoder(codec, channels)
-    parts = [dec.push(codes[:, i : i + window]) for i in range(0, codes.shape[1], window)]
+    parts = []
+    for i in range(0, codes.shape[1], window):
+        if between is not None and i:
+            between()
+        parts.append(dec.push(codes[:, i : i + window]))
     return np.concatenate([*parts, dec.flush()], axis=1)
 
 

@@ -238,12 +238,12 @@ class Engine:
             return encode_audio(self.hf.audio_encoder, a, self.channels)
 
     @torch.inference_mode()
-    def decode(self, codes: np.ndarray) -> np.ndarray:
+    def decode(self, codes: np.ndarray, between: Callable[[], None] | None = None) -> np.ndarray:
         """Codes (codebooks, frames) to float32 audio (channels, samples), in bounded memory
-        however long (model.codec.decode)."""
+        however long (model.codec.decode); `between()` runs before each codec window."""
         from model.codec import decode
 
-        return decode(self.hf.audio_encoder, np.asarray(codes, dtype=np.int64), self.channels)
+        return decode(self.hf.audio_encoder, np.asarray(codes, dtype=np.int64), self.channels, between=between)
 
     def _window_frames(self) -> int:
         return self.frames_for(self.window_seconds)
@@ -412,9 +412,8 @@ class Engine:
             raise Cancelled("all requests were cancelled")
         out = []
         for c in codes:
-            if c is not None:
-                self.gate.offline_turn()  # a long decode waits for a gap between live chunks
-            out.append(None if c is None else self.decode(c))
+            # A long decode waits for a gap between live chunks before each codec window.
+            out.append(None if c is None else self.decode(c, between=self.gate.offline_turn))
         return out
 
     def stream_batch(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import ipaddress
 import logging
 import os
@@ -84,6 +85,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bridge.cli import UsageError
+
+    # A crash in native code (an audio driver, a kernel) leaves every thread's stack in the log
+    # instead of a bare exit status: what a bug report from a gig needs.
+    faulthandler.enable(all_threads=True)
 
     if not (args.grace >= 0 and args.grace < 1e6):
         raise UsageError(f"--grace must be a number of seconds >= 0, got {args.grace}")
