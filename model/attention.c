@@ -1,7 +1,8 @@
 /* Attention for the decode step: one new query per row and head against the cached keys.
  *
- * Why its own vector code: at batch 2 the step's attention reads the whole float32 cache
- * (24 layers x 2 rows x 16 heads x 64 x 4 bytes x 2 per position: 295 MB a step at 30 s), and
+ * Why its own vector code: at batch 2 the step's attention reads the whole filled cache
+ * (24 layers x 2 rows x 16 heads x 64 x 2 (keys, values) x 4 bytes a position: 590 MB a step at
+ * 30 s in float32), and
  * scalar dot products and expf made it compute-bound: 59 ms a step at position 1500 against
  * 24 ms for all the weights' products (measured, docs/engine.md). Here each key costs
  * hd/LANES fused multiply-adds and one lane sum, the softmax's exponentials run LANES at a time
@@ -41,7 +42,8 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
         if (s[t] > best) best = s[t];
     }
     for (int i = 0; i < nv; i++) acc[i] = (vf){0};
-    if (best == -INFINITY) { /* no key to attend to: zeros, as a fully masked softmax row gives */
+    if (best == -INFINITY) { /* no key to attend to: zeros (the engine never asks: model.decoder.cross_kv
+                                opens an unconditional row's mask to every key) */
         for (int i = 0; i < nv; i++) vstore(out + i * LANES, acc[i]);
         return;
     }

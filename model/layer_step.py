@@ -3,9 +3,10 @@
 With the products at memory speed, a decode step's remaining cost was the forty-odd small
 PyTorch ops per layer around them; the C step runs the same arithmetic (float32 activations,
 layer norms, attention over the filled cache, exact GELU, residuals) between the same
-products, over a float32 or bfloat16 cache. `FusedLayer.of` says None where it does not apply (int4, a GPU, biases, another
-activation, kernels unavailable, widths that are not whole 64-blocks), and the layer then runs
-its eager code. The weights are the layer's own: nothing is copied.
+products, over a float32 or bfloat16 cache. `FusedLayer.of` says None where it does not apply
+(int4, a GPU, biases, another activation, kernels unavailable, widths that are not whole
+64-blocks), and the layer then runs its eager code. The weights are the layer's own: nothing is
+copied.
 """
 
 from __future__ import annotations

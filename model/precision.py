@@ -39,9 +39,9 @@ TRAINED_PROXY_ERROR: dict[str, float] = {
 def kv_dtype(dtype: str, device: str = "cpu") -> torch.dtype | None:
     """The self-attention cache's dtype where it is narrower than the activations, else None.
 
-    On the CPU the bfloat16 and int8 precisions keep the cache in bfloat16: past a few seconds
-    a decode step reads more cache than weights (at 30 s, 590 MB of float32 cache a step for
-    musicgen-small at batch 2, against 336 MB of int8 weights), and rounding keys and values
+    On the CPU the bfloat16 and int8 precisions keep the cache in bfloat16: past about 17 s a
+    decode step reads more float32 cache than int8 weights (at 30 s, 590 MB of cache a step for
+    musicgen-small at batch 2, against 336 MB of weights), and rounding keys and values
     to bfloat16 costs less quality than the weights' own rounding (BENCHMARKS.md). float32
     stays exact; int4 runs the eager step, whose attention would widen the cache every step.
     """
