@@ -48,7 +48,10 @@ class LoopedMelody:
         """(frames, 12): frame i is the melody at the centre of [start_s + i/rate, ...), looped
         every `self.seconds` (silence between the melody's end and the loop's last bar line)."""
         n = max(1, int(round(seconds * frame_rate)))
-        t = np.mod(start_s + (np.arange(n) + 0.5) / frame_rate, self.seconds)
+        # Times to the nanosecond first: one instant reached by two sums (a chunk reading from
+        # another start) must land on the same side of a loop boundary, or the jam sees a
+        # "changed" melody and re-prefills for nothing.
+        t = np.mod(np.round(start_s + (np.arange(n) + 0.5) / frame_rate, 9), self.seconds)
         idx = np.floor(t * self.rate + 1e-9).astype(np.int64)
         # the chroma's length was rounded down to whole frames: its last frame lasts to the end
         idx[(idx >= len(self.frames)) & (t < (len(self.frames) + 1) / self.rate)] = len(self.frames) - 1

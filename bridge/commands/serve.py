@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import io
 import ipaddress
 import logging
 import os
@@ -87,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
     from bridge.cli import UsageError
 
     # A crash in native code (an audio driver, a kernel) leaves every thread's stack in the log
-    # instead of a bare exit status: what a bug report from a gig needs.
-    faulthandler.enable(all_threads=True)
+    # instead of a bare exit status: what a bug report from a gig needs. (Not where stderr is no
+    # file, as when serve runs inside another program that captures it.)
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.enable(all_threads=True)
 
     if not (args.grace >= 0 and args.grace < 1e6):
         raise UsageError(f"--grace must be a number of seconds >= 0, got {args.grace}")

@@ -127,6 +127,23 @@ def test_lengths_below_one_frame_are_refused_when_the_message_arrives(tmp_path, 
         assert d.stop() == 0
 
 
+def test_a_native_crash_leaves_every_threads_stack_in_the_log(tmp_path, presets, tiny_model_dir):
+    """serve enables faulthandler: a segmentation fault (here sent as the signal) is not a bare
+    exit status but a stack of each thread in the daemon's log."""
+    d = DaemonProcess(tiny_model_dir, tmp_path / "session", presets)
+    try:
+        with d.client() as c:
+            d.wait_ready(c)
+        d.proc.send_signal(signal.SIGSEGV)
+        rc = d.proc.wait(30)
+    finally:
+        d.stop(signal.SIGKILL)
+    assert rc == -signal.SIGSEGV
+    log = d.log_text()
+    assert "Fatal Python error: Segmentation fault" in log, log[-2000:]
+    assert "Current thread" in log or "Thread 0x" in log, log[-2000:]
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
                     reason="needs root and unshare to mount a tiny private tmpfs")
 def test_a_full_disk_fails_the_job_naming_cause_and_path(tmp_path, presets, tiny_model_dir):

@@ -178,6 +178,26 @@ def test_a_track_melody_loops_under_a_jam():
     assert [int(r.argmax()) for r in whole_melody_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]
 
 
+def test_a_looped_melody_reads_the_same_from_any_start_at_a_loop_boundary():
+    """A frame centre exactly on a loop boundary (24 s: the 8th repeat of a 3 s loop, at 7.8125
+    chroma frames a second) reached from two starts, one with a float sum's rounding noise (as
+    the jam's clock gives): the same chroma, so a jam does not re-prefill for nothing."""
+    import numpy as np
+
+    from bridge.melody_source import LoopedMelody
+
+    rate = 7.8125
+    src = LoopedMelody(np.eye(12, dtype=np.float32)[[0] * 8 + [4] * 8 + [7] * 7], rate, bar_seconds=1.0)
+    assert src.seconds == 3.0
+    clock = 1000.123  # an output time: start = (clock + 1.92) - clock is 1.92 give or take a few ulps
+    noisy = (clock + 1.92) - clock
+    assert noisy != 1.92  # the case that used to flip
+    a = src.chroma(0.0, 30.0, rate)
+    b = src.chroma(noisy, 28.0, rate)
+    assert np.array_equal(a[15 : 15 + len(b)], b)  # 1.92 s = 15 frames later
+    assert int(a[187].argmax()) == 0  # the centre at 24.0 s is the loop's start (C)
+
+
 def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
     import json
 
