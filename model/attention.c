@@ -66,10 +66,7 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
 }
 
 static float kv_at(const void *base, size_t at, int bf16) {
-    if (!bf16) return ((const float *)base)[at];
-    uint32_t u = (uint32_t)((const uint16_t *)base)[at] << 16;
-    float f; memcpy(&f, &u, sizeof f);
-    return f;
+    return bf16 ? from_bf16(((const uint16_t *)base)[at]) : ((const float *)base)[at];
 }
 
 static void attend_one_scalar(const float *q, const void *K, const void *V, int bf16, int n, const uint8_t *mask,

@@ -70,14 +70,14 @@ def decode(codec, codes: np.ndarray, channels: int, window: int = WINDOW_FRAMES,
     so within 1.4e-6 of the full decode's peak, and the same every time). `between()` runs
     before each window: the engine waits there for a gap between live chunks.
     """
-    if between is not None:
-        between()
     if codes.shape[1] <= window:
+        if between is not None:
+            between()
         return decode_full(codec, codes, channels)
     dec = StreamingDecoder(codec, channels)
     parts = []
     for i in range(0, codes.shape[1], window):
-        if between is not None and i:
+        if between is not None:
             between()
         parts.append(dec.push(codes[:, i : i + window]))
     return np.concatenate([*parts, dec.flush()], axis=1)

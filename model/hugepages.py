@@ -15,14 +15,14 @@ everything still works on ordinary pages, only slower.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import mmap
-import sys
 import warnings
 
 import torch
 from torch import nn
+
+from model.memory import libc, madvise
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +32,10 @@ _MADV_COLLAPSE = 25
 MIN_BYTES = HUGE  # smaller tensors cannot hold a whole huge page
 
 
-@functools.lru_cache(maxsize=1)
-def _madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def _advise(lo: int, hi: int, advice: int) -> bool:
     """madvise the whole huge pages inside [lo, hi); True where the kernel accepted."""
-    fn = _madvise()
     start, end = -(-lo // HUGE) * HUGE, hi // HUGE * HUGE
-    return fn is not None and end > start and fn(start, end - start, advice) == 0
+    return end > start and madvise(start, end - start, advice)
 
 
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
@@ -123,21 +109,12 @@ def pack(module: nn.Module) -> int:
     return total
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
 def _trim() -> None:
     """Return freed heap pages to the system (glibc keeps them otherwise, and they count)."""
-    fn = _malloc_trim()
-    if fn is not None:
-        fn(0)
+    lib = libc()
+    if lib is not None and hasattr(lib, "malloc_trim"):
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        lib.malloc_trim(0)
 
 
 def huge_bytes(tensors: list[torch.Tensor]) -> int:

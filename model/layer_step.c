@@ -29,25 +29,16 @@ typedef struct {
     int kv_bf16; /* the self-attention cache is bfloat16 (else float32) */
 } mb_layer;
 
-/* Two passes, LANES at a time where d is whole vectors (every MusicGen width is). */
+/* Two passes, LANES at a time: d is whole 64-blocks wherever the C step runs (model/layer_step.py). */
 static void layer_norm(const float *x, const float *w, const float *b, float eps, int rows, int d, float *y) {
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * d;
         float *yr = y + (size_t)r * d;
-        float mean, var;
-        if (d % LANES == 0) {
-            vf s = (vf){0}, q = (vf){0};
-            for (int i = 0; i < d; i += LANES) s += vload(xr + i);
-            mean = vsum(s) / d;
-            for (int i = 0; i < d; i += LANES) { vf c = vload(xr + i) - mean; q += c * c; }
-            var = vsum(q) / d;
-        } else {
-            double sm = 0.0, sq = 0.0;
-            for (int i = 0; i < d; i++) sm += xr[i];
-            mean = (float)(sm / d);
-            for (int i = 0; i < d; i++) { double c = xr[i] - mean; sq += c * c; }
-            var = (float)(sq / d);
-        }
+        vf s = (vf){0}, q = (vf){0};
+        for (int i = 0; i < d; i += LANES) s += vload(xr + i);
+        float mean = vsum(s) / d;
+        for (int i = 0; i < d; i += LANES) { vf c = vload(xr + i) - mean; q += c * c; }
+        float var = vsum(q) / d;
         float inv = 1.0f / sqrtf(var + eps);
         for (int i = 0; i < d; i++) yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
     }

@@ -12,6 +12,7 @@ lies in a mapped checkpoint file are dropped; heap memory is never touched.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import sys
@@ -48,10 +49,6 @@ def drop_pages(tensors: list[torch.Tensor]) -> int:
     spans = _file_mappings()
     if not spans:
         return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return 0
     page = mmap.PAGESIZE
     dropped = 0
     for t in tensors:
@@ -63,7 +60,24 @@ def drop_pages(tensors: list[torch.Tensor]) -> int:
             continue
         start = -(-lo // page) * page
         end = hi // page * page
-        if end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                                        _MADV_DONTNEED) == 0:
+        if end > start and madvise(start, end - start, _MADV_DONTNEED):
             dropped += end - start
     return dropped
+
+
+@functools.lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL | None:
+    """The C library, for the memory calls PyTorch does not offer (None where it cannot be had)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def madvise(start: int, length: int, advice: int) -> bool:
+    """madvise(2) on [start, start + length); True where the kernel accepted it."""
+    lib = libc() if sys.platform.startswith("linux") else None
+    if lib is None:
+        return False
+    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return lib.madvise(start, length, advice) == 0

@@ -41,6 +41,12 @@ static inline vf vload_bf16(const uint16_t *p) {
     return f;
 }
 
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f; memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* float32 -> bfloat16 rounded to nearest even, as PyTorch converts (NaN stays NaN). */
 static inline uint16_t to_bf16(float x) {
     uint32_t u; memcpy(&u, &x, sizeof u);

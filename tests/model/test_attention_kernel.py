@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model import gemv
+from tests.model.test_gemv import _rel
 
 pytestmark = pytest.mark.skipif(not gemv.available(), reason="needs the C kernels (a C compiler)")
 
@@ -29,10 +30,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
                         None if m is None else m.data_ptr(), rows, heads, hd, out.data_ptr(), heads * hd,
                         scores.data_ptr())
     return out.view(rows, heads, hd)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("hd", [64, 32, 24])  # 24: not a whole number of vectors: the scalar path
