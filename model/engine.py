@@ -175,9 +175,9 @@ class Engine:
             hugepages.collapse(streamed)
         else:
             hugepages.pack(streamed)
-        weights = [*streamed.parameters(), *streamed.buffers()]
-        log.info("decoder weights on huge pages: %.0f of %.0f MB (model/hugepages.py)",
-                 hugepages.huge_bytes(weights) / 1e6, sum(t.numel() * t.element_size() for t in weights) / 1e6)
+        line = hugepages.report([*streamed.parameters(), *streamed.buffers()])
+        if line:
+            log.info("%s", line)
 
     @classmethod
     def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto",

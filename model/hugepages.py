@@ -136,6 +136,15 @@ def huge_bytes(tensors: list[torch.Tensor]) -> int:
     return total
 
 
+def report(tensors: list[torch.Tensor]) -> str | None:
+    """The log line on how much of `tensors` sits on huge pages; None where they are too small to
+    fill one (a tiny model), since "0 of 0 MB" would read as huge pages being off."""
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    if total < MIN_BYTES:
+        return None
+    return f"decoder weights on huge pages: {huge_bytes(tensors) / 1e6:.0f} of {total / 1e6:.0f} MB (model/hugepages.py)"
+
+
 def collapse(module: nn.Module) -> int:
     """Ask the kernel to put `module`'s large tensors on huge pages where they lie (for tensors
     shared with a loaded checkpoint, which `pack` would duplicate). Returns the bytes accepted."""

@@ -59,3 +59,10 @@ def test_pack_moves_tensors_into_one_arena_keeping_values_and_identity():
     assert isinstance(mods[0].weight, nn.Parameter)
     y = mods[0](torch.ones(2, 1024))
     assert torch.allclose(y, torch.ones(2, 1024) @ before["0.weight"].T)
+
+
+def test_the_log_line_is_left_out_for_weights_smaller_than_one_huge_page():
+    assert hugepages.report([torch.zeros(1000)]) is None
+    big = hugepages.zeros((4 << 20,), torch.uint8)
+    line = hugepages.report([big])
+    assert line is not None and line.startswith("decoder weights on huge pages:") and "of 4 MB" in line
