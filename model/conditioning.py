@@ -38,12 +38,13 @@ def encode_text(hf_model, tokenizer, prompts: list[str], device) -> tuple[torch.
             f"the tokenizer produced token id {int(ids.max())} but the text encoder knows {vocab}: "
             "the checkpoint's tokenizer does not match its model"
         )
-    states = hf_model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = hf_model.text_encoder(input_ids=ids, attention_mask=mask)
+    states = getattr(out, "last_hidden_state", out)  # transformers' T5 or ours (model/t5.py)
     # The text encoder runs once per request and reads every weight; its pages of the mapped
     # checkpoint go back to the page cache until the next request (measured: no slower, and
     # about 0.3-0.4 GB less resident memory for musicgen-small while decoding; model/memory.py).
     drop_pages(list(hf_model.text_encoder.parameters()))
-    if hasattr(hf_model, "enc_to_dec_proj"):
+    if getattr(hf_model, "enc_to_dec_proj", None) is not None:
         states = hf_model.enc_to_dec_proj(states)
     states = states * mask[..., None].to(states.dtype)
     return states, mask

@@ -10,6 +10,8 @@ conditioning as a prefix of the sequence instead.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,26 @@ class DecoderSpec:
             cross_attention=hasattr(dec.layers[0], "encoder_attn"),
             activation=cfg.activation_function,
         )
+
+    @classmethod
+    def of_config(cls, cfg) -> DecoderSpec:
+        """The shapes from a text checkpoint's decoder config (model.checkpoint's reader)."""
+        return cls(
+            d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+            ffn=cfg.ffn_dim, n_codebooks=cfg.num_codebooks, vocab=cfg.vocab_size,
+            max_positions=cfg.max_position_embeddings, cross_attention=True,
+            activation=cfg.activation_function,
+        )
+
+
+def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
+    """MusicGen's position table (n, d): cosines then sines of position / 10000^(i / (d/2 - 1)),
+    the tensor2tensor layout `transformers` uses, computed in float32 as it does."""
+    half = d // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
+    angle = torch.arange(n, dtype=torch.int64).float()[:, None] * freq[None]
+    table = torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
+    return torch.cat([table, torch.zeros(n, 1)], dim=1) if d % 2 else table
 
 
 class KVCache:
@@ -167,14 +189,21 @@ class MusicgenDecoderLM(nn.Module):
 
     kv_dtype: torch.dtype | None = None
     """The self-attention cache's dtype where it is not the activations' (model.precision.kv_dtype)."""
+    stack = None
+    """model.layer_step.FusedStack: the whole n == 1 step in one C call, once `fuse` found every layer fusable."""
 
     def __init__(self, spec: DecoderSpec):
         super().__init__()
         self.spec = spec
         k, v1, d = spec.n_codebooks, spec.vocab + 1, spec.d_model
-        self.embed = nn.Embedding(k * v1, d)
-        self.register_buffer("positions", torch.zeros(spec.max_positions, d), persistent=False)
-        self.register_buffer("offsets", (torch.arange(k) * v1).view(1, k, 1), persistent=False)
+        # Laid out from a checkpoint (from_hf, from_tensors), the module is built on the meta
+        # device; there, random init of the embedding and arange import torch._dynamo (1.7 s,
+        # measured), so the placeholders skip both (the checkpoint's tensors replace them).
+        meta = torch.empty(0).device.type == "meta"
+        self.embed = nn.Embedding(k * v1, d, _weight=torch.empty(k * v1, d)) if meta else nn.Embedding(k * v1, d)
+        dev = "cpu" if meta else None
+        self.register_buffer("positions", torch.zeros(spec.max_positions, d, device=dev), persistent=False)
+        self.register_buffer("offsets", (torch.arange(k, device=dev) * v1).view(1, k, 1), persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_layers))
         self.ln_final = nn.LayerNorm(d)
         self.heads = nn.Linear(d, k * spec.vocab, bias=False)
@@ -224,13 +253,74 @@ class MusicgenDecoderLM(nn.Module):
         assert not left, f"decoder tensors not laid out: {left}"
         return lm.eval().requires_grad_(False)
 
+    @classmethod
+    def from_tensors(cls, spec: DecoderSpec, tensors: Mapping[str, torch.Tensor], on_layer=None) -> MusicgenDecoderLM:
+        """Lay out a text checkpoint's decoder from its tensors, named as in `transformers`'
+        MusicgenForCausalLM (`model.decoder.layers.0.fc1.weight`, `lm_heads.0.weight`, ...).
+
+        Single linears and layer norms share the given tensors (a memory-mapped file's, from
+        model.checkpoint); fused ones (q/k/v, the embedding tables, the heads) are new tensors
+        and the sources' pages are handed back, so each weight is resident once while the
+        given tensors stay valid (another engine can be laid out from them).
+        `on_layer(ours, sources)` runs on each layer as soon as it is laid out.
+        """
+        from model.checkpoint import CheckpointError
+        from model.memory import drop_pages
+
+        def get(name: str) -> torch.Tensor:
+            t = tensors.get(name)
+            if t is None:
+                raise CheckpointError(f"the checkpoint has no tensor decoder.{name}")
+            return t if t.dtype == torch.float32 else t.float()
+
+        def param(name: str) -> nn.Parameter:
+            return nn.Parameter(get(name), requires_grad=False)
+
+        def fused(names: list[str]) -> nn.Parameter:
+            parts = [get(n) for n in names]
+            out = torch.cat(parts, dim=0)
+            drop_pages(parts)
+            return nn.Parameter(out, requires_grad=False)
+
+        def norm(prefix: str) -> nn.LayerNorm:
+            ln = nn.LayerNorm(spec.d_model, device="meta")
+            ln.weight, ln.bias = param(prefix + ".weight"), param(prefix + ".bias")
+            return ln
+
+        p = "model.decoder."
+        with torch.device("meta"):
+            lm = cls(spec)
+        lm.positions = sinusoidal_positions(spec.max_positions, spec.d_model)
+        lm.offsets = (torch.arange(spec.n_codebooks) * (spec.vocab + 1)).view(1, -1, 1)
+        with torch.no_grad():
+            lm.embed.weight = fused([f"{p}embed_tokens.{k}.weight" for k in range(spec.n_codebooks)])
+            for i, mine in enumerate(lm.layers):
+                q = f"{p}layers.{i}."
+                mine.ln_self = norm(q + "self_attn_layer_norm")
+                mine.qkv.weight = fused([q + f"self_attn.{x}_proj.weight" for x in "qkv"])
+                mine.out.weight = param(q + "self_attn.out_proj.weight")
+                mine.ln_cross = norm(q + "encoder_attn_layer_norm")
+                for x in "qkv":
+                    getattr(mine, f"cross_{x}").weight = param(q + f"encoder_attn.{x}_proj.weight")
+                mine.cross_out.weight = param(q + "encoder_attn.out_proj.weight")
+                mine.ln_ff = norm(q + "final_layer_norm")
+                mine.fc1.weight, mine.fc2.weight = param(q + "fc1.weight"), param(q + "fc2.weight")
+                if on_layer is not None:
+                    on_layer(mine, [t for n, t in tensors.items() if n.startswith(q)])
+            lm.ln_final = norm(p + "layer_norm")
+            lm.heads.weight = fused([f"lm_heads.{k}.weight" for k in range(spec.n_codebooks)])
+        left = [n for n, t in list(lm.named_parameters()) + list(lm.named_buffers()) if t.is_meta]
+        assert not left, f"decoder tensors not laid out: {left}"
+        return lm.eval().requires_grad_(False)
+
     def fuse(self) -> int:
         """Give each layer its one-call C decode step where it applies (model/layer_step.py);
         call after the precision is applied. Returns how many layers got one."""
-        from model.layer_step import FusedLayer
+        from model.layer_step import FusedLayer, FusedStack
 
         for layer in self.layers:
             layer.fused = FusedLayer.of(layer)
+        self.stack = FusedStack.of(self)
         return sum(layer.fused is not None for layer in self.layers)
 
     def new_cache(self, batch: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
@@ -258,6 +348,9 @@ class MusicgenDecoderLM(nn.Module):
         """Run (batch, n, d) input embeddings at positions start..start+n-1 -> logits."""
         n = x.shape[1]
         x = x + self.positions[start : start + n]
+        if n == 1 and self.stack is not None and self.stack.suits(x, cache, cross):
+            b = x.shape[0]
+            return self.stack(x, start, cache, cross).view(b, 1, self.spec.n_codebooks, self.spec.vocab).transpose(1, 2)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, start, cache, cross)
         logits = self.heads(self.ln_final(x))  # (batch, n, codebooks * vocab)

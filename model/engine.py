@@ -18,10 +18,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from model.checkpoint import Checkpoint, TextTokenizer, unsupported
 from model.conditioning import build_conditioning
 from model.decoder import DecoderSpec, MusicgenDecoderLM
 from model.generate import StepPlan, decode_n, new_state, prefill
 from model.loading import ResolvedModel, checkpoint_pattern, load_hf_model, resolve_model
+from model.memory import drop_pages
 from model.patterns import get_pattern
 from model.sampling import Sampler
 from model.scheduler import StepGate
@@ -121,7 +123,7 @@ class Engine:
         if self.dtype == "auto":
             from model import autotune
 
-            self.dtype_decision = autotune.choose(DecoderSpec.of_hf(hf_model))
+            self.dtype_decision = autotune.choose(_decoder_spec(hf_model))
             self.dtype = self.dtype_decision.dtype
             log.info("%s", self.dtype_decision.line())
         self.step_hook: Callable[[], None] | None = None  # called after every decoder step (bench)
@@ -147,10 +149,19 @@ class Engine:
             if release:
                 _release_unshared(theirs, ours)
 
-        lm = MusicgenDecoderLM.from_hf(hf_model, on_layer=None if dtype == "float32" else convert)
+        if isinstance(hf_model, Checkpoint):
+            def convert_mapped(ours, sources) -> None:
+                compute[0] = apply_precision(ours, dtype, self.device)
+                drop_pages(sources)  # the file's float32 pages; the mapping stays valid
+
+            lm = MusicgenDecoderLM.from_tensors(DecoderSpec.of_config(hf_model.config.decoder),
+                                                hf_model.decoder_tensors(),
+                                                on_layer=None if dtype == "float32" else convert_mapped)
+        else:
+            lm = MusicgenDecoderLM.from_hf(hf_model, on_layer=None if dtype == "float32" else convert)
         if dtype != "float32":
             compute[0] = apply_precision(lm, dtype, self.device)  # the heads
-            if release:
+            if release and not isinstance(hf_model, Checkpoint):
                 _release_unshared(hf_model.decoder, lm)
         if not str(self.device).startswith("cuda"):
             self._on_huge_pages(lm, dtype)
@@ -193,7 +204,7 @@ class Engine:
         dt = pick_dtype(dtype, dev)
         if pattern is not None and pattern not in PATTERNS:
             raise RequestError(f"unknown codebook pattern {pattern!r}: expected one of {', '.join(PATTERNS)}")
-        model, tok = load_hf_model(resolved, device=dev)
+        model, tok = load_checkpoint(resolved, dev)
         return cls(model, tok, resolved, dev, dt, pattern=pattern or checkpoint_pattern(resolved),
                    owns_model=True)
 
@@ -234,8 +245,9 @@ class Engine:
         a = np.asarray(audio, dtype=np.float32)
         if a.shape[0] == 1 and self.channels == 2:
             a = np.repeat(a, 2, axis=0)
+        codec = self.hf.full_codec() if isinstance(self.hf, Checkpoint) else self.hf.audio_encoder
         with torch.inference_mode():
-            return encode_audio(self.hf.audio_encoder, a, self.channels)
+            return encode_audio(codec, a, self.channels)
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray, between: Callable[[], None] | None = None) -> np.ndarray:
@@ -451,6 +463,31 @@ class Engine:
         """One request's audio chunks in order; raises Cancelled if it is cancelled."""
         yield from self.stream_batch([request], chunk_seconds, first_chunk_seconds=first_chunk_seconds,
                                      live=live)
+
+
+def _decoder_spec(hf_model) -> DecoderSpec:
+    if isinstance(hf_model, Checkpoint):
+        return DecoderSpec.of_config(hf_model.config.decoder)
+    return DecoderSpec.of_hf(hf_model)
+
+
+def load_checkpoint(resolved: ResolvedModel, device: str):
+    """(model, tokenizer): a text checkpoint on the CPU through our own reader
+    (model/checkpoint.py: no `transformers` import, seconds faster); anything else through
+    `transformers`' from_pretrained. MUSICBRIDGE_LOADER=transformers forces the latter."""
+    from pathlib import Path
+
+    why = "a GPU" if device != "cpu" else "a melody model" if resolved.is_melody else (
+        "not a local folder" if not Path(resolved.path).is_dir() else unsupported(Path(resolved.path)))
+    if why is None:
+        from model.loading import ModelError
+
+        try:
+            return Checkpoint.load(resolved.path), TextTokenizer(Path(resolved.path))
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"could not load model from {resolved.path}: {e}") from e
+    log.info("loading through transformers (%s)", why)
+    return load_hf_model(resolved, device=device)
 
 
 def _release_unshared(theirs: torch.nn.Module, ours: torch.nn.Module) -> None:

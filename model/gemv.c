@@ -11,8 +11,8 @@
  *
  * Built by model/gemv.py with the machine's own flags (-march=native): the vector width is the
  * machine's (LANES floats, model/vec.h); where the CPU has integer
- * dot products (AVX512-VNNI), int8 can use them (mb_gemv_i8_vnni, below; asked for with
- * MUSICBRIDGE_KERNELS=vnni, because it quantises the activations too).
+ * dot products (AVX512-VNNI), int8 uses them (mb_gemv_i8_vnni, below; MUSICBRIDGE_KERNELS=float
+ * asks for the widening kernel instead).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -137,43 +137,60 @@ void mb_gemv_i8(const float *x, int M, int K, const int8_t *w, const float *scal
 
 int mb_threads(void) { return omp_get_max_threads(); }
 
-/* int8 with integer dot products (AVX512-VNNI): the activations are quantised too, per block
- * of QB inputs (scale = the block's max |x| / 127), and each 64-byte block of weights costs one
- * vpdpbusd per activation row instead of widening 64 weights to float. The weights are stored
- * biased as unsigned (q + 128, the instruction's unsigned operand); the bias contributes
- * 128 * sum(x_q) per block, the same for every output row, so it is taken off once per row of x.
- * Block scales keep an outlier's damage to its own 64 inputs. */
+/* int8 with integer dot products (AVX512-VNNI). The activations are split into two int8 terms
+ * per block of QB inputs: x ~ s * (hi + lo / 256), s = the block's max |x| / 127, so they keep
+ * about 15 bits (the weights' own rounding dominates the error, as in the float kernel). Each
+ * 64-byte block of weights then costs two vpdpbusd per activation row, (dot(w, hi) << 8) +
+ * dot(w, lo) in one int32 lane (at most 4 * 255 * 127 * 257 < 2^31), against sixteen widening
+ * and multiply-add instructions in the float kernel. The weights are stored biased as unsigned
+ * (q + 128, the instruction's unsigned operand); the bias adds 128 * sum(x) per block, the
+ * same for every output row, so it is taken off once per row of x. Block scales keep an
+ * outlier's damage to its own 64 inputs. */
 #define QB 64
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 int mb_has_vnni(void) { return 1; }
 
+/* xq holds hi then lo for each block: 2 * QB bytes per block; sx the block scales / 256. */
 static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, float *corr) {
     int blocks = K / QB;
+    const __m512 lim = _mm512_set1_ps(127.f);
     for (int m = 0; m < M; m++) {
         double c = 0.0;
         for (int b = 0; b < blocks; b++) {
             const float *xb = x + (size_t)m * K + (size_t)b * QB;
+            int8_t *hq = xq + ((size_t)m * blocks + b) * 2 * QB, *lq = hq + QB;
             __m512 amax = _mm512_setzero_ps();
             for (int i = 0; i < QB; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
             float a = _mm512_reduce_max_ps(amax), s = a / 127.f;
             __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
             int sum = 0;
             for (int i = 0; i < QB; i += 16) {
-                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));
-                _mm_storeu_si128((__m128i *)(xq + (size_t)m * K + (size_t)b * QB + i), _mm512_cvtsepi32_epi8(qi));
-                sum += _mm512_reduce_add_epi32(qi);
+                __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xb + i), inv);
+                __m512 h = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m512 l = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, h), _mm512_set1_ps(256.f)),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                l = _mm512_min_ps(_mm512_max_ps(l, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+                __m512i hi = _mm512_cvtps_epi32(h), lo = _mm512_cvtps_epi32(l);
+                _mm_storeu_si128((__m128i *)(hq + i), _mm512_cvtsepi32_epi8(hi));
+                _mm_storeu_si128((__m128i *)(lq + i), _mm512_cvtsepi32_epi8(lo));
+                sum += 256 * _mm512_reduce_add_epi32(hi) + _mm512_reduce_add_epi32(lo);
             }
-            sx[(size_t)m * blocks + b] = s;
-            c += 128.0 * s * sum;
+            sx[(size_t)m * blocks + b] = s / 256.f;
+            c += 128.0 * (s / 256.0) * sum;
         }
         corr[m] = (float)c;
     }
 }
 
+static inline __m512i dot2(__m512i w, const int8_t *xb) {
+    __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xb));
+    return _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(xb + QB));
+}
+
 int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
                     float *y, int N) {
     int blocks = K / QB, tiles = (N + 3) / 4;
-    int8_t *xq = malloc((size_t)M * K);
+    int8_t *xq = malloc((size_t)M * K * 2);
     float *sx = malloc(sizeof(float) * ((size_t)M * blocks + M));
     if (!xq || !sx) { free(xq); free(sx); return -1; }
     float *corr = sx + (size_t)M * blocks;
@@ -186,8 +203,8 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
             __m512 acc[4][2];
             for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
             for (int b = 0; b < blocks; b++) {
-                __m512i xv0 = _mm512_loadu_si512(xq + (size_t)m * K + (size_t)b * QB);
-                __m512i xv1 = mt > 1 ? _mm512_loadu_si512(xq + (size_t)(m + 1) * K + (size_t)b * QB) : xv0;
+                const int8_t *x0 = xq + ((size_t)m * blocks + b) * 2 * QB;
+                const int8_t *x1 = mt > 1 ? x0 + (size_t)blocks * 2 * QB : x0;
                 __m512 s0 = _mm512_set1_ps(sx[(size_t)m * blocks + b]);
                 __m512 s1 = _mm512_set1_ps(mt > 1 ? sx[(size_t)(m + 1) * blocks + b] : 0.f);
                 for (int r = 0; r < 4; r++) {
@@ -195,8 +212,8 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
                     const uint8_t *wp = w + (size_t)(n + r) * K + (size_t)b * QB;
                     __builtin_prefetch(wp + (size_t)4 * K);
                     __m512i wv = _mm512_loadu_si512(wp);
-                    acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv0)), s0, acc[r][0]);
-                    acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv1)), s1, acc[r][1]);
+                    acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, x0)), s0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, x1)), s1, acc[r][1]);
                 }
             }
             for (int r = 0; r < nt; r++)
@@ -228,9 +245,10 @@ int mb_product(int kind, const float *x, int M, int K, const void *w, const floa
 
 /* Symmetric int8 per output row, the arithmetic of model/quant.py's quantize_int8 in one pass
  * per row: scale = max|w| / 127 (at least 1e-12), q = round-half-even(w * (1 / scale)) in
- * [-127, 127]. Quantising musicgen-small's decoder at load took seconds in PyTorch's five
- * whole-tensor passes. */
-void mb_quantize_i8(const float *w, int N, int K, int8_t *q, float *scale) {
+ * [-127, 127]; with `biased`, stored as q + 128 (the VNNI kernel's unsigned weights). Quantising
+ * musicgen-small's decoder at load took seconds in PyTorch's five whole-tensor passes. */
+void mb_quantize_i8(const float *w, int N, int K, int8_t *q, float *scale, int biased) {
+    const uint8_t flip = biased ? 0x80 : 0; /* q + 128 as a byte is q with its top bit flipped */
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *row = w + (size_t)n * K;
@@ -254,12 +272,12 @@ void mb_quantize_i8(const float *w, int N, int K, int8_t *q, float *scale) {
             t = vselect(t > lim, lim, t);
             t = vselect(t < -lim, -lim, t);
             vi r = __builtin_convertvector((t + magic) - magic, vi);
-            vb b = __builtin_convertvector(r, vb);
+            vb b = __builtin_convertvector(r, vb) ^ (int8_t)flip;
             memcpy(out + k, &b, sizeof b);
         }
         for (; k < K; k++) {
             float t = nearbyintf(row[k] * inv);
-            out[k] = (int8_t)(t > 127.f ? 127.f : t < -127.f ? -127.f : t);
+            out[k] = (int8_t)((int8_t)(t > 127.f ? 127.f : t < -127.f ? -127.f : t) ^ (int8_t)flip);
         }
         scale[n] = s;
     }

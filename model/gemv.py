@@ -10,10 +10,10 @@ code built for another CPU.
 
 Without a C compiler, or with MUSICBRIDGE_KERNELS=0 (for A/B measurements), `available()` is
 False and the linears use PyTorch's kernels instead: slower, same results within rounding.
-MUSICBRIDGE_KERNELS=vnni runs int8 with integer dot products where the CPU has AVX512-VNNI:
-the activations are quantised too (per block of 64), which is faster (1.4x on the linears on an
-Intel Xeon with AMX) but doubles the logit error on the trained proxy (BENCHMARKS.md), so it is
-not the default.
+Where the CPU has AVX512-VNNI, int8 runs on integer dot products: the activations are split
+into two int8 terms per block of 64 (about 15 bits, so the weights' own rounding still dominates
+the error), which reads the weights at memory speed where widening them to float did not
+(BENCHMARKS.md). MUSICBRIDGE_KERNELS=float asks for the widening kernel instead (A/B).
 """
 
 from __future__ import annotations
@@ -130,14 +130,17 @@ def _load() -> ctypes.CDLL | None:
             "mb_gemv_i8": [_P, _I, _I, _P, _P, _P, _P, _I],
             "mb_gemv_i8_vnni": [_P, _I, _I, _P, _P, _P, _P, _I],
             "mb_layer_step": [_P, _P, _P, _P, _I, _P, _P, _P],
+            "mb_decoder_step": [_P, _I, _I, _I, _I, _I, _P, _P, _P, ctypes.c_size_t, _I, _P, _P, ctypes.c_size_t,
+                                _P, _P, _P, _P, _I, _P],
             "mb_attend": [_P, _I, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _P],
             "mb_attend_scratch": [_I, _I, _I],
             "mb_gelu": [_P, ctypes.c_long],
-            "mb_quantize_i8": [_P, _I, _I, _P, _P],
+            "mb_quantize_i8": [_P, _I, _I, _P, _P, _I],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
-        for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_gemv_i8_vnni", "mb_attend_scratch"):
+        for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_decoder_step", "mb_gemv_i8_vnni",
+                     "mb_attend_scratch"):
             getattr(lib, name).restype = _I
         _lib = lib
         return lib
@@ -165,28 +168,20 @@ def signature() -> str:
 
 
 def has_vnni() -> bool:
-    """Whether this CPU (and the build) has the integer dot products `MUSICBRIDGE_KERNELS=vnni` uses."""
+    """Whether this CPU (and the build) has the integer dot products int8 runs on where it can."""
     lib = _load()
     return lib is not None and bool(lib.mb_has_vnni())
 
 
 def int8_arithmetic() -> str | None:
-    """How int8 linears run here: "float" (weights widened, activations float32: the default),
-    "vnni" (activations quantised too, for integer dot products: asked for with
-    MUSICBRIDGE_KERNELS=vnni), or None (PyTorch's kernels)."""
+    """How int8 linears run here: "vnni" (integer dot products over two-term int8 activations:
+    the default where the CPU has AVX512-VNNI), "float" (weights widened, activations float32:
+    elsewhere, or asked for with MUSICBRIDGE_KERNELS=float), or None (PyTorch's kernels)."""
     if not available():
         return None
-    if os.environ.get("MUSICBRIDGE_KERNELS", "1") != "vnni":
+    if os.environ.get("MUSICBRIDGE_KERNELS", "1") == "float" or not has_vnni():
         return "float"
-    if has_vnni():
-        return "vnni"
-    _warn_no_vnni()
-    return "float"
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_no_vnni() -> None:
-    log.warning("MUSICBRIDGE_KERNELS=vnni, but this CPU has no AVX512-VNNI: int8 runs the float kernel")
+    return "vnni"
 
 
 def takes(in_features: int) -> bool:
@@ -209,12 +204,12 @@ def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
     return y.reshape(*x.shape[:-1], n)
 
 
-def quantize_i8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_i8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """model.quant.quantize_int8's arithmetic in one C pass per row: w (N, K) contiguous float32
-    -> q (N, K) int8, scale (N,) float32."""
+    -> q (N, K) int8, scale (N,) float32; with `biased`, q + 128 as uint8 (the "vnni" layout)."""
     n, k = w.shape
-    q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
-    _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr())
+    q, scale = torch.empty(n, k, dtype=torch.uint8 if biased else torch.int8), torch.empty(n)
+    _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr(), int(biased))
     return q, scale
 
 

@@ -113,3 +113,31 @@ fail:
     free(h);
     return -1;
 }
+
+/* A whole decode step after the embeddings: every layer's step, then the final layer norm and
+ * the heads, in one call. Layer l's cache is kcache/vcache + l * cache_layer elements (float32,
+ * or bfloat16 where kv_bf16), its cross keys/values ck/cv + l * cross_layer floats. x (rows, d) is
+ * updated in place; logits (rows, heads_n) are written. Why: per layer, the Python around a C
+ * call (module call, checks, views, ctypes) cost more than the layer norms it wraps. Returns 0,
+ * or -1 when scratch memory could not be had (x and logits are then partly written). */
+int mb_decoder_step(const mb_layer *layers, int n_layers, int rows, int max_len, int cross_len, int kv_bf16,
+                    float *x, void *kcache, void *vcache, size_t cache_layer, int pos,
+                    const float *ck, const float *cv, size_t cross_layer, const uint8_t *cmask,
+                    const float *ln_w, const float *ln_b, const mb_linear *heads, int heads_n, float *logits) {
+    size_t item = kv_bf16 ? sizeof(uint16_t) : sizeof(float);
+    for (int l = 0; l < n_layers; l++) {
+        mb_layer L = layers[l];
+        L.rows = rows, L.max_len = max_len, L.cross_len = cross_len, L.kv_bf16 = kv_bf16;
+        size_t at = (size_t)l * cache_layer * item;
+        if (mb_layer_step(&L, x, (char *)kcache + at, (char *)vcache + at, pos,
+                          ck ? ck + (size_t)l * cross_layer : NULL, cv ? cv + (size_t)l * cross_layer : NULL, cmask))
+            return -1;
+    }
+    int d = layers[0].d;
+    float *h = malloc(sizeof(float) * (size_t)rows * d);
+    if (!h) return -1;
+    layer_norm(x, ln_w, ln_b, layers[0].eps, rows, d, h);
+    int rc = product(heads, h, rows, d, logits, heads_n);
+    free(h);
+    return rc ? -1 : 0;
+}

@@ -1,7 +1,9 @@
-"""Find and load a MusicGen checkpoint: a directory, a Hugging Face id, `auto`, or `tiny`.
+"""Find a MusicGen checkpoint (a directory, a Hugging Face id, `auto`, or `tiny`) and load it
+through `transformers`' `from_pretrained`.
 
-Loading always goes through `transformers`' `from_pretrained`, for real and tiny
-checkpoints alike, so the tests exercise the path users take.
+The engine reads text checkpoints with its own reader (model/checkpoint.py), which needs no
+`transformers` import; this loader serves melody checkpoints, GPUs, the tests' reference
+models and MUSICBRIDGE_LOADER=transformers, for real and tiny checkpoints alike.
 """
 
 from __future__ import annotations

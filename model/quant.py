@@ -86,11 +86,12 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype):
         super().__init__()
-        q, scale = quantize_int8(linear.weight.detach())
         kernels = linear.weight.device.type == "cpu" and gemv.takes(linear.in_features)
         self.arithmetic = gemv.int8_arithmetic() if kernels else None
-        if self.arithmetic == "vnni":
-            q = (q.to(torch.int16) + 128).to(torch.uint8)
+        if self.arithmetic == "vnni":  # stored biased in the same pass (three fewer passes at load)
+            q, scale = gemv.quantize_i8(linear.weight.detach().float().contiguous(), biased=True)
+        else:
+            q, scale = quantize_int8(linear.weight.detach())
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale if self.arithmetic else scale.to(act_dtype))
         self.in_features, self.out_features = linear.in_features, linear.out_features

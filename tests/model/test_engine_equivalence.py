@@ -1,5 +1,10 @@
 """Our decode loop against the reference peer, `transformers`' own MusicGen.
 
+Text checkpoints load through our own reader (model/checkpoint.py: our T5, our codec, the
+decoder laid out from the file's tensors), so these tests hold that whole path to
+`transformers`' model loaded from the same folder; melody checkpoints load through
+`transformers` itself.
+
 Greedy tokens must be identical, and teacher-forced logits must agree to float32 rounding:
 the bound below is max |ours - theirs| / max |theirs| <= 1e-5 (float32 has a 6e-8 unit
 roundoff; reordered sums over a few hundred terms stay well inside 1e-5).
@@ -11,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from model.checkpoint import Checkpoint
 from model.engine import Engine
+from model.loading import load_hf_model
 from model.reference import reference_generate_tokens
 from model.types import GenerationRequest, SamplingParams
 
@@ -27,7 +34,14 @@ def _melody(frames: int, shift: int) -> np.ndarray:
 @pytest.fixture(scope="module", params=["mono", "stereo", "melody"])
 def engine(request, tiny_model_dir, tiny_stereo_dir, tiny_melody_dir):
     path = {"mono": tiny_model_dir, "stereo": tiny_stereo_dir, "melody": tiny_melody_dir}[request.param]
-    return Engine.load(str(path), device="cpu", dtype="float32")
+    eng = Engine.load(str(path), device="cpu", dtype="float32")
+    assert isinstance(eng.hf, Checkpoint) == (request.param != "melody")
+    return eng
+
+
+def reference(eng: Engine):
+    """`transformers`' model and tokenizer for the engine's checkpoint."""
+    return (eng.hf, eng.tokenizer) if not isinstance(eng.hf, Checkpoint) else load_hf_model(eng.resolved)
 
 
 @pytest.mark.parametrize("guidance", [3.0, 1.0])
@@ -37,7 +51,7 @@ def test_greedy_tokens_equal_transformers(engine, guidance, prompts):
     if engine.is_melody:
         for i, r in enumerate(reqs):
             r.melody = _melody(5, i)
-    ref, _ = reference_generate_tokens(engine.hf, engine.tokenizer, reqs)
+    ref, _ = reference_generate_tokens(*reference(engine), reqs)
     ours = engine.generate_tokens(reqs)
     for i in range(len(reqs)):
         assert ours[i].shape == ref[i].shape == (engine.num_codebooks, 30)
@@ -66,7 +80,7 @@ def test_greedy_equal_across_seeds_of_tiny_weights(tmp_path):
     assert tok is not None
     for seed_prompt in ["acoustic guitar", "a b c d e f g h i j k l m n o p"]:
         reqs = [GenerationRequest(seed_prompt, 0.5, SamplingParams(greedy=True))]
-        ref, _ = reference_generate_tokens(eng.hf, eng.tokenizer, reqs)
+        ref, _ = reference_generate_tokens(*reference(eng), reqs)
         np.testing.assert_array_equal(eng.generate_tokens(reqs)[0], ref[0])
 
 
@@ -75,13 +89,13 @@ def test_teacher_forced_logits_match(engine):
     from model.conditioning import build_conditioning
     from model.decoder import KVCache
 
-    hf = engine.hf
+    hf, tok = reference(engine)
     k = engine.num_codebooks
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, engine.lm.spec.vocab, (2, k, 12), generator=g)
     prompts = ["warm lofi piano", "techno"]
     melodies = [_melody(4, 0), _melody(6, 3)] if engine.is_melody else None
-    cond = build_conditioning(hf, engine.tokenizer, prompts, melodies, False, "cpu", torch.float32)
+    cond = build_conditioning(hf, tok, prompts, melodies, False, "cpu", torch.float32)
     cache = KVCache(engine.lm.spec, 2, cond.states.shape[1] + 12 if cond.is_prefix else 12, "cpu",
                     torch.float32)
     x = engine.lm.embed_tokens(tokens)
@@ -129,7 +143,7 @@ def test_static_shape_step_greedy_tokens_equal_transformers(engine, guidance):
     if engine.is_melody:
         for i, r in enumerate(reqs):
             r.melody = _melody(5, i)
-    ref, _ = reference_generate_tokens(engine.hf, engine.tokenizer, reqs)
+    ref, _ = reference_generate_tokens(*reference(engine), reqs)
     engine.static_step = True
     try:
         ours = engine.generate_tokens(reqs)

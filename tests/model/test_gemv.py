@@ -23,7 +23,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_the_kernels_build_and_load_on_this_machine():
     assert gemv.available(), "the C kernels did not build: the decode step would fall back to PyTorch's"
     assert gemv.build() == gemv.library_path()  # a second build is the cached one
-    assert gemv.int8_arithmetic() == "float"  # the default: exact int8 weights, float32 activations
+    # The default: integer dot products where the CPU has them, else widening to float32.
+    assert gemv.int8_arithmetic() == ("vnni" if gemv.has_vnni() else "float")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
@@ -62,17 +63,27 @@ def test_c_quantiser_equals_pytorchs_arithmetic_bit_for_bit():
     assert torch.equal(cscale, scale)
     assert torch.equal(cq, q)
     assert torch.equal(quantize_int8(w)[0], q)  # and the loader uses it
+    bq, bscale = gemv.quantize_i8(w, biased=True)  # the VNNI layout, q + 128, in the same pass
+    assert bq.dtype == torch.uint8 and torch.equal(bscale, scale)
+    assert torch.equal(bq, (q.to(torch.int16) + 128).to(torch.uint8))
+    w[8, 0] = 0.123  # a row that ends off the vector width (the scalar tail)
+    tail = w[:, :317].contiguous()
+    tq, _ = gemv.quantize_i8(tail, biased=True)
+    assert torch.equal(tq, (quantize_int8(tail)[0].to(torch.int16) + 128).to(torch.uint8))
 
 
 def _block_quantised(x: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """The VNNI kernel's view of the activations: int8 per block of 64, scale = max|x| / 127."""
+    """The VNNI kernel's view of the activations: per block of 64, s = max|x| / 127 and two int8
+    terms, x ~ s * (hi + lo / 256), hi = round(x / s), lo = round((x / s - hi) * 256)."""
     xb = x.view(x.shape[0], -1, block)
-    scale = xb.abs().amax(dim=-1, keepdim=True) / 127
-    q = torch.where(scale > 0, torch.round(xb / torch.where(scale > 0, scale, 1)), 0).clamp(-127, 127)
-    return (q * scale).view_as(x)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    t = torch.where(amax > 0, xb * (127 / torch.where(amax > 0, amax, 1)), 0)
+    hi = torch.round(t)
+    lo = torch.round((t - hi) * 256).clamp(-127, 127)
+    return ((hi + lo / 256) * (amax / 127)).view_as(x)
 
 
-@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so MUSICBRIDGE_KERNELS=vnni runs the float kernel")
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int8 runs the float kernel")
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 def test_int8_vnni_kernel_equals_its_block_quantised_arithmetic(rows):
     torch.manual_seed(rows)
@@ -83,7 +94,8 @@ def test_int8_vnni_kernel_equals_its_block_quantised_arithmetic(rows):
     got = gemv.linear_i8(x, biased, scale, None)
     exact = _block_quantised(x) @ (q.float() * scale[:, None]).T
     assert _rel(got, exact) < 1e-5
-    assert _rel(got, x @ (q.float() * scale[:, None]).T) < 2e-2
+    # Two terms keep about 15 bits: within 1e-4 of float32 activations (one term was 1e-2 off).
+    assert _rel(got, x @ (q.float() * scale[:, None]).T) < 1e-4
 
 
 @pytest.mark.parametrize("cls", ["bf16", "int8"])
@@ -95,14 +107,15 @@ def test_linears_route_few_rows_to_the_kernel_and_many_rows_to_one_matmul(cls):
     many = mod(x)
     few = torch.cat([mod(x[:, i : i + 1]) for i in range(10)], dim=1)  # 2 rows at a time: the kernel
     vnni = cls == "int8" and mod.arithmetic == "vnni"
-    assert _rel(few, many) < (2e-2 if vnni else 1e-5)
+    assert _rel(few, many) < (1e-4 if vnni else 1e-5)
 
 
-def test_vnni_is_asked_for_and_falls_back_to_float_where_the_cpu_lacks_it():
+def test_float_arithmetic_is_asked_for_by_name_and_vnni_runs_only_where_the_cpu_has_it():
     code = "from model import gemv; print(gemv.int8_arithmetic(), gemv.has_vnni())"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         env={**os.environ, "MUSICBRIDGE_KERNELS": "vnni"}, cwd=os.getcwd()).stdout.split()
-    assert out == (["vnni", "True"] if gemv.has_vnni() else ["float", "False"])
+    run = lambda env: subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,  # noqa: E731
+                                     env={**os.environ, **env}, cwd=os.getcwd()).stdout.split()
+    assert run({"MUSICBRIDGE_KERNELS": "float"})[0] == "float"
+    assert run({"MUSICBRIDGE_KERNELS": "1"}) == (["vnni", "True"] if gemv.has_vnni() else ["float", "False"])
 
 
 def test_kernels_off_falls_back_to_pytorch_with_the_same_results_within_rounding(tmp_path):
@@ -159,24 +172,31 @@ def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv):
     tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(1))
     whole = _teacher_forced(lm, tokens, cross, one_pass=True, kv=kv)
     steps = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
-    vnni = dtype == "int8" and gemv.int8_arithmetic() == "vnni"
-    assert _rel(steps, whole) < (2e-2 if vnni else 1e-4)
+    assert _rel(steps, whole) < 1e-4
 
 
 @torch.inference_mode()
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
-def test_the_c_layer_step_equals_the_eager_layer_step(dtype, kv):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int8-float", "int4"])
+def test_the_c_layer_step_equals_the_eager_layer_step(dtype, kv, monkeypatch):
     """Same weights, same tokens, a cross-attention mask with a fully masked (unconditional) row:
     the C layer step writes the same cache (float32, or bfloat16 rounded as PyTorch rounds) and
-    gives the same logits as the eager step; int4 (PyTorch's kernel) keeps the eager step."""
-    lm = _wide_decoder(dtype, width=128)
+    gives the same logits as the eager step; int4 (PyTorch's kernel) keeps the eager step.
+
+    int8 on integer dot products (the default where the CPU has VNNI) rounds its activations to
+    two int8 terms, a step of 1/32512 of a block's largest value: a float32 rounding difference
+    upstream (the C layer norm against PyTorch's) can move one element by that step, so those
+    agree to 1e-4; the widening arithmetic ("int8-float") is held to 1e-5."""
+    if dtype == "int8-float":
+        monkeypatch.setenv("MUSICBRIDGE_KERNELS", "float")
+    lm = _wide_decoder(dtype.split("-")[0], width=128)
+    steps = 1e-4 if dtype == "int8" and gemv.int8_arithmetic() == "vnni" else 1e-5
     cross = lm.cross_kv(torch.randn(2, 5, 128), torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
     tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(2))
     eager = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
     fused = lm.fuse()
     assert fused == (0 if dtype == "int4" else lm.spec.n_layers)
-    assert _rel(_teacher_forced(lm, tokens, cross, one_pass=False, kv=kv), eager) < 1e-5
+    assert _rel(_teacher_forced(lm, tokens, cross, one_pass=False, kv=kv), eager) < steps
 
 
 @torch.inference_mode()
@@ -216,3 +236,30 @@ def test_a_compiler_that_cannot_run_is_a_build_error_naming_it(tmp_path, monkeyp
     with pytest.raises(gemv.KernelBuildError, match="could not run the C compiler .*no-such-cc"):
         gemv.build()
     assert not any((tmp_path / "kernels").iterdir())  # no half-written library left behind
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_the_one_call_step_equals_the_layer_by_layer_c_steps(dtype, kv):
+    """`FusedStack` (every layer, the final norm and the heads in one C call) runs the layers'
+    same C code; the final layer norm and the heads are C's instead of PyTorch's, so the logits
+    agree to float32 rounding (1e-4 where int8 rounds the heads' input to two int8 terms, as in
+    test_the_c_layer_step_equals_the_eager_layer_step)."""
+    lm = _wide_decoder(dtype)
+    lm.fuse()
+    assert lm.stack is not None
+    cross = lm.cross_kv(torch.randn(2, 5, 64), torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
+    tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(4))
+    one_call = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
+    stack, lm.stack = lm.stack, None
+    per_layer = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
+    lm.stack = stack
+    bound = 1e-4 if dtype == "int8" and gemv.int8_arithmetic() == "vnni" else 1e-5
+    assert _rel(one_call, per_layer) < bound
+
+
+def test_the_one_call_step_is_not_taken_where_a_layer_keeps_its_eager_step():
+    lm = _wide_decoder("int4")
+    lm.fuse()
+    assert lm.stack is None
