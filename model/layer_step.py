@@ -58,6 +58,14 @@ def _norm(ln: nn.LayerNorm) -> tuple[int, int] | None:
     return ln.weight.data_ptr(), ln.bias.data_ptr()
 
 
+def _check(start: int, rows: int, cache, cross) -> None:
+    """The C step writes column `start` of the cache and reads `rows` rows: both must exist."""
+    if not 0 <= start < cache.max_len or cache.k.shape[1] != rows or (
+            cross is not None and cross.k.shape[1] != rows):
+        raise IndexError(f"decode step at position {start} of a cache of {cache.max_len} "
+                         f"({cache.k.shape[1]} rows) with {rows} rows of input")
+
+
 class FusedLayer:
     """One DecoderLayer's tensors laid out for `mb_layer_step`; call it as the layer's n == 1 step."""
 
@@ -102,10 +110,7 @@ class FusedLayer:
     def __call__(self, x: torch.Tensor, layer: int, start: int, cache, cross) -> torch.Tensor:
         """x (rows, 1, d) at position `start` -> the layer's output; writes the cache column."""
         rows = x.shape[0]
-        if not 0 <= start < cache.max_len or cache.k.shape[1] != rows or (
-                cross is not None and cross.k.shape[1] != rows):
-            raise IndexError(f"decode step at position {start} of a cache of {cache.max_len} "
-                             f"({cache.k.shape[1]} rows) with {rows} rows of input")
+        _check(start, rows, cache, cross)
         out = x.contiguous().clone()
         s = self.struct
         s.rows, s.max_len, s.kv_bf16 = out.shape[0], cache.max_len, cache.k.dtype == torch.bfloat16
@@ -156,10 +161,7 @@ class FusedStack:
         """x (rows, 1, d) input embeddings at position `start` -> logits (rows, 1, heads_n);
         writes every layer's cache column."""
         rows = x.shape[0]
-        if not 0 <= start < cache.max_len or cache.k.shape[1] != rows or (
-                cross is not None and cross.k.shape[1] != rows):
-            raise IndexError(f"decode step at position {start} of a cache of {cache.max_len} "
-                             f"({cache.k.shape[1]} rows) with {rows} rows of input")
+        _check(start, rows, cache, cross)
         h = x.contiguous().clone()
         logits = torch.empty(rows, 1, self.heads_n)
         k, v = cache.k, cache.v

@@ -226,8 +226,13 @@ def test_the_c_layer_step_refuses_a_position_outside_the_cache():
     lm.fuse()
     cross = lm.cross_kv(torch.randn(2, 5, 64), torch.ones(2, 5))
     tokens = torch.zeros(2, lm.spec.n_codebooks, 1, dtype=torch.long)
+    cache = KVCache(lm.spec, 2, 16, "cpu", torch.float32)
     with pytest.raises(IndexError, match="position 16 of a cache of 16"):
-        lm(tokens, 16, KVCache(lm.spec, 2, 16, "cpu", torch.float32), cross)
+        lm(tokens, 16, cache, cross)  # the one-call step
+    with pytest.raises(IndexError, match="position 16 of a cache of 16"):
+        lm.layers[0].fused(torch.zeros(2, 1, 64), 0, 16, cache, cross)  # one layer's
+    with pytest.raises(IndexError, match="with 3 rows of input"):
+        lm.stack(torch.zeros(3, 1, 64), 0, cache, cross)
 
 
 def test_a_compiler_that_cannot_run_is_a_build_error_naming_it(tmp_path, monkeypatch):
