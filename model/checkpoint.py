@@ -187,7 +187,7 @@ class Checkpoint:
         proj = None
         if "enc_to_dec_proj.weight" in tensors:
             w = tensors["enc_to_dec_proj.weight"].float()
-            proj = nn.Linear(w.shape[1], w.shape[0], bias="enc_to_dec_proj.bias" in tensors)
+            proj = nn.Linear(w.shape[1], w.shape[0], bias="enc_to_dec_proj.bias" in tensors, device="meta")
             proj.weight = nn.Parameter(w, requires_grad=False)
             if proj.bias is not None:
                 proj.bias = nn.Parameter(tensors["enc_to_dec_proj.bias"].float(), requires_grad=False)

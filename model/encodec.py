@@ -183,10 +183,11 @@ class _LSTM(nn.Module):
 
     def __init__(self, t: _Tensors, name: str, dim: int, num_layers: int):
         super().__init__()
-        self.lstm = nn.LSTM(dim, dim, num_layers)
+        with torch.device("meta"):  # no random init (0.1 s for musicgen-small's): the file's weights replace it
+            self.lstm = nn.LSTM(dim, dim, num_layers)
         names = [f"{kind}_l{n}" for n in range(num_layers)
                  for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        self.lstm.load_state_dict({k: t.get(f"{name}.{k}") for k in names})
+        self.lstm.load_state_dict({k: t.get(f"{name}.{k}") for k in names}, assign=True)
         self.lstm.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,7 @@ class EncodecDecoder(nn.Module):
                 i += 1
         layers += [nn.ELU(), _Conv(t, f"decoder.layers.{i + 1}.conv", c)]
         self.layers = nn.Sequential(*layers)
-        self.to(self.codebooks.device)  # the LSTM was built on the CPU
+        self.to(self.codebooks.device)  # where the checkpoint's tensors are
         self.eval()
 
     @classmethod

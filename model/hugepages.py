@@ -120,7 +120,12 @@ def _trim() -> None:
 def huge_bytes(tensors: list[torch.Tensor]) -> int:
     """How many bytes of the memory areas holding `tensors` the kernel has on huge pages now
     (AnonHugePages in /proc/self/smaps; 0 where that cannot be read)."""
-    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel()]
+    spans: list[list[int]] = []
+    for lo, hi in sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel()):
+        if spans and lo <= spans[-1][1] + 4096:  # packed tensors merge into one span (smaps has ~1000 areas)
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
     total, inside = 0, False
     try:
         with open("/proc/self/smaps") as f:
