@@ -27,6 +27,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from model.memory import file_map
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {
@@ -60,6 +62,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             if n <= 0 or 8 + n > size:
                 raise CheckpointError(f"{path}: not a safetensors file (header size {n} of a {size}-byte file)")
             header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
             # Copy-on-write: writable for torch.frombuffer, shared with the page cache until written.
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
     except (OSError, ValueError) as e:
@@ -72,11 +76,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _DTYPES[meta["dtype"]]
+            kind = meta["dtype"]
             lo, hi = meta["data_offsets"]
-            shape = [int(s) for s in meta["shape"]]
+            shape = list(meta["shape"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({e})") from e
+        if kind not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {kind!r}; supported: {', '.join(_DTYPES)}")
+        dtype = _DTYPES[kind]
+        if not all(type(v) is int and v >= 0 for v in (lo, hi, *shape)) or lo > hi:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
+                                  f"(offsets {lo}, {hi} and shape {shape} must be whole numbers, 0 or more)")
         count = 1
         for s in shape:
             count *= s
@@ -85,6 +95,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: tensor {name!r} ({meta['dtype']} {shape}) does not fit its byte range")
         t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + lo) if count else torch.empty(0, dtype=dtype)
         out[name] = t.view(shape)
+    if mm is not None:
+        file_map(mm)
     return out
 
 
@@ -123,6 +135,12 @@ def unsupported(folder: Path) -> str | None:
         return "decoder options the engine's reader does not implement"
     if cfg.get("text_encoder", {}).get("model_type") != "t5" or cfg.get("audio_encoder", {}).get("model_type") != "encodec":
         return "text encoder or codec of another kind"
+    from model.encodec import EncodecDecoderConfig
+
+    try:
+        EncodecDecoderConfig(cfg["audio_encoder"]).check_supported()
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -133,7 +151,10 @@ class TextTokenizer:
     def __init__(self, folder: Path):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a broken file
+            raise CheckpointError(f"{folder / 'tokenizer.json'}: cannot read as a tokenizer ({e})") from e
         self._tok.no_padding()
         self._tok.no_truncation()
         pad = "<pad>"
@@ -161,7 +182,10 @@ class TextTokenizer:
 class Checkpoint:
     """What the engine reads of a MusicGen checkpoint, in the attribute names of `transformers`'
     model (`config.decoder`, `config.audio_encoder`, `text_encoder`, `enc_to_dec_proj`,
-    `audio_encoder`), so conditioning and the codec code serve both loaders."""
+    `audio_encoder`), so conditioning and the codec code serve both loaders.
+
+    The tensors are views of the file's map and are never written: the engine hands their pages
+    back to the page cache (`model.memory.drop_pages`), which would also undo a write."""
 
     path: Path
     config: SimpleNamespace

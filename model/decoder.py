@@ -267,17 +267,25 @@ class MusicgenDecoderLM(nn.Module):
         from model.checkpoint import CheckpointError
         from model.memory import drop_pages
 
-        def get(name: str) -> torch.Tensor:
+        d, v1 = spec.d_model, spec.vocab + 1
+        shapes = {"embed_tokens": (v1, d), "norm": (d,), "proj": (d, d), "fc1": (spec.ffn, d),
+                  "fc2": (d, spec.ffn), "lm_heads": (spec.vocab, d)}
+
+        def get(name: str, kind: str) -> torch.Tensor:
+            """The tensor, checked against the config's shapes: the C step trusts them."""
             t = tensors.get(name)
             if t is None:
                 raise CheckpointError(f"the checkpoint has no tensor decoder.{name}")
+            if tuple(t.shape) != shapes[kind]:
+                raise CheckpointError(f"tensor decoder.{name} is {tuple(t.shape)}, but config.json's decoder "
+                                      f"section makes it {shapes[kind]}")
             return t if t.dtype == torch.float32 else t.float()
 
-        def param(name: str) -> nn.Parameter:
-            return nn.Parameter(get(name), requires_grad=False)
+        def param(name: str, kind: str = "proj") -> nn.Parameter:
+            return nn.Parameter(get(name, kind), requires_grad=False)
 
-        def fused(names: list[str]) -> nn.Parameter:
-            parts = [get(n) for n in names]
+        def fused(names: list[str], kind: str) -> nn.Parameter:
+            parts = [get(n, kind) for n in names]
             # On 2 MB pages: a fresh 12 MB tensor on 4 KB pages faulted 3,000 times (5 ms a layer).
             out = hugepages.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), torch.float32)
             torch.cat(parts, dim=0, out=out)
@@ -286,7 +294,7 @@ class MusicgenDecoderLM(nn.Module):
 
         def norm(prefix: str) -> nn.LayerNorm:
             ln = nn.LayerNorm(spec.d_model, device="meta")
-            ln.weight, ln.bias = param(prefix + ".weight"), param(prefix + ".bias")
+            ln.weight, ln.bias = param(prefix + ".weight", "norm"), param(prefix + ".bias", "norm")
             return ln
 
         p = "model.decoder."
@@ -295,22 +303,22 @@ class MusicgenDecoderLM(nn.Module):
         lm.positions = sinusoidal_positions(spec.max_positions, spec.d_model)
         lm.offsets = (torch.arange(spec.n_codebooks) * (spec.vocab + 1)).view(1, -1, 1)
         with torch.no_grad():
-            lm.embed.weight = fused([f"{p}embed_tokens.{k}.weight" for k in range(spec.n_codebooks)])
+            lm.embed.weight = fused([f"{p}embed_tokens.{k}.weight" for k in range(spec.n_codebooks)], "embed_tokens")
             for i, mine in enumerate(lm.layers):
                 q = f"{p}layers.{i}."
                 mine.ln_self = norm(q + "self_attn_layer_norm")
-                mine.qkv.weight = fused([q + f"self_attn.{x}_proj.weight" for x in "qkv"])
+                mine.qkv.weight = fused([q + f"self_attn.{x}_proj.weight" for x in "qkv"], "proj")
                 mine.out.weight = param(q + "self_attn.out_proj.weight")
                 mine.ln_cross = norm(q + "encoder_attn_layer_norm")
                 for x in "qkv":
                     getattr(mine, f"cross_{x}").weight = param(q + f"encoder_attn.{x}_proj.weight")
                 mine.cross_out.weight = param(q + "encoder_attn.out_proj.weight")
                 mine.ln_ff = norm(q + "final_layer_norm")
-                mine.fc1.weight, mine.fc2.weight = param(q + "fc1.weight"), param(q + "fc2.weight")
+                mine.fc1.weight, mine.fc2.weight = param(q + "fc1.weight", "fc1"), param(q + "fc2.weight", "fc2")
                 if on_layer is not None:
                     on_layer(mine, [t for n, t in tensors.items() if n.startswith(q)])
             lm.ln_final = norm(p + "layer_norm")
-            lm.heads.weight = fused([f"lm_heads.{k}.weight" for k in range(spec.n_codebooks)])
+            lm.heads.weight = fused([f"lm_heads.{k}.weight" for k in range(spec.n_codebooks)], "lm_heads")
         left = [n for n, t in list(lm.named_parameters()) + list(lm.named_buffers()) if t.is_meta]
         assert not left, f"decoder tensors not laid out: {left}"
         return lm.eval().requires_grad_(False)

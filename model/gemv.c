@@ -162,7 +162,8 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, f
             __m512 amax = _mm512_setzero_ps();
             for (int i = 0; i < QB; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
             float a = _mm512_reduce_max_ps(amax), s = a / 127.f;
-            __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
+            /* Blocks below 1e-30 count as zero: 127 / a would overflow to inf, and hi to NaN. */
+            __m512 inv = _mm512_set1_ps(a > 1e-30f ? 127.f / a : 0.f);
             int sum = 0;
             for (int i = 0; i < QB; i += 16) {
                 __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xb + i), inv);

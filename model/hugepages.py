@@ -14,6 +14,7 @@ everything still works on ordinary pages, only slower.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import mmap
@@ -118,27 +119,35 @@ def _trim() -> None:
 
 
 def huge_bytes(tensors: list[torch.Tensor]) -> int:
-    """How many bytes of the memory areas holding `tensors` the kernel has on huge pages now
-    (AnonHugePages in /proc/self/smaps; 0 where that cannot be read)."""
+    """About how many bytes of `tensors` the kernel has on huge pages now: each memory area's
+    AnonHugePages (/proc/self/smaps) in proportion to how much of the area the tensors cover, so
+    an area shared with other memory is not counted whole (0 where smaps cannot be read)."""
     spans: list[list[int]] = []
     for lo, hi in sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel()):
-        if spans and lo <= spans[-1][1] + 4096:  # packed tensors merge into one span (smaps has ~1000 areas)
+        if spans and lo <= spans[-1][1]:  # packed tensors merge into one span (smaps has ~1000 areas)
             spans[-1][1] = max(spans[-1][1], hi)
         else:
             spans.append([lo, hi])
-    total, inside = 0, False
+    if not spans:
+        return 0
+    starts = [a for a, _ in spans]
+    total, share = 0.0, 0.0
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
                 head = line.split(maxsplit=1)[0]
                 if "-" in head and not head.endswith(":"):
                     lo, hi = (int(x, 16) for x in head.split("-"))
-                    inside = any(a < hi and lo < b for a, b in spans)
-                elif inside and head == "AnonHugePages:":
-                    total += int(line.split()[1]) * 1024
+                    covered, i = 0, bisect.bisect_left(starts, hi) - 1
+                    while i >= 0 and spans[i][1] > lo:
+                        covered += min(hi, spans[i][1]) - max(lo, spans[i][0])
+                        i -= 1
+                    share = covered / (hi - lo)
+                elif share and head == "AnonHugePages:":
+                    total += int(line.split()[1]) * 1024 * share
     except (OSError, ValueError):
         return 0
-    return total
+    return int(total)
 
 
 def report(tensors: list[torch.Tensor]) -> str | None:

@@ -103,6 +103,10 @@ class FusedLayer:
     def suits(self, x: torch.Tensor, cache, cross) -> bool:
         if x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype not in KV_DTYPES:
             return False
+        if not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # the C step walks them by offsets
+            return False
+        if cross is not None and not (cross.k.is_contiguous() and cross.v.is_contiguous()):
+            return False
         if cross is None:
             return not self.spec.cross_attention
         return self.spec.cross_attention and cross.k.dtype == torch.float32 and cross.mask.dtype == torch.bool

@@ -25,15 +25,27 @@ _MADV_DONTNEED = 4
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin")
 
 
+_OWN_MAPS: set[tuple[int, int]] = set()  # checkpoint files our reader mapped (model/checkpoint.py)
+
+
+def file_map(mm: mmap.mmap) -> None:
+    """Register a checkpoint file mapped by our reader, whose /proc/self/maps name may not end in
+    .safetensors (the Hugging Face cache names files by hash and links to them). A registered
+    range counts only while /proc/self/maps still shows a file mapped exactly there."""
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    _OWN_MAPS.add((base, base + -(-len(mm) // mmap.PAGESIZE) * mmap.PAGESIZE))
+
+
 def _file_mappings() -> list[tuple[int, int]]:
     spans = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 6 and parts[-1].endswith(_CHECKPOINT_SUFFIXES):
+                if len(parts) >= 6 and parts[-1].startswith("/"):
                     lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    spans.append((lo, hi))
+                    if parts[-1].endswith(_CHECKPOINT_SUFFIXES) or (lo, hi) in _OWN_MAPS:
+                        spans.append((lo, hi))
     except OSError:
         return []
     return spans

@@ -151,3 +151,69 @@ def test_sharded_checkpoints_are_read_through_their_index(tmp_path, tiny_model_d
     a = Engine.load(str(folder), device="cpu", dtype="float32").generate_tokens(req)[0]
     b = Engine.load(str(tiny_model_dir), device="cpu", dtype="float32").generate_tokens(req)[0]
     np.testing.assert_array_equal(a, b)
+
+
+def _header_file(tmp_path: Path, header) -> Path:
+    body = json.dumps(header).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(body).to_bytes(8, "little") + body + bytes(64))
+    return path
+
+
+@pytest.mark.parametrize("header, words", [
+    ([1, 2], "not a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, "whole numbers, 0 or more"),
+    ({"w": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, "whole numbers, 0 or more"),
+    ({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, "dtype 'F8_E4M3'; supported: F64"),
+    ({"w": {"shape": [2], "data_offsets": [0, 8]}}, "malformed header entry"),
+])
+def test_a_malformed_header_names_the_tensor_and_the_problem(tmp_path, header, words):
+    with pytest.raises(CheckpointError, match=words):
+        read_safetensors(_header_file(tmp_path, header))
+
+
+def test_a_broken_tokenizer_json_is_named(tmp_path, tiny_model_dir):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer.json: cannot read as a tokenizer"):
+        TextTokenizer(folder)
+
+
+def test_a_config_that_does_not_match_the_tensors_is_refused_before_any_step(tmp_path, tiny_model_dir):
+    """The C step trusts the config's widths; a config.json from another model must not reach it."""
+    from model.loading import ModelError
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["decoder"]["ffn_dim"] = 2 * cfg["decoder"]["ffn_dim"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises((ModelError, CheckpointError), match=r"fc1.weight is \(64, 32\), but config.json"):
+        Engine.load(str(folder), device="cpu", dtype="float32")
+
+
+def test_a_codec_config_the_reader_does_not_implement_goes_to_transformers(tmp_path, tiny_model_dir):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["audio_encoder"]["norm_type"] = "time_group_norm"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert "norm_type='time_group_norm' is not supported" in unsupported(folder)
+
+
+def test_pages_are_given_back_for_a_checkpoint_linked_from_the_hub_cache(tmp_path, tiny_model_dir):
+    """The Hugging Face cache links model.safetensors to a blob named by its hash: the mapping's
+    name does not end in .safetensors, and the pages must still go back."""
+    from model.memory import drop_pages
+
+    snap, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
+    shutil.copytree(tiny_model_dir, snap)
+    blobs.mkdir()
+    (snap / "model.safetensors").rename(blobs / "5d41402abc4b2a76b9719d911017c592")
+    (snap / "model.safetensors").symlink_to(blobs / "5d41402abc4b2a76b9719d911017c592")
+    ck = Checkpoint.load(snap)
+    table = ck.tensors["text_encoder.shared.weight"]
+    assert float(table.abs().sum()) > 0  # read: its pages are resident
+    assert drop_pages([table]) >= table.numel() * table.element_size() - 2 * 4096
+    assert drop_pages([torch.ones(1 << 16)]) == 0  # heap memory is never touched

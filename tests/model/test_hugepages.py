@@ -40,6 +40,8 @@ def test_huge_bytes_reads_the_kernels_account_of_the_arena():
     mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     if "[never]" not in mode:  # the kernel offers them: a fresh 16 MB arena gets some
         assert got > 0, mode
+    # A tensor covering a quarter of the area is counted for its quarter, not for the whole area.
+    assert hugepages.huge_bytes([big[: 4 << 20]]) <= (4 << 20) * got / big.numel() + 4096
 
 
 def test_pack_moves_tensors_into_one_arena_keeping_values_and_identity():
