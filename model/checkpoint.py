@@ -216,7 +216,7 @@ class Checkpoint:
             if proj.bias is not None:
                 proj.bias = nn.Parameter(tensors["enc_to_dec_proj.bias"].float(), requires_grad=False)
         dec = SimpleNamespace(**{**_DECODER_DEFAULTS, **cfg.get("decoder", {})})
-        config = SimpleNamespace(decoder=dec, audio_encoder=codec.config, text_encoder=SimpleNamespace(**cfg["text_encoder"]))
+        config = SimpleNamespace(decoder=dec, audio_encoder=codec.config)
         return cls(folder, config, tensors, text, proj, codec, cfg)
 
     def decoder_tensors(self) -> dict[str, torch.Tensor]:

@@ -201,9 +201,10 @@ class MusicgenDecoderLM(nn.Module):
         # measured), so the placeholders skip both (the checkpoint's tensors replace them).
         meta = torch.empty(0).device.type == "meta"
         self.embed = nn.Embedding(k * v1, d, _weight=torch.empty(k * v1, d)) if meta else nn.Embedding(k * v1, d)
-        dev = "cpu" if meta else None
-        self.register_buffer("positions", torch.zeros(spec.max_positions, d, device=dev), persistent=False)
-        self.register_buffer("offsets", (torch.arange(k, device=dev) * v1).view(1, k, 1), persistent=False)
+        table = torch.empty(spec.max_positions, d) if meta else torch.zeros(spec.max_positions, d)
+        self.register_buffer("positions", table, persistent=False)  # on meta, the layout's replaces it
+        self.register_buffer("offsets", (torch.arange(k, device="cpu" if meta else None) * v1).view(1, k, 1),
+                             persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_layers))
         self.ln_final = nn.LayerNorm(d)
         self.heads = nn.Linear(d, k * spec.vocab, bias=False)
@@ -301,7 +302,6 @@ class MusicgenDecoderLM(nn.Module):
         with torch.device("meta"):
             lm = cls(spec)
         lm.positions = sinusoidal_positions(spec.max_positions, spec.d_model)
-        lm.offsets = (torch.arange(spec.n_codebooks) * (spec.vocab + 1)).view(1, -1, 1)
         with torch.no_grad():
             lm.embed.weight = fused([f"{p}embed_tokens.{k}.weight" for k in range(spec.n_codebooks)], "embed_tokens")
             for i, mine in enumerate(lm.layers):

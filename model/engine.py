@@ -154,8 +154,7 @@ class Engine:
                 compute[0] = apply_precision(ours, dtype, self.device)
                 drop_pages(sources)  # the file's float32 pages; the mapping stays valid
 
-            lm = MusicgenDecoderLM.from_tensors(DecoderSpec.of_config(hf_model.config.decoder),
-                                                hf_model.decoder_tensors(),
+            lm = MusicgenDecoderLM.from_tensors(_decoder_spec(hf_model), hf_model.decoder_tensors(),
                                                 on_layer=None if dtype == "float32" else convert_mapped)
         else:
             lm = MusicgenDecoderLM.from_hf(hf_model, on_layer=None if dtype == "float32" else convert)

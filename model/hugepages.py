@@ -100,8 +100,9 @@ def pack(module: nn.Module) -> int:
     with torch.no_grad():
         for t, at in zip(tensors, offsets):
             nbytes = t.numel() * t.element_size()
-            arena[at : at + nbytes].view(t.dtype).view(t.shape).copy_(t)
-            t.data = arena[at : at + nbytes].view(t.dtype).view(t.shape)
+            view = arena[at : at + nbytes].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            t.data = view
             freed += nbytes
             if freed >= 32 << 20:  # hand the old copies' pages back as we go: the peak stays one copy
                 _trim()

@@ -139,11 +139,11 @@ class FusedStack:
     the n == 1 step of a decoder whose layers all fused. Why: the Python around 24 separate calls
     (module calls, checks, views, ctypes) cost about as much as all the layer norms it wrapped."""
 
-    def __init__(self, layers: list[FusedLayer], ln_final: nn.LayerNorm, heads: _Linear, heads_n: int, keep: list):
+    def __init__(self, layers: list[FusedLayer], ln: tuple[int, int], heads: _Linear, heads_n: int, keep: list):
         self.first = layers[0]
         self.array = (_Layer * len(layers))(*[f.struct for f in layers])
         self.n_layers = len(layers)
-        self.ln = _norm(ln_final)
+        self.ln = ln
         self.heads, self.heads_n = heads, heads_n
         self._keep = keep
 
@@ -155,8 +155,8 @@ class FusedStack:
         heads, ln = _linear(lm.heads), _norm(lm.ln_final)
         if heads is None or ln is None or ctypes.c_float(lm.ln_final.eps).value != fused[0].struct.eps:
             return None
-        return cls(fused, lm.ln_final, heads, lm.heads.out_features, [*lm.ln_final.parameters(), *lm.heads.parameters(),
-                                                                       *lm.heads.buffers()])
+        return cls(fused, ln, heads, lm.heads.out_features,
+                   [*lm.ln_final.parameters(), *lm.heads.parameters(), *lm.heads.buffers()])
 
     def suits(self, x: torch.Tensor, cache, cross) -> bool:
         return self.first.suits(x, cache, cross)

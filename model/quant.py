@@ -60,19 +60,20 @@ def prefill_dtype() -> torch.dtype:
     return picked
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel: w ~ q * scale[:, None], q in [-127, 127].
+def quantize_int8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel: w ~ q * scale[:, None], q in [-127, 127]; with `biased`,
+    q + 128 as uint8 (the layout of the VNNI kernel's unsigned weights).
 
     On the CPU with the C kernels: one pass per row in C (model/gemv.c, the same arithmetic bit
-    for bit); elsewhere one temporary the size of `w` (in-place rounding).
+    for bit, biased in the same pass); elsewhere one temporary the size of `w` (in-place rounding).
     """
     if w.device.type == "cpu" and w.dim() == 2 and gemv.available():
-        return gemv.quantize_i8(w.float().contiguous())
+        return gemv.quantize_i8(w.float().contiguous(), biased=biased)
     w = w.float()
     lo, hi = torch.aminmax(w, dim=1)
     scale = (torch.maximum(hi, -lo) / 127.0).clamp_(min=1e-12)
-    t = w * (1.0 / scale)[:, None]
-    return t.round_().clamp_(-127, 127).to(torch.int8), scale
+    q = (w * (1.0 / scale)[:, None]).round_().clamp_(-127, 127)
+    return (q.add_(128).to(torch.uint8) if biased else q.to(torch.int8)), scale
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,10 +131,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         kernels = linear.weight.device.type == "cpu" and gemv.takes(linear.in_features)
         self.arithmetic = gemv.int8_arithmetic() if kernels else None
-        if self.arithmetic == "vnni":  # stored biased in the same pass (three fewer passes at load)
-            q, scale = gemv.quantize_i8(linear.weight.detach().float().contiguous(), biased=True)
-        else:
-            q, scale = quantize_int8(linear.weight.detach())
+        q, scale = quantize_int8(linear.weight.detach(), biased=self.arithmetic == "vnni")
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale if self.arithmetic else scale.to(act_dtype))
         self.in_features, self.out_features = linear.in_features, linear.out_features

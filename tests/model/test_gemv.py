@@ -46,7 +46,7 @@ def test_int8_float_kernel_equals_the_dequantised_matmul(rows, n):
     assert _rel(gemv.linear_i8(x, q, scale, bias), ref) < 1e-5
 
 
-def test_c_quantiser_equals_pytorchs_arithmetic_bit_for_bit():
+def test_c_quantiser_equals_pytorchs_arithmetic_bit_for_bit(monkeypatch):
     """model.quant.quantize_int8 in C (one pass per row) against the same arithmetic in PyTorch:
     random rows, a zero row, ties at .5 (round half to even), huge and tiny magnitudes."""
     torch.manual_seed(4)
@@ -70,6 +70,10 @@ def test_c_quantiser_equals_pytorchs_arithmetic_bit_for_bit():
     tail = w[:, :317].contiguous()
     tq, _ = gemv.quantize_i8(tail, biased=True)
     assert torch.equal(tq, (quantize_int8(tail)[0].to(torch.int16) + 128).to(torch.uint8))
+    c_biased = quantize_int8(w, biased=True)
+    monkeypatch.setattr(gemv, "available", lambda: False)  # the PyTorch path (no kernels, a GPU)
+    t_biased = quantize_int8(w, biased=True)
+    assert torch.equal(t_biased[0], c_biased[0]) and torch.equal(t_biased[1], c_biased[1])
 
 
 def _block_quantised(x: torch.Tensor, block: int = 64) -> torch.Tensor:
