@@ -10,6 +10,7 @@ conditioning as a prefix of the sequence instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import hugepages
+from model.quant import prefilling
 
 
 @dataclass(frozen=True)
@@ -361,9 +363,10 @@ class MusicgenDecoderLM(nn.Module):
         if n == 1 and self.stack is not None and self.stack.suits(x, cache, cross):
             b = x.shape[0]
             return self.stack(x, start, cache, cross).view(b, 1, self.spec.n_codebooks, self.spec.vocab).transpose(1, 2)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, i, start, cache, cross)
-        logits = self.heads(self.ln_final(x))  # (batch, n, codebooks * vocab)
+        with prefilling() if n > 1 else contextlib.nullcontext():
+            for i, layer in enumerate(self.layers):
+                x = layer(x, i, start, cache, cross)
+            logits = self.heads(self.ln_final(x))  # (batch, n, codebooks * vocab)
         b = x.shape[0]
         return logits.view(b, n, self.spec.n_codebooks, self.spec.vocab).transpose(1, 2)
 

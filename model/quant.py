@@ -13,6 +13,8 @@ quantised model still runs (slower) everywhere.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -26,6 +28,24 @@ from model import gemv
 
 MODES = ("int8", "int4")
 log = logging.getLogger(__name__)
+_PREFILLING = contextvars.ContextVar("musicbridge_prefilling", default=False)
+
+
+@contextlib.contextmanager
+def prefilling():
+    """Marks a decoder pass over many positions (a prefill: a jam's window slide, a long
+    request's next window). Only inside one may products run in bfloat16 (`prefill_dtype`);
+    everything else with many rows (the text's cross-attention keys, a teacher-forced
+    measurement) keeps the kernels' float32 arithmetic. Per thread, as the engine's are."""
+    token = _PREFILLING.set(True)
+    try:
+        yield
+    finally:
+        _PREFILLING.reset(token)
+
+
+def _bf16_products() -> bool:
+    return _PREFILLING.get() and prefill_dtype() == torch.bfloat16
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,9 +130,9 @@ class Bf16Linear(nn.Module):
         if self.kernel and x.dtype == torch.float32:
             if gemv.suits(x):
                 return gemv.linear_bf16(x, self.weight, self._bias32)
-            # Many rows (prefill), as one matmul: in bfloat16 where this CPU has fast bfloat16
-            # matmuls (`prefill_dtype`), else the kernel's arithmetic (float32 activations).
-            if prefill_dtype() == torch.bfloat16:
+            # Many rows, as one matmul: in bfloat16 inside a prefill where this CPU has fast
+            # bfloat16 matmuls (`prefilling`), else the kernel's arithmetic (float32 activations).
+            if _bf16_products():
                 y = F.linear(x.bfloat16(), self.weight).float()
                 return y if self._bias32 is None else y + self._bias32
             return F.linear(x, self.weight.float(), self._bias32)
@@ -150,7 +170,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         if self.arithmetic:  # many rows (prefill): compute-bound, one matmul
             x2 = x.reshape(-1, self.in_features)
-            if prefill_dtype() == torch.bfloat16:  # q exact in bfloat16; the scale after the sums
+            if _bf16_products():  # q exact in bfloat16; the scale after the sums
                 q = self.weight.bfloat16()  # 0..255 and -127..127 are exact in bfloat16, and so is q - 128
                 y = F.linear(x2.bfloat16(), q.sub_(128) if self.weight.dtype == torch.uint8 else q).float() * self.scale
                 y = y if self.bias is None else y + self.bias

@@ -120,18 +120,23 @@ def prefill_in(monkeypatch):
 @pytest.mark.parametrize("cls", ["bf16", "int8"])
 def test_linears_route_few_rows_to_the_kernel_and_many_rows_to_one_matmul(cls, prefill, prefill_in):
     """Few rows run the C kernel, many one matmul: in float32 the same arithmetic (to 1e-5; 1e-4
-    where int8 rounds activations to two int8 terms); in bfloat16 (fast-bf16 CPUs) PyTorch's
-    bfloat16 matmul of the activations and the exact weights (its output is bfloat16 too: 2^-9
-    of each value), the int8 scale and the bias after, in float32."""
+    where int8 rounds activations to two int8 terms); inside a prefill in bfloat16 (fast-bf16
+    CPUs), PyTorch's bfloat16 matmul of the activations and the exact weights (its output is
+    bfloat16 too: 2^-9 of each value), the int8 scale and the bias after, in float32."""
     prefill_in(prefill)
     torch.manual_seed(0)
     lin = nn.Linear(128, 96, bias=True).requires_grad_(False)
     mod = Bf16Linear(lin) if cls == "bf16" else Int8Linear(lin, torch.bfloat16)
+    from model.quant import prefilling
+
     x = torch.randn(2, 10, 128)  # 20 rows: the matmul path
-    many = mod(x)
+    outside = mod(x)  # many rows outside a prefill (the text's cross-attention keys): float32 always
+    with prefilling():
+        many = mod(x)
     few = torch.cat([mod(x[:, i : i + 1]) for i in range(10)], dim=1)  # 2 rows at a time: the kernel
+    vnni = cls == "int8" and mod.arithmetic == "vnni"
+    assert _rel(few, outside) < (1e-4 if vnni else 1e-5)
     if prefill == "float32":
-        vnni = cls == "int8" and mod.arithmetic == "vnni"
         assert _rel(few, many) < (1e-4 if vnni else 1e-5)
         return
     if cls == "int8":
