@@ -144,6 +144,11 @@ class _Conv(nn.Module):
         return F.conv1d(_pad(x, left, right, self.pad_mode), self.weight, self.bias,
                         stride=s, dilation=self.dilation)
 
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """The input samples [lo', hi') that outputs [lo, hi) read (stride 1, as in the decoder)."""
+        right = 0 if self.causal else (self.kernel - 1) // 2
+        return lo - (self.kernel - 1 - right), hi + right
+
 
 def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
     """F.pad, but reflect padding of an input no longer than the pad first appends zeros
@@ -177,6 +182,12 @@ class _ConvTranspose(nn.Module):
         y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
         return y[..., self.left : y.shape[-1] - self.right]
 
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """The input frames that outputs [lo, hi) read: frame n reaches untrimmed outputs
+        n * stride .. n * stride + kernel - 1."""
+        k, s = self.weight.shape[-1], self.stride
+        return (lo + self.left - k) // s + 1, (hi - 1 + self.left) // s + 1
+
 
 class _LSTM(nn.Module):
     """EncodecLSTM: an LSTM over time with a skip connection, in conv layout (B, C, T)."""
@@ -208,9 +219,18 @@ class _ResBlock(nn.Module):
         y = self.conv2(F.elu(self.conv1(F.elu(x))))
         return (x if self.shortcut is None else self.shortcut(x)) + y
 
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        a, b = self.conv1.span(*self.conv2.span(lo, hi))
+        if self.shortcut is not None:
+            c, d = self.shortcut.span(lo, hi)
+            return min(a, c), max(b, d)
+        return min(a, lo), max(b, hi)
+
 
 class EncodecDecoder(nn.Module):
     """MusicGen's EnCodec decode path: residual-VQ codebooks, then the SEANet decoder."""
+
+    tile_samples = 20480  # output samples per tile of `upsample` (measured: BENCHMARKS.md)
 
     def __init__(self, config: EncodecDecoderConfig, tensors: Mapping[str, torch.Tensor],
                  prefix: str = "audio_encoder."):
@@ -254,6 +274,48 @@ class EncodecDecoder(nn.Module):
     def device(self) -> torch.device:
         return self.codebooks.device
 
+    @staticmethod
+    def _span(layers: Sequence[nn.Module], lo: int, hi: int) -> tuple[int, int]:
+        """The input positions that `layers`' outputs [lo, hi) depend on (unclamped)."""
+        for layer in reversed(layers):
+            span = getattr(layer, "span", None)  # pointwise layers (ELU) have none
+            if span is not None:
+                lo, hi = span(lo, hi)
+        return lo, hi
+
+    def upsample(self, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """The stack after the LSTM, (B, C, T) -> (B, channels, T * hop).
+
+        The first upsampling stage runs whole; the later ones, whose activations are the large
+        ones (64 channels at 32 kHz: 50 MB per 6 s, written and read once per op and faulted in
+        fresh each time), run `tile` output samples at a time, so that their activations stay in
+        cache (measured: BENCHMARKS.md). Each tile computes its samples from the inputs they
+        depend on (`_span`, from the kernels and strides) and keeps only its own samples, so the
+        audio is the whole stack's up to float rounding (tested). Inside the signal a tile's own
+        padding falls in the neighbours' part, which is dropped; at either end the tile starts
+        or stops where the signal does, so its padding is the whole stack's.
+        """
+        stack = self.layers[2:]
+        ups = [i for i, layer in enumerate(stack) if isinstance(layer, _ConvTranspose)]
+        split = ups[1] - 1 if len(ups) > 1 else len(stack)  # the ELU before the second upsampling
+        x = stack[:split](x)
+        rest = stack[split:]
+        up = math.prod(layer.stride for layer in rest if isinstance(layer, _ConvTranspose))
+        frames = x.shape[-1]
+        step = max(1, (self.tile_samples if tile is None else tile) // up)
+        if frames <= step:
+            return rest(x)
+        out = None
+        for a in range(0, frames, step):
+            b = min(a + step, frames)
+            lo, hi = self._span(rest, a * up, b * up)
+            lo, hi = max(lo, 0), min(hi, frames)
+            y = rest(x[..., lo:hi])
+            if out is None:
+                out = y.new_empty(*y.shape[:-1], frames * up)
+            out[..., a * up : b * up] = y[..., (a - lo) * up : (b - lo) * up]
+        return out
+
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, K, T) -> the sum of each level's codebook entry, (B, codebook_dim, T)."""
         if codes.shape[1] > self.codebooks.shape[0]:
@@ -277,7 +339,7 @@ class EncodecDecoder(nn.Module):
         codes = audio_codes[0]
         if last_frame_pad_length > 0:
             codes = codes[..., :-last_frame_pad_length]
-        audio = self.layers(self.embed(codes.to(self.device)))
+        audio = self.upsample(self.layers[:2](self.embed(codes.to(self.device))))
         scale = audio_scales[0]
         if scale is not None:
             audio = audio * scale.view(-1, 1, 1)
