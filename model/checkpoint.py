@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from model import placeholders
 from model.memory import file_map
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class Checkpoint:
         proj = None
         if "enc_to_dec_proj.weight" in tensors:
             w = tensors["enc_to_dec_proj.weight"].float()
-            proj = nn.Linear(w.shape[1], w.shape[0], bias="enc_to_dec_proj.bias" in tensors, device="meta")
+            proj = placeholders.linear(w.shape[1], w.shape[0], bias="enc_to_dec_proj.bias" in tensors)
             proj.weight = nn.Parameter(w, requires_grad=False)
             if proj.bias is not None:
                 proj.bias = nn.Parameter(tensors["enc_to_dec_proj.bias"].float(), requires_grad=False)

@@ -17,13 +17,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch import nn
 
+from model import hugepages
 from model.checkpoint import Checkpoint, TextTokenizer, unsupported
 from model.conditioning import build_conditioning
 from model.decoder import DecoderSpec, MusicgenDecoderLM
 from model.generate import StepPlan, decode_n, new_state, prefill
 from model.loading import ResolvedModel, checkpoint_pattern, load_hf_model, resolve_model
-from model.memory import drop_pages
+from model.memory import drop_pages, maps_held
 from model.patterns import get_pattern
 from model.sampling import Sampler
 from model.scheduler import StepGate
@@ -83,6 +85,19 @@ def pick_dtype(dtype: str, device: str) -> str:
             raise RequestError("float16 is for GPUs; on the CPU use bfloat16 or int8")
         return dtype
     return "float16" if device.startswith("cuda") else "auto"
+
+
+def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
+    """The bytes of the streamed linears' weights (layers and heads) converted to `dtype` on the
+    CPU, each 64-byte aligned: the size of the huge-page arena they are made in (model/hugepages.py).
+    0 where the layout makes none (float32 shares the checkpoint's; int4's come from PyTorch)."""
+    width = {"int8": 1, "bfloat16": 2}.get(dtype)
+    if width is None:
+        return 0
+    with torch.device("meta"):
+        lm = MusicgenDecoderLM(spec)
+    linears = [m for m in [*lm.layers.modules(), lm.heads] if isinstance(m, nn.Linear)]
+    return sum(-(-m.in_features * m.out_features * width // 64) * 64 for m in linears)
 
 
 class Engine:
@@ -149,19 +164,22 @@ class Engine:
             if release:
                 _release_unshared(theirs, ours)
 
-        if isinstance(hf_model, Checkpoint):
-            def convert_mapped(ours, sources) -> None:
-                compute[0] = apply_precision(ours, dtype, self.device)
-                drop_pages(sources)  # the file's float32 pages; the mapping stays valid
+        arena = hugepages.Arena(0 if str(self.device).startswith("cuda") else _weight_bytes(_decoder_spec(hf_model), dtype))
+        with hugepages.weights_into(arena):
+            if isinstance(hf_model, Checkpoint):
+                def convert_mapped(ours, sources) -> None:
+                    compute[0] = apply_precision(ours, dtype, self.device)
+                    drop_pages(sources)  # the file's float32 pages; the mapping stays valid
 
-            lm = MusicgenDecoderLM.from_tensors(_decoder_spec(hf_model), hf_model.decoder_tensors(),
-                                                on_layer=None if dtype == "float32" else convert_mapped)
-        else:
-            lm = MusicgenDecoderLM.from_hf(hf_model, on_layer=None if dtype == "float32" else convert)
-        if dtype != "float32":
-            compute[0] = apply_precision(lm, dtype, self.device)  # the heads
-            if release and not isinstance(hf_model, Checkpoint):
-                _release_unshared(hf_model.decoder, lm)
+                with maps_held():
+                    lm = MusicgenDecoderLM.from_tensors(_decoder_spec(hf_model), hf_model.decoder_tensors(),
+                                                        on_layer=None if dtype == "float32" else convert_mapped)
+            else:
+                lm = MusicgenDecoderLM.from_hf(hf_model, on_layer=None if dtype == "float32" else convert)
+            if dtype != "float32":
+                compute[0] = apply_precision(lm, dtype, self.device)  # the heads
+                if release and not isinstance(hf_model, Checkpoint):
+                    _release_unshared(hf_model.decoder, lm)
         if not str(self.device).startswith("cuda"):
             self._on_huge_pages(lm, dtype)
             fused = lm.fuse()

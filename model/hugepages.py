@@ -15,10 +15,13 @@ everything still works on ordinary pages, only slower.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import ctypes
 import logging
 import mmap
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -56,13 +59,73 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bo
         area = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem
         raw = torch.frombuffer(area, dtype=torch.uint8)  # the tensor keeps it mapped
     skip = -raw.data_ptr() % HUGE
-    _advise(raw.data_ptr() + skip, raw.data_ptr() + skip + nbytes, _MADV_HUGEPAGE)
+    start = raw.data_ptr() + skip
+    _advise(start, start + nbytes, _MADV_HUGEPAGE)
+    _OWN[start] = start + nbytes
+    weakref.finalize(area, _OWN.pop, start, None)  # once the mapping goes, its range may be reused
     return raw[skip : skip + nbytes].view(dtype).view(shape), True
+
+
+_OWN: dict[int, int] = {}  # start -> end of each live mapping made by `_fresh`
+
+
+def _on_own_mapping(t: torch.Tensor) -> bool:
+    """Whether `t` lies in a huge-page mapping made by `empty`/`zeros` or an `Arena` (so `pack`
+    leaves it where it is)."""
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    return any(start <= lo and hi <= end for start, end in _OWN.items())
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor, on huge pages where it is large enough to hold one."""
     return _fresh(shape, dtype)[0]
+
+
+class Arena:
+    """One huge-page mapping handed out front to back, 64-byte aligned.
+
+    Why: a layout makes its converted weights one by one, in the order a step reads them; made
+    in here they are on huge pages from their first touch, with no copy after (`pack` would
+    copy and touch them twice: 0.18 s for musicgen-small's 1 MB projections, measured).
+    """
+
+    def __init__(self, nbytes: int):
+        self._buf = _fresh((nbytes,), torch.uint8)[0] if nbytes > 0 else None
+        self.used = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """An uninitialised tensor from the arena; None where it no longer fits."""
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        start = -(-self.used // 64) * 64
+        if self._buf is None or start + nbytes > self._buf.numel():
+            return None
+        self.used = start + nbytes
+        return self._buf[start : start + nbytes].view(dtype).view(shape)
+
+
+_WEIGHTS: contextvars.ContextVar[Arena | None] = contextvars.ContextVar("weights_arena", default=None)
+
+
+@contextlib.contextmanager
+def weights_into(arena: Arena):
+    """Make `for_weights` draw from `arena` inside the block."""
+    token = _WEIGHTS.set(arena)
+    try:
+        yield arena
+    finally:
+        _WEIGHTS.reset(token)
+
+
+def for_weights(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for weights a step streams: from the arena of `weights_into` where
+    one is open and has room, else `empty`."""
+    arena = _WEIGHTS.get()
+    t = arena.take(shape, dtype) if arena is not None else None
+    return t if t is not None else empty(shape, dtype)
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -86,8 +149,10 @@ def pack(module: nn.Module) -> int:
     """Move `module`'s own tensors into one huge-page arena, in module order (the order a step
     reads them); each tensor keeps its identity (`.data` becomes a view). Only for tensors no
     one else holds: a tensor that is a view of another's storage would keep that alive.
+    Tensors made on their own huge-page mapping (`empty`, as the quantised weights are) stay
+    where they are: moving them would only add a copy and a second first touch of their pages.
     Returns the arena's size in bytes."""
-    tensors = [t for t in _tensors(module) if t.is_contiguous()]
+    tensors = [t for t in _tensors(module) if t.is_contiguous() and not _on_own_mapping(t)]
     offsets, total = [], 0
     for t in tensors:
         total = -(-total // 64) * 64

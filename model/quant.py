@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import gemv
+from model import gemv, hugepages
 
 MODES = ("int8", "int4")
 log = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ class Bf16Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
+        w = linear.weight.detach()
+        self.register_buffer("weight", hugepages.for_weights(tuple(w.shape), torch.bfloat16).copy_(w)
+                             if w.device.type == "cpu" else w.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(torch.bfloat16), requires_grad=False)
         self.kernel = linear.weight.device.type == "cpu" and gemv.takes(linear.in_features)

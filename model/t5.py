@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import placeholders
+
 # `feed_forward_proj` is "<act>" or "gated-<act>"; T5Config maps "gated-gelu" to the tanh GELU.
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -93,11 +95,6 @@ class _RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(variance + self.eps))
 
 
-def _linear(n_in: int, n_out: int) -> nn.Linear:
-    """A bias-free projection with no storage yet (from_state_dict assigns the weight)."""
-    return nn.Linear(n_in, n_out, bias=False, device="meta")
-
-
 class _Block(nn.Module):
     """Self-attention then feed-forward, each pre-normed and residual."""
 
@@ -108,15 +105,15 @@ class _Block(nn.Module):
         eps = config["layer_norm_epsilon"]
         self.heads, self.d_kv = config["num_heads"], config["d_kv"]
         self.attn_norm = _RMSNorm(d_model, eps)
-        self.q, self.k, self.v = (_linear(d_model, inner) for _ in range(3))
-        self.o = _linear(inner, d_model)
+        self.q, self.k, self.v = (placeholders.linear(d_model, inner) for _ in range(3))
+        self.o = placeholders.linear(inner, d_model)
         self.ff_norm = _RMSNorm(d_model, eps)
         self.act, self.gated = _activation(config["feed_forward_proj"])
         if self.gated:
-            self.wi_0, self.wi_1 = _linear(d_model, d_ff), _linear(d_model, d_ff)
+            self.wi_0, self.wi_1 = placeholders.linear(d_model, d_ff), placeholders.linear(d_model, d_ff)
         else:
-            self.wi = _linear(d_model, d_ff)
-        self.wo = _linear(d_ff, d_model)
+            self.wi = placeholders.linear(d_model, d_ff)
+        self.wo = placeholders.linear(d_ff, d_model)
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """`bias` (B or 1, heads, L, L) is the position bias plus the padding mask."""
@@ -131,12 +128,6 @@ class _Block(nn.Module):
         x = self.ff_norm(h)
         x = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
         return h + self.wo(x)
-
-
-def _meta_embedding(n: int, d: int) -> nn.Embedding:
-    """An embedding with a placeholder weight and no random init: initialising one on the meta
-    device imports torch._dynamo (1.7 s, measured), and the checkpoint's table replaces it anyway."""
-    return nn.Embedding(n, d, _weight=torch.empty(n, d, device="meta"))
 
 
 class T5Encoder(nn.Module):
@@ -157,8 +148,8 @@ class T5Encoder(nn.Module):
         known = _REQUIRED + tuple(_DEFAULTS)
         self.config = {**_DEFAULTS, **{k: v for k, v in config.items() if k in known}}
         c = self.config
-        self.embed = _meta_embedding(c["vocab_size"], c["d_model"])
-        self.relative_bias = _meta_embedding(c["relative_attention_num_buckets"], c["num_heads"])
+        self.embed = placeholders.embedding(c["vocab_size"], c["d_model"])
+        self.relative_bias = placeholders.embedding(c["relative_attention_num_buckets"], c["num_heads"])
         self.blocks = nn.ModuleList(_Block(c) for _ in range(c["num_layers"]))
         self.final_norm = _RMSNorm(c["d_model"], c["layer_norm_epsilon"])
         for p in self.parameters():

@@ -68,3 +68,36 @@ def test_the_log_line_is_left_out_for_weights_smaller_than_one_huge_page():
     big = hugepages.zeros((4 << 20,), torch.uint8)
     line = hugepages.report([big])
     assert line is not None and line.startswith("decoder weights on huge pages:") and "of 4 MB" in line
+
+
+def test_an_arena_hands_out_aligned_pieces_in_order_until_full():
+    arena = hugepages.Arena(4 << 20)
+    a = arena.take((1000, 3), torch.int8)
+    b = arena.take((512, 1024), torch.bfloat16)
+    assert a.data_ptr() % hugepages.HUGE == 0 and b.data_ptr() == a.data_ptr() + 3008  # next 64-byte line
+    assert arena.take((4 << 20,), torch.uint8) is None  # no room left: the caller falls back
+    with hugepages.weights_into(arena):
+        c = hugepages.for_weights((1024,), torch.float32)
+        assert c.data_ptr() == b.data_ptr() + b.numel() * 2
+        d = hugepages.for_weights((4 << 20,), torch.uint8)  # too big: a mapping of its own
+        assert d.data_ptr() % hugepages.HUGE == 0 and not arena._buf.data_ptr() <= d.data_ptr() < arena._buf.data_ptr() + (4 << 20)
+    assert hugepages.for_weights((64,), torch.float32).shape == (64,)  # outside the block: plain
+    mods = nn.ModuleList([nn.Linear(4, 4)])
+    mods[0].register_buffer("q", b)
+    values = b.clone()
+    hugepages.pack(mods)
+    assert mods[0].q.data_ptr() == b.data_ptr() and torch.equal(mods[0].q, values)  # left where it was
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_the_weight_arena_is_sized_to_what_the_layout_makes(tiny_model_dir, dtype):
+    """Engine._lay_out sizes the arena from the spec (model.engine._weight_bytes) before any
+    weight is converted; it must equal what the conversion then makes, or weights spill out of
+    it (a copy more) or leave part of it unused."""
+    from model.engine import Engine, _decoder_spec, _weight_bytes
+
+    eng = Engine.load(str(tiny_model_dir), dtype=dtype)
+    made = [m.weight for m in [*eng.lm.layers.modules(), eng.lm.heads] if hasattr(m, "weight") and m.weight.dim() == 2
+            and m.weight.dtype in (torch.uint8, torch.int8, torch.bfloat16)]
+    assert made
+    assert _weight_bytes(_decoder_spec(eng.hf), dtype) == sum(-(-t.numel() * t.element_size() // 64) * 64 for t in made)
