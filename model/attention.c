@@ -18,6 +18,18 @@
 
 #define MAX_HD_VECTORS (256 / LANES)
 
+/* Keys (and values) fetched ahead of use. One head's keys are one sequential stream, and a core
+ * following one stream by its hardware prefetcher alone read the cache at 13 GB/s where the
+ * weights' products read 24 (musicgen-small, position 1500, Intel Xeon): asking early keeps
+ * more lines in flight. Prefetches past the end are harmless (they never fault). */
+#ifndef AHEAD
+#define AHEAD 16
+#endif
+
+static inline __attribute__((always_inline)) void prefetch_row(const char *p, size_t bytes) {
+    for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
+}
+
 /* One vector of a cached key or value: float32, or bfloat16 widened (`bf16` is a constant at
  * each inlined call, so each format gets its own loop). */
 static inline __attribute__((always_inline)) vf load_kv(const void *base, size_t at, int bf16) {
@@ -33,9 +45,11 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     vf qv[MAX_HD_VECTORS], acc[MAX_HD_VECTORS];
     for (int i = 0; i < nv; i++) qv[i] = vload(q + i * LANES) * scale;
     float best = -INFINITY;
+    const size_t row_bytes = (size_t)hd * (bf16 ? 2 : 4);
     for (int t = 0; t < n; t++) {
         if (mask && !mask[t]) { s[t] = -INFINITY; continue; }
         size_t k = (size_t)t * hd;
+        prefetch_row((const char *)K + (t + AHEAD) * row_bytes, row_bytes);
         vf dot = qv[0] * load_kv(K, k, bf16);
         for (int i = 1; i < nv; i++) dot += qv[i] * load_kv(K, k + i * LANES, bf16);
         s[t] = vsum(dot);
@@ -58,6 +72,7 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     for (int t = 0; t < n; t++) {
         if (s[t] == 0.f) continue;
         size_t v = (size_t)t * hd;
+        prefetch_row((const char *)V + (t + AHEAD) * row_bytes, row_bytes);
         vf p = vsplat(s[t]);
         for (int i = 0; i < nv; i++) acc[i] += p * load_kv(V, v + i * LANES, bf16);
     }
