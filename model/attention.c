@@ -21,7 +21,7 @@
 /* Keys (and values) fetched ahead of use. One head's keys are one sequential stream, and a core
  * following one stream by its hardware prefetcher alone read the cache at 13 GB/s where the
  * weights' products read 24 (musicgen-small, position 1500, Intel Xeon): asking early keeps
- * more lines in flight. Prefetches past the end are harmless (they never fault). */
+ * more lines in flight. */
 #ifndef AHEAD
 #define AHEAD 16
 #endif
@@ -49,7 +49,7 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     for (int t = 0; t < n; t++) {
         if (mask && !mask[t]) { s[t] = -INFINITY; continue; }
         size_t k = (size_t)t * hd;
-        prefetch_row((const char *)K + (t + AHEAD) * row_bytes, row_bytes);
+        if (t + AHEAD < n) prefetch_row((const char *)K + (t + AHEAD) * row_bytes, row_bytes);
         vf dot = qv[0] * load_kv(K, k, bf16);
         for (int i = 1; i < nv; i++) dot += qv[i] * load_kv(K, k + i * LANES, bf16);
         s[t] = vsum(dot);
@@ -72,7 +72,7 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     for (int t = 0; t < n; t++) {
         if (s[t] == 0.f) continue;
         size_t v = (size_t)t * hd;
-        prefetch_row((const char *)V + (t + AHEAD) * row_bytes, row_bytes);
+        if (t + AHEAD < n) prefetch_row((const char *)V + (t + AHEAD) * row_bytes, row_bytes);
         vf p = vsplat(s[t]);
         for (int i = 0; i < nv; i++) acc[i] += p * load_kv(V, v + i * LANES, bf16);
     }

@@ -145,9 +145,15 @@ class _Conv(nn.Module):
                         stride=s, dilation=self.dilation)
 
     def span(self, lo: int, hi: int) -> tuple[int, int]:
-        """The input samples [lo', hi') that outputs [lo, hi) read (stride 1, as in the decoder)."""
+        """The input samples [lo', hi') that outputs [lo, hi) read (stride 1, as in the decoder).
+
+        Reflect padding makes the first `left` outputs read x[1..left] too, to their right: a
+        causal conv's whole reach there (its right pad is 0)."""
         right = 0 if self.causal else (self.kernel - 1) // 2
-        return lo - (self.kernel - 1 - right), hi + right
+        left = self.kernel - 1 - right
+        if self.pad_mode == "reflect" and lo < left:
+            hi = max(hi, left - max(lo, 0) + 1)
+        return lo - left, hi + right
 
 
 def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ import bisect
 import contextlib
 import contextvars
 import ctypes
+import itertools
 import logging
 import mmap
 import warnings
@@ -61,12 +62,20 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bo
     skip = -raw.data_ptr() % HUGE
     start = raw.data_ptr() + skip
     _advise(start, start + nbytes, _MADV_HUGEPAGE)
-    _OWN[start] = start + nbytes
-    weakref.finalize(area, _OWN.pop, start, None)  # once the mapping goes, its range may be reused
+    token = next(_TOKENS)
+    _OWN[start] = (start + nbytes, token)
+    weakref.finalize(area, _forget, start, token)  # once the mapping goes, its range may be reused
     return raw[skip : skip + nbytes].view(dtype).view(shape), True
 
 
-_OWN: dict[int, int] = {}  # start -> end of each live mapping made by `_fresh`
+_OWN: dict[int, tuple[int, int]] = {}  # start -> (end, token) of each live mapping made by `_fresh`
+_TOKENS = itertools.count()
+
+
+def _forget(start: int, token: int) -> None:
+    """Drop a freed mapping's entry, unless the address already belongs to a newer one."""
+    if _OWN.get(start, (0, -1))[1] == token:
+        _OWN.pop(start, None)
 
 
 def _on_own_mapping(t: torch.Tensor) -> bool:
@@ -74,7 +83,7 @@ def _on_own_mapping(t: torch.Tensor) -> bool:
     leaves it where it is)."""
     lo = t.data_ptr()
     hi = lo + t.numel() * t.element_size()
-    return any(start <= lo and hi <= end for start, end in _OWN.items())
+    return any(start <= lo and hi <= end for start, (end, _) in list(_OWN.items()))  # a copy: finalizers may run meanwhile
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

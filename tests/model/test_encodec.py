@@ -111,11 +111,15 @@ def test_other_supported_configs_match(variant):
     {},
     dict(use_causal_conv=True, trim_right_ratio=0.5, use_conv_shortcut=True),
     dict(use_causal_conv=True, pad_mode="constant", num_residual_layers=2),
+    dict(use_causal_conv=True, num_residual_layers=3),  # reflect at the start reads to the right
+    dict(use_causal_conv=True, last_kernel_size=101),
 ])
 @pytest.mark.parametrize("frames", [1, 9, 40])
 def test_tiled_upsampling_equals_the_whole_stack(variant, frames):
     """Tiles cut everywhere (down to one sample's worth) give the whole stack's audio: a reach
-    (`_span`) one sample short would put a tile's padding into kept samples, at the 1e-2 scale."""
+    (`span`) one sample short puts a tile's padding into kept samples, at the 1e-2 scale. The
+    bound is BOUND's: oneDNN picks its convolution algorithm by length, so the rounding differs
+    (up to 6e-6 of the peak with the 101-tap kernel)."""
     from model.codec import musicgen_32k_config
 
     config = musicgen_32k_config()
@@ -127,7 +131,7 @@ def test_tiled_upsampling_equals_the_whole_stack(variant, frames):
     with torch.inference_mode():
         whole = ours.layers[2:](x)
         for tile in (1, 97, 640, 4096):
-            assert _rel_err(ours.upsample(x, tile), whole) < 1e-6, tile
+            assert _rel_err(ours.upsample(x, tile), whole) < BOUND, tile
 
 
 def test_old_weight_norm_key_names(tiny_codec, tiny_ours):

@@ -101,3 +101,8 @@ def test_the_weight_arena_is_sized_to_what_the_layout_makes(tiny_model_dir, dtyp
             and m.weight.dtype in (torch.uint8, torch.int8, torch.bfloat16)]
     assert made
     assert _weight_bytes(_decoder_spec(eng.hf), dtype) == sum(-(-t.numel() * t.element_size() // 64) * 64 for t in made)
+    # ... and they were made in it: one storage, back to back in module order, 64-byte aligned
+    # (the tiny model's arena is under one huge page, so `pack` leaves it as it is).
+    assert len({t.untyped_storage().data_ptr() for t in made}) == 1
+    for a, b in zip(made, made[1:]):
+        assert b.data_ptr() == a.data_ptr() + -(-a.numel() * a.element_size() // 64) * 64
