@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -88,11 +89,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if not all(type(v) is int and v >= 0 for v in (lo, hi, *shape)) or lo > hi:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
                                   f"(offsets {lo}, {hi} and shape {shape} must be whole numbers, 0 or more)")
-        count = 1
-        for s in shape:
-            count *= s
-        item = torch.empty(0, dtype=dtype).element_size()
-        if hi - lo != count * item or base + hi > size:
+        count = math.prod(shape)
+        if hi - lo != count * dtype.itemsize or base + hi > size:
             raise CheckpointError(f"{path}: tensor {name!r} ({meta['dtype']} {shape}) does not fit its byte range")
         t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + lo) if count else torch.empty(0, dtype=dtype)
         out[name] = t.view(shape)

@@ -164,7 +164,8 @@ class Engine:
             if release:
                 _release_unshared(theirs, ours)
 
-        arena = hugepages.Arena(0 if str(self.device).startswith("cuda") else _weight_bytes(_decoder_spec(hf_model), dtype))
+        spec = _decoder_spec(hf_model)
+        arena = hugepages.Arena(0 if str(self.device).startswith("cuda") else _weight_bytes(spec, dtype))
         with hugepages.weights_into(arena):
             if isinstance(hf_model, Checkpoint):
                 def convert_mapped(ours, sources) -> None:
@@ -172,7 +173,7 @@ class Engine:
                     drop_pages(sources)  # the file's float32 pages; the mapping stays valid
 
                 with maps_held():
-                    lm = MusicgenDecoderLM.from_tensors(_decoder_spec(hf_model), hf_model.decoder_tensors(),
+                    lm = MusicgenDecoderLM.from_tensors(spec, hf_model.decoder_tensors(),
                                                         on_layer=None if dtype == "float32" else convert_mapped)
             else:
                 lm = MusicgenDecoderLM.from_hf(hf_model, on_layer=None if dtype == "float32" else convert)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from model import hugepages
 from model.cache import cache_dir
 
 log = logging.getLogger("musicbridge.model")
@@ -207,9 +208,8 @@ def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
 def quantize_i8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """model.quant.quantize_int8's arithmetic in one C pass per row: w (N, K) contiguous float32
     -> q (N, K) int8, scale (N,) float32; with `biased`, q + 128 as uint8 (the "vnni" layout)."""
-    from model import hugepages  # the weights a step streams: on huge pages from the first touch
-
     n, k = w.shape
+    # The weights a step streams: on huge pages from their first touch (in a layout's arena).
     q, scale = hugepages.for_weights((n, k), torch.uint8 if biased else torch.int8), torch.empty(n)
     _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr(), int(biased))
     return q, scale

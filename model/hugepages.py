@@ -17,9 +17,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import contextvars
-import ctypes
 import itertools
 import logging
+import math
 import mmap
 import warnings
 import weakref
@@ -43,16 +43,17 @@ def _advise(lo: int, hi: int, advice: int) -> bool:
     return end > start and madvise(start, end - start, advice)
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """A CPU tensor on a fresh anonymous mapping (zero pages, none touched yet), 2 MB-aligned and
     marked for huge pages, and True; small ones plain (uninitialised) and False.
 
     Its own mapping, not the allocator's heap: recycled heap memory is already on small pages,
     which marking no longer changes (a 16 MB tensor in the middle of the test suite got none)."""
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    nbytes = _nbytes(shape, dtype)
     if nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype), False
     with warnings.catch_warnings():
@@ -82,7 +83,7 @@ def _on_own_mapping(t: torch.Tensor) -> bool:
     """Whether `t` lies in a huge-page mapping made by `empty`/`zeros` or an `Arena` (so `pack`
     leaves it where it is)."""
     lo = t.data_ptr()
-    hi = lo + t.numel() * t.element_size()
+    hi = lo + t.nbytes
     return any(start <= lo and hi <= end for start, (end, _) in list(_OWN.items()))  # a copy: finalizers may run meanwhile
 
 
@@ -105,10 +106,7 @@ class Arena:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """An uninitialised tensor from the arena; None where it no longer fits."""
-        n = 1
-        for s in shape:
-            n *= s
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = _nbytes(shape, dtype)
         start = -(-self.used // 64) * 64
         if self._buf is None or start + nbytes > self._buf.numel():
             return None
@@ -166,14 +164,14 @@ def pack(module: nn.Module) -> int:
     for t in tensors:
         total = -(-total // 64) * 64
         offsets.append(total)
-        total += t.numel() * t.element_size()
+        total += t.nbytes
     if total < MIN_BYTES:
         return 0
     arena = empty((total,), torch.uint8)
     freed = 0
     with torch.no_grad():
         for t, at in zip(tensors, offsets):
-            nbytes = t.numel() * t.element_size()
+            nbytes = t.nbytes
             view = arena[at : at + nbytes].view(t.dtype).view(t.shape)
             view.copy_(t)
             t.data = view
@@ -189,7 +187,6 @@ def _trim() -> None:
     """Return freed heap pages to the system (glibc keeps them otherwise, and they count)."""
     lib = libc()
     if lib is not None and hasattr(lib, "malloc_trim"):
-        lib.malloc_trim.argtypes = [ctypes.c_size_t]
         lib.malloc_trim(0)
 
 
@@ -198,7 +195,7 @@ def huge_bytes(tensors: list[torch.Tensor]) -> int:
     AnonHugePages (/proc/self/smaps) in proportion to how much of the area the tensors cover, so
     an area shared with other memory is not counted whole (0 where smaps cannot be read)."""
     spans: list[list[int]] = []
-    for lo, hi in sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel()):
+    for lo, hi in sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors if t.numel()):
         if spans and lo <= spans[-1][1]:  # packed tensors merge into one span (smaps has ~1000 areas)
             spans[-1][1] = max(spans[-1][1], hi)
         else:
@@ -228,7 +225,7 @@ def huge_bytes(tensors: list[torch.Tensor]) -> int:
 def report(tensors: list[torch.Tensor]) -> str | None:
     """The log line on how much of `tensors` sits on huge pages; None where they are too small to
     fill one (a tiny model), since "0 of 0 MB" would read as huge pages being off."""
-    total = sum(t.numel() * t.element_size() for t in tensors)
+    total = sum(t.nbytes for t in tensors)
     if total < MIN_BYTES:
         return None
     return f"decoder weights on huge pages: {huge_bytes(tensors) / 1e6:.0f} of {total / 1e6:.0f} MB (model/hugepages.py)"
@@ -239,7 +236,7 @@ def collapse(module: nn.Module) -> int:
     shared with a loaded checkpoint, which `pack` would duplicate). Returns the bytes accepted."""
     done = 0
     for t in _tensors(module):
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         if nbytes >= MIN_BYTES and _advise(t.data_ptr(), t.data_ptr() + nbytes, _MADV_HUGEPAGE):
             if _advise(t.data_ptr(), t.data_ptr() + nbytes, _MADV_COLLAPSE):
                 done += nbytes

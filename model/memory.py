@@ -85,7 +85,7 @@ def drop_pages(tensors: list[torch.Tensor]) -> int:
         if t.device.type != "cpu" or not t.numel() or not t.is_contiguous():
             continue
         lo = t.data_ptr()
-        hi = lo + t.numel() * t.element_size()
+        hi = lo + t.nbytes
         if not any(a <= lo and hi <= b for a, b in spans):
             continue
         start = -(-lo // page) * page
@@ -99,9 +99,13 @@ def drop_pages(tensors: list[torch.Tensor]) -> int:
 def libc() -> ctypes.CDLL | None:
     """The C library, for the memory calls PyTorch does not offer (None where it cannot be had)."""
     try:
-        return ctypes.CDLL(None, use_errno=True)
+        lib = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
+    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if hasattr(lib, "malloc_trim"):  # glibc's
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+    return lib
 
 
 def madvise(start: int, length: int, advice: int) -> bool:
@@ -109,5 +113,4 @@ def madvise(start: int, length: int, advice: int) -> bool:
     lib = libc() if sys.platform.startswith("linux") else None
     if lib is None:
         return False
-    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return lib.madvise(start, length, advice) == 0

@@ -121,9 +121,9 @@ class Bf16Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach()
-        on_cpu = w.device.type == "cpu" and w.dtype != torch.bfloat16  # a bfloat16 weight is shared as before
+        convert = w.device.type == "cpu" and w.dtype != torch.bfloat16  # a bfloat16 weight is shared as before
         self.register_buffer("weight", hugepages.for_weights(tuple(w.shape), torch.bfloat16).copy_(w)
-                             if on_cpu else w.to(torch.bfloat16))
+                             if convert else w.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(torch.bfloat16), requires_grad=False)
         self.kernel = linear.weight.device.type == "cpu" and gemv.takes(linear.in_features)
