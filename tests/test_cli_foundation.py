@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     """`python -m bridge.cli ...` on this checkout's code, from whatever folder the test is in
-    (without PYTHONPATH a test that chdirs would run the installed copy instead)."""
+    (without PYTHONPATH a test that chdirs would run the installed copy instead). stdout is a
+    block-buffered pipe, as in a user's `| tee`: what the command prints must survive its exit."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("PYTHONUNBUFFERED", None)
     return subprocess.run([sys.executable, "-m", "bridge.cli", *args], capture_output=True, text=True,
                           timeout=300, env=env)
 
@@ -66,6 +68,7 @@ def test_generate_writes_two_seconds(tiny_model_dir, tmp_path):
     r = _run("generate", "--model", str(tiny_model_dir), "--prompt", "lofi beat", "--seconds", "2",
              "--out", str(out), "--seed", "3", "--save-tokens", str(tmp_path / "t.npy"))
     assert r.returncode == 0, r.stderr
+    assert f"wrote {out} (2.00 s, 32000 Hz, 1 ch)" in r.stdout
     audio, sr = read_audio(out)
     assert sr == 32000
     assert abs(audio.shape[1] - 64000) <= 640
@@ -73,6 +76,37 @@ def test_generate_writes_two_seconds(tiny_model_dir, tmp_path):
     codes = np.load(tmp_path / "t.npy")
     assert codes.shape == (4, 100) and codes.dtype == np.int64
     assert codes.min() >= 0 and codes.max() < 64
+
+
+_ENDING = """
+import atexit, sys, threading, time
+from pathlib import Path
+from bridge.cli import end
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+print("printed before the end")  # stdout is a pipe: block-buffered, still in the buffer
+if sys.argv[2] == "thread":
+    def late():
+        time.sleep(0.3)
+        (out / "thread").write_text("finished")
+    threading.Thread(target=late).start()
+end(int(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("thread", ["none", "thread"])
+def test_end_keeps_what_an_exit_must_do(tmp_path, thread):
+    """`end` skips the interpreter's teardown, not the exit code, the atexit handlers, the
+    buffered output or a running non-daemon thread."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("PYTHONUNBUFFERED", None)
+    r = subprocess.run([sys.executable, "-c", _ENDING, str(tmp_path), thread, "3"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "printed before the end\n"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    if thread == "thread":
+        assert (tmp_path / "thread").read_text() == "finished"
 
 
 def test_generate_resamples(tiny_model_dir, tmp_path):

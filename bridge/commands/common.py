@@ -73,6 +73,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "MusicGen checkpoints; others decode in a layout the model was not trained on)")
 
 
+def load_engine(args: argparse.Namespace, model: str | None = None, dtype: str | None = None,
+                device: str | None = None, pattern: str | None = None):
+    """`model.engine.Engine.load` with the command's model flags (each overridable), torch's
+    import included, inside `model.heap.loading` (no collector passes over what loading makes)."""
+    from model.heap import loading
+
+    with loading():
+        from model.engine import Engine
+
+        return Engine.load(model or args.model, device=device or args.device, dtype=dtype or args.dtype,
+                           pattern=pattern or args.pattern)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=sampling_value("seed"), default=None, help="seed for reproducible sampling")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from bridge.commands.common import (ProgressBar, add_model_args, add_sampling_args, nonneg_int,
+from bridge.commands.common import (ProgressBar, add_model_args, add_sampling_args, load_engine, nonneg_int,
                                     request_seconds, sampling_params)
 
 
@@ -51,11 +51,10 @@ def run(args: argparse.Namespace) -> int:
         if o.exists() and not args.overwrite:
             raise UsageError(f"{o} already exists; pass --overwrite to replace it")
 
-    from model.engine import Engine
+    params = sampling_params(args)
+    engine = load_engine(args)
     from model.types import GenerationRequest
 
-    params = sampling_params(args)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, pattern=args.pattern)
     melody = None
     if args.melody:
         from model.types import melody_refusal

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from bridge.commands.common import add_model_args
+from bridge.commands.common import add_model_args, load_engine
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
 def _load_engine(args: argparse.Namespace, spec: str | None, recorded: dict | None = None):
     """The engine to use; for a regeneration, the recorded checkpoint, dtype and device by default
     (bit-exact audio needs the same weights, precision and machine)."""
-    from model.engine import Engine
-
     model = args.model if args.model != "auto" or not spec else spec
     device, dtype = args.device, args.dtype
     if recorded:
@@ -58,7 +56,7 @@ def _load_engine(args: argparse.Namespace, spec: str | None, recorded: dict | No
         if device == "auto" and recorded.get("device") == "cpu":
             device = "cpu"
     pattern = args.pattern or (recorded or {}).get("pattern")
-    return Engine.load(model, device=device, dtype=dtype, pattern=pattern)
+    return load_engine(args, model=model, device=device, dtype=dtype, pattern=pattern)
 
 
 def _render(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
-from bridge.commands.common import add_model_args, nonneg_int, positive_float, request_seconds
+from bridge.commands.common import add_model_args, load_engine, nonneg_int, positive_float, request_seconds
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -190,10 +190,8 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, 
     from bridge.daemon import Daemon, DaemonConfig
     from bridge.inputs import InputLimits
     from bridge.protocol import Limits
-    from model.engine import Engine
-
     log.info("loading model %s ...", args.model)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, pattern=args.pattern)
+    engine = load_engine(args)
     config = DaemonConfig(host=args.host, port=args.port, reply_to=args.reply_to, session_dir=session_dir,
                           stems_dir=stems_dir, allow_dirs=tuple(d.expanduser() for d in args.allow_dir),
                           grace=args.grace, limits=Limits(max_seconds=args.max_seconds,
