@@ -131,7 +131,7 @@ class Bf16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel and x.dtype == torch.float32:
-            if gemv.suits(x):
+            if gemv.suits(x) or (gemv.few(x) and not _bf16_products()):
                 return gemv.linear_bf16(x, self.weight, self._bias32)
             # Many rows, as one matmul: in bfloat16 inside a prefill where this CPU has fast
             # bfloat16 matmuls (`prefilling`), else the kernel's arithmetic (float32 activations).
@@ -168,7 +168,9 @@ class Int8Linear(nn.Module):
         return self._signed().float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.arithmetic and gemv.suits(x):
+        # A few rows outside a bfloat16 prefill (a prompt's cross-attention keys and values):
+        # the kernel's own arithmetic, once per MAX_ROWS rows, not a dequantised matmul.
+        if self.arithmetic and (gemv.suits(x) or (gemv.few(x) and not _bf16_products())):
             return gemv.linear_i8(x, self.weight, self.scale, self.bias)
         shape = x.shape
         if self.arithmetic:  # many rows (prefill): compute-bound, one matmul

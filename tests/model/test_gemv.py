@@ -119,25 +119,32 @@ def prefill_in(monkeypatch):
 @pytest.mark.parametrize("prefill", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cls", ["bf16", "int8"])
 def test_linears_route_few_rows_to_the_kernel_and_many_rows_to_one_matmul(cls, prefill, prefill_in):
-    """Few rows run the C kernel, many one matmul: in float32 the same arithmetic (to 1e-5; 1e-4
-    where int8 rounds activations to two int8 terms); inside a prefill in bfloat16 (fast-bf16
-    CPUs), PyTorch's bfloat16 matmul of the activations and the exact weights (its output is
-    bfloat16 too: 2^-9 of each value), the int8 scale and the bias after, in float32."""
+    """Up to FEW_ROWS rows run the C kernel (MAX_ROWS per call), more one matmul: in float32 the
+    same arithmetic (to 1e-5; 1e-4 where int8 rounds activations to two int8 terms); inside a
+    prefill in bfloat16 (fast-bf16 CPUs), anything over MAX_ROWS is PyTorch's bfloat16 matmul
+    of the activations and the exact weights (its output is bfloat16 too: 2^-9 of each value),
+    the int8 scale and the bias after, in float32."""
     prefill_in(prefill)
     torch.manual_seed(0)
     lin = nn.Linear(128, 96, bias=True).requires_grad_(False)
     mod = Bf16Linear(lin) if cls == "bf16" else Int8Linear(lin, torch.bfloat16)
     from model.quant import prefilling
 
-    x = torch.randn(2, 10, 128)  # 20 rows: the matmul path
-    outside = mod(x)  # many rows outside a prefill (the text's cross-attention keys): float32 always
+    x = torch.randn(2, 40, 128)  # 80 rows: over FEW_ROWS, the matmul path
+    assert gemv.rows_of(x) > gemv.FEW_ROWS >= gemv.rows_of(x[:, :20]) > gemv.MAX_ROWS
+    outside = mod(x)  # many rows outside a prefill: float32 always
     with prefilling():
         many = mod(x)
-    few = torch.cat([mod(x[:, i : i + 1]) for i in range(10)], dim=1)  # 2 rows at a time: the kernel
+    few = torch.cat([mod(x[:, i : i + 1]) for i in range(40)], dim=1)  # 2 rows at a time: the kernel
+    # 40 rows (a prompt's cross-attention keys): kernel calls of MAX_ROWS rows, row for row the
+    # same arithmetic as one or two rows at a time.
+    assert torch.equal(mod(x[:, :20]), few[:, :20])
     vnni = cls == "int8" and mod.arithmetic == "vnni"
     assert _rel(few, outside) < (1e-4 if vnni else 1e-5)
     if prefill == "float32":
         assert _rel(few, many) < (1e-4 if vnni else 1e-5)
+        with prefilling():
+            assert torch.equal(mod(x[:, :20]), few[:, :20])
         return
     if cls == "int8":
         w, scale, bias = mod._signed().float(), mod.scale, mod.bias
@@ -146,6 +153,8 @@ def test_linears_route_few_rows_to_the_kernel_and_many_rows_to_one_matmul(cls, p
     by_hand = torch.nn.functional.linear(x.bfloat16(), w.bfloat16()).float() * scale + bias
     assert _rel(many, by_hand) < 1e-6
     assert 0 < _rel(few, many) < 1e-2
+    with prefilling():
+        assert _rel(mod(x[:, :20]), by_hand[:, :20]) < 1e-6
 
 
 def test_float_arithmetic_is_asked_for_by_name_and_vnni_runs_only_where_the_cpu_has_it():
