@@ -115,11 +115,12 @@ def end(code: int) -> NoReturn:
     teardown: with torch loaded, freeing every module's objects one by one took 0.6 s after a
     `generate` had written its file. What an exit must do still happens, in the order Python
     does it: the atexit handlers (logging's flush and close, multiprocessing's joins, weakref
-    finalizers), then stdout and stderr are flushed. Where a non-daemon thread is still running,
-    the exit is Python's own, which waits for it."""
+    finalizers), then stdout and stderr are flushed; first, as Python does, it waits for every
+    non-daemon thread (one may be writing the converted weights' cache, model/weight_cache.py)."""
     main_thread = threading.main_thread()
-    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
-        sys.exit(code)
+    for t in threading.enumerate():
+        if t is not main_thread and not t.daemon:
+            t.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import hugepages
+from model import hugepages, weight_cache
 from model.checkpoint import Checkpoint, TextTokenizer, unsupported
 from model.conditioning import build_conditioning
 from model.decoder import DecoderSpec, MusicgenDecoderLM
@@ -100,6 +100,25 @@ def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
     return sum(-(-m.in_features * m.out_features * width // 64) * 64 for m in linears)
 
 
+def _weight_record(hf_model, spec: DecoderSpec, dtype: str, arena: hugepages.Arena) -> weight_cache.Record | None:
+    """The record a layout's conversions replay from (where a valid one was read) or are noted
+    in: text checkpoints read from files only, whose conversions land in a huge-page arena."""
+    from model.checkpoint import checkpoint_files
+
+    if arena.buffer is None or not isinstance(hf_model, Checkpoint) or not weight_cache.enabled():
+        return None
+    from model import gemv
+
+    try:
+        key = weight_cache.key_of(checkpoint_files(hf_model.path), dtype=dtype, kernels=gemv.signature(),
+                                  spec=repr(spec), arena=arena.buffer.numel())
+    except OSError:
+        return None
+    record = weight_cache.Record(arena.buffer, weight_cache.path_for(key))
+    record.load()
+    return record
+
+
 class Engine:
     """A loaded MusicGen and the decode loop over its weights.
 
@@ -145,6 +164,7 @@ class Engine:
         # Fixed-shape decode steps (the form CUDA graphs capture) on a GPU; the CPU's eager
         # slice reads only the filled cache. Both are held to the same equivalence tests.
         self.static_step = device.startswith("cuda")
+        self.weight_writer = None  # the thread recording converted weights (model/weight_cache.py)
         self.lm, self.compute_dtype = self._lay_out(hf_model, self.dtype, owns_model)
 
     def _lay_out(self, hf_model, dtype: str, release: bool) -> tuple[MusicgenDecoderLM, torch.dtype]:
@@ -166,7 +186,8 @@ class Engine:
 
         spec = _decoder_spec(hf_model)
         arena = hugepages.Arena(0 if str(self.device).startswith("cuda") else _weight_bytes(spec, dtype))
-        with hugepages.weights_into(arena):
+        record = _weight_record(hf_model, spec, dtype, arena)
+        with hugepages.weights_into(arena), weight_cache.recording(record):
             if isinstance(hf_model, Checkpoint):
                 def convert_mapped(ours, sources) -> None:
                     compute[0] = apply_precision(ours, dtype, self.device)
@@ -181,6 +202,11 @@ class Engine:
                 compute[0] = apply_precision(lm, dtype, self.device)  # the heads
                 if release and not isinstance(hf_model, Checkpoint):
                     _release_unshared(hf_model.decoder, lm)
+        if record is not None and record.complete_replay:
+            log.info("decoder %s weights read from the cache (%d conversions skipped; model/weight_cache.py)",
+                     dtype, record.replayed)
+        elif record is not None:
+            self.weight_writer = record.save()
         if not str(self.device).startswith("cuda"):
             self._on_huge_pages(lm, dtype)
             fused = lm.fuse()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from model import hugepages
+from model import hugepages, weight_cache
 from model.cache import cache_dir
 
 log = logging.getLogger("musicbridge.model")
@@ -219,7 +219,8 @@ def quantize_i8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, to
     n, k = w.shape
     # The weights a step streams: on huge pages from their first touch (in a layout's arena).
     q, scale = hugepages.for_weights((n, k), torch.uint8 if biased else torch.int8), torch.empty(n)
-    _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr(), int(biased))
+    weight_cache.fill(q, scale, lambda: _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr(),
+                                                            int(biased)))
     return q, scale
 
 

@@ -104,6 +104,11 @@ class Arena:
         self._buf = _fresh((nbytes,), torch.uint8)[0] if nbytes > 0 else None
         self.used = 0
 
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        """The whole mapping (uint8), None for an empty arena."""
+        return self._buf
+
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """An uninitialised tensor from the arena; None where it no longer fits."""
         nbytes = _nbytes(shape, dtype)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import gemv, hugepages
+from model import gemv, hugepages, weight_cache
 
 MODES = ("int8", "int4")
 log = logging.getLogger(__name__)
@@ -122,8 +122,10 @@ class Bf16Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach()
         convert = w.device.type == "cpu" and w.dtype != torch.bfloat16  # a bfloat16 weight is shared as before
-        self.register_buffer("weight", hugepages.for_weights(tuple(w.shape), torch.bfloat16).copy_(w)
-                             if convert else w.to(torch.bfloat16))
+        if convert:
+            out = hugepages.for_weights(tuple(w.shape), torch.bfloat16)
+            weight_cache.fill(out, None, lambda: out.copy_(w))
+        self.register_buffer("weight", out if convert else w.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(torch.bfloat16), requires_grad=False)
         self.kernel = linear.weight.device.type == "cpu" and gemv.takes(linear.in_features)

@@ -1,0 +1,219 @@
+"""Converted decoder weights kept on disk, so that a later load reads them instead of converting.
+
+Converting musicgen-small's decoder to int8 reads its 1.4 GB of float32 weights and quantises
+every row: 0.4-0.65 s of each `musicbridge generate` (Intel Xeon, 2 cores). For one checkpoint
+file, precision and kernel layout the result is the same bytes every time, so the first load
+records them (the weight arena's bytes and the int8 rows' scales) and later loads read them back
+into the arena in one pass, skipping each conversion.
+
+What keeps a replay right:
+- the key covers each checkpoint file (path, size, modification time, inode), the precision,
+  the kernels' signature (their build and the int8 layout: VNNI weights are biased), torch's
+  version, the decoder's shapes and FORMAT (raise it when a conversion or the layout changes);
+- each conversion a replay skips is first checked against the record (its place in the arena,
+  shape and dtype); from the first that differs on, the rest are converted as usual and the
+  record is written again;
+- a file is written whole under a temporary name, synced, then renamed, so no reader meets half
+  of one, and its header's sizes are checked against its length before a byte is used.
+
+The newest KEEP files stay (a replay counts as a use); MUSICBRIDGE_WEIGHT_CACHE=0 turns the cache
+off. Files live in `<cache>/weights/` (model/cache.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from model.cache import cache_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+KEEP = 4
+_MAGIC = b"MBWCACHE"
+_ALIGN = 4096
+
+
+def enabled() -> bool:
+    return os.environ.get("MUSICBRIDGE_WEIGHT_CACHE", "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def key_of(files: list[Path], **layout) -> str:
+    """The cache key of a layout of these checkpoint files; `layout` names all else it depends on."""
+    parts = []
+    for f in files:
+        st = os.stat(f)
+        parts.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev])
+    text = json.dumps({"format": FORMAT, "files": parts, "torch": torch.__version__, **layout},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class Record:
+    """One layout's conversions, in the order the layout makes them: replayed from a file where a
+    valid one exists, noted as they are made either way."""
+
+    def __init__(self, arena_buf: torch.Tensor, path: Path | None):
+        self.buf = arena_buf  # the arena's whole mapping (uint8)
+        self.path = path
+        self.made: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.replay: list[list] = []  # [offset, shape, dtype, scale_at, scale_len] per conversion
+        self.scales: torch.Tensor | None = None
+        self.replayed = 0
+        self.outside = False  # a conversion landed outside the arena: nothing to record
+
+    def _entry(self, out: torch.Tensor, scale: torch.Tensor | None, scale_at: int) -> list | None:
+        base, lo = self.buf.data_ptr(), out.data_ptr()
+        if not (base <= lo and lo + out.nbytes <= base + self.buf.numel()):
+            return None
+        return [lo - base, list(out.shape), str(out.dtype).removeprefix("torch."), scale_at,
+                0 if scale is None else scale.numel()]
+
+    def fill(self, out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None]) -> None:
+        i = len(self.made)
+        scale_at = sum(0 if s is None else s.numel() for _, s in self.made)
+        entry = self._entry(out, scale, scale_at)
+        if entry is None:
+            self.outside = True
+        if (entry is not None and self.replayed == i and i < len(self.replay) and self.replay[i] == entry
+                and self.scales is not None):
+            if scale is not None:
+                scale.copy_(self.scales[scale_at : scale_at + scale.numel()])
+            self.replayed += 1
+        else:
+            convert()
+        self.made.append((out, scale))
+
+    @property
+    def complete_replay(self) -> bool:
+        return bool(self.made) and self.replayed == len(self.made) == len(self.replay)
+
+    def load(self) -> bool:
+        """Read a recorded file into the arena; False (and nothing to replay) where there is none
+        or it does not fit."""
+        if self.path is None:
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if f.read(len(_MAGIC)) != _MAGIC:
+                    return False
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n < 1 << 24:
+                    return False
+                head = json.loads(f.read(n))
+                used, nscales, start = int(head["used"]), int(head["scales"]), int(head["start"])
+                entries = head["entries"]
+                if (start % _ALIGN or used > self.buf.numel() or start + used + 4 * nscales != size
+                        or not isinstance(entries, list)):
+                    return False
+                f.seek(start)
+                view = memoryview(self.buf[:used].numpy())
+                got = 0
+                while got < used:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        return False
+                    got += k
+                scales = torch.empty(nscales)
+                sview = memoryview(scales.numpy()).cast("B")
+                if f.readinto(sview) != 4 * nscales:
+                    return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self.replay, self.scales = entries, scales
+        with contextlib.suppress(OSError):
+            os.utime(self.path)  # a use: eviction keeps the most recently used
+        return True
+
+    def save(self) -> threading.Thread | None:
+        """Write the record in the background (a non-daemon thread: the process waits for it
+        before it ends); None where there is nothing to write."""
+        if self.path is None or self.complete_replay or self.outside or not self.made:
+            return None
+        entries, scales, used = [], [], 0
+        for out, scale in self.made:
+            entry = self._entry(out, scale, sum(s.numel() for s in scales))
+            entries.append(entry)
+            if scale is not None:
+                scales.append(scale)
+            used = max(used, entry[0] + out.nbytes)
+        thread = threading.Thread(target=_write, name="musicbridge-weight-cache",
+                                  args=(self.path, entries, self.buf[:used],
+                                        torch.cat(scales) if scales else torch.empty(0)))
+        thread.start()
+        return thread
+
+
+def _write(path: Path, entries: list, data: torch.Tensor, scales: torch.Tensor) -> None:
+    head = {"used": data.numel(), "scales": scales.numel(), "entries": entries, "start": 0}
+    n = len(json.dumps(head)) + 64
+    head["start"] = -(-(len(_MAGIC) + 8 + n) // _ALIGN) * _ALIGN
+    text = json.dumps(head).encode().ljust(n)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".writing-", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_MAGIC + len(text).to_bytes(8, "little") + text)
+            f.seek(head["start"])
+            f.write(memoryview(data.numpy()))
+            f.write(memoryview(scales.numpy()).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _evict(path.parent, keep=path)
+        log.debug("converted weights recorded in %s", path)
+    except OSError as e:
+        log.warning("could not keep the converted weights in %s (%s); the next load converts them again",
+                    path.parent, e.strerror or e)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _evict(folder: Path, keep: Path) -> None:
+    files = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in [f for f in files if f != keep][KEEP - 1 :]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+_ACTIVE: contextvars.ContextVar[Record | None] = contextvars.ContextVar("weight_record", default=None)
+
+
+@contextlib.contextmanager
+def recording(record: Record | None) -> Iterator[Record | None]:
+    """Route the conversions made inside the block through `record` (None: convert as usual)."""
+    token = _ACTIVE.set(record)
+    try:
+        yield record
+    finally:
+        _ACTIVE.reset(token)
+
+
+def fill(out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None]) -> None:
+    """Make `out` (and `scale`) hold their conversion: replayed from the open record where it
+    holds this one, else by `convert()`, which writes them."""
+    record = _ACTIVE.get()
+    if record is None:
+        convert()
+    else:
+        record.fill(out, scale, convert)
+
+
+def path_for(key: str) -> Path | None:
+    return cache_dir() / "weights" / f"{key}.bin" if enabled() else None

@@ -1,0 +1,197 @@
+"""Converted weights kept on disk (model/weight_cache.py): replayed bit for bit, or converted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import gemv, weight_cache
+from model.engine import Engine
+from model.types import GenerationRequest, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("MUSICBRIDGE_CACHE", str(folder))
+    monkeypatch.delenv("MUSICBRIDGE_WEIGHT_CACHE", raising=False)
+    return folder / "weights"
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir, tmp_path):
+    """A copy of the tiny checkpoint this test may change."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """How many weights were converted (int8 quantisations and bfloat16 copies)."""
+    count = [0]
+    real = weight_cache.fill
+
+    def counting(out, scale, convert):
+        def counted():
+            count[0] += 1
+            convert()
+        real(out, scale, counted)
+
+    monkeypatch.setattr(weight_cache, "fill", counting)
+    return count
+
+
+def _load(path: Path, dtype: str) -> Engine:
+    eng = Engine.load(str(path), dtype=dtype)
+    if eng.weight_writer is not None:
+        eng.weight_writer.join()
+    return eng
+
+
+def _converted(eng: Engine) -> list[torch.Tensor]:
+    """Every converted tensor of the decoder (weights and int8 scales), in module order."""
+    return [t for t in [*eng.lm.buffers(), *eng.lm.parameters()]
+            if t.dtype in (torch.int8, torch.uint8, torch.bfloat16) or t.dim() == 1 and t.numel() > 4]
+
+
+def _tokens(eng: Engine) -> np.ndarray:
+    req = GenerationRequest(prompt="warm piano", seconds=0.4, params=SamplingParams(seed=5))
+    return eng.generate_tokens([req])[0]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_a_second_load_replays_every_conversion_bit_for_bit(cache, model_dir, conversions, dtype):
+    first = _load(model_dir, dtype)
+    made = conversions[0]
+    assert made > 0 and len(list(cache.glob("*.bin"))) == 1
+    second = _load(model_dir, dtype)
+    assert conversions[0] == made  # nothing converted again
+    a, b = _converted(first), _converted(second)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert np.array_equal(_tokens(first), _tokens(second))
+
+
+def test_each_precision_has_its_own_record(cache, model_dir, conversions):
+    _load(model_dir, "int8")
+    _load(model_dir, "bfloat16")
+    assert len(list(cache.glob("*.bin"))) == 2
+
+
+def test_a_changed_checkpoint_is_converted_again(cache, model_dir, conversions):
+    first = _load(model_dir, "int8")
+    made = conversions[0]
+    f = model_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.unlink()
+    f.write_bytes(data)  # the same bytes in a new file: a new inode and time, so a new key
+    os.utime(f, ns=(1, 1))
+    second = _load(model_dir, "int8")
+    assert conversions[0] == 2 * made
+    assert len(list(cache.glob("*.bin"))) == 2
+    for x, y in zip(_converted(first), _converted(second)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not ours", "header lies", "empty"])
+def test_a_damaged_record_is_never_used_and_is_written_again(cache, model_dir, conversions, damage):
+    fresh = _converted(_load(model_dir, "int8"))
+    made = conversions[0]
+    (path,) = cache.glob("*.bin")
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) - 100])
+    elif damage == "not ours":
+        path.write_bytes(b"PK\x03\x04" + data[4:])
+    elif damage == "header lies":
+        n = int.from_bytes(data[8:16], "little")
+        head = json.loads(data[16 : 16 + n])
+        head["used"] += 64
+        text = json.dumps(head).encode().ljust(n)
+        path.write_bytes(data[:16] + text[:n] + data[16 + n :])
+    else:
+        path.write_bytes(b"")
+    again = _converted(_load(model_dir, "int8"))
+    assert conversions[0] == 2 * made
+    for x, y in zip(fresh, again):
+        assert torch.equal(x, y)
+    assert path.read_bytes() == data  # rewritten whole
+
+
+def test_a_record_that_disagrees_with_the_layout_converts_from_there_on(cache, model_dir, conversions):
+    """A record whose entries no longer match the order the layout makes its weights in (a
+    changed layout under the same FORMAT): the matching ones replay, the rest are converted."""
+    fresh = _converted(_load(model_dir, "int8"))
+    made = conversions[0]
+    (path,) = cache.glob("*.bin")
+    data = path.read_bytes()
+    n = int.from_bytes(data[8:16], "little")
+    head = json.loads(data[16 : 16 + n])
+    head["entries"][3][0] += 64  # the 4th weight somewhere else in the arena
+    path.write_bytes(data[:16] + json.dumps(head).encode().ljust(n) + data[16 + n :])
+    again = _converted(_load(model_dir, "int8"))
+    assert conversions[0] == 2 * made - 3
+    for x, y in zip(fresh, again):
+        assert torch.equal(x, y)
+
+
+def test_off_by_environment(cache, model_dir, conversions, monkeypatch):
+    monkeypatch.setenv("MUSICBRIDGE_WEIGHT_CACHE", "0")
+    _load(model_dir, "int8")
+    _load(model_dir, "int8")
+    assert not cache.exists()
+    assert conversions[0] > 0
+
+
+def test_an_unwritable_cache_folder_is_a_warning_not_a_failure(tmp_path, model_dir, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("MUSICBRIDGE_CACHE", str(blocker))
+    monkeypatch.delenv("MUSICBRIDGE_WEIGHT_CACHE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="model.weight_cache"):
+        eng = _load(model_dir, "int8")
+    assert "could not keep the converted weights" in caplog.text
+    assert _tokens(eng).shape[0] == 4
+    assert blocker.read_text().startswith("a file")
+    assert not [p for p in tmp_path.rglob(".writing-*")]
+
+
+def test_only_the_most_recently_used_records_are_kept(cache, model_dir, conversions):
+    cache.mkdir(parents=True)
+    for i in range(weight_cache.KEEP + 2):
+        old = cache / f"old{i}.bin"
+        old.write_bytes(b"x")
+        os.utime(old, ns=(10**9 * (i + 1), 10**9 * (i + 1)))
+    _load(model_dir, "int8")
+    left = sorted(p.name for p in cache.glob("*.bin"))
+    assert len(left) == weight_cache.KEEP
+    assert [n for n in left if n.startswith("old")] == [f"old{i}.bin" for i in range(3, weight_cache.KEEP + 2)]
+
+
+@pytest.mark.skipif(not gemv.available(), reason="no C compiler here: int8 converts in PyTorch, uncached")
+def test_generate_twice_reads_the_second_time_and_writes_the_same_audio(tmp_path, model_dir):
+    """Through the product: the second `musicbridge generate` says it read the converted weights
+    from the cache, and writes the same WAV bytes as the first."""
+    env = dict(os.environ, MUSICBRIDGE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    env.pop("MUSICBRIDGE_WEIGHT_CACHE", None)
+    runs = []
+    for name in ("a.wav", "b.wav"):
+        r = subprocess.run([sys.executable, "-m", "bridge.cli", "generate", "--model", str(model_dir),
+                            "--dtype", "int8", "--prompt", "lofi", "--seconds", "0.5", "--seed", "2",
+                            "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        runs.append(r.stderr)
+    assert "from the cache" not in runs[0]
+    assert "int8 weights read from the cache" in runs[1]
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
