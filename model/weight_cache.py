@@ -16,8 +16,9 @@ What keeps a replay right:
 - a file is written whole under a temporary name, synced, then renamed, so no reader meets half
   of one, and its header's sizes are checked against its length before a byte is used.
 
-The newest KEEP files stay (a replay counts as a use); MUSICBRIDGE_WEIGHT_CACHE=0 turns the cache
-off. Files live in `<cache>/weights/` (model/cache.py).
+The most recently used records stay, up to KEEP_BYTES and KEEP_FILES (a replay counts as a use;
+tiny test checkpoints' records must not push out a real model's); MUSICBRIDGE_WEIGHT_CACHE=0
+turns the cache off. Files live in `<cache>/weights/` (model/cache.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from model.cache import cache_dir
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-KEEP = 4
+KEEP_BYTES = 4 << 30
+KEEP_FILES = 32
 _MAGIC = b"MBWCACHE"
 _ALIGN = 4096
 
@@ -186,10 +188,19 @@ def _write(path: Path, entries: list, data: torch.Tensor, scales: torch.Tensor) 
 
 
 def _evict(folder: Path, keep: Path) -> None:
-    files = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for old in [f for f in files if f != keep][KEEP - 1 :]:
+    """Delete the least recently used records beyond KEEP_FILES or KEEP_BYTES (`keep` stays)."""
+    files = []
+    for f in folder.glob("*.bin"):
         with contextlib.suppress(OSError):
-            old.unlink()
+            st = f.stat()
+            files.append((f == keep, st.st_mtime_ns, st.st_size, f))
+    files.sort(reverse=True)  # `keep` first, then the most recently used
+    count = total = 0
+    for _, _, size, f in files:
+        count, total = count + 1, total + size
+        if count > 1 and (count > KEEP_FILES or total > KEEP_BYTES):
+            with contextlib.suppress(OSError):
+                f.unlink()
 
 
 _ACTIVE: contextvars.ContextVar[Record | None] = contextvars.ContextVar("weight_record", default=None)

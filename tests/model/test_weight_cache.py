@@ -167,16 +167,24 @@ def test_an_unwritable_cache_folder_is_a_warning_not_a_failure(tmp_path, model_d
     assert not [p for p in tmp_path.rglob(".writing-*")]
 
 
-def test_only_the_most_recently_used_records_are_kept(cache, model_dir, conversions):
+@pytest.mark.parametrize("limit", ["files", "bytes"])
+def test_only_the_most_recently_used_records_are_kept(cache, model_dir, conversions, monkeypatch, limit):
+    """Beyond KEEP_FILES records, or KEEP_BYTES in all, the least recently used go; the one just
+    written always stays."""
     cache.mkdir(parents=True)
-    for i in range(weight_cache.KEEP + 2):
+    for i in range(6):
         old = cache / f"old{i}.bin"
-        old.write_bytes(b"x")
+        old.write_bytes(b"x" * 1000)
         os.utime(old, ns=(10**9 * (i + 1), 10**9 * (i + 1)))
+    if limit == "files":
+        monkeypatch.setattr(weight_cache, "KEEP_FILES", 4)
+    else:
+        monkeypatch.setattr(weight_cache, "KEEP_BYTES", 1)  # less than any record: only the new one stays
     _load(model_dir, "int8")
     left = sorted(p.name for p in cache.glob("*.bin"))
-    assert len(left) == weight_cache.KEEP
-    assert [n for n in left if n.startswith("old")] == [f"old{i}.bin" for i in range(3, weight_cache.KEEP + 2)]
+    new = [n for n in left if not n.startswith("old")]
+    assert len(new) == 1
+    assert [n for n in left if n.startswith("old")] == (["old3.bin", "old4.bin", "old5.bin"] if limit == "files" else [])
 
 
 @pytest.mark.skipif(not gemv.available(), reason="no C compiler here: int8 converts in PyTorch, uncached")
