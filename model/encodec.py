@@ -174,24 +174,44 @@ class _ConvTranspose(nn.Module):
 
     def __init__(self, t: _Tensors, name: str, cfg: EncodecDecoderConfig, stride: int):
         super().__init__()
-        self.register_buffer("weight", t.conv_weight(name))
+        weight = t.conv_weight(name)  # (in, out, kernel)
         self.register_buffer("bias", t.get(f"{name}.bias"))
         self.stride = stride
-        padding_total = self.weight.shape[-1] - stride
+        self.kernel = weight.shape[-1]
+        padding_total = self.kernel - stride
         if cfg.use_causal_conv:
             self.right = math.ceil(padding_total * cfg.trim_right_ratio)
         else:
             self.right = padding_total // 2
         self.left = padding_total - self.right
+        # Polyphase: output phase p of each input frame is an ordinary convolution over the
+        # input with taps p, p + stride, ... of the kernel, so all phases are one conv1d with
+        # stride * out channels, interleaved after. oneDNN ran it 1.4-2.2x faster than its
+        # transposed convolution for the first three of musicgen-small's four stages (and the
+        # same for the last), the same sums in another order (within 1e-6 of the peak).
+        self.taps = self.kernel // stride if self.kernel % stride == 0 else 0
+        if self.taps:
+            c_in, c_out = weight.shape[:2]
+            poly = weight.view(c_in, c_out, self.taps, stride).permute(3, 1, 0, 2).flip(-1)
+            self.register_buffer("weight", poly.reshape(stride * c_out, c_in, self.taps).contiguous())
+        else:
+            self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
+        if not self.taps:
+            y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
+        else:
+            m = self.taps
+            y = F.conv1d(F.pad(x, (m - 1, m - 1)), self.weight)  # (B, stride * out, T + m - 1)
+            b, _, n = y.shape
+            y = y.view(b, self.stride, -1, n).permute(0, 2, 3, 1).reshape(b, -1, n * self.stride)
+            y = y + self.bias[:, None]
         return y[..., self.left : y.shape[-1] - self.right]
 
     def span(self, lo: int, hi: int) -> tuple[int, int]:
         """The input frames that outputs [lo, hi) read: frame n reaches untrimmed outputs
         n * stride .. n * stride + kernel - 1."""
-        k, s = self.weight.shape[-1], self.stride
+        k, s = self.kernel, self.stride
         return (lo + self.left - k) // s + 1, (hi - 1 + self.left) // s + 1
 
 
