@@ -118,9 +118,12 @@ def end(code: int) -> NoReturn:
     finalizers), then stdout and stderr are flushed; first, as Python does, it waits for every
     non-daemon thread (one may be writing the converted weights' cache, model/weight_cache.py)."""
     main_thread = threading.main_thread()
-    for t in threading.enumerate():
-        if t is not main_thread and not t.daemon:
-            t.join()
+    try:
+        for t in threading.enumerate():
+            if t is not main_thread and not t.daemon:
+                t.join()
+    except KeyboardInterrupt:  # a second Ctrl-C while waiting: leave now, as Python's exit would
+        code = 130
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

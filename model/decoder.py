@@ -367,9 +367,12 @@ class MusicgenDecoderLM(nn.Module):
         """Project conditioning (batch, text_len, d) once per request for every layer."""
         b, n, _ = states.shape
         ks, vs = [], []
+        # Row by row: how a product runs (kernel calls or one matmul) depends on how many rows
+        # it has, and a request's keys must not depend on what else is in its batch.
+        rows = states.split(1)
         for layer in self.layers:
-            ks.append(layer._heads(layer.cross_k(states)))
-            vs.append(layer._heads(layer.cross_v(states)))
+            ks.append(layer._heads(torch.cat([layer.cross_k(r) for r in rows])))
+            vs.append(layer._heads(torch.cat([layer.cross_v(r) for r in rows])))
         # A row with no valid key (the unconditional half) has all-zero keys/values: let it
         # attend everywhere so the softmax stays finite and the output is exactly zero.
         mask = mask.bool().clone()

@@ -57,7 +57,8 @@ def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] =
     load runs (model/weight_cache.py); each run says whether it read them from the cache."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    env.pop("MUSICBRIDGE_WEIGHT_CACHE", None)
+    if env.get("MUSICBRIDGE_WEIGHT_CACHE", "").strip().lower() in ("0", "off", "no", "false"):
+        env.pop("MUSICBRIDGE_WEIGHT_CACHE")  # on for the timed runs (a folder given there is kept)
     runs = []
     with tempfile.TemporaryDirectory(prefix="musicbridge-e2e-") as tmp:
         def ours(flags: tuple[str, ...], extra_env: dict | None = None, timed: bool = True) -> dict:
@@ -76,7 +77,8 @@ def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] =
         log(f"end to end: musicbridge generate --seconds {seconds:g}, a first load (weight cache off) ...")
         first = ours((), {"MUSICBRIDGE_WEIGHT_CACHE": "0"})
         log("end to end: recording the converted weights (untimed) ...")
-        ours((), timed=False)
+        for flags in [()] + [("--dtype", d) for d in dtypes]:
+            ours(flags, timed=False)
         for flags in [()] + [("--dtype", d) for d in dtypes]:
             log(f"end to end: musicbridge generate --seconds {seconds:g} {' '.join(flags)}...")
             runs.append(ours(flags))

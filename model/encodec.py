@@ -169,6 +169,26 @@ def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
     return padded[..., : padded.shape[-1] - extra]
 
 
+def polyphase_weight(weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """A transposed convolution's weight (in, out, kernel), kernel a multiple of `stride`, as
+    an ordinary convolution's (stride * out, in, kernel / stride): output channel p * out + o
+    holds output phase p of channel o, its taps p, p + stride, ... in time order reversed."""
+    c_in, c_out, k = weight.shape
+    taps = k // stride
+    poly = weight.view(c_in, c_out, taps, stride).permute(3, 1, 0, 2).flip(-1)
+    return poly.reshape(stride * c_out, c_in, taps).contiguous()
+
+
+def polyphase_transposed(x: torch.Tensor, poly: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
+    """`F.conv_transpose1d(x, weight, bias, stride)` from `polyphase_weight(weight, stride)`:
+    x (B, in, T) -> (B, out, (T + taps - 1) * stride)."""
+    taps = poly.shape[-1]
+    y = F.conv1d(F.pad(x, (taps - 1, taps - 1)), poly)  # (B, stride * out, T + taps - 1)
+    b, _, n = y.shape
+    y = y.view(b, stride, -1, n).permute(0, 2, 3, 1).reshape(b, -1, n * stride)
+    return y if bias is None else y + bias[:, None]
+
+
 class _ConvTranspose(nn.Module):
     """EncodecConvTranspose1d: upsample by `stride`, then trim kernel - stride samples."""
 
@@ -189,23 +209,14 @@ class _ConvTranspose(nn.Module):
         # stride * out channels, interleaved after. oneDNN ran it 1.4-2.2x faster than its
         # transposed convolution for the first three of musicgen-small's four stages (and the
         # same for the last), the same sums in another order (within 1e-6 of the peak).
-        self.taps = self.kernel // stride if self.kernel % stride == 0 else 0
-        if self.taps:
-            c_in, c_out = weight.shape[:2]
-            poly = weight.view(c_in, c_out, self.taps, stride).permute(3, 1, 0, 2).flip(-1)
-            self.register_buffer("weight", poly.reshape(stride * c_out, c_in, self.taps).contiguous())
-        else:
-            self.register_buffer("weight", weight)
+        self.polyphase = self.kernel % stride == 0
+        self.register_buffer("weight", polyphase_weight(weight, stride) if self.polyphase else weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.taps:
-            y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
+        if self.polyphase:
+            y = polyphase_transposed(x, self.weight, self.bias, self.stride)
         else:
-            m = self.taps
-            y = F.conv1d(F.pad(x, (m - 1, m - 1)), self.weight)  # (B, stride * out, T + m - 1)
-            b, _, n = y.shape
-            y = y.view(b, self.stride, -1, n).permute(0, 2, 3, 1).reshape(b, -1, n * self.stride)
-            y = y + self.bias[:, None]
+            y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride)
         return y[..., self.left : y.shape[-1] - self.right]
 
     def span(self, lo: int, hi: int) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from model import hugepages, weight_cache
-from model.checkpoint import Checkpoint, TextTokenizer, unsupported
+from model.checkpoint import Checkpoint, CheckpointError, TextTokenizer, unsupported
 from model.conditioning import build_conditioning
 from model.decoder import DecoderSpec, MusicgenDecoderLM
 from model.generate import StepPlan, decode_n, new_state, prefill
@@ -112,7 +112,7 @@ def _weight_record(hf_model, spec: DecoderSpec, dtype: str, arena: hugepages.Are
     try:
         key = weight_cache.key_of(checkpoint_files(hf_model.path), dtype=dtype, kernels=gemv.signature(),
                                   spec=repr(spec), arena=arena.buffer.numel())
-    except OSError:
+    except (OSError, CheckpointError):
         return None
     record = weight_cache.Record(arena.buffer, weight_cache.path_for(key))
     record.load()

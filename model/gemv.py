@@ -220,7 +220,7 @@ def quantize_i8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, to
     # The weights a step streams: on huge pages from their first touch (in a layout's arena).
     q, scale = hugepages.for_weights((n, k), torch.uint8 if biased else torch.int8), torch.empty(n)
     weight_cache.fill(q, scale, lambda: _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr(),
-                                                            int(biased)))
+                                                            int(biased)), source=w)
     return q, scale
 
 

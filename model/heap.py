@@ -18,14 +18,18 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def loading() -> Iterator[None]:
+def loading(collect: bool = False) -> Iterator[None]:
     """Collector off inside; on the way out, freeze what exists and restore the collector as
-    it was (so nested uses leave it to the outermost)."""
+    it was (so nested uses leave it to the outermost). `collect`: one full pass before the
+    freeze, so no cycle made while loading stays for good (for a process that runs for hours:
+    `serve`; 0.15 s)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if collect:
+            gc.collect()
         gc.freeze()
         if was_enabled:
             gc.enable()

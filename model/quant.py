@@ -124,7 +124,7 @@ class Bf16Linear(nn.Module):
         convert = w.device.type == "cpu" and w.dtype != torch.bfloat16  # a bfloat16 weight is shared as before
         if convert:
             out = hugepages.for_weights(tuple(w.shape), torch.bfloat16)
-            weight_cache.fill(out, None, lambda: out.copy_(w))
+            weight_cache.fill(out, None, lambda: out.copy_(w), source=w)
         self.register_buffer("weight", out if convert else w.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(
             linear.bias.detach().to(torch.bfloat16), requires_grad=False)

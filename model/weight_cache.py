@@ -10,15 +10,17 @@ What keeps a replay right:
 - the key covers each checkpoint file (path, size, modification time, inode), the precision,
   the kernels' signature (their build and the int8 layout: VNNI weights are biased), torch's
   version, the decoder's shapes and FORMAT (raise it when a conversion or the layout changes);
-- each conversion a replay skips is first checked against the record (its place in the arena,
-  shape and dtype); from the first that differs on, the rest are converted as usual and the
-  record is written again;
+- each conversion a replay skips is first checked against its entry: its place in the arena,
+  shape, dtype, and a CRC of three slices of its source weight (the start, the middle, the end:
+  so a layout that made same-shaped weights in another order, or a checkpoint rewritten under
+  the same name, size and time, is caught); from the first that differs on, the rest are
+  converted as usual and the record is written again;
 - a file is written whole under a temporary name, synced, then renamed, so no reader meets half
   of one, and its header's sizes are checked against its length before a byte is used.
 
-The most recently used records stay, up to KEEP_BYTES and KEEP_FILES (a replay counts as a use;
-tiny test checkpoints' records must not push out a real model's); MUSICBRIDGE_WEIGHT_CACHE=0
-turns the cache off. Files live in `<cache>/weights/` (model/cache.py).
+The most recently used records stay, up to KEEP_BYTES and KEEP_FILES (a replay counts as a use).
+Files live in `<cache>/weights/` (model/cache.py); MUSICBRIDGE_WEIGHT_CACHE=0 turns the cache
+off, and a folder there puts it elsewhere (the test suite keeps its own).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import logging
 import os
 import tempfile
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,15 +44,34 @@ from model.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 KEEP_BYTES = 4 << 30
 KEEP_FILES = 32
 _MAGIC = b"MBWCACHE"
 _ALIGN = 4096
 
 
+_OFF = ("0", "off", "no", "false")
+_ON = ("", "1", "on", "yes", "true")
+
+
 def enabled() -> bool:
-    return os.environ.get("MUSICBRIDGE_WEIGHT_CACHE", "1").strip().lower() not in ("0", "off", "no", "false")
+    return os.environ.get("MUSICBRIDGE_WEIGHT_CACHE", "").strip().lower() not in _OFF
+
+
+def folder() -> Path:
+    value = os.environ.get("MUSICBRIDGE_WEIGHT_CACHE", "").strip()
+    return cache_dir() / "weights" if value.lower() in _ON else Path(value).expanduser()
+
+
+def fingerprint(source: torch.Tensor) -> int:
+    """CRC32 of the first, middle and last 1024 values of a source weight (its bytes)."""
+    flat = source.detach().reshape(-1)
+    n = flat.numel()
+    crc = zlib.crc32(repr((tuple(source.shape), str(source.dtype))).encode())
+    for lo in sorted({0, max(0, n // 2 - 512), max(0, n - 1024)}):
+        crc = zlib.crc32(flat[lo : lo + 1024].contiguous().view(torch.uint8).numpy().tobytes(), crc)
+    return crc
 
 
 def key_of(files: list[Path], **layout) -> str:
@@ -69,23 +92,25 @@ class Record:
     def __init__(self, arena_buf: torch.Tensor, path: Path | None):
         self.buf = arena_buf  # the arena's whole mapping (uint8)
         self.path = path
-        self.made: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        self.replay: list[list] = []  # [offset, shape, dtype, scale_at, scale_len] per conversion
+        self.made: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []  # out, scale, source's fingerprint
+        self.replay: list[list] = []  # [offset, shape, dtype, scale_at, scale_len, fingerprint] per conversion
         self.scales: torch.Tensor | None = None
         self.replayed = 0
         self.outside = False  # a conversion landed outside the arena: nothing to record
 
-    def _entry(self, out: torch.Tensor, scale: torch.Tensor | None, scale_at: int) -> list | None:
+    def _entry(self, out: torch.Tensor, scale: torch.Tensor | None, scale_at: int, fp: int) -> list | None:
         base, lo = self.buf.data_ptr(), out.data_ptr()
         if not (base <= lo and lo + out.nbytes <= base + self.buf.numel()):
             return None
         return [lo - base, list(out.shape), str(out.dtype).removeprefix("torch."), scale_at,
-                0 if scale is None else scale.numel()]
+                0 if scale is None else scale.numel(), fp]
 
-    def fill(self, out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None]) -> None:
+    def fill(self, out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None],
+             source: torch.Tensor) -> None:
         i = len(self.made)
-        scale_at = sum(0 if s is None else s.numel() for _, s in self.made)
-        entry = self._entry(out, scale, scale_at)
+        scale_at = sum(0 if s is None else s.numel() for _, s, _ in self.made)
+        fp = fingerprint(source)
+        entry = self._entry(out, scale, scale_at, fp)
         if entry is None:
             self.outside = True
         if (entry is not None and self.replayed == i and i < len(self.replay) and self.replay[i] == entry
@@ -95,7 +120,7 @@ class Record:
             self.replayed += 1
         else:
             convert()
-        self.made.append((out, scale))
+        self.made.append((out, scale, fp))
 
     @property
     def complete_replay(self) -> bool:
@@ -118,7 +143,7 @@ class Record:
                 used, nscales, start = int(head["used"]), int(head["scales"]), int(head["start"])
                 entries = head["entries"]
                 if (start % _ALIGN or used > self.buf.numel() or start + used + 4 * nscales != size
-                        or not isinstance(entries, list)):
+                        or not _entries_fit(entries, used, nscales)):
                     return False
                 f.seek(start)
                 view = memoryview(self.buf[:used].numpy())
@@ -145,12 +170,14 @@ class Record:
         if self.path is None or self.complete_replay or self.outside or not self.made:
             return None
         entries, scales, used = [], [], 0
-        for out, scale in self.made:
-            entry = self._entry(out, scale, sum(s.numel() for s in scales))
+        for out, scale, fp in self.made:
+            entry = self._entry(out, scale, sum(s.numel() for s in scales), fp)
             entries.append(entry)
             if scale is not None:
                 scales.append(scale)
             used = max(used, entry[0] + out.nbytes)
+        log.info("recording the converted weights in %s for later loads (%.0f MB, once)", self.path.parent,
+                 used / 1e6)
         thread = threading.Thread(target=_write, name="musicbridge-weight-cache",
                                   args=(self.path, entries, self.buf[:used],
                                         torch.cat(scales) if scales else torch.empty(0)))
@@ -188,7 +215,12 @@ def _write(path: Path, entries: list, data: torch.Tensor, scales: torch.Tensor) 
 
 
 def _evict(folder: Path, keep: Path) -> None:
-    """Delete the least recently used records beyond KEEP_FILES or KEEP_BYTES (`keep` stays)."""
+    """Delete the least recently used records beyond KEEP_FILES or KEEP_BYTES (`keep` stays),
+    and half-written files a killed process left over an hour ago."""
+    for tmp in folder.glob(".writing-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink()
     files = []
     for f in folder.glob("*.bin"):
         with contextlib.suppress(OSError):
@@ -216,15 +248,36 @@ def recording(record: Record | None) -> Iterator[Record | None]:
         _ACTIVE.reset(token)
 
 
-def fill(out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None]) -> None:
-    """Make `out` (and `scale`) hold their conversion: replayed from the open record where it
-    holds this one, else by `convert()`, which writes them."""
+def fill(out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None], source: torch.Tensor) -> None:
+    """Make `out` (and `scale`) hold the conversion of `source`: replayed from the open record
+    where it holds this one, else by `convert()`, which writes them."""
     record = _ACTIVE.get()
     if record is None:
         convert()
     else:
-        record.fill(out, scale, convert)
+        record.fill(out, scale, convert, source)
 
 
 def path_for(key: str) -> Path | None:
-    return cache_dir() / "weights" / f"{key}.bin" if enabled() else None
+    return folder() / f"{key}.bin" if enabled() else None
+
+
+def _entries_fit(entries, used: int, nscales: int) -> bool:
+    """Each entry well formed and inside the record: its bytes within `used`, its scales within
+    `nscales` (so a replay never reads padding or past the scales)."""
+    if not isinstance(entries, list):
+        return False
+    for e in entries:
+        if not (isinstance(e, list) and len(e) == 6 and isinstance(e[1], list)):
+            return False
+        offset, shape, dtype, scale_at, scale_len, _ = e
+        try:
+            width = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+            nbytes = width * int(torch.Size(shape).numel())
+        except (AttributeError, TypeError, RuntimeError):
+            return False
+        if not (isinstance(offset, int) and 0 <= offset and offset + nbytes <= used
+                and isinstance(scale_at, int) and isinstance(scale_len, int)
+                and 0 <= scale_at and scale_at + scale_len <= nscales):
+            return False
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -10,6 +11,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests' own converted-weights records (model/weight_cache.py), not in the user's cache.
+os.environ.setdefault("MUSICBRIDGE_WEIGHT_CACHE", tempfile.mkdtemp(prefix="musicbridge-test-weights-"))
 
 
 @pytest.fixture(scope="session")

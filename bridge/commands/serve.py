@@ -191,7 +191,7 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, 
     from bridge.inputs import InputLimits
     from bridge.protocol import Limits
     log.info("loading model %s ...", args.model)
-    engine = load_engine(args)
+    engine = load_engine(args, long_running=True)
     config = DaemonConfig(host=args.host, port=args.port, reply_to=args.reply_to, session_dir=session_dir,
                           stems_dir=stems_dir, allow_dirs=tuple(d.expanduser() for d in args.allow_dir),
                           grace=args.grace, limits=Limits(max_seconds=args.max_seconds,

@@ -179,3 +179,22 @@ def test_import_does_not_load_transformers():
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("stride,kernel", [(8, 16), (5, 10), (4, 12), (3, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_polyphase_transposed_convolution_equals_pytorchs(batch, stride, kernel, bias):
+    """The codec's upsampling as one ordinary convolution per output phase (model/encodec.py)
+    gives `conv_transpose1d`'s output, every sample, to float rounding."""
+    import torch.nn.functional as F
+
+    from model.encodec import polyphase_transposed, polyphase_weight
+
+    torch.manual_seed(stride * kernel + batch)
+    w, x = torch.randn(24, 16, kernel) * 0.1, torch.randn(batch, 24, 37)
+    b = torch.randn(16) if bias else None
+    want = F.conv_transpose1d(x, w, b, stride=stride)
+    got = polyphase_transposed(x, polyphase_weight(w, stride), b, stride)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()

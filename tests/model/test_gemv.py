@@ -207,6 +207,20 @@ def _teacher_forced(lm, tokens, cross, one_pass: bool, kv=torch.float32) -> torc
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_rows_cross_keys_do_not_depend_on_its_batch(dtype):
+    """A prompt's cross-attention keys and values are the same alone and batched with others
+    (variations, the daemon's batches): each row's products run the same way whatever the
+    batch's size (40 text tokens: 40 rows alone, kernel calls; 240 batched, past FEW_ROWS)."""
+    lm = _wide_decoder(dtype)
+    states, mask = torch.randn(6, 40, 64), torch.ones(6, 40)
+    batched = lm.cross_kv(states, mask)
+    for i in range(6):
+        alone = lm.cross_kv(states[i : i + 1], mask[i : i + 1])
+        assert torch.equal(batched.k[:, i : i + 1], alone.k) and torch.equal(batched.v[:, i : i + 1], alone.v)
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv, prefill_in):

@@ -14,6 +14,7 @@ def collector_on():
     gc.enable()
     yield
     gc.enable()
+    gc.unfreeze()  # the rest of the suite runs with an ordinary heap
 
 
 def test_collector_is_off_inside_and_what_was_made_is_frozen():
@@ -38,6 +39,20 @@ def test_an_error_inside_still_restores_the_collector():
         with loading():
             raise RuntimeError("load failed")
     assert gc.isenabled()
+
+
+def test_collect_first_leaves_no_cycle_frozen():
+    class Node:
+        pass
+
+    with loading(collect=True):
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        import weakref
+
+        gone = weakref.ref(a)
+        del a, b
+    assert gone() is None  # collected before the freeze, not kept for good
 
 
 def test_a_collector_that_was_off_stays_off():

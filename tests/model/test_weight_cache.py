@@ -41,11 +41,11 @@ def conversions(monkeypatch):
     count = [0]
     real = weight_cache.fill
 
-    def counting(out, scale, convert):
+    def counting(out, scale, convert, source):
         def counted():
             count[0] += 1
             convert()
-        real(out, scale, counted)
+        real(out, scale, counted, source)
 
     monkeypatch.setattr(weight_cache, "fill", counting)
     return count
@@ -104,7 +104,32 @@ def test_a_changed_checkpoint_is_converted_again(cache, model_dir, conversions):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not ours", "header lies", "empty"])
+def test_a_checkpoint_rewritten_in_place_under_the_same_key_is_caught(cache, model_dir, conversions, monkeypatch):
+    """Same file, size, time and inode, one weight's values changed: the key cannot see it, the
+    entry's fingerprint of its source does, and that weight is converted from the new values."""
+    _load(model_dir, "int8")
+    f = model_dir / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8 : 8 + n])
+    lo, hi = head["decoder.model.decoder.layers.1.fc1.weight"]["data_offsets"]
+    at = 8 + n + lo
+    data[at : at + 64] = bytes(reversed(data[at : at + 64]))
+    st = f.stat()
+    with open(f, "r+b") as fh:
+        fh.write(data)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_ino == st.st_ino and f.stat().st_mtime_ns == st.st_mtime_ns
+    made = conversions[0]
+    again = _converted(_load(model_dir, "int8"))
+    assert made < conversions[0] < 2 * made  # the weights before it replayed
+    monkeypatch.setenv("MUSICBRIDGE_WEIGHT_CACHE", "0")
+    fresh = _converted(_load(model_dir, "int8"))
+    for x, y in zip(fresh, again):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not ours", "header lies", "empty", "entry past the end"])
 def test_a_damaged_record_is_never_used_and_is_written_again(cache, model_dir, conversions, damage):
     fresh = _converted(_load(model_dir, "int8"))
     made = conversions[0]
@@ -120,6 +145,11 @@ def test_a_damaged_record_is_never_used_and_is_written_again(cache, model_dir, c
         head["used"] += 64
         text = json.dumps(head).encode().ljust(n)
         path.write_bytes(data[:16] + text[:n] + data[16 + n :])
+    elif damage == "entry past the end":
+        n = int.from_bytes(data[8:16], "little")
+        head = json.loads(data[16 : 16 + n])
+        head["entries"][-1][0] = head["used"]  # the last weight's bytes after what the file holds
+        path.write_bytes(data[:16] + json.dumps(head).encode().ljust(n) + data[16 + n :])
     else:
         path.write_bytes(b"")
     again = _converted(_load(model_dir, "int8"))
