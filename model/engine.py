@@ -100,23 +100,21 @@ def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
     return sum(-(-m.in_features * m.out_features * width // 64) * 64 for m in linears)
 
 
-def _weight_record(hf_model, spec: DecoderSpec, dtype: str, arena: hugepages.Arena) -> weight_cache.Record | None:
-    """The record a layout's conversions replay from (where a valid one was read) or are noted
-    in: text checkpoints read from files only, whose conversions land in a huge-page arena."""
+def _weight_record(hf_model, spec: DecoderSpec, dtype: str, nbytes: int) -> weight_cache.Record | None:
+    """The record a layout's conversions replay from (where a valid one exists) or are noted
+    in: text checkpoints read from files only, whose conversions land in an arena of `nbytes`."""
     from model.checkpoint import checkpoint_files
 
-    if arena.buffer is None or not isinstance(hf_model, Checkpoint) or not weight_cache.enabled():
+    if nbytes <= 0 or not isinstance(hf_model, Checkpoint) or not weight_cache.enabled():
         return None
     from model import gemv
 
     try:
         key = weight_cache.key_of(checkpoint_files(hf_model.path), dtype=dtype, kernels=gemv.signature(),
-                                  spec=repr(spec), arena=arena.buffer.numel())
+                                  spec=repr(spec), arena=nbytes)
     except (OSError, CheckpointError):
         return None
-    record = weight_cache.Record(arena.buffer, weight_cache.path_for(key))
-    record.load()
-    return record
+    return weight_cache.Record.open(weight_cache.path_for(key), nbytes)
 
 
 class Engine:
@@ -185,8 +183,11 @@ class Engine:
                 _release_unshared(theirs, ours)
 
         spec = _decoder_spec(hf_model)
-        arena = hugepages.Arena(0 if str(self.device).startswith("cuda") else _weight_bytes(spec, dtype))
-        record = _weight_record(hf_model, spec, dtype, arena)
+        nbytes = 0 if str(self.device).startswith("cuda") else _weight_bytes(spec, dtype)
+        record = _weight_record(hf_model, spec, dtype, nbytes)
+        arena = hugepages.Arena(nbytes, buffer=record.mapped if record is not None else None)
+        if record is not None:
+            record.attach(arena.buffer)
         with hugepages.weights_into(arena), weight_cache.recording(record):
             if isinstance(hf_model, Checkpoint):
                 def convert_mapped(ours, sources) -> None:

@@ -69,6 +69,20 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bo
     return raw[skip : skip + nbytes].view(dtype).view(shape), True
 
 
+def adopt(area: mmap.mmap, offset: int, nbytes: int) -> torch.Tensor:
+    """Bytes [offset, offset + nbytes) of a mapping made elsewhere (a weight record's file,
+    model/weight_cache.py) as a uint8 tensor that keeps it mapped, counted as our own (so `pack`
+    leaves tensors in it where they are)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer's note that the buffer is shared, not copied
+        data = torch.frombuffer(area, dtype=torch.uint8)[offset : offset + nbytes]
+    start = data.data_ptr()
+    token = next(_TOKENS)
+    _OWN[start] = (start + nbytes, token)
+    weakref.finalize(area, _forget, start, token)
+    return data
+
+
 _OWN: dict[int, tuple[int, int]] = {}  # start -> (end, token) of each live mapping made by `_fresh`
 _TOKENS = itertools.count()
 
@@ -100,8 +114,12 @@ class Arena:
     copy and touch them twice: 0.18 s for musicgen-small's 1 MB projections, measured).
     """
 
-    def __init__(self, nbytes: int):
-        self._buf = _fresh((nbytes,), torch.uint8)[0] if nbytes > 0 else None
+    def __init__(self, nbytes: int, buffer: torch.Tensor | None = None):
+        """`buffer`: memory to hand out instead of a fresh mapping (a weight record's, mapped)."""
+        if buffer is not None:
+            self._buf = buffer
+        else:
+            self._buf = _fresh((nbytes,), torch.uint8)[0] if nbytes > 0 else None
         self.used = 0
 
     @property
@@ -197,7 +215,7 @@ def _trim() -> None:
 
 def huge_bytes(tensors: list[torch.Tensor]) -> int:
     """About how many bytes of `tensors` the kernel has on huge pages now: each memory area's
-    AnonHugePages (/proc/self/smaps) in proportion to how much of the area the tensors cover, so
+    AnonHugePages and FilePmdMapped (/proc/self/smaps) in proportion to how much of the area the tensors cover, so
     an area shared with other memory is not counted whole (0 where smaps cannot be read)."""
     spans: list[list[int]] = []
     for lo, hi in sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors if t.numel()):
@@ -220,7 +238,7 @@ def huge_bytes(tensors: list[torch.Tensor]) -> int:
                         covered += min(hi, spans[i][1]) - max(lo, spans[i][0])
                         i -= 1
                     share = covered / (hi - lo)
-                elif share and head == "AnonHugePages:":
+                elif share and head in ("AnonHugePages:", "FilePmdMapped:"):  # fresh memory; a mapped file
                     total += int(line.split()[1]) * 1024 * share
     except (OSError, ValueError):
         return 0

@@ -1,10 +1,12 @@
 """Converted decoder weights kept on disk, so that a later load reads them instead of converting.
 
 Converting musicgen-small's decoder to int8 reads its 1.4 GB of float32 weights and quantises
-every row: 0.4-0.65 s of each `musicbridge generate` (Intel Xeon, 2 cores). For one checkpoint
-file, precision and kernel layout the result is the same bytes every time, so the first load
-records them (the weight arena's bytes and the int8 rows' scales) and later loads read them back
-into the arena in one pass, skipping each conversion.
+every row: 0.4-0.65 s of each `musicbridge generate` (Intel Xeon, 2 cores), and the arena's fresh
+pages cost the kernel's zeroing besides. For one checkpoint file, precision and kernel layout the
+result is the same bytes every time, so the first load records them (the weight arena's bytes
+and the int8 rows' scales) and later loads skip each conversion: the record's data becomes the
+arena itself where the page cache maps the file on huge pages (`Record.open`), else it is read
+into a fresh arena in one pass.
 
 What keeps a replay right:
 - the key covers each checkpoint file (path, size, modification time, inode), the precision,
@@ -30,6 +32,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import mmap
 import os
 import tempfile
 import threading
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 FORMAT = 2
 KEEP_BYTES = 4 << 30
 KEEP_FILES = 32
+SUFFIX = ".mbw"  # not .bin: model.memory treats mapped .bin files as checkpoints
 _MAGIC = b"MBWCACHE"
 _ALIGN = 4096
 
@@ -87,16 +91,55 @@ def key_of(files: list[Path], **layout) -> str:
 
 class Record:
     """One layout's conversions, in the order the layout makes them: replayed from a file where a
-    valid one exists, noted as they are made either way."""
+    valid one exists, noted as they are made either way.
 
-    def __init__(self, arena_buf: torch.Tensor, path: Path | None):
-        self.buf = arena_buf  # the arena's whole mapping (uint8)
+    Make it with `open` before the arena: where the file is valid and the page cache maps it on
+    huge pages, `mapped` is its data, which the arena then hands out as is (`hugepages.Arena`'s
+    `buffer`): no fresh pages to zero, no copy. Otherwise `attach` gives it the arena, and a valid
+    file is read into it."""
+
+    def __init__(self, path: Path | None):
         self.path = path
+        self.buf: torch.Tensor | None = None  # the arena's whole buffer (uint8), once attached
+        self.mapped: torch.Tensor | None = None  # the file's data, where the arena can use it as is
         self.made: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []  # out, scale, source's fingerprint
         self.replay: list[list] = []  # [offset, shape, dtype, scale_at, scale_len, fingerprint] per conversion
         self.scales: torch.Tensor | None = None
         self.replayed = 0
         self.outside = False  # a conversion landed outside the arena: nothing to record
+        self._head: dict | None = None
+
+    @classmethod
+    def open(cls, path: Path | None, nbytes: int) -> Record:
+        """The record at `path` for an arena of `nbytes`: its header checked, and its data mapped
+        where the mapping lies on huge pages."""
+        record = cls(path)
+        record._head = _header(path, nbytes) if path is not None else None
+        if record._head is not None:
+            record.mapped = _map(path, record._head)
+        return record
+
+    def attach(self, arena_buf: torch.Tensor) -> None:
+        """The arena the layout's conversions land in: the mapping itself, or fresh memory that
+        a valid record is read into."""
+        self.buf = arena_buf
+        head = self._head
+        if head is None:
+            return
+        if self.mapped is None or arena_buf.data_ptr() != self.mapped.data_ptr():
+            if not _read_into(self.path, head, arena_buf):
+                return
+        scales = torch.empty(head["scales"])
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(head["start"] + head["used"])
+                if f.readinto(memoryview(scales.numpy()).cast("B")) != scales.nbytes:
+                    return
+        except OSError:
+            return
+        self.replay, self.scales = head["entries"], scales
+        with contextlib.suppress(OSError):
+            os.utime(self.path)  # a use: eviction keeps the most recently used
 
     def _entry(self, out: torch.Tensor, scale: torch.Tensor | None, scale_at: int, fp: int) -> list | None:
         base, lo = self.buf.data_ptr(), out.data_ptr()
@@ -110,7 +153,7 @@ class Record:
         i = len(self.made)
         scale_at = sum(0 if s is None else s.numel() for _, s, _ in self.made)
         fp = fingerprint(source)
-        entry = self._entry(out, scale, scale_at, fp)
+        entry = self._entry(out, scale, scale_at, fp) if self.buf is not None else None
         if entry is None:
             self.outside = True
         if (entry is not None and self.replayed == i and i < len(self.replay) and self.replay[i] == entry
@@ -119,50 +162,12 @@ class Record:
                 scale.copy_(self.scales[scale_at : scale_at + scale.numel()])
             self.replayed += 1
         else:
-            convert()
+            convert()  # in a mapped record, a write copies the page it lands on (private mapping)
         self.made.append((out, scale, fp))
 
     @property
     def complete_replay(self) -> bool:
         return bool(self.made) and self.replayed == len(self.made) == len(self.replay)
-
-    def load(self) -> bool:
-        """Read a recorded file into the arena; False (and nothing to replay) where there is none
-        or it does not fit."""
-        if self.path is None:
-            return False
-        try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if f.read(len(_MAGIC)) != _MAGIC:
-                    return False
-                n = int.from_bytes(f.read(8), "little")
-                if not 0 < n < 1 << 24:
-                    return False
-                head = json.loads(f.read(n))
-                used, nscales, start = int(head["used"]), int(head["scales"]), int(head["start"])
-                entries = head["entries"]
-                if (start % _ALIGN or used > self.buf.numel() or start + used + 4 * nscales != size
-                        or not _entries_fit(entries, used, nscales)):
-                    return False
-                f.seek(start)
-                view = memoryview(self.buf[:used].numpy())
-                got = 0
-                while got < used:
-                    k = f.readinto(view[got:])
-                    if not k:
-                        return False
-                    got += k
-                scales = torch.empty(nscales)
-                sview = memoryview(scales.numpy()).cast("B")
-                if f.readinto(sview) != 4 * nscales:
-                    return False
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        self.replay, self.scales = entries, scales
-        with contextlib.suppress(OSError):
-            os.utime(self.path)  # a use: eviction keeps the most recently used
-        return True
 
     def save(self) -> threading.Thread | None:
         """Write the record in the background (a non-daemon thread: the process waits for it
@@ -183,6 +188,63 @@ class Record:
                                         torch.cat(scales) if scales else torch.empty(0)))
         thread.start()
         return thread
+
+
+def _header(path: Path, nbytes: int) -> dict | None:
+    """The record's header where the file is one of ours, fits an arena of `nbytes` and its
+    length agrees with it; None otherwise (no file is one such answer)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if f.read(len(_MAGIC)) != _MAGIC:
+                return None
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 1 << 24:
+                return None
+            head = json.loads(f.read(n))
+        used, nscales, start = int(head["used"]), int(head["scales"]), int(head["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (start % _ALIGN or used > nbytes or start + used + 4 * nscales != size
+            or not _entries_fit(head.get("entries"), used, nscales)):
+        return None
+    return head
+
+
+def _map(path: Path, head: dict) -> torch.Tensor | None:
+    """The record's data as a private (copy-on-write) map of the file, where the page cache hands
+    it over on huge pages (large folios: ext4 on Linux 6.x maps a hot file's pages 2 MB at a
+    time), so the step streams it as it would a huge-page arena. None elsewhere: 4 KB pages
+    would cost every step more than a copy costs once."""
+    from model import hugepages
+
+    try:
+        with open(path, "rb") as f:
+            area = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    data = hugepages.adopt(area, head["start"], head["used"])
+    data[:: 1 << 12].sum()  # fault every page in (one read per 4 KB page)
+    if hugepages.huge_bytes([data]) < 0.9 * data.numel():
+        return None  # dropping `data` unmaps it
+    return data
+
+
+def _read_into(path: Path, head: dict, buf: torch.Tensor) -> bool:
+    used = head["used"]
+    try:
+        with open(path, "rb") as f:
+            f.seek(head["start"])
+            view = memoryview(buf[:used].numpy())
+            got = 0
+            while got < used:
+                k = f.readinto(view[got:])
+                if not k:
+                    return False
+                got += k
+    except OSError:
+        return False
+    return True
 
 
 def _write(path: Path, entries: list, data: torch.Tensor, scales: torch.Tensor) -> None:
@@ -222,7 +284,7 @@ def _evict(folder: Path, keep: Path) -> None:
             if time.time() - tmp.stat().st_mtime > 3600:
                 tmp.unlink()
     files = []
-    for f in folder.glob("*.bin"):
+    for f in folder.glob("*" + SUFFIX):
         with contextlib.suppress(OSError):
             st = f.stat()
             files.append((f == keep, st.st_mtime_ns, st.st_size, f))
@@ -259,7 +321,7 @@ def fill(out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], No
 
 
 def path_for(key: str) -> Path | None:
-    return folder() / f"{key}.bin" if enabled() else None
+    return folder() / f"{key}{SUFFIX}" if enabled() else None
 
 
 def _entries_fit(entries, used: int, nscales: int) -> bool:

@@ -21,6 +21,28 @@ from model.types import GenerationRequest, SamplingParams
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True, params=["mapped", "read"])
+def replay_by(request, monkeypatch):
+    """Both ways a record comes back: mapped as it is (where the page cache maps it on huge
+    pages: ext4 on Linux 6.x, for a file this size only when told so here) or read into a fresh
+    arena (elsewhere)."""
+    from model import hugepages
+
+    on_huge = request.param == "mapped"
+    monkeypatch.setattr(hugepages, "huge_bytes", lambda ts: sum(t.nbytes for t in ts) if on_huge else 0)
+    return request.param
+
+
+def _in_record(t: torch.Tensor) -> bool:
+    """Whether `t`'s memory is a mapping of a weight record file (/proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= t.data_ptr() < hi:
+            return len(parts) > 5 and parts[5].endswith(weight_cache.SUFFIX)
+    return False
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
@@ -70,23 +92,26 @@ def _tokens(eng: Engine) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
-def test_a_second_load_replays_every_conversion_bit_for_bit(cache, model_dir, conversions, dtype):
+def test_a_second_load_replays_every_conversion_bit_for_bit(cache, model_dir, conversions, dtype, replay_by):
     first = _load(model_dir, dtype)
     made = conversions[0]
-    assert made > 0 and len(list(cache.glob("*.bin"))) == 1
+    assert made > 0 and len(list(cache.glob("*.mbw"))) == 1
     second = _load(model_dir, dtype)
     assert conversions[0] == made  # nothing converted again
     a, b = _converted(first), _converted(second)
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+    weights = [t for t in b if t.dim() == 2]
+    assert not any(_in_record(t) for t in a)
+    assert all(_in_record(t) for t in weights) is (replay_by == "mapped")
     assert np.array_equal(_tokens(first), _tokens(second))
 
 
 def test_each_precision_has_its_own_record(cache, model_dir, conversions):
     _load(model_dir, "int8")
     _load(model_dir, "bfloat16")
-    assert len(list(cache.glob("*.bin"))) == 2
+    assert len(list(cache.glob("*.mbw"))) == 2
 
 
 def test_a_changed_checkpoint_is_converted_again(cache, model_dir, conversions):
@@ -99,7 +124,7 @@ def test_a_changed_checkpoint_is_converted_again(cache, model_dir, conversions):
     os.utime(f, ns=(1, 1))
     second = _load(model_dir, "int8")
     assert conversions[0] == 2 * made
-    assert len(list(cache.glob("*.bin"))) == 2
+    assert len(list(cache.glob("*.mbw"))) == 2
     for x, y in zip(_converted(first), _converted(second)):
         assert torch.equal(x, y)
 
@@ -133,7 +158,7 @@ def test_a_checkpoint_rewritten_in_place_under_the_same_key_is_caught(cache, mod
 def test_a_damaged_record_is_never_used_and_is_written_again(cache, model_dir, conversions, damage):
     fresh = _converted(_load(model_dir, "int8"))
     made = conversions[0]
-    (path,) = cache.glob("*.bin")
+    (path,) = cache.glob("*.mbw")
     data = path.read_bytes()
     if damage == "truncated":
         path.write_bytes(data[: len(data) - 100])
@@ -164,7 +189,7 @@ def test_a_record_that_disagrees_with_the_layout_converts_from_there_on(cache, m
     changed layout under the same FORMAT): the matching ones replay, the rest are converted."""
     fresh = _converted(_load(model_dir, "int8"))
     made = conversions[0]
-    (path,) = cache.glob("*.bin")
+    (path,) = cache.glob("*.mbw")
     data = path.read_bytes()
     n = int.from_bytes(data[8:16], "little")
     head = json.loads(data[16 : 16 + n])
@@ -203,7 +228,7 @@ def test_only_the_most_recently_used_records_are_kept(cache, model_dir, conversi
     written always stays."""
     cache.mkdir(parents=True)
     for i in range(6):
-        old = cache / f"old{i}.bin"
+        old = cache / f"old{i}.mbw"
         old.write_bytes(b"x" * 1000)
         os.utime(old, ns=(10**9 * (i + 1), 10**9 * (i + 1)))
     if limit == "files":
@@ -211,10 +236,10 @@ def test_only_the_most_recently_used_records_are_kept(cache, model_dir, conversi
     else:
         monkeypatch.setattr(weight_cache, "KEEP_BYTES", 1)  # less than any record: only the new one stays
     _load(model_dir, "int8")
-    left = sorted(p.name for p in cache.glob("*.bin"))
+    left = sorted(p.name for p in cache.glob("*.mbw"))
     new = [n for n in left if not n.startswith("old")]
     assert len(new) == 1
-    assert [n for n in left if n.startswith("old")] == (["old3.bin", "old4.bin", "old5.bin"] if limit == "files" else [])
+    assert [n for n in left if n.startswith("old")] == (["old3.mbw", "old4.mbw", "old5.mbw"] if limit == "files" else [])
 
 
 @pytest.mark.skipif(not gemv.available(), reason="no C compiler here: int8 converts in PyTorch, uncached")
