@@ -48,9 +48,11 @@ def _timed(cmd: list[str], env: dict) -> dict:
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "stderr": text}
 
 
-def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] = ()) -> dict:
+def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] = (), pairs: int = 1) -> dict:
     """Both sides on `model_dir`: ours with default flags, then once with `--dtype D` for each
-    of `dtypes` (for the peak memory of each precision), then `transformers` alone.
+    of `dtypes` (for the peak memory of each precision), then `transformers` alone; with
+    `pairs` > 1, ours with default flags and `transformers` again, alternated, until there are
+    `pairs` of each, and the medians are the result (a VM's speed drifts over a minute).
 
     Ours runs first as a checkpoint's first load does (the converted-weights cache off, so it
     converts), then once untimed to record the converted weights, then timed as every later
@@ -82,15 +84,27 @@ def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] =
         for flags in [()] + [("--dtype", d) for d in dtypes]:
             log(f"end to end: musicbridge generate --seconds {seconds:g} {' '.join(flags)}...")
             runs.append(ours(flags))
-        log(f"end to end: transformers alone, {seconds:g} s ...")
-        ref = _timed([sys.executable, "-c", _REFERENCE, model_dir, f"{seconds:g}", str(Path(tmp) / "ref.wav"),
-                      PROMPT], env)
-        log(f"  {ref['wall_s']:.1f} s, peak RSS {ref['peak_rss_mb']:.0f} MB")
-    best = runs[0]
+        defaults, refs = [runs[0]], []
+        for i in range(pairs):
+            if i:
+                log(f"end to end: musicbridge generate --seconds {seconds:g} (pair {i + 1} of {pairs}) ...")
+                defaults.append(ours(()))
+            log(f"end to end: transformers alone, {seconds:g} s ...")
+            ref = _timed([sys.executable, "-c", _REFERENCE, model_dir, f"{seconds:g}", str(Path(tmp) / "ref.wav"),
+                          PROMPT], env)
+            log(f"  {ref['wall_s']:.1f} s, peak RSS {ref['peak_rss_mb']:.0f} MB")
+            refs.append({k: v for k, v in ref.items() if k != "stderr"})
+    ref = _median(refs)
+    runs[0] = best = _median(defaults)
     return {"seconds": seconds, "model": model_dir, "flags": [], "ours": best, "runs": runs, "first_load": first,
-            "transformers": {k: v for k, v in ref.items() if k != "stderr"},
+            "transformers": ref, "pairs": [[o["wall_s"], r["wall_s"]] for o, r in zip(defaults, refs)],
             "speedup": ref["wall_s"] / best["wall_s"], "first_load_speedup": ref["wall_s"] / first["wall_s"],
             "auto": best["auto"]}
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run with the median wall time (the lower middle one of an even number)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
 
 
 def table(e: dict) -> str:
@@ -103,6 +117,10 @@ def table(e: dict) -> str:
         flags = r.get("label") or " ".join(r.get("flags", [])) or "(default flags)"
         lines.append(f"| musicbridge generate {flags} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} "
                      f"| {t['wall_s'] / r['wall_s']:.2f}x |")
+    if len(e.get("pairs", [])) > 1:
+        lines += ["", f"Default flags and transformers alternated {len(e['pairs'])} times; the rows above are "
+                      "the medians. Each pair (ours / transformers, speed-up): "
+                      + ", ".join(f"{o:.1f} / {r:.1f} s ({r / o:.2f}x)" for o, r in e["pairs"])]
     if e.get("auto"):
         lines += ["", e["auto"]]
     return "\n".join(lines)

@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--e2e", type=positive_float, default=None, metavar="SECONDS",
                    help="instead: end to end, `musicbridge generate --seconds SECONDS` with default "
                         "flags against transformers alone, each a fresh process loading from disk")
+    p.add_argument("--e2e-pairs", type=int, default=1, metavar="N",
+                   help="with --e2e: run default flags and transformers alternately N times and report "
+                        "the medians (a VM's speed drifts; default 1)")
     p.add_argument("--e2e-dtype", default="", metavar="D,D",
                    help="with --e2e: also run generate with --dtype D for each (peak memory per precision)")
     p.add_argument("--model", default=None,
@@ -102,6 +105,8 @@ def _e2e(args: argparse.Namespace) -> int:
 
     from model.engine import DTYPES
 
+    if not 1 <= args.e2e_pairs <= 20:
+        raise UsageError(f"--e2e-pairs must be between 1 and 20, got {args.e2e_pairs}")
     extra = tuple(d.strip() for d in args.e2e_dtype.split(",") if d.strip())
     bad = [d for d in extra if d not in DTYPES or d == "float16"]
     if bad:
@@ -112,12 +117,12 @@ def _e2e(args: argparse.Namespace) -> int:
 
         if not (Path(args.model) / "config.json").exists():
             raise UsageError(f"--model {args.model}: not a checkpoint directory (no config.json)")
-        report = e2e.compare(args.model, args.e2e, log, extra)
+        report = e2e.compare(args.model, args.e2e, log, extra, args.e2e_pairs)
     else:
         with tempfile.TemporaryDirectory(prefix="musicbridge-bench-ckpt-") as tmp:
             log(f"writing a {args.arch}-shaped checkpoint with random weights ...")
             path = write_random_model(args.arch, f"{tmp}/model")
-            report = e2e.compare(str(path), args.e2e, log, extra)
+            report = e2e.compare(str(path), args.e2e, log, extra, args.e2e_pairs)
     print()
     print(e2e.table(report))
     if args.json:

@@ -56,7 +56,8 @@ def test_bench_variations_and_both_quality_proxies(tmp_path):
 def test_bench_end_to_end_against_transformers(tmp_path):
     out = tmp_path / "e2e.json"
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "--arch", "tiny", "--e2e", "0.2",
-                        "--e2e-dtype", "int8", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--e2e-dtype", "int8", "--e2e-pairs", "2", "--json", str(out)], capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     e = json.loads(out.read_text())["e2e"]
     for side in ("ours", "transformers"):
@@ -64,6 +65,10 @@ def test_bench_end_to_end_against_transformers(tmp_path):
     assert e["auto"] and e["auto"].startswith("dtype auto: ")  # default flags: auto was decided
     assert "| transformers alone |" in r.stdout and "| musicbridge generate (default flags) |" in r.stdout
     assert [x["flags"] for x in e["runs"]] == [[], ["--dtype", "int8"]]
+    # Two alternated pairs; the reported ones are their medians (the lower of two).
+    assert len(e["pairs"]) == 2 and e["ours"]["wall_s"] == min(o for o, _ in e["pairs"])
+    assert e["transformers"]["wall_s"] == min(r for _, r in e["pairs"])
+    assert "alternated 2 times" in r.stdout
     # A first load first: the converted-weights cache off, so nothing was read from it; the
     # timed int8 run after the untimed recording reads them (where the C kernels convert).
     assert e["first_load"]["wall_s"] > 0 and e["first_load"]["weights_cached"] is False
