@@ -52,7 +52,8 @@ def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] =
     """Both sides on `model_dir`: ours with default flags, then once with `--dtype D` for each
     of `dtypes` (for the peak memory of each precision), then `transformers` alone; with
     `pairs` > 1, ours with default flags and `transformers` again, alternated, until there are
-    `pairs` of each, and the medians are the result (a VM's speed drifts over a minute).
+    `pairs` of each (in the order ABBA...), and the medians are the result (a VM's speed drifts
+    over a minute).
 
     Ours runs first as a checkpoint's first load does (the converted-weights cache off, so it
     converts), then once untimed to record the converted weights, then timed as every later
@@ -85,15 +86,22 @@ def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] =
             log(f"end to end: musicbridge generate --seconds {seconds:g} {' '.join(flags)}...")
             runs.append(ours(flags))
         defaults, refs = [runs[0]], []
-        for i in range(pairs):
-            if i:
-                log(f"end to end: musicbridge generate --seconds {seconds:g} (pair {i + 1} of {pairs}) ...")
-                defaults.append(ours(()))
+
+        def reference() -> None:
             log(f"end to end: transformers alone, {seconds:g} s ...")
             ref = _timed([sys.executable, "-c", _REFERENCE, model_dir, f"{seconds:g}", str(Path(tmp) / "ref.wav"),
                           PROMPT], env)
             log(f"  {ref['wall_s']:.1f} s, peak RSS {ref['peak_rss_mb']:.0f} MB")
             refs.append({k: v for k, v in ref.items() if k != "stderr"})
+
+        for i in range(max(1, pairs)):
+            if i % 2:  # ours, reference; reference, ours; ...: a steady drift cancels out
+                reference()
+            if i:
+                log(f"end to end: musicbridge generate --seconds {seconds:g} (pair {i + 1} of {pairs}) ...")
+                defaults.append(ours(()))
+            if not i % 2:
+                reference()
     ref = _median(refs)
     runs[0] = best = _median(defaults)
     return {"seconds": seconds, "model": model_dir, "flags": [], "ours": best, "runs": runs, "first_load": first,

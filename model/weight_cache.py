@@ -108,35 +108,46 @@ class Record:
         self.replayed = 0
         self.outside = False  # a conversion landed outside the arena: nothing to record
         self._head: dict | None = None
+        self._file = None  # the record's one open file: header, map, data and scales all from it
 
     @classmethod
     def open(cls, path: Path | None, nbytes: int) -> Record:
         """The record at `path` for an arena of `nbytes`: its header checked, and its data mapped
-        where the mapping lies on huge pages."""
+        where the mapping lies on huge pages. One open file serves the whole replay, so a record
+        replaced meanwhile (another process's rename) never mixes into it."""
         record = cls(path)
-        record._head = _header(path, nbytes) if path is not None else None
-        if record._head is not None:
-            record.mapped = _map(path, record._head)
+        if path is None:
+            return record
+        try:
+            record._file = open(path, "rb")
+        except OSError:
+            return record
+        record._head = _header(record._file, nbytes)
+        if record._head is not None and record._head["used"] == nbytes:  # a record for this very layout
+            record.mapped = _map(record._file, record._head)
+        if record._head is None:
+            record._close()
         return record
 
     def attach(self, arena_buf: torch.Tensor) -> None:
         """The arena the layout's conversions land in: the mapping itself, or fresh memory that
         a valid record is read into."""
         self.buf = arena_buf
-        head = self._head
-        if head is None:
+        head, f = self._head, self._file
+        if head is None or f is None:
             return
-        if self.mapped is None or arena_buf.data_ptr() != self.mapped.data_ptr():
-            if not _read_into(self.path, head, arena_buf):
-                return
-        scales = torch.empty(head["scales"])
         try:
-            with open(self.path, "rb") as f:
-                f.seek(head["start"] + head["used"])
-                if f.readinto(memoryview(scales.numpy()).cast("B")) != scales.nbytes:
+            if self.mapped is None or arena_buf.data_ptr() != self.mapped.data_ptr():
+                if not _read_into(f, head, arena_buf):
                     return
+            scales = torch.empty(head["scales"])
+            if os.preadv(f.fileno(), [memoryview(scales.numpy()).cast("B")],
+                         head["start"] + head["used"]) != scales.nbytes:
+                return
         except OSError:
             return
+        finally:
+            self._close()
         self.replay, self.scales = head["entries"], scales
         with contextlib.suppress(OSError):
             os.utime(self.path)  # a use: eviction keeps the most recently used
@@ -169,10 +180,21 @@ class Record:
     def complete_replay(self) -> bool:
         return bool(self.made) and self.replayed == len(self.made) == len(self.replay)
 
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def save(self) -> threading.Thread | None:
         """Write the record in the background (a non-daemon thread: the process waits for it
-        before it ends); None where there is nothing to write."""
-        if self.path is None or self.complete_replay or self.outside or not self.made:
+        before it ends); None where there is nothing to write. A conversion that landed outside
+        the arena means the layout no longer fits the record (or the arena): the record goes, so
+        the next load converts into a whole arena and records afresh."""
+        if self.outside and self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            return None
+        if self.path is None or self.complete_replay or not self.made:
             return None
         entries, scales, used = [], [], 0
         for out, scale, fp in self.made:
@@ -181,8 +203,8 @@ class Record:
             if scale is not None:
                 scales.append(scale)
             used = max(used, entry[0] + out.nbytes)
-        log.info("recording the converted weights in %s for later loads (%.0f MB, once)", self.path.parent,
-                 used / 1e6)
+        size = f"{used / 1e6:.0f} MB" if used >= 1e6 else f"{used / 1e3:.0f} kB"
+        log.info("recording the converted weights in %s for later loads (%s, once)", self.path.parent, size)
         thread = threading.Thread(target=_write, name="musicbridge-weight-cache",
                                   args=(self.path, entries, self.buf[:used],
                                         torch.cat(scales) if scales else torch.empty(0)))
@@ -190,18 +212,17 @@ class Record:
         return thread
 
 
-def _header(path: Path, nbytes: int) -> dict | None:
-    """The record's header where the file is one of ours, fits an arena of `nbytes` and its
-    length agrees with it; None otherwise (no file is one such answer)."""
+def _header(f, nbytes: int) -> dict | None:
+    """The record's header where the open file is one of ours, fits an arena of `nbytes` and its
+    length agrees with it; None otherwise."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if f.read(len(_MAGIC)) != _MAGIC:
-                return None
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 1 << 24:
-                return None
-            head = json.loads(f.read(n))
+        size = os.fstat(f.fileno()).st_size
+        if f.read(len(_MAGIC)) != _MAGIC:
+            return None
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 1 << 24:
+            return None
+        head = json.loads(f.read(n))
         used, nscales, start = int(head["used"]), int(head["scales"]), int(head["start"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -211,7 +232,7 @@ def _header(path: Path, nbytes: int) -> dict | None:
     return head
 
 
-def _map(path: Path, head: dict) -> torch.Tensor | None:
+def _map(f, head: dict) -> torch.Tensor | None:
     """The record's data as a private (copy-on-write) map of the file, where the page cache hands
     it over on huge pages (large folios: ext4 on Linux 6.x maps a hot file's pages 2 MB at a
     time), so the step streams it as it would a huge-page arena. None elsewhere: 4 KB pages
@@ -219,31 +240,32 @@ def _map(path: Path, head: dict) -> torch.Tensor | None:
     from model import hugepages
 
     try:
-        with open(path, "rb") as f:
-            area = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        area = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):
         return None
     data = hugepages.adopt(area, head["start"], head["used"])
+    # One aligned 2 MB window first: where the file comes in 4 KB pages, stop before faulting it all.
+    if data.numel() >= 2 * hugepages.HUGE:
+        lo = -data.data_ptr() % hugepages.HUGE
+        probe = data[lo : lo + hugepages.HUGE]
+        probe[:: 1 << 12].sum()
+        if hugepages.huge_bytes([data]) < hugepages.HUGE // 2:  # the probe's page, as a share of the map
+            return None  # dropping `data` unmaps it
     data[:: 1 << 12].sum()  # fault every page in (one read per 4 KB page)
     if hugepages.huge_bytes([data]) < 0.9 * data.numel():
-        return None  # dropping `data` unmaps it
+        return None
     return data
 
 
-def _read_into(path: Path, head: dict, buf: torch.Tensor) -> bool:
+def _read_into(f, head: dict, buf: torch.Tensor) -> bool:
     used = head["used"]
-    try:
-        with open(path, "rb") as f:
-            f.seek(head["start"])
-            view = memoryview(buf[:used].numpy())
-            got = 0
-            while got < used:
-                k = f.readinto(view[got:])
-                if not k:
-                    return False
-                got += k
-    except OSError:
-        return False
+    view = memoryview(buf[:used].numpy())
+    got = 0
+    while got < used:
+        k = os.preadv(f.fileno(), [view[got:]], head["start"] + got)
+        if not k:
+            return False
+        got += k
     return True
 
 
@@ -283,6 +305,9 @@ def _evict(folder: Path, keep: Path) -> None:
         with contextlib.suppress(OSError):
             if time.time() - tmp.stat().st_mtime > 3600:
                 tmp.unlink()
+    for old in folder.glob("*.bin"):  # FORMAT 1's records (this folder holds nothing else)
+        with contextlib.suppress(OSError):
+            old.unlink()
     files = []
     for f in folder.glob("*" + SUFFIX):
         with contextlib.suppress(OSError):

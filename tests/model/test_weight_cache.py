@@ -199,6 +199,7 @@ def test_a_record_that_disagrees_with_the_layout_converts_from_there_on(cache, m
     assert conversions[0] == 2 * made - 3
     for x, y in zip(fresh, again):
         assert torch.equal(x, y)
+    assert path.read_bytes() == data  # rewritten whole, the same bytes (read from the mapping where mapped)
 
 
 def test_off_by_environment(cache, model_dir, conversions, monkeypatch):
@@ -258,3 +259,4 @@ def test_generate_twice_reads_the_second_time_and_writes_the_same_audio(tmp_path
     assert "from the cache" not in runs[0]
     assert "int8 weights read from the cache" in runs[1]
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
