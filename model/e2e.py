@@ -60,7 +60,9 @@ def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] =
     load runs (model/weight_cache.py); each run says whether it read them from the cache."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    if env.get("MUSICBRIDGE_WEIGHT_CACHE", "").strip().lower() in ("0", "off", "no", "false"):
+    from model import weight_cache
+
+    if not weight_cache.enabled():
         env.pop("MUSICBRIDGE_WEIGHT_CACHE")  # on for the timed runs (a folder given there is kept)
     runs = []
     with tempfile.TemporaryDirectory(prefix="musicbridge-e2e-") as tmp:

@@ -167,6 +167,12 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x2
 
 
+def _blocks(x2: torch.Tensor, y: torch.Tensor):
+    """(activation rows, output rows) MAX_ROWS at a time: what one kernel call takes."""
+    for lo in range(0, x2.shape[0], MAX_ROWS):
+        yield x2[lo : lo + MAX_ROWS], y[lo : lo + MAX_ROWS]
+
+
 def signature() -> str:
     """Which kernels run here, for caches of measured speed: "off", or the arithmetic and build."""
     arithmetic = int8_arithmetic()
@@ -202,8 +208,7 @@ def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
     n, k = w.shape
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n)
-    for lo in range(0, x2.shape[0], MAX_ROWS):
-        xs, ys = x2[lo : lo + MAX_ROWS], y[lo : lo + MAX_ROWS]
+    for xs, ys in _blocks(x2, y):
         if w.dtype != torch.uint8:
             _lib.mb_gemv_i8(xs.data_ptr(), xs.shape[0], k, w.data_ptr(), scale.data_ptr(), _ptr(bias),
                             ys.data_ptr(), n)
@@ -229,8 +234,7 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     n, k = w.shape
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n)
-    for lo in range(0, x2.shape[0], MAX_ROWS):
-        xs, ys = x2[lo : lo + MAX_ROWS], y[lo : lo + MAX_ROWS]
+    for xs, ys in _blocks(x2, y):
         _lib.mb_gemv_bf16(xs.data_ptr(), xs.shape[0], k, w.data_ptr(), _ptr(bias), ys.data_ptr(), n)
     return y.reshape(*x.shape[:-1], n)
 

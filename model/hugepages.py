@@ -43,7 +43,7 @@ def _advise(lo: int, hi: int, advice: int) -> bool:
     return end > start and madvise(start, end - start, advice)
 
 
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def byte_count(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
@@ -53,7 +53,7 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bo
 
     Its own mapping, not the allocator's heap: recycled heap memory is already on small pages,
     which marking no longer changes (a 16 MB tensor in the middle of the test suite got none)."""
-    nbytes = _nbytes(shape, dtype)
+    nbytes = byte_count(shape, dtype)
     if nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype), False
     with warnings.catch_warnings():
@@ -63,9 +63,7 @@ def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bo
     skip = -raw.data_ptr() % HUGE
     start = raw.data_ptr() + skip
     _advise(start, start + nbytes, _MADV_HUGEPAGE)
-    token = next(_TOKENS)
-    _OWN[start] = (start + nbytes, token)
-    weakref.finalize(area, _forget, start, token)  # once the mapping goes, its range may be reused
+    _own(area, start, nbytes)
     return raw[skip : skip + nbytes].view(dtype).view(shape), True
 
 
@@ -76,15 +74,20 @@ def adopt(area: mmap.mmap, offset: int, nbytes: int) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frombuffer's note that the buffer is shared, not copied
         data = torch.frombuffer(area, dtype=torch.uint8)[offset : offset + nbytes]
-    start = data.data_ptr()
-    token = next(_TOKENS)
-    _OWN[start] = (start + nbytes, token)
-    weakref.finalize(area, _forget, start, token)
+    _own(area, data.data_ptr(), nbytes)
     return data
 
 
 _OWN: dict[int, tuple[int, int]] = {}  # start -> (end, token) of each live mapping made by `_fresh`
 _TOKENS = itertools.count()
+
+
+def _own(area: mmap.mmap, start: int, nbytes: int) -> None:
+    """Count [start, start + nbytes) of `area` as our own until the mapping goes (its range may
+    then be reused)."""
+    token = next(_TOKENS)
+    _OWN[start] = (start + nbytes, token)
+    weakref.finalize(area, _forget, start, token)
 
 
 def _forget(start: int, token: int) -> None:
@@ -129,7 +132,7 @@ class Arena:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """An uninitialised tensor from the arena; None where it no longer fits."""
-        nbytes = _nbytes(shape, dtype)
+        nbytes = byte_count(shape, dtype)
         start = -(-self.used // 64) * 64
         if self._buf is None or start + nbytes > self._buf.numel():
             return None

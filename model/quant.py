@@ -48,6 +48,13 @@ def _bf16_products() -> bool:
     return _PREFILLING.get() and prefill_dtype() == torch.bfloat16
 
 
+def _kernel_rows(x: torch.Tensor) -> bool:
+    """Whether a product over `x` runs in the C kernels: a step's few rows, or up to FEW_ROWS
+    outside a bfloat16 prefill (a prompt's cross-attention keys and values), in calls of
+    MAX_ROWS each with the kernel's own arithmetic instead of a matmul."""
+    return gemv.suits(x) or (gemv.few(x) and not _bf16_products())
+
+
 @functools.lru_cache(maxsize=1)
 def prefill_dtype() -> torch.dtype:
     """The activations' dtype for many-row products (prefill) of bfloat16 and int8 weights on the
@@ -133,7 +140,7 @@ class Bf16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel and x.dtype == torch.float32:
-            if gemv.suits(x) or (gemv.few(x) and not _bf16_products()):
+            if _kernel_rows(x):
                 return gemv.linear_bf16(x, self.weight, self._bias32)
             # Many rows, as one matmul: in bfloat16 inside a prefill where this CPU has fast
             # bfloat16 matmuls (`prefilling`), else the kernel's arithmetic (float32 activations).
@@ -170,9 +177,7 @@ class Int8Linear(nn.Module):
         return self._signed().float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A few rows outside a bfloat16 prefill (a prompt's cross-attention keys and values):
-        # the kernel's own arithmetic, once per MAX_ROWS rows, not a dequantised matmul.
-        if self.arithmetic and (gemv.suits(x) or (gemv.few(x) and not _bf16_products())):
+        if self.arithmetic and _kernel_rows(x):
             return gemv.linear_i8(x, self.weight, self.scale, self.bias)
         shape = x.shape
         if self.arithmetic:  # many rows (prefill): compute-bound, one matmul

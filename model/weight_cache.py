@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from model import hugepages
 from model.cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,11 @@ class Record:
         self.path = path
         self.buf: torch.Tensor | None = None  # the arena's whole buffer (uint8), once attached
         self.mapped: torch.Tensor | None = None  # the file's data, where the arena can use it as is
-        self.made: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []  # out, scale, source's fingerprint
+        self.made: list[tuple[list | None, torch.Tensor | None]] = []  # each conversion's entry (None: outside) and scale
         self.replay: list[list] = []  # [offset, shape, dtype, scale_at, scale_len, fingerprint] per conversion
         self.scales: torch.Tensor | None = None
+        self._scale_at = 0  # where the next conversion's scales go among all of them
+        self._used = 0  # the end of the last byte the conversions wrote in the arena
         self.replayed = 0
         self.outside = False  # a conversion landed outside the arena: nothing to record
         self._head: dict | None = None
@@ -161,10 +164,8 @@ class Record:
 
     def fill(self, out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None],
              source: torch.Tensor) -> None:
-        i = len(self.made)
-        scale_at = sum(0 if s is None else s.numel() for _, s, _ in self.made)
-        fp = fingerprint(source)
-        entry = self._entry(out, scale, scale_at, fp) if self.buf is not None else None
+        i, scale_at = len(self.made), self._scale_at
+        entry = self._entry(out, scale, scale_at, fingerprint(source)) if self.buf is not None else None
         if entry is None:
             self.outside = True
         if (entry is not None and self.replayed == i and i < len(self.replay) and self.replay[i] == entry
@@ -174,7 +175,10 @@ class Record:
             self.replayed += 1
         else:
             convert()  # in a mapped record, a write copies the page it lands on (private mapping)
-        self.made.append((out, scale, fp))
+        self.made.append((entry, scale))
+        self._scale_at += 0 if scale is None else scale.numel()
+        if entry is not None:
+            self._used = max(self._used, entry[0] + out.nbytes)
 
     @property
     def complete_replay(self) -> bool:
@@ -196,13 +200,9 @@ class Record:
             return None
         if self.path is None or self.complete_replay or not self.made:
             return None
-        entries, scales, used = [], [], 0
-        for out, scale, fp in self.made:
-            entry = self._entry(out, scale, sum(s.numel() for s in scales), fp)
-            entries.append(entry)
-            if scale is not None:
-                scales.append(scale)
-            used = max(used, entry[0] + out.nbytes)
+        entries = [entry for entry, _ in self.made]
+        scales = [scale for _, scale in self.made if scale is not None]
+        used = self._used
         size = f"{used / 1e6:.0f} MB" if used >= 1e6 else f"{used / 1e3:.0f} kB"
         log.info("recording the converted weights in %s for later loads (%s, once)", self.path.parent, size)
         thread = threading.Thread(target=_write, name="musicbridge-weight-cache",
@@ -237,8 +237,6 @@ def _map(f, head: dict) -> torch.Tensor | None:
     it over on huge pages (large folios: ext4 on Linux 6.x maps a hot file's pages 2 MB at a
     time), so the step streams it as it would a huge-page arena. None elsewhere: 4 KB pages
     would cost every step more than a copy costs once."""
-    from model import hugepages
-
     try:
         area = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):
@@ -358,11 +356,10 @@ def _entries_fit(entries, used: int, nscales: int) -> bool:
         if not (isinstance(e, list) and len(e) == 6 and isinstance(e[1], list)):
             return False
         offset, shape, dtype, scale_at, scale_len, _ = e
-        try:
-            width = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-            nbytes = width * int(torch.Size(shape).numel())
-        except (AttributeError, TypeError, RuntimeError):
+        dt = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+        if not isinstance(dt, torch.dtype) or not all(isinstance(n, int) and n >= 0 for n in shape):
             return False
+        nbytes = hugepages.byte_count(tuple(shape), dt)
         if not (isinstance(offset, int) and 0 <= offset and offset + nbytes <= used
                 and isinstance(scale_at, int) and isinstance(scale_len, int)
                 and 0 <= scale_at and scale_at + scale_len <= nscales):
