@@ -9,6 +9,7 @@ own high-water mark (wait4's rusage), so the two do not mix.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,12 +73,14 @@ def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] =
                    "--overwrite", *flags]
             r = _timed(cmd, {**env, **(extra_env or {})})
             auto = [ln for ln in r["stderr"].splitlines() if ln.startswith("dtype auto:")]
-            cached = "weights read from the cache" in r["stderr"]
+            how = re.search(r"weights (mapped|read) from the cache", r["stderr"])
+            cached = how is not None
             if timed:
                 log(f"  {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
-                    + (", converted weights read from the cache" if cached else ""))
+                    + (f", converted weights {how.group(1)} from the cache" if cached else ""))
             return {"flags": list(flags), "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
-                    "auto": auto[0] if auto else None, "weights_cached": cached}
+                    "auto": auto[0] if auto else None, "weights_cached": cached,
+                    "weights_mapped": cached and how.group(1) == "mapped"}
 
         log(f"end to end: musicbridge generate --seconds {seconds:g}, a first load (weight cache off) ...")
         first = ours((), {"MUSICBRIDGE_WEIGHT_CACHE": "0"})

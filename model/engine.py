@@ -204,8 +204,8 @@ class Engine:
                 if release and not isinstance(hf_model, Checkpoint):
                     _release_unshared(hf_model.decoder, lm)
         if record is not None and record.complete_replay:
-            log.info("decoder %s weights read from the cache (%d conversions skipped; model/weight_cache.py)",
-                     dtype, record.replayed)
+            log.info("decoder %s weights %s from the cache (%d conversions skipped; model/weight_cache.py)",
+                     dtype, record.how, record.replayed)
         elif record is not None:
             self.weight_writer = record.save()
         if not str(self.device).startswith("cuda"):

@@ -187,6 +187,12 @@ class Record:
             self._used = max(self._used, entry[0] + out.nbytes)
 
     @property
+    def how(self) -> str:
+        """'mapped' where the arena is the record's map, 'read' otherwise (for the log)."""
+        used_map = self.mapped is not None and self.buf is not None and self.buf.data_ptr() == self.mapped.data_ptr()
+        return "mapped" if used_map else "read"
+
+    @property
     def complete_replay(self) -> bool:
         return bool(self.made) and self.replayed == len(self.made) == len(self.replay)
 
