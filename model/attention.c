@@ -7,7 +7,10 @@
  * 24 ms for all the weights' products (measured, docs/engine.md). Here each key costs
  * hd/LANES fused multiply-adds and one lane sum, the softmax's exponentials run LANES at a time
  * (vec.h), and heads run in parallel, so the cost follows the bytes of the cache. The cache
- * may be bfloat16 (half the bytes; model/precision.py says which precisions keep it so).
+ * may be bfloat16 (half the bytes) or int8 with one scale per key and per value (a quarter, plus
+ * 4 bytes each 64; model/precision.py says which precisions keep it so). An int8 key's scale
+ * multiplies its dot product once, a value's scale its softmax weight, so int8 costs no more
+ * arithmetic per element than bfloat16.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,29 +33,35 @@ static inline __attribute__((always_inline)) void prefetch_row(const char *p, si
     for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
-/* One vector of a cached key or value: float32, or bfloat16 widened (`bf16` is a constant at
- * each inlined call, so each format gets its own loop). */
-static inline __attribute__((always_inline)) vf load_kv(const void *base, size_t at, int bf16) {
-    return bf16 ? vload_bf16((const uint16_t *)base + at) : vload((const float *)base + at);
+static inline size_t kv_bytes(int kv) { return kv == MB_KV_I8 ? 1 : kv == MB_KV_BF16 ? 2 : 4; }
+
+/* One vector of a cached key or value, widened to float32 (int8 unscaled: the caller applies
+ * the scale); `kv` is a constant at each inlined call, so each format gets its own loop. */
+static inline __attribute__((always_inline)) vf load_kv(const void *base, size_t at, int kv) {
+    if (kv == MB_KV_I8) return widen_i8((const int8_t *)base + at);
+    return kv == MB_KV_BF16 ? vload_bf16((const uint16_t *)base + at) : vload((const float *)base + at);
 }
 
 /* Scores, softmax and the weighted sum for one row's head; K, V (n, hd) are that head's keys
- * and values. `s` holds n (rounded up to LANES) floats of scratch. */
-static inline __attribute__((always_inline)) void attend_one(const float *q, const void *K, const void *V, int bf16,
+ * and values, KS, VS (n) their scales where int8. `s` holds n (rounded up to LANES) floats of
+ * scratch. */
+static inline __attribute__((always_inline)) void attend_one(const float *q, const void *K, const void *V,
+                                                             const float *KS, const float *VS, int kv,
                                                              int n, const uint8_t *mask, int hd, float scale,
                                                              float *out, float *s) {
     int nv = hd / LANES;
     vf qv[MAX_HD_VECTORS], acc[MAX_HD_VECTORS];
     for (int i = 0; i < nv; i++) qv[i] = vload(q + i * LANES) * scale;
     float best = -INFINITY;
-    const size_t row_bytes = (size_t)hd * (bf16 ? 2 : 4);
+    const size_t row_bytes = (size_t)hd * kv_bytes(kv);
+    const int ahead = AHEAD * 4 / (int)kv_bytes(kv); /* as many bytes ahead whatever the format */
     for (int t = 0; t < n; t++) {
         if (mask && !mask[t]) { s[t] = -INFINITY; continue; }
         size_t k = (size_t)t * hd;
-        if (t + AHEAD < n) prefetch_row((const char *)K + (t + AHEAD) * row_bytes, row_bytes);
-        vf dot = qv[0] * load_kv(K, k, bf16);
-        for (int i = 1; i < nv; i++) dot += qv[i] * load_kv(K, k + i * LANES, bf16);
-        s[t] = vsum(dot);
+        if (t + ahead < n) prefetch_row((const char *)K + (t + ahead) * row_bytes, row_bytes);
+        vf dot = qv[0] * load_kv(K, k, kv);
+        for (int i = 1; i < nv; i++) dot += qv[i] * load_kv(K, k + i * LANES, kv);
+        s[t] = kv == MB_KV_I8 ? vsum(dot) * KS[t] : vsum(dot);
         if (s[t] > best) best = s[t];
     }
     for (int i = 0; i < nv; i++) acc[i] = (vf){0};
@@ -72,25 +81,27 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     for (int t = 0; t < n; t++) {
         if (s[t] == 0.f) continue;
         size_t v = (size_t)t * hd;
-        if (t + AHEAD < n) prefetch_row((const char *)V + (t + AHEAD) * row_bytes, row_bytes);
-        vf p = vsplat(s[t]);
-        for (int i = 0; i < nv; i++) acc[i] += p * load_kv(V, v + i * LANES, bf16);
+        if (t + ahead < n) prefetch_row((const char *)V + (t + ahead) * row_bytes, row_bytes);
+        vf p = vsplat(kv == MB_KV_I8 ? s[t] * VS[t] : s[t]);
+        for (int i = 0; i < nv; i++) acc[i] += p * load_kv(V, v + i * LANES, kv);
     }
     float inv = 1.f / vsum(total);
     for (int i = 0; i < nv; i++) vstore(out + i * LANES, acc[i] * inv);
 }
 
-static float kv_at(const void *base, size_t at, int bf16) {
-    return bf16 ? from_bf16(((const uint16_t *)base)[at]) : ((const float *)base)[at];
+/* Element `at` of a cached key or value; int8 times its vector's scale (`scales`, per hd elements). */
+static float kv_at(const void *base, const float *scales, size_t at, int hd, int kv) {
+    if (kv == MB_KV_I8) return ((const int8_t *)base)[at] * scales[at / hd];
+    return kv == MB_KV_BF16 ? from_bf16(((const uint16_t *)base)[at]) : ((const float *)base)[at];
 }
 
-static void attend_one_scalar(const float *q, const void *K, const void *V, int bf16, int n, const uint8_t *mask,
-                              int hd, float scale, float *out, float *s) {
+static void attend_one_scalar(const float *q, const void *K, const void *V, const float *KS, const float *VS,
+                              int kv, int n, const uint8_t *mask, int hd, float scale, float *out, float *s) {
     float best = -INFINITY;
     for (int t = 0; t < n; t++) {
         if (mask && !mask[t]) { s[t] = -INFINITY; continue; }
         float dot = 0.f;
-        for (int j = 0; j < hd; j++) dot += q[j] * kv_at(K, (size_t)t * hd + j, bf16);
+        for (int j = 0; j < hd; j++) dot += q[j] * kv_at(K, KS, (size_t)t * hd + j, hd, kv);
         s[t] = dot * scale;
         if (s[t] > best) best = s[t];
     }
@@ -100,7 +111,7 @@ static void attend_one_scalar(const float *q, const void *K, const void *V, int 
     for (int t = 0; t < n; t++) { s[t] = s[t] == -INFINITY ? 0.f : expf(s[t] - best); total += s[t]; }
     for (int t = 0; t < n; t++) {
         float p = s[t] / total;
-        for (int j = 0; j < hd; j++) out[j] += p * kv_at(V, (size_t)t * hd + j, bf16);
+        for (int j = 0; j < hd; j++) out[j] += p * kv_at(V, VS, (size_t)t * hd + j, hd, kv);
     }
 }
 
@@ -108,8 +119,9 @@ int mb_attend_scratch(int rows, int heads, int n) {
     return rows * heads * ((n + LANES - 1) / LANES * LANES);
 }
 
-void mb_attend(const float *q, int q_stride, const void *K, const void *V, int bf16, int stride, int n,
-               const unsigned char *mask, int rows, int heads, int hd, float *a, int a_stride, float *scores) {
+void mb_attend(const float *q, int q_stride, const void *K, const void *V, const float *KS, const float *VS,
+               int kv, int stride, int n, const unsigned char *mask, int rows, int heads, int hd, float *a,
+               int a_stride, float *scores) {
     float scale = 1.0f / sqrtf((float)hd);
     int vector = hd % LANES == 0 && hd / LANES <= MAX_HD_VECTORS;
     int padded = (n + LANES - 1) / LANES * LANES;
@@ -118,12 +130,14 @@ void mb_attend(const float *q, int q_stride, const void *K, const void *V, int b
     for (int rh = 0; rh < rows * heads; rh++) {
         int r = rh / heads, h = rh % heads;
         const float *qh = q + (size_t)r * q_stride + (size_t)h * hd;
-        size_t at = ((size_t)r * heads + h) * stride * hd, bytes = bf16 ? 2 : 4;
+        size_t key0 = ((size_t)r * heads + h) * stride, at = key0 * hd, bytes = kv_bytes(kv);
         const char *Kh = (const char *)K + at * bytes, *Vh = (const char *)V + at * bytes;
+        const float *KSh = KS ? KS + key0 : 0, *VSh = VS ? VS + key0 : 0;
         const uint8_t *m = mask ? mask + (size_t)r * n : 0;
         float *ah = a + (size_t)r * a_stride + (size_t)h * hd, *s = scores + (size_t)rh * padded;
-        if (!vector) attend_one_scalar(qh, Kh, Vh, bf16, n, m, hd, scale, ah, s);
-        else if (bf16) attend_one(qh, Kh, Vh, 1, n, m, hd, scale, ah, s);
-        else attend_one(qh, Kh, Vh, 0, n, m, hd, scale, ah, s);
+        if (!vector) attend_one_scalar(qh, Kh, Vh, KSh, VSh, kv, n, m, hd, scale, ah, s);
+        else if (kv == MB_KV_I8) attend_one(qh, Kh, Vh, KSh, VSh, MB_KV_I8, n, m, hd, scale, ah, s);
+        else if (kv == MB_KV_BF16) attend_one(qh, Kh, Vh, 0, 0, MB_KV_BF16, n, m, hd, scale, ah, s);
+        else attend_one(qh, Kh, Vh, 0, 0, MB_KV_F32, n, m, hd, scale, ah, s);
     }
 }

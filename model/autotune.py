@@ -138,8 +138,12 @@ def _layer_runner(spec: DecoderSpec, dtype: str):
     act = apply_precision(layer, dtype)
     layer.fused = FusedLayer.of(layer)  # as the engine runs it (MusicgenDecoderLM.fuse)
     cache = KVCache(one, ROWS, CONTEXT + 8, "cpu", (kv_dtype(dtype) if layer.fused else None) or act)
-    cache.k.normal_(generator=g)
-    cache.v.normal_(generator=g)
+    for data, scale in ((cache.k, cache.k_scale), (cache.v, cache.v_scale)):
+        if scale is None:
+            data.normal_(generator=g)
+        else:  # int8 keys/values and their scales, as a filled cache holds them
+            data.copy_(torch.randint(-127, 128, data.shape, generator=g, dtype=torch.int8))
+            scale.uniform_(0.01, 0.05, generator=g)
     cross = None
     if spec.cross_attention:
         kv = torch.randn(1, ROWS, spec.n_heads, TEXT_LEN, spec.head_dim, generator=g).to(act)

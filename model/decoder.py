@@ -80,17 +80,77 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
 class KVCache:
     """Self-attention keys/values for every layer, allocated once per request batch.
 
-    Shape (layers, batch, heads, max_len, head_dim); step `t` writes column `t` in place.
+    Shape (layers, batch, heads, max_len, head_dim); step `t` writes column `t` in place. The
+    cache is kept in `dtype`: the activations' own, bfloat16, or int8 with one float32 scale per
+    key and per value vector (`k_scale`, `v_scale`: (layers, batch, heads, max_len); see
+    `quantize_kv`). Writes and reads go through `write` / `read` (and `write_at` / `read_all` for
+    the fixed-shape step), which convert; the C step reads the same tensors directly.
     """
 
     def __init__(self, spec: DecoderSpec, batch: int, max_len: int, device, dtype):
         shape = (spec.n_layers, batch, spec.n_heads, max_len, spec.head_dim)
         if torch.device(device).type == "cpu":  # streamed every step: on huge pages where there are some
-            self.k, self.v = hugepages.zeros(shape, dtype), hugepages.zeros(shape, dtype)
+            zeros = hugepages.zeros
         else:
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
+            def zeros(shape, dtype):
+                return torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = zeros(shape, dtype), zeros(shape, dtype)
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            self.k_scale, self.v_scale = zeros(shape[:-1], torch.float32), zeros(shape[:-1], torch.float32)
         self.max_len = max_len
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys and values (batch, heads, n, head_dim) into columns start..start+n-1."""
+        end = start + k.shape[2]
+        if not self.quantized:
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+            return
+        for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, scale = quantize_kv(x)
+            data[layer, :, :, start:end] = q
+            scales[layer, :, :, start:end] = scale
+
+    def read(self, layer: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of columns [0, end) in `dtype`."""
+        return self._widen(layer, slice(0, end), dtype)
+
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One column, at a position held in a tensor (the fixed-shape step: no host value)."""
+        if not self.quantized:
+            self.k[layer].index_copy_(2, pos, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, pos, v.to(self.v.dtype))
+            return
+        for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, scale = quantize_kv(x)
+            data[layer].index_copy_(2, pos, q)
+            scales[layer].index_copy_(2, pos, scale)
+
+    def read_all(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every column's keys and values in `dtype` (the fixed-shape step masks the unfilled)."""
+        return self._widen(layer, slice(None), dtype)
+
+    def _widen(self, layer: int, cols: slice, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.k[layer, :, :, cols], self.v[layer, :, :, cols]
+        if self.quantized:
+            return (k.to(dtype) * self.k_scale[layer, :, :, cols, None].to(dtype),
+                    v.to(dtype) * self.v_scale[layer, :, :, cols, None].to(dtype))
+        return (k, v) if k.dtype == dtype else (k.to(dtype), v.to(dtype))
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectors along the last dim as int8 and one float32 scale each: scale = max|x| / 127 and
+    x / scale rounded to nearest even (an all-zero vector keeps scale 0). The C step
+    (model/layer_step.c) does the same float32 operations, so both store the same bytes."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127
+    q = torch.round(x / scale[..., None]).nan_to_num_(0.0)
+    return q.to(torch.int8), scale
 
 
 @dataclass
@@ -141,9 +201,8 @@ class DecoderLayer(nn.Module):
         q, k, v = self.qkv(h).split(d, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         end = start + n
-        cache.k[layer, :, :, start:end] = k
-        cache.v[layer, :, :, start:end] = v
-        keys, values = _read(cache.k[layer, :, :, :end], q), _read(cache.v[layer, :, :, :end], q)
+        cache.write(layer, start, k, v)
+        keys, values = cache.read(layer, end, q.dtype)
         if n == 1:
             a = F.scaled_dot_product_attention(q, keys, values)
         elif start == 0:
@@ -160,10 +219,9 @@ class DecoderLayer(nn.Module):
         h = self.ln_self(x)
         q, k, v = self.qkv(h).split(d, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        keys, values = cache.k[layer], cache.v[layer]
-        keys.index_copy_(2, pos, k.to(keys.dtype))
-        values.index_copy_(2, pos, v.to(values.dtype))
-        a = F.scaled_dot_product_attention(q, _read(keys, q), _read(values, q), attn_mask=valid)
+        cache.write_at(layer, pos, k, v)
+        keys, values = cache.read_all(layer, q.dtype)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid)
         return self._rest(x, a, layer, cross)
 
     def _rest(self, x, a, layer: int, cross: CrossKV | None):
@@ -180,11 +238,6 @@ class DecoderLayer(nn.Module):
         h = F.gelu(h) if self.spec.activation == "gelu" else _act(self.spec.activation)(h)
         h = self.fc2(h)
         return x + h
-
-
-def _read(cached: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Cached keys or values in the activations' dtype (the cache may be kept narrower)."""
-    return cached if cached.dtype == q.dtype else cached.to(q.dtype)
 
 
 def _act(name: str):

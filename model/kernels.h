@@ -11,12 +11,17 @@ enum { MB_F32 = 0, MB_BF16 = 1, MB_I8 = 2, MB_I8_VNNI = 3 };
  * built here. */
 int mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N);
 
+/* Cached key/value formats: float32, bfloat16, int8 with one float32 scale per key (and value)
+ * vector (x = q * scale, scale = max|x| / 127). */
+enum { MB_KV_F32 = 0, MB_KV_BF16 = 1, MB_KV_I8 = 2 };
+
 /* Decode-step attention (attention.c): for each row r and head h, softmax(q . K^T / sqrt(hd),
- * masked) . V over keys [0, n), into a[r, h*hd:(h+1)*hd]. K, V are (rows, heads, stride, hd),
- * float32 or (bf16 != 0) bfloat16; mask (rows, n) or NULL; `scores` holds
- * mb_attend_scratch(rows, heads, n) floats. */
-void mb_attend(const float *q, int q_stride, const void *K, const void *V, int bf16, int stride, int n,
-               const unsigned char *mask, int rows, int heads, int hd, float *a, int a_stride, float *scores);
+ * masked) . V over keys [0, n), into a[r, h*hd:(h+1)*hd]. K, V are (rows, heads, stride, hd) in
+ * format `kv`; for int8, KS, VS (rows, heads, stride) are their scales (else NULL); mask
+ * (rows, n) or NULL; `scores` holds mb_attend_scratch(rows, heads, n) floats. */
+void mb_attend(const float *q, int q_stride, const void *K, const void *V, const float *KS, const float *VS,
+               int kv, int stride, int n, const unsigned char *mask, int rows, int heads, int hd, float *a,
+               int a_stride, float *scores);
 int mb_attend_scratch(int rows, int heads, int n);
 
 #endif

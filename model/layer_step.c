@@ -26,7 +26,7 @@ typedef struct {
     float eps;
     const float *ln_self_w, *ln_self_b, *ln_cross_w, *ln_cross_b, *ln_ff_w, *ln_ff_b;
     mb_linear qkv, out, cross_q, cross_out, fc1, fc2;
-    int kv_bf16; /* the self-attention cache is bfloat16 (else float32) */
+    int kv; /* the self-attention cache's format (MB_KV_*, kernels.h) */
 } mb_layer;
 
 /* Two passes, LANES at a time: d is whole 64-blocks wherever the C step runs (model/layer_step.py). */
@@ -58,13 +58,24 @@ static int product(const mb_linear *l, const float *x, int rows, int k, float *y
     return mb_product(l->kind, x, rows, k, l->w, l->scale, y, n);
 }
 
+/* One key or value vector as int8 and its scale: scale = max|x| / 127 and q = x / scale rounded
+ * to nearest even, the same float32 operations as model/decoder.py's `quantize_kv`, so the C
+ * step and the eager path store the same bytes. An all-zero vector stores scale 0. */
+static void quantize_vector(const float *x, int n, int8_t *q, float *scale) {
+    float top = 0.f;
+    for (int j = 0; j < n; j++) top = fmaxf(top, fabsf(x[j]));
+    float s = top / 127.f;
+    *scale = s;
+    for (int j = 0; j < n; j++) q[j] = s == 0.f ? 0 : (int8_t)nearbyintf(x[j] / s);
+}
+
 /* x (rows, d) is updated in place. The new token's key and value go to column `pos` of
- * kcache/vcache (rows, heads, max_len, hd; float32, or bfloat16 where L->kv_bf16), and
- * attention reads columns [0, pos]. Cross-attention
+ * kcache/vcache (rows, heads, max_len, hd) in format L->kv, int8's scales to kscale/vscale
+ * (rows, heads, max_len), and attention reads columns [0, pos]. Cross-attention
  * (skipped when ck is NULL) reads ck/cv (rows, heads, cross_len, hd) under cmask (rows, cross_len).
  * Returns 0, or -1 when scratch memory could not be had (x is then partly updated: the caller
  * passes a copy and discards it). */
-int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, int pos,
+int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, float *kscale, float *vscale, int pos,
                   const float *ck, const float *cv, const uint8_t *cmask) {
     int rows = L->rows, d = L->d, heads = L->heads, hd = d / heads, ffn = L->ffn;
     int keys = pos + 1, widest = keys > L->cross_len ? keys : L->cross_len;
@@ -78,9 +89,12 @@ int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, int p
     if (product(&L->qkv, h, rows, d, qkv, 3 * d)) goto fail;
     for (int r = 0; r < rows; r++)
         for (int hh = 0; hh < heads; hh++) {
-            size_t at = (((size_t)r * heads + hh) * L->max_len + pos) * hd;
+            size_t key = ((size_t)r * heads + hh) * L->max_len + pos, at = key * hd;
             const float *k = qkv + (size_t)r * 3 * d + d + (size_t)hh * hd, *v = k + d;
-            if (L->kv_bf16) {
+            if (L->kv == MB_KV_I8) {
+                quantize_vector(k, hd, (int8_t *)kcache + at, kscale + key);
+                quantize_vector(v, hd, (int8_t *)vcache + at, vscale + key);
+            } else if (L->kv == MB_KV_BF16) {
                 for (int j = 0; j < hd; j++) {
                     ((uint16_t *)kcache)[at + j] = to_bf16(k[j]);
                     ((uint16_t *)vcache)[at + j] = to_bf16(v[j]);
@@ -90,14 +104,16 @@ int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, int p
                 memcpy((float *)vcache + at, v, sizeof(float) * hd);
             }
         }
-    mb_attend(qkv, 3 * d, kcache, vcache, L->kv_bf16, L->max_len, keys, NULL, rows, heads, hd, a, d, scores);
+    mb_attend(qkv, 3 * d, kcache, vcache, kscale, vscale, L->kv, L->max_len, keys, NULL, rows, heads, hd, a, d,
+              scores);
     if (product(&L->out, a, rows, d, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
 
     if (ck) {
         layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
         if (product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
-        mb_attend(qkv, d, ck, cv, 0, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d, scores);
+        mb_attend(qkv, d, ck, cv, NULL, NULL, MB_KV_F32, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d,
+                  scores);
         if (product(&L->cross_out, a, rows, d, o, d)) goto fail;
         for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
     }
@@ -115,21 +131,24 @@ fail:
 }
 
 /* A whole decode step after the embeddings: every layer's step, then the final layer norm and
- * the heads, in one call. Layer l's cache is kcache/vcache + l * cache_layer elements (float32,
- * or bfloat16 where kv_bf16), its cross keys/values ck/cv + l * cross_layer floats. x (rows, d) is
+ * the heads, in one call. Layer l's cache is kcache/vcache + l * cache_layer elements (format
+ * kv), int8's scales kscale/vscale + l * cache_layer / hd, its cross keys/values
+ * ck/cv + l * cross_layer floats. x (rows, d) is
  * updated in place; logits (rows, heads_n) are written. Why: per layer, the Python around a C
  * call (module call, checks, views, ctypes) cost more than the layer norms it wraps. Returns 0,
  * or -1 when scratch memory could not be had (x and logits are then partly written). */
-int mb_decoder_step(const mb_layer *layers, int n_layers, int rows, int max_len, int cross_len, int kv_bf16,
-                    float *x, void *kcache, void *vcache, size_t cache_layer, int pos,
+int mb_decoder_step(const mb_layer *layers, int n_layers, int rows, int max_len, int cross_len, int kv,
+                    float *x, void *kcache, void *vcache, float *kscale, float *vscale, size_t cache_layer, int pos,
                     const float *ck, const float *cv, size_t cross_layer, const uint8_t *cmask,
                     const float *ln_w, const float *ln_b, const mb_linear *heads, int heads_n, float *logits) {
-    size_t item = kv_bf16 ? sizeof(uint16_t) : sizeof(float);
+    size_t item = kv == MB_KV_I8 ? 1 : kv == MB_KV_BF16 ? sizeof(uint16_t) : sizeof(float);
+    size_t per_scale = cache_layer / (layers[0].d / layers[0].heads);
     for (int l = 0; l < n_layers; l++) {
         mb_layer L = layers[l];
-        L.rows = rows, L.max_len = max_len, L.cross_len = cross_len, L.kv_bf16 = kv_bf16;
+        L.rows = rows, L.max_len = max_len, L.cross_len = cross_len, L.kv = kv;
         size_t at = (size_t)l * cache_layer * item;
-        if (mb_layer_step(&L, x, (char *)kcache + at, (char *)vcache + at, pos,
+        float *ks = kscale ? kscale + (size_t)l * per_scale : NULL, *vs = vscale ? vscale + (size_t)l * per_scale : NULL;
+        if (mb_layer_step(&L, x, (char *)kcache + at, (char *)vcache + at, ks, vs, pos,
                           ck ? ck + (size_t)l * cross_layer : NULL, cv ? cv + (size_t)l * cross_layer : NULL, cmask))
             return -1;
     }

@@ -3,7 +3,7 @@
 With the products at memory speed, a decode step's remaining cost was the forty-odd small
 PyTorch ops per layer around them; the C step runs the same arithmetic (float32 activations,
 layer norms, attention over the filled cache, exact GELU, residuals) between the same
-products, over a float32 or bfloat16 cache. `FusedLayer.of` says None where it does not apply
+products, over a float32, bfloat16 or int8 cache. `FusedLayer.of` says None where it does not apply
 (int4, a GPU, biases, another activation, kernels unavailable, widths that are not whole
 64-blocks), and the layer then runs its eager code. The weights are the layer's own: nothing is
 copied.
@@ -19,7 +19,7 @@ from torch import nn
 from model import gemv
 
 F32, BF16, I8, I8_VNNI = 0, 1, 2, 3  # kernels.h
-KV_DTYPES = (torch.float32, torch.bfloat16)  # the self-attention caches the C step reads
+KV_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the self-attention caches the C step reads
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
@@ -33,7 +33,7 @@ class _Layer(ctypes.Structure):
                 ("ln_self_w", _P), ("ln_self_b", _P), ("ln_cross_w", _P), ("ln_cross_b", _P),
                 ("ln_ff_w", _P), ("ln_ff_b", _P),
                 ("qkv", _Linear), ("out", _Linear), ("cross_q", _Linear), ("cross_out", _Linear),
-                ("fc1", _Linear), ("fc2", _Linear), ("kv_bf16", _I)]
+                ("fc1", _Linear), ("fc2", _Linear), ("kv", _I)]
 
 
 def _linear(mod: nn.Module) -> _Linear | None:
@@ -64,6 +64,14 @@ def _check(start: int, rows: int, cache, cross) -> None:
             cross is not None and cross.k.shape[1] != rows):
         raise IndexError(f"decode step at position {start} of a cache of {cache.max_len} "
                          f"({cache.k.shape[1]} rows) with {rows} rows of input")
+
+
+def _scales(cache, layer: int | None = None) -> tuple[int | None, int | None]:
+    """Pointers to an int8 cache's key and value scales (of one layer, or of all), else None."""
+    if not cache.quantized:
+        return None, None
+    ks, vs = (cache.k_scale, cache.v_scale) if layer is None else (cache.k_scale[layer], cache.v_scale[layer])
+    return ks.data_ptr(), vs.data_ptr()
 
 
 class FusedLayer:
@@ -101,7 +109,7 @@ class FusedLayer:
         return cls(spec, s, tensors)
 
     def suits(self, x: torch.Tensor, cache, cross) -> bool:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype not in KV_DTYPES:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype not in KV_FORMATS:
             return False
         if not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # the C step walks them by offsets
             return False
@@ -117,17 +125,18 @@ class FusedLayer:
         _check(start, rows, cache, cross)
         out = x.contiguous().clone()
         s = self.struct
-        s.rows, s.max_len, s.kv_bf16 = out.shape[0], cache.max_len, cache.k.dtype == torch.bfloat16
+        s.rows, s.max_len, s.kv = out.shape[0], cache.max_len, KV_FORMATS[cache.k.dtype]
         k, v = cache.k[layer], cache.v[layer]
+        ks, vs = _scales(cache, layer)
         if cross is not None:
             ck, cv = cross.k[layer], cross.v[layer]
             s.cross_len = ck.shape[2]
             mask = cross.mask.contiguous()
-            rc = gemv._lib.mb_layer_step(ctypes.byref(s), out.data_ptr(), k.data_ptr(), v.data_ptr(), start,
+            rc = gemv._lib.mb_layer_step(ctypes.byref(s), out.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs, start,
                                          ck.data_ptr(), cv.data_ptr(), mask.data_ptr())
         else:
             s.cross_len = 0
-            rc = gemv._lib.mb_layer_step(ctypes.byref(s), out.data_ptr(), k.data_ptr(), v.data_ptr(), start,
+            rc = gemv._lib.mb_layer_step(ctypes.byref(s), out.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs, start,
                                          None, None, None)
         if rc != 0:
             raise MemoryError("the fused decoder layer step could not get its scratch memory")
@@ -177,8 +186,9 @@ class FusedStack:
         else:
             ck = cv = mptr = None
             cross_len = cross_layer = 0
+        ks, vs = _scales(cache)
         rc = gemv._lib.mb_decoder_step(self.array, self.n_layers, rows, cache.max_len, cross_len,
-                                       int(k.dtype == torch.bfloat16), h.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                       KV_FORMATS[k.dtype], h.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs,
                                        per_layer, start, ck, cv, cross_layer, mptr, self.ln[0], self.ln[1],
                                        ctypes.byref(self.heads), self.heads_n, logits.data_ptr())
         if rc != 0:

@@ -131,24 +131,19 @@ def train_proxy(steps: int = 300, batch: int = 8, frames: int = 48, seed: int = 
     return model, tokenizer, loss_v
 
 
-class _Slots:
-    """A KV cache's k or v for one full-sequence pass with autograd: one tensor per layer.
-
-    The inference cache writes every layer into one tensor in place, which autograd cannot
-    differentiate through; a teacher-forced pass from position 0 needs no cache at all, only
-    the layer's own keys back.
-    """
-
-    def __init__(self):
-        self.by_layer: dict[int, torch.Tensor] = {}
-
-    def __setitem__(self, index, value: torch.Tensor) -> None:
-        self.by_layer[index[0]] = value
-
-    def __getitem__(self, index) -> torch.Tensor:
-        return self.by_layer[index[0]]
-
-
 class _TrainingCache:
+    """A KV cache for one full-sequence pass with autograd: each layer's keys and values kept as
+    they come. The inference cache writes every layer into one tensor in place, which autograd
+    cannot differentiate through; a teacher-forced pass from position 0 needs no cache at all,
+    only the layer's own keys back."""
+
+    quantized = False
+
     def __init__(self):
-        self.k, self.v = _Slots(), _Slots()
+        self.by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.by_layer[layer] = (k, v)
+
+    def read(self, layer: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.by_layer[layer]

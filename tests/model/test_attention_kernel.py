@@ -10,14 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from model import gemv
+from model.decoder import quantize_kv
+from model.layer_step import KV_FORMATS
 from tests.model.test_gemv import _rel
 
 pytestmark = pytest.mark.skipif(not gemv.available(), reason="needs the C kernels (a C compiler)")
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q (rows, heads, hd); k, v (rows, heads, stride, hd) float32 or bfloat16, the first n = mask's
-    width (or stride) used."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """q (rows, heads, hd); k, v (rows, heads, stride, hd) float32, bfloat16 or int8 (with their
+    `scales`, each (rows, heads, stride)), the first n = mask's width (or stride) used."""
     rows, heads, hd = q.shape
     stride = k.shape[2]
     n = stride if mask is None else mask.shape[1]
@@ -25,8 +28,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     scores = torch.empty(gemv._lib.mb_attend_scratch(rows, heads, n))
     m = None if mask is None else mask.to(torch.uint8).contiguous()
     assert k.dtype == v.dtype
-    gemv._lib.mb_attend(q.contiguous().data_ptr(), heads * hd, k.data_ptr(), v.data_ptr(),
-                        int(k.dtype == torch.bfloat16), stride, n,
+    ks, vs = (None, None) if scales is None else (scales[0].data_ptr(), scales[1].data_ptr())
+    gemv._lib.mb_attend(q.contiguous().data_ptr(), heads * hd, k.data_ptr(), v.data_ptr(), ks, vs,
+                        KV_FORMATS[k.dtype], stride, n,
                         None if m is None else m.data_ptr(), rows, heads, hd, out.data_ptr(), heads * hd,
                         scores.data_ptr())
     return out.view(rows, heads, hd)
@@ -52,6 +56,22 @@ def test_attention_over_a_bfloat16_cache_equals_sdpa_over_the_widened_cache(hd):
     k, v = torch.randn(rows, heads, n, hd).bfloat16(), torch.randn(rows, heads, n, hd).bfloat16()
     want = F.scaled_dot_product_attention(q[:, :, None], k.float(), v.float())[:, :, 0]
     assert _rel(_attend(q, k, v, None), want) < 1e-5
+
+
+@pytest.mark.parametrize("hd", [64, 24])
+def test_attention_over_an_int8_cache_equals_sdpa_over_the_dequantised_cache(hd):
+    """Each key's scale applied to its dot product and each value's to its softmax weight is the
+    same attention as over the dequantised cache (up to float rounding); the rest of the cache,
+    beyond the filled part, is never read."""
+    torch.manual_seed(hd)
+    rows, heads, n = 2, 3, 700
+    q = torch.randn(rows, heads, hd) * 2
+    (k, ks), (v, vs) = quantize_kv(torch.randn(rows, heads, n + 4, hd)), quantize_kv(torch.randn(rows, heads, n + 4, hd))
+    ks[:, :, n:], vs[:, :, n:] = float("nan"), float("nan")
+    want = F.scaled_dot_product_attention(q[:, :, None], (k.float() * ks[..., None])[:, :, :n],
+                                          (v.float() * vs[..., None])[:, :, :n])[:, :, 0]
+    got = _attend(q, k, v, torch.ones(rows, n, dtype=torch.bool), (ks, vs))
+    assert _rel(got, want) < 1e-5
 
 
 def test_masked_keys_get_no_weight_and_a_fully_masked_row_gives_zeros():

@@ -154,8 +154,10 @@ def test_static_shape_step_greedy_tokens_equal_transformers(engine, guidance):
 
 
 @torch.inference_mode()
-def test_static_step_logits_equal_the_eager_step(tiny_engine):
-    """Teacher-forced, step by step: the static and the eager step agree to float32 rounding."""
+@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16, torch.int8])
+def test_static_step_logits_equal_the_eager_step(tiny_engine, kv):
+    """Teacher-forced, step by step: the static and the eager step agree to float32 rounding,
+    with the cache in each format a precision keeps it in (model.precision.kv_dtype)."""
     from model.conditioning import build_conditioning
     from model.decoder import KVCache
 
@@ -164,7 +166,7 @@ def test_static_step_logits_equal_the_eager_step(tiny_engine):
                               torch.float32)
     cross = lm.cross_kv(cond.states, cond.mask)
     tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 20), generator=torch.Generator().manual_seed(3))
-    eager, static = KVCache(lm.spec, 2, 24, "cpu", torch.float32), KVCache(lm.spec, 2, 24, "cpu", torch.float32)
+    eager, static = KVCache(lm.spec, 2, 24, "cpu", kv), KVCache(lm.spec, 2, 24, "cpu", kv)
     pos = torch.zeros(1, dtype=torch.long)
     for t in range(20):
         a = lm(tokens[:, :, t : t + 1], t, eager, cross)

@@ -221,12 +221,12 @@ def test_a_rows_cross_keys_do_not_depend_on_its_batch(dtype):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv, prefill_in):
     """Teacher-forced: every step's logits from the kernels (and the one-call C layer step)
     equal the same positions' logits from one prefill pass over the same weights, with the
-    cache in float32 or bfloat16 (model.precision.kv_dtype), the prefill in float32."""
+    cache in float32, bfloat16 or int8 (model.precision.kv_dtype), the prefill in float32."""
     prefill_in("float32")
     lm = _wide_decoder(dtype)
     assert lm.fuse() == lm.spec.n_layers
@@ -238,7 +238,7 @@ def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv, prefill_in):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int8-float", "int4"])
 def test_the_c_layer_step_equals_the_eager_layer_step(dtype, kv, monkeypatch):
     """Same weights, same tokens, a cross-attention mask with a fully masked (unconditional) row:
@@ -278,6 +278,29 @@ def test_the_c_layer_step_rounds_the_bfloat16_cache_as_pytorch_does():
     assert torch.equal(narrow.k[0, :, :, 2].view(torch.int16), wide.k[0, :, :, 2].bfloat16().view(torch.int16))
     assert torch.equal(narrow.v[0, :, :, 2].view(torch.int16), wide.v[0, :, :, 2].bfloat16().view(torch.int16))
     assert wide.k[0, :, :, 2].abs().sum() > 0
+
+
+@torch.inference_mode()
+def test_the_c_layer_step_quantizes_the_int8_cache_as_the_eager_path_does():
+    """The C step's int8 keys/values and scales are byte for byte `quantize_kv` of the keys and
+    values it wrote into a float32 cache (the eager path's quantisation), including a zero vector."""
+    from model.decoder import KVCache, quantize_kv
+
+    lm = _wide_decoder("int8", width=128)
+    lm.fuse()
+    layer = lm.layers[0]
+    x = torch.randn(2, 1, 128) * 30
+    caches = {kv: KVCache(lm.spec, 2, 4, "cpu", kv) for kv in (torch.float32, torch.int8)}
+    for cache in caches.values():
+        layer.fused(x, 0, 2, cache, None)
+    wide, narrow = caches[torch.float32], caches[torch.int8]
+    for data, scale, want in ((narrow.k, narrow.k_scale, wide.k), (narrow.v, narrow.v_scale, wide.v)):
+        q, s = quantize_kv(want[0, :, :, 2])
+        assert torch.equal(data[0, :, :, 2], q) and torch.equal(scale[0, :, :, 2], s)
+        assert q.abs().max() == 127 and (s > 0).all()
+    assert torch.equal(narrow.k[0, :, :, 3], torch.zeros_like(narrow.k[0, :, :, 3]))  # untouched column
+    zero_q, zero_s = quantize_kv(torch.zeros(3, 64))
+    assert not zero_q.any() and not zero_s.any()
 
 
 @torch.inference_mode()
