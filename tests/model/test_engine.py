@@ -113,6 +113,19 @@ def test_sampler_draws_from_the_distribution():
     assert torch.allclose(freq, probs, atol=0.015), freq
 
 
+def test_top_k_keeps_the_k_largest_values_ties_included():
+    """The threshold is the k-th largest value (ties counted, as the sorted top k's last): on
+    musicgen's 4 x 2048 logits exactly k survive per codebook, and with a tie at the threshold
+    every tied value survives."""
+    logits = torch.randn(4, 2048, generator=torch.Generator().manual_seed(4))
+    out = filter_top_k_top_p(logits, 250, 0.0)
+    assert torch.isfinite(out).sum(-1).tolist() == [250] * 4
+    kth = torch.topk(logits, 250, dim=-1).values[:, -1:]
+    assert torch.equal(torch.isfinite(out), logits >= kth) and torch.equal(out[torch.isfinite(out)], logits[logits >= kth])
+    tied = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
+    assert torch.isfinite(filter_top_k_top_p(tied, 2, 0.0)).tolist() == [[True, True, True, True, False]]
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     out = filter_top_k_top_p(logits, 0, 0.7)  # p = .64 .24 .09 .03: keep the first two
