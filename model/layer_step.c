@@ -62,11 +62,33 @@ static int product(const mb_linear *l, const float *x, int rows, int k, float *y
  * to nearest even, the same float32 operations as model/decoder.py's `quantize_kv`, so the C
  * step and the eager path store the same bytes. An all-zero vector stores scale 0. */
 static void quantize_vector(const float *x, int n, int8_t *q, float *scale) {
+    int j = 0;
     float top = 0.f;
-    for (int j = 0; j < n; j++) top = fmaxf(top, fabsf(x[j]));
+    if (n % LANES == 0) { /* LANES at a time: the same values (an IEEE division is one rounding either way) */
+        vf t = (vf){0};
+        for (; j < n; j += LANES) {
+            vf a = (vf)((vi)vload(x + j) & 0x7fffffff);
+            t = vselect(a > t, a, t);
+        }
+        for (int i = 0; i < LANES; i++) top = fmaxf(top, t[i]);
+    } else {
+        for (; j < n; j++) top = fmaxf(top, fabsf(x[j]));
+    }
     float s = top / 127.f;
     *scale = s;
-    for (int j = 0; j < n; j++) q[j] = s == 0.f ? 0 : (int8_t)nearbyintf(x[j] / s);
+    if (s == 0.f) {
+        memset(q, 0, (size_t)n);
+        return;
+    }
+    j = 0;
+    if (n % LANES == 0) {
+        const vf magic = vsplat(12582912.f); /* 1.5 * 2^23: adding it rounds to nearest even, |v| <= 127 */
+        for (; j < n; j += LANES) {
+            vf v = (vload(x + j) / vsplat(s) + magic) - magic;
+            for (int i = 0; i < LANES; i++) q[j + i] = (int8_t)v[i];
+        }
+    }
+    for (; j < n; j++) q[j] = (int8_t)nearbyintf(x[j] / s);
 }
 
 /* x (rows, d) is updated in place. The new token's key and value go to column `pos` of

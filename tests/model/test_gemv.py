@@ -177,7 +177,7 @@ def test_kernels_off_falls_back_to_pytorch_with_the_same_results_within_rounding
     assert _rel(y.float(), x @ w.T) < 2e-2  # PyTorch's packed kernel: bfloat16 activations
 
 
-def _wide_decoder(dtype: str, width: int = 64):
+def _wide_decoder(dtype: str, width: int = 64, heads: int = 4):
     """A tiny decoder `width` wide (whole 64-blocks, so the kernels apply) in `dtype`."""
     from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 
@@ -186,7 +186,7 @@ def _wide_decoder(dtype: str, width: int = 64):
     from model.tiny import tiny_configs
 
     _, _, kw = tiny_configs()
-    kw.update(hidden_size=width, ffn_dim=2 * width, num_attention_heads=4)
+    kw.update(hidden_size=width, ffn_dim=2 * width, num_attention_heads=heads)
     torch.manual_seed(5)
 
     class Wrap:  # DecoderSpec.of_hf / from_hf read `model.decoder`
@@ -281,15 +281,16 @@ def test_the_c_layer_step_rounds_the_bfloat16_cache_as_pytorch_does():
 
 
 @torch.inference_mode()
-def test_the_c_layer_step_quantizes_the_int8_cache_as_the_eager_path_does():
+@pytest.mark.parametrize("width,heads", [(128, 4), (192, 8)])  # head width 32 (vectors), 24 (scalar tail)
+def test_the_c_layer_step_quantizes_the_int8_cache_as_the_eager_path_does(width, heads):
     """The C step's int8 keys/values and scales are byte for byte `quantize_kv` of the keys and
     values it wrote into a float32 cache (the eager path's quantisation), including a zero vector."""
     from model.decoder import KVCache, quantize_kv
 
-    lm = _wide_decoder("int8", width=128)
+    lm = _wide_decoder("int8", width=width, heads=heads)
     lm.fuse()
     layer = lm.layers[0]
-    x = torch.randn(2, 1, 128) * 30
+    x = torch.randn(2, 1, width) * 30
     caches = {kv: KVCache(lm.spec, 2, 4, "cpu", kv) for kv in (torch.float32, torch.int8)}
     for cache in caches.values():
         layer.fused(x, 0, 2, cache, None)
