@@ -239,13 +239,13 @@ class Jam:
     # ---------------------------------------------------------------- the generation loop
 
     def _run(self) -> None:
-        from model.codec import StreamingDecoder
+        from model.codec import streaming_decoder
         from model.live_stream import LiveStream
 
         try:
             eng = self.engine
             self._stream = LiveStream(eng, self.prompt, self.params, context_seconds=self.context_seconds)
-            self._decoder = StreamingDecoder(eng.hf.audio_encoder, eng.channels)
+            self._decoder = streaming_decoder(eng.hf.audio_encoder, eng.channels)
             g = self.grid
             # Provisional first bar line; moved on by whole bars if the first audio is later.
             self._origin = self.first_bar = g.next_bar_time(self.now() + self._margin() + self._first_audio_est)

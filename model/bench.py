@@ -171,18 +171,23 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
     gaps = np.diff(stamps) * 1000
     steps = eng.pattern.n_steps(eng.frames_for(seconds))
     # Streaming: time to first audio, and each chunk's codec cost along the stream.
-    from model import codec as codec_mod
+    from model.codec import StreamingDecoder
+    from model.codec_stream import StatefulDecoder
 
     pushes: list[float] = []
-    real_push = codec_mod.StreamingDecoder.push
+    decoders = (StreamingDecoder, StatefulDecoder)  # whichever model.codec.streaming_decoder picks
+    real_pushes = [cls.push for cls in decoders]
 
-    def timed_push(self, codes):
-        t = time.perf_counter()
-        out = real_push(self, codes)
-        pushes.append((time.perf_counter() - t) * 1000)
-        return out
+    def timed(real_push):
+        def timed_push(self, codes):
+            t = time.perf_counter()
+            out = real_push(self, codes)
+            pushes.append((time.perf_counter() - t) * 1000)
+            return out
+        return timed_push
 
-    codec_mod.StreamingDecoder.push = timed_push
+    for cls, real_push in zip(decoders, real_pushes):
+        cls.push = timed(real_push)
     try:
         t0 = time.perf_counter()
         ttfa = None
@@ -192,7 +197,8 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
                 ttfa = time.perf_counter() - t0
         stream_wall = time.perf_counter() - t0
     finally:
-        codec_mod.StreamingDecoder.push = real_push
+        for cls, real_push in zip(decoders, real_pushes):
+            cls.push = real_push
     # The first push is short (fast first audio) and the last is the flush: compare the first
     # and last full-size chunks.
     pushes = pushes[1:-1] if len(pushes) > 3 else pushes

@@ -74,7 +74,7 @@ def decode(codec, codes: np.ndarray, channels: int, window: int = WINDOW_FRAMES,
         if between is not None:
             between()
         return decode_full(codec, codes, channels)
-    dec = StreamingDecoder(codec, channels)
+    dec = streaming_decoder(codec, channels)
     parts = []
     for i in range(0, codes.shape[1], window):
         if between is not None:
@@ -102,8 +102,21 @@ def encode_audio(codec, audio: np.ndarray, channels: int) -> np.ndarray:
     return out.numpy()
 
 
+def streaming_decoder(codec, channels: int):
+    """The streaming decoder for `codec`: our own decoder (model.encodec) carries its LSTM's
+    state and decodes no context twice (model.codec_stream, exact); `transformers`' codec goes
+    by windows (`StreamingDecoder`, within 1e-3). Both: push / flush / reset, `right`, `left`,
+    `last_window`."""
+    from model.codec_stream import StatefulDecoder
+    from model.encodec import EncodecDecoder
+
+    if isinstance(codec, EncodecDecoder):
+        return StatefulDecoder(codec, channels)
+    return StreamingDecoder(codec, channels)
+
+
 class StreamingDecoder:
-    """Codes in, final audio out, with explicit and resettable state."""
+    """Codes in, final audio out, with explicit and resettable state (by windows: any codec)."""
 
     def __init__(self, codec, channels: int, left: int = DEFAULT_LEFT, right: int = DEFAULT_RIGHT):
         self.codec = codec

@@ -484,11 +484,11 @@ class Engine:
         grow with what was already generated. `live`: a call someone is listening to (a track
         playing while it generates): its steps go ahead of offline calls (model/scheduler.py).
         """
-        from model.codec import StreamingDecoder
+        from model.codec import streaming_decoder
 
         chunk_frames = max(1, int(round(chunk_seconds * self.frame_rate)))
         first_frames = max(1, min(chunk_frames, int(round(first_chunk_seconds * self.frame_rate))))
-        decoders = [StreamingDecoder(self.hf.audio_encoder, self.channels) for _ in requests]
+        decoders = [streaming_decoder(self.hf.audio_encoder, self.channels) for _ in requests]
         starts = [0] * len(requests)
         for i, codes in self._frames(requests, progress, chunk_frames, first_frames, live):
             with torch.inference_mode():

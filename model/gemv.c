@@ -28,9 +28,7 @@
 #endif
 #define MT 2
 
-
 int mb_lanes(void) { return LANES; }
-
 
 /* A tile: NTV weight rows [n, n+nt) against MTV activation rows [m, m+mt), the shape fixed at
  * compile time; `kind` (constant at each call) picks the weight format. A tile narrower than its

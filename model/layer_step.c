@@ -59,36 +59,43 @@ static int product(const mb_linear *l, const float *x, int rows, int k, float *y
 }
 
 /* One key or value vector as int8 and its scale: scale = max|x| / 127 and q = x / scale rounded
- * to nearest even, the same float32 operations as model/decoder.py's `quantize_kv`, so the C
- * step and the eager path store the same bytes. An all-zero vector stores scale 0. */
+ * to nearest even, clamped to [-127, 127], the same float32 operations as model/decoder.py's
+ * `quantize_kv`, so the C step and the eager path store the same bytes. An all-zero vector stores
+ * scale 0; a vector with a NaN stores scale NaN and zeros (PyTorch's max propagates NaN), so a
+ * broken activation spreads through attention the same way on both paths. */
 static void quantize_vector(const float *x, int n, int8_t *q, float *scale) {
-    int j = 0;
+    int j = 0, nan = 0;
     float top = 0.f;
     if (n % LANES == 0) { /* LANES at a time: the same values (an IEEE division is one rounding either way) */
         vf t = (vf){0};
+        vi bad = (vi){0};
         for (; j < n; j += LANES) {
-            vf a = (vf)((vi)vload(x + j) & 0x7fffffff);
+            vf v = vload(x + j), a = (vf)((vi)v & 0x7fffffff);
+            bad |= (vi)(v != v);
             t = vselect(a > t, a, t);
         }
-        for (int i = 0; i < LANES; i++) top = fmaxf(top, t[i]);
+        for (int i = 0; i < LANES; i++) top = fmaxf(top, t[i]), nan |= bad[i] != 0;
     } else {
-        for (; j < n; j++) top = fmaxf(top, fabsf(x[j]));
+        for (; j < n; j++) top = fmaxf(top, fabsf(x[j])), nan |= x[j] != x[j];
     }
-    float s = top / 127.f;
+    float s = nan ? NAN : top / 127.f;
     *scale = s;
-    if (s == 0.f) {
+    if (nan || s == 0.f) {
         memset(q, 0, (size_t)n);
         return;
     }
     j = 0;
+    const vf lo = vsplat(-127.f), hi = vsplat(127.f);
     if (n % LANES == 0) {
         const vf magic = vsplat(12582912.f); /* 1.5 * 2^23: adding it rounds to nearest even, |v| <= 127 */
         for (; j < n; j += LANES) {
-            vf v = (vload(x + j) / vsplat(s) + magic) - magic;
+            vf v = vload(x + j) / vsplat(s);
+            v = vselect(v < lo, lo, vselect(v > hi, hi, v)); /* a denormal scale can overshoot 127 */
+            v = (v + magic) - magic;
             for (int i = 0; i < LANES; i++) q[j + i] = (int8_t)v[i];
         }
     }
-    for (; j < n; j++) q[j] = (int8_t)nearbyintf(x[j] / s);
+    for (; j < n; j++) q[j] = (int8_t)nearbyintf(fminf(fmaxf(x[j] / s, -127.f), 127.f));
 }
 
 /* x (rows, d) is updated in place. The new token's key and value go to column `pos` of

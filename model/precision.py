@@ -46,7 +46,7 @@ def kv_dtype(dtype: str, device: str = "cpu") -> torch.dtype | None:
     On the CPU bfloat16 keeps the cache in bfloat16 and int8 in int8 (one scale per key and per
     value vector, model.decoder.quantize_kv): past about 17 s a decode step reads more float32
     cache than int8 weights (at 30 s, 590 MB of cache a step for musicgen-small at batch 2,
-    against 336 MB of weights; 148 MB in int8), and rounding keys and values costs less quality
+    against 336 MB of weights; 157 MB in int8 with its scales), and rounding keys and values costs less quality
     than the weights' own rounding (BENCHMARKS.md). float32 stays exact; int4 runs the eager
     step, whose attention would widen the cache every step.
     """
@@ -62,11 +62,11 @@ def within_bound(dtype: str) -> bool:
 def apply_precision(module: nn.Module, dtype: str, device: str = "cpu") -> torch.dtype:
     """Convert a decoder (or one layer) in place; return the dtype its activations run in.
 
-    On the CPU only the linears' weights change precision: activations, layer norms and the
-    KV cache stay float32, because attention in bfloat16 on a CPU without native bf16
-    instructions is 4-8x slower than in float32 (measured on an AMD EPYC, AVX2: 0.86 against
-    0.16 ms for one head-batched query over 264 keys), and the step is bound by reading weights,
-    not activations. On a GPU everything runs in the low precision.
+    On the CPU only the linears' weights change precision (and the KV cache, where the C step
+    runs: `kv_dtype`): activations and layer norms stay float32, because attention in bfloat16
+    on a CPU without native bf16 instructions is 4-8x slower than in float32 (measured on an AMD
+    EPYC, AVX2: 0.86 against 0.16 ms for one head-batched query over 264 keys), and the step is
+    bound by reading weights, not activations. On a GPU everything runs in the low precision.
     """
     from model.quant import Bf16Linear, quantize_linears
 

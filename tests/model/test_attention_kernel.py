@@ -36,7 +36,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return out.view(rows, heads, hd)
 
 
-@pytest.mark.parametrize("hd", [64, 32, 24])  # 24: not a whole number of vectors: the scalar path
+@pytest.mark.parametrize("hd", [64, 32, 20])  # 20: not a whole number of vectors (8 or 16 lanes): the scalar path
 @pytest.mark.parametrize("n", [1, 17, 1500])
 def test_attention_over_the_cache_equals_sdpa(hd, n):
     torch.manual_seed(hd + n)
@@ -48,7 +48,7 @@ def test_attention_over_the_cache_equals_sdpa(hd, n):
     assert _rel(_attend(q, k, v, None if n == stride else torch.ones(rows, n, dtype=torch.bool)), want) < 1e-5
 
 
-@pytest.mark.parametrize("hd", [64, 24])
+@pytest.mark.parametrize("hd", [64, 20])
 def test_attention_over_a_bfloat16_cache_equals_sdpa_over_the_widened_cache(hd):
     torch.manual_seed(hd)
     rows, heads, n = 2, 3, 700
@@ -58,7 +58,7 @@ def test_attention_over_a_bfloat16_cache_equals_sdpa_over_the_widened_cache(hd):
     assert _rel(_attend(q, k, v, None), want) < 1e-5
 
 
-@pytest.mark.parametrize("hd", [64, 24])
+@pytest.mark.parametrize("hd", [64, 20])
 def test_attention_over_an_int8_cache_equals_sdpa_over_the_dequantised_cache(hd):
     """Each key's scale applied to its dot product and each value's to its softmax weight is the
     same attention as over the dequantised cache (up to float rounding); the rest of the cache,

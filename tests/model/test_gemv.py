@@ -281,27 +281,40 @@ def test_the_c_layer_step_rounds_the_bfloat16_cache_as_pytorch_does():
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("width,heads", [(128, 4), (192, 8)])  # head width 32 (vectors), 24 (scalar tail)
+@pytest.mark.parametrize("width,heads", [(128, 4), (320, 16)])  # head width 32 (vectors), 20 (scalar loop)
 def test_the_c_layer_step_quantizes_the_int8_cache_as_the_eager_path_does(width, heads):
     """The C step's int8 keys/values and scales are byte for byte `quantize_kv` of the keys and
-    values it wrote into a float32 cache (the eager path's quantisation), including a zero vector."""
+    values it wrote into a float32 cache (the eager path's quantisation): ordinary vectors, a
+    zero vector (head 0's key and value projections zeroed: scale 0), and NaN (scale NaN and
+    zeros, as PyTorch's max propagates it)."""
     from model.decoder import KVCache, quantize_kv
 
-    lm = _wide_decoder("int8", width=width, heads=heads)
-    lm.fuse()
+    lm = _wide_decoder("float32", width=width, heads=heads)
+    hd = width // heads
     layer = lm.layers[0]
-    x = torch.randn(2, 1, width) * 30
-    caches = {kv: KVCache(lm.spec, 2, 4, "cpu", kv) for kv in (torch.float32, torch.int8)}
-    for cache in caches.values():
-        layer.fused(x, 0, 2, cache, None)
-    wide, narrow = caches[torch.float32], caches[torch.int8]
-    for data, scale, want in ((narrow.k, narrow.k_scale, wide.k), (narrow.v, narrow.v_scale, wide.v)):
-        q, s = quantize_kv(want[0, :, :, 2])
-        assert torch.equal(data[0, :, :, 2], q) and torch.equal(scale[0, :, :, 2], s)
-        assert q.abs().max() == 127 and (s > 0).all()
-    assert torch.equal(narrow.k[0, :, :, 3], torch.zeros_like(narrow.k[0, :, :, 3]))  # untouched column
-    zero_q, zero_s = quantize_kv(torch.zeros(3, 64))
-    assert not zero_q.any() and not zero_s.any()
+    with torch.no_grad():
+        for part in (1, 2):  # key, value rows of head 0
+            layer.qkv.weight[part * width : part * width + hd] = 0
+    lm.fuse()
+    assert layer.fused is not None
+    for x in (torch.randn(2, 1, width) * 30, torch.full((2, 1, width), float("nan"))):
+        caches = {kv: KVCache(lm.spec, 2, 4, "cpu", kv) for kv in (torch.float32, torch.int8)}
+        for cache in caches.values():
+            layer.fused(x, 0, 2, cache, None)
+        wide, narrow = caches[torch.float32], caches[torch.int8]
+        for data, scale, want in ((narrow.k, narrow.k_scale, wide.k), (narrow.v, narrow.v_scale, wide.v)):
+            q, s = quantize_kv(want[0, :, :, 2])
+            assert torch.equal(data[0, :, :, 2], q)
+            torch.testing.assert_close(scale[0, :, :, 2], s, rtol=0, atol=0, equal_nan=True)
+            if x.isnan().any():
+                assert s.isnan().all() and not q.any()
+            else:
+                assert not q[:, 0].any() and not s[:, 0].any()  # the zeroed head
+                assert q[:, 1:].abs().amax() == 127 and (s[:, 1:] > 0).all()
+        assert not narrow.k[0, :, :, 3].any()  # a column nobody wrote
+    tiny = torch.tensor([[2.4e-43, -2.4e-43, 1e-43, 0.0]])  # the scale rounds down to a denormal:
+    assert (tiny / (tiny.abs().amax() / 127)).abs().max() > 127  # unclamped, 171 would wrap
+    assert quantize_kv(tiny)[0].tolist() == [[127, -127, 71, 0]]
 
 
 @torch.inference_mode()
@@ -362,13 +375,14 @@ def test_a_bfloat16_prefill_stays_within_the_quality_bound_of_the_steps(dtype, p
     """Where prefill products run in bfloat16 (a jam's window slide re-reads 10 s), one prefill
     pass and the decode steps part by the activations' rounding only: well inside the 2e-2
     logit bound precisions are held to (model/precision.py), and never exactly equal."""
-    from model.precision import QUALITY_BOUND
+    from model.precision import QUALITY_BOUND, kv_dtype
 
     prefill_in("bfloat16")
     lm = _wide_decoder(dtype)
     lm.fuse()
     cross = lm.cross_kv(torch.randn(2, 5, 64), torch.ones(2, 5))
     tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(1))
-    whole = _teacher_forced(lm, tokens, cross, one_pass=True, kv=torch.bfloat16)
-    steps = _teacher_forced(lm, tokens, cross, one_pass=False, kv=torch.bfloat16)
+    kv = kv_dtype(dtype)  # the cache each precision keeps (bfloat16, int8)
+    whole = _teacher_forced(lm, tokens, cross, one_pass=True, kv=kv)
+    steps = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
     assert 0 < _rel(steps, whole) < QUALITY_BOUND / 2

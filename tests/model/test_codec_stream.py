@@ -1,0 +1,124 @@
+"""The stateful streaming decoder (model/codec_stream.py) equals the full decode, carries the
+LSTM's memory that the window decoder only approximates, and decodes no context twice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.codec import StreamingDecoder, decode, decode_full, musicgen_32k_config, streaming_decoder
+from model.codec_stream import StatefulDecoder
+from model.encodec import EncodecDecoder
+
+BOUND = 1e-5  # max |stream - full| / max |full|: float rounding only
+
+
+@pytest.fixture(scope="module")
+def ours():
+    """Our decoder at MusicGen's 32 kHz shapes, random weights and codebooks."""
+    from transformers import EncodecModel
+
+    from model.tiny import randomize_codebooks
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        codec = EncodecModel(musicgen_32k_config()).eval()
+        randomize_codebooks(codec)
+    tensors = {"audio_encoder." + k: v.clone() for k, v in codec.state_dict().items()}
+    return EncodecDecoder.from_state_dict(codec.config.to_dict(), tensors)
+
+
+def _stream(dec, codes: torch.Tensor, chunk: int) -> tuple[np.ndarray, list[int]]:
+    parts, windows = [], []
+    for i in range(0, codes.shape[1], chunk):
+        parts.append(dec.push(codes[:, i : i + chunk]))
+        windows.append(dec.last_window)
+    parts.append(dec.flush())
+    return np.concatenate(parts, axis=1), windows
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_our_decoder_streams_statefully_and_transformers_by_windows(ours):
+    from transformers import EncodecModel
+
+    assert isinstance(streaming_decoder(ours, 1), StatefulDecoder)
+    assert isinstance(streaming_decoder(EncodecModel(musicgen_32k_config()), 1), StreamingDecoder)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50])
+def test_stream_equals_full_decode_and_decodes_each_frame_once(ours, chunk):
+    codes = torch.randint(0, 2048, (4, 120), generator=torch.Generator().manual_seed(chunk))
+    full = decode_full(ours, codes, 1)
+    dec = StatefulDecoder(ours, 1)
+    got, windows = _stream(dec, codes, chunk)
+    assert _rel(got, full) < BOUND
+    # The stack decodes each push's frames plus its few frames of reach, never the 32-frame
+    # context the window decoder re-decodes: musicgen's codec reaches 1 frame back, 4 ahead.
+    assert (dec.left, dec.right) == (1, 4)
+    assert max(windows) <= dec.left + chunk + dec.right
+    # Audio comes out as soon as it is final: all but the look-ahead before the flush.
+    assert sum(w > 0 for w in windows) >= (120 - dec.right) // chunk - 1
+
+
+def test_the_lstms_memory_is_carried_exactly(ours):
+    """An LSTM that remembers (forget gates held open) makes the window decoder's 32 frames of
+    context too short; the stateful decoder carries the state, so it still equals the full
+    decode."""
+    import copy
+
+    remembering = copy.deepcopy(ours)
+    lstm = remembering.layers[1].lstm
+    hidden = lstm.hidden_size
+    with torch.no_grad():
+        for layer in range(lstm.num_layers):
+            getattr(lstm, f"bias_ih_l{layer}")[hidden : 2 * hidden] = 8.0  # forget gate ~ 1
+    codes = torch.randint(0, 2048, (4, 150), generator=torch.Generator().manual_seed(11))
+    full = decode_full(remembering, codes, 1)
+    stateful, _ = _stream(StatefulDecoder(remembering, 1), codes, 25)
+    windowed, _ = _stream(StreamingDecoder(remembering, 1), codes, 25)
+    assert _rel(stateful, full) < BOUND
+    assert _rel(windowed, full) > 100 * BOUND  # what the window approximates, this keeps
+
+
+def test_stereo_streams_each_channel_with_its_own_state(tiny_stereo_dir):
+    from model.engine import Engine
+
+    codec = Engine.load(str(tiny_stereo_dir), device="cpu", dtype="float32").hf.audio_encoder
+    assert isinstance(codec, EncodecDecoder)
+    codes = torch.randint(0, 64, (8, 60), generator=torch.Generator().manual_seed(3))
+    full = decode_full(codec, codes, 2)
+    got, _ = _stream(StatefulDecoder(codec, 2), codes, 10)
+    assert got.shape == (2, 60 * 640)
+    assert _rel(got, full) < BOUND
+    assert np.abs(full[0] - full[1]).max() > 1e-4  # left and right really differ
+
+
+def test_reset_restarts_identically(ours):
+    codes = torch.randint(0, 2048, (4, 40), generator=torch.Generator().manual_seed(5))
+    dec = StatefulDecoder(ours, 1)
+    a, _ = _stream(dec, codes, 9)
+    dec.reset()
+    b, _ = _stream(dec, codes, 9)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_short_streams_and_an_empty_flush(ours):
+    """Fewer frames than the look-ahead: nothing until the flush, then the full decode; a flush
+    with nothing pushed is empty."""
+    assert StatefulDecoder(ours, 1).flush().shape == (1, 0)
+    codes = torch.randint(0, 2048, (4, 3), generator=torch.Generator().manual_seed(2))
+    dec = StatefulDecoder(ours, 1)
+    assert dec.push(codes).shape == (1, 0)
+    assert _rel(dec.flush(), decode_full(ours, codes, 1)) < BOUND
+
+
+def test_long_decodes_by_windows_are_now_the_full_decode(ours):
+    """model.codec.decode past its window goes through the stateful decoder: the full decode
+    to float rounding, in bounded memory."""
+    codes = torch.randint(0, 2048, (4, 130), generator=torch.Generator().manual_seed(9)).numpy()
+    assert _rel(decode(ours, codes, 1, window=50), decode_full(ours, codes, 1)) < BOUND
