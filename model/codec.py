@@ -1,6 +1,10 @@
 """EnCodec (MusicGen's 32 kHz codec, as in `transformers`): full and streaming decode, encode.
 
-Streaming decodes a sliding window: the frames to hand out, plus `left` frames of context
+`streaming_decoder` picks how a codec streams: our own decoder (model.encodec) with its state
+carried between pushes (model.codec_stream: exact, no context decoded twice); any other codec
+by the windows below.
+
+Streaming by windows decodes a sliding window: the frames to hand out, plus `left` frames of context
 for the LSTM and the convolutions' history, plus `right` frames of look-ahead because
 MusicGen's EnCodec convolutions are not causal. A frame's audio is final once `right` later
 frames have arrived. Each push decodes at most left + chunk + right frames, so the cost of a
