@@ -1,7 +1,7 @@
 """EnCodec (MusicGen's 32 kHz codec, as in `transformers`): full and streaming decode, encode.
 
 `streaming_decoder` picks how a codec streams: our own decoder (model.encodec) with its state
-carried between pushes (model.codec_stream: exact, no context decoded twice); any other codec
+carried between pushes (model.codec_stream: exact, no LSTM frame run twice); any other codec
 by the windows below.
 
 Streaming by windows decodes a sliding window: the frames to hand out, plus `left` frames of context
@@ -70,9 +70,11 @@ def decode(codec, codes: np.ndarray, channels: int, window: int = WINDOW_FRAMES,
 
     Why: one full decode's activations grow with its length (measured on musicgen-small's
     codec, Intel Xeon: +0.3 GB for 6 s, +1.1 GB for 30 s). Up to `window` frames this is the
-    full decode; beyond, the streaming decoder's windows of `window` frames (plus its context,
-    so within 1.4e-6 of the full decode's peak, and the same every time). `between()` runs
-    before each window: the engine waits there for a gap between live chunks.
+    full decode; beyond, the streaming decoder (`streaming_decoder`) is pushed `window` frames
+    at a time: ours carries its state (the full decode to float rounding), another codec's
+    decodes windows with context (within 1.4e-6 of the full decode's peak with random
+    weights); the same every time either way. `between()` runs before each push: the engine
+    waits there for a gap between live chunks.
     """
     if codes.shape[1] <= window:
         if between is not None:
@@ -108,7 +110,7 @@ def encode_audio(codec, audio: np.ndarray, channels: int) -> np.ndarray:
 
 def streaming_decoder(codec, channels: int):
     """The streaming decoder for `codec`: our own decoder (model.encodec) carries its LSTM's
-    state and decodes no context twice (model.codec_stream, exact); `transformers`' codec goes
+    state and runs no LSTM frame twice (model.codec_stream, exact); `transformers`' codec goes
     by windows (`StreamingDecoder`, within 1e-3). Both: push / flush / reset, `right`, `left`,
     `last_window`."""
     from model.codec_stream import StatefulDecoder

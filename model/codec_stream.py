@@ -1,5 +1,5 @@
-"""Streaming EnCodec decode with the decoder's state carried between pushes: exact, and no
-context decoded twice.
+"""Streaming EnCodec decode with the decoder's state carried between pushes: exact, and no LSTM
+frame run twice.
 
 Why: the window decoder (model/codec.py `StreamingDecoder`) re-decodes 32 frames of left context
 for every push, only so that the LSTM's memory warms up again; a jam's 0.5 s pieces (25 frames)
@@ -8,12 +8,16 @@ the full decode's only to 1e-3. Here the decoder is split where its state lives:
 
 1. the codebooks' embedding and the first convolution, which reads `reach_a` frames ahead;
 2. the LSTM, run only over new frames from its carried (h, c): exactly the full decode's state;
-3. the upsampling stack, a few frames' reach on either side, run over each push's new frames
-   plus that reach (`EncodecDecoder._span` says how much), as `EncodecDecoder.upsample` runs
-   its tiles.
+3. the upsampling stack, a few frames' reach on either side (1 back, 1 ahead for MusicGen's),
+   run over each push's new frames plus that reach (`EncodecDecoder._span` says how much),
+   through `EncodecDecoder.upsample` and its tiles.
+
+Only the convolutions recompute their few frames of reach; the 32 frames of context the window
+decoder re-decodes for the LSTM's sake are gone.
 
 A frame's audio is final once the stack's and the first convolution's look-ahead have arrived
-(`right`), and it equals the full decode's to float rounding (the same sums over different
+(`right`, measured away from the start; near the start, reflect padding may read further ahead,
+and the first frames then simply wait for it), and it equals the full decode's to float rounding (the same sums over different
 window lengths; tested at chunks of 1, 7 and 50 frames). Both ends of the stream pad as the
 full decode does: the start because windows there begin where the signal does, the end because
 `flush` decodes up to where the signal stops.
@@ -39,7 +43,7 @@ class StatefulDecoder:
         self.conv = codec.layers[0]
         self.lstm = codec.layers[1].lstm
         self.stack = codec.layers[2:]
-        t = 10_000  # any frame far from the edges: reaches do not depend on where
+        t = 10_000  # a frame far from the edges (near the start reflect padding can reach further)
         lo_a, hi_a = self.conv.span(t, t + 1)
         lo_b, hi_b = self._span_b(t, t + 1)
         self.reach_a = hi_a - (t + 1)  # frames of codes the first convolution reads ahead
@@ -55,6 +59,7 @@ class StatefulDecoder:
         self._y: torch.Tensor | None = None  # LSTM outputs (with the skip) of frames [_y0, _y1)
         self._y0 = self._y1 = 0
         self._emitted = 0  # frames whose audio was handed out
+        self._flushed = False
         self.last_window = 0  # frames the stack decoded in the last push (left + new + right at most)
 
     def _span_b(self, a: int, b: int) -> tuple[int, int]:
@@ -64,7 +69,11 @@ class StatefulDecoder:
 
     def push(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
         """Add codes (codebooks, n); return the audio (channels, samples) that is now final."""
+        if self._flushed:
+            raise RuntimeError("push after flush: the stream has ended; reset() starts another")
         c = torch.as_tensor(codes, dtype=torch.long).to(self.codec.device)
+        if c.shape[1] == 0:
+            return self._advance(final=False)
         # Interleaved codebooks (row k * channels + ch is channel ch's level k) -> (channels, K, n).
         emb = self.codec.embed(c.reshape(-1, self.channels, c.shape[1]).transpose(0, 1))
         self._emb = emb if self._emb is None else torch.cat([self._emb, emb], dim=2)
@@ -72,7 +81,8 @@ class StatefulDecoder:
         return self._advance(final=False)
 
     def flush(self) -> np.ndarray:
-        """The rest of the audio, once no more codes will come."""
+        """The rest of the audio, once no more codes will come (then `reset` before reuse)."""
+        self._flushed = True
         return self._advance(final=True)
 
     @torch.inference_mode()
@@ -80,6 +90,8 @@ class StatefulDecoder:
         total = self._total
         # 1. The first convolution and the LSTM over the frames whose codes are all in.
         upto = total if final else max(self._y1, total - self.reach_a)
+        while not final and upto > self._y1 and self.conv.span(self._y1, upto)[1] > total:
+            upto -= 1  # near the start, reflect padding reads further ahead than `reach_a`
         if upto > self._y1 and self._emb is not None:
             lo, hi = self.conv.span(self._y1, upto)
             lo, hi = max(lo, 0), min(hi, total)
@@ -101,7 +113,7 @@ class StatefulDecoder:
             return np.zeros((self.channels, 0), dtype=np.float32)
         lo, hi = self._span_b(self._emitted, end)
         lo, hi = max(lo, 0), min(hi, self._y1)
-        audio = self.stack(self._y[..., lo - self._y0 : hi - self._y0])
+        audio = self.codec.upsample(self._y[..., lo - self._y0 : hi - self._y0])  # in tiles, as the full decode
         audio = audio[..., (self._emitted - lo) * self.hop : (end - lo) * self.hop]
         self.last_window = hi - lo
         self._emitted = end

@@ -151,8 +151,8 @@ class _Conv(nn.Module):
         causal conv's whole reach there (its right pad is 0)."""
         right = 0 if self.causal else (self.kernel - 1) // 2
         left = self.kernel - 1 - right
-        if self.pad_mode == "reflect" and lo < left:
-            hi = max(hi, left - max(lo, 0) + 1)
+        if self.pad_mode == "reflect" and lo < left:  # output o < left reads x[left - o] by reflection
+            return lo - left, max(hi + right, left - max(lo, 0) + 1)
         return lo - left, hi + right
 
 

@@ -480,8 +480,8 @@ class Engine:
         """Audio chunks of every request as soon as the codec can produce them.
 
         Each request's chunks arrive in order with `start` offsets; raises Cancelled when all
-        requests are cancelled. The codec decodes a sliding window, so a chunk's cost does not
-        grow with what was already generated. `live`: a call someone is listening to (a track
+        requests are cancelled. The codec streams (model.codec.streaming_decoder), so a chunk's
+        cost does not grow with what was already generated. `live`: a call someone is listening to (a track
         playing while it generates): its steps go ahead of offline calls (model/scheduler.py).
         """
         from model.codec import streaming_decoder

@@ -122,3 +122,38 @@ def test_long_decodes_by_windows_are_now_the_full_decode(ours):
     to float rounding, in bounded memory."""
     codes = torch.randint(0, 2048, (4, 130), generator=torch.Generator().manual_seed(9)).numpy()
     assert _rel(decode(ours, codes, 1, window=50), decode_full(ours, codes, 1)) < BOUND
+
+
+def test_an_empty_push_gives_no_audio_and_a_push_after_flush_is_refused(ours):
+    codes = torch.randint(0, 2048, (4, 20), generator=torch.Generator().manual_seed(6))
+    dec = StatefulDecoder(ours, 1)
+    assert dec.push(codes[:, :0]).shape == (1, 0)
+    got = np.concatenate([dec.push(codes), dec.push(codes[:, :0]), dec.flush()], axis=1)
+    assert _rel(got, decode_full(ours, codes, 1)) < BOUND
+    with pytest.raises(RuntimeError, match="push after flush"):
+        dec.push(codes)
+    dec.reset()
+    assert dec.push(codes).shape[1] > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_causal_codec_with_reflect_padding_is_exact_from_the_first_frame(chunk):
+    """A causal first convolution with reflect padding reads further ahead near the start than
+    anywhere else (its left pad reflects frames to the right): the first frames wait for them."""
+    from transformers import EncodecConfig, EncodecModel
+
+    from model.tiny import randomize_codebooks
+
+    cfg = EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=4, upsampling_ratios=[8, 5, 4, 4],
+                        codebook_size=64, codebook_dim=16, hidden_size=16, num_lstm_layers=2, normalize=False,
+                        use_causal_conv=True, target_bandwidths=[2.2], pad_mode="reflect", compress=2,
+                        residual_kernel_size=3, dilation_growth_rate=2, use_conv_shortcut=False, kernel_size=7,
+                        last_kernel_size=7)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        ref = EncodecModel(cfg).eval()
+        randomize_codebooks(ref)
+    codec = EncodecDecoder.from_state_dict(cfg.to_dict(), {"audio_encoder." + k: v for k, v in ref.state_dict().items()})
+    codes = torch.randint(0, 64, (codec.config.num_quantizers, 30), generator=torch.Generator().manual_seed(chunk))
+    got, _ = _stream(StatefulDecoder(codec, 1), codes, chunk)
+    assert _rel(got, decode_full(codec, codes, 1)) < BOUND
