@@ -37,6 +37,23 @@ def tiny_stereo_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_shape_codec():
+    """`transformers`' EnCodec at MusicGen's 32 kHz shapes, random weights and codebooks
+    (nothing to download)."""
+    import torch
+    from transformers import EncodecModel
+
+    from model.codec import musicgen_32k_config
+    from model.tiny import randomize_codebooks
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        codec = EncodecModel(musicgen_32k_config()).eval()
+        randomize_codebooks(codec)
+    return codec
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir):
     from model.engine import Engine
 

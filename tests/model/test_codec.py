@@ -11,21 +11,6 @@ from model.codec import StreamingDecoder, decode_full, encode_audio
 BOUND = 1e-3  # max |stream - full| / max |full|
 
 
-@pytest.fixture(scope="module")
-def real_shape_codec():
-    """MusicGen's 32 kHz EnCodec shapes with random weights (nothing to download)."""
-    from transformers import EncodecModel
-
-    from model.codec import musicgen_32k_config
-    from model.tiny import randomize_codebooks
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        codec = EncodecModel(musicgen_32k_config()).eval()
-        randomize_codebooks(codec)
-    return codec
-
-
 def _stream(dec: StreamingDecoder, codes: torch.Tensor, chunk: int) -> tuple[np.ndarray, list[int]]:
     parts, windows = [], []
     for i in range(0, codes.shape[1], chunk):
@@ -35,17 +20,23 @@ def _stream(dec: StreamingDecoder, codes: torch.Tensor, chunk: int) -> tuple[np.
     return np.concatenate(parts, axis=1), windows
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 50])
-def test_stream_equals_full_decode_real_shapes(real_shape_codec, chunk):
+def stream_against_full(dec, codec, chunk: int, bound: float) -> list[int]:
+    """Stream 120 random frames (MusicGen's 32 kHz codec) `chunk` at a time: the audio equals
+    the full decode within `bound` of its peak, and no push decodes more than left + chunk +
+    right frames wherever the stream is. Returns each push's window."""
     codes = torch.randint(0, 2048, (4, 120), generator=torch.Generator().manual_seed(chunk))
-    full = decode_full(real_shape_codec, codes, 1)
-    dec = StreamingDecoder(real_shape_codec, 1)
+    full = decode_full(codec, codes, 1)
     got, windows = _stream(dec, codes, chunk)
     assert got.shape == full.shape == (1, 120 * 640)
     err = np.abs(got - full).max() / np.abs(full).max()
-    assert err < BOUND, f"relative error {err:.2e}"
-    # Cost per push is bounded by left + chunk + right frames wherever the stream is.
+    assert err < bound, f"relative error {err:.2e}"
     assert max(windows) <= dec.left + chunk + dec.right
+    return windows
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50])
+def test_stream_equals_full_decode_real_shapes(real_shape_codec, chunk):
+    stream_against_full(StreamingDecoder(real_shape_codec, 1), real_shape_codec, chunk, BOUND)
 
 
 def test_long_decodes_go_by_windows_within_the_stream_bound(real_shape_codec):
@@ -79,10 +70,13 @@ def test_stream_equals_full_tiny_stereo(tiny_stereo_dir):
     assert np.abs(full[0] - full[1]).max() > 1e-4
 
 
-def test_reset_restarts_identically(tiny_engine):
+@pytest.mark.parametrize("kind", ["windows", "stateful"])
+def test_reset_restarts_identically(tiny_engine, kind):
+    from model.codec_stream import StatefulDecoder
+
     codec = tiny_engine.hf.audio_encoder
     codes = torch.randint(0, 64, (4, 40), generator=torch.Generator().manual_seed(5))
-    dec = StreamingDecoder(codec, 1)
+    dec = (StreamingDecoder if kind == "windows" else StatefulDecoder)(codec, 1)
     a, _ = _stream(dec, codes, 9)
     dec.reset()
     b, _ = _stream(dec, codes, 9)

@@ -7,35 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from model.codec import StreamingDecoder, decode, decode_full, musicgen_32k_config, streaming_decoder
+from model.codec import StreamingDecoder, decode, decode_full, streaming_decoder
 from model.codec_stream import StatefulDecoder
 from model.encodec import EncodecDecoder
+from tests.model.test_codec import _stream, stream_against_full
 
 BOUND = 1e-5  # max |stream - full| / max |full|: float rounding only
 
 
 @pytest.fixture(scope="module")
-def ours():
-    """Our decoder at MusicGen's 32 kHz shapes, random weights and codebooks."""
-    from transformers import EncodecModel
-
-    from model.tiny import randomize_codebooks
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        codec = EncodecModel(musicgen_32k_config()).eval()
-        randomize_codebooks(codec)
-    tensors = {"audio_encoder." + k: v.clone() for k, v in codec.state_dict().items()}
-    return EncodecDecoder.from_state_dict(codec.config.to_dict(), tensors)
-
-
-def _stream(dec, codes: torch.Tensor, chunk: int) -> tuple[np.ndarray, list[int]]:
-    parts, windows = [], []
-    for i in range(0, codes.shape[1], chunk):
-        parts.append(dec.push(codes[:, i : i + chunk]))
-        windows.append(dec.last_window)
-    parts.append(dec.flush())
-    return np.concatenate(parts, axis=1), windows
+def ours(real_shape_codec):
+    """Our decoder at MusicGen's 32 kHz shapes, from the same random weights and codebooks."""
+    tensors = {"audio_encoder." + k: v.clone() for k, v in real_shape_codec.state_dict().items()}
+    return EncodecDecoder.from_state_dict(real_shape_codec.config.to_dict(), tensors)
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -43,24 +27,18 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def test_our_decoder_streams_statefully_and_transformers_by_windows(ours):
-    from transformers import EncodecModel
-
+def test_our_decoder_streams_statefully_and_transformers_by_windows(ours, real_shape_codec):
     assert isinstance(streaming_decoder(ours, 1), StatefulDecoder)
-    assert isinstance(streaming_decoder(EncodecModel(musicgen_32k_config()), 1), StreamingDecoder)
+    assert isinstance(streaming_decoder(real_shape_codec, 1), StreamingDecoder)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 50])
 def test_stream_equals_full_decode_and_decodes_each_frame_once(ours, chunk):
-    codes = torch.randint(0, 2048, (4, 120), generator=torch.Generator().manual_seed(chunk))
-    full = decode_full(ours, codes, 1)
     dec = StatefulDecoder(ours, 1)
-    got, windows = _stream(dec, codes, chunk)
-    assert _rel(got, full) < BOUND
+    windows = stream_against_full(dec, ours, chunk, BOUND)
     # The stack decodes each push's frames plus its few frames of reach, never the 32-frame
-    # context the window decoder re-decodes: musicgen's codec reaches 1 frame back, 4 ahead.
+    # context the window decoder re-decodes: 1 frame back; audio waits 4 frames for codes.
     assert (dec.left, dec.right) == (1, 4)
-    assert max(windows) <= dec.left + chunk + dec.right
     # Audio comes out as soon as it is final: all but the look-ahead before the flush.
     assert sum(w > 0 for w in windows) >= (120 - dec.right) // chunk - 1
 
@@ -96,15 +74,6 @@ def test_stereo_streams_each_channel_with_its_own_state(tiny_stereo_dir):
     assert got.shape == (2, 60 * 640)
     assert _rel(got, full) < BOUND
     assert np.abs(full[0] - full[1]).max() > 1e-4  # left and right really differ
-
-
-def test_reset_restarts_identically(ours):
-    codes = torch.randint(0, 2048, (4, 40), generator=torch.Generator().manual_seed(5))
-    dec = StatefulDecoder(ours, 1)
-    a, _ = _stream(dec, codes, 9)
-    dec.reset()
-    b, _ = _stream(dec, codes, 9)
-    np.testing.assert_array_equal(a, b)
 
 
 def test_short_streams_and_an_empty_flush(ours):
