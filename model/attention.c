@@ -33,8 +33,6 @@ static inline __attribute__((always_inline)) void prefetch_row(const char *p, si
     for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
-static inline size_t kv_bytes(int kv) { return kv == MB_KV_I8 ? 1 : kv == MB_KV_BF16 ? 2 : 4; }
-
 /* One vector of a cached key or value, widened to float32 (int8 unscaled: the caller applies
  * the scale); `kv` is a constant at each inlined call, so each format gets its own loop. */
 static inline __attribute__((always_inline)) vf load_kv(const void *base, size_t at, int kv) {
@@ -53,8 +51,8 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     vf qv[MAX_HD_VECTORS], acc[MAX_HD_VECTORS];
     for (int i = 0; i < nv; i++) qv[i] = vload(q + i * LANES) * scale;
     float best = -INFINITY;
-    const size_t row_bytes = (size_t)hd * kv_bytes(kv);
-    const int ahead = AHEAD * 4 / (int)kv_bytes(kv); /* as many bytes ahead whatever the format */
+    const size_t row_bytes = (size_t)hd * mb_kv_bytes(kv);
+    const int ahead = AHEAD * 4 / (int)mb_kv_bytes(kv); /* as many bytes ahead whatever the format */
     for (int t = 0; t < n; t++) {
         if (mask && !mask[t]) { s[t] = -INFINITY; continue; }
         size_t k = (size_t)t * hd;
@@ -130,7 +128,7 @@ void mb_attend(const float *q, int q_stride, const void *K, const void *V, const
     for (int rh = 0; rh < rows * heads; rh++) {
         int r = rh / heads, h = rh % heads;
         const float *qh = q + (size_t)r * q_stride + (size_t)h * hd;
-        size_t key0 = ((size_t)r * heads + h) * stride, at = key0 * hd, bytes = kv_bytes(kv);
+        size_t key0 = ((size_t)r * heads + h) * stride, at = key0 * hd, bytes = mb_kv_bytes(kv);
         const char *Kh = (const char *)K + at * bytes, *Vh = (const char *)V + at * bytes;
         const float *KSh = KS ? KS + key0 : 0, *VSh = VS ? VS + key0 : 0;
         const uint8_t *m = mask ? mask + (size_t)r * n : 0;

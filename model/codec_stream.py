@@ -44,7 +44,7 @@ class StatefulDecoder:
         self.lstm = codec.layers[1].lstm
         self.stack = codec.layers[2:]
         t = 10_000  # a frame far from the edges (near the start reflect padding can reach further)
-        lo_a, hi_a = self.conv.span(t, t + 1)
+        _, hi_a = self.conv.span(t, t + 1)
         lo_b, hi_b = self._span_b(t, t + 1)
         self.reach_a = hi_a - (t + 1)  # frames of codes the first convolution reads ahead
         self.left = t - lo_b  # frames of LSTM output the stack reads behind
@@ -64,8 +64,7 @@ class StatefulDecoder:
 
     def _span_b(self, a: int, b: int) -> tuple[int, int]:
         """LSTM-output frames the stack's audio for frames [a, b) reads (unclamped)."""
-        lo, hi = self.codec._span(self.stack, a * self.hop, b * self.hop)
-        return lo, hi
+        return self.codec._span(self.stack, a * self.hop, b * self.hop)
 
     def push(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
         """Add codes (codebooks, n); return the audio (channels, samples) that is now final."""
@@ -89,12 +88,9 @@ class StatefulDecoder:
     def _advance(self, final: bool) -> np.ndarray:
         total = self._total
         # 1. The first convolution and the LSTM over the frames whose codes are all in.
-        upto = total if final else max(self._y1, total - self.reach_a)
-        while not final and upto > self._y1 and self.conv.span(self._y1, upto)[1] > total:
-            upto -= 1  # near the start, reflect padding reads further ahead than `reach_a`
+        upto = total if final else _last_final(self.conv.span, self._y1, total - self.reach_a, total)
         if upto > self._y1 and self._emb is not None:
-            lo, hi = self.conv.span(self._y1, upto)
-            lo, hi = max(lo, 0), min(hi, total)
+            lo, hi = _window(self.conv.span, self._y1, upto, total)
             x = self.conv(self._emb[..., lo - self._emb0 : hi - self._emb0])[..., self._y1 - lo : upto - lo]
             seq = x.permute(2, 0, 1)
             out, self._state = self.lstm(seq, self._state)
@@ -104,15 +100,11 @@ class StatefulDecoder:
             keep = max(0, self.conv.span(upto, upto + 1)[0])  # what the next frame's convolution reads
             self._emb, self._emb0 = self._emb[..., keep - self._emb0 :], keep
         # 2. The stack over the frames whose audio is final, plus its reach.
-        end = self._y1
-        if not final:
-            while end > self._emitted and self._span_b(self._emitted, end)[1] > self._y1:
-                end -= 1
+        end = self._y1 if final else _last_final(self._span_b, self._emitted, self._y1, self._y1)
         if end <= self._emitted or self._y is None:
             self.last_window = 0
             return np.zeros((self.channels, 0), dtype=np.float32)
-        lo, hi = self._span_b(self._emitted, end)
-        lo, hi = max(lo, 0), min(hi, self._y1)
+        lo, hi = _window(self._span_b, self._emitted, end, self._y1)
         audio = self.codec.upsample(self._y[..., lo - self._y0 : hi - self._y0])  # in tiles, as the full decode
         audio = audio[..., (self._emitted - lo) * self.hop : (end - lo) * self.hop]
         self.last_window = hi - lo
@@ -120,3 +112,18 @@ class StatefulDecoder:
         keep = max(0, self._span_b(end, end + 1)[0])  # what the next frame's audio reads
         self._y, self._y0 = self._y[..., keep - self._y0 :], keep
         return audio.reshape(self.channels, -1).float().cpu().numpy()
+
+
+def _last_final(span, start: int, upto: int, available: int) -> int:
+    """The largest end <= `upto` whose outputs [start, end) read only inputs before `available`
+    (near the start, reflect padding reads further ahead than anywhere else)."""
+    while upto > start and span(start, upto)[1] > available:
+        upto -= 1
+    return upto
+
+
+def _window(span, a: int, b: int, available: int) -> tuple[int, int]:
+    """The inputs outputs [a, b) read, within the signal so far: a window starting at 0 pads as
+    the signal's start does, and one ending at `available` (at the flush) as its end does."""
+    lo, hi = span(a, b)
+    return max(lo, 0), min(hi, available)

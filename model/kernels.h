@@ -15,6 +15,9 @@ int mb_product(int kind, const float *x, int M, int K, const void *w, const floa
  * vector (x = q * scale, scale = max|x| / 127). */
 enum { MB_KV_F32 = 0, MB_KV_BF16 = 1, MB_KV_I8 = 2 };
 
+/* Bytes of one cached element in format `kv`. */
+static inline unsigned mb_kv_bytes(int kv) { return kv == MB_KV_I8 ? 1 : kv == MB_KV_BF16 ? 2 : 4; }
+
 /* Decode-step attention (attention.c): for each row r and head h, softmax(q . K^T / sqrt(hd),
  * masked) . V over keys [0, n), into a[r, h*hd:(h+1)*hd]. K, V are (rows, heads, stride, hd) in
  * format `kv`; for int8, KS, VS (rows, heads, stride) are their scales (else NULL); mask

@@ -170,7 +170,7 @@ int mb_decoder_step(const mb_layer *layers, int n_layers, int rows, int max_len,
                     float *x, void *kcache, void *vcache, float *kscale, float *vscale, size_t cache_layer, int pos,
                     const float *ck, const float *cv, size_t cross_layer, const uint8_t *cmask,
                     const float *ln_w, const float *ln_b, const mb_linear *heads, int heads_n, float *logits) {
-    size_t item = kv == MB_KV_I8 ? 1 : kv == MB_KV_BF16 ? sizeof(uint16_t) : sizeof(float);
+    size_t item = mb_kv_bytes(kv);
     size_t per_scale = cache_layer / (layers[0].d / layers[0].heads);
     for (int l = 0; l < n_layers; l++) {
         mb_layer L = layers[l];
