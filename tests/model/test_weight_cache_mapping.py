@@ -46,7 +46,7 @@ def folder(request, tmp_path):
         yield tmp_path
         return
     if not _SHM.is_dir() or not os.access(_SHM, os.W_OK):
-        pytest.skip("no writable /dev/shm on this machine")
+        pytest.skip("no writable /dev/shm (tmpfs) on this machine: the 4 KB-page case needs one")
     with tempfile.TemporaryDirectory(dir=_SHM) as d:
         yield Path(d)
 
