@@ -61,6 +61,7 @@ class LiveStream:
         self._text_cond: Conditioning | None = None
         self._seed_step = 0
         self.prefills = 0  # how many times a window was (re)prefilled
+        self.offline_steps = 0  # offline decoder steps that ran during the last advance (0 or 1)
         self.last_prefill_reason = ""
 
     def set_context(self, seconds: float) -> None:
@@ -99,8 +100,12 @@ class LiveStream:
 
         The engine's gate is taken one step at a time and never held across a yield."""
         eng = self.engine
-        with eng.gate.live_session():  # offline steps wait until this chunk is made
-            yield from self._advance(until_frame, piece_frames, first_piece_frames, cancel)
+        self.offline_steps = 0
+        try:
+            with eng.gate.live_session() as share:  # offline steps wait until this chunk is made
+                yield from self._advance(until_frame, piece_frames, first_piece_frames, cancel)
+        finally:
+            self.offline_steps = share.offline_steps
 
     def _advance(self, until_frame, piece_frames, first_piece_frames, cancel) -> Iterator[np.ndarray]:
         eng = self.engine

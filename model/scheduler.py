@@ -21,6 +21,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+
+@dataclass
+class LiveShare:
+    """What a live session shared the decoder with: offline steps that ran while it was open
+    (one already running when it opened counts; by design there is never more)."""
+
+    offline_steps: int = 0
 
 
 class StepGate:
@@ -37,21 +46,27 @@ class StepGate:
         self._live_waiting = 0
         self._busy = False
         self.offline_waits = 0  # offline steps that waited because live work was due (stats)
+        self.offline_steps = 0  # offline steps granted, ever
+        self._offline_running = False
 
     @property
     def live_sessions(self) -> int:
         return self._live_sessions
 
     @contextlib.contextmanager
-    def live_session(self) -> Iterator[None]:
-        """Live work is due: offline steps wait until every live session has closed."""
+    def live_session(self) -> Iterator[LiveShare]:
+        """Live work is due: offline steps wait until every live session has closed. The yielded
+        share is filled in when the session closes."""
+        share = LiveShare()
         with self._lock:
             self._live_sessions += 1
+            first = self.offline_steps - int(self._offline_running)
         try:
-            yield
+            yield share
         finally:
             with self._lock:
                 self._live_sessions -= 1
+                share.offline_steps = self.offline_steps - first
                 if not self._live_sessions and not self._busy:
                     self._offline_cv.notify()
 
@@ -79,7 +94,8 @@ class StepGate:
             else:
                 while True:
                     if not self._busy and not self._live_sessions and not self._live_waiting:
-                        self._busy = got = True
+                        self._busy = got = self._offline_running = True
+                        self.offline_steps += 1
                         break
                     if stop is not None and stop():
                         got = False
@@ -95,7 +111,7 @@ class StepGate:
             yield True
         finally:
             with self._lock:
-                self._busy = False
+                self._busy = self._offline_running = False
                 if self._live_waiting:
                     self._live_cv.notify()
                 elif not self._live_sessions:

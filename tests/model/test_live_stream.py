@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from model.live_stream import LiveStream
+from model.scheduler import StepGate
 from model.types import GenerationRequest, SamplingParams
 
 
@@ -69,13 +70,38 @@ def test_offline_steps_wait_while_a_live_session_is_open(tiny_engine):
         tiny_engine.generate([GenerationRequest("pad", 3.0)], lambda i, f: progress.append(f))
         done.set()
 
-    with gate.live_session():
+    with gate.live_session() as share:
         t = threading.Thread(target=offline, daemon=True)
         t.start()
         time.sleep(1.0)
         assert progress == [] and not done.is_set()  # not one step while live work is due
         with gate.step(live=True) as ok:  # live steps still run
             assert ok
+    assert share.offline_steps == 0
     assert done.wait(60)
     assert progress and progress[-1] == 1.0
     assert gate.offline_waits >= 1
+
+
+def test_a_live_session_counts_the_offline_step_it_opened_during():
+    gate = StepGate()
+    with gate.step() as ok:  # an offline step is running as live work arrives
+        assert ok
+        cm = gate.live_session()
+        share = cm.__enter__()
+    ran = []
+
+    def offline():
+        with gate.step() as got:
+            ran.append(got)
+
+    t = threading.Thread(target=offline, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    assert ran == []  # the next offline step waits for the session
+    cm.__exit__(None, None, None)
+    t.join(5)
+    assert ran == [True] and share.offline_steps == 1
+    with gate.live_session() as idle:
+        pass
+    assert idle.offline_steps == 0  # nothing was running this time
