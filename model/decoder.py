@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import hugepages, placeholders
+from model import hugepages, placeholders, weight_cache
 from model.quant import prefilling
 
 
@@ -350,7 +350,7 @@ class MusicgenDecoderLM(nn.Module):
 
         scratch: list[torch.Tensor] = []
 
-        def fused(names: list[str], kind: str, passing: bool = False) -> nn.Parameter:
+        def fused(names: list[str], kind: str, passing: bool = False, converted: bool = False) -> nn.Parameter:
             """The named tensors stacked; with `passing`, into one buffer reused by every layer,
             for weights `on_layer` converts into new tensors at once (a fresh 12 MB a layer cost
             its first touch, 0.1-0.3 s over musicgen-small's layers, measured)."""
@@ -362,8 +362,11 @@ class MusicgenDecoderLM(nn.Module):
                 out = scratch[0]
             else:  # On 2 MB pages: a fresh 12 MB tensor on 4 KB pages faulted 3,000 times (5 ms a layer).
                 out = hugepages.empty(shape, torch.float32)
-            torch.cat(parts, dim=0, out=out)
-            drop_pages(parts)
+            if converted:  # not copied at all where the weight cache replays its conversion
+                weight_cache.defer_concat(out, parts, lambda: drop_pages(parts))
+            else:
+                torch.cat(parts, dim=0, out=out)
+                drop_pages(parts)
             return nn.Parameter(out, requires_grad=False)
 
         def norm(prefix: str) -> nn.LayerNorm:
@@ -381,7 +384,7 @@ class MusicgenDecoderLM(nn.Module):
                 q = f"{p}layers.{i}."
                 mine.ln_self = norm(q + "self_attn_layer_norm")
                 mine.qkv.weight = fused([q + f"self_attn.{x}_proj.weight" for x in "qkv"], "proj",
-                                        passing=on_layer is not None)
+                                        passing=on_layer is not None, converted=on_layer is not None)
                 mine.out.weight = param(q + "self_attn.out_proj.weight")
                 mine.ln_cross = norm(q + "encoder_attn_layer_norm")
                 for x in "qkv":
@@ -392,9 +395,11 @@ class MusicgenDecoderLM(nn.Module):
                 if on_layer is not None:
                     on_layer(mine, [t for n, t in tensors.items() if n.startswith(q)])
                     if isinstance(mine.qkv, nn.Linear):  # left as it was: it cannot stay in the scratch
+                        weight_cache.materialize(mine.qkv.weight)
                         mine.qkv.weight = nn.Parameter(mine.qkv.weight.clone(), requires_grad=False)
             lm.ln_final = norm(p + "layer_norm")
-            lm.heads.weight = fused([f"lm_heads.{k}.weight" for k in range(spec.n_codebooks)], "lm_heads")
+            lm.heads.weight = fused([f"lm_heads.{k}.weight" for k in range(spec.n_codebooks)], "lm_heads",
+                                    converted=on_layer is not None)
         left = [n for n, t in list(lm.named_parameters()) + list(lm.named_buffers()) if t.is_meta]
         assert not left, f"decoder tensors not laid out: {left}"
         return lm.eval().requires_grad_(False)

@@ -75,14 +75,31 @@ def folder() -> Path:
     return cache_dir() / "weights" if value.lower() in _ON else Path(value).expanduser()
 
 
-def fingerprint(source: torch.Tensor) -> int:
-    """CRC32 of the first, middle and last 1024 values of a source weight (its bytes)."""
-    flat = source.detach().reshape(-1)
-    n = flat.numel()
+def fingerprint(source: torch.Tensor, parts: list[torch.Tensor] | None = None) -> int:
+    """CRC32 of the first, middle and last 1024 values of a source weight (its bytes); with
+    `parts`, of their concatenation along the first dimension, which `source` is to hold."""
+    flats = [p.detach().reshape(-1) for p in parts] if parts is not None else [source.detach().reshape(-1)]
+    n = sum(f.numel() for f in flats)
     crc = zlib.crc32(repr((tuple(source.shape), str(source.dtype))).encode())
     for lo in sorted({0, max(0, n // 2 - 512), max(0, n - 1024)}):
-        crc = zlib.crc32(flat[lo : lo + 1024].contiguous().view(torch.uint8).numpy().tobytes(), crc)
+        crc = zlib.crc32(_values(flats, lo, 1024).contiguous().view(torch.uint8).numpy().tobytes(), crc)
     return crc
+
+
+def _values(flats: list[torch.Tensor], lo: int, count: int) -> torch.Tensor:
+    """Values [lo, lo + count) of the flat tensors laid end to end."""
+    taken = []
+    for f in flats:
+        if count <= 0:
+            break
+        if lo >= f.numel():
+            lo -= f.numel()
+            continue
+        piece = f[lo : lo + count]
+        taken.append(piece)
+        count -= piece.numel()
+        lo = 0
+    return taken[0] if len(taken) == 1 else torch.cat(taken)
 
 
 def key_of(files: list[Path], **layout) -> str:
@@ -118,6 +135,9 @@ class Record:
         self.outside = False  # a conversion landed outside the arena: nothing to record
         self._head: dict | None = None
         self._file = None  # the record's one open file: header, map, data and scales all from it
+        # Sources not yet written: their address -> (tensor, the parts it is to concatenate);
+        # a replayed conversion never needs them (`defer_concat`).
+        self.pending: dict[int, tuple[torch.Tensor, list[torch.Tensor], Callable[[], None] | None]] = {}
 
     @classmethod
     def open(cls, path: Path | None, nbytes: int) -> Record:
@@ -171,7 +191,11 @@ class Record:
     def fill(self, out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None],
              source: torch.Tensor) -> None:
         i, scale_at = len(self.made), self._scale_at
-        entry = self._entry(out, scale, scale_at, fingerprint(source)) if self.buf is not None else None
+        later = self.pending.get(source.data_ptr())
+        if later is not None and later[0].shape != source.shape:
+            later = None
+        fp = fingerprint(source, later[1] if later is not None else None)
+        entry = self._entry(out, scale, scale_at, fp) if self.buf is not None else None
         if entry is None:
             self.outside = True
         if (entry is not None and self.replayed == i and i < len(self.replay) and self.replay[i] == entry
@@ -179,12 +203,26 @@ class Record:
             if scale is not None:
                 scale.copy_(self.scales[scale_at : scale_at + scale.numel()])
             self.replayed += 1
+            if later is not None:
+                del self.pending[source.data_ptr()]
         else:
+            self.materialize(source)
             convert()  # in a mapped record, a write copies the page it lands on (private mapping)
         self.made.append((entry, scale))
         self._scale_at += 0 if scale is None else scale.numel()
         if entry is not None:
             self._used = max(self._used, entry[0] + out.nbytes)
+
+    def materialize(self, tensor: torch.Tensor | None = None) -> None:
+        """Write the deferred concatenation into `tensor` (None: into every tensor still waiting)."""
+        keys = list(self.pending) if tensor is None else [tensor.data_ptr()]
+        for key in keys:
+            got = self.pending.pop(key, None)
+            if got is not None:
+                target, parts, done = got
+                torch.cat(parts, dim=0, out=target)
+                if done is not None:
+                    done()
 
     @property
     def how(self) -> str:
@@ -348,6 +386,8 @@ def recording(record: Record | None) -> Iterator[Record | None]:
         yield record
     finally:
         _ACTIVE.reset(token)
+        if record is not None:
+            record.materialize()  # whatever no conversion consumed is written as it was asked for
 
 
 def fill(out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], None], source: torch.Tensor) -> None:
@@ -358,6 +398,30 @@ def fill(out: torch.Tensor, scale: torch.Tensor | None, convert: Callable[[], No
         convert()
     else:
         record.fill(out, scale, convert, source)
+
+
+def defer_concat(out: torch.Tensor, parts: list[torch.Tensor], done: Callable[[], None] | None = None) -> None:
+    """Make `out` the concatenation of `parts` along the first dimension, or promise to.
+
+    Why: musicgen-small's fused q/k/v and heads are 0.3 GB of float32 copied from the
+    checkpoint on every load, only to be quantised; where the open record replays that
+    conversion, its source is never read. Inside `recording` the copy is deferred until a
+    conversion needs it (`fill`, `materialize`) and made when the block ends at the latest; the
+    replay's fingerprint is taken from the parts. `done` runs once the copy is made."""
+    record = _ACTIVE.get()
+    if record is None or record.buf is None:
+        torch.cat(parts, dim=0, out=out)
+        if done is not None:
+            done()
+        return
+    record.pending[out.data_ptr()] = (out, list(parts), done)
+
+
+def materialize(tensor: torch.Tensor) -> None:
+    """Make a deferred concatenation into `tensor` now (a no-op where none waits)."""
+    record = _ACTIVE.get()
+    if record is not None:
+        record.materialize(tensor)
 
 
 def path_for(key: str) -> Path | None:

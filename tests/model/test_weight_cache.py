@@ -133,7 +133,13 @@ def test_a_changed_checkpoint_is_converted_again(cache, model_dir, conversions):
         assert torch.equal(x, y)
 
 
-def test_a_checkpoint_rewritten_in_place_under_the_same_key_is_caught(cache, model_dir, conversions, monkeypatch):
+@pytest.mark.parametrize("weight,end", [("model.decoder.layers.1.fc1.weight", False),
+                                        # fused with q and k (with the other heads), the copy
+                                        # deferred: the fingerprint is taken from the parts
+                                        ("model.decoder.layers.1.self_attn.v_proj.weight", True),
+                                        ("lm_heads.3.weight", True)])
+def test_a_checkpoint_rewritten_in_place_under_the_same_key_is_caught(cache, model_dir, conversions, monkeypatch,
+                                                                      weight, end):
     """Same file, size, time and inode, one weight's values changed: the key cannot see it, the
     entry's fingerprint of its source does, and that weight is converted from the new values."""
     _load(model_dir, "int8")
@@ -141,8 +147,8 @@ def test_a_checkpoint_rewritten_in_place_under_the_same_key_is_caught(cache, mod
     data = bytearray(f.read_bytes())
     n = int.from_bytes(data[:8], "little")
     head = json.loads(data[8 : 8 + n])
-    lo, hi = head["decoder.model.decoder.layers.1.fc1.weight"]["data_offsets"]
-    at = 8 + n + lo
+    lo, hi = head["decoder." + weight]["data_offsets"]
+    at = 8 + n + (hi - 64 if end else lo)
     data[at : at + 64] = bytes(reversed(data[at : at + 64]))
     st = f.stat()
     with open(f, "r+b") as fh:
