@@ -139,3 +139,93 @@ void mb_attend(const float *q, int q_stride, const void *K, const void *V, const
         else attend_one(qh, Kh, Vh, 0, 0, MB_KV_F32, n, m, hd, scale, ah, s);
     }
 }
+
+/* One d-wide dot product of x with a folded key (format `fmt`, a constant at each inlined call). */
+static inline __attribute__((always_inline)) float dot_wide(const float *x, const void *M, size_t at, int d, int fmt) {
+    vf a0 = (vf){0}, a1 = (vf){0};
+    int i = 0;
+    for (; i + 2 * LANES <= d; i += 2 * LANES) {
+        a0 += vload(x + i) * load_kv(M, at + i, fmt);
+        a1 += vload(x + i + LANES) * load_kv(M, at + i + LANES, fmt);
+    }
+    for (; i < d; i += LANES) a0 += vload(x + i) * load_kv(M, at + i, fmt);
+    return vsum(a0 + a1);
+}
+
+/* out += p * U's d-wide vector at `at`. */
+static inline __attribute__((always_inline)) void axpy_wide(float p, const void *U, size_t at, int d, int fmt,
+                                                            float *out) {
+    vf pv = vsplat(p);
+    for (int i = 0; i < d; i += LANES) vstore(out + i, vload(out + i) + pv * load_kv(U, at + i, fmt));
+}
+
+static void scores_folded(const float *x, const void *M, const float *MS, int fmt, size_t first, int t0, int t1,
+                          int n, int d, const uint8_t *mask, float scale, float *s) {
+    for (int t = t0; t < t1; t++) {
+        if (mask && !mask[t % n]) { s[t] = -INFINITY; continue; }
+        size_t at = (first + t) * d;
+        float dot = fmt == MB_KV_I8 ? dot_wide(x, M, at, d, MB_KV_I8) * MS[first + t]
+                    : fmt == MB_KV_BF16 ? dot_wide(x, M, at, d, MB_KV_BF16) : dot_wide(x, M, at, d, MB_KV_F32);
+        s[t] = dot * scale;
+    }
+}
+
+static void sum_folded(const void *U, int fmt, size_t first, int t0, int t1, int d, const float *p, float *out) {
+    for (int t = t0; t < t1; t++) {
+        if (p[t] == 0.f) continue;
+        size_t at = (first + t) * d;
+        if (fmt == MB_KV_I8) axpy_wide(p[t], U, at, d, MB_KV_I8, out);
+        else if (fmt == MB_KV_BF16) axpy_wide(p[t], U, at, d, MB_KV_BF16, out);
+        else axpy_wide(p[t], U, at, d, MB_KV_F32, out);
+    }
+}
+
+void mb_cross_folded(const float *x, int rows, int d, int heads, int n, const void *M, const void *U,
+                     const float *MS, const float *US, int fmt, const int *slot, const unsigned char *mask,
+                     float *out, float *s) {
+    float scale = 1.0f / sqrtf((float)(d / heads));
+    int T = heads * n;
+    memset(out, 0, sizeof(float) * (size_t)rows * d);
+    for (int r = 0; r < rows; r++) {
+        if (slot[r] < 0) continue;
+        const float *xr = x + (size_t)r * d;
+        float *o = out + (size_t)r * d;
+        size_t first = (size_t)slot[r] * T;
+        const uint8_t *m = mask ? mask + (size_t)r * n : 0;
+        /* Each thread takes a contiguous run of the (head, key) vectors: one sequential stream. */
+#pragma omp parallel if ((long)T * d >= 65536)
+        {
+            int nt = omp_get_num_threads(), me = omp_get_thread_num();
+            int t0 = (int)((long)T * me / nt), t1 = (int)((long)T * (me + 1) / nt);
+            scores_folded(xr, M, MS, fmt, first, t0, t1, n, d, m, scale, s);
+#pragma omp barrier
+#pragma omp single
+            for (int h = 0; h < heads; h++) { /* softmax over each head's keys; int8 values' scales folded in */
+                float *sh = s + (size_t)h * n, best = -INFINITY, total = 0.f;
+                for (int j = 0; j < n; j++) best = sh[j] > best ? sh[j] : best;
+                for (int j = 0; j < n; j++) {
+                    sh[j] = best == -INFINITY || sh[j] == -INFINITY ? 0.f : expf(sh[j] - best);
+                    total += sh[j];
+                }
+                for (int j = 0; j < n; j++) {
+                    sh[j] = total > 0.f ? sh[j] / total : 0.f;
+                    if (fmt == MB_KV_I8) sh[j] *= US[first + (size_t)h * n + j];
+                }
+            }
+            float *mine = me == 0 ? o : malloc(sizeof(float) * (size_t)d);
+            if (mine) {
+                if (me) memset(mine, 0, sizeof(float) * (size_t)d);
+                sum_folded(U, fmt, first, t0, t1, d, s, mine);
+            }
+#pragma omp barrier
+            if (me && mine) {
+#pragma omp critical
+                for (int i = 0; i < d; i++) o[i] += mine[i];
+                free(mine);
+            } else if (me) {
+#pragma omp critical
+                sum_folded(U, fmt, first, t0, t1, d, s, o); /* no memory for a private sum: add in place */
+            }
+        }
+    }
+}

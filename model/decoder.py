@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,8 @@ class CrossKV:
     k: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor  # bool (batch, 1, 1, text_len): True where a key may be attended
+    # What a step derives from these once (model/cross_fold.py's folded keys and values).
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _on_meta() -> bool:

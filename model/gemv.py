@@ -137,7 +137,7 @@ def _load() -> ctypes.CDLL | None:
             "mb_gemv_i8_vnni": [_P, _I, _I, _P, _P, _P, _P, _I],
             "mb_layer_step": [_P, _P, _P, _P, _P, _P, _I, _P, _P, _P],
             "mb_decoder_step": [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_size_t, _I, _P, _P,
-                                ctypes.c_size_t, _P, _P, _P, _P, _I, _P],
+                                ctypes.c_size_t, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _I, ctypes.c_size_t, _P],
             "mb_attend": [_P, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _P],
             "mb_attend_scratch": [_I, _I, _I],
             "mb_gelu": [_P, ctypes.c_long],

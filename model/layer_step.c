@@ -98,14 +98,23 @@ static void quantize_vector(const float *x, int n, int8_t *q, float *scale) {
     for (; j < n; j++) q[j] = (int8_t)nearbyintf(fminf(fmaxf(x[j] / s, -127.f), 127.f));
 }
 
+/* The text's folded keys and values for one layer's cross-attention (mb_cross_folded). */
+typedef struct {
+    const void *m, *u;
+    const float *ms, *us;
+    int fmt;
+    const int *slot;
+} mb_folded;
+
 /* x (rows, d) is updated in place. The new token's key and value go to column `pos` of
  * kcache/vcache (rows, heads, max_len, hd) in format L->kv, int8's scales to kscale/vscale
  * (rows, heads, max_len), and attention reads columns [0, pos]. Cross-attention
- * (skipped when ck is NULL) reads ck/cv (rows, heads, cross_len, hd) under cmask (rows, cross_len).
+ * (skipped when ck is NULL) reads ck/cv (rows, heads, cross_len, hd) under cmask (rows, cross_len),
+ * or, where `folded` is given, its folded keys and values instead of the q and out projections.
  * Returns 0, or -1 when scratch memory could not be had (x is then partly updated: the caller
  * passes a copy and discards it). */
-int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, float *kscale, float *vscale, int pos,
-                  const float *ck, const float *cv, const uint8_t *cmask) {
+static int layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, float *kscale, float *vscale, int pos,
+                      const float *ck, const float *cv, const uint8_t *cmask, const mb_folded *folded) {
     int rows = L->rows, d = L->d, heads = L->heads, hd = d / heads, ffn = L->ffn;
     int keys = pos + 1, widest = keys > L->cross_len ? keys : L->cross_len;
     size_t need = (size_t)rows * (d + 3 * d + d + d + ffn) + (size_t)mb_attend_scratch(rows, heads, widest);
@@ -138,7 +147,12 @@ int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, float
     if (product(&L->out, a, rows, d, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
 
-    if (ck) {
+    if (folded) {
+        layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
+        mb_cross_folded(h, rows, d, heads, L->cross_len, folded->m, folded->u, folded->ms, folded->us, folded->fmt,
+                        folded->slot, cmask, o, scores);
+        for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
+    } else if (ck) {
         layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
         if (product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
         mb_attend(qkv, d, ck, cv, NULL, NULL, MB_KV_F32, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d,
@@ -159,17 +173,26 @@ fail:
     return -1;
 }
 
+int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, float *kscale, float *vscale, int pos,
+                  const float *ck, const float *cv, const uint8_t *cmask) {
+    return layer_step(L, x, kcache, vcache, kscale, vscale, pos, ck, cv, cmask, NULL);
+}
+
 /* A whole decode step after the embeddings: every layer's step, then the final layer norm and
  * the heads, in one call. Layer l's cache is kcache/vcache + l * cache_layer elements (format
  * kv), int8's scales kscale/vscale + l * cache_layer / hd, its cross keys/values
  * ck/cv + l * cross_layer floats. x (rows, d) is
- * updated in place; logits (rows, heads_n) are written. Why: per layer, the Python around a C
+ * updated in place; logits (rows, heads_n) are written. Where fm is given, cross-attention reads
+ * the folded keys fm/values fu (f_layer elements a layer, format ffmt, int8's scales fms/fus) by
+ * `slot` instead (mb_cross_folded). Why: per layer, the Python around a C
  * call (module call, checks, views, ctypes) cost more than the layer norms it wraps. Returns 0,
  * or -1 when scratch memory could not be had (x and logits are then partly written). */
 int mb_decoder_step(const mb_layer *layers, int n_layers, int rows, int max_len, int cross_len, int kv,
                     float *x, void *kcache, void *vcache, float *kscale, float *vscale, size_t cache_layer, int pos,
                     const float *ck, const float *cv, size_t cross_layer, const uint8_t *cmask,
-                    const float *ln_w, const float *ln_b, const mb_linear *heads, int heads_n, float *logits) {
+                    const float *ln_w, const float *ln_b, const mb_linear *heads, int heads_n, float *logits,
+                    const void *fm, const void *fu, const float *fms, const float *fus, int ffmt, size_t f_layer,
+                    const int *slot) {
     size_t item = mb_kv_bytes(kv);
     size_t per_scale = cache_layer / (layers[0].d / layers[0].heads);
     for (int l = 0; l < n_layers; l++) {
@@ -177,8 +200,12 @@ int mb_decoder_step(const mb_layer *layers, int n_layers, int rows, int max_len,
         L.rows = rows, L.max_len = max_len, L.cross_len = cross_len, L.kv = kv;
         size_t at = (size_t)l * cache_layer * item;
         float *ks = kscale ? kscale + (size_t)l * per_scale : NULL, *vs = vscale ? vscale + (size_t)l * per_scale : NULL;
-        if (mb_layer_step(&L, x, (char *)kcache + at, (char *)vcache + at, ks, vs, pos,
-                          ck ? ck + (size_t)l * cross_layer : NULL, cv ? cv + (size_t)l * cross_layer : NULL, cmask))
+        size_t fat = (size_t)l * f_layer, fbytes = fat * mb_kv_bytes(ffmt), fscales = fat / layers[0].d;
+        mb_folded folded = {fm ? (const char *)fm + fbytes : NULL, fu ? (const char *)fu + fbytes : NULL,
+                            fms ? fms + fscales : NULL, fus ? fus + fscales : NULL, ffmt, slot};
+        if (layer_step(&L, x, (char *)kcache + at, (char *)vcache + at, ks, vs, pos,
+                       ck ? ck + (size_t)l * cross_layer : NULL, cv ? cv + (size_t)l * cross_layer : NULL, cmask,
+                       fm ? &folded : NULL))
             return -1;
     }
     int d = layers[0].d;

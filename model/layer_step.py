@@ -16,7 +16,7 @@ import ctypes
 import torch
 from torch import nn
 
-from model import gemv
+from model import cross_fold, gemv
 
 F32, BF16, I8, I8_VNNI = 0, 1, 2, 3  # kernels.h
 KV_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the self-attention caches the C step reads
@@ -148,8 +148,13 @@ class FusedStack:
     the n == 1 step of a decoder whose layers all fused. Why: the Python around 24 separate calls
     (module calls, checks, views, ctypes) cost about as much as all the layer norms it wrapped."""
 
-    def __init__(self, layers: list[FusedLayer], ln: tuple[int, int], heads: _Linear, heads_n: int, keep: list):
+    def __init__(self, layers: list[FusedLayer], ln: tuple[int, int], heads: _Linear, heads_n: int, keep: list,
+                 modules: nn.ModuleList | None = None):
         self.first = layers[0]
+        self.modules = modules  # the layers themselves: cross-attention folds their projections
+        # Cross-attention reads folded keys and values (model/cross_fold.py) in this format where
+        # they are less to read than the projections; None: always the projections.
+        self.fold_dtype: torch.dtype | None = torch.float32 if cross_fold.enabled() else None
         self.array = (_Layer * len(layers))(*[f.struct for f in layers])
         self.n_layers = len(layers)
         self.ln = ln
@@ -165,7 +170,7 @@ class FusedStack:
         if heads is None or ln is None or ctypes.c_float(lm.ln_final.eps).value != fused[0].struct.eps:
             return None
         return cls(fused, ln, heads, lm.heads.out_features,
-                   [*lm.ln_final.parameters(), *lm.heads.parameters(), *lm.heads.buffers()])
+                   [*lm.ln_final.parameters(), *lm.heads.parameters(), *lm.heads.buffers()], lm.layers)
 
     def suits(self, x: torch.Tensor, cache, cross) -> bool:
         return self.first.suits(x, cache, cross)
@@ -187,10 +192,22 @@ class FusedStack:
             ck = cv = mptr = None
             cross_len = cross_layer = 0
         ks, vs = _scales(cache)
+        f = self._folded(cross)
+        fold = (f.m.data_ptr(), f.u.data_ptr(), _ptr(f.m_scale), _ptr(f.u_scale), f.fmt, f.m[0].numel(),
+                f.slot.data_ptr()) if f is not None else (None, None, None, None, 0, 0, None)
         rc = gemv._lib.mb_decoder_step(self.array, self.n_layers, rows, cache.max_len, cross_len,
                                        KV_FORMATS[k.dtype], h.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs,
                                        per_layer, start, ck, cv, cross_layer, mptr, self.ln[0], self.ln[1],
-                                       ctypes.byref(self.heads), self.heads_n, logits.data_ptr())
+                                       ctypes.byref(self.heads), self.heads_n, logits.data_ptr(), *fold)
         if rc != 0:
             raise MemoryError("the fused decoder step could not get its scratch memory")
         return logits
+
+    def _folded(self, cross):
+        if cross is None or self.fold_dtype is None or self.modules is None:
+            return None
+        return cross_fold.folded(self.modules, cross, self.fold_dtype)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

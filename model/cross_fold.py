@@ -1,0 +1,104 @@
+"""Cross-attention with its query and output projections folded into the text's keys and values.
+
+Why: in a decode step each layer's cross-attention reads two d x d projections (W_q, W_o: 2 of
+musicgen-small's 14 MB of int8 weights a layer) to attend to a dozen text tokens. The keys and
+values are fixed for a whole generation, so per head h and text token j
+
+    q_h . k_hj = x . (W_q,h^T k_hj) = x . M_hj        W_o,h (sum_j p_hj v_hj) = sum_j p_hj (W_o,h v_hj) = sum_j p_hj U_hj
+
+and the step can read the d-wide M and U (2 x heads x tokens x d values a row) instead of the
+projections (2 x d x d). The unconditional half of a guided batch has all-zero keys and values:
+its cross-attention output is exactly zero either way, so it reads nothing. For one guided
+prompt of 12 tokens on musicgen-small that is 0.39 MB a layer in int8 (0.79 in bfloat16)
+against 2.1 MB; past about 60 tokens (30 in bfloat16) the projections are the smaller read
+and the step keeps them.
+
+M and U are stored like the self-attention cache of the same precision (`precision.kv_dtype`):
+float32 for float32 weights (the same arithmetic, reassociated), bfloat16, or int8 with one
+scale per vector (`decoder.quantize_kv`). They are made from the weights the step would have
+used (int8's dequantised), once per conditioning, and kept on the `CrossKV` they fold.
+MUSICBRIDGE_CROSS_FOLD=0 turns folding off.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.decoder import CrossKV, quantize_kv
+
+FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h MB_KV_*
+
+
+@dataclass(frozen=True)
+class Folded:
+    """M and U (layers, slots, heads, tokens, d) of the rows that attend to anything."""
+
+    m: torch.Tensor
+    u: torch.Tensor
+    m_scale: torch.Tensor | None  # int8: (layers, slots, heads, tokens)
+    u_scale: torch.Tensor | None
+    slot: torch.Tensor  # int32 (rows,): the row's index in m and u, -1 for a row that reads nothing
+
+    @property
+    def fmt(self) -> int:
+        return FORMATS[self.m.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.m, self.u, self.m_scale, self.u_scale) if t is not None)
+
+
+def enabled() -> bool:
+    """MUSICBRIDGE_CROSS_FOLD=0 keeps the projections (for A/B measurements)."""
+    return os.environ.get("MUSICBRIDGE_CROSS_FOLD", "1") != "0"
+
+
+def float_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a linear's products use, as float32 (int8 dequantised, bfloat16 widened)."""
+    deq = getattr(linear, "dequantized", None)
+    return deq() if deq is not None else linear.weight.detach().float()
+
+
+def _bytes(linear: nn.Module) -> int:
+    return sum(t.nbytes for t in (*linear.parameters(), *linear.buffers()))
+
+
+def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | None:
+    """The folded keys and values in `dtype`, or None where they would be more to read per step
+    than the projections they replace."""
+    n_layers, rows, heads, n, hd = cross.k.shape
+    d = heads * hd
+    active = (cross.v != 0).transpose(0, 1).reshape(rows, -1).any(dim=1)
+    picked = active.nonzero().flatten()
+    a = len(picked)
+    width = torch.empty(0, dtype=dtype).element_size()
+    per_layer = a * 2 * heads * n * (d * width + (4 if dtype == torch.int8 else 0))
+    projections = _bytes(layers[0].cross_q) + _bytes(layers[0].cross_out)
+    if per_layer >= projections:
+        return None
+    slot = torch.full((rows,), -1, dtype=torch.int32)
+    slot[picked] = torch.arange(a, dtype=torch.int32)
+    ms, us = [], []
+    for i, layer in enumerate(layers):
+        wq = float_weight(layer.cross_q).view(heads, hd, d)
+        wo = float_weight(layer.cross_out).view(d, heads, hd).permute(1, 2, 0)  # (heads, hd, d)
+        ms.append(cross.k[i, picked].float() @ wq)  # (a, heads, n, d)
+        us.append(cross.v[i, picked].float() @ wo)
+    m, u = torch.stack(ms), torch.stack(us)
+    if dtype == torch.int8:
+        (m, m_scale), (u, u_scale) = quantize_kv(m), quantize_kv(u)
+        return Folded(m.contiguous(), u.contiguous(), m_scale.contiguous(), u_scale.contiguous(), slot)
+    return Folded(m.to(dtype).contiguous(), u.to(dtype).contiguous(), None, None, slot)
+
+
+def folded(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | None:
+    """`fold`, made once per `CrossKV` (a generation's conditioning) and kept on it."""
+    key = ("folded", dtype)
+    memo = cross.derived
+    if key not in memo:
+        memo[key] = fold(layers, cross, dtype)
+    return memo[key]

@@ -1,0 +1,95 @@
+"""Cross-attention with its projections folded into the text's keys and values (model/cross_fold.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import gemv
+from model.cross_fold import fold, folded
+from model.precision import QUALITY_BOUND
+from tests.model.test_gemv import _rel, _teacher_forced, _wide_decoder
+
+# A guided batch as the engine makes it (model/conditioning.py): a prompt whose last key is
+# padding, and the unconditional row (all-zero states and mask).
+MASK = torch.tensor([[1, 1, 0], [0, 0, 0]])
+
+
+def _states(d: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(2, 3, d, generator=torch.Generator().manual_seed(seed)) * MASK[..., None]
+
+
+def _logits(lm, fold_dtype, seed: int = 3) -> torch.Tensor:
+    cross = lm.cross_kv(_states(lm.spec.d_model, seed), MASK)
+    tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 10), generator=torch.Generator().manual_seed(seed))
+    lm.stack.fold_dtype = fold_dtype
+    out = _teacher_forced(lm, tokens, cross, one_pass=False, kv=torch.float32)
+    made = cross.derived.get(("folded", fold_dtype))
+    assert (made is not None) is (fold_dtype is not None)  # the steps read it (or had none to read)
+    return out
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_folded_float32_keys_and_values_give_the_projections_logits(dtype):
+    """The same arithmetic reassociated: float32 M and U give the one-call step's logits without
+    folding to float32 rounding (int8 on VNNI rounds the unfolded path's activations to two int8
+    terms, 1e-4 as in test_gemv)."""
+    lm = _wide_decoder(dtype, width=128)
+    lm.fuse()
+    assert lm.stack is not None
+    plain = _logits(lm, None)
+    got = _logits(lm, torch.float32)
+    bound = 1e-4 if dtype == "int8" and gemv.int8_arithmetic() == "vnni" else 1e-5
+    assert _rel(got, plain) < bound
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("fold_dtype", [torch.bfloat16, torch.int8])
+def test_folded_keys_and_values_kept_narrow_stay_within_the_quality_bound(fold_dtype):
+    """bfloat16 and int8 (one scale a vector) M and U change the logits by their rounding only:
+    far inside the quality bound, where a misapplied scale or a wrong vector is of the logits'
+    own size. (The trained proxy's figures are in BENCHMARKS.md.)"""
+    lm = _wide_decoder("int8", width=128)
+    lm.fuse()
+    exact = _logits(lm, torch.float32)
+    narrow = _logits(lm, fold_dtype)
+    err = _rel(narrow, exact)
+    assert 0 < err < QUALITY_BOUND / 4, err
+
+
+@torch.inference_mode()
+def test_the_unconditional_row_reads_nothing_and_the_folding_is_made_once():
+    lm = _wide_decoder("int8", width=128)
+    lm.fuse()
+    cross = lm.cross_kv(_states(128), MASK)
+    f = folded(lm.layers, cross, torch.int8)
+    assert f is not None and f.slot.tolist() == [0, -1]
+    assert f.m.shape == (lm.spec.n_layers, 1, lm.spec.n_heads, 3, 128) and f.m.dtype == torch.int8
+    assert f.m_scale.shape == f.m.shape[:-1]
+    assert folded(lm.layers, cross, torch.int8) is f  # kept on the CrossKV
+    heads = lm.spec.n_heads
+    hd = 128 // heads
+    # M is W_q's head block applied to the key, U W_o's to the value (float32, to rounding)
+    exact = fold(lm.layers, cross, torch.float32)
+    layer = lm.layers[1]
+    wq, wo = layer.cross_q.dequantized(), layer.cross_out.dequantized()
+    for h in range(heads):
+        k, v = cross.k[1, 0, h, 0], cross.v[1, 0, h, 0]
+        torch.testing.assert_close(exact.m[1, 0, h, 0], wq[h * hd:(h + 1) * hd].T @ k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(exact.u[1, 0, h, 0], wo[:, h * hd:(h + 1) * hd] @ v, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_long_text_keeps_the_projections_where_they_are_less_to_read():
+    """Folding reads 2 x heads x tokens x d values a conditional row: past d / heads tokens
+    (float32 M and U against float32 projections) it would read more, and is not made."""
+    lm = _wide_decoder("float32", width=128, heads=4)
+    lm.fuse()
+    short = lm.cross_kv(torch.randn(1, 31, 128), torch.ones(1, 31))
+    long = lm.cross_kv(torch.randn(1, 32, 128), torch.ones(1, 32))
+    assert fold(lm.layers, short, torch.float32) is not None
+    assert fold(lm.layers, long, torch.float32) is None
+    # the step runs either way
+    tokens = torch.zeros(1, lm.spec.n_codebooks, 2, dtype=torch.long)
+    assert _teacher_forced(lm, tokens, long, one_pass=False).isfinite().all()
