@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model import gemv
 from model.decoder import CrossKV, quantize_kv
 
 FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h MB_KV_*
@@ -57,10 +58,16 @@ def enabled() -> bool:
     return os.environ.get("MUSICBRIDGE_CROSS_FOLD", "1") != "0"
 
 
-def float_weight(linear: nn.Module) -> torch.Tensor:
-    """The weight a linear's products use, as float32 (int8 dequantised, bfloat16 widened)."""
-    deq = getattr(linear, "dequantized", None)
-    return deq() if deq is not None else linear.weight.detach().float()
+def _weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight a linear's products use as float32 values and per-row scales (int8's own;
+    ones otherwise), so that weight = values * scales[:, None] without a dequantised copy."""
+    w = linear.weight.detach()
+    scale = getattr(linear, "scale", None)
+    if w.dtype == torch.uint8:  # biased int8 ("vnni"): q + 128
+        return w.float().sub_(128.0), scale.float()
+    if scale is not None and w.dtype == torch.int8:
+        return w.float(), scale.float()
+    return w.float(), torch.ones(w.shape[0])
 
 
 def _bytes(linear: nn.Module) -> int:
@@ -82,15 +89,17 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
         return None
     slot = torch.full((rows,), -1, dtype=torch.int32)
     slot[picked] = torch.arange(a, dtype=torch.int32)
-    ms, us = [], []
+    m = torch.empty(n_layers, a, heads, n, d)
+    u = torch.empty(n_layers, a, heads, n, d)
     for i, layer in enumerate(layers):
-        wq = float_weight(layer.cross_q).view(heads, hd, d)
-        wo = float_weight(layer.cross_out).view(d, heads, hd).permute(1, 2, 0)  # (heads, hd, d)
-        ms.append(cross.k[i, picked].float() @ wq)  # (a, heads, n, d)
-        us.append(cross.v[i, picked].float() @ wo)
-    m, u = torch.stack(ms), torch.stack(us)
+        (wq, sq), (wo, so) = _weight(layer.cross_q), _weight(layer.cross_out)
+        k = cross.k[i, picked].float() * sq.view(heads, 1, hd)  # W_q's row scales on the key side
+        torch.matmul(k, wq.view(heads, hd, d), out=m[i])  # (a, heads, n, d)
+        torch.matmul(cross.v[i, picked].float(), wo.view(d, heads, hd).permute(1, 2, 0), out=u[i])
+        u[i] *= so  # W_o's row scales: one per output element
     if dtype == torch.int8:
-        (m, m_scale), (u, u_scale) = quantize_kv(m), quantize_kv(u)
+        quantize = gemv.quantize_kv if gemv.available() else quantize_kv
+        (m, m_scale), (u, u_scale) = quantize(m), quantize(u)
         return Folded(m.contiguous(), u.contiguous(), m_scale.contiguous(), u_scale.contiguous(), slot)
     return Folded(m.to(dtype).contiguous(), u.to(dtype).contiguous(), None, None, slot)
 

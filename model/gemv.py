@@ -142,6 +142,7 @@ def _load() -> ctypes.CDLL | None:
             "mb_attend_scratch": [_I, _I, _I],
             "mb_gelu": [_P, ctypes.c_long],
             "mb_quantize_i8": [_P, _I, _I, _P, _P, _I],
+            "mb_quantize_kv": [_P, ctypes.c_long, _I, _P, _P],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
@@ -226,6 +227,15 @@ def quantize_i8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, to
     q, scale = hugepages.for_weights((n, k), torch.uint8 if biased else torch.int8), torch.empty(n)
     weight_cache.fill(q, scale, lambda: _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr(),
                                                             int(biased)), source=w)
+    return q, scale
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.decoder.quantize_kv in one C pass (the same bytes; the C step's own quantiser)."""
+    x = x.float().contiguous()
+    width = x.shape[-1]
+    q, scale = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[:-1])
+    _lib.mb_quantize_kv(x.data_ptr(), x.numel() // width, width, q.data_ptr(), scale.data_ptr())
     return q, scale
 
 

@@ -98,6 +98,13 @@ static void quantize_vector(const float *x, int n, int8_t *q, float *scale) {
     for (; j < n; j++) q[j] = (int8_t)nearbyintf(fminf(fmaxf(x[j] / s, -127.f), 127.f));
 }
 
+/* `quantize_vector` over n vectors of `width` (model/decoder.py's quantize_kv, byte for byte):
+ * for the folded cross-attention keys and values, made once per conditioning. */
+void mb_quantize_kv(const float *x, long n, int width, int8_t *q, float *scale) {
+#pragma omp parallel for schedule(static)
+    for (long i = 0; i < n; i++) quantize_vector(x + i * width, width, q + i * width, scale + i);
+}
+
 /* The text's folded keys and values for one layer's cross-attention (mb_cross_folded). */
 typedef struct {
     const void *m, *u;

@@ -93,3 +93,16 @@ def test_a_long_text_keeps_the_projections_where_they_are_less_to_read():
     # the step runs either way
     tokens = torch.zeros(1, lm.spec.n_codebooks, 2, dtype=torch.long)
     assert _teacher_forced(lm, tokens, long, one_pass=False).isfinite().all()
+
+
+def test_the_c_quantiser_for_folded_vectors_is_quantize_kv_byte_for_byte():
+    from model.decoder import quantize_kv
+
+    x = torch.randn(3, 5, 256) * 40
+    x[0, 1] = 0.0  # scale 0, zeros
+    x[2, 3, 7] = float("nan")  # scale NaN, zeros
+    q, s = gemv.quantize_kv(x)
+    want_q, want_s = quantize_kv(x)
+    assert torch.equal(q, want_q)
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0, equal_nan=True)
+    assert s[2, 3].isnan() and not q[2, 3].any() and s[0, 1] == 0
