@@ -9,9 +9,9 @@ values are fixed for a whole generation, so per head h and text token j
 and the step can read the d-wide M and U (2 x heads x tokens x d values a row) instead of the
 projections (2 x d x d). The unconditional half of a guided batch has all-zero keys and values:
 its cross-attention output is exactly zero either way, so it reads nothing. For one guided
-prompt of 12 tokens on musicgen-small that is 0.39 MB a layer in int8 (0.79 in bfloat16)
-against 2.1 MB; past about 60 tokens (30 in bfloat16) the projections are the smaller read
-and the step keeps them.
+prompt of 12 tokens on musicgen-small that is 0.39 MB a layer against 2.1 MB in int8. In the
+weights' own width, folding is less to read while the text has fewer tokens than a head has
+dimensions (64 here); past that the step keeps the projections.
 
 M and U are stored like the self-attention cache of the same precision (`precision.kv_dtype`):
 float32 for float32 weights (the same arithmetic, reassociated), bfloat16, or int8 with one
@@ -42,7 +42,7 @@ class Folded:
     u: torch.Tensor
     m_scale: torch.Tensor | None  # int8: (layers, slots, heads, tokens)
     u_scale: torch.Tensor | None
-    slot: torch.Tensor  # int32 (rows,): the row's index in m and u, -1 for a row that reads nothing
+    slot: torch.Tensor  # int32 (rows,): the row's index in m and u (rows with one text share it), -1: reads nothing
 
     @property
     def fmt(self) -> int:
@@ -70,6 +70,11 @@ def _weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return w.float(), torch.ones(w.shape[0])
 
 
+def _same_text(cross: CrossKV, a: int, b: int) -> bool:
+    return (torch.equal(cross.k[:, a], cross.k[:, b]) and torch.equal(cross.v[:, a], cross.v[:, b])
+            and torch.equal(cross.mask[a], cross.mask[b]))
+
+
 def _bytes(linear: nn.Module) -> int:
     return sum(t.nbytes for t in (*linear.parameters(), *linear.buffers()))
 
@@ -80,15 +85,21 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
     n_layers, rows, heads, n, hd = cross.k.shape
     d = heads * hd
     active = (cross.v != 0).transpose(0, 1).reshape(rows, -1).any(dim=1)
-    picked = active.nonzero().flatten()
+    # Rows with the same text (a prompt's variations) share one slot: it is read once a step.
+    slot = torch.full((rows,), -1, dtype=torch.int32)
+    picked: list[int] = []
+    for r in active.nonzero().flatten().tolist():
+        same = next((i for i, p in enumerate(picked) if _same_text(cross, p, r)), None)
+        if same is None:
+            same = len(picked)
+            picked.append(r)
+        slot[r] = same
     a = len(picked)
     width = torch.empty(0, dtype=dtype).element_size()
     per_layer = a * 2 * heads * n * (d * width + (4 if dtype == torch.int8 else 0))
     projections = _bytes(layers[0].cross_q) + _bytes(layers[0].cross_out)
     if per_layer >= projections:
         return None
-    slot = torch.full((rows,), -1, dtype=torch.int32)
-    slot[picked] = torch.arange(a, dtype=torch.int32)
     m = torch.empty(n_layers, a, heads, n, d)
     u = torch.empty(n_layers, a, heads, n, d)
     for i, layer in enumerate(layers):

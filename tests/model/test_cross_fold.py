@@ -106,3 +106,23 @@ def test_the_c_quantiser_for_folded_vectors_is_quantize_kv_byte_for_byte():
     assert torch.equal(q, want_q)
     torch.testing.assert_close(s, want_s, rtol=0, atol=0, equal_nan=True)
     assert s[2, 3].isnan() and not q[2, 3].any() and s[0, 1] == 0
+
+
+@torch.inference_mode()
+def test_variations_of_one_prompt_share_their_folded_keys_and_values():
+    """Four takes of one prompt (the engine's variations) plus another prompt, guided: the four
+    read one slot, the other prompt its own, the unconditional rows none; the logits equal the
+    projections' (float32 M and U)."""
+    lm = _wide_decoder("float32", width=128)
+    lm.fuse()
+    text = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(7))
+    states = torch.cat([text[[0, 0, 0, 0, 1]], torch.zeros(5, 3, 128)])
+    mask = torch.cat([torch.ones(5, 3), torch.zeros(5, 3)])
+    cross = lm.cross_kv(states, mask)
+    f = fold(lm.layers, cross, torch.float32)
+    assert f.slot.tolist() == [0, 0, 0, 0, 1, -1, -1, -1, -1, -1] and f.m.shape[1] == 2
+    tokens = torch.randint(0, lm.spec.vocab, (10, lm.spec.n_codebooks, 6), generator=torch.Generator().manual_seed(8))
+    folded_logits = _teacher_forced(lm, tokens, cross, one_pass=False)
+    lm.stack.fold_dtype = None
+    plain = lm.cross_kv(states, mask)
+    assert _rel(folded_logits, _teacher_forced(lm, tokens, plain, one_pass=False)) < 1e-5
