@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 PROMPT = "lofi hip hop beat with warm piano chords and vinyl crackle"
@@ -104,12 +105,22 @@ def build_melody_model(arch: str):
     return model, tokenizer
 
 
-def _engine(model, tokenizer, dtype: str, melody: bool):
-    from model.engine import Engine
-    from model.loading import ResolvedModel
+def _write(model, tokenizer, folder: Path) -> Path:
+    """A checkpoint directory, so the jam's engine loads as `musicbridge serve --model` does
+    (our loader, our streaming codec, the weight cache), not from in-memory `transformers` objects,
+    whose codec streams by re-decoding a window (model/codec.py)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
 
-    resolved = ResolvedModel("random", "random weights", False, melody, True)
-    return Engine(model, tokenizer, resolved, "cpu", dtype)
+
+def _engine(folder: Path, dtype: str):
+    from model.engine import Engine
+
+    eng = Engine.load(str(folder), dtype=dtype)
+    if eng.weight_writer is not None:
+        eng.weight_writer.join()
+    return eng
 
 
 def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: bool,
@@ -181,6 +192,7 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
         "prefills": status["prefills"],
         "note_latency_median": statistics.median(latencies) if latencies else None,
         "note_latencies": latencies,
+        "codec_stream": type(jam._decoder).__name__,  # which streaming codec served (model/codec.py)
     }
     if not hist:
         log(f"  no chunk finished within {deadline - t0:.0f} s: this precision cannot jam on this machine")
@@ -192,7 +204,8 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
 
 
 def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: int, device,
-        notes: bool, log: Callable[[str], None]) -> dict[str, Any]:
+        notes: bool, log: Callable[[str], None], model_dir: str | None = None) -> dict[str, Any]:
+    """`model_dir`: the text checkpoint to jam with (default: `arch`'s shapes, random weights)."""
     from model.bench import build_random_model, machine
 
     report: dict[str, Any] = {"arch": arch, "seconds": seconds, "tempo": tempo, "chunk_bars": chunk_bars,
@@ -205,19 +218,23 @@ def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: 
         report["device"] = out.device_name
         log(f"output: {out.device_name} ({out.samplerate} Hz)")
         t = time.perf_counter()
-        model, tok = build_random_model(arch)
-        mmodel = build_melody_model(arch)[0] if notes else None
-        log(f"built {arch} with random weights in {time.perf_counter() - t:.1f} s")
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="musicbridge-jam-bench-")))
+        text = Path(model_dir) if model_dir else None
+        if text is None or notes:
+            model, tok = build_random_model(arch)
+            if text is None:
+                text = _write(model, tok, tmp / "text")
+            melody = _write(build_melody_model(arch)[0], tok, tmp / "melody") if notes else None
+            del model
+            log(f"wrote {arch} with random weights in {time.perf_counter() - t:.1f} s")
         for dtype in dtypes:
             log(f"{dtype}: text-only jam, {seconds:g} s")
-            import copy
-
-            eng = _engine(copy.deepcopy(model), tok, dtype, False)
+            eng = _engine(text, dtype)
             row = {"dtype": dtype, **jam_run(eng, out, seconds, tempo, chunk_bars, False, log)}
             del eng
             if notes:
                 log(f"{dtype}: melody-input jam (note-to-audio latency), {seconds:g} s")
-                meng = _engine(copy.deepcopy(mmodel), tok, dtype, True)
+                meng = _engine(melody, dtype)
                 m = jam_run(meng, out, seconds, tempo, chunk_bars, True, log)
                 row["note_latency_median"] = m["note_latency_median"]
                 row["note_latencies"] = m["note_latencies"]

@@ -37,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--e2e-dtype", default="", metavar="D,D",
                    help="with --e2e: also run generate with --dtype D for each (peak memory per precision)")
     p.add_argument("--model", default=None,
-                   help="with --e2e: the checkpoint directory to use (default: write --arch's shapes "
-                        "with random weights to a temporary directory first)")
+                   help="with --e2e or --jam: the (text) checkpoint directory to use (default: write --arch's "
+                        "shapes with random weights to a temporary directory first)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--jam", action="store_true",
@@ -144,7 +144,8 @@ def _run_jam(args: argparse.Namespace, dtypes: list[str]) -> int:
     device = args.audio if args.audio == "jack-dummy" or not args.audio.isdigit() else int(args.audio)
     try:
         report = jam_bench.run(args.arch, dtypes, args.jam_seconds, args.tempo, args.chunk_bars, device,
-                               not args.no_notes, log=lambda m: print(m, file=sys.stderr, flush=True))
+                               not args.no_notes, log=lambda m: print(m, file=sys.stderr, flush=True),
+                               model_dir=args.model)
     except RuntimeError as e:
         raise UsageError(str(e)) from None
     m = report["machine"]
