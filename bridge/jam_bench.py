@@ -105,6 +105,19 @@ def build_melody_model(arch: str):
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def _write(model, tokenizer, folder: Path) -> Path:
     """A checkpoint directory, so the jam's engine loads as `musicbridge serve --model` does
     (our loader, our streaming codec, the weight cache), not from in-memory `transformers` objects,
@@ -219,6 +232,8 @@ def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: 
         log(f"output: {out.device_name} ({out.samplerate} Hz)")
         t = time.perf_counter()
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="musicbridge-jam-bench-")))
+        # the random checkpoints' converted weights go with them, not into the user's cache
+        stack.enter_context(_env("MUSICBRIDGE_WEIGHT_CACHE", str(tmp / "weights")))
         text = Path(model_dir) if model_dir else None
         if text is None or notes:
             model, tok = build_random_model(arch)

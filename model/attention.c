@@ -170,13 +170,15 @@ static void scores_folded(const float *x, const void *M, const float *MS, int fm
     }
 }
 
-static void sum_folded(const void *U, int fmt, size_t first, int t0, int t1, int d, const float *p, float *out) {
-    for (int t = t0; t < t1; t++) {
+/* out[c0, c1) += sum over vectors t of p[t] * U[t][c0, c1). */
+static void sum_folded(const void *U, int fmt, size_t first, int T, int d, int c0, int c1, const float *p,
+                       float *out) {
+    for (int t = 0; t < T; t++) {
         if (p[t] == 0.f) continue;
-        size_t at = (first + t) * d;
-        if (fmt == MB_KV_I8) axpy_wide(p[t], U, at, d, MB_KV_I8, out);
-        else if (fmt == MB_KV_BF16) axpy_wide(p[t], U, at, d, MB_KV_BF16, out);
-        else axpy_wide(p[t], U, at, d, MB_KV_F32, out);
+        size_t at = (first + t) * d + c0;
+        if (fmt == MB_KV_I8) axpy_wide(p[t], U, at, c1 - c0, MB_KV_I8, out + c0);
+        else if (fmt == MB_KV_BF16) axpy_wide(p[t], U, at, c1 - c0, MB_KV_BF16, out + c0);
+        else axpy_wide(p[t], U, at, c1 - c0, MB_KV_F32, out + c0);
     }
 }
 
@@ -212,20 +214,11 @@ void mb_cross_folded(const float *x, int rows, int d, int heads, int n, const vo
                     if (fmt == MB_KV_I8) sh[j] *= US[first + (size_t)h * n + j];
                 }
             }
-            float *mine = me == 0 ? o : malloc(sizeof(float) * (size_t)d);
-            if (mine) {
-                if (me) memset(mine, 0, sizeof(float) * (size_t)d);
-                sum_folded(U, fmt, first, t0, t1, d, s, mine);
-            }
-#pragma omp barrier
-            if (me && mine) {
-#pragma omp critical
-                for (int i = 0; i < d; i++) o[i] += mine[i];
-                free(mine);
-            } else if (me) {
-#pragma omp critical
-                sum_folded(U, fmt, first, t0, t1, d, s, o); /* no memory for a private sum: add in place */
-            }
+            /* the weighted sum: each thread its own columns, every vector in the same order, so
+             * the result does not depend on the thread count or timing (renders reproduce) */
+            int blocks = d / LANES;
+            int c0 = (int)((long)blocks * me / nt) * LANES, c1 = (int)((long)blocks * (me + 1) / nt) * LANES;
+            sum_folded(U, fmt, first, T, d, c0, c1, s, o);
         }
     }
 }

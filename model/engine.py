@@ -215,7 +215,7 @@ class Engine:
                      fused, len(lm.layers))
             if fused == len(lm.layers):
                 lm.kv_dtype = kv_dtype(dtype, self.device)
-                # folded cross-attention keys and values kept as the cache keeps its own
+            if lm.stack is not None:  # folded cross-attention keys and values kept as the cache keeps its own
                 lm.stack.fold_dtype = (lm.kv_dtype or torch.float32) if cross_fold.enabled() else None
         return lm, compute[0]
 

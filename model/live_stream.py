@@ -101,11 +101,13 @@ class LiveStream:
         The engine's gate is taken one step at a time and never held across a yield."""
         eng = self.engine
         self.offline_steps = 0
+        share = None
         try:
             with eng.gate.live_session() as share:  # offline steps wait until this chunk is made
                 yield from self._advance(until_frame, piece_frames, first_piece_frames, cancel)
         finally:
-            self.offline_steps = share.offline_steps
+            if share is not None:
+                self.offline_steps = share.offline_steps
 
     def _advance(self, until_frame, piece_frames, first_piece_frames, cancel) -> Iterator[np.ndarray]:
         eng = self.engine

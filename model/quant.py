@@ -96,6 +96,7 @@ def quantize_int8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, 
     """
     if w.device.type == "cpu" and w.dim() == 2 and gemv.available():
         return gemv.quantize_i8(w.float().contiguous(), biased=biased)
+    weight_cache.materialize(w)  # read here, not through `fill`: a deferred copy must exist first
     w = w.float()
     lo, hi = torch.aminmax(w, dim=1)
     scale = (torch.maximum(hi, -lo) / 127.0).clamp_(min=1e-12)

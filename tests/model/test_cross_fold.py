@@ -126,3 +126,32 @@ def test_variations_of_one_prompt_share_their_folded_keys_and_values():
     lm.stack.fold_dtype = None
     plain = lm.cross_kv(states, mask)
     assert _rel(folded_logits, _teacher_forced(lm, tokens, plain, one_pass=False)) < 1e-5
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("fold_dtype", [torch.float32, torch.int8])
+def test_the_threaded_fold_gives_the_same_logits_on_one_thread_and_on_all(fold_dtype):
+    """musicgen-small's sizes take the threaded path (heads x tokens x d >= 65536): 8 heads,
+    16 tokens, 512 wide here. Its logits equal the projections' (float32 M and U), and every
+    thread count gives the same bits (each output column is summed in one order)."""
+    lm = _wide_decoder("float32", width=512, heads=8)
+    lm.fuse()
+    states = torch.randn(2, 16, 512, generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(2, 16)
+    mask[0, 12:] = 0
+    states[1] = 0
+    mask[1] = 0
+    tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 4), generator=torch.Generator().manual_seed(9))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            lm.stack.fold_dtype = fold_dtype
+            runs.append(_teacher_forced(lm, tokens, lm.cross_kv(states, mask), one_pass=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
+    if fold_dtype == torch.float32:
+        lm.stack.fold_dtype = None
+        assert _rel(runs[0], _teacher_forced(lm, tokens, lm.cross_kv(states, mask), one_pass=False)) < 1e-5

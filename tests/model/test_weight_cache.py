@@ -270,3 +270,21 @@ def test_generate_twice_reads_the_second_time_and_writes_the_same_audio(tmp_path
     assert re.search(r"int8 weights (mapped|read) from the cache", runs[1])
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
 
+
+
+def test_without_the_c_kernels_the_deferred_copies_are_made_before_quantising(cache, model_dir, tmp_path):
+    """MUSICBRIDGE_KERNELS=0: PyTorch quantises the weights itself, outside the record's `fill`;
+    the fused q/k/v and heads it reads are the checkpoint's, as with the cache off."""
+    code = ("import sys, torch; from model.engine import Engine; "
+            "e = Engine.load(sys.argv[1], dtype='int8'); "
+            "e.weight_writer and e.weight_writer.join(); "
+            "torch.save([t.clone() for t in e.lm.buffers() if t.dtype in (torch.int8, torch.uint8)], sys.argv[2])")
+    outs = {}
+    for label, setting in (("on", str(cache)), ("off", "0")):
+        env = {**os.environ, "MUSICBRIDGE_KERNELS": "0", "MUSICBRIDGE_WEIGHT_CACHE": setting}
+        subprocess.run([sys.executable, "-c", code, str(model_dir), str(tmp_path / f"{label}.pt")],
+                       check=True, env=env, cwd=ROOT)
+        outs[label] = torch.load(tmp_path / f"{label}.pt")
+    assert len(outs["on"]) == len(outs["off"]) > 0
+    for a, b in zip(outs["on"], outs["off"]):
+        assert torch.equal(a, b)
