@@ -96,14 +96,31 @@ def measure_bandwidth(mb: int = 512) -> float:
     return best
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers a decode step reads (positions excluded: one row a step)."""
-    total = 0
+def weight_bytes(module: torch.nn.Module, folded_bytes: int | None = None) -> int:
+    """Bytes of parameters and buffers a decode step reads (positions excluded: one row a step;
+    cross-attention's key and value projections too: they run once, on the text). With
+    `folded_bytes`, cross-attention reads that many bytes of folded keys and values instead of
+    its query and output projections (model/cross_fold.py)."""
+    skip = ("cross_k.", "cross_v.") + (("cross_q.", "cross_out.") if folded_bytes is not None else ())
+    total = folded_bytes or 0
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if name in ("positions", "offsets") or name.startswith("embed"):
+        if name in ("positions", "offsets") or name.startswith("embed") or any(k in name for k in skip):
             continue
         total += t.numel() * t.element_size()
     return total
+
+
+def _folded_bytes(eng: Engine, prompt: str) -> int | None:
+    """What a step reads of `prompt`'s folded cross-attention (guided), or None if not folded."""
+    from model.conditioning import build_conditioning
+    from model.cross_fold import folded
+
+    stack = eng.lm.stack
+    if stack is None or stack.fold_dtype is None or eng.is_melody:
+        return None
+    cond = build_conditioning(eng.hf, eng.tokenizer, [prompt], None, True, eng.device, eng.compute_dtype)
+    f = folded(eng.lm.layers, eng.lm.cross_kv(cond.states, cond.mask), stack.fold_dtype)
+    return None if f is None else f.nbytes
 
 
 def peak_rss_mb() -> float:
@@ -202,13 +219,14 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
     # The first push is short (fast first audio) and the last is the flush: compare the first
     # and last full-size chunks.
     pushes = pushes[1:-1] if len(pushes) > 3 else pushes
-    floor = weight_bytes(eng.lm) / bandwidth * 1000
+    step_bytes = weight_bytes(eng.lm, _folded_bytes(eng, PROMPT))
+    floor = step_bytes / bandwidth * 1000
     res = Result("musicbridge", dtype, seconds, steps, float(np.median(gaps)), wall, seconds / wall,
                  ttfa_s=ttfa, first_chunk_decode_ms=pushes[0] if pushes else None,
                  last_chunk_decode_ms=pushes[-1] if pushes else None, peak_rss_mb=peak_rss_mb(),
                  floor_ms_per_step=floor,
                  extra={"stream_seconds": stream_seconds, "stream_rtf": stream_seconds / stream_wall,
-                        "weight_mb": weight_bytes(eng.lm) / 2**20})
+                        "weight_mb": step_bytes / 2**20})
     del eng
     gc.collect()
     return res

@@ -77,3 +77,20 @@ def test_bench_end_to_end_against_transformers(tmp_path):
     assert e["runs"][1]["weights_cached"] is gemv.available()
     assert "| musicbridge generate (default flags, first load: weight cache off) |" in r.stdout
     assert e["runs"][1]["auto"] is None and e["runs"][1]["peak_rss_mb"] > 50
+
+
+def test_the_floor_counts_what_a_step_reads(tiny_engine):
+    """Cross-attention's key and value projections run once on the text, not each step; with
+    folding its query and output projections give way to the folded keys and values."""
+    from model.bench import weight_bytes
+
+    lm = tiny_engine.lm
+
+    def size(part: str) -> int:
+        return sum(t.nbytes for layer in lm.layers for t in [*getattr(layer, part).parameters(),
+                                                              *getattr(layer, part).buffers()])
+
+    every = sum(t.nbytes for n, t in [*lm.named_parameters(), *lm.named_buffers()]
+                if n not in ("positions", "offsets") and not n.startswith("embed"))
+    assert weight_bytes(lm) == every - size("cross_k") - size("cross_v")
+    assert weight_bytes(lm, 1000) == weight_bytes(lm) - size("cross_q") - size("cross_out") + 1000
