@@ -80,8 +80,9 @@ def _bytes(linear: nn.Module) -> int:
 
 
 def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | None:
-    """The folded keys and values in `dtype`, or None where they would be more to read per step
-    than the projections they replace."""
+    """The folded keys and values in `dtype`, or None where one text's would be more to read per
+    step than the projections they replace. The choice and each slot's values depend on that
+    text and the batch's text length only, not on how many other prompts share the batch."""
     n_layers, rows, heads, n, hd = cross.k.shape
     d = heads * hd
     active = (cross.v != 0).transpose(0, 1).reshape(rows, -1).any(dim=1)
@@ -96,17 +97,19 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
         slot[r] = same
     a = len(picked)
     width = torch.empty(0, dtype=dtype).element_size()
-    per_layer = a * 2 * heads * n * (d * width + (4 if dtype == torch.int8 else 0))
+    per_text = 2 * heads * n * (d * width + (4 if dtype == torch.int8 else 0))
     projections = _bytes(layers[0].cross_q) + _bytes(layers[0].cross_out)
-    if per_layer >= projections:
+    if per_text >= projections:
         return None
     m = torch.empty(n_layers, a, heads, n, d)
     u = torch.empty(n_layers, a, heads, n, d)
     for i, layer in enumerate(layers):
         (wq, sq), (wo, so) = _weight(layer.cross_q), _weight(layer.cross_out)
-        k = cross.k[i, picked].float() * sq.view(heads, 1, hd)  # W_q's row scales on the key side
-        torch.matmul(k, wq.view(heads, hd, d), out=m[i])  # (a, heads, n, d)
-        torch.matmul(cross.v[i, picked].float(), wo.view(d, heads, hd).permute(1, 2, 0), out=u[i])
+        wq, wo = wq.view(heads, hd, d), wo.view(d, heads, hd).permute(1, 2, 0)  # (heads, hd, d) each
+        for j, r in enumerate(picked):  # one text at a time: the same products alone or batched
+            k = cross.k[i, r].float() * sq.view(heads, 1, hd)  # W_q's row scales on the key side
+            torch.matmul(k, wq, out=m[i, j])  # (heads, n, d)
+            torch.matmul(cross.v[i, r].float(), wo, out=u[i, j])
         u[i] *= so  # W_o's row scales: one per output element
     if dtype == torch.int8:
         quantize = gemv.quantize_kv if gemv.available() else quantize_kv

@@ -155,3 +155,19 @@ def test_the_threaded_fold_gives_the_same_logits_on_one_thread_and_on_all(fold_d
     if fold_dtype == torch.float32:
         lm.stack.fold_dtype = None
         assert _rel(runs[0], _teacher_forced(lm, tokens, lm.cross_kv(states, mask), one_pass=False)) < 1e-5
+
+
+@torch.inference_mode()
+def test_a_texts_folding_is_the_same_alone_and_batched_with_other_prompts():
+    """Whether a text is folded, and its M and U, depend on that text (and the batch's text
+    length), not on how many other prompts share the batch: six prompts still fold, and the
+    first prompt's vectors are bit for bit those it gets alone."""
+    lm = _wide_decoder("int8", width=128)
+    lm.fuse()
+    texts = torch.randn(6, 3, 128, generator=torch.Generator().manual_seed(11))
+    mask = torch.ones(6, 3)
+    many = fold(lm.layers, lm.cross_kv(texts, mask), torch.int8)
+    alone = fold(lm.layers, lm.cross_kv(texts[:1], mask[:1]), torch.int8)
+    assert many is not None and many.slot.tolist() == list(range(6))
+    assert torch.equal(many.m[:, 0], alone.m[:, 0]) and torch.equal(many.u[:, 0], alone.u[:, 0])
+    assert torch.equal(many.m_scale[:, 0], alone.m_scale[:, 0]) and torch.equal(many.u_scale[:, 0], alone.u_scale[:, 0])
