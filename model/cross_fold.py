@@ -22,6 +22,7 @@ MUSICBRIDGE_CROSS_FOLD=0 turns folding off.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from torch import nn
 
 from model import gemv
 from model.decoder import CrossKV, quantize_kv
+
+log = logging.getLogger(__name__)
 
 FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h MB_KV_*
 
@@ -100,6 +103,8 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
     per_text = 2 * heads * n * (d * width + (4 if dtype == torch.int8 else 0))
     projections = _bytes(layers[0].cross_q) + _bytes(layers[0].cross_out)
     if per_text >= projections:
+        log.debug("cross-attention keeps its projections: %d text tokens fold to %.2f MB a text a layer, "
+                  "the projections are %.2f MB", n, per_text / 1e6, projections / 1e6)
         return None
     m = torch.empty(n_layers, a, heads, n, d)
     u = torch.empty(n_layers, a, heads, n, d)
@@ -111,6 +116,8 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
             torch.matmul(k, wq, out=m[i, j])  # (heads, n, d)
             torch.matmul(cross.v[i, r].float(), wo, out=u[i, j])
         u[i] *= so  # W_o's row scales: one per output element
+    log.debug("cross-attention folded: %d text(s) of %d tokens, %s, %.2f MB a layer instead of %.2f MB",
+              a, n, str(dtype).removeprefix("torch."), a * per_text / 1e6, projections / 1e6)
     if dtype == torch.int8:
         quantize = gemv.quantize_kv if gemv.available() else quantize_kv
         (m, m_scale), (u, u_scale) = quantize(m), quantize(u)

@@ -57,8 +57,9 @@ def _build_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
-def tiny_configs(melody: bool = False, stereo: bool = False):
-    """Configs with the real structure at toy size (the decoder's vocab is TINY_VOCAB)."""
+def tiny_configs(melody: bool = False, stereo: bool = False, width: int = 32):
+    """Configs with the real structure at toy size (the decoder's vocab is TINY_VOCAB). A
+    `width` of whole 64-blocks gives a decoder the C decode step runs (model/layer_step.py)."""
     from transformers import EncodecConfig, T5Config
 
     text = T5Config(
@@ -79,8 +80,8 @@ def tiny_configs(melody: bool = False, stereo: bool = False):
     )
     n_codebooks = 8 if stereo else 4
     dec_kwargs = dict(
-        vocab_size=TINY_VOCAB, max_position_embeddings=2048, num_hidden_layers=2, ffn_dim=64,
-        num_attention_heads=4, hidden_size=32, dropout=0.0, attention_dropout=0.0,
+        vocab_size=TINY_VOCAB, max_position_embeddings=2048, num_hidden_layers=2, ffn_dim=2 * width,
+        num_attention_heads=4, hidden_size=width, dropout=0.0, attention_dropout=0.0,
         activation_dropout=0.0, num_codebooks=n_codebooks, audio_channels=2 if stereo else 1,
         pad_token_id=TINY_VOCAB, bos_token_id=TINY_VOCAB, decoder_start_token_id=TINY_VOCAB,
     )
@@ -108,14 +109,14 @@ def randomize_codebooks(codec) -> None:
                 cb.inited.fill_(True)
 
 
-def build_tiny_model(melody: bool = False, stereo: bool = False):
+def build_tiny_model(melody: bool = False, stereo: bool = False, width: int = 32):
     """Build the tiny model in memory with seeded random weights."""
     from transformers import (
         MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
         MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration,
     )
 
-    text, codec, dec_kwargs = tiny_configs(melody, stereo)
+    text, codec, dec_kwargs = tiny_configs(melody, stereo, width)
     # Random weights must not depend on the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
@@ -150,16 +151,17 @@ def build_tiny_model(melody: bool = False, stereo: bool = False):
     return model.eval()
 
 
-def write_tiny_model(out_dir: str | os.PathLike, melody: bool = False, stereo: bool = False) -> Path:
+def write_tiny_model(out_dir: str | os.PathLike, melody: bool = False, stereo: bool = False,
+                     width: int = 32) -> Path:
     """Write the tiny checkpoint atomically: a half-written directory is never left under `out_dir`."""
     out = Path(out_dir)
     with new_folder(out, ".tiny-") as tmp:
-        model = build_tiny_model(melody=melody, stereo=stereo)
+        model = build_tiny_model(melody=melody, stereo=stereo, width=width)
         model.save_pretrained(tmp, safe_serialization=True)
         _build_tokenizer(tmp)
         (tmp / "musicbridge_tiny.json").write_text(
             json.dumps({"tiny": True, "melody": melody, "stereo": stereo, "seed": TINY_SEED,
-                        "version": TINY_VERSION}) + "\n"
+                        "version": TINY_VERSION, **({"width": width} if width != 32 else {})}) + "\n"
         )
     return out
 
