@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 
 from model.live_stream import LiveStream
 from model.scheduler import StepGate
@@ -105,3 +106,23 @@ def test_a_live_session_counts_the_offline_step_it_opened_during():
     with gate.live_session() as idle:
         pass
     assert idle.offline_steps == 0  # nothing was running this time
+
+
+def test_a_stream_over_the_c_step_with_folded_cross_attention_continues_exactly(tmp_path):
+    """The jam's stream on a decoder the C step runs (128 wide, int8: folded cross-attention in
+    int8), with its window sliding: chunked equals uninterrupted, and each window's fresh
+    conditioning is folded again."""
+    from model.engine import Engine
+    from model.tiny import write_tiny_model
+
+    eng = Engine.load(str(write_tiny_model(tmp_path / "wide", width=128)), dtype="int8")
+    assert eng.lm.stack is not None and eng.lm.stack.fold_dtype == torch.int8
+
+    def stream() -> LiveStream:
+        return LiveStream(eng, "drums", SamplingParams(seed=3), context_seconds=0.5, window_seconds=2.0)
+
+    whole, chunked = stream(), stream()
+    a = _codes(whole, 220)
+    b = _codes(chunked, 13, 99, 100, 101, 180, 220)
+    assert np.array_equal(a, b) and whole.prefills == chunked.prefills == 3
+    assert whole._state.cross.derived[("folded", torch.int8)] is not None
