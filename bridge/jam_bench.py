@@ -82,15 +82,16 @@ def open_output(device, stack: contextlib.ExitStack, timeout: float = 15.0):
             time.sleep(0.5)
 
 
-def build_melody_model(arch: str):
-    """The arch's decoder shapes with MusicGen-Melody's chroma input, random weights."""
+def build_melody_model(arch: str, text: tuple | None = None):
+    """The arch's decoder shapes with MusicGen-Melody's chroma input, random weights; its codec
+    and tokenizer are `text`'s (`build_random_model(arch)`, made here when not given)."""
     import torch
     from transformers import (MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
                               MusicgenMelodyForConditionalGeneration)
 
     from model.bench import build_random_model
 
-    text_model, tokenizer = build_random_model(arch)
+    text_model, tokenizer = text or build_random_model(arch)
     cfg = text_model.config
     dec = MusicgenMelodyDecoderConfig(**{k: v for k, v in cfg.decoder.to_dict().items()
                                          if k in MusicgenMelodyDecoderConfig().to_dict()})
@@ -116,15 +117,6 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
-
-
-def _write(model, tokenizer, folder: Path) -> Path:
-    """A checkpoint directory, so the jam's engine loads as `musicbridge serve --model` does
-    (our loader, our streaming codec, the weight cache), not from in-memory `transformers` objects,
-    whose codec streams by re-decoding a window (model/codec.py)."""
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _engine(folder: Path, dtype: str):
@@ -219,7 +211,7 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
 def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: int, device,
         notes: bool, log: Callable[[str], None], model_dir: str | None = None) -> dict[str, Any]:
     """`model_dir`: the text checkpoint to jam with (default: `arch`'s shapes, random weights)."""
-    from model.bench import build_random_model, machine
+    from model.bench import build_random_model, machine, write_checkpoint
 
     report: dict[str, Any] = {"arch": arch, "seconds": seconds, "tempo": tempo, "chunk_bars": chunk_bars,
                               "machine": machine(), "runs": []}
@@ -234,12 +226,15 @@ def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: 
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="musicbridge-jam-bench-")))
         # the random checkpoints' converted weights go with them, not into the user's cache
         stack.enter_context(_env("MUSICBRIDGE_WEIGHT_CACHE", str(tmp / "weights")))
+        # Checkpoint folders, so the engines load as `musicbridge serve --model` does (our
+        # loader, our streaming codec, the weight cache), not from in-memory `transformers`
+        # objects, whose codec streams by re-decoding a window (model/codec.py).
         text = Path(model_dir) if model_dir else None
         if text is None or notes:
             model, tok = build_random_model(arch)
             if text is None:
-                text = _write(model, tok, tmp / "text")
-            melody = _write(build_melody_model(arch)[0], tok, tmp / "melody") if notes else None
+                text = write_checkpoint(model, tok, tmp / "text")
+            melody = write_checkpoint(*build_melody_model(arch, (model, tok)), tmp / "melody") if notes else None
             del model
             log(f"wrote {arch} with random weights in {time.perf_counter() - t:.1f} s")
         for dtype in dtypes:

@@ -65,14 +65,17 @@ def build_random_model(arch: str):
 
 def write_random_model(arch: str, out_dir) -> Path:
     """Write `build_random_model(arch)` as a checkpoint directory, atomically."""
+    return write_checkpoint(*build_random_model(arch), out_dir)
+
+
+def write_checkpoint(model, tokenizer, out_dir) -> Path:
+    """A `transformers` model and its tokenizer as a checkpoint directory, atomically."""
     from model.cache import new_folder
 
     out = Path(out_dir)
     with new_folder(out, ".random-") as tmp:
-        model, tokenizer = build_random_model(arch)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        del model
     return out
 
 

@@ -34,8 +34,6 @@ from model.decoder import CrossKV, quantize_kv
 
 log = logging.getLogger(__name__)
 
-FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h MB_KV_*
-
 
 @dataclass(frozen=True)
 class Folded:
@@ -46,10 +44,6 @@ class Folded:
     m_scale: torch.Tensor | None  # int8: (layers, slots, heads, tokens)
     u_scale: torch.Tensor | None
     slot: torch.Tensor  # int32 (rows,): the row's index in m and u (rows with one text share it), -1: reads nothing
-
-    @property
-    def fmt(self) -> int:
-        return FORMATS[self.m.dtype]
 
     @property
     def nbytes(self) -> int:

@@ -104,17 +104,18 @@ class KVCache:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
+    def _stored(self, k: torch.Tensor, v: torch.Tensor):
+        """(cache tensor, scales tensor or None, what goes in it, its scales) for keys and values."""
+        for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            yield (data, scales, *quantize_kv(x)) if self.quantized else (data, None, x.to(data.dtype), None)
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keys and values (batch, heads, n, head_dim) into columns start..start+n-1."""
         end = start + k.shape[2]
-        if not self.quantized:
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-            return
-        for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, scale = quantize_kv(x)
-            data[layer, :, :, start:end] = q
-            scales[layer, :, :, start:end] = scale
+        for data, scales, x, scale in self._stored(k, v):
+            data[layer, :, :, start:end] = x
+            if scales is not None:
+                scales[layer, :, :, start:end] = scale
 
     def read(self, layer: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of columns [0, end) in `dtype`."""
@@ -122,14 +123,10 @@ class KVCache:
 
     def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """One column, at a position held in a tensor (the fixed-shape step: no host value)."""
-        if not self.quantized:
-            self.k[layer].index_copy_(2, pos, k.to(self.k.dtype))
-            self.v[layer].index_copy_(2, pos, v.to(self.v.dtype))
-            return
-        for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, scale = quantize_kv(x)
-            data[layer].index_copy_(2, pos, q)
-            scales[layer].index_copy_(2, pos, scale)
+        for data, scales, x, scale in self._stored(k, v):
+            data[layer].index_copy_(2, pos, x)
+            if scales is not None:
+                scales[layer].index_copy_(2, pos, scale)
 
     def read_all(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Every column's keys and values in `dtype` (the fixed-shape step masks the unfilled)."""

@@ -154,17 +154,17 @@ static int layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, f
     if (product(&L->out, a, rows, d, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
 
-    if (folded) {
+    if (folded || ck) {
         layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
-        mb_cross_folded(h, rows, d, heads, L->cross_len, folded->m, folded->u, folded->ms, folded->us, folded->fmt,
-                        folded->slot, cmask, o, scores);
-        for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
-    } else if (ck) {
-        layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
-        if (product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
-        mb_attend(qkv, d, ck, cv, NULL, NULL, MB_KV_F32, L->cross_len, L->cross_len, cmask, rows, heads, hd, a, d,
-                  scores);
-        if (product(&L->cross_out, a, rows, d, o, d)) goto fail;
+        if (folded) {
+            mb_cross_folded(h, rows, d, heads, L->cross_len, folded->m, folded->u, folded->ms, folded->us,
+                            folded->fmt, folded->slot, cmask, o, scores);
+        } else {
+            if (product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
+            mb_attend(qkv, d, ck, cv, NULL, NULL, MB_KV_F32, L->cross_len, L->cross_len, cmask, rows, heads, hd,
+                      a, d, scores);
+            if (product(&L->cross_out, a, rows, d, o, d)) goto fail;
+        }
         for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
     }
 

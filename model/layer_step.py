@@ -19,7 +19,8 @@ from torch import nn
 from model import cross_fold, gemv
 
 F32, BF16, I8, I8_VNNI = 0, 1, 2, 3  # kernels.h
-KV_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the self-attention caches the C step reads
+# kernels.h MB_KV_*: the self-attention caches the C step reads, and folded cross-attention's vectors
+KV_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
@@ -149,7 +150,7 @@ class FusedStack:
     (module calls, checks, views, ctypes) cost about as much as all the layer norms it wrapped."""
 
     def __init__(self, layers: list[FusedLayer], ln: tuple[int, int], heads: _Linear, heads_n: int, keep: list,
-                 modules: nn.ModuleList | None = None):
+                 modules: nn.ModuleList):
         self.first = layers[0]
         self.modules = modules  # the layers themselves: cross-attention folds their projections
         # Cross-attention reads folded keys and values (model/cross_fold.py) in this format where
@@ -193,8 +194,8 @@ class FusedStack:
             cross_len = cross_layer = 0
         ks, vs = _scales(cache)
         f = self._folded(cross)
-        fold = (f.m.data_ptr(), f.u.data_ptr(), _ptr(f.m_scale), _ptr(f.u_scale), f.fmt, f.m[0].numel(),
-                f.slot.data_ptr()) if f is not None else (None, None, None, None, 0, 0, None)
+        fold = (f.m.data_ptr(), f.u.data_ptr(), gemv._ptr(f.m_scale), gemv._ptr(f.u_scale), KV_FORMATS[f.m.dtype],
+                f.m[0].numel(), f.slot.data_ptr()) if f is not None else (None, None, None, None, 0, 0, None)
         rc = gemv._lib.mb_decoder_step(self.array, self.n_layers, rows, cache.max_len, cross_len,
                                        KV_FORMATS[k.dtype], h.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs,
                                        per_layer, start, ck, cv, cross_layer, mptr, self.ln[0], self.ln[1],
@@ -204,10 +205,6 @@ class FusedStack:
         return logits
 
     def _folded(self, cross):
-        if cross is None or self.fold_dtype is None or self.modules is None:
+        if cross is None or self.fold_dtype is None:
             return None
         return cross_fold.folded(self.modules, cross, self.fold_dtype)
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()

@@ -23,6 +23,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_wide_model_dir(tmp_path_factory):
+    """The tiny checkpoint with a 128-wide decoder: the C decode step runs on it (32 is too narrow)."""
+    from model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-wide", width=128)
+
+
+@pytest.fixture(scope="session")
 def tiny_melody_dir(tmp_path_factory):
     from model.tiny import write_tiny_model
 

@@ -173,14 +173,6 @@ def test_a_texts_folding_is_the_same_alone_and_batched_with_other_prompts():
     assert torch.equal(many.m_scale[:, 0], alone.m_scale[:, 0]) and torch.equal(many.u_scale[:, 0], alone.u_scale[:, 0])
 
 
-@pytest.fixture(scope="module")
-def wide_model_dir(tmp_path_factory):
-    """A tiny checkpoint with a 128-wide decoder: the C decode step runs on it, and so folding."""
-    from model.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("wide") / "wide", width=128)
-
-
 def _generate(model_dir, out, fold: str, *flags: str) -> str:
     import os
     import subprocess
@@ -195,18 +187,18 @@ def _generate(model_dir, out, fold: str, *flags: str) -> str:
     return r.stderr
 
 
-def test_generate_runs_the_folded_step_and_greedy_tokens_match_the_projections(wide_model_dir, tmp_path):
+def test_generate_runs_the_folded_step_and_greedy_tokens_match_the_projections(tiny_wide_model_dir, tmp_path):
     """Through `musicbridge generate`: float32 greedy decoding gives the same tokens folded
     (the log says so) and with MUSICBRIDGE_CROSS_FOLD=0; the default precision folds too."""
     import numpy as np
 
-    folded_log = _generate(wide_model_dir, tmp_path / "folded", "1", "--dtype", "float32", "--greedy")
-    plain_log = _generate(wide_model_dir, tmp_path / "plain", "0", "--dtype", "float32", "--greedy")
+    folded_log = _generate(tiny_wide_model_dir, tmp_path / "folded", "1", "--dtype", "float32", "--greedy")
+    plain_log = _generate(tiny_wide_model_dir, tmp_path / "plain", "0", "--dtype", "float32", "--greedy")
     assert "2 of 2 layers take their decode step in one C call" in folded_log
     assert "cross-attention folded: 1 text(s)" in folded_log and "float32" in folded_log
     assert "cross-attention folded" not in plain_log
     a, b = np.load(tmp_path / "folded.npy"), np.load(tmp_path / "plain.npy")
     assert a.shape == b.shape and a.size > 0 and np.array_equal(a, b)
-    default_log = _generate(wide_model_dir, tmp_path / "default", "1", "--seed", "3")
+    default_log = _generate(tiny_wide_model_dir, tmp_path / "default", "1", "--seed", "3")
     assert "cross-attention folded: 1 text(s)" in default_log
     assert np.load(tmp_path / "default.npy").shape == a.shape

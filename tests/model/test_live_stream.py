@@ -108,14 +108,13 @@ def test_a_live_session_counts_the_offline_step_it_opened_during():
     assert idle.offline_steps == 0  # nothing was running this time
 
 
-def test_a_stream_over_the_c_step_with_folded_cross_attention_continues_exactly(tmp_path):
+def test_a_stream_over_the_c_step_with_folded_cross_attention_continues_exactly(tiny_wide_model_dir):
     """The jam's stream on a decoder the C step runs (128 wide, int8: folded cross-attention in
     int8), with its window sliding: chunked equals uninterrupted, and each window's fresh
     conditioning is folded again."""
     from model.engine import Engine
-    from model.tiny import write_tiny_model
 
-    eng = Engine.load(str(write_tiny_model(tmp_path / "wide", width=128)), dtype="int8")
+    eng = Engine.load(str(tiny_wide_model_dir), dtype="int8")
     assert eng.lm.stack is not None and eng.lm.stack.fold_dtype == torch.int8
 
     def stream() -> LiveStream:
