@@ -82,6 +82,31 @@ static inline float vsum(vf v) {
 #endif
 }
 
+#if LANES == 16 && defined(__AVX512F__)
+#define HAVE_VSUM16 1
+/* Sixteen vsum()s at once: lane i of the result is vsum(v[i]), bit for bit (the same pairing as
+ * _mm512_reduce_add_ps: halves, quarters, pairs, neighbours), in 30 shuffles and 15 adds where
+ * sixteen separate reductions take 64 shuffles and 64 adds. Why: the int8 product ends each tile
+ * of 1024-wide rows with sixteen such sums (gemv.c). Slot s takes v[4 (s mod 4) + s / 4], the
+ * order in which the last two levels leave the sums in lane order. */
+static inline vf vsum16(const vf v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) {
+        int s0 = 2 * i, s1 = 2 * i + 1;
+        __m512 x = (__m512)v[4 * (s0 & 3) + (s0 >> 2)], y = (__m512)v[4 * (s1 & 3) + (s1 >> 2)];
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++) {
+        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    return (vf)_mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+#endif
+
 /* e^x to about 2 ulp (Cody-Waite reduction to |r| <= ln2/2, degree-6 polynomial); 0 below
  * -87.3 (so -inf, a masked score, gives exactly 0), clamped above 88.3. */
 static inline vf vexp(vf x) {
