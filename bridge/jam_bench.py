@@ -36,6 +36,20 @@ PROMPT = "lofi hip hop beat with warm piano chords and vinyl crackle"
 
 
 @contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` inside the block, as it was after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def jack_dummy(rate: int = 48000, period: int = 256) -> Iterator[str]:
     """A private JACK server with the dummy driver, seen by this process's PortAudio through
     JACK_DEFAULT_SERVER; killed on exit."""
@@ -43,29 +57,24 @@ def jack_dummy(rate: int = 48000, period: int = 256) -> Iterator[str]:
     if jackd is None:
         raise RuntimeError("jackd is not installed (Debian package jackd2); or pass --audio DEVICE")
     name = f"mbbench-{uuid.uuid4().hex[:8]}"
-    old = os.environ.get("JACK_DEFAULT_SERVER")
-    os.environ["JACK_DEFAULT_SERVER"] = name
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([jackd, "--no-realtime", "-n", name, "-d", "dummy", "-r", str(rate), "-p", str(period)],
-                            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    try:
-        time.sleep(0.5)
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"jackd exited: {log.read().decode(errors='replace')[-300:]}")
-        yield name
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-        if old is None:
-            os.environ.pop("JACK_DEFAULT_SERVER", None)
-        else:
-            os.environ["JACK_DEFAULT_SERVER"] = old
+    with _env("JACK_DEFAULT_SERVER", name):
+        log = tempfile.TemporaryFile()
+        proc = subprocess.Popen([jackd, "--no-realtime", "-n", name, "-d", "dummy", "-r", str(rate), "-p", str(period)],
+                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        try:
+            time.sleep(0.5)
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"jackd exited: {log.read().decode(errors='replace')[-300:]}")
+            yield name
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
 
 
 def open_output(device, stack: contextlib.ExitStack, timeout: float = 15.0):
@@ -104,19 +113,6 @@ def build_melody_model(arch: str, text: tuple | None = None):
     g = model.generation_config
     g.pad_token_id = g.bos_token_id = g.decoder_start_token_id = cfg.decoder.pad_token_id
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _engine(folder: Path, dtype: str):

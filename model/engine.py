@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import cross_fold, hugepages, weight_cache
+from model import hugepages, weight_cache
 from model.checkpoint import Checkpoint, CheckpointError, TextTokenizer, unsupported
 from model.conditioning import build_conditioning
 from model.decoder import DecoderSpec, MusicgenDecoderLM
@@ -215,8 +215,8 @@ class Engine:
                      fused, len(lm.layers))
             if fused == len(lm.layers):
                 lm.kv_dtype = kv_dtype(dtype, self.device)
-            if lm.stack is not None:  # folded cross-attention keys and values kept as the cache keeps its own
-                lm.stack.fold_dtype = (lm.kv_dtype or torch.float32) if cross_fold.enabled() else None
+            if lm.stack is not None and lm.stack.fold_dtype is not None:
+                lm.stack.fold_dtype = lm.kv_dtype or torch.float32  # folded vectors kept as the cache keeps its own
         return lm, compute[0]
 
     @staticmethod
