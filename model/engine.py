@@ -90,14 +90,25 @@ def pick_dtype(dtype: str, device: str) -> str:
 def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
     """The bytes of the streamed linears' weights (layers and heads) converted to `dtype` on the
     CPU, each 64-byte aligned: the size of the huge-page arena they are made in (model/hugepages.py).
-    0 where the layout makes none (float32 shares the checkpoint's; int4's come from PyTorch)."""
-    width = {"int8": 1, "bfloat16": 2}.get(dtype)
-    if width is None:
+    0 where the layout makes none (float32 shares the checkpoint's; int4 without its C kernel
+    is PyTorch's packing)."""
+    from model import gemv
+    from model.quant import int4_group
+
+    if dtype not in ("int8", "bfloat16", "int4") or (dtype == "int4" and not gemv.has_vnni()):
         return 0
     with torch.device("meta"):
         lm = MusicgenDecoderLM(spec)
-    linears = [m for m in [*lm.layers.modules(), lm.heads] if isinstance(m, nn.Linear)]
-    return sum(-(-m.in_features * m.out_features * width // 64) * 64 for m in linears)
+
+    def size(m: nn.Linear, heads: bool) -> int:
+        if dtype == "bfloat16":
+            return m.in_features * m.out_features * 2
+        if dtype == "int4" and not heads and int4_group(m.in_features):
+            return m.out_features * (m.in_features // gemv.I4_GROUP) * gemv.I4_BLOCK
+        return m.in_features * m.out_features  # int8, and int4's heads and odd widths
+
+    linears = [(m, False) for m in lm.layers.modules() if isinstance(m, nn.Linear)] + [(lm.heads, True)]
+    return sum(-(-size(m, heads) // 64) * 64 for m, heads in linears)
 
 
 def _weight_record(hf_model, spec: DecoderSpec, dtype: str, nbytes: int) -> weight_cache.Record | None:

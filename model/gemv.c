@@ -221,6 +221,133 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     free(sx);
     return 0;
 }
+
+/* int4 on integer dot products. A row is stored as blocks of 128 inputs, I4_BLOCK bytes each: 64
+ * bytes of 4-bit q (input i in byte i's low nibble, input 64 + i in its high nibble), then the
+ * block's d as float16: w = d (q - 8). Data and scale in one stream per row, one sequential read.
+ *
+ * Why this shape: the kernel is bound by its instructions, not its bytes (half of int8's), and
+ * every block costs a scale multiply and a multiply-add per row of activations, so blocks are 128
+ * inputs rather than 64 (measured on the trained proxy: the same logit error either way,
+ * BENCHMARKS.md). Symmetric, because a minimum would cost a second term per block. The
+ * activations get one int8 term per block (s = max |x| / 127): int4 weights round 16 times
+ * coarser than that, so a second term, as int8 has, would buy nothing measurable and double the
+ * vpdpbusd. The - 8 rides in the dot product's starting value, -8 sum(xq), free. */
+#define I4_QB 128
+#define I4_BLOCK 66
+#define I4_ROWS 8
+
+/* One int8 term per block of 128: xq (M, K), scales sx (M, K / 128), and each block's starting
+ * value for the dot products, -8 sum(xq) in lane 0 (init, 16 int32 a block). */
+static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *init) {
+    int blocks = K / I4_QB;
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < blocks; b++) {
+            size_t at = (size_t)m * K + (size_t)b * I4_QB;
+            __m512 amax = _mm512_setzero_ps();
+            for (int i = 0; i < I4_QB; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + at + i)));
+            float a = _mm512_reduce_max_ps(amax);
+            __m512 inv = _mm512_set1_ps(a > 1e-30f ? 127.f / a : 0.f);
+            __m512i sum = _mm512_setzero_si512();
+            for (int i = 0; i < I4_QB; i += 16) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + at + i), inv),
+                                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                sum = _mm512_add_epi32(sum, q);
+                _mm_storeu_si128((__m128i *)(xq + at + i), _mm512_cvtsepi32_epi8(q));
+            }
+            size_t mb = (size_t)m * blocks + b;
+            sx[mb] = a / 127.f;
+            memset(init + mb * 16, 0, 64);
+            init[mb * 16] = -8 * _mm512_reduce_add_epi32(sum);
+        }
+}
+
+static inline __attribute__((always_inline)) __m512i dot_i4(__m512i init, __m512i lo, __m512i hi, const int8_t *x) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo, _mm512_loadu_si512(x)), hi, _mm512_loadu_si512(x + 64));
+}
+
+static inline void i4_tile(const int8_t *xq, const float *sx, const int32_t *init, int M, int K, const uint8_t *w,
+                           float *y, int N, int n, int nt) {
+    int blocks = K / I4_QB;
+    size_t row = (size_t)blocks * I4_BLOCK;
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int m = 0; m < M; m += 2) {
+        int mt = M - m < 2 ? M - m : 2;
+        vf acc[2 * I4_ROWS];
+        for (int i = 0; i < 2 * I4_ROWS; i++) acc[i] = (vf){0};
+        for (int b = 0; b < blocks; b++) {
+            size_t at0 = (size_t)m * blocks + b, at1 = mt > 1 ? at0 + blocks : at0;
+            const int8_t *x0 = xq + at0 * I4_QB, *x1 = xq + at1 * I4_QB;
+            __m512i i0 = _mm512_loadu_si512(init + at0 * 16), i1 = _mm512_loadu_si512(init + at1 * 16);
+            float s0 = sx[at0], s1 = mt > 1 ? sx[at1] : 0.f;
+            for (int r = 0; r < I4_ROWS; r++) {
+                if (r >= nt) break;
+                const uint8_t *p = w + (size_t)(n + r) * row + (size_t)b * I4_BLOCK;
+                __builtin_prefetch(p + (size_t)I4_ROWS * row);
+                __builtin_prefetch(p + (size_t)I4_ROWS * row + 64);
+                __m512i v = _mm512_loadu_si512(p);
+                __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                uint16_t h;
+                memcpy(&h, p + 64, 2);
+                float d = _cvtsh_ss(h);
+                acc[2 * r] = (vf)_mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_i4(i0, lo, hi, x0)), _mm512_set1_ps(d * s0),
+                                                 (__m512)acc[2 * r]);
+                acc[2 * r + 1] = (vf)_mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_i4(i1, lo, hi, x1)), _mm512_set1_ps(d * s1),
+                                                     (__m512)acc[2 * r + 1]);
+            }
+        }
+        vf sums = vsum16(acc);
+        for (int r = 0; r < nt; r++)
+            for (int c = 0; c < mt; c++) y[(size_t)(m + c) * N + n + r] = sums[2 * r + c];
+    }
+}
+
+int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) {
+    int blocks = K / I4_QB, tiles = (N + I4_ROWS - 1) / I4_ROWS;
+    int8_t *xq = malloc((size_t)M * K);
+    float *sx = malloc(sizeof(float) * (size_t)M * blocks);
+    int32_t *init = aligned_alloc(64, (size_t)M * blocks * 64);
+    if (!xq || !sx || !init) { free(xq); free(sx); free(init); return -1; }
+    quantize_rows1(x, M, K, xq, sx, init);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        int n = t * I4_ROWS;
+        i4_tile(xq, sx, init, M, K, w, y, N, n, N - n < I4_ROWS ? N - n : I4_ROWS);
+    }
+    free(xq);
+    free(sx);
+    free(init);
+    return 0;
+}
+
+/* The int4 layout above from float32 rows (K a multiple of 128): per block, the input of largest
+ * magnitude e sets d = e / -8, rounded to float16, so e itself is exactly q = 0 (-8 d) and the
+ * other side of zero gets seven levels; q = round-half-even(w / d) + 8 clamped to [0, 15] (d = 0:
+ * an all-zero block, every q 8). */
+void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
+    int blocks = K / I4_QB;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int b = 0; b < blocks; b++) {
+            const float *wb = w + (size_t)n * K + (size_t)b * I4_QB;
+            uint8_t *o = out + ((size_t)n * blocks + b) * I4_BLOCK;
+            float e = 0.f;
+            for (int i = 0; i < I4_QB; i++) e = fabsf(wb[i]) > fabsf(e) ? wb[i] : e;
+            uint16_t dh = _cvtss_sh(e / -8.f, _MM_FROUND_TO_NEAREST_INT);
+            float d = _cvtsh_ss(dh), inv = d != 0.f ? 1.f / d : 0.f;
+            uint8_t q[I4_QB];
+            for (int i = 0; i < I4_QB; i += 16) {
+                __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(wb + i), _mm512_set1_ps(inv)),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                t = _mm512_add_ps(t, _mm512_set1_ps(8.f));
+                t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.f));
+                _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+            }
+            for (int i = 0; i < 64; i++) o[i] = (uint8_t)(q[i] | (q[64 + i] << 4));
+            memcpy(o + 64, &dh, 2);
+        }
+}
+
 #else
 int mb_has_vnni(void) { return 0; }
 int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
@@ -228,10 +355,16 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     (void)x; (void)M; (void)K; (void)w; (void)scale; (void)bias; (void)y; (void)N;
     return -2;
 }
+int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) {
+    (void)x; (void)M; (void)K; (void)w; (void)y; (void)N;
+    return -2;
+}
+void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) { (void)w; (void)N; (void)K; (void)out; }
 #endif
 
 int mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N) {
     if (kind == MB_I8_VNNI) return mb_gemv_i8_vnni(x, M, K, w, scale, 0, y, N);
+    if (kind == MB_I4) return mb_gemv_i4(x, M, K, w, y, N);
     gemv_dense(kind, x, M, K, w, kind == MB_I8 ? scale : 0, 0, y, N);
     return 0;
 }

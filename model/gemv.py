@@ -142,12 +142,14 @@ def _load() -> ctypes.CDLL | None:
             "mb_attend_scratch": [_I, _I, _I],
             "mb_gelu": [_P, ctypes.c_long],
             "mb_quantize_i8": [_P, _I, _I, _P, _P, _I],
+            "mb_gemv_i4": [_P, _I, _I, _P, _P, _I],
+            "mb_quantize_i4": [_P, _I, _I, _P],
             "mb_quantize_kv": [_P, ctypes.c_long, _I, _P, _P],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
         for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_decoder_step", "mb_gemv_i8_vnni",
-                     "mb_attend_scratch"):
+                     "mb_attend_scratch", "mb_gemv_i4"):
             getattr(lib, name).restype = _I
         _lib = lib
         return lib
@@ -197,6 +199,17 @@ def int8_arithmetic() -> str | None:
     return "vnni"
 
 
+# int4's layout (model/gemv.c): blocks of I4_GROUP inputs, I4_BLOCK bytes each (64 bytes of
+# 4-bit q, then the block's scale as float16).
+I4_GROUP, I4_BLOCK = 128, 66
+
+
+def takes_i4(in_features: int) -> bool:
+    """Whether the int4 kernel runs a linear this wide here: whole 128-input blocks, on a CPU with
+    integer dot products (elsewhere int4 runs PyTorch's packed kernel, same weights)."""
+    return in_features % I4_GROUP == 0 and has_vnni()
+
+
 def takes(in_features: int) -> bool:
     """Whether the kernels can run a linear this wide: they read rows in whole 64-input blocks
     (every MusicGen width is some)."""
@@ -228,6 +241,28 @@ def quantize_i8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, to
     weight_cache.fill(q, scale, lambda: _lib.mb_quantize_i8(w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr(),
                                                             int(biased)), source=w)
     return q, scale
+
+
+def quantize_i4(w: torch.Tensor) -> torch.Tensor:
+    """model.quant.quantize_int4's arithmetic in C, packed in the kernel's layout: w (N, K)
+    contiguous float32, K a multiple of I4_GROUP -> (N, K // I4_GROUP * I4_BLOCK) uint8."""
+    n, k = w.shape
+    out = hugepages.for_weights((n, k // I4_GROUP * I4_BLOCK), torch.uint8)
+    weight_cache.fill(out, None, lambda: _lib.mb_quantize_i4(w.data_ptr(), n, k, out.data_ptr()), source=w)
+    return out
+
+
+def linear_i4(x: torch.Tensor, w: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., k) float32 -> (..., N) for 1..FEW_ROWS rows, w packed by `quantize_i4`."""
+    n = w.shape[0]
+    x2 = _rows(x, k)
+    y = torch.empty(x2.shape[0], n)
+    for xs, ys in _blocks(x2, y):
+        if _lib.mb_gemv_i4(xs.data_ptr(), xs.shape[0], k, w.data_ptr(), ys.data_ptr(), n) != 0:
+            raise MemoryError("the int4 product could not get its scratch memory")
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], n)
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

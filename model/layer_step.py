@@ -3,10 +3,10 @@
 With the products at memory speed, a decode step's remaining cost was the forty-odd small
 PyTorch ops per layer around them; the C step runs the same arithmetic (float32 activations,
 layer norms, attention over the filled cache, exact GELU, residuals) between the same
-products, over a float32, bfloat16 or int8 cache. `FusedLayer.of` says None where it does not apply
-(int4, a GPU, biases, another activation, kernels unavailable, widths that are not whole
-64-blocks), and the layer then runs its eager code. The weights are the layer's own: nothing is
-copied.
+products, over a float32, bfloat16 or int8 cache. `FusedLayer.of` says None where it does not
+apply (a GPU, biases, another activation, kernels unavailable, widths that are not whole
+64-blocks, int4 without integer dot products), and the layer then runs its eager code. The
+weights are the layer's own: nothing is copied.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from model import cross_fold, gemv
 
-F32, BF16, I8, I8_VNNI = 0, 1, 2, 3  # kernels.h
+F32, BF16, I8, I8_VNNI, I4 = 0, 1, 2, 3, 4  # kernels.h
 # kernels.h MB_KV_*: the self-attention caches the C step reads, and folded cross-attention's vectors
 KV_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -39,7 +39,7 @@ class _Layer(ctypes.Structure):
 
 def _linear(mod: nn.Module) -> _Linear | None:
     """The C view of one linear, or None where the C step cannot run it."""
-    from model.quant import Bf16Linear, Int8Linear
+    from model.quant import Bf16Linear, Int4Linear, Int8Linear
 
     if getattr(mod, "bias", None) is not None:
         return None
@@ -50,6 +50,8 @@ def _linear(mod: nn.Module) -> _Linear | None:
     if isinstance(mod, Int8Linear) and mod.arithmetic:
         kind = I8_VNNI if mod.arithmetic == "vnni" else I8
         return _Linear(kind, mod.weight.data_ptr(), mod.scale.data_ptr())
+    if isinstance(mod, Int4Linear) and mod.kernel:
+        return _Linear(I4, mod.weight.data_ptr(), None)
     return None
 
 

@@ -47,11 +47,16 @@ def kv_dtype(dtype: str, device: str = "cpu") -> torch.dtype | None:
     value vector, model.decoder.quantize_kv): past about 17 s a decode step reads more float32
     cache than int8 weights (at 30 s, 590 MB of cache a step for musicgen-small at batch 2,
     against 336 MB of weights; 157 MB in int8 with its scales), and rounding keys and values costs less quality
-    than the weights' own rounding (BENCHMARKS.md). float32 stays exact; int4 runs the eager
-    step, whose attention would widen the cache every step.
+    than the weights' own rounding (BENCHMARKS.md). float32 stays exact. int4 keeps an int8
+    cache where its C step runs (integer dot products); elsewhere it runs the eager step, whose
+    attention would widen the cache every step.
     """
+    from model import gemv
+
     if str(device).startswith("cuda"):
         return None
+    if dtype == "int4":
+        return torch.int8 if gemv.has_vnni() else None
     return {"bfloat16": torch.bfloat16, "int8": torch.int8}.get(dtype)
 
 

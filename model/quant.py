@@ -104,17 +104,21 @@ def quantize_int8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, 
     return (q.add_(128).to(torch.uint8) if biased else q.to(torch.int8)), scale
 
 
-def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric per group of `group` inputs: w ~ q * scale + low, q in [0, 15].
+def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per block of `group` inputs: w ~ d (q - 8), q in [0, 15].
 
-    Returns q (N, K) int32, scale and low (N, K // group).
+    The input of largest magnitude e sets d = e / -8 (rounded to float16, as the kernel stores
+    it), so e is exactly q = 0 and the other side of zero gets seven levels; q =
+    round-half-even(w / d) + 8, clamped. The C quantiser (model/gemv.c mb_quantize_i4) does the
+    same arithmetic. Returns q (N, K) int32 and d (N, K // group) float32.
     """
     n, k = w.shape
-    g = w.float().view(n, k // group, group)
-    low, high = torch.aminmax(g, dim=-1)
-    scale = ((high - low) / 15.0).clamp_(min=1e-12)
-    t = (g - low[..., None]).mul_((1.0 / scale)[..., None])
-    return t.round_().clamp_(0, 15).to(torch.int32).view(n, k), scale, low
+    g = w.float().reshape(n, k // group, group)
+    e = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True))
+    d = (e / -8.0).half().float()
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    q = (g * inv).round_().add_(8.0).clamp_(0, 15)
+    return q.to(torch.int32).reshape(n, k), d.squeeze(-1)
 
 
 class Bf16Linear(nn.Module):
@@ -201,39 +205,74 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, group: int):
+    """int4 weights in blocks of 128 inputs, w = d (q - 8) (`quantize_int4`): about half of int8's
+    bytes and an eighth of float32's.
+
+    On a CPU with integer dot products a decode step's few rows go to the C kernel
+    (model/gemv.c), which keeps the weights packed in its own layout (`gemv.quantize_i4`: data
+    and scale in one stream per row); longer inputs (prefill) are one matmul over the
+    dequantised weights. Elsewhere PyTorch's packed int4 kernel runs the same weights with
+    activations cast to `act_dtype`.
+    """
+
+    group = 128
+
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype):
         super().__init__()
         w = linear.weight.detach()
-        q, scale, low = quantize_int4(w, group)
-        self.group = group
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # The CPU kernel's convention: w = (q - 8) * scale + zero, laid out (K // group, N, 2).
-        zero = low + 8.0 * scale
-        self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1)
-                             .contiguous().to(act_dtype))
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1)
-                             if w.device.type == "cpu" else q.to(torch.uint8))
-        self._q = None if w.device.type == "cpu" else q
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype),
+        self.kernel = w.device.type == "cpu" and gemv.takes_i4(self.in_features)
+        if self.kernel:
+            self.register_buffer("weight", gemv.quantize_i4(w.float().contiguous()))
+            bias_dtype = torch.float32
+        else:
+            q, d = quantize_int4(w, self.group)
+            # PyTorch's convention: w = (q - 8) * scale + zero, laid out (K // group, N, 2).
+            self.register_buffer("scale_zero", torch.stack([d, torch.zeros_like(d)], dim=-1).transpose(0, 1)
+                                 .contiguous().to(act_dtype))
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1)
+                                 if w.device.type == "cpu" else q.to(torch.uint8))
+            self._q = None if w.device.type == "cpu" else q
+            bias_dtype = act_dtype
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(bias_dtype),
                                                                   requires_grad=False)
 
-    def dequantized(self) -> torch.Tensor:
-        sz = self.scale_zero.float().transpose(0, 1)  # (N, K // group, 2)
-        q = self._unpacked().float().view(self.out_features, -1, self.group)
-        return ((q - 8.0) * sz[..., :1] + sz[..., 1:]).view(self.out_features, self.in_features)
-
-    def _unpacked(self) -> torch.Tensor:
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (N, K) int32, d (N, K // group) float32), whichever layout holds them."""
+        if self.kernel:
+            blocks = self.weight.view(self.out_features, -1, gemv.I4_BLOCK)
+            packed = blocks[..., : self.group // 2].to(torch.int32)
+            q = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(self.out_features, self.in_features)
+            d = blocks[..., self.group // 2 :].contiguous().view(torch.float16).float().squeeze(-1)
+            return q, d
+        d = self.scale_zero.float()[..., 0].transpose(0, 1)
         if self._q is not None:
-            return self._q
+            return self._q, d
         # Recover q by running the kernel on the identity: cheap, exact, and layout-agnostic.
         eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
         w = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).float().T
-        sz = self.scale_zero.float().transpose(0, 1)
         g = w.view(self.out_features, -1, self.group)
-        return torch.round((g - sz[..., 1:]) / sz[..., :1] + 8.0).view(self.out_features, -1)
+        return torch.round(g / d[..., None] + 8.0).view(self.out_features, -1).to(torch.int32), d
+
+    def dequantized(self) -> torch.Tensor:
+        q, d = self.codes()
+        g = (q.float() - 8.0).view(self.out_features, -1, self.group)
+        return (g * d[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.kernel and x.dtype != torch.float32:
+            return self(x.float()).to(x.dtype)
+        if self.kernel:
+            if _kernel_rows(x):
+                return gemv.linear_i4(x, self.weight, self.in_features, self.bias)
+            x2 = x.reshape(-1, self.in_features)  # many rows (prefill): compute-bound, one matmul
+            if _bf16_products():
+                y = F.linear(x2.bfloat16(), self.dequantized().bfloat16()).float()
+                y = y if self.bias is None else y + self.bias
+            else:
+                y = F.linear(x2, self.dequantized(), self.bias)
+            return y.reshape(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(self.scale_zero.dtype)
         if x2.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
@@ -244,15 +283,13 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def int4_group(in_features: int, preferred: int = 128) -> int | None:
-    for g in (preferred, 64, 32):
-        if in_features % g == 0 and g <= in_features:
-            return g
-    return None
+def int4_group(in_features: int) -> int | None:
+    """int4's block (128 inputs) where it divides the width, else None (the linear gets int8)."""
+    return Int4Linear.group if in_features % Int4Linear.group == 0 else None
 
 
 def quantize_linears(
-    module: nn.Module, mode: str, group_size: int = 128, skip: tuple[str, ...] = (),
+    module: nn.Module, mode: str, skip: tuple[str, ...] = (),
     act_dtype: torch.dtype = torch.bfloat16, int8_names: tuple[str, ...] = (),
 ) -> nn.Module:
     """Replace every nn.Linear under `module` in place (names in `skip` stay as they are).
@@ -267,9 +304,9 @@ def quantize_linears(
             full = f"{name}.{attr}" if name else attr
             if not isinstance(sub, nn.Linear) or full in skip or attr in skip:
                 continue
-            group = int4_group(sub.in_features, group_size)
-            if mode == "int4" and group is not None and full not in int8_names and attr not in int8_names:
-                setattr(child, attr, Int4Linear(sub, act_dtype, group))
+            if (mode == "int4" and int4_group(sub.in_features) is not None and full not in int8_names
+                    and attr not in int8_names):
+                setattr(child, attr, Int4Linear(sub, act_dtype))
             else:
                 setattr(child, attr, Int8Linear(sub, act_dtype))
     return module

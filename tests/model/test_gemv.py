@@ -102,6 +102,55 @@ def test_int8_vnni_kernel_equals_its_block_quantised_arithmetic(rows):
     assert _rel(got, x @ (q.float() * scale[:, None]).T) < 1e-4
 
 
+def _block_quantised_one_term(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """The int4 kernel's view of the activations: per block of 128, s = max|x| / 127 and one
+    int8 term, x ~ s * round(x / s)."""
+    xb = x.view(x.shape[0], -1, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    t = torch.where(amax > 0, xb * (127 / torch.where(amax > 0, amax, 1)), 0)
+    return (torch.round(t) * (amax / 127)).view_as(x)
+
+
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int4 runs PyTorch's packed kernel")
+def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
+    """Same q and d as model.quant.quantize_int4 (the packed fallback's), bit for bit, including
+    an all-zero block and a block whose largest magnitude is positive (d < 0)."""
+    from model.quant import Int4Linear, quantize_int4
+
+    torch.manual_seed(3)
+    lin = nn.Linear(384, 40, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        lin.weight[1, :128] = 0
+        lin.weight[2, 200] = 0.9
+    mod = Int4Linear(lin, torch.bfloat16)
+    assert mod.kernel and mod.weight.shape == (40, 3 * gemv.I4_BLOCK)
+    q, d = mod.codes()
+    q_ref, d_ref = quantize_int4(lin.weight)
+    assert torch.equal(q, q_ref) and torch.equal(d, d_ref)
+    assert torch.all(q[1, :128] == 8) and d[1, 0] == 0 and d[2, 1] < 0 and q[2, 200] == 0
+
+
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int4 runs PyTorch's packed kernel")
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_int4_kernel_equals_its_block_quantised_arithmetic(rows):
+    """The kernel computes d (q - 8) . x with x rounded to one int8 term per block of 128: equal
+    to that arithmetic in float32 to 1e-5, and each row the same alone as batched."""
+    from model.quant import Int4Linear
+
+    torch.manual_seed(rows)
+    lin = nn.Linear(512, 96, bias=True).requires_grad_(False)
+    mod = Int4Linear(lin, torch.bfloat16)
+    x = torch.randn(rows, 512)
+    # One term rounds x to 1/127 of its block's largest value: well under int4's own rounding.
+    assert _rel(mod(x), x @ mod.dequantized().T + lin.bias) < 1e-2
+    x[:, 7] = 40.0  # an outlier: its own block of 128 loses resolution, the others keep theirs
+    got = mod(x)
+    exact = _block_quantised_one_term(x) @ mod.dequantized().T + lin.bias
+    assert _rel(got, exact) < 1e-5
+    assert torch.equal(torch.cat([mod(x[i : i + 1]) for i in range(rows)]), got)
+
+
 @pytest.fixture
 def prefill_in(monkeypatch):
     """Pin the prefill products' dtype (model.quant.prefill_dtype, measured per process otherwise)."""
@@ -197,6 +246,19 @@ def _wide_decoder(dtype: str, width: int = 64, heads: int = 4):
     return lm
 
 
+# int4's C step against another path over the same weights: one activation moved by one int8
+# step (1/127 of its block's largest value) by a float32 rounding difference upstream moves the
+# logits by about 1/127 / sqrt(width) of their largest value, a few 1e-4 at these widths.
+INT4_STEPS = 2e-3
+
+
+def _step_bound(dtype: str) -> float:
+    """How close two paths over the same weights agree (see the layer-step test's docstring)."""
+    if dtype == "int4" and gemv.has_vnni():
+        return INT4_STEPS
+    return 1e-4 if dtype == "int8" and gemv.int8_arithmetic() == "vnni" else 1e-5
+
+
 def _teacher_forced(lm, tokens, cross, one_pass: bool, kv=torch.float32) -> torch.Tensor:
     from model.decoder import KVCache
 
@@ -243,21 +305,24 @@ def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv, prefill_in):
 def test_the_c_layer_step_equals_the_eager_layer_step(dtype, kv, monkeypatch):
     """Same weights, same tokens, a cross-attention mask with a fully masked (unconditional) row:
     the C layer step writes the same cache (float32, or bfloat16 rounded as PyTorch rounds) and
-    gives the same logits as the eager step; int4 (PyTorch's kernel) keeps the eager step.
+    gives the same logits as the eager step (int4 where the CPU has integer dot products; else
+    PyTorch's int4 kernel keeps the eager step).
 
     int8 on integer dot products (the default where the CPU has VNNI) rounds its activations to
     two int8 terms, a step of 1/32512 of a block's largest value: a float32 rounding difference
     upstream (the C layer norm against PyTorch's) can move one element by that step, so those
-    agree to 1e-4; the widening arithmetic ("int8-float") is held to 1e-5."""
+    agree to 1e-4; the widening arithmetic ("int8-float") is held to 1e-5. int4 rounds them to
+    one term, a step of 1/127 of a block's largest value, so the same one-element move is 256
+    times larger: INT4_STEPS."""
     if dtype == "int8-float":
         monkeypatch.setenv("MUSICBRIDGE_KERNELS", "float")
     lm = _wide_decoder(dtype.split("-")[0], width=128)
-    steps = 1e-4 if dtype == "int8" and gemv.int8_arithmetic() == "vnni" else 1e-5
+    steps = _step_bound(dtype)
     cross = lm.cross_kv(torch.randn(2, 5, 128), torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
     tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(2))
     eager = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
     fused = lm.fuse()
-    assert fused == (0 if dtype == "int4" else lm.spec.n_layers)
+    assert fused == (0 if dtype == "int4" and not gemv.has_vnni() else lm.spec.n_layers)
     assert _rel(_teacher_forced(lm, tokens, cross, one_pass=False, kv=kv), eager) < steps
 
 
@@ -344,12 +409,14 @@ def test_a_compiler_that_cannot_run_is_a_build_error_naming_it(tmp_path, monkeyp
 
 @torch.inference_mode()
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
 def test_the_one_call_step_equals_the_layer_by_layer_c_steps(dtype, kv):
     """`FusedStack` (every layer, the final norm and the heads in one C call) runs the layers'
     same C code; the final layer norm and the heads are C's instead of PyTorch's, so the logits
     agree to float32 rounding (1e-4 where int8 rounds the heads' input to two int8 terms, as in
     test_the_c_layer_step_equals_the_eager_layer_step)."""
+    if dtype == "int4" and not gemv.has_vnni():
+        pytest.skip("without AVX512-VNNI int4 runs PyTorch's packed kernel, eagerly: no one-call step")
     lm = _wide_decoder(dtype)
     lm.fuse()
     assert lm.stack is not None
@@ -359,13 +426,14 @@ def test_the_one_call_step_equals_the_layer_by_layer_c_steps(dtype, kv):
     stack, lm.stack = lm.stack, None
     per_layer = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
     lm.stack = stack
-    bound = 1e-4 if dtype == "int8" and gemv.int8_arithmetic() == "vnni" else 1e-5
-    assert _rel(one_call, per_layer) < bound
+    assert _rel(one_call, per_layer) < _step_bound(dtype)
 
 
-def test_the_one_call_step_is_not_taken_where_a_layer_keeps_its_eager_step():
+def test_the_one_call_step_is_not_taken_where_a_layer_keeps_its_eager_step(monkeypatch):
+    """Without integer dot products int4 runs PyTorch's packed kernel, eagerly: no one-call step."""
+    monkeypatch.setattr(gemv, "takes_i4", lambda in_features: False)
     lm = _wide_decoder("int4")
-    lm.fuse()
+    assert lm.fuse() < lm.spec.n_layers
     assert lm.stack is None
 
 

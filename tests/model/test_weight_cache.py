@@ -17,6 +17,7 @@ import torch
 
 from model import gemv, weight_cache
 from model.engine import Engine
+from model.quant import Int4Linear
 from model.types import GenerationRequest, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,10 +93,14 @@ def _tokens(eng: Engine) -> np.ndarray:
     return eng.generate_tokens([req])[0]
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "int4"])
 def test_a_second_load_replays_every_conversion_bit_for_bit(cache, model_dir, conversions, dtype, replay_by,
-                                                            caplog):
+                                                            caplog, tiny_wide_model_dir, tmp_path):
+    if dtype == "int4":  # whole 128-input blocks: int4's own layout, where the CPU runs its kernel
+        model_dir = Path(shutil.copytree(tiny_wide_model_dir, tmp_path / "wide"))
     first = _load(model_dir, dtype)
+    if dtype == "int4" and gemv.has_vnni():
+        assert any(isinstance(m, Int4Linear) and m.kernel for m in first.lm.modules())
     made = conversions[0]
     assert made > 0 and len(list(cache.glob("*.mbw"))) == 1
     with caplog.at_level(logging.INFO, logger="model.engine"):
