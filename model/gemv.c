@@ -223,23 +223,22 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
 }
 
 /* int4 on integer dot products. A row is stored as blocks of 128 inputs, I4_BLOCK bytes each: 64
- * bytes of 4-bit q (input i in byte i's low nibble, input 64 + i in its high nibble), then the
- * block's d as float16: w = d (q - 8). Data and scale in one stream per row, one sequential read.
+ * bytes of 4-bit q (input i in byte i's low nibble, input 64 + i in its high nibble), the block's
+ * step d as float16 and its zero point z (0-15) in one byte: w = d (q - z). Data and scales in one
+ * stream per row, one sequential read.
  *
  * Why this shape: the kernel is bound by its instructions, not its bytes (half of int8's), and
  * every block costs a scale multiply and a multiply-add per row of activations, so blocks are 128
- * inputs rather than 64 (measured on the trained proxy: the same logit error either way,
- * BENCHMARKS.md). Symmetric, because a minimum would cost a second term per block. The
- * activations get one int8 term per block (s = max |x| / 127): int4 weights round 16 times
- * coarser than that, so a second term, as int8 has, would buy nothing measurable and double the
- * vpdpbusd. The - 8 rides in the dot product's starting value, -8 sum(xq), free. */
+ * inputs (blocks of 64 ran no faster than int8). The activations get one int8 term per block
+ * (s = max |x| / 127): int4 weights round 16 times coarser than that, so a second term, as int8
+ * has, bought nothing measurable on the trained proxy and cost 12-26% more time (BENCHMARKS.md).
+ * The zero point rides in the dot product's starting value, -z sum(xq), one integer multiply. */
 #define I4_QB 128
-#define I4_BLOCK 66
+#define I4_BLOCK 67
 #define I4_ROWS 8
 
-/* One int8 term per block of 128: xq (M, K), scales sx (M, K / 128), and each block's starting
- * value for the dot products, -8 sum(xq) in lane 0 (init, 16 int32 a block). */
-static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *init) {
+/* One int8 term per block of 128: xq (M, K), scales sx and integer sums sq (M, K / 128). */
+static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
     int blocks = K / I4_QB;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < blocks; b++) {
@@ -255,18 +254,19 @@ static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, 
                 sum = _mm512_add_epi32(sum, q);
                 _mm_storeu_si128((__m128i *)(xq + at + i), _mm512_cvtsepi32_epi8(q));
             }
-            size_t mb = (size_t)m * blocks + b;
-            sx[mb] = a / 127.f;
-            memset(init + mb * 16, 0, 64);
-            init[mb * 16] = -8 * _mm512_reduce_add_epi32(sum);
+            sx[(size_t)m * blocks + b] = a / 127.f;
+            sq[(size_t)m * blocks + b] = _mm512_reduce_add_epi32(sum);
         }
 }
 
-static inline __attribute__((always_inline)) __m512i dot_i4(__m512i init, __m512i lo, __m512i hi, const int8_t *x) {
+/* dot(q - z, xq) for one weight block (its 128 q as lo, hi) in int32 lanes: the dot products
+ * start from -z sum(xq) in lane 0. */
+static inline __attribute__((always_inline)) __m512i dot_i4(int start, __m512i lo, __m512i hi, const int8_t *x) {
+    __m512i init = _mm512_castsi128_si512(_mm_cvtsi32_si128(start));
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo, _mm512_loadu_si512(x)), hi, _mm512_loadu_si512(x + 64));
 }
 
-static inline void i4_tile(const int8_t *xq, const float *sx, const int32_t *init, int M, int K, const uint8_t *w,
+static inline void i4_tile(const int8_t *xq, const float *sx, const int32_t *sq, int M, int K, const uint8_t *w,
                            float *y, int N, int n, int nt) {
     int blocks = K / I4_QB;
     size_t row = (size_t)blocks * I4_BLOCK;
@@ -278,7 +278,7 @@ static inline void i4_tile(const int8_t *xq, const float *sx, const int32_t *ini
         for (int b = 0; b < blocks; b++) {
             size_t at0 = (size_t)m * blocks + b, at1 = mt > 1 ? at0 + blocks : at0;
             const int8_t *x0 = xq + at0 * I4_QB, *x1 = xq + at1 * I4_QB;
-            __m512i i0 = _mm512_loadu_si512(init + at0 * 16), i1 = _mm512_loadu_si512(init + at1 * 16);
+            int q0 = sq[at0], q1 = sq[at1];
             float s0 = sx[at0], s1 = mt > 1 ? sx[at1] : 0.f;
             for (int r = 0; r < I4_ROWS; r++) {
                 if (r >= nt) break;
@@ -290,10 +290,11 @@ static inline void i4_tile(const int8_t *xq, const float *sx, const int32_t *ini
                 uint16_t h;
                 memcpy(&h, p + 64, 2);
                 float d = _cvtsh_ss(h);
-                acc[2 * r] = (vf)_mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_i4(i0, lo, hi, x0)), _mm512_set1_ps(d * s0),
+                int z = p[66];
+                acc[2 * r] = (vf)_mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_i4(-z * q0, lo, hi, x0)), _mm512_set1_ps(d * s0),
                                                  (__m512)acc[2 * r]);
-                acc[2 * r + 1] = (vf)_mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_i4(i1, lo, hi, x1)), _mm512_set1_ps(d * s1),
-                                                     (__m512)acc[2 * r + 1]);
+                acc[2 * r + 1] = (vf)_mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_i4(-z * q1, lo, hi, x1)),
+                                                     _mm512_set1_ps(d * s1), (__m512)acc[2 * r + 1]);
             }
         }
         vf sums = vsum16(acc);
@@ -305,25 +306,24 @@ static inline void i4_tile(const int8_t *xq, const float *sx, const int32_t *ini
 int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) {
     int blocks = K / I4_QB, tiles = (N + I4_ROWS - 1) / I4_ROWS;
     int8_t *xq = malloc((size_t)M * K);
-    float *sx = malloc(sizeof(float) * (size_t)M * blocks);
-    int32_t *init = aligned_alloc(64, (size_t)M * blocks * 64);
-    if (!xq || !sx || !init) { free(xq); free(sx); free(init); return -1; }
-    quantize_rows1(x, M, K, xq, sx, init);
+    float *sx = malloc(sizeof(float) * (size_t)M * blocks * 2);
+    if (!xq || !sx) { free(xq); free(sx); return -1; }
+    int32_t *sq = (int32_t *)(sx + (size_t)M * blocks);
+    quantize_rows1(x, M, K, xq, sx, sq);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
         int n = t * I4_ROWS;
-        i4_tile(xq, sx, init, M, K, w, y, N, n, N - n < I4_ROWS ? N - n : I4_ROWS);
+        i4_tile(xq, sx, sq, M, K, w, y, N, n, N - n < I4_ROWS ? N - n : I4_ROWS);
     }
     free(xq);
     free(sx);
-    free(init);
     return 0;
 }
 
-/* The int4 layout above from float32 rows (K a multiple of 128): per block, the input of largest
- * magnitude e sets d = e / -8, rounded to float16, so e itself is exactly q = 0 (-8 d) and the
- * other side of zero gets seven levels; q = round-half-even(w / d) + 8 clamped to [0, 15] (d = 0:
- * an all-zero block, every q 8). */
+/* The int4 layout above from float32 rows (K a multiple of 128), model.quant.quantize_int4's
+ * arithmetic: per block, the range [min(w, 0), max(w, 0)] in 15 steps, d = (hi - lo) / 15 rounded
+ * to float16, z = round-half-even(-lo / d) and q = round-half-even(w / d) + z, both clamped to
+ * [0, 15], with the rounded d (d = 0: an all-zero block, every q and z 0). */
 void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
     int blocks = K / I4_QB;
 #pragma omp parallel for schedule(static)
@@ -331,20 +331,27 @@ void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
         for (int b = 0; b < blocks; b++) {
             const float *wb = w + (size_t)n * K + (size_t)b * I4_QB;
             uint8_t *o = out + ((size_t)n * blocks + b) * I4_BLOCK;
-            float e = 0.f;
-            for (int i = 0; i < I4_QB; i++) e = fabsf(wb[i]) > fabsf(e) ? wb[i] : e;
-            uint16_t dh = _cvtss_sh(e / -8.f, _MM_FROUND_TO_NEAREST_INT);
-            float d = _cvtsh_ss(dh), inv = d != 0.f ? 1.f / d : 0.f;
+            __m512 lo = _mm512_setzero_ps(), hi = lo;
+            for (int i = 0; i < I4_QB; i += 16) {
+                __m512 v = _mm512_loadu_ps(wb + i);
+                lo = _mm512_min_ps(lo, v);
+                hi = _mm512_max_ps(hi, v);
+            }
+            float mn = _mm512_reduce_min_ps(lo), mx = _mm512_reduce_max_ps(hi);
+            uint16_t dh = _cvtss_sh((mx - mn) / 15.f, _MM_FROUND_TO_NEAREST_INT);
+            float d = _cvtsh_ss(dh), inv = d > 0.f ? 1.f / d : 0.f, zf = nearbyintf(-mn * inv);
+            zf = zf < 0.f ? 0.f : zf > 15.f ? 15.f : zf;
             uint8_t q[I4_QB];
             for (int i = 0; i < I4_QB; i += 16) {
                 __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(wb + i), _mm512_set1_ps(inv)),
                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                t = _mm512_add_ps(t, _mm512_set1_ps(8.f));
+                t = _mm512_add_ps(t, _mm512_set1_ps(zf));
                 t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.f));
                 _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
             }
             for (int i = 0; i < 64; i++) o[i] = (uint8_t)(q[i] | (q[64 + i] << 4));
             memcpy(o + 64, &dh, 2);
+            o[66] = (uint8_t)zf;
         }
 }
 

@@ -200,8 +200,8 @@ def int8_arithmetic() -> str | None:
 
 
 # int4's layout (model/gemv.c): blocks of I4_GROUP inputs, I4_BLOCK bytes each (64 bytes of
-# 4-bit q, then the block's scale as float16).
-I4_GROUP, I4_BLOCK = 128, 66
+# 4-bit q, then the block's step as float16 and its zero point as a byte).
+I4_GROUP, I4_BLOCK = 128, 67
 
 
 def takes_i4(in_features: int) -> bool:

@@ -104,21 +104,22 @@ def quantize_int8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, 
     return (q.add_(128).to(torch.uint8) if biased else q.to(torch.int8)), scale
 
 
-def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per block of `group` inputs: w ~ d (q - 8), q in [0, 15].
-
-    The input of largest magnitude e sets d = e / -8 (rounded to float16, as the kernel stores
-    it), so e is exactly q = 0 and the other side of zero gets seven levels; q =
-    round-half-even(w / d) + 8, clamped. The C quantiser (model/gemv.c mb_quantize_i4) does the
-    same arithmetic. Returns q (N, K) int32 and d (N, K // group) float32.
+def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block of `group` inputs, w ~ d (q - z) with q, z in [0, 15]: the range [min(w, 0),
+    max(w, 0)] in 15 steps, d = (hi - lo) / 15 rounded to float16 (as the kernel stores it),
+    z = round-half-even(-lo / d), q = round-half-even(w / d) + z, both clamped. The zero point
+    keeps a block's whole range (a symmetric step, set by the largest magnitude, left a third
+    more RMS error on the trained proxy); zero itself stays exact. The C quantiser (model/gemv.c
+    mb_quantize_i4) does the same arithmetic. Returns q (N, K) int32, d and z (N, K // group).
     """
     n, k = w.shape
     g = w.float().reshape(n, k // group, group)
-    e = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True))
-    d = (e / -8.0).half().float()
-    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
-    q = (g * inv).round_().add_(8.0).clamp_(0, 15)
-    return q.to(torch.int32).reshape(n, k), d.squeeze(-1)
+    lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+    d = ((hi - lo) / 15.0).half().float()
+    inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
+    z = (-lo * inv).round_().clamp_(0, 15)
+    q = (g * inv[..., None]).round_().add_(z[..., None]).clamp_(0, 15)
+    return q.to(torch.int32).reshape(n, k), d, z.to(torch.int32)
 
 
 class Bf16Linear(nn.Module):
@@ -205,12 +206,12 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """int4 weights in blocks of 128 inputs, w = d (q - 8) (`quantize_int4`): about half of int8's
+    """int4 weights in blocks of 128 inputs, w = d (q - z) (`quantize_int4`): about half of int8's
     bytes and an eighth of float32's.
 
     On a CPU with integer dot products a decode step's few rows go to the C kernel
     (model/gemv.c), which keeps the weights packed in its own layout (`gemv.quantize_i4`: data
-    and scale in one stream per row); longer inputs (prefill) are one matmul over the
+    and scales in one stream per row); longer inputs (prefill) are one matmul over the
     dequantised weights. Elsewhere PyTorch's packed int4 kernel runs the same weights with
     activations cast to `act_dtype`.
     """
@@ -226,37 +227,37 @@ class Int4Linear(nn.Module):
             self.register_buffer("weight", gemv.quantize_i4(w.float().contiguous()))
             bias_dtype = torch.float32
         else:
-            q, d = quantize_int4(w, self.group)
+            q, d, z = quantize_int4(w, self.group)
             # PyTorch's convention: w = (q - 8) * scale + zero, laid out (K // group, N, 2).
-            self.register_buffer("scale_zero", torch.stack([d, torch.zeros_like(d)], dim=-1).transpose(0, 1)
+            self.register_buffer("scale_zero", torch.stack([d, (8 - z) * d], dim=-1).transpose(0, 1)
                                  .contiguous().to(act_dtype))
             self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1)
                                  if w.device.type == "cpu" else q.to(torch.uint8))
-            self._q = None if w.device.type == "cpu" else q
+            self._codes = None if w.device.type == "cpu" else (q, d, z)
             bias_dtype = act_dtype
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(bias_dtype),
                                                                   requires_grad=False)
 
-    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q (N, K) int32, d (N, K // group) float32), whichever layout holds them."""
-        if self.kernel:
-            blocks = self.weight.view(self.out_features, -1, gemv.I4_BLOCK)
-            packed = blocks[..., : self.group // 2].to(torch.int32)
-            q = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(self.out_features, self.in_features)
-            d = blocks[..., self.group // 2 :].contiguous().view(torch.float16).float().squeeze(-1)
-            return q, d
-        d = self.scale_zero.float()[..., 0].transpose(0, 1)
-        if self._q is not None:
-            return self._q, d
-        # Recover q by running the kernel on the identity: cheap, exact, and layout-agnostic.
-        eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
-        w = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).float().T
-        g = w.view(self.out_features, -1, self.group)
-        return torch.round(g / d[..., None] + 8.0).view(self.out_features, -1).to(torch.int32), d
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q (N, K) int32, d (N, K // group) float32, z (N, K // group) int32) from the kernel's
+        layout, as `quantize_int4` made them."""
+        blocks = self.weight.view(self.out_features, -1, gemv.I4_BLOCK)
+        packed = blocks[..., : self.group // 2].to(torch.int32)
+        q = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(self.out_features, self.in_features)
+        d = blocks[..., self.group // 2 : self.group // 2 + 2].contiguous().view(torch.float16).float().squeeze(-1)
+        return q, d, blocks[..., self.group // 2 + 2].to(torch.int32)
 
     def dequantized(self) -> torch.Tensor:
-        q, d = self.codes()
-        g = (q.float() - 8.0).view(self.out_features, -1, self.group)
+        if not self.kernel:
+            if self._codes is None:
+                # Recover the weights by running the packed kernel on the identity: exact up to
+                # the scales' rounding to act_dtype, which the kernel applies too.
+                eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
+                return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).float().T
+            q, d, z = self._codes
+        else:
+            q, d, z = self.codes()
+        g = (q - z.repeat_interleave(self.group, dim=1)).float().view(self.out_features, -1, self.group)
         return (g * d[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

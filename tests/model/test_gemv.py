@@ -113,8 +113,8 @@ def _block_quantised_one_term(x: torch.Tensor, block: int = 128) -> torch.Tensor
 
 @pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int4 runs PyTorch's packed kernel")
 def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
-    """Same q and d as model.quant.quantize_int4 (the packed fallback's), bit for bit, including
-    an all-zero block and a block whose largest magnitude is positive (d < 0)."""
+    """Same q, d and z as model.quant.quantize_int4 (the packed fallback's), bit for bit,
+    including an all-zero block, an all-positive one (z = 0) and an all-negative one (z = 15)."""
     from model.quant import Int4Linear, quantize_int4
 
     torch.manual_seed(3)
@@ -122,19 +122,20 @@ def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
     with torch.no_grad():
         lin.weight.normal_(0, 0.05)
         lin.weight[1, :128] = 0
-        lin.weight[2, 200] = 0.9
+        lin.weight[2, 128:256] = lin.weight[2, 128:256].abs()
+        lin.weight[3, 256:] = -lin.weight[3, 256:].abs()
     mod = Int4Linear(lin, torch.bfloat16)
     assert mod.kernel and mod.weight.shape == (40, 3 * gemv.I4_BLOCK)
-    q, d = mod.codes()
-    q_ref, d_ref = quantize_int4(lin.weight)
-    assert torch.equal(q, q_ref) and torch.equal(d, d_ref)
-    assert torch.all(q[1, :128] == 8) and d[1, 0] == 0 and d[2, 1] < 0 and q[2, 200] == 0
+    got, ref = mod.codes(), quantize_int4(lin.weight)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    q, d, z = got
+    assert d[1, 0] == 0 and torch.all(q[1, :128] == z[1, 0]) and z[2, 1] == 0 and z[3, 2] == 15
 
 
 @pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int4 runs PyTorch's packed kernel")
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 def test_int4_kernel_equals_its_block_quantised_arithmetic(rows):
-    """The kernel computes d (q - 8) . x with x rounded to one int8 term per block of 128: equal
+    """The kernel computes d (q - z) . x with x rounded to one int8 term per block of 128: equal
     to that arithmetic in float32 to 1e-5, and each row the same alone as batched."""
     from model.quant import Int4Linear
 
