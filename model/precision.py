@@ -32,14 +32,15 @@ QUALITY_BOUND = 2e-2
 # int8 with the int8 KV cache (kv_dtype, below; 2026-11-30, sixth session, proxy final loss
 # 1.161): 1.03e-2 against 6.94e-3 for the same proxy with the bfloat16 cache (RMS 2.66e-3 against
 # 2.21e-3, top-k 250 KL 4.6e-5 against 3.8e-5).
-# int4 as the C kernel runs it (symmetric, blocks of 128, one int8 activation term; 2026-11-30,
-# ninth session, proxy final loss 1.161): 5.62e-2 (RMS 1.61e-2, argmax agreement 0.990, top-k 250
-# KL 2.95e-3), against 8.7e-2 for the asymmetric groups of 128 it replaced: still over the bound.
+# int4 as the C kernel runs it (blocks of 128 with a step and a zero point, one int8 activation
+# term; 2026-11-30, ninth session, proxy final loss 1.161): 5.64e-2 (RMS 1.25e-2, argmax agreement
+# 0.978, top-k 250 KL 2.25e-3); PyTorch's packed int4 it replaced read 5.21e-2 on the same proxy
+# (RMS 1.13e-2, KL 2.2e-3). Over the bound either way.
 TRAINED_PROXY_ERROR: dict[str, float] = {
     "float32": 0.0,
     "bfloat16": 5.1e-3,
     "int8": 1.03e-2,
-    "int4": 5.62e-2,
+    "int4": 5.64e-2,
 }
 
 

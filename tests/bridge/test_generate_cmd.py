@@ -87,3 +87,28 @@ def test_variations_refuse_to_overwrite_a_numbered_take(tiny_model_dir, tmp_path
                  "--variations", "2"]) == 2
     assert "a-2.wav already exists" in capsys.readouterr().err
     assert (tmp_path / "a-2.wav").read_bytes() == b"keep" and not (tmp_path / "a-1.wav").exists()
+
+
+def test_int4_generates_through_its_c_step_and_a_take_is_the_same_alone_and_batched(tiny_wide_model_dir,
+                                                                                       tmp_path, caplog):
+    """`generate --dtype int4`: every layer takes the one-call C step (where the CPU has the int4
+    kernel), and take 2 of `--variations 2 --seed 5` is token for token `--seed 6` alone: the int4
+    kernel rounds each activation row on its own, whatever it is batched with."""
+    import logging
+
+    from model import gemv
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.npy"
+        assert main(["generate", "--model", str(tiny_wide_model_dir), "--prompt", "lofi beat", "--seconds", "0.4",
+                     "--dtype", "int4", "--out", str(tmp_path / f"{name}.wav"), "--save-tokens", str(out),
+                     *extra]) == 0
+        return out
+
+    with caplog.at_level(logging.INFO, logger="model.engine"):
+        run("take", "--seed", "5", "--variations", "2")
+    if gemv.has_vnni():
+        assert "2 of 2 layers take their decode step in one C call" in caplog.text
+    alone = np.load(run("alone", "--seed", "6"))
+    np.testing.assert_array_equal(np.load(tmp_path / "take-2.npy"), alone)
+    assert sf.info(str(tmp_path / "take-2.wav")).frames > 0
