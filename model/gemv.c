@@ -355,6 +355,28 @@ void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
         }
 }
 
+/* The int4 layout back to float32 rows, d (q - z) (K a multiple of 128): for a prefill's one
+ * matmul, where PyTorch's unpacking took 35 ms for a 4096 x 1024 weight. */
+void mb_dequantize_i4(const uint8_t *w, int N, int K, float *out) {
+    int blocks = K / I4_QB;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *p = w + ((size_t)n * blocks + b) * I4_BLOCK;
+            float *o = out + (size_t)n * K + (size_t)b * I4_QB;
+            uint16_t h;
+            memcpy(&h, p + 64, 2);
+            __m512 d = _mm512_set1_ps(_cvtsh_ss(h));
+            __m512i z = _mm512_set1_epi32(p[66]);
+            for (int i = 0; i < 64; i += 16) {
+                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + i)));
+                __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(v, 4);
+                _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, z)), d));
+                _mm512_storeu_ps(o + 64 + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, z)), d));
+            }
+        }
+}
+
 #else
 int mb_has_vnni(void) { return 0; }
 int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
@@ -367,6 +389,7 @@ int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) 
     return -2;
 }
 void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) { (void)w; (void)N; (void)K; (void)out; }
+void mb_dequantize_i4(const uint8_t *w, int N, int K, float *out) { (void)w; (void)N; (void)K; (void)out; }
 #endif
 
 int mb_product(int kind, const float *x, int M, int K, const void *w, const float *scale, float *y, int N) {

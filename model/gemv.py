@@ -144,6 +144,7 @@ def _load() -> ctypes.CDLL | None:
             "mb_quantize_i8": [_P, _I, _I, _P, _P, _I],
             "mb_gemv_i4": [_P, _I, _I, _P, _P, _I],
             "mb_quantize_i4": [_P, _I, _I, _P],
+            "mb_dequantize_i4": [_P, _I, _I, _P],
             "mb_quantize_kv": [_P, ctypes.c_long, _I, _P, _P],
         }.items():
             fn = getattr(lib, name)
@@ -249,6 +250,13 @@ def quantize_i4(w: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     out = hugepages.for_weights((n, k // I4_GROUP * I4_BLOCK), torch.uint8)
     weight_cache.fill(out, None, lambda: _lib.mb_quantize_i4(w.data_ptr(), n, k, out.data_ptr()), source=w)
+    return out
+
+
+def dequantize_i4(w: torch.Tensor, k: int) -> torch.Tensor:
+    """A `quantize_i4` weight back to float32 (N, k), d (q - z): for a prefill's one matmul."""
+    out = torch.empty(w.shape[0], k)
+    _lib.mb_dequantize_i4(w.data_ptr(), w.shape[0], k, out.data_ptr())
     return out
 
 

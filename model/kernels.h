@@ -3,8 +3,8 @@
 #define MB_KERNELS_H
 
 /* Weight formats: float32, bfloat16, int8 (one scale per row), int8 biased to uint8 for
- * integer dot products, int4 in blocks of 64 with their own float16 scale and minimum (gemv.c;
- * no separate scale). */
+ * integer dot products, int4 in blocks of 128 with a float16 step and a zero point each, stored
+ * with the data (gemv.c; no separate scale). */
 enum { MB_F32 = 0, MB_BF16 = 1, MB_I8 = 2, MB_I8_VNNI = 3, MB_I4 = 4 };
 
 /* y[M,N] = x[M,K] . W[N,K]^T, float32 activations; `scale` for the int8 formats, else NULL.

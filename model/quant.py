@@ -248,15 +248,14 @@ class Int4Linear(nn.Module):
         return q, d, blocks[..., self.group // 2 + 2].to(torch.int32)
 
     def dequantized(self) -> torch.Tensor:
-        if not self.kernel:
-            if self._codes is None:
-                # Recover the weights by running the packed kernel on the identity: exact up to
-                # the scales' rounding to act_dtype, which the kernel applies too.
-                eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
-                return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).float().T
-            q, d, z = self._codes
-        else:
-            q, d, z = self.codes()
+        if self.kernel:
+            return gemv.dequantize_i4(self.weight, self.in_features)
+        if self._codes is None:
+            # Recover the weights by running the packed kernel on the identity: exact up to the
+            # scales' rounding to act_dtype, which the kernel applies too.
+            eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
+            return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero).float().T
+        q, d, z = self._codes
         g = (q - z.repeat_interleave(self.group, dim=1)).float().view(self.out_features, -1, self.group)
         return (g * d[..., None]).view(self.out_features, self.in_features)
 

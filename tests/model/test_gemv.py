@@ -130,6 +130,9 @@ def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     q, d, z = got
     assert d[1, 0] == 0 and torch.all(q[1, :128] == z[1, 0]) and z[2, 1] == 0 and z[3, 2] == 15
+    # The C dequantiser (a prefill's matmul weights) is d (q - z) of those codes, exactly.
+    by_hand = ((q - z.repeat_interleave(128, dim=1)).float().view(40, 3, 128) * d[..., None]).view(40, 384)
+    assert torch.equal(mod.dequantized(), by_hand)
 
 
 @pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int4 runs PyTorch's packed kernel")
@@ -150,6 +153,24 @@ def test_int4_kernel_equals_its_block_quantised_arithmetic(rows):
     exact = _block_quantised_one_term(x) @ mod.dequantized().T + lin.bias
     assert _rel(got, exact) < 1e-5
     assert torch.equal(torch.cat([mod(x[i : i + 1]) for i in range(rows)]), got)
+
+
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int4 runs PyTorch's packed kernel")
+def test_int4_runs_many_rows_as_one_matmul_over_its_dequantised_weights():
+    """Past FEW_ROWS (a long prefill) int4 is one float32 matmul over d (q - z), the C
+    dequantiser's weights; up to it, kernel calls of MAX_ROWS rows, row for row the same."""
+    from model.quant import Int4Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True).requires_grad_(False)
+    mod = Int4Linear(lin, torch.bfloat16)
+    x = torch.randn(2, 40, 256)  # 80 rows: over FEW_ROWS
+    assert gemv.rows_of(x) > gemv.FEW_ROWS >= gemv.rows_of(x[:, :20])
+    by_hand = x @ mod.dequantized().T + lin.bias
+    assert _rel(mod(x), by_hand) < 1e-6
+    few = torch.cat([mod(x[:, i : i + 1]) for i in range(40)], dim=1)
+    assert torch.equal(mod(x[:, :20]), few[:, :20])
+    assert 0 < _rel(few, by_hand) < 1e-2  # the kernel's one activation term per block
 
 
 @pytest.fixture
@@ -285,19 +306,24 @@ def test_a_rows_cross_keys_do_not_depend_on_its_batch(dtype):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
 def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv, prefill_in):
     """Teacher-forced: every step's logits from the kernels (and the one-call C layer step)
     equal the same positions' logits from one prefill pass over the same weights, with the
-    cache in float32, bfloat16 or int8 (model.precision.kv_dtype), the prefill in float32."""
+    cache in float32, bfloat16 or int8 (model.precision.kv_dtype), the prefill in float32. A pass
+    of up to gemv.FEW_ROWS rows runs the kernels too, so int4's pass and steps round activations
+    alike and differ by upstream float32 rounding: INT4_STEPS, as in the layer step's test."""
+    if dtype == "int4" and not gemv.has_vnni():
+        pytest.skip("without AVX512-VNNI int4 runs PyTorch's packed kernel, eagerly: no C step")
     prefill_in("float32")
-    lm = _wide_decoder(dtype)
+    width = 128 if dtype == "int4" else 64  # int4 blocks are 128 inputs: every linear int4
+    lm = _wide_decoder(dtype, width=width)
     assert lm.fuse() == lm.spec.n_layers
-    cross = lm.cross_kv(torch.randn(2, 5, 64), torch.ones(2, 5))
+    cross = lm.cross_kv(torch.randn(2, 5, width), torch.ones(2, 5))
     tokens = torch.randint(0, lm.spec.vocab, (2, lm.spec.n_codebooks, 12), generator=torch.Generator().manual_seed(1))
     whole = _teacher_forced(lm, tokens, cross, one_pass=True, kv=kv)
     steps = _teacher_forced(lm, tokens, cross, one_pass=False, kv=kv)
-    assert _rel(steps, whole) < 1e-4
+    assert _rel(steps, whole) < (INT4_STEPS if dtype == "int4" else 1e-4)
 
 
 @torch.inference_mode()
