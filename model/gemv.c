@@ -1,5 +1,6 @@
 /* Matrix-vector products for the decode step: y[M,N] = x[M,K] . W[N,K]^T (+ bias), float32 in
- * and out, the weights stored as bfloat16 or int8 (one scale per row). (float32 weights stay with
+ * and out, the weights stored as bfloat16, int8 (one scale per row) or int4 (blocks of 128 with
+ * their own step and zero point, below). (float32 weights stay with
  * PyTorch's matmul, which streams them as fast as this code does: measured, BENCHMARKS.md.)
  *
  * Why: a decode step at batch 1-8 reads every weight once and does two flops with it, so its

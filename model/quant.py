@@ -216,7 +216,7 @@ class Int4Linear(nn.Module):
     activations cast to `act_dtype`.
     """
 
-    group = 128
+    group = gemv.I4_GROUP  # the kernel's block, and the packed fallback's group
 
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype):
         super().__init__()
