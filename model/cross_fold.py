@@ -58,7 +58,9 @@ def enabled() -> bool:
 def _weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight a linear's products use as float32 values and per-row scales (int8's own;
     ones otherwise), so that weight = values * scales[:, None] without a dequantised copy."""
-    if hasattr(linear, "codes"):  # int4 (model.quant.Int4Linear): scales per block, not per row
+    from model.quant import Int4Linear
+
+    if isinstance(linear, Int4Linear):  # scales per block, not per row
         return linear.dequantized(), torch.ones(linear.out_features)
     w = linear.weight.detach()
     scale = getattr(linear, "scale", None)

@@ -93,7 +93,6 @@ def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
     0 where the layout makes none (float32 shares the checkpoint's; int4 without its C kernel
     is PyTorch's packing)."""
     from model import gemv
-    from model.quant import int4_group
 
     if dtype not in ("int8", "bfloat16", "int4") or (dtype == "int4" and not gemv.has_vnni()):
         return 0
@@ -103,7 +102,7 @@ def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
     def size(m: nn.Linear, heads: bool) -> int:
         if dtype == "bfloat16":
             return m.in_features * m.out_features * 2
-        if dtype == "int4" and not heads and int4_group(m.in_features):
+        if dtype == "int4" and not heads and gemv.takes_i4(m.in_features):  # as Int4Linear.kernel decides
             return m.out_features * (m.in_features // gemv.I4_GROUP) * gemv.I4_BLOCK
         return m.in_features * m.out_features  # int8, and int4's heads and odd widths
 

@@ -76,14 +76,15 @@ def test_c_quantiser_equals_pytorchs_arithmetic_bit_for_bit(monkeypatch):
     assert torch.equal(t_biased[0], c_biased[0]) and torch.equal(t_biased[1], c_biased[1])
 
 
-def _block_quantised(x: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """The VNNI kernel's view of the activations: per block of 64, s = max|x| / 127 and two int8
-    terms, x ~ s * (hi + lo / 256), hi = round(x / s), lo = round((x / s - hi) * 256)."""
+def _block_quantised(x: torch.Tensor, block: int = 64, terms: int = 2) -> torch.Tensor:
+    """The integer kernels' view of the activations: per block, s = max|x| / 127 and int8 terms,
+    x ~ s * (hi + lo / 256), hi = round(x / s), lo = round((x / s - hi) * 256); the int8 (VNNI)
+    kernel keeps both terms per block of 64, the int4 kernel hi alone per block of 128."""
     xb = x.view(x.shape[0], -1, block)
     amax = xb.abs().amax(dim=-1, keepdim=True)
     t = torch.where(amax > 0, xb * (127 / torch.where(amax > 0, amax, 1)), 0)
     hi = torch.round(t)
-    lo = torch.round((t - hi) * 256).clamp(-127, 127)
+    lo = torch.round((t - hi) * 256).clamp(-127, 127) if terms == 2 else torch.zeros_like(hi)
     return ((hi + lo / 256) * (amax / 127)).view_as(x)
 
 
@@ -100,15 +101,6 @@ def test_int8_vnni_kernel_equals_its_block_quantised_arithmetic(rows):
     assert _rel(got, exact) < 1e-5
     # Two terms keep about 15 bits: within 1e-4 of float32 activations (one term was 1e-2 off).
     assert _rel(got, x @ (q.float() * scale[:, None]).T) < 1e-4
-
-
-def _block_quantised_one_term(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """The int4 kernel's view of the activations: per block of 128, s = max|x| / 127 and one
-    int8 term, x ~ s * round(x / s)."""
-    xb = x.view(x.shape[0], -1, block)
-    amax = xb.abs().amax(dim=-1, keepdim=True)
-    t = torch.where(amax > 0, xb * (127 / torch.where(amax > 0, amax, 1)), 0)
-    return (torch.round(t) * (amax / 127)).view_as(x)
 
 
 @pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int4 runs PyTorch's packed kernel")
@@ -150,7 +142,7 @@ def test_int4_kernel_equals_its_block_quantised_arithmetic(rows):
     assert _rel(mod(x), x @ mod.dequantized().T + lin.bias) < 1e-2
     x[:, 7] = 40.0  # an outlier: its own block of 128 loses resolution, the others keep theirs
     got = mod(x)
-    exact = _block_quantised_one_term(x) @ mod.dequantized().T + lin.bias
+    exact = _block_quantised(x, block=128, terms=1) @ mod.dequantized().T + lin.bias
     assert _rel(got, exact) < 1e-5
     assert torch.equal(torch.cat([mod(x[i : i + 1]) for i in range(rows)]), got)
 
