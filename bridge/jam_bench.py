@@ -115,10 +115,10 @@ def build_melody_model(arch: str, text: tuple | None = None):
     return model, tokenizer
 
 
-def _engine(folder: Path, dtype: str):
+def _engine(folder: Path, dtype: str, compute: str = "cpu"):
     from model.engine import Engine
 
-    eng = Engine.load(str(folder), dtype=dtype)
+    eng = Engine.load(str(folder), device=compute, dtype=dtype)
     if eng.weight_writer is not None:
         eng.weight_writer.join()
     return eng
@@ -205,12 +205,14 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
 
 
 def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: int, device,
-        notes: bool, log: Callable[[str], None], model_dir: str | None = None) -> dict[str, Any]:
-    """`model_dir`: the text checkpoint to jam with (default: `arch`'s shapes, random weights)."""
+        notes: bool, log: Callable[[str], None], model_dir: str | None = None,
+        compute: str = "cpu") -> dict[str, Any]:
+    """`model_dir`: the text checkpoint to jam with (default: `arch`'s shapes, random weights).
+    `compute`: where the engine runs (cpu, or cuda[:N])."""
     from model.bench import build_random_model, machine, write_checkpoint
 
     report: dict[str, Any] = {"arch": arch, "seconds": seconds, "tempo": tempo, "chunk_bars": chunk_bars,
-                              "machine": machine(), "runs": []}
+                              "machine": machine(), "runs": [], "compute": compute}
     with contextlib.ExitStack() as stack:
         if device == "jack-dummy":
             stack.enter_context(jack_dummy())
@@ -235,12 +237,12 @@ def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: 
             log(f"wrote {arch} with random weights in {time.perf_counter() - t:.1f} s")
         for dtype in dtypes:
             log(f"{dtype}: text-only jam, {seconds:g} s")
-            eng = _engine(text, dtype)
+            eng = _engine(text, dtype, compute)
             row = {"dtype": dtype, **jam_run(eng, out, seconds, tempo, chunk_bars, False, log)}
             del eng
             if notes:
                 log(f"{dtype}: melody-input jam (note-to-audio latency), {seconds:g} s")
-                meng = _engine(melody, dtype)
+                meng = _engine(melody, dtype, compute)
                 m = jam_run(meng, out, seconds, tempo, chunk_bars, True, log)
                 row["note_latency_median"] = m["note_latency_median"]
                 row["note_latencies"] = m["note_latencies"]

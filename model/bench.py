@@ -79,12 +79,15 @@ def write_checkpoint(model, tokenizer, out_dir) -> Path:
     return out
 
 
-def measure_bandwidth(mb: int = 512) -> float:
+def measure_bandwidth(mb: int = 512, device: str = "cpu") -> float:
     """Bytes a second this machine streams from memory: the floor's denominator.
 
     The best of a large reduction and a large float32 matrix-vector product (the decode
-    step's own access pattern), each the fastest of five runs.
+    step's own access pattern), each the fastest of five runs. On a GPU: a device-to-device
+    copy of 1 GiB, counting bytes read and written.
     """
+    if device.startswith("cuda"):
+        return _gpu_bandwidth(device)
     n = mb * 2**20 // 4
     x = torch.ones(n)
     w = torch.ones(n // 8192, 8192)
@@ -97,6 +100,41 @@ def measure_bandwidth(mb: int = 512) -> float:
             fn()
             best = max(best, n * 4 / (time.perf_counter() - t))
     return best
+
+
+def _gpu_bandwidth(device: str) -> float:
+    src = torch.rand(2**28, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def _on(model, device: str, dtype: torch.dtype | None = None):
+    """`model` on `device` (in `dtype`): itself on the CPU, else a copy (engines in other
+    precisions convert shared modules in place, so each GPU runner gets its own)."""
+    if not device.startswith("cuda"):
+        return model
+    moved = copy.deepcopy(model).to(device)
+    return moved.to(dtype) if dtype is not None else moved
+
+
+def _gpu_peak_mb(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _reset_gpu_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def weight_bytes(module: torch.nn.Module, folded_bytes: int | None = None) -> int:
@@ -147,19 +185,23 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def bench_transformers(model, tokenizer, seconds: float) -> Result:
+def bench_transformers(model, tokenizer, seconds: float, device: str = "cpu", dtype: str = "float32") -> Result:
+    """transformers' own generate, top-k 250 with guidance 3 as ours; on a GPU in `dtype`."""
     from transformers import StoppingCriteria, StoppingCriteriaList
+
+    _reset_gpu_peak(device)
+    model = _on(model, device, getattr(torch, dtype))
 
     stamps: list[float] = []
 
     class Clock(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
             stamps.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     frames = frames_for_seconds(seconds, model.config.audio_encoder.frame_rate)
     steps = frames + model.decoder.num_codebooks - 1
-    enc = tokenizer([PROMPT], return_tensors="pt", padding=True)
+    enc = tokenizer([PROMPT], return_tensors="pt", padding=True).to(device)
     with torch.inference_mode():  # warm-up: first-call allocations are not the steady state
         model.generate(**enc, do_sample=True, max_new_tokens=8, guidance_scale=3.0)
     stamps.clear()
@@ -171,23 +213,61 @@ def bench_transformers(model, tokenizer, seconds: float) -> Result:
     wall = time.perf_counter() - t0
     assert audio.shape[-1] > 0
     gaps = np.diff(stamps) * 1000
-    return Result("transformers.generate", "float32", seconds, steps, float(np.median(gaps)), wall,
-                  seconds / wall, ttfa_s=wall, peak_rss_mb=peak_rss_mb(),
-                  extra={"note": "no streaming: first audio arrives with the last"})
+    extra = {"note": "no streaming: first audio arrives with the last"}
+    if device.startswith("cuda"):
+        extra["gpu_peak_mb"] = _gpu_peak_mb(device)
+    del model
+    return Result("transformers.generate", dtype, seconds, steps, float(np.median(gaps)), wall,
+                  seconds / wall, ttfa_s=wall, peak_rss_mb=peak_rss_mb(), extra=extra)
 
 
 def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: float,
-                 bandwidth: float) -> Result:
+                 bandwidth: float, device: str = "cpu", graphs: bool = True) -> Result:
+    """Our engine in `dtype`. On a GPU, `graphs=False` runs the same fixed-shape step without
+    CUDA graphs (MUSICBRIDGE_CUDA_GRAPHS=0), for the A/B."""
+    import os
+
+    old = os.environ.get("MUSICBRIDGE_CUDA_GRAPHS")
+    os.environ["MUSICBRIDGE_CUDA_GRAPHS"] = "1" if graphs else "0"
+    try:
+        return _bench_engine(model, tokenizer, dtype, seconds, stream_seconds, bandwidth, device, graphs)
+    finally:
+        if old is None:
+            os.environ.pop("MUSICBRIDGE_CUDA_GRAPHS")
+        else:
+            os.environ["MUSICBRIDGE_CUDA_GRAPHS"] = old
+
+
+def _bench_engine(model, tokenizer, dtype, seconds, stream_seconds, bandwidth, device, graphs) -> Result:
     resolved = ResolvedModel("random", "random weights", False, False, True)
-    eng = Engine(model, tokenizer, resolved, "cpu", dtype)
+    _reset_gpu_peak(device)
+    gpu = device.startswith("cuda")
+    eng = Engine(_on(model, device), tokenizer, resolved, device, dtype)
     stamps: list[float] = []
     eng.generate([GenerationRequest(PROMPT, 0.3, SamplingParams(seed=1))])  # warm-up
     list(eng.stream(GenerationRequest(PROMPT, 0.3, SamplingParams(seed=1)), chunk_seconds=0.1))
-    eng.step_hook = lambda: stamps.append(time.perf_counter())
     req = GenerationRequest(PROMPT, seconds, SamplingParams(seed=0, top_k=250, guidance=3.0))
-    t0 = time.perf_counter()
-    eng.generate([req])
-    wall = time.perf_counter() - t0
+    if gpu:
+        # Steps queue without waiting on the GPU, so a host clock per step measures launches.
+        # The wall time (and RTF) comes from a run with nothing in the loop; the median step
+        # from a second run whose hook waits for each step to finish.
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        eng.generate([req])
+        wall = time.perf_counter() - t0
+
+        def hook() -> None:
+            torch.cuda.synchronize(device)
+            stamps.append(time.perf_counter())
+
+        eng.step_hook = hook
+        eng.generate([req])
+    else:
+        eng.step_hook = lambda: stamps.append(time.perf_counter())
+        t0 = time.perf_counter()
+        eng.generate([req])
+        wall = time.perf_counter() - t0
+    eng.step_hook = None
     gaps = np.diff(stamps) * 1000
     steps = eng.pattern.n_steps(eng.frames_for(seconds))
     # Streaming: time to first audio, and each chunk's codec cost along the stream.
@@ -224,12 +304,15 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
     pushes = pushes[1:-1] if len(pushes) > 3 else pushes
     step_bytes = weight_bytes(eng.lm, _folded_bytes(eng, PROMPT))
     floor = step_bytes / bandwidth * 1000
-    res = Result("musicbridge", dtype, seconds, steps, float(np.median(gaps)), wall, seconds / wall,
+    extra = {"stream_seconds": stream_seconds, "stream_rtf": stream_seconds / stream_wall,
+             "weight_mb": step_bytes / 2**20}
+    if gpu:
+        extra.update(gpu_peak_mb=_gpu_peak_mb(device), graphs=graphs, wall_ms_per_step=wall * 1000 / steps)
+    name = "musicbridge" if not gpu or graphs else "musicbridge (no CUDA graph)"
+    res = Result(name, dtype, seconds, steps, float(np.median(gaps)), wall, seconds / wall,
                  ttfa_s=ttfa, first_chunk_decode_ms=pushes[0] if pushes else None,
                  last_chunk_decode_ms=pushes[-1] if pushes else None, peak_rss_mb=peak_rss_mb(),
-                 floor_ms_per_step=floor,
-                 extra={"stream_seconds": stream_seconds, "stream_rtf": stream_seconds / stream_wall,
-                        "weight_mb": step_bytes / 2**20})
+                 floor_ms_per_step=floor, extra=extra)
     del eng
     gc.collect()
     return res
@@ -237,7 +320,7 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
 
 @torch.inference_mode()
 def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str = "random",
-            greedy_seconds: float = 1.0) -> list[dict]:
+            greedy_seconds: float = 1.0, device: str = "cpu") -> list[dict]:
     """Each precision against float32 on one model: logit error, greedy and sampling agreement.
 
     - teacher-forced logits, one decode step at a time, on 2 sequences x `n_tokens` steps
@@ -254,7 +337,7 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
     from model.conditioning import build_conditioning
 
     resolved = ResolvedModel("random", f"{proxy} proxy", False, False, True)
-    ref_eng = Engine(model, tokenizer, resolved, "cpu", "float32")
+    ref_eng = Engine(_on(model, device), tokenizer, resolved, device, "float32")
     k = ref_eng.num_codebooks
     prompts = [PROMPT, "techno"]
     if proxy == "trained":
@@ -266,10 +349,11 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
     else:
         tokens = torch.randint(0, ref_eng.lm.spec.vocab, (2, k, n_tokens),
                                generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
 
     def logits(eng: Engine) -> torch.Tensor:
-        cond = build_conditioning(eng.hf, tokenizer, prompts, None, False, "cpu", eng.compute_dtype)
-        cache = eng.lm.new_cache(2, tokens.shape[2], "cpu", eng.compute_dtype)
+        cond = build_conditioning(eng.hf, tokenizer, prompts, None, False, device, eng.compute_dtype)
+        cache = eng.lm.new_cache(2, tokens.shape[2], device, eng.compute_dtype)
         cross = eng.lm.cross_kv(cond.states, cond.mask)
         # Step by step, as decoding runs: the decode kernels' arithmetic, not a prefill's.
         steps = [eng.lm(tokens[:, :, t : t + 1], t, cache, cross) for t in range(tokens.shape[2])]
@@ -286,7 +370,8 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
     for dt in dtypes:
         if dt == "float32":
             continue
-        eng = Engine(copy.deepcopy(model), tokenizer, resolved, "cpu", dt)
+        eng = Engine(copy.deepcopy(model) if device == "cpu" else _on(model, device), tokenizer, resolved,
+                     device, dt)
         out = logits(eng)
         q = torch.softmax(out.gather(-1, top), dim=-1)
         kl = (p_ref * (p_ref.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)
@@ -324,12 +409,13 @@ def trained_proxy(steps: int, log=print):
     return model, tokenizer, loss
 
 
-def bench_variations(model, tokenizer, dtype: str, seconds: float, counts: list[int], log=print) -> list[dict]:
+def bench_variations(model, tokenizer, dtype: str, seconds: float, counts: list[int], log=print,
+                     device: str = "cpu") -> list[dict]:
     """N takes of one prompt in one batched pass (as `generate --variations N`), per N: wall
     seconds, ms a step, and cost against one take. The step reads the weights once for all rows,
     so N takes cost far less than N times one."""
     resolved = ResolvedModel("random", "random weights", False, False, True)
-    eng = Engine(model, tokenizer, resolved, "cpu", dtype)
+    eng = Engine(_on(model, device), tokenizer, resolved, device, dtype)
     eng.generate([GenerationRequest(PROMPT, 0.3, SamplingParams(seed=1))])  # warm-up
     rows = []
     for n in counts:
@@ -337,11 +423,15 @@ def bench_variations(model, tokenizer, dtype: str, seconds: float, counts: list[
         eng.step_hook = lambda: stamps.append(time.perf_counter())
         reqs = [GenerationRequest(PROMPT, seconds, SamplingParams(seed=i, top_k=250, guidance=3.0))
                 for i in range(n)]
+        if device.startswith("cuda"):
+            eng.step_hook = None  # a waiting hook would serialise the GPU; wall time only
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         eng.generate_tokens(reqs)
         wall = time.perf_counter() - t0
-        rows.append({"n": n, "dtype": dtype, "wall_s": wall,
-                     "ms_per_step_median": float(np.median(np.diff(stamps)) * 1000)})
+        steps = eng.pattern.n_steps(eng.frames_for(seconds))
+        per_step = float(np.median(np.diff(stamps)) * 1000) if stamps else wall * 1000 / steps
+        rows.append({"n": n, "dtype": dtype, "wall_s": wall, "ms_per_step_median": per_step})
         log(f"  variations {n}: {wall:.1f} s")
     one = rows[0]["wall_s"] if rows and rows[0]["n"] == 1 else None
     for r in rows:
@@ -360,18 +450,27 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    out = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seconds: float,
-        with_quality: bool, log=print, proxy_steps: int = 0, variations: list[int] | None = None) -> dict:
+        with_quality: bool, log=print, proxy_steps: int = 0, variations: list[int] | None = None,
+        device: str = "cpu") -> dict:
+    """The whole bench on `device`. On a GPU: transformers in float16 and float32, ours in each
+    of `dtypes` with CUDA graphs and the first of them without (the A/B)."""
     t = time.perf_counter()
     model, tokenizer = build_random_model(arch)
     log(f"built {arch} with random weights in {time.perf_counter() - t:.1f} s")
-    bandwidth = measure_bandwidth(64 if arch == "tiny" else 512)
-    log(f"memory bandwidth (large reduction): {bandwidth / 1e9:.1f} GB/s")
+    gpu = device.startswith("cuda")
+    bandwidth = measure_bandwidth(64 if arch == "tiny" else 512, device)
+    log(f"memory bandwidth ({'device copy' if gpu else 'large reduction'}): {bandwidth / 1e9:.1f} GB/s")
     auto = None
+    if gpu:
+        dtypes = list(dict.fromkeys("float16" if d == "auto" else d for d in dtypes))
     if "auto" in dtypes:
         from model import autotune
         from model.decoder import DecoderSpec
@@ -382,25 +481,31 @@ def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seco
         dtypes = list(dict.fromkeys(decision.dtype if d == "auto" else d for d in dtypes))
     results: list[Result] = []
     if compare:
-        log("running transformers.generate ...")
-        results.append(bench_transformers(model, tokenizer, seconds))
+        for ref_dtype in (("float16", "float32") if gpu else ("float32",)):
+            log(f"running transformers.generate {ref_dtype} ...")
+            results.append(bench_transformers(model, tokenizer, seconds, device, ref_dtype))
     for dt in dtypes:
         log(f"running musicbridge {dt} ...")
-        results.append(bench_engine(model, tokenizer, dt, seconds, stream_seconds, bandwidth))
+        results.append(bench_engine(model, tokenizer, dt, seconds, stream_seconds, bandwidth, device))
+    if gpu:
+        log(f"running musicbridge {dtypes[0]} without CUDA graphs ...")
+        results.append(bench_engine(model, tokenizer, dtypes[0], seconds, stream_seconds, bandwidth, device,
+                                    graphs=False))
     out = {"arch": arch, "seconds": seconds, "machine": machine(), "bandwidth_gbs": bandwidth / 1e9,
-           "results": [asdict(r) for r in results], "auto": auto}
+           "results": [asdict(r) for r in results], "auto": auto, "device": device}
     if variations:
         vd = dtypes[0]
         log(f"variations {','.join(map(str, variations))} in {vd} ...")
-        out["variations"] = bench_variations(model, tokenizer, vd, seconds, variations, log)
+        out["variations"] = bench_variations(model, tokenizer, vd, seconds, variations, log, device)
     if with_quality:
         log("measuring quantisation quality on random weights ...")
-        qd = [d for d in ("bfloat16", "int8", "int4") if d in dtypes] or ["int8"]
-        out["quality"] = quality(model, tokenizer, qd, proxy="random")
+        kinds = ("float16", "bfloat16") if gpu else ("bfloat16", "int8", "int4")
+        qd = [d for d in kinds if d in dtypes] or [kinds[0] if gpu else "int8"]
+        out["quality"] = quality(model, tokenizer, qd, proxy="random", device=device)
         if proxy_steps:
             pm, pt, loss = trained_proxy(proxy_steps, log)
             log("measuring quantisation quality on the trained proxy ...")
-            out["quality"] += quality(pm, pt, qd, proxy="trained")
+            out["quality"] += quality(pm, pt, qd, proxy="trained", device=device)
             out["proxy"] = {"steps": proxy_steps, "final_loss": loss}
     return out
 
@@ -421,6 +526,14 @@ def table(report: dict) -> str:
                   if r.get("first_chunk_decode_ms") else "-")
         lines.append(f"| {r['name']} | {r['dtype']} | {r['ms_per_step_median']:.1f} | {ratio} | {floor} "
                      f"| {r['rtf']:.3f} | {srtf} | {ttfa} | {chunks} | {r['peak_rss_mb']:.0f} |")
+    gpu_rows = [r for r in rows if r["extra"].get("gpu_peak_mb") is not None]
+    if gpu_rows:
+        lines += ["", f"GPU: {report['machine'].get('gpu', '?')}; device copy {report['bandwidth_gbs']:.0f} GB/s",
+                  "", "| runner | dtype | ms/step from wall time | x real time (generate) | GPU peak MB |",
+                  "|---|---|---|---|---|"]
+        for r in gpu_rows:
+            per = r["extra"].get("wall_ms_per_step", r["wall_s"] * 1000 / r["steps"])
+            lines.append(f"| {r['name']} | {r['dtype']} | {per:.2f} | {r['rtf']:.1f} | {r['extra']['gpu_peak_mb']:.0f} |")
     if report.get("auto"):
         a = report["auto"]
         lines += ["", f"dtype auto on this machine: **{a['dtype']}** - {a['reason']}"]

@@ -83,6 +83,9 @@ def pick_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         if dtype == "float16" and device == "cpu":
             raise RequestError("float16 is for GPUs; on the CPU use bfloat16 or int8")
+        if dtype in ("int8", "int4") and device.startswith("cuda"):
+            raise RequestError(f"{dtype} runs the CPU's C kernels; on a GPU use float16 (the default), "
+                               "bfloat16 or float32")
         return dtype
     return "float16" if device.startswith("cuda") else "auto"
 
@@ -172,6 +175,12 @@ class Engine:
         # Fixed-shape decode steps (the form CUDA graphs capture) on a GPU; the CPU's eager
         # slice reads only the filled cache. Both are held to the same equivalence tests.
         self.static_step = device.startswith("cuda")
+        if self.static_step:
+            from model.step_graph import graphs_enabled
+
+            log.info("decoder on %s in %s: fixed-shape steps, %s", device, self.dtype,
+                     "each batch's step captured once as a CUDA graph and replayed (model/step_graph.py)"
+                     if graphs_enabled() else "run eagerly (MUSICBRIDGE_CUDA_GRAPHS=0)")
         self.weight_writer = None  # the thread recording converted weights (model/weight_cache.py)
         self.lm, self.compute_dtype = self._lay_out(hf_model, self.dtype, owns_model)
 
@@ -399,16 +408,22 @@ class Engine:
             return int(late[0]) if len(late) else totals[j]
 
         def emit(step: int, final: bool):
-            cols = state.tokens.cpu().numpy() if final or chunk_frames else None
+            due = []
             for j in range(len(reqs)):
                 if cancelled[j]:
                     continue
                 upto = totals[j] if final else ready(j, step)
                 want = first_chunk_frames if made[idx[j]] == 0 else chunk_frames
                 if upto - sent[j] >= max(want, 1) or (final and upto > sent[j]):
-                    codes = plan.codes(cols[j], j)[:, sent[j]:upto]
-                    sent[j] = upto
-                    yield j, idx[j], codes
+                    due.append((j, upto))
+            if not due:
+                return
+            # Read back only when a piece is due: on a GPU each read waits for every queued step.
+            cols = state.tokens.cpu().numpy()
+            for j, upto in due:
+                codes = plan.codes(cols[j], j)[:, sent[j]:upto]
+                sent[j] = upto
+                yield j, idx[j], codes
 
         def stop() -> bool:
             return all(r.cancel.is_set() for r in reqs)

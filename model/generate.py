@@ -18,6 +18,7 @@ from model.conditioning import Conditioning
 from model.decoder import CrossKV, KVCache, MusicgenDecoderLM
 from model.patterns import CodebookPattern
 from model.sampling import Sampler, cfg_mix
+from model.step_graph import StaticStep, static_step
 
 
 @dataclass
@@ -73,7 +74,7 @@ class DecodeState:
     forced: torch.Tensor  # (B, K, S+1), -1 where the model samples
     step: int = 0  # next column of `tokens` to fill
     static: bool = False  # fixed-shape steps (`MusicgenDecoderLM.step_static`), as CUDA graphs need
-    pos: torch.Tensor | None = None  # the static step's position, updated in place
+    runner: StaticStep | None = None  # the fixed-shape step over this batch (made at its first step)
 
     @property
     def offset(self) -> int:
@@ -141,10 +142,9 @@ def decode_one_token(state: DecodeState) -> None:
     t = state.step
     x = _rows(state, state.tokens[:, :, t - 1 : t])
     if state.static:
-        if state.pos is None:
-            state.pos = torch.zeros(1, dtype=torch.long, device=x.device)
-        state.pos.fill_(state.offset + t - 1)
-        logits = state.lm.step_static(x, state.pos, state.cache, state.cross)
+        if state.runner is None:
+            state.runner = static_step(state.lm, state.cache, state.cross, x.shape[0], x.device)
+        logits = state.runner(x, state.offset + t - 1)
     else:
         logits = state.lm(x, state.offset + t - 1, state.cache, state.cross)
     _emit(state, logits[:, :, -1])

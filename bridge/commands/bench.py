@@ -15,9 +15,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=positive_float, default=10.0, help="audio per generation")
     p.add_argument("--stream-seconds", type=positive_float, default=None,
                    help="length of the streaming run (default: --seconds)")
-    p.add_argument("--dtype", default="float32,bfloat16,int8,int4",
-                   help="comma-separated precisions for our engine; 'auto' measures and prints "
-                        "the precision --dtype auto picks on this machine, and runs it")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated precisions for our engine (default float32,bfloat16,int8,int4 on the "
+                        "CPU, float16 on a GPU); 'auto' measures and prints the precision --dtype auto picks on "
+                        "this machine, and runs it")
     p.add_argument("--compare", choices=["transformers", "none"], default="transformers")
     p.add_argument("--quality", action="store_true",
                    help="also report teacher-forced logit error of each precision vs float32")
@@ -39,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="with --e2e or --jam: the (text) checkpoint directory to use (default: write --arch's "
                         "shapes with random weights to a temporary directory first)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: on a GPU, transformers runs in float16 and float32 and "
+                        "ours in each --dtype with CUDA graphs and the first without (default --dtype there: float16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--jam", action="store_true",
@@ -63,17 +67,30 @@ def run(args: argparse.Namespace) -> int:
     from model import bench
     from model.engine import DTYPES
 
+    from model.engine import pick_device
+    from model.types import RequestError
+
+    try:
+        device = pick_device(args.device)
+    except RequestError as e:
+        raise UsageError(f"--device: {e}") from None
+    gpu = device.startswith("cuda")
+    if args.dtype is None:
+        args.dtype = "float16" if gpu else "float32,bfloat16,int8,int4"
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in DTYPES or d == "float16"]
+    allowed = ("auto", "float32", "bfloat16", "float16") if gpu else ("auto", "float32", "bfloat16", "int8", "int4")
+    bad = [d for d in dtypes if d not in DTYPES or d not in allowed]
     if bad or not dtypes:
-        raise UsageError(f"--dtype: unknown or unsupported on CPU: {', '.join(bad) or '(none)'}; "
-                         "expected a comma-separated list of auto, float32, bfloat16, int8, int4")
+        raise UsageError(f"--dtype: unknown or unsupported on {'a GPU' if gpu else 'the CPU'}: "
+                         f"{', '.join(bad) or '(none)'}; expected a comma-separated list of {', '.join(allowed)}")
+    if gpu and args.e2e is not None:
+        raise UsageError("--e2e runs on the CPU; for a GPU use the plain bench or --jam")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.e2e is not None:
         return _e2e(args)
     if args.jam:
-        return _run_jam(args, dtypes)
+        return _run_jam(args, dtypes, device)
     try:
         variations = [int(v) for v in args.variations.split(",") if v.strip()]
     except ValueError:
@@ -83,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
     report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
                        args.stream_seconds or args.seconds, args.quality,
                        log=lambda m: print(m, file=sys.stderr, flush=True),
-                       proxy_steps=args.proxy_steps if args.quality else 0, variations=variations)
-    print(f"\n{args.arch}, {args.seconds:g} s of audio, {report['machine']['cpu']}, "
+                       proxy_steps=args.proxy_steps if args.quality else 0, variations=variations,
+                       device=device)
+    gpu_name = f", {report['machine']['gpu']}" if gpu else ""
+    print(f"\n{args.arch}, {args.seconds:g} s of audio, {report['machine']['cpu']}{gpu_name}, "
           f"{report['machine']['threads']} threads, torch {report['machine']['torch']}\n")
     print(bench.table(report))
     if args.json:
@@ -130,7 +149,7 @@ def _e2e(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_jam(args: argparse.Namespace, dtypes: list[str]) -> int:
+def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") -> int:
     import json
     import sys
 
@@ -145,12 +164,13 @@ def _run_jam(args: argparse.Namespace, dtypes: list[str]) -> int:
     try:
         report = jam_bench.run(args.arch, dtypes, args.jam_seconds, args.tempo, args.chunk_bars, device,
                                not args.no_notes, log=lambda m: print(m, file=sys.stderr, flush=True),
-                               model_dir=args.model)
+                               model_dir=args.model, compute=compute)
     except RuntimeError as e:
         raise UsageError(str(e)) from None
     m = report["machine"]
     print(f"\njam: {args.arch}, {args.chunk_bars}-bar chunks at {args.tempo:g} bpm, {args.jam_seconds:g} s per run, "
-          f"{m['cpu']}, {m['threads']} threads, output {report['device']}\n")
+          f"{m['cpu']}{', ' + m['gpu'] if compute != 'cpu' else ''}, {m['threads']} threads, "
+          f"output {report['device']}\n")
     print(jam_bench.table(report))
     if args.json:
         with open(args.json, "w") as f:

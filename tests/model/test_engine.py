@@ -208,3 +208,21 @@ def test_later_windows_read_the_melody_from_their_own_start(tiny_melody_engine):
                  "float32", window_seconds=1.0, context_seconds=0.4)
     codes = eng.generate_tokens([req])[0]
     assert codes.shape == (4, 250)
+
+
+@pytest.mark.parametrize("dtype,device,expect", [
+    ("int8", "cuda", "int8 runs the CPU's C kernels; on a GPU use float16"),
+    ("int4", "cuda:1", "int4 runs the CPU's C kernels; on a GPU use float16"),
+    ("float16", "cpu", "float16 is for GPUs"),
+])
+def test_a_precision_the_device_cannot_run_is_refused_with_the_alternatives(dtype, device, expect):
+    from model.engine import pick_dtype
+
+    with pytest.raises(RequestError, match=expect):
+        pick_dtype(dtype, device)
+
+
+def test_auto_is_float16_on_a_gpu():
+    from model.engine import pick_dtype
+
+    assert pick_dtype("auto", "cuda") == "float16"

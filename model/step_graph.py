@@ -1,0 +1,93 @@
+"""The fixed-shape decode step, run eagerly or captured once as a CUDA graph and replayed.
+
+Why: on a GPU at batch 1-4 a decode step is some 550 small kernels (24 layers of norms,
+products, attention, residual adds), each done in microseconds; launching them one by one from
+Python costs more than running them. `MusicgenDecoderLM.step_static` keeps every shape and
+every host value fixed from step to step, so the whole step is captured once per batch (per
+`DecodeState`: its cache and conditioning are the graph's inputs) and replayed with one call.
+The token column and the position go in through two small input tensors written in place;
+sampling stays outside the graph (each request's own generator draws its noise, so a seed gives
+the same tokens alone or batched).
+
+`StaticStep` is the same step without the graph: what the CPU's equivalence tests run, and what
+a GPU runs with MUSICBRIDGE_CUDA_GRAPHS=0 (for A/B measurements; `musicbridge bench --device cuda`
+reports both).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from model.decoder import CrossKV, KVCache, MusicgenDecoderLM
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get("MUSICBRIDGE_CUDA_GRAPHS", "1") != "0"
+
+
+class StaticStep:
+    """The fixed-shape step over one batch's cache, fed through input tensors it owns."""
+
+    def __init__(self, lm: MusicgenDecoderLM, cache: KVCache, cross: CrossKV | None, rows: int, device):
+        self.lm, self.cache, self.cross = lm, cache, cross
+        self.tokens = torch.zeros((rows, lm.spec.n_codebooks, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+
+    def load(self, tokens: torch.Tensor, pos: int) -> None:
+        """This step's token column (rows, codebooks, 1) and position, written in place."""
+        self.tokens.copy_(tokens)
+        self.pos.fill_(pos)
+
+    def run(self) -> torch.Tensor:
+        return self.lm.step_static(self.tokens, self.pos, self.cache, self.cross)
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits (rows, codebooks, 1, vocab) for `tokens` at `pos`."""
+        self.load(tokens, pos)
+        return self.run()
+
+
+class GraphedStep(StaticStep):
+    """`StaticStep` captured as a CUDA graph at its first call, then replayed.
+
+    The logits it returns live in the graph's own memory and are overwritten by the next
+    replay; the caller samples from them before asking for the next step (stream order makes
+    that safe without a sync).
+    """
+
+    def __init__(self, lm: MusicgenDecoderLM, cache: KVCache, cross: CrossKV | None, rows: int, device):
+        super().__init__(lm, cache, cross, rows, device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        self.load(tokens, pos)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        # Warm-up on a side stream first (cuBLAS and attention pick their kernels and workspaces
+        # outside the capture, as torch.cuda.graphs requires). The warm-up runs are this step's own:
+        # they write the same keys and values into the same cache column the replay writes.
+        side = torch.cuda.Stream(device=self.pos.device)
+        side.wait_stream(torch.cuda.current_stream(self.pos.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.run()
+        torch.cuda.current_stream(self.pos.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the daemon's other threads (a codec decoding another part) keep using the
+        # GPU while this thread captures; only this thread's calls must be capture-safe.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self.run()
+
+
+def static_step(lm: MusicgenDecoderLM, cache: KVCache, cross: CrossKV | None, rows: int, device) -> StaticStep:
+    """The step runner for a batch: a CUDA graph on a GPU (unless MUSICBRIDGE_CUDA_GRAPHS=0), else eager."""
+    if torch.device(device).type == "cuda" and graphs_enabled():
+        return GraphedStep(lm, cache, cross, rows, device)
+    return StaticStep(lm, cache, cross, rows, device)

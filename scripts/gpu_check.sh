@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, on a machine with a CUDA GPU and its own PyTorch (the lent device
+# machine: no network, so the packages PyTorch's image lacks come as wheels in .whl/ and JACK's
+# libraries in .gpu/, made by scripts/gpu_bundle.sh). Writes logs and JSON under $OUT.
+#   1. tests/model/test_cuda_step.py: CUDA graphs against the eager step, GPU against CPU, float16
+#   2. musicbridge bench --device cuda: against transformers' generate on the same GPU, one run
+#   3. musicbridge bench --jam --device cuda: a live jam's chunk latency, on a JACK dummy server
+#   4. scripts/gpu_probe.py --compile: where a step's time goes; would torch.compile pay
+set -u
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MUSICBRIDGE_CACHE=/tmp/mb-cache
+stamp() { echo "== $(date +%T) $*"; }
+
+stamp machine
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+grep -m1 "model name" /proc/cpuinfo | tee -a "$OUT/gpu.txt"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" \
+    | tee -a "$OUT/gpu.txt"
+# JACK and PortAudio from .gpu/ where the image has none (only libraries it lacks are added).
+for f in .gpu/lib/*.so*; do
+    n=$(basename "$f")
+    ldconfig -p | grep -qF "$n (" || cp "$f" /usr/local/lib/
+done
+ln -sf libportaudio.so.2 /usr/local/lib/libportaudio.so
+ldconfig
+export PATH=$PWD/.gpu/bin:$PATH JACK_DRIVER_DIR=$PWD/.gpu/lib/jack
+
+stamp tests
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/model/test_cuda_step.py 2>&1 | tee "$OUT/pytest.txt"
+grep -qE "passed" "$OUT/pytest.txt" || { echo "GPU tests did not run; stopping"; exit 1; }
+
+stamp bench
+timeout 180 python3 -m bridge.cli bench --device cuda --arch musicgen-small --seconds 10 \
+    --dtype float16,bfloat16,float32 --variations 1,2,4 --quality --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+
+stamp jam
+timeout 150 python3 -m bridge.cli bench --jam --device cuda --arch musicgen-small --dtype float16 --jam-seconds 12 \
+    --json "$OUT/jam.json" 2>&1 | tee "$OUT/jam.txt"
+
+stamp probe
+timeout 120 python3 scripts/gpu_probe.py --compile --json "$OUT/probe.json" 2>&1 | tee "$OUT/probe.txt"
+stamp done
