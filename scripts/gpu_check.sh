@@ -9,7 +9,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MUSICBRIDGE_CACHE=/tmp/mb-cache
+export PYTHONUNBUFFERED=1 MUSICBRIDGE_CACHE=/tmp/mb-cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 stamp() { echo "== $(date +%T) $*"; }
 
 stamp machine
