@@ -161,6 +161,16 @@ class CrossKV:
     # What a step derives from these once (model/cross_fold.py's folded keys and values).
     derived: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def bias(self) -> torch.Tensor:
+        """`mask` as the additive mask attention applies (0 or -inf, in the keys' dtype), made once
+        per batch: the fixed-shape step hands it to attention as is, where a boolean mask would be
+        converted in every call of every layer (four kernels each on a GPU)."""
+        b = self.derived.get("bias")
+        if b is None:
+            b = torch.zeros(self.mask.shape, dtype=self.k.dtype, device=self.k.device)
+            b = self.derived["bias"] = b.masked_fill(~self.mask, float("-inf"))
+        return b
+
 
 def _on_meta() -> bool:
     """Whether modules are being built on the meta device (`with torch.device("meta")`)."""
@@ -222,16 +232,18 @@ class DecoderLayer(nn.Module):
         cache.write_at(layer, pos, k, v)
         keys, values = cache.read_all(layer, q.dtype)
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid)
-        return self._rest(x, a, layer, cross)
+        return self._rest(x, a, layer, cross, static=True)
 
-    def _rest(self, x, a, layer: int, cross: CrossKV | None):
-        """Everything after self-attention: its projection, cross-attention, the feed-forward."""
+    def _rest(self, x, a, layer: int, cross: CrossKV | None, static: bool = False):
+        """Everything after self-attention: its projection, cross-attention, the feed-forward.
+        `static`: the fixed-shape step, whose masks are additive (made once, not per call)."""
         b, n, d = x.shape
         x = x + self.out(a.transpose(1, 2).reshape(b, n, d))
         if cross is not None:
             h = self.ln_cross(x)
             q = self._heads(self.cross_q(h))
-            a = F.scaled_dot_product_attention(q, cross.k[layer], cross.v[layer], attn_mask=cross.mask)
+            mask = cross.bias() if static else cross.mask
+            a = F.scaled_dot_product_attention(q, cross.k[layer], cross.v[layer], attn_mask=mask)
             x = x + self.cross_out(a.transpose(1, 2).reshape(b, n, d))
         h = self.ln_ff(x)
         h = self.fc1(h)
@@ -466,7 +478,11 @@ class MusicgenDecoderLM(nn.Module):
         cheaper, as it reads only the filled part of the cache.
         """
         x = self.embed_tokens(tokens) + self.positions.index_select(0, pos)
-        valid = (torch.arange(cache.max_len, device=pos.device) <= pos).view(1, 1, 1, -1)
+        # One additive mask of the filled positions for every layer (a boolean one would be
+        # converted in each layer's attention call).
+        unfilled = torch.arange(cache.max_len, device=pos.device) > pos
+        valid = torch.zeros(cache.max_len, dtype=x.dtype, device=pos.device).masked_fill(unfilled, float("-inf"))
+        valid = valid.view(1, 1, 1, -1)
         for i, layer in enumerate(self.layers):
             x = layer.step_static(x, i, pos, valid, cache, cross)
         logits = self.heads(self.ln_final(x))

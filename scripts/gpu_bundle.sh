@@ -24,4 +24,6 @@ for l in libasound.so.2 libcap.so.2 libdb-5.3.so libdbus-1.so.3 libgcrypt.so.20 
          libjackserver.so.0 liblz4.so.1 liblzma.so.5 libopus.so.0 libsystemd.so.0 libzstd.so.1 libportaudio.so.2; do
     cp -L "$lib/$l" .gpu/lib/
 done
+cp "$(command -v jack_lsp)" .gpu/bin/
+mkdir -p .gpu/alsa && cp -r /usr/share/alsa/* .gpu/alsa/  # ALSA's configuration, for PortAudio's start-up
 du -sh .whl .gpu

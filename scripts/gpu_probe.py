@@ -7,8 +7,9 @@ decoder at batch 1 with guidance (2 rows) and at 4 and 8 rows, timed
 - as a CUDA graph replay (model/step_graph.py: what the engine runs),
 - as a CUDA graph of the step compiled by torch.compile (inductor), with its compile time,
 
-plus the kernel count of one eager step and the eager sampler's time. Prints a table; with
---json, writes the numbers. Not part of the product: it answers "would compiling pay?".
+plus the kernel count of one eager step (with --breakdown, its kernels by GPU time) and the
+eager sampler's time. Prints a table; with --json, writes the numbers. Not part of the product:
+it answers "where does a step's time go, and would compiling pay?" (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -43,12 +44,29 @@ def _kernels(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def _breakdown(fn) -> str:
+    """One eager step's kernels grouped by name, by GPU time (the graph replays the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return avg.table(sort_by=key, row_limit=25, max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return avg.table(row_limit=25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--rows", default="2,4,8")
     ap.add_argument("--max-len", type=int, default=504, help="cache length (10 s of audio: 503 steps + BOS)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="print one step's kernels by GPU time")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -88,6 +106,10 @@ def main() -> None:
             torch.cuda.synchronize()
             row["graph_back_to_back_ms"] = (time.perf_counter() - t) * 1000 / 200
 
+            if args.breakdown and rows == 2:
+                table = _breakdown(lambda: eager(tokens, 300))
+                print(table, flush=True)
+                report["breakdown"] = table
             logits = graphed(tokens, 300)
             sampler = Sampler.for_params([SamplingParams(seed=i, top_k=250) for i in range(rows // 2)], dev)
             scale = torch.full((rows // 2, 1, 1), 3.0, device=dev)
