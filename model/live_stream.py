@@ -80,6 +80,7 @@ class LiveStream:
         the frames still to be generated; returns True when it will."""
         if melody is not None and not self.engine.is_melody:
             raise RequestError("this model is text-only and cannot follow a melody")
+        self._collect()  # every complete frame is kept, whatever the new conditioning
         same = self._state is not None and _same_future(self._melody, self._melody_at, melody, at_frame,
                                                         self.frames, self.engine)
         # Keep the latest chroma either way: it reaches further, and a window that slides later
@@ -115,6 +116,7 @@ class LiveStream:
         pending_from = self.frames
         while self.frames < until_frame:
             if cancel is not None and cancel.is_set():
+                self._collect()
                 return
             if self._state is None or self._state.done or self.frames - self._w0 >= self.window:
                 if self._state is not None and not self.last_prefill_reason:
@@ -125,19 +127,31 @@ class LiveStream:
                     decode_n(self._state, 1)
             if eng.step_hook is not None:
                 eng.step_hook()
-            self._collect()
+            # Tokens are read back only when a piece is due or the window ends: on a GPU each read
+            # waits for every queued step, so reading every step would serialise host and device.
+            complete = self._complete()
+            if (complete - pending_from >= want or complete >= until_frame or self._state.done
+                    or complete - self._w0 >= self.window):
+                self._collect()
             if self.frames - pending_from >= want or self.frames >= until_frame:
                 yield self._codes[:, pending_from - self._codes_start:self.frames - self._codes_start]
                 pending_from = self.frames
                 want = piece_frames
 
+    def _complete(self) -> int:
+        """The stream frame every frame before which is complete: the pattern's arithmetic on the
+        step count, nothing read from the device."""
+        st = self._state
+        if st is None:
+            return self.frames
+        total = self._plan.n_frames[0]
+        late = np.nonzero(self._done_after[:total] > st.step - 1)[0]
+        return max(self.frames, self._w0 + (int(late[0]) if len(late) else total))
+
     def _collect(self) -> None:
         """Move newly complete frames of the window into `_codes`."""
         st = self._state
-        step = st.step - 1
-        total = self._plan.n_frames[0]
-        late = np.nonzero(self._done_after[:total] > step)[0]
-        ready = int(late[0]) if len(late) else total
+        ready = self._complete() - self._w0
         have = self.frames - self._w0
         if ready <= have:
             return
