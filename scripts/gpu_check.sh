@@ -13,6 +13,8 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MUSICBRIDGE_CACHE=/tmp/mb-cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PROBE_ARGS=${PROBE_ARGS:---compile}
+BENCH_ARGS=${BENCH_ARGS:---dtype float16,bfloat16,float32 --variations 1,2,4 --quality}
+JAM_ARGS=${JAM_ARGS:-}
 stamp() { echo "== $(date +%T) $*"; }
 phases=${*:-tests bench audio jam probe}
 
@@ -42,9 +44,8 @@ for phase in $phases; do
             | tee "$OUT/pytest.txt"
         grep -qE "passed" "$OUT/pytest.txt" || { echo "GPU tests did not run; stopping"; exit 1; } ;;
     bench)
-        timeout 180 python3 -m bridge.cli bench --device cuda --arch musicgen-small --seconds 10 \
-            --dtype float16,bfloat16,float32 --variations 1,2,4 --quality --json "$OUT/bench.json" 2>&1 \
-            | tee "$OUT/bench.txt" ;;
+        timeout 180 python3 -m bridge.cli bench --device cuda --arch musicgen-small --seconds 10 $BENCH_ARGS \
+            --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" ;;
     audio)
         jackd --no-realtime -n mbdiag -d dummy -r 48000 -p 256 >"$OUT/jackd.txt" 2>&1 &
         jpid=$!
@@ -59,7 +60,7 @@ print('stream ok')" 2>&1 | tee "$OUT/audio.txt"
         kill $jpid 2>/dev/null; wait $jpid 2>/dev/null ;;
     jam)
         timeout 150 python3 -X faulthandler -m bridge.cli bench --jam --device cuda --arch musicgen-small --dtype float16 \
-            --jam-seconds 12 --json "$OUT/jam.json" 2>&1 | tee "$OUT/jam.txt" ;;
+            --jam-seconds 12 $JAM_ARGS --json "$OUT/jam.json" 2>&1 | tee "$OUT/jam.txt" ;;
     probe)
         timeout 150 python3 scripts/gpu_probe.py $PROBE_ARGS --json "$OUT/probe.json" 2>&1 | tee "$OUT/probe.txt" ;;
     esac
