@@ -112,3 +112,23 @@ def test_int4_generates_through_its_c_step_and_a_take_is_the_same_alone_and_batc
     alone = np.load(run("alone", "--seed", "6"))
     np.testing.assert_array_equal(np.load(tmp_path / "take-2.npy"), alone)
     assert sf.info(str(tmp_path / "take-2.wav")).frames > 0
+
+
+def test_a_gpu_precision_on_the_cpu_and_a_missing_gpu_are_one_line_errors(tiny_model_dir, tmp_path):
+    """float16 without a GPU, and --device cuda where torch sees none: exit 2, one line naming
+    the problem and what to use, no file written."""
+    import subprocess
+    import sys
+
+    import torch
+
+    cases = [(["--dtype", "float16", "--device", "cpu"], "float16 is for GPUs; on the CPU use bfloat16 or int8")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "device 'cuda' asked for, but torch sees no CUDA GPU"))
+    for extra, message in cases:
+        out = tmp_path / "x.wav"
+        r = subprocess.run([sys.executable, "-m", "bridge.cli", "generate", "--model", str(tiny_model_dir),
+                            "--prompt", "x", "--seconds", "0.3", "--out", str(out), *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not out.exists()

@@ -36,6 +36,26 @@ def test_bench_rejects_unknown_dtype():
     assert r.returncode == 2 and "int3" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_bench_names_the_precisions_this_device_runs():
+    r = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "--arch", "tiny", "--dtype", "float16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "unsupported on the CPU: float16" in r.stderr and "int8" in r.stderr
+
+
+def test_bench_on_a_missing_gpu_is_a_usage_error():
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has a CUDA GPU: there `--device cuda` runs (tests/model/test_cuda_step.py)")
+    r = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "--arch", "tiny", "--device", "cuda"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--device: device 'cuda' asked for, but torch sees no CUDA GPU" in r.stderr
+
+
 def test_bench_variations_and_both_quality_proxies(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "--arch", "tiny", "--seconds", "0.2",
