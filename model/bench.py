@@ -225,17 +225,10 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
                  bandwidth: float, device: str = "cpu", graphs: bool = True) -> Result:
     """Our engine in `dtype`. On a GPU, `graphs=False` runs the same fixed-shape step without
     CUDA graphs (MUSICBRIDGE_CUDA_GRAPHS=0), for the A/B."""
-    import os
+    from model.step_graph import graphs as graphs_on
 
-    old = os.environ.get("MUSICBRIDGE_CUDA_GRAPHS")
-    os.environ["MUSICBRIDGE_CUDA_GRAPHS"] = "1" if graphs else "0"
-    try:
+    with graphs_on(graphs):
         return _bench_engine(model, tokenizer, dtype, seconds, stream_seconds, bandwidth, device, graphs)
-    finally:
-        if old is None:
-            os.environ.pop("MUSICBRIDGE_CUDA_GRAPHS")
-        else:
-            os.environ["MUSICBRIDGE_CUDA_GRAPHS"] = old
 
 
 def _bench_engine(model, tokenizer, dtype, seconds, stream_seconds, bandwidth, device, graphs) -> Result:

@@ -16,7 +16,9 @@ reports both).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -25,6 +27,20 @@ from model.decoder import CrossKV, KVCache, MusicgenDecoderLM
 
 def graphs_enabled() -> bool:
     return os.environ.get("MUSICBRIDGE_CUDA_GRAPHS", "1") != "0"
+
+
+@contextlib.contextmanager
+def graphs(enabled: bool) -> Iterator[None]:
+    """CUDA graphs on or off for the engines made inside the block (the bench's A/B)."""
+    old = os.environ.get("MUSICBRIDGE_CUDA_GRAPHS")
+    os.environ["MUSICBRIDGE_CUDA_GRAPHS"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MUSICBRIDGE_CUDA_GRAPHS", None)
+        else:
+            os.environ["MUSICBRIDGE_CUDA_GRAPHS"] = old
 
 
 class StaticStep:

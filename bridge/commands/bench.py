@@ -65,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bridge.cli import UsageError
     from model import bench
-    from model.engine import DTYPES
-
-    from model.engine import pick_device
+    from model.engine import DTYPES, pick_device
     from model.types import RequestError
 
     try:
