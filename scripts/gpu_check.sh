@@ -7,7 +7,8 @@
 #   bench  musicbridge bench --device cuda: against transformers' generate on the same GPU, one run
 #   audio  PortAudio on a JACK dummy server (what the jam's output needs)
 #   jam    musicbridge bench --jam --device cuda: a live jam's chunk latency
-#   probe  scripts/gpu_probe.py: where a step's time goes (kernels, variants, torch.compile)
+#   probe  scripts/gpu_probe.py: where a step's time goes (kernels, torch.compile)
+# BENCH_ARGS, JAM_ARGS and PROBE_ARGS replace each phase's default options (see below).
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
