@@ -1,8 +1,10 @@
-"""`musicbridge devices`: the audio outputs `serve --audio` can open and the MIDI ports a jam can follow.
+"""`musicbridge devices`: the audio outputs `serve --audio` can open, the MIDI ports a jam can
+follow, and where the model can run (`--device`).
 
-Why both: setting up a live session means picking an audio device (JACK/PipeWire, CoreAudio,
-WASAPI, a loopback device) and a MIDI port; a missing server or MIDI API is shown as such, not as
-a traceback, because it is the most common setup mistake.
+Why all three: setting up a live session means picking an audio device (JACK/PipeWire, CoreAudio,
+WASAPI, a loopback device) and a MIDI port, and knowing whether the GPU is used; a missing server,
+MIDI API or CUDA build is shown as such, not as a traceback, because it is the most common setup
+mistake.
 """
 
 from __future__ import annotations
@@ -47,6 +49,27 @@ def audio_devices() -> tuple[list[dict[str, Any]], str | None]:
     return out, None
 
 
+def compute_devices() -> tuple[list[dict[str, Any]], str | None]:
+    """Where the engine can run: the CPU and each CUDA GPU PyTorch sees; (devices, why no GPU or None)."""
+    import torch
+
+    from model.bench import machine
+
+    m = machine()
+    out: list[dict[str, Any]] = [{"device": "cpu", "name": m["cpu"], "threads": m["threads"],
+                                  "precisions": ["int8", "int4", "bfloat16", "float32"]}]
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append({"device": f"cuda:{i}", "name": p.name, "memory_gb": p.total_memory / 1e9,
+                    "precisions": ["float16", "bfloat16", "float32"]})
+    why = None
+    if len(out) == 1:
+        why = (f"torch {torch.__version__} is a CPU-only build; install a CUDA build for a GPU (README, On a GPU)"
+               if torch.version.cuda is None else
+               f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU (driver, CUDA_VISIBLE_DEVICES?)")
+    return out, why
+
+
 def midi_ports() -> tuple[dict[str, dict[str, list[str]]], dict[str, str]]:
     """{api: {"inputs": [...], "outputs": [...]}} for each usable MIDI API, and {api: problem}."""
     import mido
@@ -69,9 +92,10 @@ def midi_ports() -> tuple[dict[str, dict[str, list[str]]], dict[str, str]]:
 def run(args: argparse.Namespace) -> int:
     audio, audio_problem = audio_devices()
     midi, midi_problems = midi_ports()
+    compute, no_gpu = compute_devices()
     if args.json:
         json.dump({"audio": audio, "audio_problem": audio_problem, "midi": midi,
-                   "midi_problems": midi_problems}, sys.stdout, indent=2)
+                   "midi_problems": midi_problems, "compute": compute, "no_gpu": no_gpu}, sys.stdout, indent=2)
         print()
         return 0
     print("Audio devices (use the index or name with `serve --audio`):")
@@ -88,4 +112,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {api}: inputs: {', '.join(p['inputs']) or '-'}; outputs: {', '.join(p['outputs']) or '-'}")
     for api, why in midi_problems.items():
         print(f"  {api}: unavailable: {why}")
+    print("Compute (use with `--device`; `auto` takes the first GPU, else the CPU):")
+    for c in compute:
+        size = f", {c['memory_gb']:.0f} GB" if "memory_gb" in c else f", {c['threads']} threads"
+        print(f"  {c['device']}: {c['name']}{size}; --dtype {', '.join(c['precisions'])}")
+    if no_gpu:
+        print(f"  no GPU: {no_gpu}")
     return 0
