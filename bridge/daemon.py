@@ -302,8 +302,9 @@ class Daemon:
         queued, running = self.jobs.counts()
         source, tempo, num, den, playing, beat, age = self.clock.state()
         xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
-        self.reply(sender, "/status", self.engine.info.label, len(self.session.tracks), queued, running, xruns,
-                   float(tempo), f"{num}/{den}", int(playing), float(beat), source, float(age))
+        info = self.engine.info
+        self.reply(sender, "/status", info.label, len(self.session.tracks), queued, running, xruns,
+                   float(tempo), f"{num}/{den}", int(playing), float(beat), source, float(age), info.device, info.dtype)
 
     @handles(P.TransportState)
     def _transport_state(self, cmd: P.TransportState, sender: Address) -> None:
