@@ -122,6 +122,16 @@ def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torc
     return q.to(torch.int32).reshape(n, k), d, z.to(torch.int32)
 
 
+def _many_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Many float32 rows (a prefill) against a dense weight, as one matmul: in bfloat16 inside a
+    prefill where this CPU has fast bfloat16 matmuls (`prefilling`), else in float32, the
+    kernels' arithmetic."""
+    if _bf16_products():
+        y = F.linear(x.bfloat16(), weight.bfloat16()).float()
+        return y if bias is None else y + bias
+    return F.linear(x, weight.float(), bias)
+
+
 class Bf16Linear(nn.Module):
     """bfloat16 weights behind float32 activations: half the bytes a step reads.
 
@@ -148,12 +158,7 @@ class Bf16Linear(nn.Module):
         if self.kernel and x.dtype == torch.float32:
             if _kernel_rows(x):
                 return gemv.linear_bf16(x, self.weight, self._bias32)
-            # Many rows, as one matmul: in bfloat16 inside a prefill where this CPU has fast
-            # bfloat16 matmuls (`prefilling`), else the kernel's arithmetic (float32 activations).
-            if _bf16_products():
-                y = F.linear(x.bfloat16(), self.weight).float()
-                return y if self._bias32 is None else y + self._bias32
-            return F.linear(x, self.weight.float(), self._bias32)
+            return _many_rows(x, self.weight, self._bias32)
         return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
@@ -266,13 +271,7 @@ class Int4Linear(nn.Module):
         if self.kernel:
             if _kernel_rows(x):
                 return gemv.linear_i4(x, self.weight, self.in_features, self.bias)
-            x2 = x.reshape(-1, self.in_features)  # many rows (prefill): compute-bound, one matmul
-            if _bf16_products():
-                y = F.linear(x2.bfloat16(), self.dequantized().bfloat16()).float()
-                y = y if self.bias is None else y + self.bias
-            else:
-                y = F.linear(x2, self.dequantized(), self.bias)
-            return y.reshape(*shape[:-1], self.out_features)
+            return _many_rows(x, self.dequantized(), self.bias)
         x2 = x.reshape(-1, self.in_features).to(self.scale_zero.dtype)
         if x2.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
