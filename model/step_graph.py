@@ -7,7 +7,7 @@ every host value fixed from step to step, so the whole step is captured once per
 `DecodeState`: its cache and conditioning are the graph's inputs) and replayed with one call.
 The token column and the position go in through two small input tensors written in place;
 sampling stays outside the graph (each request's own generator draws its noise, so a seed gives
-the same tokens alone or batched).
+the same tokens with the graph and without).
 
 `StaticStep` is the same step without the graph: what the CPU's equivalence tests run, and what
 a GPU runs with MUSICBRIDGE_CUDA_GRAPHS=0 (for A/B measurements; `musicbridge bench --device cuda`
@@ -25,22 +25,25 @@ import torch
 from model.decoder import CrossKV, KVCache, MusicgenDecoderLM
 
 
+_forced: bool | None = None  # set by `graphs` for a block; else the environment decides
+
+
 def graphs_enabled() -> bool:
+    if _forced is not None:
+        return _forced
     return os.environ.get("MUSICBRIDGE_CUDA_GRAPHS", "1") != "0"
 
 
 @contextlib.contextmanager
 def graphs(enabled: bool) -> Iterator[None]:
-    """CUDA graphs on or off for the engines made inside the block (the bench's A/B)."""
-    old = os.environ.get("MUSICBRIDGE_CUDA_GRAPHS")
-    os.environ["MUSICBRIDGE_CUDA_GRAPHS"] = "1" if enabled else "0"
+    """CUDA graphs on or off for the engines made and run inside the block (the bench's A/B),
+    whatever MUSICBRIDGE_CUDA_GRAPHS says; the environment is left alone."""
+    global _forced
+    old, _forced = _forced, enabled
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("MUSICBRIDGE_CUDA_GRAPHS", None)
-        else:
-            os.environ["MUSICBRIDGE_CUDA_GRAPHS"] = old
+        _forced = old
 
 
 class StaticStep:
