@@ -363,8 +363,7 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
     for dt in dtypes:
         if dt == "float32":
             continue
-        eng = Engine(copy.deepcopy(model) if device == "cpu" else _on(model, device), tokenizer, resolved,
-                     device, dt)
+        eng = Engine(copy.deepcopy(model).to(device), tokenizer, resolved, device, dt)
         out = logits(eng)
         q = torch.softmax(out.gather(-1, top), dim=-1)
         kl = (p_ref * (p_ref.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)

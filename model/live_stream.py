@@ -130,8 +130,7 @@ class LiveStream:
             # Tokens are read back only when a piece is due or the window ends: on a GPU each read
             # waits for every queued step, so reading every step would serialise host and device.
             complete = self._complete()
-            if (complete - pending_from >= want or complete >= until_frame or self._state.done
-                    or complete - self._w0 >= self.window):
+            if complete - pending_from >= want or complete >= until_frame or complete - self._w0 >= self.window:
                 self._collect()
             if self.frames - pending_from >= want or self.frames >= until_frame:
                 yield self._codes[:, pending_from - self._codes_start:self.frames - self._codes_start]
