@@ -12,6 +12,7 @@ Requests in one call are decoded together, one forward pass per step for the who
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -106,7 +107,7 @@ def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
         if dtype == "bfloat16":
             return m.in_features * m.out_features * 2
         if dtype == "int4" and not heads and gemv.takes_i4(m.in_features):  # as Int4Linear.kernel decides
-            return m.out_features * (m.in_features // gemv.I4_GROUP) * gemv.I4_BLOCK
+            return math.prod(gemv.i4_shape(m.out_features, m.in_features))
         return m.in_features * m.out_features  # int8, and int4's heads and odd widths
 
     linears = [(m, False) for m in lm.layers.modules() if isinstance(m, nn.Linear)] + [(lm.heads, True)]

@@ -223,20 +223,36 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     return 0;
 }
 
-/* int4 on integer dot products. A row is stored as blocks of 128 inputs, I4_BLOCK bytes each: 64
- * bytes of 4-bit q (input i in byte i's low nibble, input 64 + i in its high nibble), the block's
- * step d as float16 and its zero point z (0-15) in one byte: w = d (q - z). Data and scales in one
- * stream per row, one sequential read.
+/* int4 on integer dot products, w = d (q - z) in blocks of 128 inputs with a float16 step d and a
+ * zero point z (0-15) per row and block.
  *
- * Why this shape: the kernel is bound by its instructions, not its bytes (half of int8's), and
- * every block costs a scale multiply and a multiply-add per row of activations, so blocks are 128
- * inputs (blocks of 64 ran no faster than int8). The activations get one int8 term per block
- * (s = max |x| / 127): int4 weights round 16 times coarser than that, so a second term, as int8
- * has, bought nothing measurable on the trained proxy and cost 12-26% more time (BENCHMARKS.md).
- * The zero point rides in the dot product's starting value, -z sum(xq), one integer multiply. */
+ * Layout: rows in tiles of I4_TILE = 16, one contiguous stream per tile, block after block. A
+ * tile's block is I4_TB = 1088 bytes: sixteen 64-byte vectors of q, then the sixteen rows' d
+ * (float16), their z (bytes) and 16 bytes of padding, so every vector load is one aligned line.
+ * In vector j, the 32-bit lane i holds row i's inputs 8j..8j+3 in its four low nibbles and
+ * 8j+4..8j+7 in its high nibbles. A tile of fewer rows (the last, where N is not a multiple of
+ * 16) is padded with zero rows.
+ *
+ * Why lanes are rows: one vpdpbusd then advances sixteen rows by four inputs each against one
+ * broadcast activation word, so a block's dot products stay in integer lanes, one per row, and
+ * the step, the zero point and the activation's scale are applied once per block to all sixteen
+ * rows in one vector, with no horizontal sums. The earlier layout (one row's block in 67 bytes,
+ * lanes along the inputs) spent most of its instructions on each row's per-block scale (a
+ * scalar float16 conversion, broadcasts, a conversion and a multiply-add per row and block) and
+ * ran from memory at 17.5 GB/s where a plain read ran at 24 (BENCHMARKS.md).
+ *
+ * The activations get one int8 term per block (s = max |x| / 127): int4 weights round 16 times
+ * coarser than that, so a second term, as int8 has, bought nothing measurable on the trained
+ * proxy. With integer sums S = sum q xq and Q = sum xq over a block, the block adds
+ * d s (S - z Q), exactly the integer dot product of (q - z) and xq, then scaled. */
 #define I4_QB 128
-#define I4_BLOCK 67
-#define I4_ROWS 8
+#define I4_TILE 16
+#define I4_TB 1088
+/* Blocks a tile's stream is fetched ahead, into L2 (prefetcht1): one sequential stream per thread,
+ * fetched four blocks ahead into L2, read at 1.10-1.27x a plain read's time where fetching two
+ * blocks ahead into L1 took 1.28-1.30x and the hardware prefetcher alone 1.65x (Intel Xeon, the
+ * 96 products of musicgen-small's layers, alternated in one process; BENCHMARKS.md). */
+#define I4_AHEAD 4
 
 /* One int8 term per block of 128: xq (M, K), scales sx and integer sums sq (M, K / 128). */
 static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
@@ -260,52 +276,52 @@ static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, 
         }
 }
 
-/* dot(q - z, xq) for one weight block (its 128 q as lo, hi) in int32 lanes: the dot products
- * start from -z sum(xq) in lane 0. */
-static inline __attribute__((always_inline)) __m512i dot_i4(int start, __m512i lo, __m512i hi, const int8_t *x) {
-    __m512i init = _mm512_castsi128_si512(_mm_cvtsi32_si128(start));
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo, _mm512_loadu_si512(x)), hi, _mm512_loadu_si512(x + 64));
+static inline __attribute__((always_inline)) __m512i bcast4(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm512_set1_epi32(v);
 }
 
-static inline void i4_tile(const int8_t *xq, const float *sx, const int32_t *sq, int M, int K, const uint8_t *w,
-                           float *y, int N, int n, int nt) {
-    int blocks = K / I4_QB;
-    size_t row = (size_t)blocks * I4_BLOCK;
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
-    for (int m = 0; m < M; m += 2) {
-        int mt = M - m < 2 ? M - m : 2;
-        vf acc[2 * I4_ROWS];
-        for (int i = 0; i < 2 * I4_ROWS; i++) acc[i] = (vf){0};
-        for (int b = 0; b < blocks; b++) {
-            size_t at0 = (size_t)m * blocks + b, at1 = mt > 1 ? at0 + blocks : at0;
-            const int8_t *x0 = xq + at0 * I4_QB, *x1 = xq + at1 * I4_QB;
-            int q0 = sq[at0], q1 = sq[at1];
-            float s0 = sx[at0], s1 = mt > 1 ? sx[at1] : 0.f;
-            for (int r = 0; r < I4_ROWS; r++) {
-                if (r >= nt) break;
-                const uint8_t *p = w + (size_t)(n + r) * row + (size_t)b * I4_BLOCK;
-                __builtin_prefetch(p + (size_t)I4_ROWS * row);
-                __builtin_prefetch(p + (size_t)I4_ROWS * row + 64);
-                __m512i v = _mm512_loadu_si512(p);
-                __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                uint16_t h;
-                memcpy(&h, p + 64, 2);
-                float d = _cvtsh_ss(h);
-                int z = p[66];
-                acc[2 * r] = (vf)_mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_i4(-z * q0, lo, hi, x0)), _mm512_set1_ps(d * s0),
-                                                 (__m512)acc[2 * r]);
-                acc[2 * r + 1] = (vf)_mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_i4(-z * q1, lo, hi, x1)),
-                                                     _mm512_set1_ps(d * s1), (__m512)acc[2 * r + 1]);
-            }
+/* Rows [16 t, 16 t + 16) of y for activation rows m and m + 1 (x1 = x0 where there is no second). */
+static inline void i4_tile(const int8_t *x0, const int8_t *x1, const float *s0, const float *s1, const int32_t *q0,
+                           const int32_t *q1, int blocks, const uint8_t *w, __m512 *out0, __m512 *out1) {
+    const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8((char)0xf0);
+    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *p = w + (size_t)b * I4_TB;
+        for (int i = 0; i < I4_TB; i += 64) __builtin_prefetch(p + I4_AHEAD * I4_TB + i, 0, 2);
+        const int8_t *a0 = x0 + (size_t)b * I4_QB, *a1 = x1 + (size_t)b * I4_QB;
+        /* Four sums per activation row, so that no chain of dependent vpdpbusd is longer than
+         * eight a block; the high nibbles are summed in place (16 q), which `>> 4` undoes exactly. */
+        __m512i l0a = _mm512_setzero_si512(), l0b = l0a, h0a = l0a, h0b = l0a, l1a = l0a, l1b = l0a, h1a = l0a, h1b = l0a;
+        for (int j = 0; j < 16; j += 2) {
+            __m512i v = _mm512_load_si512(p + 64 * j), u = _mm512_load_si512(p + 64 * (j + 1));
+            __m512i vl = _mm512_and_si512(v, lo4), vh = _mm512_and_si512(v, hi4);
+            __m512i ul = _mm512_and_si512(u, lo4), uh = _mm512_and_si512(u, hi4);
+            l0a = _mm512_dpbusd_epi32(l0a, vl, bcast4(a0 + 8 * j));
+            h0a = _mm512_dpbusd_epi32(h0a, vh, bcast4(a0 + 8 * j + 4));
+            l0b = _mm512_dpbusd_epi32(l0b, ul, bcast4(a0 + 8 * j + 8));
+            h0b = _mm512_dpbusd_epi32(h0b, uh, bcast4(a0 + 8 * j + 12));
+            l1a = _mm512_dpbusd_epi32(l1a, vl, bcast4(a1 + 8 * j));
+            h1a = _mm512_dpbusd_epi32(h1a, vh, bcast4(a1 + 8 * j + 4));
+            l1b = _mm512_dpbusd_epi32(l1b, ul, bcast4(a1 + 8 * j + 8));
+            h1b = _mm512_dpbusd_epi32(h1b, uh, bcast4(a1 + 8 * j + 12));
         }
-        vf sums = vsum16(acc);
-        for (int r = 0; r < nt; r++)
-            for (int c = 0; c < mt; c++) y[(size_t)(m + c) * N + n + r] = sums[2 * r + c];
+        __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + 1024)));
+        __m512i z = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(p + 1056)));
+        __m512i t0 = _mm512_add_epi32(_mm512_add_epi32(l0a, l0b), _mm512_srai_epi32(_mm512_add_epi32(h0a, h0b), 4));
+        __m512i t1 = _mm512_add_epi32(_mm512_add_epi32(l1a, l1b), _mm512_srai_epi32(_mm512_add_epi32(h1a, h1b), 4));
+        t0 = _mm512_sub_epi32(t0, _mm512_mullo_epi32(z, _mm512_set1_epi32(q0[b])));
+        t1 = _mm512_sub_epi32(t1, _mm512_mullo_epi32(z, _mm512_set1_epi32(q1[b])));
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0), _mm512_mul_ps(d, _mm512_set1_ps(s0[b])), f0);
+        f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1), _mm512_mul_ps(d, _mm512_set1_ps(s1[b])), f1);
     }
+    *out0 = f0;
+    *out1 = f1;
 }
 
 int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) {
-    int blocks = K / I4_QB, tiles = (N + I4_ROWS - 1) / I4_ROWS;
+    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
     int8_t *xq = malloc((size_t)M * K);
     float *sx = malloc(sizeof(float) * (size_t)M * blocks * 2);
     if (!xq || !sx) { free(xq); free(sx); return -1; }
@@ -313,8 +329,17 @@ int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) 
     quantize_rows1(x, M, K, xq, sx, sq);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
-        int n = t * I4_ROWS;
-        i4_tile(xq, sx, sq, M, K, w, y, N, n, N - n < I4_ROWS ? N - n : I4_ROWS);
+        int n = t * I4_TILE, nt = N - n < I4_TILE ? N - n : I4_TILE;
+        const uint8_t *wt = w + (size_t)t * blocks * I4_TB;
+        for (int m = 0; m < M; m += 2) {
+            int m1 = m + 1 < M ? m + 1 : m;
+            size_t a0 = (size_t)m * blocks, a1 = (size_t)m1 * blocks;
+            __m512 o0, o1;
+            i4_tile(xq + a0 * I4_QB, xq + a1 * I4_QB, sx + a0, sx + a1, sq + a0, sq + a1, blocks, wt, &o0, &o1);
+            __mmask16 keep = (__mmask16)((1u << nt) - 1);
+            _mm512_mask_storeu_ps(y + (size_t)m * N + n, keep, o0);
+            if (m1 != m) _mm512_mask_storeu_ps(y + (size_t)m1 * N + n, keep, o1);
+        }
     }
     free(xq);
     free(sx);
@@ -324,35 +349,40 @@ int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) 
 /* The int4 layout above from float32 rows (K a multiple of 128), model.quant.quantize_int4's
  * arithmetic: per block, the range [min(w, 0), max(w, 0)] in 15 steps, d = (hi - lo) / 15 rounded
  * to float16, z = round-half-even(-lo / d) and q = round-half-even(w / d) + z, both clamped to
- * [0, 15], with the rounded d (d = 0: an all-zero block, every q and z 0). */
+ * [0, 15], with the rounded d (d = 0: an all-zero block, every q and z 0). `out` holds
+ * mb_i4_bytes(N, K) bytes; padding rows and bytes are written as zeros. */
 void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
-    int blocks = K / I4_QB;
+    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
+    for (int t = 0; t < tiles; t++)
         for (int b = 0; b < blocks; b++) {
-            const float *wb = w + (size_t)n * K + (size_t)b * I4_QB;
-            uint8_t *o = out + ((size_t)n * blocks + b) * I4_BLOCK;
-            __m512 lo = _mm512_setzero_ps(), hi = lo;
-            for (int i = 0; i < I4_QB; i += 16) {
-                __m512 v = _mm512_loadu_ps(wb + i);
-                lo = _mm512_min_ps(lo, v);
-                hi = _mm512_max_ps(hi, v);
+            uint8_t *o = out + ((size_t)t * blocks + b) * I4_TB;
+            memset(o, 0, I4_TB);
+            for (int i = 0; i < I4_TILE && t * I4_TILE + i < N; i++) {
+                const float *wb = w + (size_t)(t * I4_TILE + i) * K + (size_t)b * I4_QB;
+                __m512 lo = _mm512_setzero_ps(), hi = lo;
+                for (int k = 0; k < I4_QB; k += 16) {
+                    __m512 v = _mm512_loadu_ps(wb + k);
+                    lo = _mm512_min_ps(lo, v);
+                    hi = _mm512_max_ps(hi, v);
+                }
+                float mn = _mm512_reduce_min_ps(lo), mx = _mm512_reduce_max_ps(hi);
+                uint16_t dh = _cvtss_sh((mx - mn) / 15.f, _MM_FROUND_TO_NEAREST_INT);
+                float d = _cvtsh_ss(dh), inv = d > 0.f ? 1.f / d : 0.f, zf = nearbyintf(-mn * inv);
+                zf = zf < 0.f ? 0.f : zf > 15.f ? 15.f : zf;
+                uint8_t q[I4_QB];
+                for (int k = 0; k < I4_QB; k += 16) {
+                    __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(wb + k), _mm512_set1_ps(inv)),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    v = _mm512_add_ps(v, _mm512_set1_ps(zf));
+                    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(15.f));
+                    _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+                }
+                for (int j = 0; j < 16; j++)
+                    for (int c = 0; c < 4; c++) o[64 * j + 4 * i + c] = (uint8_t)(q[8 * j + c] | (q[8 * j + 4 + c] << 4));
+                memcpy(o + 1024 + 2 * i, &dh, 2);
+                o[1056 + i] = (uint8_t)zf;
             }
-            float mn = _mm512_reduce_min_ps(lo), mx = _mm512_reduce_max_ps(hi);
-            uint16_t dh = _cvtss_sh((mx - mn) / 15.f, _MM_FROUND_TO_NEAREST_INT);
-            float d = _cvtsh_ss(dh), inv = d > 0.f ? 1.f / d : 0.f, zf = nearbyintf(-mn * inv);
-            zf = zf < 0.f ? 0.f : zf > 15.f ? 15.f : zf;
-            uint8_t q[I4_QB];
-            for (int i = 0; i < I4_QB; i += 16) {
-                __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(wb + i), _mm512_set1_ps(inv)),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                t = _mm512_add_ps(t, _mm512_set1_ps(zf));
-                t = _mm512_min_ps(_mm512_max_ps(t, _mm512_setzero_ps()), _mm512_set1_ps(15.f));
-                _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
-            }
-            for (int i = 0; i < 64; i++) o[i] = (uint8_t)(q[i] | (q[64 + i] << 4));
-            memcpy(o + 64, &dh, 2);
-            o[66] = (uint8_t)zf;
         }
 }
 
@@ -361,21 +391,23 @@ void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
 void mb_dequantize_i4(const uint8_t *w, int N, int K, float *out) {
     int blocks = K / I4_QB;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
+    for (int n = 0; n < N; n++) {
+        int t = n / I4_TILE, i = n % I4_TILE;
         for (int b = 0; b < blocks; b++) {
-            const uint8_t *p = w + ((size_t)n * blocks + b) * I4_BLOCK;
-            float *o = out + (size_t)n * K + (size_t)b * I4_QB;
+            const uint8_t *p = w + ((size_t)t * blocks + b) * I4_TB;
             uint16_t h;
-            memcpy(&h, p + 64, 2);
-            __m512 d = _mm512_set1_ps(_cvtsh_ss(h));
-            __m512i z = _mm512_set1_epi32(p[66]);
-            for (int i = 0; i < 64; i += 16) {
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + i)));
-                __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(v, 4);
-                _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, z)), d));
-                _mm512_storeu_ps(o + 64 + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, z)), d));
-            }
+            memcpy(&h, p + 1024 + 2 * i, 2);
+            float d = _cvtsh_ss(h);
+            int z = p[1056 + i];
+            float *o = out + (size_t)n * K + (size_t)b * I4_QB;
+            for (int j = 0; j < 16; j++)
+                for (int c = 0; c < 4; c++) {
+                    uint8_t v = p[64 * j + 4 * i + c];
+                    o[8 * j + c] = (float)((v & 15) - z) * d;
+                    o[8 * j + 4 + c] = (float)((v >> 4) - z) * d;
+                }
         }
+    }
 }
 
 #else

@@ -200,9 +200,15 @@ def int8_arithmetic() -> str | None:
     return "vnni"
 
 
-# int4's layout (model/gemv.c): blocks of I4_GROUP inputs, I4_BLOCK bytes each (64 bytes of
-# 4-bit q, then the block's step as float16 and its zero point as a byte).
-I4_GROUP, I4_BLOCK = 128, 67
+# int4's layout (model/gemv.c): rows in tiles of I4_TILE, each tile's blocks of I4_GROUP inputs
+# I4_TILE_BLOCK bytes (the sixteen rows' 4-bit q as sixteen 64-byte vectors, lanes along the rows,
+# then their steps as float16, their zero points as bytes, and padding to a whole cache line).
+I4_GROUP, I4_TILE, I4_TILE_BLOCK = 128, 16, 1088
+
+
+def i4_shape(n: int, k: int) -> tuple[int, int]:
+    """The packed int4 weight of an (n, k) linear: (tiles, bytes a tile), the last tile padded."""
+    return -(-n // I4_TILE), k // I4_GROUP * I4_TILE_BLOCK
 
 
 def takes_i4(in_features: int) -> bool:
@@ -246,23 +252,22 @@ def quantize_i8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, to
 
 def quantize_i4(w: torch.Tensor) -> torch.Tensor:
     """model.quant.quantize_int4's arithmetic in C, packed in the kernel's layout: w (N, K)
-    contiguous float32, K a multiple of I4_GROUP -> (N, K // I4_GROUP * I4_BLOCK) uint8."""
+    contiguous float32, K a multiple of I4_GROUP -> `i4_shape(N, K)` uint8."""
     n, k = w.shape
-    out = hugepages.for_weights((n, k // I4_GROUP * I4_BLOCK), torch.uint8)
+    out = hugepages.for_weights(i4_shape(n, k), torch.uint8)
     weight_cache.fill(out, None, lambda: _lib.mb_quantize_i4(w.data_ptr(), n, k, out.data_ptr()), source=w)
     return out
 
 
-def dequantize_i4(w: torch.Tensor, k: int) -> torch.Tensor:
-    """A `quantize_i4` weight back to float32 (N, k), d (q - z): for a prefill's one matmul."""
-    out = torch.empty(w.shape[0], k)
-    _lib.mb_dequantize_i4(w.data_ptr(), w.shape[0], k, out.data_ptr())
+def dequantize_i4(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A `quantize_i4` weight back to float32 (n, k), d (q - z): for a prefill's one matmul."""
+    out = torch.empty(n, k)
+    _lib.mb_dequantize_i4(w.data_ptr(), n, k, out.data_ptr())
     return out
 
 
-def linear_i4(x: torch.Tensor, w: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., k) float32 -> (..., N) for 1..FEW_ROWS rows, w packed by `quantize_i4`."""
-    n = w.shape[0]
+def linear_i4(x: torch.Tensor, w: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., k) float32 -> (..., n) for 1..FEW_ROWS rows, w packed by `quantize_i4`."""
     x2 = _rows(x, k)
     y = torch.empty(x2.shape[0], n)
     for xs, ys in _blocks(x2, y):

@@ -215,8 +215,8 @@ class Int4Linear(nn.Module):
     bytes and an eighth of float32's.
 
     On a CPU with integer dot products a decode step's few rows go to the C kernel
-    (model/gemv.c), which keeps the weights packed in its own layout (`gemv.quantize_i4`: data
-    and scales in one stream per row); longer inputs (prefill) are one matmul over the
+    (model/gemv.c), which keeps the weights packed in its own layout (`gemv.quantize_i4`: sixteen
+    rows a tile, data and scales in one stream per tile); longer inputs (prefill) are one matmul over the
     dequantised weights. Elsewhere PyTorch's packed int4 kernel runs the same weights with
     activations cast to `act_dtype`.
     """
@@ -246,15 +246,20 @@ class Int4Linear(nn.Module):
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q (N, K) int32, d (N, K // group) float32, z (N, K // group) int32) from the kernel's
         layout, as `quantize_int4` made them."""
-        blocks = self.weight.view(self.out_features, -1, gemv.I4_BLOCK)
-        packed = blocks[..., : self.group // 2].to(torch.int32)
-        q = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(self.out_features, self.in_features)
-        d = blocks[..., self.group // 2 : self.group // 2 + 2].contiguous().view(torch.float16).float().squeeze(-1)
-        return q, d, blocks[..., self.group // 2 + 2].to(torch.int32)
+        n, tile = self.out_features, gemv.I4_TILE
+        blocks = self.weight.view(self.weight.shape[0], -1, gemv.I4_TILE_BLOCK)  # (tiles, blocks, bytes)
+        tiles, nb = blocks.shape[:2]
+        # vector j, lane (row) i, byte c: inputs 8j + c (low nibble) and 8j + 4 + c (high nibble)
+        data = blocks[..., : 16 * 64].reshape(tiles, nb, 16, tile, 4).to(torch.int32)
+        q = torch.stack([data & 15, data >> 4], dim=4)  # (tiles, blocks, j, row, lo/hi, c)
+        q = q.permute(0, 3, 1, 2, 4, 5).reshape(tiles * tile, self.in_features)[:n]
+        d = blocks[..., 1024 : 1024 + 2 * tile].contiguous().view(torch.float16).float()  # (tiles, blocks, row)
+        z = blocks[..., 1056 : 1056 + tile].to(torch.int32)
+        return q, d.transpose(1, 2).reshape(-1, nb)[:n], z.transpose(1, 2).reshape(-1, nb)[:n]
 
     def dequantized(self) -> torch.Tensor:
         if self.kernel:
-            return gemv.dequantize_i4(self.weight, self.in_features)
+            return gemv.dequantize_i4(self.weight, self.out_features, self.in_features)
         if self._codes is None:
             # Recover the weights by running the packed kernel on the identity: exact up to the
             # scales' rounding to act_dtype, which the kernel applies too.
@@ -270,7 +275,7 @@ class Int4Linear(nn.Module):
             return self(x.float()).to(x.dtype)
         if self.kernel:
             if _kernel_rows(x):
-                return gemv.linear_i4(x, self.weight, self.in_features, self.bias)
+                return gemv.linear_i4(x, self.weight, self.out_features, self.in_features, self.bias)
             return _many_rows(x, self.dequantized(), self.bias)
         x2 = x.reshape(-1, self.in_features).to(self.scale_zero.dtype)
         if x2.device.type == "cpu":

@@ -18,12 +18,13 @@ pytestmark = pytest.mark.skipif(not gemv.available(), reason="needs the C kernel
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-            scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            scales: tuple[torch.Tensor, torch.Tensor] | None = None, n: int | None = None) -> torch.Tensor:
     """q (rows, heads, hd); k, v (rows, heads, stride, hd) float32, bfloat16 or int8 (with their
-    `scales`, each (rows, heads, stride)), the first n = mask's width (or stride) used."""
+    `scales`, each (rows, heads, stride)), the first n (default: mask's width, or stride) used."""
     rows, heads, hd = q.shape
     stride = k.shape[2]
-    n = stride if mask is None else mask.shape[1]
+    if n is None:
+        n = stride if mask is None else mask.shape[1]
     out = torch.full((rows, heads * hd), float("nan"))
     scores = torch.empty(gemv._lib.mb_attend_scratch(rows, heads, n))
     m = None if mask is None else mask.to(torch.uint8).contiguous()
@@ -72,6 +73,31 @@ def test_attention_over_an_int8_cache_equals_sdpa_over_the_dequantised_cache(hd)
                                           (v.float() * vs[..., None])[:, :, :n])[:, :, 0]
     got = _attend(q, k, v, torch.ones(rows, n, dtype=torch.bool), (ks, vs))
     assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("hd", [64, 32])
+@pytest.mark.parametrize("n", [15, 16, 33, 700])
+def test_unmasked_attention_equals_sdpa_in_whole_and_partial_blocks_of_keys(fmt, hd, n):
+    """The self-attention the decode step runs has no mask: its scores go sixteen keys at a time
+    where vectors are 16 wide (n = 15, 16 and 33 put keys in a tail, a whole block and both), and
+    64-wide heads take the kernel compiled for that width. Nothing past the filled part is read."""
+    torch.manual_seed(n + hd)
+    rows, heads, stride = 2, 3, n + 4
+    q = torch.randn(rows, heads, hd) * 2
+    k, v = torch.randn(rows, heads, stride, hd), torch.randn(rows, heads, stride, hd)
+    scales = None
+    if fmt == "int8":
+        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        ks[:, :, n:], vs[:, :, n:] = float("nan"), float("nan")
+        scales = (ks, vs)
+        kf, vf = k.float() * ks[..., None], v.float() * vs[..., None]
+    else:
+        k[:, :, n:], v[:, :, n:] = float("nan"), float("nan")
+        k, v = k.to(getattr(torch, fmt)), v.to(getattr(torch, fmt))
+        kf, vf = k.float(), v.float()
+    want = F.scaled_dot_product_attention(q[:, :, None], kf[:, :, :n], vf[:, :, :n])[:, :, 0]
+    assert _rel(_attend(q, k, v, None, scales, n=n), want) < 1e-5
 
 
 def test_masked_keys_get_no_weight_and_a_fully_masked_row_gives_zeros():
