@@ -387,27 +387,38 @@ void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
 }
 
 /* The int4 layout back to float32 rows, d (q - z) (K a multiple of 128): for a prefill's one
- * matmul, where PyTorch's unpacking took 35 ms for a 4096 x 1024 weight. */
+ * matmul, where PyTorch's unpacking took 35 ms for a 4096 x 1024 weight. Four rows at a time:
+ * a quarter of each 64-byte vector is their four bytes each. */
 void mb_dequantize_i4(const uint8_t *w, int N, int K, float *out) {
-    int blocks = K / I4_QB;
+    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        int t = n / I4_TILE, i = n % I4_TILE;
+    for (int t = 0; t < tiles; t++)
         for (int b = 0; b < blocks; b++) {
             const uint8_t *p = w + ((size_t)t * blocks + b) * I4_TB;
-            uint16_t h;
-            memcpy(&h, p + 1024 + 2 * i, 2);
-            float d = _cvtsh_ss(h);
-            int z = p[1056 + i];
-            float *o = out + (size_t)n * K + (size_t)b * I4_QB;
-            for (int j = 0; j < 16; j++)
-                for (int c = 0; c < 4; c++) {
-                    uint8_t v = p[64 * j + 4 * i + c];
-                    o[8 * j + c] = (float)((v & 15) - z) * d;
-                    o[8 * j + 4 + c] = (float)((v >> 4) - z) * d;
+            __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 1024)));
+            __m512i z16 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 1056)));
+            for (int c = 0; c < 4; c++) {
+                __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(4 * c),
+                                               _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2));
+                __m512 d = _mm512_permutexvar_ps(idx, d16);
+                __m512i z = _mm512_permutexvar_epi32(idx, z16);
+                for (int j = 0; j < 16; j++) {
+                    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 64 * j + 16 * c)));
+                    __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), z)), d);
+                    __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z)), d);
+                    float l[16], h[16];
+                    _mm512_storeu_ps(l, lo);
+                    _mm512_storeu_ps(h, hi);
+                    for (int r = 0; r < 4; r++) {
+                        int n = t * I4_TILE + 4 * c + r;
+                        if (n >= N) break;
+                        float *o = out + (size_t)n * K + (size_t)b * I4_QB + 8 * j;
+                        memcpy(o, l + 4 * r, 16);
+                        memcpy(o + 4, h + 4 * r, 16);
+                    }
                 }
+            }
         }
-    }
 }
 
 #else
