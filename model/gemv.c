@@ -248,6 +248,8 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
 #define I4_QB 128
 #define I4_TILE 16
 #define I4_TB 1088
+#define I4_D_AT 1024 /* the sixteen steps (float16) in a tile's block, after the sixteen vectors of q */
+#define I4_Z_AT 1056 /* the sixteen zero points (bytes) */
 /* Blocks a tile's stream is fetched ahead, into L2 (prefetcht1): one sequential stream per thread,
  * fetched four blocks ahead into L2, read at 1.10-1.27x a plain read's time where fetching two
  * blocks ahead into L1 took 1.28-1.30x and the hardware prefetcher alone 1.65x (Intel Xeon, the
@@ -307,8 +309,8 @@ static inline void i4_tile(const int8_t *x0, const int8_t *x1, const float *s0, 
             l1b = _mm512_dpbusd_epi32(l1b, ul, bcast4(a1 + 8 * j + 8));
             h1b = _mm512_dpbusd_epi32(h1b, uh, bcast4(a1 + 8 * j + 12));
         }
-        __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + 1024)));
-        __m512i z = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(p + 1056)));
+        __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + I4_D_AT)));
+        __m512i z = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(p + I4_Z_AT)));
         __m512i t0 = _mm512_add_epi32(_mm512_add_epi32(l0a, l0b), _mm512_srai_epi32(_mm512_add_epi32(h0a, h0b), 4));
         __m512i t1 = _mm512_add_epi32(_mm512_add_epi32(l1a, l1b), _mm512_srai_epi32(_mm512_add_epi32(h1a, h1b), 4));
         t0 = _mm512_sub_epi32(t0, _mm512_mullo_epi32(z, _mm512_set1_epi32(q0[b])));
@@ -380,8 +382,8 @@ void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
                 }
                 for (int j = 0; j < 16; j++)
                     for (int c = 0; c < 4; c++) o[64 * j + 4 * i + c] = (uint8_t)(q[8 * j + c] | (q[8 * j + 4 + c] << 4));
-                memcpy(o + 1024 + 2 * i, &dh, 2);
-                o[1056 + i] = (uint8_t)zf;
+                memcpy(o + I4_D_AT + 2 * i, &dh, 2);
+                o[I4_Z_AT + i] = (uint8_t)zf;
             }
         }
 }
@@ -395,8 +397,8 @@ void mb_dequantize_i4(const uint8_t *w, int N, int K, float *out) {
     for (int t = 0; t < tiles; t++)
         for (int b = 0; b < blocks; b++) {
             const uint8_t *p = w + ((size_t)t * blocks + b) * I4_TB;
-            __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 1024)));
-            __m512i z16 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 1056)));
+            __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + I4_D_AT)));
+            __m512i z16 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + I4_Z_AT)));
             for (int c = 0; c < 4; c++) {
                 __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(4 * c),
                                                _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2));

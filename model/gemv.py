@@ -204,6 +204,7 @@ def int8_arithmetic() -> str | None:
 # I4_TILE_BLOCK bytes (the sixteen rows' 4-bit q as sixteen 64-byte vectors, lanes along the rows,
 # then their steps as float16, their zero points as bytes, and padding to a whole cache line).
 I4_GROUP, I4_TILE, I4_TILE_BLOCK = 128, 16, 1088
+I4_STEPS_AT, I4_ZEROS_AT = 1024, 1056  # in a tile's block: the rows' steps, then their zero points
 
 
 def i4_shape(n: int, k: int) -> tuple[int, int]:

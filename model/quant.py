@@ -215,9 +215,9 @@ class Int4Linear(nn.Module):
     bytes and an eighth of float32's.
 
     On a CPU with integer dot products a decode step's few rows go to the C kernel
-    (model/gemv.c), which keeps the weights packed in its own layout (`gemv.quantize_i4`: sixteen
-    rows a tile, data and scales in one stream per tile); longer inputs (prefill) are one matmul over the
-    dequantised weights. Elsewhere PyTorch's packed int4 kernel runs the same weights with
+    (model/gemv.c), which keeps the weights packed in its own layout (`gemv.quantize_i4`:
+    sixteen rows a tile, data and scales in one stream per tile); longer inputs (prefill) are one
+    matmul over the dequantised weights. Elsewhere PyTorch's packed int4 kernel runs the same weights with
     activations cast to `act_dtype`.
     """
 
@@ -250,11 +250,11 @@ class Int4Linear(nn.Module):
         blocks = self.weight.view(self.weight.shape[0], -1, gemv.I4_TILE_BLOCK)  # (tiles, blocks, bytes)
         tiles, nb = blocks.shape[:2]
         # vector j, lane (row) i, byte c: inputs 8j + c (low nibble) and 8j + 4 + c (high nibble)
-        data = blocks[..., : 16 * 64].reshape(tiles, nb, 16, tile, 4).to(torch.int32)
+        data = blocks[..., : gemv.I4_STEPS_AT].reshape(tiles, nb, 16, tile, 4).to(torch.int32)
         q = torch.stack([data & 15, data >> 4], dim=4)  # (tiles, blocks, j, row, lo/hi, c)
         q = q.permute(0, 3, 1, 2, 4, 5).reshape(tiles * tile, self.in_features)[:n]
-        d = blocks[..., 1024 : 1024 + 2 * tile].contiguous().view(torch.float16).float()  # (tiles, blocks, row)
-        z = blocks[..., 1056 : 1056 + tile].to(torch.int32)
+        d = blocks[..., gemv.I4_STEPS_AT : gemv.I4_ZEROS_AT].contiguous().view(torch.float16).float()  # (tiles, blocks, row)
+        z = blocks[..., gemv.I4_ZEROS_AT : gemv.I4_ZEROS_AT + tile].to(torch.int32)
         return q, d.transpose(1, 2).reshape(-1, nb)[:n], z.transpose(1, 2).reshape(-1, nb)[:n]
 
     def dequantized(self) -> torch.Tensor:
