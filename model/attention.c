@@ -187,8 +187,14 @@ static inline __attribute__((always_inline)) void axpy_wide(float p, const void 
 }
 
 static void scores_folded(const float *x, const void *M, const float *MS, int fmt, size_t first, int t0, int t1,
-                          int n, int d, const uint8_t *mask, float scale, float *s) {
+                          int n, int d, const uint8_t *mask, float scale, float *s, const char *U, size_t u_row,
+                          size_t u_bytes, int T) {
+    /* While the scores run, this thread's columns of U (read right after) are fetched into L2,
+     * spread over the score vectors so that the fetches overlap arithmetic instead of queueing. */
+    int u_next = 0, per = t1 > t0 ? (T + (t1 - t0) - 1) / (t1 - t0) : T;
     for (int t = t0; t < t1; t++) {
+        for (int e = 0; e < per && u_next < T; e++, u_next++)
+            for (size_t i = 0; i < u_bytes; i += 64) __builtin_prefetch(U + (size_t)u_next * u_row + i, 0, 2);
         if (mask && !mask[t % n]) { s[t] = -INFINITY; continue; }
         size_t at = (first + t) * d;
         float dot = fmt == MB_KV_I8 ? dot_wide(x, M, at, d, MB_KV_I8) * MS[first + t]
@@ -209,6 +215,32 @@ static void sum_folded(const void *U, int fmt, size_t first, int T, int d, int c
     }
 }
 
+/* One head's softmax over its n text keys in place, LANES at a time; masked keys (-inf) get 0,
+ * and a head with every key masked gets all zeros. Where `us` is given (int8 values), each weight
+ * takes its value's scale. */
+static void softmax_folded(float *sh, int n, const float *us) {
+    float best = -INFINITY;
+    for (int j = 0; j < n; j++) best = sh[j] > best ? sh[j] : best;
+    if (best == -INFINITY) {
+        memset(sh, 0, sizeof(float) * (size_t)n);
+        return;
+    }
+    float total = 0.f;
+    int j = 0;
+    vf top = vsplat(best), sum = (vf){0};
+    for (; j + LANES <= n; j += LANES) {
+        vf e = vexp(vload(sh + j) - top);
+        vstore(sh + j, e);
+        sum += e;
+    }
+    total = vsum(sum);
+    for (; j < n; j++) {
+        sh[j] = expf(sh[j] - best);
+        total += sh[j];
+    }
+    for (j = 0; j < n; j++) sh[j] = us ? sh[j] / total * us[j] : sh[j] / total;
+}
+
 void mb_cross_folded(const float *x, int rows, int d, int heads, int n, const void *M, const void *U,
                      const float *MS, const float *US, int fmt, const int *slot, const unsigned char *mask,
                      float *out, float *s) {
@@ -226,25 +258,17 @@ void mb_cross_folded(const float *x, int rows, int d, int heads, int n, const vo
         {
             int nt = omp_get_num_threads(), me = omp_get_thread_num();
             int t0 = (int)((long)T * me / nt), t1 = (int)((long)T * (me + 1) / nt);
-            scores_folded(xr, M, MS, fmt, first, t0, t1, n, d, m, scale, s);
-#pragma omp barrier
-#pragma omp single
-            for (int h = 0; h < heads; h++) { /* softmax over each head's keys; int8 values' scales folded in */
-                float *sh = s + (size_t)h * n, best = -INFINITY, total = 0.f;
-                for (int j = 0; j < n; j++) best = sh[j] > best ? sh[j] : best;
-                for (int j = 0; j < n; j++) {
-                    sh[j] = best == -INFINITY || sh[j] == -INFINITY ? 0.f : expf(sh[j] - best);
-                    total += sh[j];
-                }
-                for (int j = 0; j < n; j++) {
-                    sh[j] = total > 0.f ? sh[j] / total : 0.f;
-                    if (fmt == MB_KV_I8) sh[j] *= US[first + (size_t)h * n + j];
-                }
-            }
-            /* the weighted sum: each thread its own columns, every vector in the same order, so
-             * the result does not depend on the thread count or timing (renders reproduce) */
             int blocks = d / LANES;
             int c0 = (int)((long)blocks * me / nt) * LANES, c1 = (int)((long)blocks * (me + 1) / nt) * LANES;
+            size_t item = mb_kv_bytes(fmt);
+            scores_folded(xr, M, MS, fmt, first, t0, t1, n, d, m, scale, s,
+                          (const char *)U + ((first * d) + c0) * item, (size_t)d * item, (size_t)(c1 - c0) * item, T);
+#pragma omp barrier
+#pragma omp single
+            for (int h = 0; h < heads; h++) /* softmax over each head's keys; int8 values' scales folded in */
+                softmax_folded(s + (size_t)h * n, n, fmt == MB_KV_I8 ? US + first + (size_t)h * n : 0);
+            /* the weighted sum: each thread its own columns, every vector in the same order, so
+             * the result does not depend on the thread count or timing (renders reproduce) */
             sum_folded(U, fmt, first, T, d, c0, c1, s, o);
         }
     }
