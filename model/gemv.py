@@ -37,7 +37,7 @@ from model.cache import cache_dir
 
 log = logging.getLogger("musicbridge.model")
 HERE = Path(__file__).parent
-SOURCES = (HERE / "gemv.c", HERE / "attention.c", HERE / "layer_step.c")
+SOURCES = (HERE / "gemv.c", HERE / "attention.c", HERE / "layer_step.c", HERE / "top_k.c")
 HEADERS = (HERE / "kernels.h", HERE / "vec.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", f"-I{HERE}")
 # Above this many activation rows (prefill, long batches) a product is compute-bound, not
@@ -146,11 +146,12 @@ def _load() -> ctypes.CDLL | None:
             "mb_quantize_i4": [_P, _I, _I, _P],
             "mb_dequantize_i4": [_P, _I, _I, _P],
             "mb_quantize_kv": [_P, ctypes.c_long, _I, _P, _P],
+            "mb_top_k_support": [_P, _I, _I, _I, _P, _P],
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
         for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_decoder_step", "mb_gemv_i8_vnni",
-                     "mb_attend_scratch", "mb_gemv_i4"):
+                     "mb_attend_scratch", "mb_gemv_i4", "mb_top_k_support"):
             getattr(lib, name).restype = _I
         _lib = lib
         return lib
@@ -286,6 +287,18 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q, scale = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[:-1])
     _lib.mb_quantize_kv(x.data_ptr(), x.numel() // width, width, q.data_ptr(), scale.data_ptr())
     return q, scale
+
+
+def top_k_support(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's k largest values of x (rows, n) float32 and their indices, in token order
+    (model/top_k.c), or None where a row has a tie at its k-th value or a NaN."""
+    x = x.float().contiguous()
+    rows, n = x.shape
+    index, values = torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, k)
+    rc = _lib.mb_top_k_support(x.data_ptr(), rows, n, k, index.data_ptr(), values.data_ptr())
+    if rc < 0:
+        raise MemoryError("top-k sampling could not get its scratch memory")
+    return (index, values) if rc == 0 else None
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

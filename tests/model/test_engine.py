@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import gemv
 from model.engine import Cancelled, Engine
 from model.sampling import Sampler, filter_top_k_top_p
 from model.types import GenerationRequest, RequestError, SamplingParams
@@ -111,6 +112,47 @@ def test_sampler_draws_from_the_distribution():
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     # 20000 draws: the standard error of each frequency is below 0.004.
     assert torch.allclose(freq, probs, atol=0.015), freq
+
+
+def _frequencies(params: SamplingParams, logits: torch.Tensor, draws: int = 20) -> torch.Tensor:
+    s = Sampler.for_params([params], "cpu")
+    out = torch.cat([s(logits).flatten() for _ in range(draws)])
+    return torch.bincount(out, minlength=logits.shape[-1]).float() / out.numel()
+
+
+def test_top_k_sampling_races_only_the_candidates_and_keeps_the_distribution():
+    """With top-k the race draws only for the k candidates (the rest have p = 0): the tokens
+    follow the renormalised top k, top-p still cuts inside it, and a seed repeats its tokens."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05, 1e-4, 1e-4]).log().view(1, 1, 6).expand(1, 1000, 6).contiguous()
+    freq = _frequencies(SamplingParams(top_k=3, seed=4), logits)
+    want = torch.tensor([0.5, 0.3, 0.15, 0, 0, 0]) / 0.95
+    assert torch.allclose(freq, want, atol=0.015), freq  # 20000 draws: standard error < 0.004
+    freq = _frequencies(SamplingParams(top_k=4, top_p=0.7, seed=4), logits)  # nucleus .5 + .3 of the four
+    assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0, 0, 0, 0]), atol=0.015), freq
+    a, b = (Sampler.for_params([SamplingParams(top_k=3, seed=11)], "cpu")(logits) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not gemv.available(), reason="needs the C kernels (a C compiler)")
+def test_the_c_top_k_support_is_torchs_top_k_in_token_order():
+    """model/top_k.c finds each row's k largest in token order, the values copied bit for bit;
+    a tie at the k-th value (-0 and +0 included), a NaN or a width that is not whole vectors
+    gives None (the sampler's full path)."""
+    x = torch.randn(4, 2048, generator=torch.Generator().manual_seed(8)) * 4
+    index, values = gemv.top_k_support(x, 250)
+    assert torch.equal(index, torch.topk(x, 250).indices.sort().values)
+    assert torch.equal(values, x.gather(1, index))
+    assert torch.equal(gemv.top_k_support(x, 1)[0], x.argmax(-1, keepdim=True))
+    row = torch.cat([torch.tensor([1.0, 0.0, -0.0]), torch.full((13,), -5.0)]).view(1, 16)
+    assert gemv.top_k_support(row, 2) is None and gemv.top_k_support(row, 3)[0].tolist() == [[0, 1, 2]]
+    assert gemv.top_k_support(torch.tensor([[1.0, float("nan")] * 8]), 1) is None
+    assert gemv.top_k_support(torch.randn(2, 2047), 250) is None
+
+
+def test_a_tie_at_the_kth_value_keeps_every_tied_token_in_the_draw():
+    logits = torch.tensor([3.0, 2.0, 2.0, 2.0, -9.0]).view(1, 1, 5).expand(1, 1000, 5).contiguous()
+    freq = _frequencies(SamplingParams(top_k=2, seed=6), logits)
+    assert (freq[1:4] > 0.05).all() and freq[4] == 0, freq
 
 
 def test_top_k_keeps_the_k_largest_values_ties_included():
