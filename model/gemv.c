@@ -228,7 +228,8 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
  *
  * Layout: rows in tiles of I4_TILE = 16, one contiguous stream per tile, block after block. A
  * tile's block is I4_TB = 1088 bytes: sixteen 64-byte vectors of q, then the sixteen rows' d
- * (float16), their z (bytes) and 16 bytes of padding, so every vector load is one aligned line.
+ * (float16), their z (bytes) and 16 bytes of padding, so that on a 64-byte-aligned weight (as the
+ * arena and PyTorch make them) every vector load is one cache line.
  * In vector j, the 32-bit lane i holds row i's inputs 8j..8j+3 in its four low nibbles and
  * 8j+4..8j+7 in its high nibbles. A tile of fewer rows (the last, where N is not a multiple of
  * 16) is padded with zero rows.
@@ -297,7 +298,7 @@ static inline void i4_tile(const int8_t *x0, const int8_t *x1, const float *s0, 
          * eight a block; the high nibbles are summed in place (16 q), which `>> 4` undoes exactly. */
         __m512i l0a = _mm512_setzero_si512(), l0b = l0a, h0a = l0a, h0b = l0a, l1a = l0a, l1b = l0a, h1a = l0a, h1b = l0a;
         for (int j = 0; j < 16; j += 2) {
-            __m512i v = _mm512_load_si512(p + 64 * j), u = _mm512_load_si512(p + 64 * (j + 1));
+            __m512i v = _mm512_loadu_si512(p + 64 * j), u = _mm512_loadu_si512(p + 64 * (j + 1));
             __m512i vl = _mm512_and_si512(v, lo4), vh = _mm512_and_si512(v, hi4);
             __m512i ul = _mm512_and_si512(u, lo4), uh = _mm512_and_si512(u, hi4);
             l0a = _mm512_dpbusd_epi32(l0a, vl, bcast4(a0 + 8 * j));
@@ -309,8 +310,8 @@ static inline void i4_tile(const int8_t *x0, const int8_t *x1, const float *s0, 
             l1b = _mm512_dpbusd_epi32(l1b, ul, bcast4(a1 + 8 * j + 8));
             h1b = _mm512_dpbusd_epi32(h1b, uh, bcast4(a1 + 8 * j + 12));
         }
-        __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(p + I4_D_AT)));
-        __m512i z = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(p + I4_Z_AT)));
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + I4_D_AT)));
+        __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + I4_Z_AT)));
         __m512i t0 = _mm512_add_epi32(_mm512_add_epi32(l0a, l0b), _mm512_srai_epi32(_mm512_add_epi32(h0a, h0b), 4));
         __m512i t1 = _mm512_add_epi32(_mm512_add_epi32(l1a, l1b), _mm512_srai_epi32(_mm512_add_epi32(h1a, h1b), 4));
         t0 = _mm512_sub_epi32(t0, _mm512_mullo_epi32(z, _mm512_set1_epi32(q0[b])));

@@ -7,7 +7,6 @@
  * values are copied, not computed, so the candidates are exactly PyTorch's. Rows whose width is
  * not a whole number of vectors go to the caller's PyTorch path.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
