@@ -5,11 +5,11 @@ request runs alone or batched with others (on the same device and dtype). Draws 
 exponential race (argmax of p / E with E ~ Exp(1)), which samples from p exactly and needs no
 cumulative sum or host sync.
 
-On the CPU, with top-k on, the race runs over the k candidates only (`_race_top_k`, found in C
-where the kernels are built: model/top_k.c): tokens outside them have p = 0 and can never win,
-so drawing E for them changes nothing but the cost. PyTorch draws exponentials one at a time
-(26 ns each here): the full 4 x 2048 draw was a third of a step's sampling, the filter and
-softmax over the whole row most of the rest.
+On the CPU, with top-k on and the C kernels built, the race runs over the k candidates only
+(`_race_top_k`, the candidates found by model/top_k.c): tokens outside them have p = 0 and can
+never win, so drawing E for them changes nothing but the cost. PyTorch draws exponentials one at
+a time (26 ns each here): the full 4 x 2048 draw was a third of a step's sampling, the filter
+and softmax over the whole row most of the rest.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Sampler:
             if self.greedy[i]:
                 out[i] = logits[i].argmax(dim=-1)
                 continue
-            if logits.device.type == "cpu" and 0 < self.top_k[i] < logits.shape[-1]:
+            if logits.device.type == "cpu" and 0 < self.top_k[i] < logits.shape[-1] and gemv.available():
                 picked = _race_top_k(scaled[i], self.top_k[i], self.top_p[i], self.generators[i])
                 if picked is not None:
                     out[i] = picked
@@ -82,22 +82,15 @@ class Sampler:
 
 def _race_top_k(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None
                 ) -> torch.Tensor | None:
-    """The race over each row's top k (rows along the last dim) -> (rows,) tokens, or None where
-    a row has a tie at its k-th value (the full path keeps every tied value). The candidates are
-    taken in token order, so the draws do not depend on how topk orders its output; the support
-    and the nucleus are `filter_top_k_top_p`'s, so the distribution is the same."""
-    if gemv.available():
-        support = gemv.top_k_support(logits, top_k)
-        if support is None:
-            return None
-        index, values = support
-    else:
-        values, index = torch.topk(logits, top_k, dim=-1, sorted=False)
-        kth = values.amin(dim=-1, keepdim=True)
-        if bool(((logits >= kth).sum(dim=-1) != top_k).any()):
-            return None
-        index, order = index.sort(dim=-1)
-        values = values.gather(-1, order)
+    """The race over each row's top k (rows along the last dim, candidates from the C kernels)
+    -> (rows,) tokens, or None where a row has a tie at its k-th value (the full path keeps every
+    tied value). The candidates come in token order, so the draws do not depend on how a top-k
+    routine orders them; the support and the nucleus are `filter_top_k_top_p`'s, so the
+    distribution is the same."""
+    support = gemv.top_k_support(logits, top_k)
+    if support is None:
+        return None
+    index, values = support
     if 0.0 < top_p < 1.0:
         values = filter_top_k_top_p(values, 0, top_p)
     probs = torch.softmax(values, dim=-1)
