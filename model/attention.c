@@ -111,6 +111,16 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
     for (int i = 0; i < nv; i++) vstore(out + i * LANES, acc[i] * inv);
 }
 
+/* `attend_one` with the cache format as a constant in each branch (and `nv` as the caller's). */
+static inline __attribute__((always_inline)) void attend_format(const float *q, const void *K, const void *V,
+                                                                const float *KS, const float *VS, int kv, int n,
+                                                                const uint8_t *mask, int hd, float scale, float *out,
+                                                                float *s, int nv) {
+    if (kv == MB_KV_I8) attend_one(q, K, V, KS, VS, MB_KV_I8, n, mask, hd, scale, out, s, nv);
+    else if (kv == MB_KV_BF16) attend_one(q, K, V, 0, 0, MB_KV_BF16, n, mask, hd, scale, out, s, nv);
+    else attend_one(q, K, V, 0, 0, MB_KV_F32, n, mask, hd, scale, out, s, nv);
+}
+
 /* Element `at` of a cached key or value; int8 times its vector's scale (`scales`, per hd elements). */
 static float kv_at(const void *base, const float *scales, size_t at, int hd, int kv) {
     if (kv == MB_KV_I8) return ((const int8_t *)base)[at] * scales[at / hd];
@@ -158,12 +168,8 @@ void mb_attend(const float *q, int q_stride, const void *K, const void *V, const
         const uint8_t *m = mask ? mask + (size_t)r * n : 0;
         float *ah = a + (size_t)r * a_stride + (size_t)h * hd, *s = scores + (size_t)rh * padded;
         if (!vector) attend_one_scalar(qh, Kh, Vh, KSh, VSh, kv, n, m, hd, scale, ah, s);
-        else if (hd == HD64 * LANES && kv == MB_KV_I8) attend_one(qh, Kh, Vh, KSh, VSh, MB_KV_I8, n, m, hd, scale, ah, s, HD64);
-        else if (hd == HD64 * LANES && kv == MB_KV_BF16) attend_one(qh, Kh, Vh, 0, 0, MB_KV_BF16, n, m, hd, scale, ah, s, HD64);
-        else if (hd == HD64 * LANES) attend_one(qh, Kh, Vh, 0, 0, MB_KV_F32, n, m, hd, scale, ah, s, HD64);
-        else if (kv == MB_KV_I8) attend_one(qh, Kh, Vh, KSh, VSh, MB_KV_I8, n, m, hd, scale, ah, s, hd / LANES);
-        else if (kv == MB_KV_BF16) attend_one(qh, Kh, Vh, 0, 0, MB_KV_BF16, n, m, hd, scale, ah, s, hd / LANES);
-        else attend_one(qh, Kh, Vh, 0, 0, MB_KV_F32, n, m, hd, scale, ah, s, hd / LANES);
+        else if (hd == HD64 * LANES) attend_format(qh, Kh, Vh, KSh, VSh, kv, n, m, hd, scale, ah, s, HD64);
+        else attend_format(qh, Kh, Vh, KSh, VSh, kv, n, m, hd, scale, ah, s, hd / LANES);
     }
 }
 
