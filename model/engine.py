@@ -404,9 +404,7 @@ class Engine:
         cancelled = [False] * len(reqs)
 
         def ready(j: int, step: int) -> int:
-            # frames of request j final after `step` steps
-            late = np.nonzero(done_after[: totals[j]] > step)[0]
-            return int(late[0]) if len(late) else totals[j]
+            return plan.frames_complete(done_after, totals[j], step)
 
         def emit(step: int, final: bool):
             due = []

@@ -37,6 +37,13 @@ class StepPlan:
         """complete_after[f] = the step (1-based) after which frame f has every codebook."""
         return self.pattern.first_complete_step(max(self.n_frames)) + 1
 
+    @staticmethod
+    def frames_complete(complete_after: np.ndarray, total: int, steps: int) -> int:
+        """How many leading frames of a request of `total` frames are final after `steps` steps
+        (`complete_after` as `complete_after()` made it)."""
+        late = np.nonzero(complete_after[:total] > steps)[0]
+        return int(late[0]) if len(late) else total
+
     def codes(self, grid: np.ndarray, i: int) -> np.ndarray:
         """Request i's codes (K, T_i) from its token grid (K, S+1; column 0 is BOS)."""
         return self.pattern.revert(grid[:, 1:], max(self.n_frames))[:, : self.n_frames[i]]

@@ -143,9 +143,8 @@ class LiveStream:
         st = self._state
         if st is None:
             return self.frames
-        total = self._plan.n_frames[0]
-        late = np.nonzero(self._done_after[:total] > st.step - 1)[0]
-        return max(self.frames, self._w0 + (int(late[0]) if len(late) else total))
+        ready = self._plan.frames_complete(self._done_after, self._plan.n_frames[0], st.step - 1)
+        return max(self.frames, self._w0 + ready)
 
     def _collect(self) -> None:
         """Move newly complete frames of the window into `_codes`."""
