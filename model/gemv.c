@@ -6,9 +6,10 @@
  * Why: a decode step at batch 1-8 reads every weight once and does two flops with it, so its
  * speed is the speed weights stream from memory. Weights are widened to float32 in registers
  * and never written back; activations stay float32 (no bfloat16 round trip, as PyTorch's packed
- * CPU kernels need). Rows of W are split across OpenMP threads; each thread keeps a tile of
- * NT rows x MT activation rows in vector registers and prefetches the next tile, because one
- * row (1-4 KB) is too short for the hardware prefetcher to ramp up on.
+ * CPU kernels need). Rows of W are split across OpenMP threads. With one or two activation rows
+ * (a step, with or without guidance) each thread sweeps its rows start to end as one sequential
+ * stream, fetched ahead in software; with more (variations) a tile of rows stays in registers and
+ * L1 while every activation row meets it, because there the arithmetic, not memory, is the bound.
  *
  * Built by model/gemv.py with the machine's own flags (-march=native): the vector width is the
  * machine's (LANES floats, model/vec.h); where the CPU has integer
@@ -29,6 +30,12 @@
 #define NT 2
 #endif
 #define MT 2
+/* How far ahead (bytes) a sequential sweep over weight rows fetches into L2 (prefetcht1): 16 KB
+ * read at 1.05-1.2x a plain read's time, 4-8 KB at 1.1-1.45x, with the VM's memory speed
+ * moving between 30 and 46 GB/s (AMD EPYC; BENCHMARKS.md). */
+#ifndef SEQ_AHEAD
+#define SEQ_AHEAD 16384
+#endif
 
 int mb_lanes(void) { return LANES; }
 
@@ -99,16 +106,81 @@ static void NAME(int kind, const float *x, int M, int K, const void *w, const fl
 
 /* The next tile's matching bytes are prefetched: rows are short (1-4 KB), too short for the
  * hardware prefetcher to ramp up on its own. */
-DEFINE_SHAPE(gemv_wide, NT, MT)
 DEFINE_SHAPE(gemv_four, NT, 4)
 DEFINE_SHAPE(gemv_eight, (NT / 2), 8)
+
+/* One or two activation rows (a guided step, the common case): rows are read two at a time start to
+ * end, a thread's share one sequential sweep fetched SEQ_AHEAD bytes ahead into L2, where the
+ * tiles above interleave NT rows and fetch the next tile (1.4x a plain read's time for bfloat16
+ * on an AMD EPYC, Zen 4; BENCHMARKS.md). Each (row, activation row) sum runs in the same order
+ * as in the tiles, so a row comes out bit for bit the same whatever it is batched with. */
+static inline __attribute__((always_inline)) vf dense_vec(int kind, const void *w, size_t off) {
+    if (kind == MB_I8) return widen_i8((const int8_t *)w + off);
+    if (kind == MB_BF16) return vload_bf16((const uint16_t *)w + off);
+    return vload((const float *)w + off);
+}
+
+static inline __attribute__((always_inline)) void dense_pair(int kind, const float *x, int M, int K,
+                                                             const void *w, size_t row, size_t row1, vf acc[4]) {
+    const int eb = kind == MB_I8 ? 1 : kind == MB_BF16 ? 2 : 4, per_line = 64 / eb;
+    const float *x1 = x + (size_t)(M - 1) * K;
+    const char *w0 = (const char *)w + row * K * eb, *w1 = (const char *)w + row1 * K * eb;
+    vf a00 = (vf){0}, a01 = a00, a10 = a00, a11 = a00;
+    for (int k0 = 0; k0 < K; k0 += per_line) {
+        __builtin_prefetch(w0 + (size_t)k0 * eb + SEQ_AHEAD, 0, 2);
+        __builtin_prefetch(w1 + (size_t)k0 * eb + SEQ_AHEAD, 0, 2);
+        for (int k = k0; k < k0 + per_line; k += LANES) {
+            vf u = dense_vec(kind, w, row * K + k), v = dense_vec(kind, w, row1 * K + k);
+            vf xa = vload(x + k), xb = vload(x1 + k);
+            a00 += u * xa;
+            a01 += u * xb;
+            a10 += v * xa;
+            a11 += v * xb;
+        }
+    }
+    acc[0] = a00, acc[1] = a01, acc[2] = a10, acc[3] = a11;
+}
+
+static void gemv_pairs(int kind, const float *x, int M, int K, const void *w, const float *scale,
+                       const float *bias, float *y, int N) {
+    int tiles = (N + 7) / 8;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        int n = t * 8, nt = N - n < 8 ? N - n : 8;
+        vf acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = (vf){0};
+        for (int r = 0; r < nt; r += 2) {
+            /* An odd last row is paired with itself; its second sums are not stored. */
+            size_t row = (size_t)(n + r), row1 = r + 1 < nt ? row + 1 : row;
+            switch (kind) {
+            case MB_I8: dense_pair(MB_I8, x, M, K, w, row, row1, acc + 2 * r); break;
+            case MB_BF16: dense_pair(MB_BF16, x, M, K, w, row, row1, acc + 2 * r); break;
+            default: dense_pair(MB_F32, x, M, K, w, row, row1, acc + 2 * r); break;
+            }
+        }
+        float sums[16];
+#ifdef HAVE_VSUM16
+        vf v = vsum16(acc);
+        memcpy(sums, &v, sizeof sums);
+#else
+        for (int i = 0; i < 16; i++) sums[i] = vsum(acc[i]);
+#endif
+        for (int r = 0; r < nt; r++)
+            for (int c = 0; c < M; c++) {
+                float v = sums[2 * r + c];
+                if (scale) v *= scale[n + r];
+                if (bias) v += bias[n + r];
+                y[(size_t)c * N + n + r] = v;
+            }
+    }
+}
 
 /* Each widened weight vector serves every activation row of its tile, so with more rows
  * (guidance x variations) a tile takes fewer weight rows, keeping its accumulators in
  * registers instead of widening the same weights again for each pair of rows. */
 static void gemv_dense(int kind, const float *x, int M, int K, const void *w, const float *scale,
                        const float *bias, float *y, int N) {
-    if (M <= MT) gemv_wide(kind, x, M, K, w, scale, bias, y, N);
+    if (M <= MT) gemv_pairs(kind, x, M, K, w, scale, bias, y, N);
     else if (M <= 4) gemv_four(kind, x, M, K, w, scale, bias, y, N);
     else gemv_eight(kind, x, M, K, w, scale, bias, y, N);
 }
@@ -175,8 +247,47 @@ static inline __m512i dot2(__m512i w, const int8_t *xb) {
     return _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(xb + QB));
 }
 
-/* Eight weight rows a tile, against two activation rows: eight streams in flight per thread (more
- * than four read faster here), and the tile's sixteen sums in one vsum16. */
+/* Up to two activation rows (a guided step): a thread's rows are read start to end, one
+ * sequential stream fetched SEQ_AHEAD bytes ahead into L2, and each weight vector meets both
+ * activation rows. Eight rows interleaved a block at a time (below) ran at 1.5x a plain read's
+ * time on an AMD EPYC (Zen 4), row after row at 1.1-1.2x (the 96 products of musicgen-small's
+ * layers, alternated in one process; BENCHMARKS.md). A tile is eight rows, ending in one vsum16. */
+static void vnni_sequential(const int8_t *xq, const float *sx, const float *corr, int blocks, int M, int K,
+                            const uint8_t *w, const float *scale, const float *bias, float *y, int N) {
+    int tiles = (N + 7) / 8;
+    const int8_t *x1 = xq + (size_t)(M - 1) * blocks * 2 * QB;
+    const float *s1 = sx + (size_t)(M - 1) * blocks;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        int n = t * 8, nt = N - n < 8 ? N - n : 8;
+        vf acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = (vf){0};
+        for (int r = 0; r < nt; r++) {
+            const uint8_t *wr = w + (size_t)(n + r) * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+            for (int b = 0; b < blocks; b++) {
+                _mm_prefetch((const char *)(wr + (size_t)b * QB + SEQ_AHEAD), _MM_HINT_T1);
+                __m512i wv = _mm512_loadu_si512(wr + (size_t)b * QB);
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xq + (size_t)b * 2 * QB)), _mm512_set1_ps(sx[b]), a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, x1 + (size_t)b * 2 * QB)), _mm512_set1_ps(s1[b]), a1);
+            }
+            acc[2 * r] = (vf)a0;
+            acc[2 * r + 1] = (vf)a1;
+        }
+        vf sums = vsum16(acc);
+        for (int r = 0; r < nt; r++)
+            for (int c = 0; c < M; c++) {
+                float v = sums[2 * r + c] - corr[c];
+                y[(size_t)c * N + n + r] = bias ? fmaf(v, scale[n + r], bias[n + r]) : v * scale[n + r];
+            }
+    }
+}
+
+/* More activation rows (variations): eight weight rows a tile, interleaved a block at a time, against
+ * each pair of activation rows in turn, the tile staying in L1/L2 between pairs. Here the product is
+ * bound by arithmetic and loads, not memory: each weight vector is loaded once per pair and the
+ * activations once per block for all eight rows, which ran 1.1-1.3x faster at eight rows than
+ * the sequential stream above (AMD EPYC, the same products). */
 #define VNNI_ROWS 8
 int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
                     float *y, int N) {
@@ -186,6 +297,12 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     if (!xq || !sx) { free(xq); free(sx); return -1; }
     float *corr = sx + (size_t)M * blocks;
     quantize_rows(x, M, K, xq, sx, corr);
+    if (M <= 2) {
+        vnni_sequential(xq, sx, corr, blocks, M, K, w, scale, bias, y, N);
+        free(xq);
+        free(sx);
+        return 0;
+    }
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
         int n = t * VNNI_ROWS, nt = N - n < VNNI_ROWS ? N - n : VNNI_ROWS;

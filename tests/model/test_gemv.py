@@ -103,6 +103,29 @@ def test_int8_vnni_kernel_equals_its_block_quantised_arithmetic(rows):
     assert _rel(got, x @ (q.float() * scale[:, None]).T) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8-float", "int8-vnni"])
+@pytest.mark.parametrize("n", [8, 101])
+def test_a_row_comes_out_the_same_alone_guided_and_among_variations(kind, n):
+    """One or two activation rows sweep the weights row after row, more take tiles of rows (gemv.c):
+    a row's output must not depend on which path its batch took, bit for bit (a take's audio would
+    otherwise change with --variations). n = 101 ends in a partial tile with an odd last row."""
+    if kind == "int8-vnni" and not gemv.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI, so int8 runs the float kernel")
+    torch.manual_seed(n)
+    w, x, bias = torch.randn(n, 320) * 0.05, torch.randn(8, 320), torch.randn(n)
+    if kind == "bf16":
+        wb = w.to(torch.bfloat16)
+        run = lambda xs: gemv.linear_bf16(xs, wb, bias)  # noqa: E731
+    else:
+        q, scale = quantize_int8(w)
+        q = (q.to(torch.int16) + 128).to(torch.uint8) if kind == "int8-vnni" else q
+        run = lambda xs: gemv.linear_i8(xs, q, scale, bias)  # noqa: E731
+    alone = torch.cat([run(x[i : i + 1]) for i in range(8)])
+    for rows in (2, 3, 4, 8):
+        got = torch.cat([run(x[lo : lo + rows]) for lo in range(0, 8, rows)])
+        assert torch.equal(got, alone), f"{rows} rows at a time differ from one at a time"
+
+
 @pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no AVX512-VNNI, so int4 runs PyTorch's packed kernel")
 def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
     """Same q, d and z as model.quant.quantize_int4 (the packed fallback's), bit for bit,
