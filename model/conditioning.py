@@ -27,26 +27,41 @@ class Conditioning:
 
 @torch.inference_mode()
 def encode_text(hf_model, tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 states projected to the decoder width and zeroed at padding, with their mask."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-    vocab = hf_model.text_encoder.get_input_embeddings().num_embeddings
-    if ids.numel() and int(ids.max()) >= vocab:
-        from model.types import RequestError
+    """T5 states projected to the decoder width and zeroed at padding, with their mask.
 
-        raise RequestError(
-            f"the tokenizer produced token id {int(ids.max())} but the text encoder knows {vocab}: "
-            "the checkpoint's tokenizer does not match its model"
-        )
-    out = hf_model.text_encoder(input_ids=ids, attention_mask=mask)
-    states = getattr(out, "last_hidden_state", out)  # transformers' T5 or ours (model/t5.py)
+    Each distinct prompt is encoded alone, then padded into the batch: run as one batch, a
+    prompt's states moved in their last bits with the batch's size and padding (matrix products
+    block differently for different row counts), which was enough to change a take's tokens
+    between `--variations 2` and a single generation with the same seed (musicgen-small).
+    """
+    vocab = hf_model.text_encoder.get_input_embeddings().num_embeddings
+    alone: dict[str, torch.Tensor] = {}
+    for prompt in dict.fromkeys(prompts):
+        ids = tokenizer([prompt], return_tensors="pt").input_ids.to(device)
+        if ids.numel() and int(ids.max()) >= vocab:
+            from model.types import RequestError
+
+            raise RequestError(
+                f"the tokenizer produced token id {int(ids.max())} but the text encoder knows {vocab}: "
+                "the checkpoint's tokenizer does not match its model"
+            )
+        out = hf_model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
+        states = getattr(out, "last_hidden_state", out)  # transformers' T5 or ours (model/t5.py)
+        if getattr(hf_model, "enc_to_dec_proj", None) is not None:
+            states = hf_model.enc_to_dec_proj(states)
+        alone[prompt] = states[0]
     # The text encoder runs once per request and reads every weight; its pages of the mapped
     # checkpoint go back to the page cache until the next request (measured: no slower, and
     # about 0.3-0.4 GB less resident memory for musicgen-small while decoding; model/memory.py).
     drop_pages(list(hf_model.text_encoder.parameters()))
-    if getattr(hf_model, "enc_to_dec_proj", None) is not None:
-        states = hf_model.enc_to_dec_proj(states)
-    states = states * mask[..., None].to(states.dtype)
+    width = max(t.shape[0] for t in alone.values())
+    first = next(iter(alone.values()))
+    states = torch.zeros(len(prompts), width, first.shape[1], dtype=first.dtype, device=first.device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=first.device)
+    for i, prompt in enumerate(prompts):
+        n = alone[prompt].shape[0]
+        states[i, :n] = alone[prompt]
+        mask[i, :n] = 1
     return states, mask
 
 
