@@ -50,8 +50,8 @@ def encode_text(hf_model, tokenizer, prompts: list[str], device) -> tuple[torch.
         if getattr(hf_model, "enc_to_dec_proj", None) is not None:
             states = hf_model.enc_to_dec_proj(states)
         alone[prompt] = states[0]
-    # The text encoder runs once per request and reads every weight; its pages of the mapped
-    # checkpoint go back to the page cache until the next request (measured: no slower, and
+    # The text encoder runs once per distinct prompt of a request and reads every weight; its pages
+    # of the mapped checkpoint go back to the page cache until the next request (measured: no slower, and
     # about 0.3-0.4 GB less resident memory for musicgen-small while decoding; model/memory.py).
     drop_pages(list(hf_model.text_encoder.parameters()))
     width = max(t.shape[0] for t in alone.values())
