@@ -223,28 +223,39 @@ static void sum_folded(const void *U, int fmt, size_t first, int T, int d, int c
 
 /* One head's softmax over its n text keys in place, LANES at a time; masked keys (-inf) get 0,
  * and a head with every key masked gets all zeros. Where `us` is given (int8 values), each weight
- * takes its value's scale. */
+ * takes its value's scale. Only keys up to the last unmasked one are summed, all of them through
+ * vexp in whole vectors (the last padded with -inf), so that a prompt padded to a longer prompt's
+ * width in a batch gets bit for bit the weights it gets alone (a scalar expf tail, and a total
+ * whose grouping followed n, gave other tokens beside a longer prompt; docs/engine.md). */
 static void softmax_folded(float *sh, int n, const float *us) {
     float best = -INFINITY;
-    for (int j = 0; j < n; j++) best = sh[j] > best ? sh[j] : best;
+    int live = 0;
+    for (int j = 0; j < n; j++) {
+        best = sh[j] > best ? sh[j] : best;
+        live = sh[j] != -INFINITY ? j + 1 : live;
+    }
     if (best == -INFINITY) {
         memset(sh, 0, sizeof(float) * (size_t)n);
         return;
     }
-    float total = 0.f;
-    int j = 0;
     vf top = vsplat(best), sum = (vf){0};
-    for (; j + LANES <= n; j += LANES) {
+    int j = 0;
+    for (; j + LANES <= live; j += LANES) {
         vf e = vexp(vload(sh + j) - top);
         vstore(sh + j, e);
         sum += e;
     }
-    total = vsum(sum);
-    for (; j < n; j++) {
-        sh[j] = expf(sh[j] - best);
-        total += sh[j];
+    if (j < live) {
+        float tail[LANES];
+        for (int i = 0; i < LANES; i++) tail[i] = j + i < live ? sh[j + i] : -INFINITY;
+        vf e = vexp(vload(tail) - top);
+        sum += e;
+        vstore(tail, e);
+        memcpy(sh + j, tail, sizeof(float) * (size_t)(live - j));
     }
-    for (j = 0; j < n; j++) sh[j] = us ? sh[j] / total * us[j] : sh[j] / total;
+    for (j = live; j < n; j++) sh[j] = 0.f;
+    float total = vsum(sum);
+    for (j = 0; j < live; j++) sh[j] = us ? sh[j] / total * us[j] : sh[j] / total;
 }
 
 void mb_cross_folded(const float *x, int rows, int d, int heads, int n, const void *M, const void *U,

@@ -82,8 +82,8 @@ def _bytes(linear: nn.Module) -> int:
 
 def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | None:
     """The folded keys and values in `dtype`, or None where one text's would be more to read per
-    step than the projections they replace. The choice and each slot's values depend on that
-    text and the batch's text length only, not on how many other prompts share the batch."""
+    step than the projections they replace. Each slot's values depend on its text alone; whether
+    to fold depends on the batch's text length (the longest prompt's)."""
     n_layers, rows, heads, n, hd = cross.k.shape
     d = heads * hd
     active = (cross.v != 0).transpose(0, 1).reshape(rows, -1).any(dim=1)
@@ -106,13 +106,19 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
         return None
     m = torch.empty(n_layers, a, heads, n, d)
     u = torch.empty(n_layers, a, heads, n, d)
+    # The batch's text length n is its longest prompt's: a product over n rows blocks its sums
+    # differently for different n, so a prompt's folded keys moved in their last bits with the
+    # prompts beside it (and its tokens changed). Padded to hd rows (folding needs n < hd), every
+    # product has one shape and a text's rows are the same in any batch.
+    k, v = torch.zeros(heads, max(n, hd), hd), torch.zeros(heads, max(n, hd), hd)
     for i, layer in enumerate(layers):
         (wq, sq), (wo, so) = _weight(layer.cross_q), _weight(layer.cross_out)
         wq, wo = wq.view(heads, hd, d), wo.view(d, heads, hd).permute(1, 2, 0)  # (heads, hd, d) each
-        for j, r in enumerate(picked):  # one text at a time: the same products alone or batched
-            k = cross.k[i, r].float() * sq.view(heads, 1, hd)  # W_q's row scales on the key side
-            torch.matmul(k, wq, out=m[i, j])  # (heads, n, d)
-            torch.matmul(cross.v[i, r].float(), wo, out=u[i, j])
+        for j, r in enumerate(picked):  # one text at a time, in products of one fixed shape (below)
+            k[:, :n] = cross.k[i, r].float() * sq.view(heads, 1, hd)  # W_q's row scales on the key side
+            v[:, :n] = cross.v[i, r].float()
+            m[i, j] = torch.matmul(k, wq)[:, :n]  # (heads, n, d)
+            u[i, j] = torch.matmul(v, wo)[:, :n]
         u[i] *= so  # W_o's row scales: one per output element
     log.debug("cross-attention folded: %d text(s) of %d tokens, %s, %.2f MB a layer instead of %.2f MB",
               a, n, str(dtype).removeprefix("torch."), a * per_text / 1e6, projections / 1e6)

@@ -437,12 +437,23 @@ class MusicgenDecoderLM(nn.Module):
         """Project conditioning (batch, text_len, d) once per request for every layer."""
         b, n, _ = states.shape
         ks, vs = [], []
-        # Row by row: how a product runs (kernel calls or one matmul) depends on how many rows
-        # it has, and a request's keys must not depend on what else is in its batch.
+        # Row by row, and over a row's own tokens only (padding after them gets the projection of
+        # a zero row): how a product runs (kernel calls or one matmul, and a matmul's blocking)
+        # depends on how many rows it has, and a request's keys must not depend on what else is
+        # in its batch, nor on how far the longest prompt there pads it.
+        live = [int(m.sum()) if bool(m[int(m.sum()):].eq(0).all()) else n for m in mask]
         rows = states.split(1)
+        zero = states.new_zeros(1, 1, states.shape[2])
+
+        def project(linear, r: torch.Tensor, t: int) -> torch.Tensor:
+            if t == n:
+                return linear(r)
+            pad = linear(zero).expand(1, n - t, -1)
+            return torch.cat([linear(r[:, :t]), pad], dim=1) if t else pad.contiguous()
+
         for layer in self.layers:
-            ks.append(layer._heads(torch.cat([layer.cross_k(r) for r in rows])))
-            vs.append(layer._heads(torch.cat([layer.cross_v(r) for r in rows])))
+            ks.append(layer._heads(torch.cat([project(layer.cross_k, r, t) for r, t in zip(rows, live)])))
+            vs.append(layer._heads(torch.cat([project(layer.cross_v, r, t) for r, t in zip(rows, live)])))
         # A row with no valid key (the unconditional half) has all-zero keys/values: let it
         # attend everywhere so the softmax stays finite and the output is exactly zero.
         mask = mask.bool().clone()

@@ -41,3 +41,31 @@ def test_an_unknown_token_id_is_a_request_error_naming_the_mismatch(tiny_engine)
 
     with pytest.raises(RequestError, match="does not match its model"):
         encode_text(tiny_engine.hf, too_big, ["lofi"], "cpu")
+
+
+@torch.inference_mode()
+def test_a_prompts_cross_keys_and_folded_values_are_the_same_beside_a_longer_prompt(tiny_engine):
+    """Padding a prompt to a longer prompt's width must not change what its cross-attention reads:
+    its keys and values are projected over its own tokens (model.decoder.cross_kv; float32's
+    matmul blocked differently for 3 and 7 rows) and the folded keys and values come from products
+    of one shape (model/cross_fold.py). (Its tokens beside a longer prompt were checked equal on
+    musicgen-small's shapes, where the C step runs: docs/engine.md.)"""
+    from model import cross_fold
+    from model.conditioning import build_conditioning
+
+    lm = tiny_engine.lm
+    # 3 and 7 tokens: both under the tiny model's head width (8), so both batches fold (a prompt
+    # past it turns folding off for the whole batch: docs/engine.md)
+    prompts = ["lofi drums", "a jazz trio"]
+    crosses = []
+    for batch in (prompts[:1], prompts):
+        cond = build_conditioning(tiny_engine.hf, tiny_engine.tokenizer, batch, None, True, "cpu", torch.float32)
+        crosses.append(lm.cross_kv(cond.states, cond.mask))
+    alone, batched = crosses
+    n = alone.k.shape[3]
+    assert batched.k.shape[3] > n
+    assert torch.equal(batched.k[:, 0, :, :n], alone.k[:, 0]) and torch.equal(batched.v[:, 0, :, :n], alone.v[:, 0])
+    assert not batched.k[:, 0, :, n:].any() and not batched.v[:, 0, :, n:].any()
+    fa, fb = (cross_fold.fold(lm.layers, c, torch.float32) for c in (alone, batched))
+    assert fa is not None and fb is not None
+    assert torch.equal(fb.m[:, 0, :, :n], fa.m[:, 0]) and torch.equal(fb.u[:, 0, :, :n], fa.u[:, 0])
