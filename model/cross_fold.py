@@ -104,21 +104,25 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
         log.debug("cross-attention keeps its projections: %d text tokens fold to %.2f MB a text a layer, "
                   "the projections are %.2f MB", n, per_text / 1e6, projections / 1e6)
         return None
-    m = torch.empty(n_layers, a, heads, n, d)
-    u = torch.empty(n_layers, a, heads, n, d)
-    # The batch's text length n is its longest prompt's: a product over n rows blocks its sums
+    # The batch's text length n is its longest prompt's: one product over n rows blocked its sums
     # differently for different n, so a prompt's folded keys moved in their last bits with the
-    # prompts beside it (and its tokens changed). Padded to hd rows (folding needs n < hd), every
-    # product has one shape and a text's rows are the same in any batch.
-    k, v = torch.zeros(heads, max(n, hd), hd), torch.zeros(heads, max(n, hd), hd)
+    # prompts beside it (and its tokens changed). Each text's products run over its own tokens
+    # (a mask that is ones then zeros; any other mask, all n), and its padding folds to zeros.
+    live = []
+    for r in picked:
+        valid = cross.mask[r].reshape(-1)
+        t = int(valid.sum())
+        live.append(t if not valid[t:].any() else n)
+    m = torch.zeros(n_layers, a, heads, n, d)
+    u = torch.zeros(n_layers, a, heads, n, d)
     for i, layer in enumerate(layers):
         (wq, sq), (wo, so) = _weight(layer.cross_q), _weight(layer.cross_out)
         wq, wo = wq.view(heads, hd, d), wo.view(d, heads, hd).permute(1, 2, 0)  # (heads, hd, d) each
-        for j, r in enumerate(picked):  # one text at a time, in products of one fixed shape (below)
-            k[:, :n] = cross.k[i, r].float() * sq.view(heads, 1, hd)  # W_q's row scales on the key side
-            v[:, :n] = cross.v[i, r].float()
-            m[i, j] = torch.matmul(k, wq)[:, :n]  # (heads, n, d)
-            u[i, j] = torch.matmul(v, wo)[:, :n]
+        for j, r in enumerate(picked):  # one text at a time, over its own tokens (below)
+            t = live[j]
+            k = cross.k[i, r, :, :t].float() * sq.view(heads, 1, hd)  # W_q's row scales on the key side
+            m[i, j, :, :t] = torch.matmul(k, wq)  # (heads, t, d)
+            u[i, j, :, :t] = torch.matmul(cross.v[i, r, :, :t].float(), wo)
         u[i] *= so  # W_o's row scales: one per output element
     log.debug("cross-attention folded: %d text(s) of %d tokens, %s, %.2f MB a layer instead of %.2f MB",
               a, n, str(dtype).removeprefix("torch."), a * per_text / 1e6, projections / 1e6)

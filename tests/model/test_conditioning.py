@@ -47,8 +47,8 @@ def test_an_unknown_token_id_is_a_request_error_naming_the_mismatch(tiny_engine)
 def test_a_prompts_cross_keys_and_folded_values_are_the_same_beside_a_longer_prompt(tiny_engine):
     """Padding a prompt to a longer prompt's width must not change what its cross-attention reads:
     its keys and values are projected over its own tokens (model.decoder.cross_kv; float32's
-    matmul blocked differently for 3 and 7 rows) and the folded keys and values come from products
-    of one shape (model/cross_fold.py). (Its tokens beside a longer prompt were checked equal on
+    matmul blocked differently for 3 and 7 rows), and so are the folded keys and values
+    (model/cross_fold.py). (Its tokens beside a longer prompt were checked equal on
     musicgen-small's shapes, where the C step runs: docs/engine.md.)"""
     from model import cross_fold
     from model.conditioning import build_conditioning
