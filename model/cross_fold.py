@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from model import gemv
-from model.decoder import CrossKV, quantize_kv
+from model.decoder import CrossKV, own_tokens, quantize_kv
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,7 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
     # differently for different n, so a prompt's folded keys moved in their last bits with the
     # prompts beside it (and its tokens changed). Each text's products run over its own tokens
     # (a mask that is ones then zeros; any other mask, all n), and its padding folds to zeros.
-    live = []
-    for r in picked:
-        valid = cross.mask[r].reshape(-1)
-        t = int(valid.sum())
-        live.append(t if not valid[t:].any() else n)
+    live = [own_tokens(cross.mask[r]) for r in picked]
     m = torch.zeros(n_layers, a, heads, n, d)
     u = torch.zeros(n_layers, a, heads, n, d)
     for i, layer in enumerate(layers):

@@ -77,6 +77,14 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
     return torch.cat([table, torch.zeros(n, 1)], dim=1) if d % 2 else table
 
 
+def own_tokens(valid: torch.Tensor) -> int:
+    """How many leading positions a text's mask keeps: its own tokens, the rest padding; a mask
+    that is not ones-then-zeros counts every position."""
+    valid = valid.reshape(-1)
+    t = int(valid.sum())
+    return t if not valid[t:].any() else valid.numel()
+
+
 class KVCache:
     """Self-attention keys/values for every layer, allocated once per request batch.
 
@@ -441,7 +449,7 @@ class MusicgenDecoderLM(nn.Module):
         # a zero row): how a product runs (kernel calls or one matmul, and a matmul's blocking)
         # depends on how many rows it has, and a request's keys must not depend on what else is
         # in its batch, nor on how far the longest prompt there pads it.
-        live = [int(m.sum()) if bool(m[int(m.sum()):].eq(0).all()) else n for m in mask]
+        live = [own_tokens(m) for m in mask]
         rows = states.split(1)
         zero = states.new_zeros(1, 1, states.shape[2])
 
