@@ -114,7 +114,7 @@ def fold(layers: nn.ModuleList, cross: CrossKV, dtype: torch.dtype) -> Folded | 
     for i, layer in enumerate(layers):
         (wq, sq), (wo, so) = _weight(layer.cross_q), _weight(layer.cross_out)
         wq, wo = wq.view(heads, hd, d), wo.view(d, heads, hd).permute(1, 2, 0)  # (heads, hd, d) each
-        for j, r in enumerate(picked):  # one text at a time, over its own tokens (below)
+        for j, r in enumerate(picked):  # one text at a time, over its own tokens (above)
             t = live[j]
             k = cross.k[i, r, :, :t].float() * sq.view(heads, 1, hd)  # W_q's row scales on the key side
             m[i, j, :, :t] = torch.matmul(k, wq)  # (heads, t, d)
