@@ -39,6 +39,15 @@
 
 int mb_lanes(void) { return LANES; }
 
+/* An output of the dense kernels from its sum: every path ends here, so that a row comes out the
+ * same whichever path its batch took. */
+static inline __attribute__((always_inline)) float dense_out(float v, const float *scale, const float *bias,
+                                                             int n) {
+    if (scale) v *= scale[n];
+    if (bias) v += bias[n];
+    return v;
+}
+
 /* A tile: NTV weight rows [n, n+nt) against MTV activation rows [m, m+mt), the shape fixed at
  * compile time; `kind` (constant at each call) picks the weight format. A tile narrower than its
  * shape (the edges) runs the same code. */
@@ -94,12 +103,8 @@ static void NAME(int kind, const float *x, int M, int K, const void *w, const fl
             default: NAME##_tile(MB_F32, xm, mt, K, w, n, nt, out); break;                        \
             }                                                                                     \
             for (int r = 0; r < nt; r++)                                                          \
-                for (int c = 0; c < mt; c++) {                                                    \
-                    float v = out[r][c];                                                          \
-                    if (scale) v *= scale[n + r];                                                 \
-                    if (bias) v += bias[n + r];                                                   \
-                    y[(size_t)(m + c) * N + n + r] = v;                                           \
-                }                                                                                 \
+                for (int c = 0; c < mt; c++)                                                      \
+                    y[(size_t)(m + c) * N + n + r] = dense_out(out[r][c], scale, bias, n + r);    \
         }                                                                                         \
     }                                                                                             \
 }
@@ -166,12 +171,8 @@ static void gemv_pairs(int kind, const float *x, int M, int K, const void *w, co
         for (int i = 0; i < 16; i++) sums[i] = vsum(acc[i]);
 #endif
         for (int r = 0; r < nt; r++)
-            for (int c = 0; c < M; c++) {
-                float v = sums[2 * r + c];
-                if (scale) v *= scale[n + r];
-                if (bias) v += bias[n + r];
-                y[(size_t)c * N + n + r] = v;
-            }
+            for (int c = 0; c < M; c++)
+                y[(size_t)c * N + n + r] = dense_out(sums[2 * r + c], scale, bias, n + r);
     }
 }
 
@@ -247,6 +248,14 @@ static inline __m512i dot2(__m512i w, const int8_t *xb) {
     return _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w, _mm512_loadu_si512(xb + QB));
 }
 
+/* An output of the VNNI kernel from its integer-dot sum: both paths end here. fmaf, not
+ * `* scale + bias`: the compiler fuses that or not depending on how it vectorises each loop, and a
+ * row must come out the same whatever it is batched with. */
+static inline float vnni_out(float sum, float corr, const float *scale, const float *bias, int n) {
+    float v = sum - corr;
+    return bias ? fmaf(v, scale[n], bias[n]) : v * scale[n];
+}
+
 /* Up to two activation rows (a guided step): a thread's rows are read start to end, one
  * sequential stream fetched SEQ_AHEAD bytes ahead into L2, and each weight vector meets both
  * activation rows. Eight rows interleaved a block at a time (below) ran at 1.5x a plain read's
@@ -276,10 +285,8 @@ static void vnni_sequential(const int8_t *xq, const float *sx, const float *corr
         }
         vf sums = vsum16(acc);
         for (int r = 0; r < nt; r++)
-            for (int c = 0; c < M; c++) {
-                float v = sums[2 * r + c] - corr[c];
-                y[(size_t)c * N + n + r] = bias ? fmaf(v, scale[n + r], bias[n + r]) : v * scale[n + r];
-            }
+            for (int c = 0; c < M; c++)
+                y[(size_t)c * N + n + r] = vnni_out(sums[2 * r + c], corr[c], scale, bias, n + r);
     }
 }
 
@@ -325,14 +332,9 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
                 }
             }
             vf sums = vsum16(acc);
-            /* fmaf, not `* scale + bias`: the compiler fuses that or not depending on how it
-             * vectorises each tile shape, and a row must come out the same whatever it is
-             * batched with. */
             for (int r = 0; r < nt; r++)
-                for (int c = 0; c < mt; c++) {
-                    float v = sums[2 * r + c] - corr[m + c];
-                    y[(size_t)(m + c) * N + n + r] = bias ? fmaf(v, scale[n + r], bias[n + r]) : v * scale[n + r];
-                }
+                for (int c = 0; c < mt; c++)
+                    y[(size_t)(m + c) * N + n + r] = vnni_out(sums[2 * r + c], corr[m + c], scale, bias, n + r);
         }
     }
     free(xq);
