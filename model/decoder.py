@@ -451,17 +451,22 @@ class MusicgenDecoderLM(nn.Module):
         # in its batch, nor on how far the longest prompt there pads it.
         live = [own_tokens(m) for m in mask]
         rows = states.split(1)
-        zero = states.new_zeros(1, 1, states.shape[2])
+        zero = states.new_zeros(1, 1, states.shape[2]) if min(live) < n else None
 
-        def project(linear, r: torch.Tensor, t: int) -> torch.Tensor:
-            if t == n:
-                return linear(r)
-            pad = linear(zero).expand(1, n - t, -1)
-            return torch.cat([linear(r[:, :t]), pad], dim=1) if t else pad.contiguous()
+        def project(linear) -> torch.Tensor:
+            pad = linear(zero) if zero is not None else None  # once a layer, shared by padded rows
+            out = []
+            for r, t in zip(rows, live):
+                if t == n:
+                    out.append(linear(r))
+                else:
+                    out.append(pad.expand(1, n - t, -1) if not t else
+                               torch.cat([linear(r[:, :t]), pad.expand(1, n - t, -1)], dim=1))
+            return torch.cat(out)
 
         for layer in self.layers:
-            ks.append(layer._heads(torch.cat([project(layer.cross_k, r, t) for r, t in zip(rows, live)])))
-            vs.append(layer._heads(torch.cat([project(layer.cross_v, r, t) for r, t in zip(rows, live)])))
+            ks.append(layer._heads(project(layer.cross_k)))
+            vs.append(layer._heads(project(layer.cross_v)))
         # A row with no valid key (the unconditional half) has all-zero keys/values: let it
         # attend everywhere so the softmax stays finite and the output is exactly zero.
         mask = mask.bool().clone()
