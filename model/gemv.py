@@ -1,5 +1,6 @@
-"""The decode step's C kernels (model/gemv.c: products; model/layer_step.c: a whole layer's step),
-built for this machine and loaded once.
+"""The decode step's C kernels (model/kernels/: gemv.c products, layer_step.c a whole layer's step,
+attention.c, top_k.c, and arch/ the integer products for each instruction set), built for this
+machine and loaded once.
 
 PyTorch's CPU kernels for a product with 1-8 activation rows stream weights at a fraction of
 the memory bandwidth and need bfloat16 activations for int8 (BENCHMARKS.md). The C kernels keep
@@ -10,10 +11,13 @@ code built for another CPU.
 
 Without a C compiler, or with MUSICBRIDGE_KERNELS=0 (for A/B measurements), `available()` is
 False and the linears use PyTorch's kernels instead: slower, same results within rounding.
-Where the CPU has AVX512-VNNI, int8 runs on integer dot products: the activations are split
-into two int8 terms per block of 64 (about 15 bits, so the weights' own rounding still dominates
-the error), which reads the weights at memory speed where widening them to float did not
-(BENCHMARKS.md). MUSICBRIDGE_KERNELS=float asks for the widening kernel instead (A/B).
+Where the CPU has integer dot products (AVX512-VNNI; AVX2 with FMA and F16C; ARM64 NEON with
+the dot-product extension: `int_arch()`), int8 and int4 run on them (model/kernels/int_kernels.h):
+int8's activations are split into two int8 terms per block of 64 (about 15 bits, so the
+weights' own rounding still dominates the error), which reads the weights at memory speed where
+widening them to float did not (BENCHMARKS.md). MUSICBRIDGE_KERNELS=float asks for the widening
+kernel instead (A/B). MUSICBRIDGE_MARCH names another -march than the machine's own (for
+example x86-64-v3, AVX2, on an AVX-512 machine), so the tests run every x86 path on one CPU.
 """
 
 from __future__ import annotations
@@ -36,10 +40,18 @@ from model import hugepages, weight_cache
 from model.cache import cache_dir
 
 log = logging.getLogger("musicbridge.model")
-HERE = Path(__file__).parent
-SOURCES = (HERE / "gemv.c", HERE / "attention.c", HERE / "layer_step.c", HERE / "top_k.c")
-HEADERS = (HERE / "kernels.h", HERE / "vec.h")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", f"-I{HERE}")
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = tuple(sorted(KERNELS.rglob("*.c")))
+HEADERS = tuple(sorted(KERNELS.rglob("*.h")))
+
+
+def march() -> str:
+    """The -march the kernels are built for: the machine's own unless MUSICBRIDGE_MARCH names one."""
+    return os.environ.get("MUSICBRIDGE_MARCH", "").strip() or "native"
+
+
+def _flags() -> tuple[str, ...]:
+    return ("-O3", f"-march={march()}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", f"-I{KERNELS}")
 # Above this many activation rows (prefill, long batches) a product is compute-bound, not
 # bound by reading weights: it runs as one PyTorch matmul over the widened weights instead.
 MAX_ROWS = 8  # rows one kernel call takes
@@ -81,7 +93,7 @@ def _build_key() -> str:
     except (OSError, subprocess.SubprocessError):
         version = ""
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    return hashlib.sha256("\0".join([*texts, cc, version, " ".join(FLAGS[:-1]), _cpu_id()])
+    return hashlib.sha256("\0".join([*texts, cc, version, " ".join(_flags()[:-1]), _cpu_id()])
                           .encode()).hexdigest()[:16]
 
 
@@ -102,7 +114,7 @@ def build() -> Path:
     os.close(fd)
     try:
         try:
-            r = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
+            r = subprocess.run([cc, *_flags(), "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
                                text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
             raise KernelBuildError(f"could not run the C compiler {cc!r} (from CC or PATH): {e}") from e
@@ -150,6 +162,7 @@ def _load() -> ctypes.CDLL | None:
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
+        lib.mb_int_arch.argtypes, lib.mb_int_arch.restype = [], ctypes.c_char_p
         for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_decoder_step", "mb_gemv_i8_vnni",
                      "mb_attend_scratch", "mb_gemv_i4", "mb_top_k_support"):
             getattr(lib, name).restype = _I
@@ -185,14 +198,22 @@ def signature() -> str:
 
 
 def has_vnni() -> bool:
-    """Whether this CPU (and the build) has the integer dot products int8 runs on where it can."""
+    """Whether this build has integer products (the int8 "vnni" layout and int4 in C): AVX512-VNNI,
+    AVX2 or ARM64 NEON with dot products (`int_arch`)."""
     lib = _load()
     return lib is not None and bool(lib.mb_has_vnni())
 
 
+def int_arch() -> str | None:
+    """Which integer kernels are built in: "avx512-vnni", "avx2", "neon-dotprod" or "none"; None
+    without the C kernels."""
+    lib = _load()
+    return None if lib is None else lib.mb_int_arch().decode()
+
+
 def int8_arithmetic() -> str | None:
     """How int8 linears run here: "vnni" (integer dot products over two-term int8 activations:
-    the default where the CPU has AVX512-VNNI), "float" (weights widened, activations float32:
+    the default where the build has integer products, `int_arch`), "float" (weights widened, activations float32:
     elsewhere, or asked for with MUSICBRIDGE_KERNELS=float), or None (PyTorch's kernels)."""
     if not available():
         return None
@@ -201,7 +222,7 @@ def int8_arithmetic() -> str | None:
     return "vnni"
 
 
-# int4's layout (model/gemv.c): rows in tiles of I4_TILE, each tile's blocks of I4_GROUP inputs
+# int4's layout (model/kernels/int_kernels.h): rows in tiles of I4_TILE, each tile's blocks of I4_GROUP inputs
 # I4_TILE_BLOCK bytes (the sixteen rows' 4-bit q as sixteen 64-byte vectors, lanes along the rows,
 # then their steps as float16, their zero points as bytes, and padding to a whole cache line).
 I4_GROUP, I4_TILE, I4_TILE_BLOCK = 128, 16, 1088
@@ -215,7 +236,7 @@ def i4_shape(n: int, k: int) -> tuple[int, int]:
 
 def takes_i4(in_features: int) -> bool:
     """Whether the int4 kernel runs a linear this wide here: whole 128-input blocks, on a CPU with
-    integer dot products (elsewhere int4 runs PyTorch's packed kernel, same weights)."""
+    integer products (`int_arch`; elsewhere int4 runs PyTorch's packed kernel, same weights)."""
     return in_features % I4_GROUP == 0 and has_vnni()
 
 

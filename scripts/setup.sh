@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 VENV=.venv
-APT_PKGS=(libportaudio2 jackd2 liblo-tools libsndfile1 puredata-core lua5.4)
+# gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user: the ARM64 kernel checks under qemu.
+APT_PKGS=(libportaudio2 jackd2 liblo-tools libsndfile1 puredata-core lua5.4 gcc gcc-aarch64-linux-gnu
+          libc6-dev-arm64-cross qemu-user)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -1,0 +1,65 @@
+/* int4's layout (int_kernels.h) from float32 rows and back, in portable C: the same bytes on
+ * every instruction set, so a weight cache or a take made on one CPU means the same on another.
+ * _Float16 (GCC 12+, Clang) rounds to nearest even, as the F16C instruction does. */
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include "int_kernels.h"
+
+/* model.quant.quantize_int4's arithmetic: per block, the range [min(w, 0), max(w, 0)] in 15
+ * steps, d = (hi - lo) / 15 rounded to float16, z = round-half-even(-lo / d) and
+ * q = round-half-even(w / d) + z, both clamped to [0, 15], with the rounded d (d = 0: an all-zero
+ * block, every q and z 0). `out` holds mb_i4_bytes(N, K) bytes; padding rows and bytes are
+ * written as zeros. */
+void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
+    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++)
+        for (int b = 0; b < blocks; b++) {
+            uint8_t *o = out + ((size_t)t * blocks + b) * I4_TB;
+            memset(o, 0, I4_TB);
+            for (int i = 0; i < I4_TILE && t * I4_TILE + i < N; i++) {
+                const float *wb = w + (size_t)(t * I4_TILE + i) * K + (size_t)b * I4_QB;
+                float mn = 0.f, mx = 0.f;
+                for (int k = 0; k < I4_QB; k++) {
+                    mn = wb[k] < mn ? wb[k] : mn;
+                    mx = wb[k] > mx ? wb[k] : mx;
+                }
+                _Float16 dh = (_Float16)((mx - mn) / 15.f);
+                float d = (float)dh, inv = d > 0.f ? 1.f / d : 0.f, zf = nearbyintf(-mn * inv);
+                zf = zf < 0.f ? 0.f : zf > 15.f ? 15.f : zf;
+                uint8_t q[I4_QB];
+                for (int k = 0; k < I4_QB; k++) {
+                    float v = nearbyintf(wb[k] * inv) + zf;
+                    q[k] = (uint8_t)(v < 0.f ? 0.f : v > 15.f ? 15.f : v);
+                }
+                for (int j = 0; j < 16; j++)
+                    for (int c = 0; c < 4; c++) o[64 * j + 4 * i + c] = (uint8_t)(q[8 * j + c] | (q[8 * j + 4 + c] << 4));
+                memcpy(o + I4_D_AT + 2 * i, &dh, 2);
+                o[I4_Z_AT + i] = (uint8_t)zf;
+            }
+        }
+}
+
+/* The layout back to float32 rows, d (q - z) (K a multiple of 128): for a prefill's one matmul,
+ * where PyTorch's unpacking took 35 ms for a 4096 x 1024 weight. */
+void mb_dequantize_i4(const uint8_t *w, int N, int K, float *out) {
+    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++)
+        for (int i = 0; i < I4_TILE && t * I4_TILE + i < N; i++)
+            for (int b = 0; b < blocks; b++) {
+                const uint8_t *p = w + ((size_t)t * blocks + b) * I4_TB;
+                _Float16 dh;
+                memcpy(&dh, p + I4_D_AT + 2 * i, 2);
+                float d = (float)dh;
+                int z = p[I4_Z_AT + i];
+                float *o = out + (size_t)(t * I4_TILE + i) * K + (size_t)b * I4_QB;
+                for (int j = 0; j < 16; j++)
+                    for (int c = 0; c < 4; c++) {
+                        uint8_t v = p[64 * j + 4 * i + c];
+                        o[8 * j + c] = (float)((v & 15) - z) * d;
+                        o[8 * j + 4 + c] = (float)((v >> 4) - z) * d;
+                    }
+            }
+}
