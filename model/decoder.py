@@ -151,7 +151,7 @@ class KVCache:
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectors along the last dim as int8 and one float32 scale each: scale = max|x| / 127 and
     x / scale rounded to nearest even, clamped to [-127, 127] (an all-zero vector keeps scale 0,
-    one with a NaN gets scale NaN and zeros). The C step (model/layer_step.c) does the same
+    one with a NaN gets scale NaN and zeros). The C step (model/kernels/layer_step.c) does the same
     float32 operations, so both store the same bytes."""
     x = x.float()
     scale = x.abs().amax(dim=-1) / 127

@@ -231,7 +231,7 @@ class Engine:
         if not str(self.device).startswith("cuda"):
             self._on_huge_pages(lm, dtype)
             fused = lm.fuse()
-            log.info("decoder: %d of %d layers take their decode step in one C call (model/layer_step.c)",
+            log.info("decoder: %d of %d layers take their decode step in one C call (model/kernels/layer_step.c)",
                      fused, len(lm.layers))
             if fused == len(lm.layers):
                 lm.kv_dtype = kv_dtype(dtype, self.device)

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -51,7 +52,9 @@ def march() -> str:
 
 
 def _flags() -> tuple[str, ...]:
-    return ("-O3", f"-march={march()}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", f"-I{KERNELS}")
+    # Apple's ARM64 clang takes the CPU with -mcpu, not -march.
+    target = "-mcpu=native" if march() == "native" and platform.system() == "Darwin" else f"-march={march()}"
+    return ("-O3", target, "-fopenmp", "-shared", "-fPIC", "-std=gnu11", f"-I{KERNELS}")
 # Above this many activation rows (prefill, long batches) a product is compute-bound, not
 # bound by reading weights: it runs as one PyTorch matmul over the widened weights instead.
 MAX_ROWS = 8  # rows one kernel call takes
@@ -80,20 +83,24 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+def _compiler() -> list[str] | None:
+    """The compiler command: CC (which may carry flags, as make's does), else gcc or cc on PATH."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("gcc") or shutil.which("cc")
+    return [found] if found else None
 
 
 @functools.lru_cache(maxsize=1)
 def _build_key() -> str:
     """What the build depends on (sources, compiler, flags, CPU), worked out once per process."""
-    cc = _compiler() or "none"
+    cc = _compiler() or ["none"]
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    return hashlib.sha256("\0".join([*texts, cc, version, " ".join(_flags()[:-1]), _cpu_id()])
+    return hashlib.sha256("\0".join([*texts, " ".join(cc), version, " ".join(_flags()[:-1]), _cpu_id()])
                           .encode()).hexdigest()[:16]
 
 
@@ -114,13 +121,13 @@ def build() -> Path:
     os.close(fd)
     try:
         try:
-            r = subprocess.run([cc, *_flags(), "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
+            r = subprocess.run([*cc, *_flags(), "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
                                text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
-            raise KernelBuildError(f"could not run the C compiler {cc!r} (from CC or PATH): {e}") from e
+            raise KernelBuildError(f"could not run the C compiler {' '.join(cc)!r} (from CC or PATH): {e}") from e
         if r.returncode != 0:
             names = ", ".join(p.name for p in SOURCES)
-            raise KernelBuildError(f"{cc} failed on {names}: {r.stderr.strip()[-2000:]}")
+            raise KernelBuildError(f"{' '.join(cc)} failed on {names}: {r.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -312,7 +319,7 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def top_k_support(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Each row's k largest values of x (rows, n) float32 and their indices, in token order
-    (model/top_k.c), or None where a row has a tie at its k-th value or a NaN."""
+    (model/kernels/top_k.c), or None where a row has a tie at its k-th value or a NaN."""
     x = x.float().contiguous()
     rows, n = x.shape
     index, values = torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, k)

@@ -1,4 +1,4 @@
-"""A decoder layer's one-token step as one C call (model/layer_step.c), over the layer's own tensors.
+"""A decoder layer's one-token step as one C call (model/kernels/layer_step.c), over the layer's own tensors.
 
 With the products at memory speed, a decode step's remaining cost was the forty-odd small
 PyTorch ops per layer around them; the C step runs the same arithmetic (float32 activations,

@@ -91,7 +91,7 @@ def quantize_int8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, 
     """Symmetric per-output-channel: w ~ q * scale[:, None], q in [-127, 127]; with `biased`,
     q + 128 as uint8 (the layout of the VNNI kernel's unsigned weights).
 
-    On the CPU with the C kernels: one pass per row in C (model/gemv.c, the same arithmetic bit
+    On the CPU with the C kernels: one pass per row in C (model/kernels/gemv.c, the same arithmetic bit
     for bit, biased in the same pass); elsewhere one temporary the size of `w` (in-place rounding).
     """
     if w.device.type == "cpu" and w.dim() == 2 and gemv.available():
@@ -109,7 +109,7 @@ def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torc
     max(w, 0)] in 15 steps, d = (hi - lo) / 15 rounded to float16 (as the kernel stores it),
     z = round-half-even(-lo / d), q = round-half-even(w / d) + z, both clamped. The zero point
     keeps a block's whole range (a symmetric step, set by the largest magnitude, left a third
-    more RMS error on the trained proxy); zero itself stays exact. The C quantiser (model/gemv.c
+    more RMS error on the trained proxy); zero itself stays exact. The C quantiser (model/kernels/gemv.c
     mb_quantize_i4) does the same arithmetic. Returns q (N, K) int32, d and z (N, K // group).
     """
     n, k = w.shape
@@ -215,7 +215,7 @@ class Int4Linear(nn.Module):
     bytes and an eighth of float32's.
 
     On a CPU with integer dot products a decode step's few rows go to the C kernel
-    (model/gemv.c), which keeps the weights packed in its own layout (`gemv.quantize_i4`:
+    (model/kernels/gemv.c), which keeps the weights packed in its own layout (`gemv.quantize_i4`:
     sixteen rows a tile, data and scales in one stream per tile); longer inputs (prefill) are one
     matmul over the dequantised weights. Elsewhere PyTorch's packed int4 kernel runs the same weights with
     activations cast to `act_dtype`.

@@ -6,7 +6,7 @@ exponential race (argmax of p / E with E ~ Exp(1)), which samples from p exactly
 cumulative sum or host sync.
 
 On the CPU, with top-k on and the C kernels built, the race runs over the k candidates only
-(`_race_top_k`, the candidates found by model/top_k.c): tokens outside them have p = 0 and can
+(`_race_top_k`, the candidates found by model/kernels/top_k.c): tokens outside them have p = 0 and can
 never win, so drawing E for them changes nothing but the cost. PyTorch draws exponentials one at
 a time (26 ns each here): the full 4 x 2048 draw was a third of a step's sampling, the filter
 and softmax over the whole row most of the rest.
