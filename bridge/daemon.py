@@ -129,6 +129,7 @@ class Daemon:
         self.clock = ClockHub(self.session, config.follow, clock=output_clock(audio), ardour=config.ardour,
                               send=self.server.send)
         self._limiter = _LogLimiter()
+        self.tracebacks = self.server.tracebacks  # one rate limit for every traceback the OSC path logs
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
         # jams, live notes and the typed bar grid (bridge/live_control.py)
@@ -213,9 +214,10 @@ class Daemon:
             log.info("reply %s to %s:%d dropped: over the reply byte budget of that host (docs/osc.md)",
                      address[:80], sender[0], sender[1])
 
-    def _error(self, sender: Address, e: ProtocolError, address: str) -> None:
-        if self._limiter.allow():
-            log.info("rejected %s from %s:%d: %s (%s)", address[:80], sender[0], sender[1], e.message, e.code)
+    def _error(self, sender: Address, e: ProtocolError, address: str, logged: bool = False) -> None:
+        """An /error reply, within the error reply budget; logged (rate-limited) unless `logged` already."""
+        if not logged and self._limiter.allow():
+            log.info("rejected %r from %s:%d: %r (%s)", address[:80], sender[0], sender[1], e.message[:300], e.code)
         if self._error_replies.allow():  # a flood of junk gets a bounded trickle of answers
             self.reply(sender, "/error", e.code, e.message, address[:256], e.job_id)
 
@@ -261,9 +263,11 @@ class Daemon:
         except ProtocolError as e:
             self._error(sender, e, address if isinstance(address, str) else "")
         except Exception as e:  # noqa: BLE001 - a bug answers `internal`, the daemon carries on
-            log.exception("internal error on %s", str(address)[:80])
-            self.reply(sender, "/error", "internal", f"internal error: {type(e).__name__}: {e}",
-                       str(address)[:256], 0)
+            # A message that reaches a bug usually comes in floods (a bundle of 1024 copies):
+            # the traceback is rate-limited per code, the reply goes through the error budget.
+            self.tracebacks.exception("internal", "internal error on %r from %s:%d", str(address)[:80], *sender)
+            self._error(sender, ProtocolError("internal", f"internal error: {type(e).__name__}: {str(e)[:200]}"),
+                        address if isinstance(address, str) else "", logged=True)
 
     def _ok(self, sender: Address, cmd: P.Command, what: str) -> None:
         if self._ok_log.allow():

@@ -29,6 +29,42 @@ log = logging.getLogger("musicbridge.osc")
 Address = tuple[str, int]
 MAX_DATAGRAM = 65535
 INT32 = (-(2**31), 2**31 - 1)
+TRACEBACK_EVERY = 10.0  # seconds between two tracebacks of one kind of unexpected failure
+
+
+class TracebackLog:
+    """Tracebacks of unexpected exceptions, at most one per `every` seconds per code.
+
+    A bug that a message can reach is reached by every copy of that message: one traceback per
+    message let 20 bundles of 1024 bad job ids write 5.5 MB of log. The first one of a code is
+    logged whole; those within `every` seconds after it are counted, and the count is logged
+    with the next traceback of that code. Codes are few and fixed by the callers (`internal`,
+    `feedback`), so the table stays small.
+    """
+
+    def __init__(self, logger: logging.Logger, every: float = TRACEBACK_EVERY,
+                 clock: Callable[[], float] = time.monotonic):
+        self.logger, self.every, self._clock = logger, every, clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def exception(self, code: str, fmt: str, *args: Any) -> bool:
+        """Log the exception being handled (call from an `except` block) unless one of `code` was
+        logged less than `every` seconds ago; True when it was logged."""
+        with self._lock:
+            now = self._clock()
+            last = self._last.get(code)
+            if last is not None and now - last < self.every:
+                self.suppressed[code] = self.suppressed.get(code, 0) + 1
+                return False
+            self._last[code] = now
+            held_back = self.suppressed.pop(code, 0)
+        if held_back:
+            fmt += " (and %d more like it in the last %.0f s, not logged)"
+            args = (*args, held_back, now - last)
+        self.logger.error(fmt, *args, exc_info=True)
+        return True
 
 
 class OscEncodeError(ValueError):
@@ -210,6 +246,7 @@ class OscServer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._send_lock = threading.Lock()
+        self.tracebacks = TracebackLog(log)
 
     def __enter__(self) -> OscServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -292,7 +329,8 @@ class OscServer:
             try:
                 self.handler(address, args, sender)
             except Exception:  # noqa: BLE001 - a handler bug must not stop the daemon listening
-                log.exception("internal error while handling %s from %s:%d", address[:80], *sender)
+                self.tracebacks.exception("internal", "internal error while handling %r from %s:%d",
+                                          address[:80], *sender)
 
     def send(self, to: Address, address: str, args: Sequence[Any] = ()) -> None:
         """Send one message; a failure to send (peer gone, buffer full) is logged, never raised."""

@@ -7,34 +7,26 @@ the job queue half-checked. Each error carries a short stable `code` a DAW scrip
 
 from __future__ import annotations
 
-import math
-import re
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from bridge import rules as R
 from bridge.paths import PathPolicy
-from model.types import MAX_REQUEST_SECONDS, MAX_VARIATIONS, SAMPLING_KEYS, SAMPLING_RANGES
-from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM, TempoError, TimeSignature
+from bridge.rules import MAX_BAR_POSITION, MAX_BARS, MAX_PRIORITY, PARAM_KEYS, RuleError, type_tags
+from model.types import MAX_REQUEST_SECONDS
+from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM
 
-TRACK_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-PRESET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-MAX_PRIORITY = 9
-MAX_BARS = 1024
-MAX_BEAT = 100_000.0  # note starts and lengths, in beats
-MAX_BEAT_POSITION = 1e7  # transport positions, in beats
-MAX_BAR_POSITION = 100_000  # `generate ... at BAR`: the bar a stem belongs on
-MAX_CHROMA_RATE = 1000.0
+# The value rules (ranges, names) live in bridge.rules, shared with the session loader; this module
+# adds what only a message has: addresses, argument counts and the daemon's configurable Limits.
 MIDI_SUFFIXES = (".mid", ".midi")
 AUDIO_SUFFIXES = (".wav", ".flac", ".aif", ".aiff", ".ogg", ".mp3")
-PARAM_KEYS = SAMPLING_KEYS + ("variations",)  # variations: takes per generate, not a sampling param
 
 ERROR_CODES = (
     "bad_packet",   # not an OSC packet at all
     "bad_address",  # no such address
-    "bad_track",    # track name outside [A-Za-z0-9_-]{1,32}
+    "bad_track",    # track name outside [A-Za-z0-9_-]{1,32}, matched whole, ASCII only (bridge.rules)
     "bad_args",     # wrong count, type or value of arguments
     "bad_path",     # a path outside the stems folder and every --allow-dir
     "not_found",    # a file, preset, track or job that does not exist
@@ -43,7 +35,7 @@ ERROR_CODES = (
     "model",        # the loaded model cannot do it (e.g. melody on a text-only model)
     "unavailable",  # a feature this daemon was started without (live audio)
     "failed",       # a job that failed while running; the message says why
-    "internal",     # a bug: the daemon logged a traceback and carried on
+    "internal",     # a bug: the daemon carried on; tracebacks are logged at most one per 10 s
     "forbidden",    # not this sender's to ask: another host's job, or /hello with the key first
 )
 
@@ -90,65 +82,18 @@ def _set(cmd: Command, name: str, value: Any) -> None:
     object.__setattr__(cmd, name, value)  # normalising a field of a frozen dataclass in __post_init__
 
 
-def check_text(cmd: Command, v: Any, what: str, allow_empty: bool = False) -> str:
-    if not isinstance(v, str):
-        raise _fail(cmd, f"{what} must be a string (s), got {type_tags([v])}")
-    if "\x00" in v or any(ord(c) < 32 and c not in "\t\n" for c in v):
-        raise _fail(cmd, f"{what} contains control characters")
-    if not allow_empty and not v.strip():
-        raise _fail(cmd, f"{what} is empty")
-    return v
-
-
-def check_number(cmd: Command, v: Any, what: str, lo: float, hi: float, lo_open: bool = False,
-                 over: str = "bad_args") -> float:
-    """A finite number in [lo, hi] (or (lo, hi]); `over` is the error code above hi."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _fail(cmd, f"{what} must be a number (f or i), got {type_tags([v])}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise _fail(cmd, f"{what} must be a finite number, got {v}")
-    if v < lo or (lo_open and v == lo) or v > hi:
-        raise _fail(cmd, f"{what} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v:g}",
-                    over if v > hi else "bad_args")
-    return v
-
-
-def check_integer(cmd: Command, v: Any, what: str, lo: int, hi: int) -> int:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _fail(cmd, f"{what} must be a whole number (i), got {type_tags([v])}")
-    if not lo <= v <= hi:
-        raise _fail(cmd, f"{what} must be in [{lo}, {hi}], got {v}")
-    return v
+def _rule(cmd: Command, check: Callable[..., Any], *args: Any) -> Any:
+    """One of bridge.rules' checks, for a command: a RuleError becomes a ProtocolError naming the address."""
+    try:
+        return check(*args)
+    except RuleError as e:
+        if e.code == "bad_track":
+            raise ProtocolError("bad_track", f"{cmd.address}: {e.message}") from None
+        raise _fail(cmd, e.message, e.code) from None
 
 
 def check_track(cmd: Command, name: Any) -> str:
-    if not isinstance(name, str) or not TRACK_RE.match(name):
-        shown = name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "..."
-        raise ProtocolError("bad_track", f"{cmd.address}: track name {shown!r} must be 1-32 letters, digits, "
-                                         "'_' or '-'")
-    return name
-
-
-def check_param(cmd: Command, key: str, v: Any) -> float | int | bool | None:
-    """One sampling parameter, in the range model.types.SAMPLING_RANGES defines; None resets it."""
-    if v is None:
-        return None
-    if key == "greedy":
-        return v if isinstance(v, bool) else bool(check_integer(cmd, v, key, 0, 1))
-    if key == "variations":
-        return check_integer(cmd, v, key, 1, MAX_VARIATIONS)
-    r = SAMPLING_RANGES[key]
-    if key in ("top_k", "seed"):
-        return check_integer(cmd, v, key, int(r.lo), int(r.hi))
-    return check_number(cmd, v, key, r.lo, r.hi, lo_open=r.lo_open)
-
-
-def check_seconds(cmd: Command, v: Any, what: str = "seconds") -> float:
-    """A length of music: positive, at most what one engine request makes (model.types)."""
-    return check_number(cmd, v, what, 0.0, MAX_REQUEST_SECONDS, lo_open=True, over="limit")
+    return _rule(cmd, R.track_name, name)
 
 
 def check_path(cmd: Command, v: Any, what: str, suffixes: Sequence[str]) -> Path:
@@ -208,7 +153,7 @@ class SetPrompt(TrackCommand):
 
     def check(self) -> None:
         super().check()
-        _set(self, "text", check_text(self, self.text, "prompt").strip())
+        _set(self, "text", _rule(self, R.text, self.text, "prompt").strip())
 
 
 @dataclass(frozen=True)
@@ -219,9 +164,7 @@ class SetPreset(TrackCommand):
 
     def check(self) -> None:
         super().check()
-        v = check_text(self, self.name, "preset name", allow_empty=True)
-        if v and not PRESET_RE.match(v):
-            raise _fail(self, f"preset name {v[:40]!r} must be 1-64 letters, digits, '_' or '-'")
+        _rule(self, R.preset_name, self.name)
 
 
 @dataclass(frozen=True)
@@ -233,10 +176,8 @@ class SetParam(TrackCommand):
 
     def check(self) -> None:
         super().check()
-        key = check_text(self, self.key, "key")
-        if key not in PARAM_KEYS:
-            raise _fail(self, f"unknown parameter {key[:40]!r}")
-        _set(self, "value", check_param(self, key, self.value))
+        key = _rule(self, R.text, self.key, "key")
+        _set(self, "value", _rule(self, R.param, key, self.value))
 
 
 @dataclass(frozen=True)
@@ -271,10 +212,7 @@ class MelodyNotes(TrackCommand):
         super().check()
         if not self.notes or not all(isinstance(n, (tuple, list)) and len(n) == 3 for n in self.notes):
             raise _fail(self, "no notes, or a note that is not a (pitch, start, length) triple")
-        _set(self, "notes", tuple((check_integer(self, p, f"note {k} pitch", 0, 127),
-                                   check_number(self, s, f"note {k} start beat", 0.0, MAX_BEAT),
-                                   check_number(self, n, f"note {k} length", 0.0, MAX_BEAT, lo_open=True))
-                                  for k, (p, s, n) in enumerate(self.notes, 1)))
+        _set(self, "notes", tuple(_rule(self, R.note, k, p, s, n) for k, (p, s, n) in enumerate(self.notes, 1)))
 
 
 @dataclass(frozen=True)
@@ -286,21 +224,12 @@ class MelodyChroma(TrackCommand):
 
     def check(self) -> None:
         super().check()
-        blob = self.data
-        if not isinstance(blob, (bytes, bytearray)):
-            raise _fail(self, f"chroma must be a blob (b), got {type_tags([blob])}")
-        if len(blob) == 0 or len(blob) % 48:
-            raise _fail(self, f"blob of {len(blob)} bytes is not whole frames of 12 float32 values (48 bytes)")
-        values = struct.unpack(f"<{len(blob) // 4}f", blob)
-        if not all(math.isfinite(v) for v in values):
-            raise _fail(self, "chroma contains NaN or inf")
-        _set(self, "data", bytes(blob))
-        _set(self, "frame_rate", check_number(self, self.frame_rate, "frame rate", 0.0, MAX_CHROMA_RATE,
-                                              lo_open=True))
+        _set(self, "data", _rule(self, R.chroma, self.data))
+        _set(self, "frame_rate", _rule(self, R.chroma_rate, self.frame_rate))
 
     @property
     def frames(self) -> int:
-        return len(self.data) // 48
+        return len(self.data) // R.CHROMA_FRAME_BYTES
 
 
 @dataclass(frozen=True)
@@ -323,12 +252,12 @@ class LengthCommand(TrackCommand):
         if (self.seconds is None) == (self.bars is None):
             raise _fail(self, "give a length in seconds or in bars, not both or neither")
         if self.bars is not None:
-            _set(self, "bars", check_integer(self, self.bars, "bars", 1, MAX_BARS))
+            _set(self, "bars", _rule(self, R.integer, self.bars, "bars", 1, MAX_BARS))
         else:
-            _set(self, "seconds", check_seconds(self, self.seconds))
-        _set(self, "priority", check_integer(self, self.priority, "priority", 0, MAX_PRIORITY))
+            _set(self, "seconds", _rule(self, R.seconds, self.seconds))
+        _set(self, "priority", _rule(self, R.integer, self.priority, "priority", 0, MAX_PRIORITY))
         if self.at_bar is not None:
-            _set(self, "at_bar", check_integer(self, self.at_bar, "bar after \"at\"", 1, MAX_BAR_POSITION))
+            _set(self, "at_bar", _rule(self, R.integer, self.at_bar, "bar after \"at\"", 1, MAX_BAR_POSITION))
 
 
 @dataclass(frozen=True)
@@ -354,8 +283,8 @@ class Continue(TrackCommand):
     def check(self) -> None:
         super().check()
         check_path(self, self.path, "take", AUDIO_SUFFIXES)
-        _set(self, "seconds", check_seconds(self, self.seconds))
-        _set(self, "priority", check_integer(self, self.priority, "priority", 0, MAX_PRIORITY))
+        _set(self, "seconds", _rule(self, R.seconds, self.seconds))
+        _set(self, "priority", _rule(self, R.integer, self.priority, "priority", 0, MAX_PRIORITY))
 
 
 @dataclass(frozen=True)
@@ -382,8 +311,8 @@ class Note(TrackCommand):
 
     def check(self) -> None:
         super().check()
-        _set(self, "pitch", check_integer(self, self.pitch, "pitch", 0, 127))
-        _set(self, "velocity", check_integer(self, self.velocity, "velocity", 0, 127))
+        _set(self, "pitch", _rule(self, R.integer, self.pitch, "pitch", 0, 127))
+        _set(self, "velocity", _rule(self, R.integer, self.velocity, "velocity", 0, 127))
 
 
 @dataclass(frozen=True)
@@ -399,7 +328,7 @@ class MidiChannel(TrackCommand):
 
     def check(self) -> None:
         super().check()
-        _set(self, "channel", check_integer(self, self.channel, "channel", 0, 16))
+        _set(self, "channel", _rule(self, R.integer, self.channel, "channel", 0, 16))
 
 
 @dataclass(frozen=True)
@@ -407,7 +336,7 @@ class JobCommand(Command):
     job_id: int
 
     def check(self) -> None:
-        if isinstance(self.job_id, bool) or not isinstance(self.job_id, int) or not 1 <= self.job_id < 10**12:
+        if isinstance(self.job_id, bool) or not isinstance(self.job_id, int) or not 1 <= self.job_id <= R.MAX_JOB_ID:
             raise ProtocolError("bad_address", f"{self.address}: job id must be a positive whole number, "
                                                "as in /job/3/cancel")
 
@@ -429,7 +358,7 @@ class SetTempo(Command):
     expects: ClassVar[str] = f"f bpm in [{MIN_BPM:g}, {MAX_BPM:g}]"
 
     def check(self) -> None:
-        _set(self, "bpm", check_number(self, self.bpm, "tempo", MIN_BPM, MAX_BPM))
+        _set(self, "bpm", _rule(self, R.tempo, self.bpm))
 
 
 @dataclass(frozen=True)
@@ -441,12 +370,7 @@ class SetSignature(Command):
                               f"i denominator {'/'.join(str(d) for d in DENOMINATORS)}")
 
     def check(self) -> None:
-        num = check_integer(self, self.numerator, "numerator", 1, MAX_NUMERATOR)
-        den = check_integer(self, self.denominator, "denominator", 1, max(DENOMINATORS))
-        try:
-            TimeSignature(num, den)
-        except TempoError as e:
-            raise _fail(self, str(e)) from None
+        num, den = _rule(self, R.signature, self.numerator, self.denominator)
         _set(self, "numerator", num)
         _set(self, "denominator", den)
 
@@ -457,7 +381,7 @@ class TransportMove(Command):
 
     def check(self) -> None:
         if self.beat is not None:
-            _set(self, "beat", check_number(self, self.beat, "beat", 0.0, MAX_BEAT_POSITION))
+            _set(self, "beat", _rule(self, R.beat_position, self.beat))
 
 
 @dataclass(frozen=True)
@@ -479,7 +403,7 @@ class Locate(TransportMove):
     expects: ClassVar[str] = "f beat position"
 
     def check(self) -> None:
-        _set(self, "beat", check_number(self, self.beat, "beat", 0.0, MAX_BEAT_POSITION))
+        _set(self, "beat", _rule(self, R.beat_position, self.beat))
 
 
 @dataclass(frozen=True)
@@ -493,7 +417,7 @@ class JamCommand(Command):
     expects: ClassVar[str] = "s track"
 
     def check(self) -> None:
-        check_text(self, self.track, "track")
+        _rule(self, R.text, self.track, "track")
         check_track(self, self.track)
 
 
@@ -534,29 +458,6 @@ class JamStatus(JamCommand):
 
 
 # ---------------------------------------------------------------- argument checks
-
-
-def type_tags(args: Sequence[Any]) -> str:
-    """OSC-style tags of parsed arguments, for error messages: (1, 'a') -> 'is'."""
-    out = []
-    for a in args:
-        if a is True:
-            out.append("T")
-        elif a is False:
-            out.append("F")
-        elif a is None:
-            out.append("N")
-        elif isinstance(a, int):
-            out.append("i")
-        elif isinstance(a, float):
-            out.append("f")
-        elif isinstance(a, str):
-            out.append("s")
-        elif isinstance(a, (bytes, bytearray)):
-            out.append("b")
-        else:
-            out.append("?")
-    return "".join(out)
 
 
 class _Args:
@@ -713,7 +614,7 @@ def _route(address: str) -> tuple[str, tuple]:
         return "/track/<name>/" + "/".join(parts[3:]), (parts[2],)
     if len(parts) == 4 and parts[1] == "job":
         text = parts[2]
-        return f"/job/<id>/{parts[3]}", (int(text) if text.isdigit() and len(text) <= 12 else 0,)
+        return f"/job/<id>/{parts[3]}", (R.job_id_in(text),)
     return address, ()
 
 

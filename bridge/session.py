@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import math
 import os
 import tempfile
 import threading
@@ -19,9 +18,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bridge.protocol import PARAM_KEYS, TRACK_RE, ProtocolError
-from bridge.session_check import check_session_data
-from plugin_host.tempo import TimeSignature, bars_to_seconds, check_bpm
+from bridge.protocol import ProtocolError
+from bridge.session_check import check_session_data, check_track, check_transport
+from plugin_host.tempo import TimeSignature, bars_to_seconds
 
 FILE_NAME = "session.json"
 VERSION = 1
@@ -134,20 +133,12 @@ class LiveSession:
             transport = Transport(tempo=float(t["tempo"]), numerator=int(t["numerator"]),
                                   denominator=int(t["denominator"]), playing=bool(t["playing"]),
                                   position=float(t["position"]))
-            check_bpm(transport.tempo)
-            transport.time_signature  # noqa: B018 - raises TempoError (a ValueError) when invalid
-            if not math.isfinite(transport.position):
-                raise ValueError("transport position out of range")
             tracks = {}
             for name, tr in dict(data["tracks"]).items():
-                if not TRACK_RE.match(name):
-                    raise ValueError(f"bad track name {name!r}")
-                params = dict(tr.get("params") or {})
-                if set(params) - set(PARAM_KEYS):
-                    raise ValueError(f"track {name}: unknown params {sorted(set(params) - set(PARAM_KEYS))}")
                 tracks[name] = TrackSettings(prompt=str(tr.get("prompt", "")), preset=str(tr.get("preset", "")),
-                                     params=_frozen(params) or (), melody=_frozen(tr.get("melody")),
-                                     continuation=_frozen(tr.get("continuation")))
+                                             params=_frozen(dict(tr.get("params") or {})) or (),
+                                             melody=_frozen(tr.get("melody")),
+                                             continuation=_frozen(tr.get("continuation")))
             next_id = int(data.get("next_job_id", 1))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SessionError(f"session file {where} is not a valid musicbridge session ({e}); "
@@ -166,6 +157,7 @@ class LiveSession:
                 now: bool = False) -> None:
         """Save the new state, then make it current (caller holds the lock); inside `saved_together`,
         only make it current (the save comes at the end of the group)."""
+        self._refuse_unloadable(transport, tracks)
         old = (self.transport, self.tracks, self.next_job_id)
         self.transport, self.tracks, self.next_job_id = transport, tracks, next_job_id
         if self._group_depth and not now:
@@ -178,6 +170,18 @@ class LiveSession:
             raise ProtocolError("failed", f"could not save the session to {self.path}: {e}") from None
         if self._group_depth:  # a save inside a group (a job id) saved the group's changes so far too
             self._group_before = (self.transport, self.tracks)
+
+    def _refuse_unloadable(self, transport: Transport, tracks: dict[str, TrackSettings]) -> None:
+        """ProtocolError("internal") for a change the next start would refuse to load: the loader's checks
+        (bridge.session_check) run on what changed, so no value is ever saved that cannot be restored."""
+        try:
+            if transport is not self.transport:
+                check_transport(asdict(transport))
+            for name, tr in tracks.items():
+                if self.tracks.get(name) is not tr:
+                    check_track(name, tr.to_json())
+        except ValueError as e:
+            raise ProtocolError("internal", f"refused a change the session file could not load again: {e}") from None
 
     def unsaved(self) -> bool:
         """Whether a change inside `saved_together` is waiting for the group's save."""

@@ -40,9 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge import rules as R
 from model.types import MAX_REQUEST_SECONDS
-
-TRACK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 SESSION_KEYS = ("tempo", "signature", "sample_rate", "format", "loop", "model", "track")
 TRACK_KEYS = ("name", "preset", "prompt", "bars", "seconds", "start_bar", "seed", "melody",
               "melody_track", "loop", "params", "chain")
@@ -187,8 +186,9 @@ class _Parser:
         for key in t:
             if key not in TRACK_KEYS:
                 raise err(f"unknown key; expected one of {', '.join(TRACK_KEYS)}", key)
-        if not isinstance(name, str) or not TRACK_NAME_RE.match(name):
-            raise err(f"expected a name of 1-32 letters, digits, '_' or '-', got {name!r}", "name")
+        if not R.is_name(name, R.MAX_TRACK_NAME):  # the one name rule: OSC, session.json and this file
+            raise err(f"expected a name of 1-{R.MAX_TRACK_NAME} letters, digits, '_' or '-', got {name!r:.60}",
+                      "name")
 
         preset = None
         if "preset" in t:
@@ -223,8 +223,11 @@ class _Parser:
                 or not math.isfinite(start_bar) or start_bar < 1:
             raise err(f"expected a bar number >= 1, got {start_bar!r}", "start_bar")
         seed = t.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise err(f"expected a whole number in [0, 2**63), got {seed!r}", "seed")
+        if seed is not None:
+            try:
+                seed = R.param("seed", seed)  # model.types' seed range, as over OSC
+            except R.RuleError as e:
+                raise err(e.message, "seed") from None
         loop = t.get("loop", session_loop)
         if not isinstance(loop, bool):
             raise err(f"expected true or false, got {loop!r}", "loop")

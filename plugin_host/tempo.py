@@ -7,13 +7,17 @@ notes: 4 bars of 4/4 at 120 bpm are 8.0 s; 2 bars of 6/8 at 120 bpm are 3.0 s.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
-MIN_BPM, MAX_BPM = 20.0, 400.0  # the one tempo range: OSC, session files and the jam check against it
+# The one home of the tempo and time-signature ranges: OSC and session.json (bridge.rules), session
+# files (bridge.session_file), the followed clocks (bridge.clock.grid) and jams import them from here.
+MIN_BPM, MAX_BPM = 20.0, 400.0
 DENOMINATORS = (1, 2, 4, 8, 16, 32)  # the one set of time-signature denominators
 MAX_NUMERATOR = 32
+_SIGNATURE = re.compile(r"\s*([0-9]{1,4})\s*/\s*([0-9]{1,4})\s*")
 STRETCH_TOLERANCE = 0.01  # 1 %: 80 ms over 4 bars at 120 bpm, audible against a click
 STRETCH_LIMIT = 0.12  # beyond this the estimate is more likely wrong than the music off-tempo
 MIN_CONFIDENCE = 0.3
@@ -40,11 +44,10 @@ class TimeSignature:
     @classmethod
     def parse(cls, text: str) -> TimeSignature:
         """'4/4', '6/8', ... -> TimeSignature; TempoError otherwise."""
-        try:
-            n, d = str(text).split("/")
-            return cls(int(n), int(d))
-        except (ValueError, TypeError):
-            raise TempoError(f"time signature must look like 4/4 or 6/8, got {text!r}") from None
+        m = _SIGNATURE.fullmatch(str(text))  # ASCII digits: int() would also read "٦/٨" as 6/8
+        if m is None:
+            raise TempoError(f"time signature must look like 4/4 or 6/8, got {text!r:.40}")
+        return cls(int(m.group(1)), int(m.group(2)))
 
     @property
     def quarters_per_bar(self) -> float:

@@ -16,8 +16,11 @@ import math
 import time
 from dataclasses import dataclass, replace
 
+from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM  # the one home of these ranges
+
+__all__ = ["SOURCES", "MIN_BPM", "MAX_BPM", "Grid", "beat_of_bbt"]
+
 SOURCES = ("typed", "jack", "link", "midi-clock", "osc")
-MIN_BPM, MAX_BPM = 20.0, 400.0
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,10 @@ class Grid:
             raise ValueError(f"clock source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if not (math.isfinite(self.tempo) and MIN_BPM <= self.tempo <= MAX_BPM):
             raise ValueError(f"tempo must be in [{MIN_BPM:g}, {MAX_BPM:g}] bpm, got {self.tempo}")
-        if not 1 <= self.numerator <= 32 or self.denominator not in (1, 2, 4, 8, 16, 32):
+        if not 1 <= self.numerator <= MAX_NUMERATOR or self.denominator not in DENOMINATORS:
             raise ValueError(f"time signature {self.numerator}/{self.denominator} is not one musicbridge "
-                             "follows (numerator 1-32, denominator 1/2/4/8/16/32)")
+                             f"follows (numerator 1-{MAX_NUMERATOR}, denominator "
+                             f"{'/'.join(map(str, DENOMINATORS))})")
         if not (math.isfinite(self.anchor_beat) and math.isfinite(self.anchor_time)):
             raise ValueError("grid anchor must be finite")
 

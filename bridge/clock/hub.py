@@ -18,6 +18,8 @@ from collections.abc import Callable
 from bridge.clock import FollowSpec
 from bridge.clock.follower import Follower, PollThread
 from bridge.clock.grid import Grid
+from bridge.osc import TracebackLog
+from bridge.rules import MAX_BEAT_POSITION
 
 log = logging.getLogger("musicbridge.clock")
 
@@ -48,6 +50,7 @@ class ClockHub:
         self._fed: Grid | None = None
         self._feeder: PollThread | None = None
         self._ignored_logged: set[str] = set()
+        self.tracebacks = TracebackLog(log)
         self._free: Grid | None = None
         self._free_key: tuple | None = None
 
@@ -175,6 +178,9 @@ class ClockHub:
                     f.feed(od.parse(address, args), sender)
                 except od.DialectError as e:
                     self._log_once(f"bad:{address}", "ignored DAW feedback: %s", e)
+                except Exception:  # noqa: BLE001 - a bug in following must not answer the DAW or flood the log
+                    self.tracebacks.exception("feedback", "internal error following DAW feedback %r; ignored",
+                                              address[:80])
             else:
                 self._log_once(address, "ignoring DAW feedback %s: this daemon follows the %s clock "
                                         "(serve --follow osc follows it)", address, self.spec)
@@ -203,10 +209,12 @@ class ClockHub:
                 and abs(g.beat_at(t) - last.beat_at(t)) < 0.25:
             return
         self._fed = g
+        # The session holds positions up to MAX_BEAT_POSITION quarter notes (what its loader accepts);
+        # a followed clock that runs past it (a DAW playing on at the end, a far locate) is saved there.
+        quarters = min(MAX_BEAT_POSITION, round(max(0.0, g.beat_at(t)) * 4.0 / g.denominator, 4))
         try:
             self.session.update_transport(tempo=round(g.tempo, 3), numerator=g.numerator,
-                                          denominator=g.denominator, playing=g.playing,
-                                          position=round(max(0.0, g.beat_at(t)) * 4.0 / g.denominator, 4))
+                                          denominator=g.denominator, playing=g.playing, position=quarters)
         except Exception as e:  # noqa: BLE001 - a full disk must not stop following
             log.warning("could not save the followed transport to the session: %s", e)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from bridge.clock.follower import Follower, PollThread, log
 from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, beat_of_bbt
+from bridge.rules import MAX_BEAT_POSITION, RuleError, signature
 
 # DAW feedback addresses this follower understands -> the kind of message.
 ADDRESSES = {
@@ -83,25 +84,31 @@ def parse(address: str, args) -> DawMessage:
     return DawMessage(address, kind, text=v)
 
 
-_SIG = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-_NUMS = re.compile(r"\d+")
+# ASCII digits only, a few at a time: `\d` and str.isdigit also take "²" or "٣", which int() refuses
+# or reads as a number the DAW never sent.
+_SIG = re.compile(r"\s*([0-9]{1,4})\s*/\s*([0-9]{1,4})\s*")
+_NUMS = re.compile(r"[0-9]+")
+_BEAT_STRING = re.compile(r"\s*[0-9]{1,9}(?:[.:| ]{1,3}[0-9]{1,9}){1,3}\s*")
+_BBT_FIELD = re.compile(r"\s*[0-9]{1,9}\s*")
 
 
 def parse_signature(text: str) -> tuple[int, int]:
-    m = _SIG.match(text)
+    m = _SIG.fullmatch(text)
     if not m:
         raise DialectError(f"time signature {text!r} is not like \"4 / 4\"")
-    n, d = int(m.group(1)), int(m.group(2))
-    if not 1 <= n <= 32 or d not in (1, 2, 4, 8, 16, 32):
-        raise DialectError(f"time signature {text!r} is out of range")
-    return n, d
+    try:
+        return signature(int(m.group(1)), int(m.group(2)), "time signature")
+    except RuleError as e:
+        raise DialectError(f"time signature {text!r} is out of range: {e}") from None
 
 
 def parse_beat_string(text: str, numerator: int) -> float:
     """REAPER "5.1.00" (bar.beat.hundredths of a beat) or Bitwig "5.1.1.00" / "005:01:01:00"
     (bar.beat.sixteenth.ticks of a sixteenth, 0-99) -> beats from bar 1."""
+    if not _BEAT_STRING.fullmatch(text):
+        raise DialectError(f"beat position {text!r} is not like \"5.1.00\"")
     parts = [int(p) for p in _NUMS.findall(text)]
-    if text.strip().startswith("-") or len(parts) not in (2, 3, 4) or parts[0] < 1 or parts[1] < 1:
+    if len(parts) not in (2, 3, 4) or parts[0] < 1 or parts[1] < 1:
         raise DialectError(f"beat position {text!r} is not like \"5.1.00\"")
     bar, beat = parts[0], parts[1]
     frac = 0.0
@@ -115,7 +122,7 @@ def parse_beat_string(text: str, numerator: int) -> float:
 def parse_bbt(text: str, numerator: int) -> float:
     """Ardour "BBB|bb|tttt" (ticks of 1920 per beat) -> beats from bar 1."""
     parts = text.strip().split("|")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 3 or not all(_BBT_FIELD.fullmatch(p) for p in parts):
         raise DialectError(f"bar/beat position {text!r} is not like \"005|01|0000\"")
     bar, beat, tick = (int(p) for p in parts)
     if bar < 1 or beat < 1:
@@ -251,6 +258,11 @@ class OscDialectFollower(Follower):
         return self._beat_string_at > t - 1.0
 
     def _at(self, t: float, beat: float) -> None:
+        # Refused at the edge: a position the session could not save (and load again) is never taken.
+        quarters = beat * 4.0 / self._denominator()
+        if not 0.0 <= quarters <= MAX_BEAT_POSITION:
+            raise DialectError(f"position {quarters:g} quarter notes is beyond the session's "
+                               f"[0, {MAX_BEAT_POSITION:g}]")
         if self.playing:
             self.derived.add(t, beat, self.current_tempo() / 60.0 * self._denominator() / 4.0)
         self.beat, self.beat_time = beat, t
