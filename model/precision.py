@@ -17,25 +17,23 @@ QUALITY_BOUND = 2e-2
 
 # Max relative teacher-forced logit error against float32 on the *trained* proxy (a small
 # MusicGen-shaped decoder trained on structured token data, whose logits are peaked like a
-# real checkpoint's): `musicbridge bench --arch tiny --dtype bfloat16,int8,int4 --quality
-# --proxy-steps 300` (BENCHMARKS.md, "Quantisation quality"; measured 2026-11-25, torch 2.13,
-# AMD EPYC, final training loss 1.17). Random weights (flat logits) are a pessimistic proxy
-# and are reported beside it, not used here.
-# Re-measured 2026-11-30 on an Intel Xeon (AMX) with the C decode kernels (model/gemv.py):
-# bfloat16 1.5e-3 and int8 7.9e-3 (float32 activations), int4 8.7e-2 (a proxy trained on
-# another CPU comes out differently: int4 read 4.6e-2 on the AMD EPYC). Each entry is the
-# worse of the kernels' arithmetic and PyTorch's fallback (bfloat16 activations: bfloat16
-# 5.1e-3, int8 9.7e-3). One int8 term for the activations (the old opt-in VNNI mode) read 1.8e-2.
-# With the bfloat16 KV cache (kv_dtype, below; second 2026-11-30 run): bfloat16 2.8e-3, int8
-# 8.3e-3, both still under the entries here. int8 on VNNI with two-term activations, the default
-# where the CPU has VNNI (third 2026-11-30 run): 8.29e-3.
-# int8 with the int8 KV cache (kv_dtype, below; 2026-11-30, sixth session, proxy final loss
-# 1.161): 1.03e-2 against 6.94e-3 for the same proxy with the bfloat16 cache (RMS 2.66e-3 against
-# 2.21e-3, top-k 250 KL 4.6e-5 against 3.8e-5).
-# int4 as the C kernel runs it (blocks of 128 with a step and a zero point, one int8 activation
-# term; 2026-11-30, ninth session, proxy final loss 1.161): 5.64e-2 (RMS 1.25e-2, argmax agreement
-# 0.978, top-k 250 KL 2.25e-3); PyTorch's packed int4 it replaced read 5.21e-2 on the same proxy
-# (RMS 1.13e-2, KL 2.2e-3). Over the bound either way.
+# real checkpoint's), measured with `musicbridge bench --arch tiny --dtype bfloat16,int8,int4
+# --quality --proxy-steps 300` (BENCHMARKS.md, "Quantisation quality"). Random weights (flat
+# logits) are a pessimistic proxy and are reported beside it, not used here. The proxy trains on
+# the machine that measures it, so each CPU's figures differ a little. An entry covers both
+# arithmetics a precision can run in: the C kernels (float32 activations) and PyTorch's
+# fallback (bfloat16 activations).
+# - bfloat16 5.1e-3: PyTorch's fallback; the C kernel reads 1.3e-3 to 2.8e-3 (the upper end
+#   with the bfloat16 KV cache, kv_dtype below).
+# - int8 1.03e-2: the C kernel with the int8 KV cache on a proxy trained on the Intel Xeon (RMS
+#   2.66e-3, top-k 250 KL 4.6e-5; 6.94e-3 for the same proxy with a bfloat16 cache); PyTorch's
+#   fallback 9.7e-3. A proxy trained on the AMD EPYC (Zen 4) reads 1.38e-2, also within the
+#   bound. The activations go in as two int8 terms per block of 64 because one term reads 1.8e-2,
+#   at the bound.
+# - int4 5.64e-2: the C kernel (blocks of 128 with a step and a zero point, one int8 activation
+#   term; RMS 1.25e-2, top-k 250 KL 2.25e-3; 3.16e-2 on the Zen 4's proxy); PyTorch's packed
+#   int4 reads 4.6e-2 to 8.7e-2 depending on the CPU the proxy trained on. Over the bound either
+#   way, so `auto` never picks it.
 TRAINED_PROXY_ERROR: dict[str, float] = {
     "float32": 0.0,
     "bfloat16": 5.1e-3,
