@@ -40,6 +40,7 @@ class LiveControl:
         self.grid = TypedGridSource(t.tempo, t.numerator, t.denominator, True,
                                     t.position * t.denominator / 4.0, clock=self.clock)
         self.jams: dict[str, Any] = {}  # track -> bridge.jam.Jam (the latest one per track)
+        self.inputs = None  # bridge.inputs.Inputs: melody files are checked and limited where a jam reads them
         self._text_only_warned = False
 
     def close(self) -> None:
@@ -119,12 +120,19 @@ class LiveControl:
 
             if melody_refusal(self.engine):
                 raise ProtocolError("model", f"track {name} follows a melody, but {melody_refusal(self.engine)}")
-            from bridge.melody_source import LoopedMelody, whole_melody_chroma
+            from bridge.melody_source import LoopedMelody, stored_melody
 
             rate = self.engine.chroma_frame_rate
             bar = transport.bars_to_seconds(1)
-            melody = LoopedMelody(whole_melody_chroma(track.melody_dict(), rate, transport.tempo), rate, bar)
-            what = f"its stored melody looped every {melody.seconds / bar:g} bars"
+            # Nothing here expands the melody or parses a file: the jam's thread reads each
+            # chunk's window (and a file before its first chunk), so this answers at once.
+            try:
+                melody = LoopedMelody(stored_melody(track.melody_dict(), rate, transport.tempo, self.inputs),
+                                      rate, bar)
+            except ValueError as e:  # model.melody.MelodyError: notes or a chroma it cannot use
+                raise ProtocolError("bad_args", f"track {name}: its melody: {e}") from None
+            what = (f"its stored melody looped every {melody.seconds / bar:g} bars" if melody.loaded
+                    else "its stored melody file looped on whole bars")
         elif self.engine.is_melody:
             melody, what = self.notes.source(name), "live notes"
         chain = preset.build_chain() if preset and preset.chain else None

@@ -7,6 +7,12 @@ frame_rate)` answers what the player played over any stretch: per frame the high
 sounding at the frame's centre, zeros where nothing sounds. `MidiInput` opens a port through
 mido (python-rtmidi, any of its APIs: JACK, ALSA, CoreMIDI, WinMM) and feeds a LiveMelody from
 rtmidi's thread.
+
+The state is bounded whatever arrives, so a flood of notes cannot slow the jam that reads it: at
+most MAX_HELD_NOTES notes are held (a note-on beyond that ends the oldest held note, as if
+released then) and at most MAX_REMEMBERED_NOTES finished notes are remembered, from the last
+`keep_seconds` only (the oldest dropped first, pruned on every note-on and note-off). A chunk's
+chroma therefore costs at most those notes, each only over the frames it covers.
 """
 
 from __future__ import annotations
@@ -18,29 +24,52 @@ from collections.abc import Callable
 
 import numpy as np
 
+MAX_HELD_NOTES = 64  # notes sounding at once; more than any hands and pedal hold
+MAX_REMEMBERED_NOTES = 4096  # finished notes kept; a jam reads a few bars back, far fewer than this
+
 
 class LiveMelody:
     """Thread-safe rolling buffer of notes; writers are MIDI/OSC threads, the reader is the jam."""
 
     live = True  # a jam reads what was played, not what will be (bridge/jam.py's melody policy)
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, keep_seconds: float = 300.0):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, keep_seconds: float = 300.0,
+                 max_held: int = MAX_HELD_NOTES, max_remembered: int = MAX_REMEMBERED_NOTES):
         self.clock = clock
         self.changed_at: float | None = None  # clock time of the last note-on/off
         self.keep_seconds = keep_seconds
+        self.max_held = max_held
         self._lock = threading.Lock()
-        self._done: deque[tuple[int, float, float]] = deque()  # (pitch, on, off)
-        self._held: dict[int, float] = {}  # pitch -> on time
+        self._done: deque[tuple[int, float, float]] = deque(maxlen=max_remembered)  # (pitch, on, off), oldest first
+        self._held: dict[int, float] = {}  # pitch -> on time, in the order they were struck
+
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
+    @property
+    def remembered_count(self) -> int:
+        return len(self._done)
+
+    def _prune(self, t: float) -> None:
+        while self._done and self._done[0][2] < t - self.keep_seconds:
+            self._done.popleft()
 
     def note_on(self, pitch: int, at: float | None = None) -> None:
         if not 0 <= int(pitch) <= 127:
             raise ValueError(f"MIDI pitch must be 0-127, got {pitch}")
+        pitch = int(pitch)
         t = self.clock() if at is None else at
         with self._lock:
             self.changed_at = t
-            if pitch in self._held:  # a repeated note-on ends the previous one
-                self._done.append((pitch, self._held[pitch], t))
-            self._held[int(pitch)] = t
+            on = self._held.pop(pitch, None)
+            if on is not None:  # a repeated note-on ends the previous one
+                self._done.append((pitch, on, t))
+            while len(self._held) >= self.max_held:  # the oldest held note ends now
+                oldest = next(iter(self._held))
+                self._done.append((oldest, self._held.pop(oldest), t))
+            self._held[pitch] = t
+            self._prune(t)
 
     def note_off(self, pitch: int, at: float | None = None) -> None:
         t = self.clock() if at is None else at
@@ -49,8 +78,7 @@ class LiveMelody:
             if on is not None:
                 self.changed_at = t
                 self._done.append((int(pitch), on, t))
-            while self._done and self._done[0][2] < t - self.keep_seconds:
-                self._done.popleft()
+            self._prune(t)
 
     def all_off(self, at: float | None = None) -> None:
         for pitch in list(self._held):
@@ -77,13 +105,20 @@ class LiveMelody:
 
 def chroma_of(notes: list[tuple[int, float, float]], start_s: float, seconds: float,
               frame_rate: float) -> np.ndarray:
-    """(frames, 12) one-hot of the highest of `notes` sounding at each frame centre."""
+    """(frames, 12) one-hot of the highest of `notes` sounding at each frame centre.
+
+    Only the notes overlapping the window are visited, each over the frames it covers."""
     n = max(1, int(round(seconds * frame_rate)))
     centres = start_s + (np.arange(n) + 0.5) / frame_rate
     top = np.full(n, -1, dtype=np.int64)
+    first, last = float(centres[0]), float(centres[-1])
     for pitch, on, off in notes:
-        sounding = (centres >= on) & (centres < off)
-        top[sounding] = np.maximum(top[sounding], pitch)
+        if off <= first or on > last:
+            continue
+        a = int(np.searchsorted(centres, on, "left"))  # first centre >= on
+        b = int(np.searchsorted(centres, off, "left"))  # first centre >= off
+        if a < b:
+            np.maximum(top[a:b], pitch, out=top[a:b])
     out = np.zeros((n, 12), dtype=np.float32)
     voiced = top >= 0
     out[np.nonzero(voiced)[0], top[voiced] % 12] = 1.0
