@@ -135,6 +135,7 @@ class Daemon:
         # jams, live notes and the typed bar grid (bridge/live_control.py)
         self.live = LiveControl(engine, audio, notes, self.session.transport,
                                 lambda to, address, args: self.server.send(to, address, args))
+        self.live.inputs = self.inputs  # a jam reads stored melody files through the same input limits as jobs
         self.jams = self.live.jams  # track -> bridge.jam.Jam (the latest one per track)
         if config.follow.source != "typed":  # jams play on the followed DAW's bar grid (docs/daw.md)
             self.live.grid = JamGridSource(self.clock)
