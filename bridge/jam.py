@@ -13,7 +13,7 @@ ready before its time comes, and it must follow what the player plays now. The j
   (later start = fresher melody);
 - reads its conditioning at each chunk (the melody policy below) and re-prefills only when the
   conditioning of what is still to come changed;
-- places everything on a bar grid (`grid`: INTERFACES.md; the typed one is
+- places everything on a bar grid (`grid`: the shape of `bridge.clock.grid.Grid`; the typed one is
   bridge.typed_grid.TypedGridSource, a followed DAW clock has the same shape): the part's first
   frame sits on a bar line, and the tempo is read at each chunk.
 
@@ -85,7 +85,7 @@ class Jam:
     engine: a loaded model.engine.Engine (a melody checkpoint when `melody` is given).
     output: the running AudioOutput(Process) the track plays on; its clock is the jam's clock.
     melody: a MelodySource or None (text only).
-    grid: a bar grid or a callable returning the current one (INTERFACES.md); default a typed
+    grid: a bar grid or a callable returning the current one (`bridge.clock.grid.Grid`'s shape); default a typed
         grid at `tempo` / `numerator` / `denominator` whose bar 1 is `origin_frame` (default:
         the output position now).
     chunk_bars: bars per chunk (conditioning is read once per chunk). context_seconds: how much

@@ -2,7 +2,7 @@
 
 Why a grid object: a jam places its chunks and reads a stored melody on bar lines, and where
 those bar lines are may come from the user typing a tempo (this module) or from a followed DAW
-clock (bridge/clock/, the same shape). Both speak the interface in INTERFACES.md: times are
+clock (bridge/clock/, the same shape). Both speak the interface of `bridge.clock.grid.Grid` (units in docs/daw.md): times are
 seconds on the OUTPUT clock (frames played / rate), beats are denominator notes counted from 0 at
 bar 1, and the tempo is read at each chunk (a change takes effect at the next chunk).
 """

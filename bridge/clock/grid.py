@@ -4,7 +4,7 @@ A follower replaces its snapshot whenever its source says something new; readers
 jams, stems) never see one half-updated. Between updates the position is extrapolated from the
 anchor (an output-clock time and the beat there) at the snapshot's tempo.
 
-Units (the bar grid of docs/daw.md and INTERFACES): `tempo` is quarter notes per minute, as
+Units (the bar grid of docs/daw.md): `tempo` is quarter notes per minute, as
 REAPER, MIDI clock, Link and the session transport count it; beats are the signature's
 denominator notes, counted from 0 at bar 1, so bar N starts at beat (N-1)*numerator. In x/4
 the two are the same thing; in 6/8 one quarter note is two beats.

@@ -1,4 +1,4 @@
-"""The grid's arithmetic (INTERFACES.md) and the MIDI clock's tempo line, on exact numbers."""
+"""The grid's arithmetic (`bridge.clock.grid.Grid`; units in docs/daw.md) and the MIDI clock's tempo line, on exact numbers."""
 
 from __future__ import annotations
 
