@@ -289,8 +289,9 @@ class Daemon:
     @handles(P.Hello)
     def _hello(self, cmd: P.Hello, sender: Address) -> None:
         """Introduces the sender's host (needed with --key for hosts other than 127.0.0.1 / ::1)."""
-        if not self.access.hello(sender, cmd.key):
-            raise ProtocolError("forbidden", "/hello: wrong key")
+        refused = self.access.hello(sender, cmd.key)
+        if refused is not None:
+            raise ProtocolError("forbidden", refused.message)
         log.info("%s introduced itself with the key", sender[0])
         self.reply(sender, "/ok", "/hello")
 
