@@ -58,6 +58,12 @@ class DaemonProcess:
                 return
         raise AssertionError(f"daemon never answered /ping:\n{self.log_text()}")
 
+    def io(self) -> dict[str, int]:
+        """The daemon's I/O counters so far, all threads (Linux /proc/<pid>/io): rchar and wchar are
+        the bytes it read and wrote through read()/write() and their kin, files and pipes alike."""
+        with open(f"/proc/{self.proc.pid}/io") as f:
+            return {k: int(v) for k, v in (line.split(":") for line in f if line.strip())}
+
     def log_text(self) -> str:
         if not self.log.closed:
             self.log.flush()
@@ -74,17 +80,6 @@ class DaemonProcess:
         if not self.log.closed:
             self.log.close()
         return rc
-
-
-def start_daemon(base: Path, model_dir: Path, *extra: str) -> tuple[DaemonProcess, OscClient]:
-    """A daemon on `base`/session with the plain preset, answering `base`-relative paths; ready."""
-    presets = base / "presets"
-    presets.mkdir(exist_ok=True)
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
-    d = DaemonProcess(model_dir, base / "session", presets, "--allow-dir", str(base), *extra)
-    c = d.client()
-    d.wait_ready(c)
-    return d, c
 
 
 def expect(client: OscClient, address: str, timeout: float = 10.0, seen: list | None = None):

@@ -12,25 +12,18 @@ import sys
 import pytest
 
 from bridge.osc import OscClient
-from tests.bridge.osc_helpers import PLAIN_PRESET, ROOT, DaemonProcess, drain, expect
+from tests.bridge.osc_helpers import ROOT, DaemonProcess, drain, expect
 
 KEY = "correct horse battery"
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, tiny_model_dir):
-    base = tmp_path_factory.mktemp("access")
-    presets = base / "presets"
-    presets.mkdir()
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
-    d = DaemonProcess(tiny_model_dir, base / "session", presets, "--allow-from", "127.0.0.1/32",
-                      "--allow-from", "127.0.0.2", "--allow-from", "127.0.0.4/32", "--key", KEY)
-    with d.client() as local:
-        d.wait_ready(local)
+def daemon(tmp_path_factory, tiny_model_dir, serve_daemon):
+    with serve_daemon(tmp_path_factory.mktemp("access"), tiny_model_dir, "--allow-from", "127.0.0.1/32",
+                      "--allow-from", "127.0.0.2", "--allow-from", "127.0.0.4/32", "--key", KEY) as (d, local):
         local.send("/track/t/preset", "plain")
         expect(local, "/ok")
         yield d, local
-    assert d.stop() == 0
 
 
 def host(d: DaemonProcess, address: str) -> OscClient:

@@ -11,7 +11,7 @@ import pytest
 
 from bridge import protocol as P
 from bridge import rules as R
-from tests.bridge.osc_helpers import drain, expect, start_daemon
+from tests.bridge.osc_helpers import drain, expect
 
 BAD = ["drums\n", "drums\r", "drums\r\n", "dr\x00ums", "\ndrums", "dr\tums", "drums ", "ｄrums", "ａ",
        "bаss",  # Cyrillic а
@@ -70,9 +70,8 @@ def test_the_patterns_match_the_whole_string():
     assert not R.is_name("drums\n")
 
 
-def test_a_track_name_with_a_newline_gets_bad_track_from_the_real_daemon(tmp_path, tiny_model_dir):
-    d, c = start_daemon(tmp_path, tiny_model_dir)
-    try:
+def test_a_track_name_with_a_newline_gets_bad_track_from_the_real_daemon(tmp_path, tiny_model_dir, serve_daemon):
+    with serve_daemon(tmp_path, tiny_model_dir, allow_dir=tmp_path) as (d, c):
         for name in ("drums\n", "drums\r", "ｄrums", "bаss"):
             drain(c, 0.0)
             c.send(f"/track/{name}/prompt", "pad")
@@ -81,6 +80,3 @@ def test_a_track_name_with_a_newline_gets_bad_track_from_the_real_daemon(tmp_pat
         c.send("/tracks")
         assert expect(c, "/tracks") == []  # nothing was created
         assert "\nbass" not in d.log_text() and "drums\n/" not in d.log_text()  # names are quoted in the log
-    finally:
-        assert d.stop() == 0
-        c.sock.close()

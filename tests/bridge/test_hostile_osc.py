@@ -1,8 +1,11 @@
 """Hostile datagrams against the real daemon (`musicbridge serve`) over loopback UDP.
 
 Issue #13: one 24-byte packet used to hang the daemon for good. Here every malformed packet
-of a corpus, and 100,000 fuzzed ones, must leave /ping answered within 100 ms, the log small
-and the session unchanged. The fuzz seed is in the test name: rerun with the same seed to replay.
+of a corpus, and 100,000 fuzzed ones, must leave /ping answered, the log small and the session
+unchanged. The daemon reads its one socket in order, so a /pong says every packet sent before the
+/ping was read and handled. These assert order and bounds only, never how long something took
+(a reply's timeout is a guard against a daemon that stopped answering). The fuzz seed is in the
+test name: rerun with the same seed to replay.
 """
 
 from __future__ import annotations
@@ -14,34 +17,27 @@ import pytest
 
 from bridge.osc import OscClient, encode
 from tests.bridge.hostile_packets import corpus, fuzz_packets
-from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess, drain, expect
+from tests.bridge.osc_helpers import drain, expect
 
-PING_BOUND = 0.100  # seconds: the issue's bound for /ping after a bad packet
+ANSWER_GUARD = 30.0  # seconds: only a daemon that stopped answering waits this long (not a speed claim)
 LOG_BOUND = 1_000_000  # bytes
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, tiny_model_dir):
-    base = tmp_path_factory.mktemp("hostile")
-    presets = base / "presets"
-    presets.mkdir()
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
+def daemon(tmp_path_factory, tiny_model_dir, serve_daemon):
     # --max-queued 0: a fuzzed generate is answered busy instead of running the model for minutes
     # --max-tracks 512: fuzzed names must not use up the tracks the later tests create
-    d = DaemonProcess(tiny_model_dir, base / "session", presets, "--max-queued", "0", "--max-tracks", "512")
-    with d.client() as pinger:
-        d.wait_ready(pinger)
+    with serve_daemon(tmp_path_factory.mktemp("hostile"), tiny_model_dir, "--max-queued", "0",
+                      "--max-tracks", "512") as (d, pinger):
         yield d, pinger
-    assert d.stop() == 0
 
 
-def ping_latency(c: OscClient, timeout: float = 1.0) -> float:
-    drain(c, 0.0)
-    t0 = time.perf_counter()
+def ping(c: OscClient, after: str) -> None:
+    """/ping answered /pong, with nothing else on the way: `after` was read and the daemon goes on."""
     c.send("/ping")
-    r = c.wait_for(lambda a, _: a == "/pong", timeout)
-    assert r is not None, f"no /pong within {timeout} s"
-    return time.perf_counter() - t0
+    seen: list = []
+    assert c.wait_for(lambda a, _: a == "/pong", ANSWER_GUARD, seen) is not None, f"no /pong after {after}"
+    assert seen == [], f"after {after}: {seen}"
 
 
 def udp_drops(port: int) -> int:
@@ -54,24 +50,23 @@ def udp_drops(port: int) -> int:
     raise AssertionError(f"no UDP socket on port {port}")
 
 
-def test_malformed_corpus_keeps_ping_under_100ms(daemon):
+def test_malformed_corpus_leaves_ping_answered(daemon):
     d, pinger = daemon
     pinger.send("/transport/tempo", 120.0)
     expect(pinger, "/ok")
+    drain(pinger, 0.0)
     cases = corpus()
     lines_before = len(d.log_text().splitlines())
-    worst, worst_case = 0.0, ""
+    drops_before = udp_drops(d.port)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
         attacker.bind(("127.0.0.1", 0))
         for name, data in cases:
             attacker.sendto(data, ("127.0.0.1", d.port))
-            latency = ping_latency(pinger)
+            ping(pinger, repr(name))  # queued behind the bad packet: answered only once it was read
             assert d.proc.poll() is None, f"daemon died on {name!r}:\n{d.log_text()[-3000:]}"
-            if latency > worst:
-                worst, worst_case = latency, name
-    print(f"\n{len(cases)} malformed packets; worst /ping latency {worst * 1e3:.1f} ms (after {worst_case!r}); "
+    print(f"\n{len(cases)} malformed packets, each followed by an answered /ping; "
           f"log {d.log_path.stat().st_size} bytes")
-    assert worst < PING_BOUND, f"/ping took {worst * 1e3:.1f} ms after {worst_case!r}"
+    assert udp_drops(d.port) == drops_before  # every bad packet reached the daemon before its /ping
     pinger.send("/status")
     status = expect(pinger, "/status")
     assert status[5] == 120.0  # the truncated /transport/tempo was not applied
@@ -96,11 +91,10 @@ def test_corpus_packets_get_bad_packet_errors(daemon):
 
 
 def test_fuzz_seed_20261125_100k_packets(daemon):
-    """100,000 fuzzed datagrams in bursts of 100; after each burst /ping within 100 ms, none lost."""
+    """100,000 fuzzed datagrams in bursts of 100; after each burst /ping is answered, none lost."""
     d, pinger = daemon
     seed, total, burst = 20261125, 100_000, 100
     drops_before = udp_drops(d.port)
-    worst = 0.0
     sent = 0
     t0 = time.monotonic()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
@@ -116,17 +110,15 @@ def test_fuzz_seed_20261125_100k_packets(daemon):
             batch = []
             # catch up: the burst waits in the socket buffer; a /ping queued behind it is answered once read
             pinger.send("/ping")
-            assert pinger.wait_for(lambda a, _: a == "/pong", 30.0) is not None, \
+            assert pinger.wait_for(lambda a, _: a == "/pong", ANSWER_GUARD) is not None, \
                 f"no /pong after {sent} packets (seed {seed}):\n{d.log_text()[-3000:]}"
-            worst = max(worst, ping_latency(pinger))
     elapsed = time.monotonic() - t0
     size = d.log_path.stat().st_size
     drops = udp_drops(d.port) - drops_before
-    print(f"\nfuzz seed {seed}: {sent} packets in {elapsed:.1f} s; worst /ping {worst * 1e3:.1f} ms; "
+    print(f"\nfuzz seed {seed}: {sent} packets in {elapsed:.1f} s; "
           f"log {size} bytes; kernel drops {drops}")
     assert sent == total
     assert drops == 0, f"{drops} datagrams never reached the daemon"
-    assert worst < PING_BOUND, f"/ping took {worst * 1e3:.1f} ms"
     assert size < LOG_BOUND
     log = d.log_text()
     assert "Traceback" not in log and "internal error" not in log
@@ -222,27 +214,33 @@ def test_a_pad_in_the_bundle_pays_for_a_big_answer(daemon):
 
 
 def test_a_burst_of_valid_changes_is_saved_once_and_does_not_stall_ping(daemon):
-    """A 40 KB bundle of 1000 prompt changes once cost one fsync each: /ping waited ~10 s."""
+    """A 40 KB bundle of 1000 prompt changes once cost one fsync each: /ping waited ~10 s.
+    Now the bundle is saved once: the daemon writes about one session file, not a thousand."""
+    import json
+
     from tests.bridge.hostile_packets import bundle
 
     d, pinger = daemon
     drain(pinger, 0.1)
     changes = [encode(f"/track/burst{i % 8}/prompt", [f"take {i}"]) for i in range(1000)]
-    t0 = time.perf_counter()
-    pinger.send_raw(bundle(*changes))
+    saved_before = (d.session_dir / "session.json").stat().st_size
+    log_before, wrote_before = d.log_path.stat().st_size, d.io()["wchar"]
+    pinger.send_raw(bundle(*changes))  # one group: its changes are saved, then acknowledged
     pinger.send("/ping")
     seen: list = []
-    assert pinger.wait_for(lambda a, _: a == "/pong", 5.0, seen) is not None
-    took = time.perf_counter() - t0
-    seen += list(pinger.replies(0.3))
-    oks = [r for r in seen if r[0] == "/ok"]
-    print(f"\n1000 changes in one bundle: /pong after {took * 1e3:.0f} ms, {len(oks)} /ok")
-    assert took < 1.0, f"/ping waited {took:.2f} s behind a bundle of 1000 valid changes"
-    assert len(oks) == 1000  # every change acknowledged, after the one save
-    import json
-
+    assert pinger.wait_for(lambda a, _: a == "/pong", ANSWER_GUARD, seen) is not None, seen
+    wrote = d.io()["wchar"] - wrote_before
+    # every change acknowledged, in order, before the /pong (replies are held until the save)
+    assert [a for a, _ in seen] == ["/ok"] * 1000 and [v[0] for _, v in seen] == [
+        f"/track/burst{i % 8}/prompt" for i in range(1000)], seen[:3]
     saved = json.loads((d.session_dir / "session.json").read_text())
     assert saved["tracks"]["burst7"]["prompt"] == "take 999"  # the last change is on disk
+    size = (d.session_dir / "session.json").stat().st_size
+    logged = d.log_path.stat().st_size - log_before
+    print(f"\n1000 changes in one bundle: {len(seen)} /ok; the daemon wrote {wrote} bytes "
+          f"(session file {saved_before} -> {size} bytes, log +{logged})")
+    # one save per change would write at least 1000 x the smaller session file
+    assert wrote <= 2 * size + logged + 64 * 1024 < 1000 * saved_before, wrote
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:  # the same as single packets
         flood.bind(("127.0.0.1", 0))
@@ -250,12 +248,7 @@ def test_a_burst_of_valid_changes_is_saved_once_and_does_not_stall_ping(daemon):
             flood.sendto(encode(f"/track/burst{i % 8}/prompt", [f"again {i}"]), ("127.0.0.1", d.port))
             if i % 100 == 99:
                 time.sleep(0.05)  # stay inside the socket buffer (a dropped /ping would never be answered)
-        t0 = time.perf_counter()
-        pinger.send("/ping")
-        assert pinger.wait_for(lambda a, _: a == "/pong", 5.0) is not None
-        took = time.perf_counter() - t0
-    print(f"2000 single-change packets: /pong {took * 1e3:.0f} ms after the last")
-    assert took < 1.0
-    drain(pinger, 0.5)
-    saved = json.loads((d.session_dir / "session.json").read_text())
+        pinger.send("/ping")  # read after all 2000 changes: answered once they were handled and saved
+        assert pinger.wait_for(lambda a, _: a == "/pong", ANSWER_GUARD) is not None
+        saved = json.loads((d.session_dir / "session.json").read_text())
     assert saved["tracks"]["burst7"]["prompt"] == "again 1999"

@@ -22,15 +22,12 @@ import pytest
 import soundfile as sf
 
 from bridge.osc import OscClient, encode
-from tests.bridge.osc_helpers import PLAIN_PRESET, ROOT, DaemonProcess, drain, expect
+from tests.bridge.osc_helpers import ROOT, drain, expect
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model_dir):
+def env(tmp_path_factory, tiny_model_dir, serve_daemon):
     base = tmp_path_factory.mktemp("oscd")
-    presets = base / "presets"
-    presets.mkdir()
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
     allowed = base / "allowed"
     allowed.mkdir()
     (allowed / "tune.mid").write_bytes(b"MThd")
@@ -38,15 +35,11 @@ def env(tmp_path_factory, tiny_model_dir):
     outside = base / "outside"
     outside.mkdir()
     (outside / "take.wav").write_bytes(b"RIFF")
-    client = OscClient("127.0.0.1", 0)
-    d = DaemonProcess(tiny_model_dir, base / "session", presets, "--reply-to", f"127.0.0.1:{client.port}",
-                      "--allow-dir", str(allowed), "--max-seconds", "30", "--max-queued", "3")
-    client.target = ("127.0.0.1", d.port)
-    d.wait_ready(client)
-    yield {"d": d, "c": client, "base": base, "allowed": allowed, "outside": outside, "presets": presets,
-           "model": tiny_model_dir}
-    d.stop()
-    client.sock.close()
+    # (the last test stops this daemon itself, with SIGTERM, and restarts on its session folder)
+    with serve_daemon(base, tiny_model_dir, "--max-seconds", "30", "--max-queued", "3", allow_dir=allowed,
+                      reply_to=True) as (d, client):
+        yield {"d": d, "c": client, "base": base, "allowed": allowed, "outside": outside,
+               "model": tiny_model_dir}
 
 
 def state(c: OscClient, track: str) -> dict:
@@ -344,7 +337,7 @@ def test_third_party_client_oscsend(env):
     assert status[4] == -1  # --audio none: no live output, no xrun count
 
 
-def test_restart_restores_the_session(env):
+def test_restart_restores_the_session(env, serve_daemon):
     c, d = env["c"], env["d"]
     drain(c, 0.1)
     c.send("/track/keep1/prompt", "warm pad")
@@ -365,18 +358,15 @@ def test_restart_restores_the_session(env):
     next_id = json.loads((d.session_dir / "session.json").read_text())["next_job_id"]
     assert "stopped" in d.log_text()
 
-    d2 = DaemonProcess(env["model"], d.session_dir, env["presets"], "--allow-dir", str(env["allowed"]),
-                       "--grace", "0")
-    try:
-        with d2.client() as c2:
-            d2.wait_ready(c2)
-            c2.send("/tracks")
-            assert expect(c2, "/tracks") == tracks
-            assert {t: state(c2, t) for t in tracks} == states
-            c2.send("/status")
-            assert expect(c2, "/status")[5:7] == [96.0, "3/4"]
-            c2.send("/track/keep2/generate", 20.0)  # runs first: the next job waits, silent, behind it
-            ahead = expect(c2, "/job/accepted")[0]
+    with serve_daemon(env["base"], env["model"], "--grace", "0", session_dir=d.session_dir,
+                      allow_dir=env["allowed"]) as (d2, c2):
+        c2.send("/tracks")
+        assert expect(c2, "/tracks") == tracks
+        assert {t: state(c2, t) for t in tracks} == states
+        c2.send("/status")
+        assert expect(c2, "/status")[5:7] == [96.0, "3/4"]
+        c2.send("/track/keep2/generate", 20.0)  # runs first: the next job waits, silent, behind it
+        ahead = expect(c2, "/job/accepted")[0]
         # the project's own client, replies to the sender: 2 bars at 96 bpm in 3/4 = 3.75 s.
         # A short --wait-reply: while queued it polls /job/<id>/status instead of giving up.
         out = subprocess.run([sys.executable, "-m", "bridge.cli", "send", "--port", str(d2.port),
@@ -406,5 +396,3 @@ def test_restart_restores_the_session(env):
             assert ended == {first: "/job/cancelled", second: "/job/cancelled"}
             assert d2.proc.wait(60) == 0
         assert len(list((d.session_dir / "stems").glob("keep2*.wav"))) == 2  # 20 s and 2 bars, no more
-    finally:
-        assert d2.stop(signal.SIGINT) == 0

@@ -15,19 +15,18 @@ from bridge.cli import main
 from bridge.osc import OscClient
 from model.types import MAX_REQUEST_SECONDS, SAMPLING_RANGES
 from plugin_host.tempo import DENOMINATORS, MAX_BPM, MIN_BPM, TimeSignature, bars_to_seconds
-from tests.bridge.osc_helpers import DaemonProcess, drain, expect, start_daemon
+from tests.bridge.osc_helpers import DaemonProcess, drain, expect
 
 TEXT_ONLY = "is text-only and cannot follow a melody"
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, tiny_model_dir):
+def daemon(tmp_path_factory, tiny_model_dir, serve_daemon):
     """A daemon that allows the longest job one request can make (--max-seconds at the rule's bound)."""
     base = tmp_path_factory.mktemp("rules")
-    d, client = start_daemon(base, tiny_model_dir, "--max-seconds", f"{MAX_REQUEST_SECONDS:g}")
-    yield {"d": d, "c": client, "base": base}
-    d.stop()
-    client.sock.close()
+    with serve_daemon(base, tiny_model_dir, "--max-seconds", f"{MAX_REQUEST_SECONDS:g}",
+                      allow_dir=base) as (d, client):
+        yield {"d": d, "c": client, "base": base}
 
 
 def osc(c: OscClient, address: str, *args) -> tuple[str, list]:

@@ -14,18 +14,16 @@ from audiofile import read_audio
 from bridge.cli import main
 from bridge.osc import OscClient
 from plugin_host.bwf import read_bext
-from tests.bridge.osc_helpers import drain, expect, start_daemon
+from tests.bridge.osc_helpers import drain, expect
 
 DEVICE = ("--device", "cpu", "--dtype", "float32")
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, tiny_model_dir):
+def daemon(tmp_path_factory, tiny_model_dir, serve_daemon):
     base = tmp_path_factory.mktemp("pipe")
-    d, c = start_daemon(base, tiny_model_dir)
-    yield d, c, base
-    d.stop()
-    c.sock.close()
+    with serve_daemon(base, tiny_model_dir, allow_dir=base) as (d, c):
+        yield d, c, base
 
 
 def ok(c: OscClient, address: str, *args) -> None:
