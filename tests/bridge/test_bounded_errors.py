@@ -18,7 +18,7 @@ from bridge import protocol as P
 from bridge import rules as R
 from bridge.osc import OscClient, TracebackLog, encode
 from tests.bridge.hostile_packets import bundle
-from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess, drain, expect
+from tests.bridge.osc_helpers import drain, expect
 
 LOG_GROWTH_BOUND = 200_000  # bytes of log for 20 x 1024 bad messages
 BUNDLES, PER_BUNDLE = 20, 1024
@@ -33,22 +33,11 @@ def _flood(port: int, message: bytes) -> None:
             s.sendto(data, ("127.0.0.1", port))
 
 
-def _start(base, model_dir, *extra: str) -> tuple[DaemonProcess, OscClient]:
-    presets = base / "presets"
-    presets.mkdir(exist_ok=True)
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
-    d = DaemonProcess(model_dir, base / "session", presets, *extra)
-    c = d.client()
-    d.wait_ready(c)
-    return d, c
-
-
 # ---------------------------------------------------------------- through the real daemon
 
 
-def test_superscript_job_ids_are_bad_address_and_the_log_stays_small(tmp_path, tiny_model_dir):
-    d, c = _start(tmp_path, tiny_model_dir)
-    try:
+def test_superscript_job_ids_are_bad_address_and_the_log_stays_small(tmp_path, tiny_model_dir, serve_daemon):
+    with serve_daemon(tmp_path, tiny_model_dir) as (d, c):
         c.send("/job/²/status")
         err = expect(c, "/error")
         assert err[0] == "bad_address" and err[2] == "/job/²/status", err  # a refusal, not a bug
@@ -63,14 +52,10 @@ def test_superscript_job_ids_are_bad_address_and_the_log_stays_small(tmp_path, t
         log = d.log_text()
         assert "Traceback" not in log and "internal error" not in log
         assert d.proc.poll() is None
-    finally:
-        assert d.stop() == 0
-        c.sock.close()
 
 
-def test_follow_osc_feedback_with_odd_digits_is_ignored_and_bounded(tmp_path, tiny_model_dir):
-    d, c = _start(tmp_path, tiny_model_dir, "--follow", "osc")
-    try:
+def test_follow_osc_feedback_with_odd_digits_is_ignored_and_bounded(tmp_path, tiny_model_dir, serve_daemon):
+    with serve_daemon(tmp_path, tiny_model_dir, "--follow", "osc") as (d, c):
         drain(c, 0.2)
         before = d.log_path.stat().st_size
         for text in ("²|1|0", "٣|1|0", "1|²|0"):
@@ -87,9 +72,6 @@ def test_follow_osc_feedback_with_odd_digits_is_ignored_and_bounded(tmp_path, ti
         c.send("/transport/state")
         state = expect(c, "/transport/state")
         assert state[0] == "osc" and state[5] == 0.0  # none of it moved the position
-    finally:
-        assert d.stop() == 0
-        c.sock.close()
 
 
 # ---------------------------------------------------------------- an unexpected failure, in process

@@ -22,7 +22,7 @@ from bridge import rules as R
 from bridge.osc import OscClient
 from model.types import MAX_VARIATIONS, SAMPLING_RANGES
 from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM
-from tests.bridge.osc_helpers import PLAIN_PRESET, ROOT, DaemonProcess, drain, expect
+from tests.bridge.osc_helpers import ROOT, drain, expect
 
 SMALLEST = 5e-324  # the smallest positive double: the open lower bound of (0, x] ranges, as near as it gets
 
@@ -57,16 +57,6 @@ HIGH = [("guidance", "d", G.hi), ("temperature", "d", T.hi), ("top_k", "i", int(
 TRACKS = ("lo", "hi", "chroma_lo", "chroma_hi", "notes")
 
 
-def _start(base, model_dir, *extra: str) -> tuple[DaemonProcess, OscClient]:
-    presets = base / "presets"
-    presets.mkdir(exist_ok=True)
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
-    d = DaemonProcess(model_dir, base / "session", presets, *extra)
-    c = d.client()
-    d.wait_ready(c)
-    return d, c
-
-
 def _read_back(c: OscClient) -> dict:
     drain(c, 0.0)
     c.send("/tracks")
@@ -80,15 +70,8 @@ def _read_back(c: OscClient) -> dict:
     return {"tracks": states, "transport": (clock, tempo, num, den, playing)}
 
 
-def _restart(d: DaemonProcess, c: OscClient, base, model_dir) -> tuple[DaemonProcess, OscClient]:
-    assert d.stop() == 0
-    c.sock.close()
-    return _start(base, model_dir)
-
-
-def test_extreme_values_set_over_osc_survive_a_restart(tmp_path, tiny_melody_dir):
-    d, c = _start(tmp_path, tiny_melody_dir)
-    try:
+def test_extreme_values_set_over_osc_survive_a_restart(tmp_path, tiny_melody_dir, serve_daemon):
+    with serve_daemon(tmp_path, tiny_melody_dir) as (d, c):
         for name, params in (("lo", LOW), ("hi", HIGH)):
             ok(c, typed(f"/track/{name}/prompt", ("s", f"extremes {name}\twith a tab\nand a newline")))
             for key, tag, value in params:
@@ -107,7 +90,7 @@ def test_extreme_values_set_over_osc_survive_a_restart(tmp_path, tiny_melody_dir
         first = _read_back(c)
         saved = json.loads((d.session_dir / "session.json").read_text())
 
-        d, c = _restart(d, c, tmp_path, tiny_melody_dir)
+    with serve_daemon(tmp_path, tiny_melody_dir) as (d, c):  # restarted on the same session
         again = _read_back(c)
         assert again == first
         assert json.loads((d.session_dir / "session.json").read_text()) == saved
@@ -129,18 +112,14 @@ def test_extreme_values_set_over_osc_survive_a_restart(tmp_path, tiny_melody_dir
                                       "position": R.MAX_BEAT_POSITION}
         first = _read_back(c)
 
-        d, c = _restart(d, c, tmp_path, tiny_melody_dir)
+    with serve_daemon(tmp_path, tiny_melody_dir) as (d, c):
         assert _read_back(c) == first
         assert json.loads((d.session_dir / "session.json").read_text()) == saved
-    finally:
-        d.stop()
-        c.sock.close()
 
 
-def test_values_just_outside_the_rules_are_refused_over_osc(tmp_path, tiny_model_dir):
+def test_values_just_outside_the_rules_are_refused_over_osc(tmp_path, tiny_model_dir, serve_daemon):
     """The other side of each edge: refused over the wire, so never saved."""
-    d, c = _start(tmp_path, tiny_model_dir)
-    try:
+    with serve_daemon(tmp_path, tiny_model_dir) as (d, c):
         bad = [typed("/track/x/param", ("s", "temperature"), ("d", math.nextafter(T.hi, math.inf))),
                typed("/track/x/param", ("s", "guidance"), ("d", 0.0)),
                typed("/track/x/param", ("s", "variations"), ("i", MAX_VARIATIONS + 1)),
@@ -154,15 +133,11 @@ def test_values_just_outside_the_rules_are_refused_over_osc(tmp_path, tiny_model
             assert err[0] in ("bad_args", "limit"), err
         c.send("/tracks")
         assert expect(c, "/tracks") == []
-    finally:
-        d.stop()
-        c.sock.close()
 
 
-def test_a_followed_position_beyond_the_limit_is_never_saved(tmp_path, tiny_model_dir):
+def test_a_followed_position_beyond_the_limit_is_never_saved(tmp_path, tiny_model_dir, serve_daemon):
     """`/beat/str s 9999999.1.00` once saved 39,999,992 beats, which the next start refused."""
-    d, c = _start(tmp_path, tiny_model_dir, "--follow", "osc")
-    try:
+    with serve_daemon(tmp_path, tiny_model_dir, "--follow", "osc") as (d, c):
         last_bar = int(R.MAX_BEAT_POSITION // 4) + 1  # bar 2,500,001 of 4/4 starts at the furthest position
         with OscClient("127.0.0.1", d.port) as daw:
             daw.send("/beat/str", "9999999.1.00")
@@ -177,14 +152,9 @@ def test_a_followed_position_beyond_the_limit_is_never_saved(tmp_path, tiny_mode
                     break
             c.wait_for(lambda a, _: False, 0.1)
         assert position == R.MAX_BEAT_POSITION, d.log_text()[-2000:]
-        assert d.stop() == 0
-        c.sock.close()
-        d, c = _start(tmp_path, tiny_model_dir, "--follow", "osc")  # and it loads again
+    with serve_daemon(tmp_path, tiny_model_dir, "--follow", "osc") as (d, c):  # and it loads again
         assert json.loads((d.session_dir / "session.json").read_text())["transport"]["position"] \
             == R.MAX_BEAT_POSITION
-    finally:
-        d.stop()
-        c.sock.close()
 
 
 def _serve_on(session_dir, model_dir) -> subprocess.CompletedProcess:
