@@ -88,6 +88,16 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
                     float *y, int N);
 int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N);
 
+/* int4's two steps that differ by instruction set (arch/), called by its one product driver,
+ * mb_gemv_i4 (int4.c). One int8 term per block of 128: xq (M, K), the scales sx and the integer
+ * sums sq (M, K / 128). */
+void mb_i4_quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq);
+/* One tile's I4_TILE rows against activation rows a and c (c = a where there is no second), their
+ * scales and sums, into out_a and out_c (I4_TILE floats each, padding rows included); with
+ * `fetch`, the tile's stream is fetched I4_AHEAD blocks ahead (the first pass over a tile). */
+void mb_i4_tile(const int8_t *a, const int8_t *c, const float *sa, const float *sc, const int32_t *qa,
+                const int32_t *qc, int blocks, const uint8_t *wt, int fetch, float *out_a, float *out_c);
+
 /* An output of an int8 kernel from its block-scaled sum. fmaf, not `* scale + bias`: the compiler
  * fuses that or not depending on how it vectorises each loop, and a row must come out the same
  * whatever it is batched with. */

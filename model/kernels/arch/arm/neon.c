@@ -96,8 +96,7 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     return 0;
 }
 
-/* One int8 term per block of 128: xq (M, K), scales sx and integer sums sq (M, K / 128). */
-static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
+void mb_i4_quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
     int blocks = K / I4_QB;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < blocks; b++) {
@@ -120,57 +119,45 @@ static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, 
         }
 }
 
-int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) {
-    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
-    int8_t *xq = malloc((size_t)M * K);
-    float *sx = malloc(sizeof(float) * (size_t)M * blocks * 2);
-    if (!xq || !sx) { free(xq); free(sx); return -1; }
-    int32_t *sq = (int32_t *)(sx + (size_t)M * blocks);
-    quantize_rows1(x, M, K, xq, sx, sq);
+/* One activation row against a tile: a 16-byte register holds four rows, so the tile's sums are four
+ * accumulators. The second row of a pair reads the tile again from cache. */
+static void i4_tile_row(const int8_t *a, const float *sa, const int32_t *qa, int blocks, const uint8_t *wt,
+                        int fetch, float *out) {
     const uint8x16_t lo4 = vdupq_n_u8(0x0f);
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles; t++) {
-        int n = t * I4_TILE, nt = N - n < I4_TILE ? N - n : I4_TILE;
-        const uint8_t *wt = w + (size_t)t * blocks * I4_TB;
-        for (int m = 0; m < M; m++) {
-            const int8_t *a = xq + (size_t)m * K;
-            float32x4_t f[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
-            for (int b = 0; b < blocks; b++) {
-                const uint8_t *p = wt + (size_t)b * I4_TB;
-                if (m == 0)
-                    for (int i = 0; i < I4_TB; i += 64) __builtin_prefetch(p + I4_AHEAD * I4_TB + i, 0, 2);
-                const int8_t *ab = a + (size_t)b * I4_QB;
-                float sb = sx[(size_t)m * blocks + b];
-                int32_t qb = sq[(size_t)m * blocks + b];
-                for (int g = 0; g < 4; g++) { /* rows 4g..4g+3 */
-                    int32x4_t acc = vdupq_n_s32(0);
-                    for (int j = 0; j < 16; j += 2) {
-                        /* activation words: lo(j), hi(j), lo(j+1), hi(j+1) */
-                        int8x16_t xa = vld1q_s8(ab + 8 * j);
-                        uint8x16_t v = vld1q_u8(p + 64 * j + 16 * g), u = vld1q_u8(p + 64 * (j + 1) + 16 * g);
-                        acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vandq_u8(v, lo4)), xa, 0);
-                        acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), xa, 1);
-                        acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vandq_u8(u, lo4)), xa, 2);
-                        acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vshrq_n_u8(u, 4)), xa, 3);
-                    }
-                    __fp16 dh[4];
-                    memcpy(dh, p + I4_D_AT + 8 * g, 8);
-                    float32x4_t d = vcvt_f32_f16(vld1_f16(dh));
-                    uint8_t zb[4];
-                    memcpy(zb, p + I4_Z_AT + 4 * g, 4);
-                    int32x4_t z = {zb[0], zb[1], zb[2], zb[3]};
-                    acc = vsubq_s32(acc, vmulq_n_s32(z, qb));
-                    f[g] = vfmaq_f32(f[g], vcvtq_f32_s32(acc), vmulq_n_f32(d, sb));
-                }
+    float32x4_t f[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *p = wt + (size_t)b * I4_TB;
+        if (fetch)
+            for (int i = 0; i < I4_TB; i += 64) __builtin_prefetch(p + I4_AHEAD * I4_TB + i, 0, 2);
+        const int8_t *ab = a + (size_t)b * I4_QB;
+        for (int g = 0; g < 4; g++) { /* rows 4g..4g+3 */
+            int32x4_t acc = vdupq_n_s32(0);
+            for (int j = 0; j < 16; j += 2) {
+                /* activation words: lo(j), hi(j), lo(j+1), hi(j+1) */
+                int8x16_t xa = vld1q_s8(ab + 8 * j);
+                uint8x16_t v = vld1q_u8(p + 64 * j + 16 * g), u = vld1q_u8(p + 64 * (j + 1) + 16 * g);
+                acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vandq_u8(v, lo4)), xa, 0);
+                acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), xa, 1);
+                acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vandq_u8(u, lo4)), xa, 2);
+                acc = vdotq_laneq_s32(acc, vreinterpretq_s8_u8(vshrq_n_u8(u, 4)), xa, 3);
             }
-            float o[16];
-            for (int g = 0; g < 4; g++) vst1q_f32(o + 4 * g, f[g]);
-            memcpy(y + (size_t)m * N + n, o, sizeof(float) * (size_t)nt);
+            __fp16 dh[4];
+            memcpy(dh, p + I4_D_AT + 8 * g, 8);
+            float32x4_t d = vcvt_f32_f16(vld1_f16(dh));
+            uint8_t zb[4];
+            memcpy(zb, p + I4_Z_AT + 4 * g, 4);
+            int32x4_t z = {zb[0], zb[1], zb[2], zb[3]};
+            acc = vsubq_s32(acc, vmulq_n_s32(z, qa[b]));
+            f[g] = vfmaq_f32(f[g], vcvtq_f32_s32(acc), vmulq_n_f32(d, sa[b]));
         }
     }
-    free(xq);
-    free(sx);
-    return 0;
+    for (int g = 0; g < 4; g++) vst1q_f32(out + 4 * g, f[g]);
+}
+
+void mb_i4_tile(const int8_t *a, const int8_t *c, const float *sa, const float *sc, const int32_t *qa,
+                const int32_t *qc, int blocks, const uint8_t *wt, int fetch, float *out_a, float *out_c) {
+    i4_tile_row(a, sa, qa, blocks, wt, fetch, out_a);
+    if (c != a) i4_tile_row(c, sc, qc, blocks, wt, 0, out_c);
 }
 
 #endif

@@ -136,8 +136,7 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     return 0;
 }
 
-/* One int8 term per block of 128: xq (M, K), scales sx and integer sums sq (M, K / 128). */
-static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
+void mb_i4_quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
     int blocks = K / I4_QB;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < blocks; b++) {
@@ -193,52 +192,26 @@ static inline __m256 i4_scale(__m256i it, __m256 d, __m256i z, int32_t q, float 
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(it), _mm256_mul_ps(d, _mm256_set1_ps(s)), f);
 }
 
-/* Activation rows two at a time (a guided step is one pass over the tile), each row's sums in the
- * same order whatever it is paired with. */
-int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) {
-    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
-    int8_t *xq = malloc((size_t)M * K);
-    float *sx = malloc(sizeof(float) * (size_t)M * blocks * 2);
-    if (!xq || !sx) { free(xq); free(sx); return -1; }
-    int32_t *sq = (int32_t *)(sx + (size_t)M * blocks);
-    quantize_rows1(x, M, K, xq, sx, sq);
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles; t++) {
-        int n = t * I4_TILE, nt = N - n < I4_TILE ? N - n : I4_TILE;
-        const uint8_t *wt = w + (size_t)t * blocks * I4_TB;
-        for (int m = 0; m < M; m += 2) {
-            int m1 = m + 1 < M ? m + 1 : m;
-            const int8_t *a = xq + (size_t)m * K, *c = xq + (size_t)m1 * K;
-            const float *sa = sx + (size_t)m * blocks, *sc = sx + (size_t)m1 * blocks;
-            const int32_t *qa = sq + (size_t)m * blocks, *qc = sq + (size_t)m1 * blocks;
-            __m256 fa[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, fc[2] = {fa[0], fa[0]};
-            for (int b = 0; b < blocks; b++) {
-                const uint8_t *p = wt + (size_t)b * I4_TB;
-                if (m == 0)
-                    for (int i = 0; i < I4_TB; i += 64) _mm_prefetch((const char *)(p + I4_AHEAD * I4_TB + i), _MM_HINT_T1);
-                for (int h = 0; h < 2; h++) {
-                    __m256i ta, tc;
-                    i4_half(p, h, a + (size_t)b * I4_QB, c + (size_t)b * I4_QB, &ta, &tc);
-                    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + I4_D_AT + 16 * h)));
-                    __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + I4_Z_AT + 8 * h)));
-                    fa[h] = i4_scale(ta, d, z, qa[b], sa[b], fa[h]);
-                    fc[h] = i4_scale(tc, d, z, qc[b], sc[b], fc[h]);
-                }
-            }
-            float o[16];
-            _mm256_storeu_ps(o, fa[0]);
-            _mm256_storeu_ps(o + 8, fa[1]);
-            memcpy(y + (size_t)m * N + n, o, sizeof(float) * (size_t)nt);
-            if (m1 != m) {
-                _mm256_storeu_ps(o, fc[0]);
-                _mm256_storeu_ps(o + 8, fc[1]);
-                memcpy(y + (size_t)m1 * N + n, o, sizeof(float) * (size_t)nt);
-            }
+void mb_i4_tile(const int8_t *a, const int8_t *c, const float *sa, const float *sc, const int32_t *qa,
+                const int32_t *qc, int blocks, const uint8_t *wt, int fetch, float *out_a, float *out_c) {
+    __m256 fa[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, fc[2] = {fa[0], fa[0]};
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *p = wt + (size_t)b * I4_TB;
+        if (fetch)
+            for (int i = 0; i < I4_TB; i += 64) _mm_prefetch((const char *)(p + I4_AHEAD * I4_TB + i), _MM_HINT_T1);
+        for (int h = 0; h < 2; h++) {
+            __m256i ta, tc;
+            i4_half(p, h, a + (size_t)b * I4_QB, c + (size_t)b * I4_QB, &ta, &tc);
+            __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + I4_D_AT + 16 * h)));
+            __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + I4_Z_AT + 8 * h)));
+            fa[h] = i4_scale(ta, d, z, qa[b], sa[b], fa[h]);
+            fc[h] = i4_scale(tc, d, z, qc[b], sc[b], fc[h]);
         }
     }
-    free(xq);
-    free(sx);
-    return 0;
+    for (int h = 0; h < 2; h++) {
+        _mm256_storeu_ps(out_a + 8 * h, fa[h]);
+        _mm256_storeu_ps(out_c + 8 * h, fc[h]);
+    }
 }
 
 #endif

@@ -135,7 +135,7 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     return 0;
 }
 
-static void quantize_rows1(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
+void mb_i4_quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
     int blocks = K / I4_QB;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < blocks; b++) {
@@ -162,14 +162,14 @@ static inline __attribute__((always_inline)) __m512i bcast4(const int8_t *x) {
     return _mm512_set1_epi32(v);
 }
 
-/* Rows [16 t, 16 t + 16) of y for activation rows m and m + 1 (x1 = x0 where there is no second). */
-static inline void i4_tile(const int8_t *x0, const int8_t *x1, const float *s0, const float *s1, const int32_t *q0,
-                           const int32_t *q1, int blocks, const uint8_t *w, __m512 *out0, __m512 *out1) {
+void mb_i4_tile(const int8_t *x0, const int8_t *x1, const float *s0, const float *s1, const int32_t *q0,
+                const int32_t *q1, int blocks, const uint8_t *w, int fetch, float *out0, float *out1) {
     const __m512i lo4 = _mm512_set1_epi8(0x0f), hi4 = _mm512_set1_epi8((char)0xf0);
     __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
     for (int b = 0; b < blocks; b++) {
         const uint8_t *p = w + (size_t)b * I4_TB;
-        for (int i = 0; i < I4_TB; i += 64) __builtin_prefetch(p + I4_AHEAD * I4_TB + i, 0, 2);
+        if (fetch)
+            for (int i = 0; i < I4_TB; i += 64) __builtin_prefetch(p + I4_AHEAD * I4_TB + i, 0, 2);
         const int8_t *a0 = x0 + (size_t)b * I4_QB, *a1 = x1 + (size_t)b * I4_QB;
         /* Four sums per activation row, so that no chain of dependent vpdpbusd is longer than
          * eight a block; the high nibbles are summed in place (16 q), which `>> 4` undoes exactly. */
@@ -196,34 +196,8 @@ static inline void i4_tile(const int8_t *x0, const int8_t *x1, const float *s0, 
         f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0), _mm512_mul_ps(d, _mm512_set1_ps(s0[b])), f0);
         f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1), _mm512_mul_ps(d, _mm512_set1_ps(s1[b])), f1);
     }
-    *out0 = f0;
-    *out1 = f1;
-}
-
-int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) {
-    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
-    int8_t *xq = malloc((size_t)M * K);
-    float *sx = malloc(sizeof(float) * (size_t)M * blocks * 2);
-    if (!xq || !sx) { free(xq); free(sx); return -1; }
-    int32_t *sq = (int32_t *)(sx + (size_t)M * blocks);
-    quantize_rows1(x, M, K, xq, sx, sq);
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles; t++) {
-        int n = t * I4_TILE, nt = N - n < I4_TILE ? N - n : I4_TILE;
-        const uint8_t *wt = w + (size_t)t * blocks * I4_TB;
-        for (int m = 0; m < M; m += 2) {
-            int m1 = m + 1 < M ? m + 1 : m;
-            size_t a0 = (size_t)m * blocks, a1 = (size_t)m1 * blocks;
-            __m512 o0, o1;
-            i4_tile(xq + a0 * I4_QB, xq + a1 * I4_QB, sx + a0, sx + a1, sq + a0, sq + a1, blocks, wt, &o0, &o1);
-            __mmask16 keep = (__mmask16)((1u << nt) - 1);
-            _mm512_mask_storeu_ps(y + (size_t)m * N + n, keep, o0);
-            if (m1 != m) _mm512_mask_storeu_ps(y + (size_t)m1 * N + n, keep, o1);
-        }
-    }
-    free(xq);
-    free(sx);
-    return 0;
+    _mm512_storeu_ps(out0, f0);
+    _mm512_storeu_ps(out1, f1);
 }
 
 #endif

@@ -1,8 +1,10 @@
-/* int4's layout (int_kernels.h) from float32 rows and back, in portable C: the same bytes on
- * every instruction set, so a weight cache or a take made on one CPU means the same on another.
+/* int4 in portable C: its layout (int_kernels.h) from float32 rows and back, the same bytes on
+ * every instruction set, so a weight cache or a take made on one CPU means the same on another;
+ * and the product's driver around the instruction set's own steps (arch/).
  * _Float16 (GCC 12+, Clang) rounds to nearest even, as the F16C instruction does. */
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include "int_kernels.h"
 
@@ -62,4 +64,38 @@ void mb_dequantize_i4(const uint8_t *w, int N, int K, float *out) {
                         o[8 * j + 4 + c] = (float)((v >> 4) - z) * d;
                     }
             }
+}
+
+/* y (M, N) = x (M, K) . W^T for a `mb_quantize_i4` weight: the activations quantised once, then
+ * tiles split over the threads, each tile met by the activation rows two at a time, so a row's
+ * result does not depend on what it is batched with. Returns 0; -1 without scratch memory; -2
+ * where no implementation is built in (the caller runs PyTorch's kernel). */
+int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) {
+#ifdef MB_ARCH_NONE
+    (void)x; (void)M; (void)K; (void)w; (void)y; (void)N;
+    return -2;
+#else
+    int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
+    int8_t *xq = malloc((size_t)M * K);
+    float *sx = malloc(sizeof(float) * (size_t)M * blocks * 2);
+    if (!xq || !sx) { free(xq); free(sx); return -1; }
+    int32_t *sq = (int32_t *)(sx + (size_t)M * blocks);
+    mb_i4_quantize_rows(x, M, K, xq, sx, sq);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        int n = t * I4_TILE, nt = N - n < I4_TILE ? N - n : I4_TILE;
+        const uint8_t *wt = w + (size_t)t * blocks * I4_TB;
+        for (int m = 0; m < M; m += 2) {
+            int m1 = m + 1 < M ? m + 1 : m;
+            size_t a = (size_t)m * blocks, c = (size_t)m1 * blocks;
+            float oa[I4_TILE], oc[I4_TILE];
+            mb_i4_tile(xq + a * I4_QB, xq + c * I4_QB, sx + a, sx + c, sq + a, sq + c, blocks, wt, m == 0, oa, oc);
+            memcpy(y + (size_t)m * N + n, oa, sizeof(float) * (size_t)nt);
+            if (m1 != m) memcpy(y + (size_t)m1 * N + n, oc, sizeof(float) * (size_t)nt);
+        }
+    }
+    free(xq);
+    free(sx);
+    return 0;
+#endif
 }
