@@ -27,7 +27,8 @@ from bridge.osc import Address, OscServer
 from bridge.paths import PathPolicy
 from bridge.protocol import Limits, ProtocolError
 from bridge.replybudget import ReplyBudget
-from bridge.session import LiveSession, chroma_to_text
+from bridge.session import LiveSession
+from bridge.session_check import chroma_to_text
 from model.types import melody_refusal
 
 log = logging.getLogger("musicbridge.serve")

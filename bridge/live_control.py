@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bridge.melody_source import LoopedMelody, stored_melody
 from bridge.protocol import ProtocolError
 
 log = logging.getLogger("musicbridge.serve")
@@ -120,8 +121,6 @@ class LiveControl:
 
             if melody_refusal(self.engine):
                 raise ProtocolError("model", f"track {name} follows a melody, but {melody_refusal(self.engine)}")
-            from bridge.melody_source import LoopedMelody, stored_melody
-
             rate = self.engine.chroma_frame_rate
             bar = transport.bars_to_seconds(1)
             # Nothing here expands the melody or parses a file: the jam's thread reads each

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from bridge.protocol import ProtocolError
+from bridge.session_check import chroma_from_text
+import model.melody as mm
 
 GATHER_GAP = 64  # frames: source indices closer than this are read as one window
 
@@ -45,9 +47,6 @@ def stored_melody(melody: dict[str, Any], rate: float, tempo: float,
     (bridge.inputs.Inputs): a file is opened, checked and limited there (size, MIDI events,
     audio length) before it is parsed.
     """
-    import model.melody as mm
-    from bridge.session import chroma_from_text
-
     kind = melody["kind"]
     if kind == "notes":
         return mm.NoteMelody(mm.beats_to_seconds(melody["notes"], tempo))
@@ -97,8 +96,6 @@ class LoopedMelody:
         bar_seconds: the grid's bar; the loop is the melody rounded up to whole bars (a frame's
         worth of rounding forgiven), so every repeat starts on a bar line. None: loop as long as
         the melody is."""
-        import model.melody as mm
-
         self.rate, self._bar = float(rate), bar_seconds
         self._lock = threading.Lock()
         self._load: Callable[[], WindowedMelody] | None = None

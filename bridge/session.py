@@ -8,7 +8,6 @@ restores every track.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -90,14 +89,6 @@ class TrackSettings:
 
 def _frozen(d: dict[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
     return None if d is None else tuple(sorted(d.items()))
-
-
-def chroma_to_text(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def chroma_from_text(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
 
 
 class LiveSession:

@@ -13,10 +13,21 @@ lists a hand edit could make huge are capped so loading stays cheap.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from typing import Any
 
 from bridge import rules as R
+
+
+def chroma_to_text(data: bytes) -> str:
+    """A chroma's float32 bytes as session.json stores them (base64)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def chroma_from_text(text: str) -> bytes:
+    """session.json's chroma text back to its bytes; ValueError where it is not base64."""
+    return base64.b64decode(text.encode("ascii"), validate=True)
 
 MAX_TEXT = 4096  # characters of a prompt or path in the file
 MAX_FILE_NOTES = 100_000  # notes of a melody in the file
@@ -114,8 +125,6 @@ def _check_melody(m: Any, where: str) -> None:
                 raise ValueError(f"{where}.notes[{i}] must be [pitch, start, length]")
             _checked(R.note, i + 1, *n, f"{where}.notes: note")
     else:
-        from bridge.session import chroma_from_text  # bridge.session imports this module
-
         text = _text(m.get("data"), f"{where}.data", MAX_CHROMA_TEXT)
         try:
             blob = chroma_from_text(text)

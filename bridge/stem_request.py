@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bridge.session import chroma_from_text
+from bridge.session_check import chroma_from_text
 from model.types import GenerationRequest, SamplingParams, melody_refusal
 
 

@@ -173,7 +173,7 @@ def test_a_track_melody_loops_under_a_jam():
     assert [int(r.argmax()) for r in out] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert [int(r.argmax()) for r in src.chroma(100.5, 0.5, 4.0)] == [1, 1]
     assert [int(r.argmax()) for r in whole_melody_chroma(notes, 4.0, 120.0)] == [0, 0, 2, 2]  # C then D
-    chroma = {"kind": "chroma", "data": __import__("bridge.session", fromlist=["x"]).chroma_to_text(
+    chroma = {"kind": "chroma", "data": __import__("bridge.session_check", fromlist=["x"]).chroma_to_text(
         np.eye(12, dtype="<f4")[[3, 4]].tobytes()), "frame_rate": 2.0}
     assert [int(r.argmax()) for r in whole_melody_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]
 
@@ -203,7 +203,7 @@ def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
 
     import numpy as np
 
-    from bridge.session import chroma_to_text
+    from bridge.session_check import chroma_to_text
 
     chroma = np.eye(12, dtype="<f4")[[0, 4, 7, 4] * 4]  # 16 frames at 8 fps = 2 s
     melody = {"kind": "chroma", "data": chroma_to_text(chroma.tobytes()), "frame_rate": 8.0}

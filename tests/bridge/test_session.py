@@ -7,7 +7,8 @@ import json
 import pytest
 
 from bridge.protocol import ProtocolError
-from bridge.session import LiveSession, SessionError, chroma_from_text, chroma_to_text
+from bridge.session import LiveSession, SessionError
+from bridge.session_check import chroma_from_text, chroma_to_text
 
 
 def test_changes_persist_and_restore(tmp_path):

@@ -201,7 +201,7 @@ def test_the_loader_refuses_what_the_wire_refuses(change, says):
 
 
 def test_the_loader_accepts_what_the_wire_accepts_at_the_edges():
-    from bridge.session import chroma_to_text
+    from bridge.session_check import chroma_to_text
     from bridge.session_check import check_session_data
 
     data = _session(params={"variations": MAX_VARIATIONS, "temperature": T.hi, "guidance": G.hi,
