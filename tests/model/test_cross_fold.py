@@ -37,7 +37,7 @@ def test_folded_float32_keys_and_values_give_the_projections_logits(dtype):
     terms, 1e-4 as in test_gemv; int4 to one term, which test_gemv holds to 1e-2 of float32
     activations for one product: the folded step skips that rounding for the two it replaces)."""
     if dtype == "int4" and not gemv.has_vnni():
-        pytest.skip("without integer kernels (gemv.int_arch() none) int4 runs PyTorch's packed kernel, eagerly: no C step to fold into")
+        pytest.skip("on a CPU without integer kernels (x86-64 without AVX2, ARM64 without the dot-product extension) int4 runs PyTorch's packed kernel, eagerly: no C step to fold into")
     lm = _wide_decoder(dtype, width=128)
     lm.fuse()
     assert lm.stack is not None

@@ -88,7 +88,7 @@ def _block_quantised(x: torch.Tensor, block: int = 64, terms: int = 2) -> torch.
     return ((hi + lo / 256) * (amax / 127)).view_as(x)
 
 
-@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (gemv.int_arch() is none), so int8 runs the float kernel")
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (an x86-64 CPU without AVX2, or ARM64 without the dot-product extension), so int8 runs the float kernel")
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 def test_int8_vnni_kernel_equals_its_block_quantised_arithmetic(rows):
     torch.manual_seed(rows)
@@ -110,7 +110,7 @@ def test_a_row_comes_out_the_same_alone_guided_and_among_variations(kind, n):
     a row's output must not depend on which path its batch took, bit for bit (a take's audio would
     otherwise change with --variations). n = 101 ends in a partial tile with an odd last row."""
     if kind == "int8-vnni" and not gemv.has_vnni():
-        pytest.skip("this CPU has no integer kernels (gemv.int_arch() is none), so int8 runs the float kernel")
+        pytest.skip("this CPU has no integer kernels (an x86-64 CPU without AVX2, or ARM64 without the dot-product extension), so int8 runs the float kernel")
     torch.manual_seed(n)
     w, x, bias = torch.randn(n, 320) * 0.05, torch.randn(8, 320), torch.randn(n)
     if kind == "bf16":
@@ -126,7 +126,7 @@ def test_a_row_comes_out_the_same_alone_guided_and_among_variations(kind, n):
         assert torch.equal(got, alone), f"{rows} rows at a time differ from one at a time"
 
 
-@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (gemv.int_arch() is none), so int4 runs PyTorch's packed kernel")
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (an x86-64 CPU without AVX2, or ARM64 without the dot-product extension), so int4 runs PyTorch's packed kernel")
 def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
     """Same q, d and z as model.quant.quantize_int4 (the packed fallback's), bit for bit,
     including an all-zero block, an all-positive one (z = 0) and an all-negative one (z = 15)."""
@@ -150,7 +150,7 @@ def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
     assert torch.equal(mod.dequantized(), by_hand)
 
 
-@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (gemv.int_arch() is none), so int4 runs PyTorch's packed kernel")
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (an x86-64 CPU without AVX2, or ARM64 without the dot-product extension), so int4 runs PyTorch's packed kernel")
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 @pytest.mark.parametrize("outputs", [96, 41])  # 41: the last tile of sixteen rows is padded
 def test_int4_kernel_equals_its_block_quantised_arithmetic(rows, outputs):
@@ -171,7 +171,7 @@ def test_int4_kernel_equals_its_block_quantised_arithmetic(rows, outputs):
     assert torch.equal(torch.cat([mod(x[i : i + 1]) for i in range(rows)]), got)
 
 
-@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (gemv.int_arch() is none), so int4 runs PyTorch's packed kernel")
+@pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (an x86-64 CPU without AVX2, or ARM64 without the dot-product extension), so int4 runs PyTorch's packed kernel")
 def test_int4_runs_many_rows_as_one_matmul_over_its_dequantised_weights():
     """Past FEW_ROWS (a long prefill) int4 is one float32 matmul over d (q - z), the C
     dequantiser's weights; up to it, kernel calls of MAX_ROWS rows, row for row the same."""
@@ -330,7 +330,7 @@ def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv, prefill_in):
     of up to gemv.FEW_ROWS rows runs the kernels too, so int4's pass and steps round activations
     alike and differ by upstream float32 rounding: INT4_STEPS, as in the layer step's test."""
     if dtype == "int4" and not gemv.has_vnni():
-        pytest.skip("without integer kernels (gemv.int_arch() none) int4 runs PyTorch's packed kernel, eagerly: no C step")
+        pytest.skip("on a CPU without integer kernels (x86-64 without AVX2, ARM64 without the dot-product extension) int4 runs PyTorch's packed kernel, eagerly: no C step")
     prefill_in("float32")
     width = 128 if dtype == "int4" else 64  # int4 blocks are 128 inputs: every linear int4
     lm = _wide_decoder(dtype, width=width)
@@ -459,7 +459,7 @@ def test_the_one_call_step_equals_the_layer_by_layer_c_steps(dtype, kv):
     agree to float32 rounding (1e-4 where int8 rounds the heads' input to two int8 terms, as in
     test_the_c_layer_step_equals_the_eager_layer_step)."""
     if dtype == "int4" and not gemv.has_vnni():
-        pytest.skip("without integer kernels (gemv.int_arch() none) int4 runs PyTorch's packed kernel, eagerly: no one-call step")
+        pytest.skip("on a CPU without integer kernels (x86-64 without AVX2, ARM64 without the dot-product extension) int4 runs PyTorch's packed kernel, eagerly: no one-call step")
     lm = _wide_decoder(dtype)
     lm.fuse()
     assert lm.stack is not None

@@ -98,7 +98,8 @@ def test_a_second_load_replays_every_conversion_bit_for_bit(cache, model_dir, co
                                                             caplog, tiny_wide_model_dir, tmp_path):
     if dtype == "int4":  # whole 128-input blocks: int4's own layout, where the CPU runs its kernel
         if not gemv.has_vnni():
-            pytest.skip("this CPU has no integer kernels (gemv.int_arch() is \"none\"): int4 runs PyTorch's "
+            pytest.skip("this CPU has no integer kernels (x86-64 without AVX2, ARM64 without the dot-product "
+                        "extension): int4 runs PyTorch's "
                         "packed kernel, whose packing is PyTorch's own and is not cached")
         model_dir = Path(shutil.copytree(tiny_wide_model_dir, tmp_path / "wide"))
     first = _load(model_dir, dtype)
