@@ -28,10 +28,11 @@ from typing import Any
 
 from model.types import MAX_REQUEST_SECONDS, MAX_VARIATIONS, SAMPLING_KEYS, SAMPLING_RANGES, Range
 from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM, TempoError, TimeSignature
+from presets import MAX_NAME as MAX_PRESET_NAME
+from presets import NAME_RE as _PRESET_NAME
 
-NAME_CHARS = "A-Za-z0-9_-"  # track, preset and stem file names: ASCII letters, digits, '_', '-'
+NAME_CHARS = "A-Za-z0-9_-"  # track names: ASCII letters, digits, '_', '-' (preset names: presets.NAME_RE)
 MAX_TRACK_NAME = 32
-MAX_PRESET_NAME = 64
 MAX_JOB_ID_DIGITS = 12
 MAX_JOB_ID = 10**MAX_JOB_ID_DIGITS - 1  # the largest id a /job/<id>/... address can name
 MAX_PRIORITY = 9
@@ -45,7 +46,6 @@ TEMPO = Range(MIN_BPM, MAX_BPM)
 PARAM_KEYS = SAMPLING_KEYS + ("variations",)  # variations: takes per generate, not a sampling param
 
 _TRACK_NAME = re.compile(f"[{NAME_CHARS}]{{1,{MAX_TRACK_NAME}}}")
-_PRESET_NAME = re.compile(f"[{NAME_CHARS}]{{1,{MAX_PRESET_NAME}}}")
 _JOB_ID = re.compile(f"[0-9]{{1,{MAX_JOB_ID_DIGITS}}}")
 
 

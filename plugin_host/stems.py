@@ -25,7 +25,7 @@ from audiofile import AudioFileError, finalize, resample
 FORMATS = ("wav", "flac")
 BIT_DEPTH = 24
 SIDECAR_VERSION = 1
-BASENAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+BASENAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # matched whole: fullmatch
 MAX_NUMBER = 10_000
 
 
@@ -94,7 +94,7 @@ def write_stem(
     a = _check_audio(audio)
     if fmt not in FORMATS:
         raise StemError(f"stem format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if not isinstance(basename, str) or not BASENAME_RE.match(basename):
+    if not isinstance(basename, str) or not BASENAME_RE.fullmatch(basename):
         raise StemError(f"stem name {basename!r} must be 1-100 letters, digits, '_', '-' or '.' "
                         "and not start with '.' or '-'")
     for name, rate in (("sample_rate", sample_rate), ("target_rate", target_rate)):

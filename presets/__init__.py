@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 SHIPPED_DIR = Path(__file__).resolve().parent
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_NAME = 64
+# The one preset-name rule (bridge.rules uses it for OSC and session.json); matched whole with
+# fullmatch: `^...$` lets a trailing newline through.
+NAME_RE = re.compile(f"[A-Za-z0-9_-]{{1,{MAX_NAME}}}")
 TOP_LEVEL_KEYS = ("description", "prompt", "add_bpm", "params", "chain")
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "guidance": (int, float), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
@@ -107,7 +110,7 @@ def preset_files() -> dict[str, Path]:
     for folder in (SHIPPED_DIR, user_dir()):
         if folder.is_dir():
             for p in sorted(folder.glob("*.toml")):
-                if NAME_RE.match(p.stem):
+                if NAME_RE.fullmatch(p.stem):
                     found[p.stem] = p
     return dict(sorted(found.items()))
 
@@ -135,7 +138,7 @@ def load_preset_file(path: str | os.PathLike) -> Preset:
     p = Path(path)
     if not p.is_file():
         raise PresetError(f"preset file {p} does not exist")
-    if not NAME_RE.match(p.stem):
+    if not NAME_RE.fullmatch(p.stem):
         raise PresetError(f"{p}: preset file names must match [A-Za-z0-9_-]{{1,64}}.toml")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))

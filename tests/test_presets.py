@@ -134,3 +134,13 @@ def test_every_shipped_preset_renders_with_the_tiny_checkpoint(tiny_engine, tmp_
 
         audio, _ = read_audio(r.path)
         assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
+@pytest.mark.parametrize("stem", ["lead\n", "lead\r", "léad", "ｌｅａｄ"])
+def test_a_preset_file_name_outside_the_rule_is_refused_and_not_listed(tmp_path, user_presets, stem):
+    (user_presets / "lead.toml").write_text('prompt = "a lead"\n')
+    odd = user_presets / f"{stem}.toml"
+    odd.write_text('prompt = "an odd lead"\n')
+    with pytest.raises(PresetError, match="preset file names must match"):
+        presets.load_preset_file(odd)
+    assert stem not in preset_files() and "lead" in preset_files()

@@ -182,3 +182,10 @@ def test_killed_mid_write_leaves_nothing_under_the_final_name(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "long.wav" not in names and "long.json" not in names
     assert all(n.startswith(".long.") and ".part" in n for n in names)  # only hidden temporaries
+
+
+@pytest.mark.parametrize("name", ["take\n", "take\r", "ta\0ke", ".hidden", "-dash", "ｔａｋｅ"])
+def test_a_stem_name_with_a_control_character_or_look_alike_is_refused_and_nothing_is_written(tmp_path, name):
+    with pytest.raises(StemError, match="stem name"):
+        write_stem(tone(0.1), SR, tmp_path, name, {})
+    assert list(tmp_path.iterdir()) == []
