@@ -17,12 +17,16 @@ chroma therefore costs at most those notes, each only over the frames it covers.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("musicbridge.midi")
 
 MAX_HELD_NOTES = 64  # notes sounding at once; more than any hands and pedal hold
 MAX_REMEMBERED_NOTES = 4096  # finished notes kept; a jam reads a few bars back, far fewer than this
@@ -148,6 +152,94 @@ class TrackNotes:
         return chroma_of(notes, start_s, seconds, frame_rate)
 
 
+POLL_SECONDS = 0.002  # how often a port's reader drains rtmidi's queue: the most a note waits there
+QUEUE_MESSAGES = 4096  # rtmidi's ring buffer per port: 8 s of a dense controller stream at POLL_SECONDS
+
+
+class MidiPort:
+    """One rtmidi input port, read by a thread of ours; a context manager.
+
+    No Python runs in the MIDI system's own thread. With a callback, python-rtmidi calls Python
+    from JACK's process thread, which then waits for the interpreter lock (and makes the DAW's
+    audio late); and closing a port while that callback ran crashed the process (a segfault in
+    the test suite, at JACK port close). Without one, rtmidi queues each message in its C++ ring
+    buffer in that thread and this port's reader drains it every POLL_SECONDS. On close the reader
+    is stopped before the port, so nothing of ours is called while it goes away.
+
+    on_message: called on the reader thread with each mido message (a malformed one is skipped;
+    an exception is logged and the reader goes on). api: an rtmidi API name ("UNIX_JACK",
+    "LINUX_ALSA", ...) or None for rtmidi's default. port: an existing port's exact name, or None
+    for a new virtual port `virtual_name`.
+    """
+
+    def __init__(self, on_message: Callable[[Any], None], api: str | None = None, port: str | None = None,
+                 virtual_name: str = "musicbridge-in"):
+        self.on_message, self.api, self.port, self.virtual_name = on_message, api, port, virtual_name
+        self._rt = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> MidiPort:
+        import rtmidi
+
+        rt = rtmidi.MidiIn(_rtmidi_api(self.api), name="musicbridge", queue_size_limit=QUEUE_MESSAGES)
+        try:
+            rt.ignore_types(sysex=False, timing=False, active_sense=True)
+            if self.port is None:
+                rt.open_virtual_port(self.virtual_name)
+            else:
+                names = rt.get_ports()
+                if self.port not in names:
+                    raise ValueError(f"MIDI input {self.port!r} is gone; ports: {', '.join(names) or 'none'}")
+                rt.open_port(names.index(self.port))
+        except BaseException:
+            rt.delete()
+            raise
+        self._rt = rt
+        self._thread = threading.Thread(target=self._read, name=f"midi-in {self.port or self.virtual_name}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        import mido
+
+        while not self._stop.is_set():
+            got = self._rt.get_message()
+            if got is None:
+                self._stop.wait(POLL_SECONDS)
+                continue
+            try:
+                msg = mido.Message.from_bytes(got[0])
+            except ValueError:  # a malformed message from the device: skipped, as mido skips it
+                continue
+            try:
+                self.on_message(msg)
+            except Exception:  # noqa: BLE001 - one bad message must not silence the port
+                log.exception("MIDI input %s: a message could not be handled", self.port or self.virtual_name)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._rt is not None:
+            self._rt.close_port()
+            self._rt.delete()
+            self._rt = None
+
+
+def _rtmidi_api(name: str | None) -> int:
+    import rtmidi
+
+    if name is None:
+        return rtmidi.API_UNSPECIFIED
+    api = getattr(rtmidi, f"API_{name}", None)
+    if api is None or api not in rtmidi.get_compiled_api():
+        raise ValueError(f"MIDI API {name!r} is not available here; it has "
+                         f"{', '.join(rtmidi.get_api_name(a) for a in rtmidi.get_compiled_api())}")
+    return api
+
+
 class MidiInput:
     """An open MIDI input port feeding a LiveMelody; a context manager.
 
@@ -162,26 +254,26 @@ class MidiInput:
         self.port_name = port
         self.api = api
         self.virtual_name = virtual_name
-        self._port = None
+        self._port: MidiPort | None = None
 
     def __enter__(self) -> MidiInput:
         import mido
 
-        backend = mido.Backend(f"mido.backends.rtmidi/{self.api}" if self.api else "mido.backends.rtmidi")
-        if self.port_name is None:
-            self._port = backend.open_input(self.virtual_name, virtual=True, callback=self.melody.message)
-        else:
+        name = None
+        if self.port_name is not None:
+            backend = mido.Backend(f"mido.backends.rtmidi/{self.api}" if self.api else "mido.backends.rtmidi")
             names = backend.get_input_names()
             matches = [n for n in names if n == self.port_name] or [n for n in names if self.port_name in n]
             if len(matches) != 1:
                 found = ", ".join(names) or "none"
                 raise ValueError(f"MIDI input {self.port_name!r} matches {len(matches)} ports; ports: {found}")
-            self._port = backend.open_input(matches[0], callback=self.melody.message)
+            name = matches[0]
+        self._port = MidiPort(self.melody.message, self.api, name, self.virtual_name).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._port is not None:
-            self._port.close()
+            self._port.__exit__(*exc)
             self._port = None
         self.melody.all_off()
 
@@ -274,8 +366,7 @@ def open_midi_inputs(specs: list[str], callback, stack) -> list[str]:
             found = "; ".join(f"{a}: {n}" for a, n, _ in ports) or "none (is the JACK/ALSA MIDI system running?)"
             raise ValueError(f"--midi-in {spec!r} matches {len(matches)} input ports; expected exactly one. "
                              f"Input ports: {found}")
-        api, name, backend = matches[0]
-        port = backend.open_input(name, callback=callback)
-        stack.callback(port.close)
+        api, name, _ = matches[0]
+        stack.enter_context(MidiPort(callback, api, name))
         opened.append(f"{api}: {name}")
     return opened

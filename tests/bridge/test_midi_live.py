@@ -70,3 +70,57 @@ def test_jack_midi_notes_reach_the_melody():
         bins = [int(r.argmax()) for r in c if r.sum() > 0]
         assert bins and bins[0] == 2 and bins[-1] == 9 and set(bins) == {2, 9}
         assert melody.chroma(t1 + 0.5, 1.0, RATE).sum() == 0  # closing the input releases held notes
+
+
+CLOSE_UNDER_STREAM = r"""
+import sys, threading, time
+import mido
+from bridge.midi import MidiPort
+
+out = mido.Backend("mido.backends.rtmidi/UNIX_JACK").open_output("mb-stream", virtual=True)
+stop = threading.Event()
+
+def stream():  # a dense stream of notes into whatever input is connected, never pausing for a close
+    n = 0
+    while not stop.is_set():
+        out.send(mido.Message("note_on", note=60 + n % 12, velocity=1 + n % 126))
+        n += 1
+        time.sleep(0.0005)
+
+threading.Thread(target=stream, daemon=True).start()
+import jack
+client = jack.Client("mb-patcher", no_start_server=True)
+total = 0
+for i in range(40):
+    got = []
+    def slow(msg):  # a handler that takes its time: it runs on the port's reader, not JACK's thread
+        got.append(msg.note)
+        time.sleep(0.001)
+    with MidiPort(slow, "UNIX_JACK", None, f"mb-in-{i}"):
+        src = [p.name for p in client.get_ports(is_midi=True, is_output=True) if "mb-stream" in p.name][0]
+        dst = [p.name for p in client.get_ports(is_midi=True, is_input=True) if f"mb-in-{i}" in p.name][0]
+        client.connect(src, dst)
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert got and all(60 <= n < 72 for n in got), got[:10]
+    total += len(got)
+stop.set()
+print("opened and closed 40 times under a stream; messages", total)
+"""
+
+
+def test_a_port_closed_while_messages_stream_in_closes_cleanly(tmp_path):
+    """Closing an input while the MIDI system delivers to it, 40 times: in a child process, so a crash
+    in the MIDI library is a failure here rather than the end of the test run."""
+    import subprocess
+    import sys
+
+    from tests.bridge.osc_helpers import ROOT
+    from tests.jack_server import jack_server
+
+    with jack_server():
+        r = subprocess.run([sys.executable, "-c", CLOSE_UNDER_STREAM], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert "opened and closed 40 times" in r.stdout
