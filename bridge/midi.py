@@ -156,76 +156,85 @@ POLL_SECONDS = 0.002  # how often a port's reader drains rtmidi's queue: the mos
 QUEUE_MESSAGES = 4096  # rtmidi's ring buffer per port: 8 s of a dense controller stream at POLL_SECONDS
 
 
-class MidiPort:
-    """One rtmidi input port, read by a thread of ours; a context manager.
+class MidiReader:
+    """Reads an open rtmidi input port on a thread of ours, and owns the port; a context manager.
 
     No Python runs in the MIDI system's own thread. With a callback, python-rtmidi calls Python
-    from JACK's process thread, which then waits for the interpreter lock (and makes the DAW's
-    audio late); and closing a port while that callback ran crashed the process (a segfault in
-    the test suite, at JACK port close). Without one, rtmidi queues each message in its C++ ring
-    buffer in that thread and this port's reader drains it every POLL_SECONDS. On close the reader
-    is stopped before the port, so nothing of ours is called while it goes away.
+    from JACK's process thread, which then waits for the interpreter lock (so a busy daemon makes
+    the DAW's audio late), and closing a port while that callback ran deadlocked or crashed the
+    process. Without one, rtmidi queues each message in its C++ ring buffer in that thread, and
+    this reader drains it every POLL_SECONDS. On close the reader stops before the port closes.
 
-    on_message: called on the reader thread with each mido message (a malformed one is skipped;
-    an exception is logged and the reader goes on). api: an rtmidi API name ("UNIX_JACK",
-    "LINUX_ALSA", ...) or None for rtmidi's default. port: an existing port's exact name, or None
-    for a new virtual port `virtual_name`.
+    on_message(data, driver_seconds) is called on the reader thread: the message's bytes, and its
+    time as the MIDI system stamped it (rtmidi's deltas summed: seconds since the port's first
+    message), which a stall on our side does not move. A message whose handler raises is logged
+    and the reader goes on.
     """
 
-    def __init__(self, on_message: Callable[[Any], None], api: str | None = None, port: str | None = None,
-                 virtual_name: str = "musicbridge-in"):
-        self.on_message, self.api, self.port, self.virtual_name = on_message, api, port, virtual_name
-        self._rt = None
+    def __init__(self, rt: Any, on_message: Callable[[list[int], float], None], name: str):
+        self._rt, self.on_message, self.name = rt, on_message, name
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._read, name=f"midi-in {name}", daemon=True)
 
-    def __enter__(self) -> MidiPort:
-        import rtmidi
-
-        rt = rtmidi.MidiIn(_rtmidi_api(self.api), name="musicbridge", queue_size_limit=QUEUE_MESSAGES)
-        try:
-            rt.ignore_types(sysex=False, timing=False, active_sense=True)
-            if self.port is None:
-                rt.open_virtual_port(self.virtual_name)
-            else:
-                names = rt.get_ports()
-                if self.port not in names:
-                    raise ValueError(f"MIDI input {self.port!r} is gone; ports: {', '.join(names) or 'none'}")
-                rt.open_port(names.index(self.port))
-        except BaseException:
-            rt.delete()
-            raise
-        self._rt = rt
-        self._thread = threading.Thread(target=self._read, name=f"midi-in {self.port or self.virtual_name}",
-                                        daemon=True)
+    def __enter__(self) -> MidiReader:
         self._thread.start()
         return self
 
     def _read(self) -> None:
-        import mido
-
+        driver_t = 0.0
         while not self._stop.is_set():
             got = self._rt.get_message()
             if got is None:
                 self._stop.wait(POLL_SECONDS)
                 continue
+            data, delta = got
+            driver_t += delta
             try:
-                msg = mido.Message.from_bytes(got[0])
-            except ValueError:  # a malformed message from the device: skipped, as mido skips it
-                continue
-            try:
-                self.on_message(msg)
+                self.on_message(data, driver_t)
             except Exception:  # noqa: BLE001 - one bad message must not silence the port
-                log.exception("MIDI input %s: a message could not be handled", self.port or self.virtual_name)
+                log.exception("MIDI input %s: a message could not be handled", self.name)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join()
-        if self._rt is not None:
-            self._rt.close_port()
-            self._rt.delete()
-            self._rt = None
+        self._rt.close_port()
+        self._rt.delete()
+
+
+def open_input_port(api: str | None, port: str | None, virtual_name: str = "musicbridge-in") -> Any:
+    """An rtmidi input on `api` (an rtmidi API name such as "UNIX_JACK", or None for rtmidi's
+    default): the existing port named exactly `port`, or a new virtual port `virtual_name`."""
+    import rtmidi
+
+    rt = rtmidi.MidiIn(_rtmidi_api(api), name="musicbridge", queue_size_limit=QUEUE_MESSAGES)
+    try:
+        rt.ignore_types(sysex=False, timing=False, active_sense=True)
+        if port is None:
+            rt.open_virtual_port(virtual_name)
+        else:
+            names = rt.get_ports()
+            if port not in names:
+                raise ValueError(f"MIDI input {port!r} is gone; ports: {', '.join(names) or 'none'}")
+            rt.open_port(names.index(port))
+    except BaseException:
+        rt.delete()
+        raise
+    return rt
+
+
+def _as_mido(handler: Callable[[Any], None]) -> Callable[[list[int], float], None]:
+    """A reader's raw messages as mido messages to `handler` (a malformed one is skipped, as mido does)."""
+    import mido
+
+    def on_message(data: list[int], _driver_t: float) -> None:
+        try:
+            msg = mido.Message.from_bytes(data)
+        except ValueError:
+            return
+        handler(msg)
+
+    return on_message
 
 
 def _rtmidi_api(name: str | None) -> int:
@@ -254,7 +263,7 @@ class MidiInput:
         self.port_name = port
         self.api = api
         self.virtual_name = virtual_name
-        self._port: MidiPort | None = None
+        self._reader: MidiReader | None = None
 
     def __enter__(self) -> MidiInput:
         import mido
@@ -268,13 +277,14 @@ class MidiInput:
                 found = ", ".join(names) or "none"
                 raise ValueError(f"MIDI input {self.port_name!r} matches {len(matches)} ports; ports: {found}")
             name = matches[0]
-        self._port = MidiPort(self.melody.message, self.api, name, self.virtual_name).__enter__()
+        rt = open_input_port(self.api, name, self.virtual_name)
+        self._reader = MidiReader(rt, _as_mido(self.melody.message), name or self.virtual_name).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._port is not None:
-            self._port.__exit__(*exc)
-            self._port = None
+        if self._reader is not None:
+            self._reader.__exit__(*exc)
+            self._reader = None
         self.melody.all_off()
 
 
@@ -367,6 +377,6 @@ def open_midi_inputs(specs: list[str], callback, stack) -> list[str]:
             raise ValueError(f"--midi-in {spec!r} matches {len(matches)} input ports; expected exactly one. "
                              f"Input ports: {found}")
         api, name, _ = matches[0]
-        stack.enter_context(MidiPort(callback, api, name))
+        stack.enter_context(MidiReader(open_input_port(api, name), _as_mido(callback), f"{api}: {name}"))
         opened.append(f"{api}: {name}")
     return opened

@@ -6,6 +6,16 @@ delivers events once per period, a few milliseconds apart) then moves the tempo 
 of a bpm instead of several bpm. A real tempo change is seen by a shorter line through the
 last quarter note; the long line then restarts from there (see TempoFit).
 
+Each clock is stamped with the time the MIDI system gave it, not the time Python got to it. The
+port is read by bridge.midi.MidiReader (no Python in JACK's process thread; rtmidi queues the
+messages in C++), which passes rtmidi's own timestamps (the driver's deltas, summed). Those are
+mapped onto the follower's clock by the smallest offset between when a message was read and its
+driver time over the last STAMP_WINDOW seconds: a message is never read before it arrives, so
+the smallest offset is the one with no delay on our side, and a stall of the daemon (a generate
+holding the CPU) delays reading without moving any clock's time. Before, each clock was stamped
+when the Python callback ran, and one 100-200 ms stall moved the fitted tempo by 40-313 bpm for
+about 0.4 s.
+
 The port is opened through python-rtmidi: the JACK API when a JACK server runs, else ALSA.
 PORT names an existing MIDI output (exactly, or a unique part of its name) to connect to; when
 no port matches, a new input port called PORT is made for the DAW to connect its clock to.
@@ -19,10 +29,12 @@ from collections.abc import Callable
 
 from bridge.clock.follower import ClockError, Follower, log
 from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid
+from bridge.midi import QUEUE_MESSAGES, MidiReader
 
 CLOCK, START, CONTINUE, STOP, SPP = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 PPQN = 24
 TRIM_SECONDS = 0.006  # further off the line than jitter plus JACK's period can put a clock
+STAMP_WINDOW = 2.0  # seconds of driver time over which the smallest read offset is taken
 
 
 class TempoFit:
@@ -95,6 +107,8 @@ class MidiClockFollower(Follower):
             raise ClockError("--follow midi-clock:PORT needs a port name after the colon")
         self.port, self.api = port, api
         self._in = None
+        self._reader: MidiReader | None = None
+        self._offsets: deque[tuple[float, float]] = deque()  # (driver time, read offset), offsets increasing
         self.fit = TempoFit()
         self.clocks = 0            # clocks (1/24 quarter) from bar 1
         self.playing = False
@@ -111,7 +125,7 @@ class MidiClockFollower(Follower):
             if api not in rtmidi.get_compiled_api():
                 continue
             try:
-                self._in = rtmidi.MidiIn(api, name="musicbridge")
+                self._in = rtmidi.MidiIn(api, name="musicbridge", queue_size_limit=QUEUE_MESSAGES)
                 break
             except (rtmidi.SystemError, rtmidi.RtMidiError) as e:
                 errors.append(f"{rtmidi.get_api_name(api)}: {e}")
@@ -135,13 +149,24 @@ class MidiClockFollower(Follower):
             self.port_name = self.port
             log.info("following MIDI clock on a new input port %r: connect your DAW's clock output to it",
                      self.port)
-        self._in.set_callback(self._message)
+        self._reader = MidiReader(self._in, self._message, self.port_name).__enter__()
         return self
 
-    def _message(self, event, _data=None) -> None:
-        msg, _delta = event
+    def _message(self, msg: list[int], driver_t: float) -> None:
         if msg:
-            self.feed(msg, self.clock())
+            self.feed(msg, self.stamp(driver_t, self.clock()))
+
+    def stamp(self, driver_t: float, read_at: float) -> float:
+        """A message's time on the follower's clock from its driver time and when it was read: the
+        driver time plus the smallest read offset of the last STAMP_WINDOW seconds (a sliding
+        minimum, kept as a deque of increasing offsets)."""
+        offset, q = read_at - driver_t, self._offsets
+        while q and q[-1][1] >= offset:
+            q.pop()
+        q.append((driver_t, offset))
+        while q[0][0] < driver_t - STAMP_WINDOW:
+            q.popleft()
+        return driver_t + q[0][1]
 
     def feed(self, msg, t: float) -> None:
         """One MIDI message that arrived at output time t."""
@@ -170,8 +195,10 @@ class MidiClockFollower(Follower):
                      anchor_beat=self.clocks / PPQN * den / 4.0)
 
     def close(self) -> None:
-        if self._in is not None:
-            self._in.cancel_callback()
+        if self._reader is not None:  # stops reading, then closes and deletes the port
+            self._reader.__exit__(None, None, None)
+            self._reader = None
+        elif self._in is not None:
             self._in.close_port()
             self._in.delete()
-            self._in = None
+        self._in = None

@@ -75,7 +75,7 @@ def test_jack_midi_notes_reach_the_melody():
 CLOSE_UNDER_STREAM = r"""
 import sys, threading, time
 import mido
-from bridge.midi import MidiPort
+from bridge.midi import MidiReader, open_input_port
 
 out = mido.Backend("mido.backends.rtmidi/UNIX_JACK").open_output("mb-stream", virtual=True)
 stop = threading.Event()
@@ -93,10 +93,10 @@ client = jack.Client("mb-patcher", no_start_server=True)
 total = 0
 for i in range(40):
     got = []
-    def slow(msg):  # a handler that takes its time: it runs on the port's reader, not JACK's thread
-        got.append(msg.note)
+    def slow(data, _driver_t):  # a handler that takes its time: it runs on the port's reader, not JACK's thread
+        got.append(data[1])
         time.sleep(0.001)
-    with MidiPort(slow, "UNIX_JACK", None, f"mb-in-{i}"):
+    with MidiReader(open_input_port("UNIX_JACK", None, f"mb-in-{i}"), slow, f"mb-in-{i}"):
         src = [p.name for p in client.get_ports(is_midi=True, is_output=True) if "mb-stream" in p.name][0]
         dst = [p.name for p in client.get_ports(is_midi=True, is_input=True) if f"mb-in-{i}" in p.name][0]
         client.connect(src, dst)

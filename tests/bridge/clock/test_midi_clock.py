@@ -76,3 +76,75 @@ def test_midi_clock_port_name_is_required():
     with pytest.raises(ValueError, match="midi-clock:PORT"):
         parse_follow("midi-clock")
     assert parse_follow("midi-clock:Clock Out").port == "Clock Out"
+
+
+def test_a_stamp_is_the_driver_time_plus_the_smallest_recent_read_delay():
+    from bridge.clock.grid import Grid
+    from bridge.clock.midi_clock import STAMP_WINDOW, MidiClockFollower
+
+    f = MidiClockFollower(PORT, Grid(tempo=120.0))
+    # read 3 ms after arrival, then a 150 ms stall delays three reads, then 1 ms: offset 100 + delay
+    assert f.stamp(0.0, 100.003) == pytest.approx(100.003)
+    assert f.stamp(0.02, 100.170) == pytest.approx(100.023)  # the stall does not move the clock's time
+    assert f.stamp(0.04, 100.171) == pytest.approx(100.043)
+    assert f.stamp(0.06, 100.061) == pytest.approx(100.061)  # a quicker read lowers the offset
+    assert f.stamp(0.08, 100.090) == pytest.approx(100.081)
+    # once the quick read is older than the window, the smallest offset within it rules
+    late = 0.06 + STAMP_WINDOW + 0.5
+    assert f.stamp(late, 100.0 + late + 0.004) == pytest.approx(100.0 + late + 0.004)
+
+
+STALL_SENDER = r"""
+import sys, time, rtmidi
+out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="mb-test-clock")
+deadline = time.monotonic() + 10
+while not (names := [i for i, n in enumerate(out.get_ports()) if sys.argv[1] in n]):
+    assert time.monotonic() < deadline, out.get_ports()
+    time.sleep(0.05)
+out.open_port(names[0])
+time.sleep(0.5)  # the connection settles before the first message
+out.send_message([0xFA])
+interval, t0 = 60.0 / 120.0 / 24, time.monotonic()
+for k in range(4 * 96):  # four bars at 120 bpm, on time
+    while (left := t0 + k * interval - time.monotonic()) > 0:
+        time.sleep(left)
+    out.send_message([0xF8])
+print("sent")
+"""
+
+
+def test_a_stall_in_the_daemon_does_not_move_the_followed_tempo(tmp_path):
+    """Clocks sent on time by another process while this one holds the interpreter lock for 200 ms,
+    twice: every tempo published after the first bar stays within 0.5 bpm of 120."""
+    import subprocess
+    import sys
+
+    from bridge.clock.grid import Grid
+    from bridge.clock.midi_clock import MidiClockFollower
+    from tests.bridge.osc_helpers import ROOT
+
+    published = []
+    with jack_server():
+        with MidiClockFollower(PORT, Grid(tempo=90.0), on_update=published.append, api="jack") as f:
+            sender = subprocess.Popen([sys.executable, "-c", STALL_SENDER, PORT], cwd=ROOT, stdout=subprocess.PIPE,
+                                      text=True)
+            try:
+                while f.clocks < 96:  # the first bar
+                    time.sleep(0.01)
+                t = time.perf_counter()
+                sum(range(1_000_000))
+                n = int(1_000_000 * 0.2 / max(time.perf_counter() - t, 1e-4))  # about 200 ms of it
+                for _ in range(2):
+                    sum(range(n))  # one C call that keeps the interpreter lock while clocks arrive
+                    time.sleep(0.3)
+                out, _ = sender.communicate(timeout=60)
+            finally:
+                sender.kill()
+            assert out.strip() == "sent"
+            deadline = time.monotonic() + 10
+            while f.clocks < 4 * 96 - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert f.clocks == 4 * 96 - 1  # every clock arrived (the first is the downbeat itself)
+    tempos = [g.tempo for g in published[96:]]
+    assert len(tempos) >= 2 * 96
+    assert max(abs(t - 120.0) for t in tempos) < 0.5, (min(tempos), max(tempos))
