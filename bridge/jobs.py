@@ -106,9 +106,7 @@ class JobQueue:
         with self._cond:
             if self._closing:
                 raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
-            if len(self._queued) >= self.max_queued:
-                raise ProtocolError("busy", f"{len(self._queued)} jobs are already queued, the limit; "
-                                            "wait for one to finish or cancel one")
+            self._take_places(1, "wait for one to finish or cancel one")
             job = Job(new_id(), plan, reply_to, priority, next(self._seq))
             self.jobs[job.id] = job
             if accepted is not None:
@@ -125,10 +123,7 @@ class JobQueue:
         with self._cond:
             if self._closing:
                 raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
-            free = self.max_queued - len(self._queued)
-            if len(plans) > free:
-                raise ProtocolError("busy", f"{len(plans)} variations need {len(plans)} queue places and "
-                                            f"{free} are free; wait, or lower variations")
+            self._take_places(len(plans), "wait, or lower variations")
             jobs = []
             for plan in plans:
                 job = Job(new_id(), plan, reply_to, priority, next(self._seq))
@@ -150,6 +145,7 @@ class JobQueue:
         with self._cond:
             if self._closing:
                 raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
+            self._take_places(1, "wait for one to finish or cancel one")
             job = Job(new_id(), plan, reply_to, 0, next(self._seq), state="running")
             self.jobs[job.id] = job
             self._live.append(job)
@@ -158,6 +154,16 @@ class JobQueue:
             self._forget_old()
         threading.Thread(target=self._run_live, args=(job, play), name=f"live-job-{job.id}", daemon=True).start()
         return job
+
+    def _take_places(self, n: int, hint: str) -> None:
+        """ProtocolError busy unless n more jobs fit under max_queued (call holding _cond). Live plays
+        count too: each runs at once on its own thread, so without the limit a burst of /play
+        would start as many generations side by side."""
+        held = len(self._queued) + len(self._live)
+        if held + n > self.max_queued:
+            what = "job needs a place" if n == 1 else f"jobs need {n} places"
+            raise ProtocolError("busy", f"the {what} and {self.max_queued - held} of {self.max_queued} are free "
+                                        f"({len(self._queued)} queued, {len(self._live)} playing live); {hint}")
 
     def _run_live(self, job: Job, play) -> None:
         self.on_event(job, "progress", (0.0,))

@@ -221,3 +221,31 @@ def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
     assert kind == "done" and sf.info(path).frames == 72000
     side = json.loads(open(path[:-4] + ".json").read())
     assert side["melody"]["kind"] == "chroma" and side["prompt"] == "piano"
+
+
+def test_live_plays_take_places_under_max_queued(tiny_engine, tmp_path):
+    """A burst of live plays is capped by the same limit as queued jobs, and queued jobs see them."""
+    ev = Events()
+    q = JobQueue(tiny_engine, tmp_path, ev, max_queued=3)
+    release = threading.Event()
+
+    def play(job, request, progress):  # stands for playing while generating: holds its place until released
+        release.wait(60)
+        return None  # as a cancelled play: no stem
+
+    new_id = ids()
+    live = [q.run_live(spec(f"l{i}", 1.0), ("127.0.0.1", 1), new_id, play) for i in range(2)]
+    queued = q.submit(spec("a", 1.0), ("127.0.0.1", 1), 0, new_id)
+    for attempt in (lambda: q.run_live(spec("l9", 1.0), ("127.0.0.1", 1), new_id, play),
+                    lambda: q.submit(spec("b", 1.0), ("127.0.0.1", 1), 0, new_id),
+                    lambda: q.submit_all([spec("c", 1.0)] * 2, ("127.0.0.1", 1), 0, new_id)):
+        with pytest.raises(ProtocolError) as e:
+            attempt()
+        assert e.value.code == "busy" and "2 playing live" in e.value.message, e.value.message
+    assert new_id() == 4  # refused plays and jobs used no id
+    q.cancel(queued.id)
+    release.set()
+    ev.wait_final([j.id for j in live])
+    after = q.run_live(spec("l3", 1.0), ("127.0.0.1", 1), new_id, play)  # the places are free again
+    ev.wait_final([after.id])
+    q.shutdown(grace=0.0)
