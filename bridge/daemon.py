@@ -503,8 +503,12 @@ class Daemon:
             s.update_track(cmd.track, continuation={"path": str(cmd.path), "seconds": cmd.seconds})
 
         def accepted(job: Job) -> None:
+            try:  # recorded before it is acknowledged: whatever /job/accepted answered, a restart finds
+                self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender))
+            except OSError as e:
+                raise ProtocolError("failed", f"{e}; the job was not queued: free the disk (or fix the session "
+                                              "folder) and send it again") from None
             self.access.own(job.id, sender)
-            self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender))
             self.reply(sender, "/job/accepted", job.id, cmd.track, hold=False)  # before any progress
             log.info("job %d queued: track %s, %s, prompt %r%s", job.id, cmd.track, plan.length_text,
                      plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")

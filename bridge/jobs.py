@@ -108,9 +108,7 @@ class JobQueue:
                 raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
             self._take_places(1, "wait for one to finish or cancel one")
             job = Job(new_id(), plan, reply_to, priority, next(self._seq))
-            self.jobs[job.id] = job
-            if accepted is not None:
-                accepted(job)
+            self._announce(job, accepted)
             self._queued.append(job)
             self._forget_old()
             self._cond.notify_all()
@@ -119,22 +117,30 @@ class JobQueue:
     def submit_all(self, plans: list[StemPlan], reply_to: Address, priority: int, new_id: Callable[[], int],
                    accepted: Callable[[Job], None] | None = None) -> list[Job]:
         """Queue several jobs at once (the takes of one variations request): all or none, and
-        the worker sees them together, so they share one engine call (up to max_batch)."""
-        with self._cond:
-            if self._closing:
-                raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
-            self._take_places(len(plans), "wait, or lower variations")
-            jobs = []
-            for plan in plans:
-                job = Job(new_id(), plan, reply_to, priority, next(self._seq))
-                self.jobs[job.id] = job
-                if accepted is not None:
-                    accepted(job)
-                jobs.append(job)
-            self._queued.extend(jobs)
-            self._forget_old()
-            self._cond.notify_all()
-        return jobs
+        the worker sees them together, so they share one engine call (up to max_batch). Where one
+        cannot be accepted, the takes announced before it are withdrawn (cancelled) and none runs."""
+        withdrawn: list[Job] = []
+        try:
+            with self._cond:
+                if self._closing:
+                    raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
+                self._take_places(len(plans), "wait, or lower variations")
+                jobs: list[Job] = []
+                try:
+                    for plan in plans:
+                        job = Job(new_id(), plan, reply_to, priority, next(self._seq))
+                        self._announce(job, accepted)
+                        jobs.append(job)
+                except BaseException:
+                    withdrawn = jobs
+                    raise
+                self._queued.extend(jobs)
+                self._forget_old()
+                self._cond.notify_all()
+            return jobs
+        finally:
+            for job in withdrawn:  # outside the queue's lock, as every final event is sent
+                self._finish(job, "cancelled", ())
 
     def run_live(self, plan: StemPlan, reply_to: Address, new_id: Callable[[], int],
                  play: Callable[[Job, Any, Callable[[float], None]], Any],
@@ -147,13 +153,23 @@ class JobQueue:
                 raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
             self._take_places(1, "wait for one to finish or cancel one")
             job = Job(new_id(), plan, reply_to, 0, next(self._seq), state="running")
-            self.jobs[job.id] = job
+            self._announce(job, accepted)
             self._live.append(job)
-            if accepted is not None:
-                accepted(job)
             self._forget_old()
         threading.Thread(target=self._run_live, args=(job, play), name=f"live-job-{job.id}", daemon=True).start()
         return job
+
+    def _announce(self, job: Job, accepted: Callable[[Job], None] | None) -> None:
+        """Register a new job and run `accepted(job)` (the daemon records it in its journal, then
+        answers /job/accepted). A job whose acceptance raises is forgotten and the error raised:
+        it was never accepted. Call holding _cond."""
+        self.jobs[job.id] = job
+        if accepted is not None:
+            try:
+                accepted(job)
+            except BaseException:
+                del self.jobs[job.id]
+                raise
 
     def _take_places(self, n: int, hint: str) -> None:
         """ProtocolError busy unless n more jobs fit under max_queued (call holding _cond). Live plays

@@ -83,22 +83,31 @@ class Journal:
         return found
 
     def add(self, entry: Entry) -> None:
+        """Record a job as it is accepted. Raises OSError, keeping no entry, when the journal cannot
+        be written: a job is acknowledged only once a restart would find it."""
         with self._lock:
             self._entries[entry.job_id] = entry
-            self._save()
+            try:
+                self._write()
+            except (OSError, ValueError) as e:
+                del self._entries[entry.job_id]
+                raise OSError(f"could not write the job journal {self.path}: {e}") from e
 
     def remove(self, job_id: int) -> None:
         with self._lock:
             if self._entries.pop(job_id, None) is not None:
                 self._save()
 
-    def _save(self) -> None:
+    def _write(self) -> None:
         data = {"version": 1, "jobs": [{"id": e.job_id, "address": e.address, "args": list(e.args),
                                         "reply_to": list(e.reply_to), "sender": list(e.sender)}
                                        for e in self._entries.values()]}
+        replace_json(self.path, data, prefix=".jobs-journal.")
+
+    def _save(self) -> None:
         try:
-            replace_json(self.path, data, prefix=".jobs-journal.")
-        except (OSError, ValueError) as e:  # the journal is bookkeeping: a full disk must not fail the job
+            self._write()
+        except (OSError, ValueError) as e:  # a finished job's line stays: a restart reports it, harmless
             log.warning("could not update the job journal %s: %s", self.path, e)
 
 

@@ -249,3 +249,28 @@ def test_live_plays_take_places_under_max_queued(tiny_engine, tmp_path):
     after = q.run_live(spec("l3", 1.0), ("127.0.0.1", 1), new_id, play)  # the places are free again
     ev.wait_final([after.id])
     q.shutdown(grace=0.0)
+
+
+def test_a_job_whose_acceptance_fails_is_not_kept_and_variations_are_all_or_none(tiny_engine, tmp_path):
+    """`accepted` stands for the daemon's journal write: when it raises, the job never existed, and
+    the takes of a variations request announced before the failing one are withdrawn."""
+    ev = Events()
+    q = JobQueue(tiny_engine, tmp_path, ev, max_queued=8)
+    new_id = ids()
+    calls = []
+
+    def accepted(job):
+        calls.append(job.id)
+        if len(calls) in (1, 3):
+            raise ProtocolError("failed", "could not write the job journal")
+
+    with pytest.raises(ProtocolError, match="journal"):
+        q.submit(spec("a", 1.0), ("127.0.0.1", 1), 0, new_id, accepted)
+    assert 1 not in q.jobs
+    with pytest.raises(ProtocolError, match="journal"):
+        q.submit_all([spec("v", 1.0)] * 3, ("127.0.0.1", 1), 0, new_id, accepted)
+    assert calls == [1, 2, 3]
+    assert q.jobs[2].state == "cancelled" and 3 not in q.jobs  # take 2 was announced, take 3 was not
+    assert ev.items == [(2, "cancelled", ())]
+    assert q.submit(spec("b", 1.0), ("127.0.0.1", 1), 0, new_id, accepted).id == 4  # the queue is empty again
+    q.shutdown(grace=0.0)
