@@ -106,7 +106,7 @@ class JobQueue:
         with self._cond:
             if self._closing:
                 raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
-            self._take_places(1, "wait for one to finish or cancel one")
+            self._take_places(1, "the job needs a place", "wait for one to finish or cancel one")
             job = Job(new_id(), plan, reply_to, priority, next(self._seq))
             self._announce(job, accepted)
             self._queued.append(job)
@@ -124,7 +124,8 @@ class JobQueue:
             with self._cond:
                 if self._closing:
                     raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
-                self._take_places(len(plans), "wait, or lower variations")
+                self._take_places(len(plans), f"{len(plans)} variations need {len(plans)} places",
+                                  "wait, or lower variations")
                 jobs: list[Job] = []
                 try:
                     for plan in plans:
@@ -151,7 +152,7 @@ class JobQueue:
         with self._cond:
             if self._closing:
                 raise ProtocolError("busy", "the daemon is shutting down and accepts no new jobs")
-            self._take_places(1, "wait for one to finish or cancel one")
+            self._take_places(1, "the job needs a place", "wait for one to finish or cancel one")
             job = Job(new_id(), plan, reply_to, 0, next(self._seq), state="running")
             self._announce(job, accepted)
             self._live.append(job)
@@ -171,14 +172,13 @@ class JobQueue:
                 del self.jobs[job.id]
                 raise
 
-    def _take_places(self, n: int, hint: str) -> None:
-        """ProtocolError busy unless n more jobs fit under max_queued (call holding _cond). Live plays
-        count too: each runs at once on its own thread, so without the limit a burst of /play
-        would start as many generations side by side."""
+    def _take_places(self, n: int, what: str, hint: str) -> None:
+        """ProtocolError busy unless n more jobs fit under max_queued (call holding _cond); `what` says
+        who needs the places. Live plays count too: each runs at once on its own thread, so without
+        the limit a burst of /play would start as many generations side by side."""
         held = len(self._queued) + len(self._live)
         if held + n > self.max_queued:
-            what = "job needs a place" if n == 1 else f"jobs need {n} places"
-            raise ProtocolError("busy", f"the {what} and {self.max_queued - held} of {self.max_queued} are free "
+            raise ProtocolError("busy", f"{what} and {self.max_queued - held} of {self.max_queued} are free "
                                         f"({len(self._queued)} queued, {len(self._live)} playing live); {hint}")
 
     def _run_live(self, job: Job, play) -> None:
