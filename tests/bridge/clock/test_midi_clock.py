@@ -109,6 +109,10 @@ for k in range(4 * 96):  # four bars at 120 bpm, on time
     while (left := t0 + k * interval - time.monotonic()) > 0:
         time.sleep(left)
     out.send_message([0xF8])
+# rtmidi's JACK output hands messages to JACK's next cycle; a process that exits at once can take the
+# last clock with it. Closing the port after a few cycles lets it go out.
+time.sleep(0.2)
+out.close_port()
 print("sent")
 """
 
