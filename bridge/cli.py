@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import NoReturn
 
+from bridge.commands.common import UsageError
+
 # Order is the order `musicbridge --help` lists them.
 COMMAND_MODULES = (
     "generate",
@@ -31,19 +33,15 @@ COMMAND_MODULES = (
 )
 
 
-class UsageError(Exception):
-    """A user mistake: bad flag value, missing file, unknown model."""
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from model.loading import ModelError
+    from model.load.resolve import ModelError
     from model.types import RequestError
 
     errs: list[type[BaseException]] = [UsageError, ModelError, RequestError, FileNotFoundError,
                                        FileExistsError, PermissionError, IsADirectoryError]
-    for mod, name in (("audiofile", "AudioFileError"), ("model.melody", "MelodyError"), ("presets", "PresetError"),
-                      ("bridge.session_file", "SessionFileError"), ("bridge.stem_output", "SidecarError"),
-                      ("bridge.stem_request", "StemRequestError")):
+    for mod, name in (("audiofile", "AudioFileError"), ("model.conditioning.melody", "MelodyError"), ("presets", "PresetError"),
+                      ("bridge.state.session_file", "SessionFileError"), ("bridge.stems.output", "SidecarError"),
+                      ("bridge.stems.request", "StemRequestError")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -67,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         mod.add_parser(sub)
     return parser
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +113,7 @@ def end(code: int) -> NoReturn:
     `generate` had written its file. What an exit must do still happens, in the order Python
     does it: the atexit handlers (logging's flush and close, multiprocessing's joins, weakref
     finalizers), then stdout and stderr are flushed; first, as Python does, it waits for every
-    non-daemon thread (one may be writing the converted weights' cache, model/weight_cache.py)."""
+    non-daemon thread (one may be writing the converted weights' cache, model/memory/weight_cache.py)."""
     main_thread = threading.main_thread()
     try:
         for t in threading.enumerate():
@@ -134,7 +131,4 @@ def end(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    # Re-import so that `python -m bridge.cli` and command modules share one UsageError class.
-    from bridge.cli import run as _run
-
-    _run()
+    run()

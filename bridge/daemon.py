@@ -1,7 +1,7 @@
 """The OSC daemon: messages in, session changes and jobs out, replies back to the sender.
 
-Wiring only: bridge.osc receives, bridge.protocol turns each message into a command (or an
-error), this module applies it to bridge.session or queues it on bridge.jobs, and answers.
+Wiring only: bridge.osc.udp receives, bridge.osc.protocol turns each message into a command (or an
+error), this module applies it to bridge.state.session or queues it on bridge.stems.jobs, and answers.
 Handlers run on the OSC thread and never run inference; they change state or queue a job.
 """
 
@@ -16,19 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bridge import protocol as P
-from bridge.access import Access
+from bridge.osc import protocol as P
+from bridge.osc.access import Access
 from bridge.clock import FollowSpec
 from bridge.clock.hub import ClockHub, JamGridSource, output_clock
-from bridge.inputs import InputLimits, Inputs
-from bridge.journal import Entry, Journal, remove_stale_temporaries
-from bridge.jobs import Job, JobQueue, check_track_params, plan_job, variation_plans
-from bridge.osc import Address, OscServer
-from bridge.paths import PathPolicy
-from bridge.protocol import Limits, ProtocolError
-from bridge.replybudget import ReplyBudget
-from bridge.session import LiveSession
-from bridge.session_check import chroma_to_text
+from bridge.osc.input_files import InputLimits, Inputs
+from bridge.state.journal import Entry, Journal, remove_stale_temporaries
+from bridge.stems.jobs import Job, JobQueue, check_track_params, plan_job, variation_plans
+from bridge.osc.udp import Address, OscServer
+from bridge.osc.paths import PathPolicy
+from bridge.osc.protocol import Limits, ProtocolError
+from bridge.osc.reply_budget import ReplyBudget
+from bridge.state.session import LiveSession
+from bridge.state.session_check import chroma_to_text
 from model.types import melody_refusal
 
 log = logging.getLogger("musicbridge.serve")
@@ -106,9 +106,9 @@ class Daemon:
 
     def __init__(self, engine, config: DaemonConfig, audio=None, notes=None):
         """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None.
-        notes: a bridge.midi.NoteRouter fed by --midi-in ports (None: OSC notes only)."""
-        from bridge.live_control import LiveControl
-        from bridge.stem_output import engine_record
+        notes: a bridge.live.notes.NoteRouter fed by --midi-in ports (None: OSC notes only)."""
+        from bridge.live.control import LiveControl
+        from bridge.stems.output import engine_record
 
         self.engine, self.config, self.audio = engine, config, audio
         self.stems_dir = Path(config.stems_dir or Path(config.session_dir) / "stems")
@@ -133,11 +133,11 @@ class Daemon:
         self.tracebacks = self.server.tracebacks  # one rate limit for every traceback the OSC path logs
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
-        # jams, live notes and the typed bar grid (bridge/live_control.py)
+        # jams, live notes and the typed bar grid (bridge/live/control.py)
         self.live = LiveControl(engine, audio, notes, self.session.transport,
                                 lambda to, address, args: self.server.send(to, address, args))
         self.live.inputs = self.inputs  # a jam reads stored melody files through the same input limits as jobs
-        self.jams = self.live.jams  # track -> bridge.jam.Jam (the latest one per track)
+        self.jams = self.live.jams  # track -> bridge.live.jam.Jam (the latest one per track)
         if config.follow.source != "typed":  # jams play on the followed DAW's bar grid (docs/daw.md)
             self.live.grid = JamGridSource(self.clock)
         self._closed = False
@@ -285,7 +285,7 @@ class Daemon:
 
     # One handler per command class, marked @handles(CommandClass): each changes state or queues
     # a job, then answers. To add a message: a frozen command class and its builder in
-    # bridge.protocol, and a method here marked @handles(ThatClass).
+    # bridge.osc.protocol, and a method here marked @handles(ThatClass).
 
     @handles(P.Hello)
     def _hello(self, cmd: P.Hello, sender: Address) -> None:
@@ -514,7 +514,7 @@ class Daemon:
                      plan.request["prompt"][:80], f", priority {cmd.priority}" if cmd.priority else "")
 
         takes = 1 if isinstance(cmd, P.Continue) or live else int(track.params_dict().get("variations") or 1)
-        if live:  # heard while it generates: it skips the offline queue (bridge/live_play.py)
+        if live:  # heard while it generates: it skips the offline queue (bridge/live/play.py)
             self.jobs.run_live(plan, self._to(sender), s.take_job_id, self.live.player_for(preset), accepted)
         elif takes == 1:
             self.jobs.submit(plan, self._to(sender), cmd.priority, s.take_job_id, accepted)

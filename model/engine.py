@@ -20,17 +20,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import hugepages, weight_cache
-from model.checkpoint import Checkpoint, CheckpointError, TextTokenizer, unsupported
-from model.conditioning import build_conditioning
-from model.decoder import DecoderSpec, MusicgenDecoderLM
-from model.generate import StepPlan, decode_n, new_state, prefill
-from model.loading import ResolvedModel, checkpoint_pattern, load_hf_model, resolve_model
-from model.memory import drop_pages, maps_held
-from model.patterns import get_pattern
-from model.sampling import Sampler
-from model.scheduler import StepGate
-from model.types import MAX_REQUEST_SECONDS, AudioChunk, GenerationRequest, RequestError, melody_refusal
+from model.memory import hugepages, weight_cache
+from model.types import CheckpointError
+from model.load.checkpoint import Checkpoint, TextTokenizer, unsupported
+from model.conditioning.prepare import build_conditioning
+from model.codec.codes import streaming_decoder
+from model.decode.decoder import DecoderSpec, MusicgenDecoderLM
+from model.decode.live_stream import LiveStream
+from model.decode.loop import StepPlan, decode_n, new_state, prefill
+from model.load.resolve import ResolvedModel, checkpoint_pattern, load_hf_model, resolve_model
+from model.memory.pages import drop_pages, maps_held
+from model.decode.patterns import get_pattern
+from model.decode.sampling import Sampler
+from model.decode.scheduler import StepGate
+from model.types import (MAX_REQUEST_SECONDS, AudioChunk, GenerationRequest, RequestError, SamplingParams,
+                         melody_refusal)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def pick_dtype(dtype: str, device: str) -> str:
     """Check a precision for a device; `auto` stays `auto` on the CPU (measured at load).
 
     `auto` is the fastest precision whose logits stay within the quality bound: float16 on a
-    GPU; on the CPU, measured on the machine by `model.autotune` when the model is loaded.
+    GPU; on the CPU, measured on the machine by `model.decode.autotune` when the model is loaded.
     """
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -93,10 +97,10 @@ def pick_dtype(dtype: str, device: str) -> str:
 
 def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
     """The bytes of the streamed linears' weights (layers and heads) converted to `dtype` on the
-    CPU, each 64-byte aligned: the size of the huge-page arena they are made in (model/hugepages.py).
+    CPU, each 64-byte aligned: the size of the huge-page arena they are made in (model/memory/hugepages.py).
     0 where the layout makes none (float32 shares the checkpoint's; int4 without its C kernel
     is PyTorch's packing)."""
-    from model import gemv
+    from model.kernels import gemv
 
     if dtype not in ("int8", "bfloat16", "int4") or (dtype == "int4" and not gemv.has_vnni()):
         return 0
@@ -117,11 +121,11 @@ def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
 def _weight_record(hf_model, spec: DecoderSpec, dtype: str, nbytes: int) -> weight_cache.Record | None:
     """The record a layout's conversions replay from (where a valid one exists) or are noted
     in: text checkpoints read from files only, whose conversions land in an arena of `nbytes`."""
-    from model.checkpoint import checkpoint_files
+    from model.load.checkpoint import checkpoint_files
 
     if nbytes <= 0 or not isinstance(hf_model, Checkpoint) or not weight_cache.enabled():
         return None
-    from model import gemv
+    from model.kernels import gemv
 
     try:
         key = weight_cache.key_of(checkpoint_files(hf_model.path), dtype=dtype, kernels=gemv.signature(),
@@ -135,7 +139,7 @@ class Engine:
     """A loaded MusicGen and the decode loop over its weights.
 
     Thread-safety: calls may run from several threads; their decoder steps pass one at a time
-    through `self.gate` (model.scheduler.StepGate), live calls ahead of offline ones, and no
+    through `self.gate` (model.decode.scheduler.StepGate), live calls ahead of offline ones, and no
     lock is held across a yield to a consumer. `request.cancel` may be set from any thread and
     is honoured within one decoder step.
     """
@@ -150,7 +154,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.resolved = resolved
         self.device = device
-        self.gate = StepGate()  # one decoder step at a time, live work first (model/scheduler.py)
+        self.gate = StepGate()  # one decoder step at a time, live work first (model/decode/scheduler.py)
         cfg = hf_model.config
         self.sample_rate = int(cfg.audio_encoder.sampling_rate)
         self.channels = int(cfg.decoder.audio_channels)
@@ -167,7 +171,7 @@ class Engine:
         self.dtype_decision = None
         self.dtype = pick_dtype(dtype, device)
         if self.dtype == "auto":
-            from model import autotune
+            from model.decode import autotune
 
             self.dtype_decision = autotune.choose(_decoder_spec(hf_model))
             self.dtype = self.dtype_decision.dtype
@@ -177,12 +181,12 @@ class Engine:
         # slice reads only the filled cache. Both are held to the same equivalence tests.
         self.static_step = device.startswith("cuda")
         if self.static_step:
-            from model.step_graph import graphs_enabled
+            from model.decode.step_graph import graphs_enabled
 
             log.info("decoder on %s in %s: fixed-shape steps, %s", device, self.dtype,
-                     "each batch's step captured once as a CUDA graph and replayed (model/step_graph.py)"
+                     "each batch's step captured once as a CUDA graph and replayed (model/decode/step_graph.py)"
                      if graphs_enabled() else "run eagerly (MUSICBRIDGE_CUDA_GRAPHS=0)")
-        self.weight_writer = None  # the thread recording converted weights (model/weight_cache.py)
+        self.weight_writer = None  # the thread recording converted weights (model/memory/weight_cache.py)
         self.lm, self.compute_dtype = self._lay_out(hf_model, self.dtype, owns_model)
 
     def _lay_out(self, hf_model, dtype: str, release: bool) -> tuple[MusicgenDecoderLM, torch.dtype]:
@@ -193,7 +197,7 @@ class Engine:
         soon as the converted layer exists (that model's decoder is then unusable, which is
         why only `Engine.load`, which made it, asks for it).
         """
-        from model.precision import apply_precision, kv_dtype
+        from model.decode.precision import apply_precision, kv_dtype
 
         compute = [torch.float32]
 
@@ -224,7 +228,7 @@ class Engine:
                 if release and not isinstance(hf_model, Checkpoint):
                     _release_unshared(hf_model.decoder, lm)
         if record is not None and record.complete_replay:
-            log.info("decoder %s weights %s from the cache (%d conversions skipped; model/weight_cache.py)",
+            log.info("decoder %s weights %s from the cache (%d conversions skipped; model/memory/weight_cache.py)",
                      dtype, record.how, record.replayed)
         elif record is not None:
             self.weight_writer = record.save()
@@ -241,12 +245,12 @@ class Engine:
 
     @staticmethod
     def _on_huge_pages(lm: MusicgenDecoderLM, dtype: str) -> None:
-        """Put the weights a step streams on huge pages (model/hugepages.py), before `fuse`
+        """Put the weights a step streams on huge pages (model/memory/hugepages.py), before `fuse`
         takes their addresses. float32 weights are the checkpoint's own (shared), so they are
         collapsed where they lie; converted ones are the engine's, so they are packed."""
         from torch import nn
 
-        from model import hugepages
+        from model.memory import hugepages
 
         streamed = nn.ModuleList([lm.layers, lm.heads])
         if dtype == "float32":
@@ -260,11 +264,11 @@ class Engine:
     @classmethod
     def load(cls, spec: str = "auto", device: str = "auto", dtype: str = "auto",
              pattern: str | None = None) -> Engine:
-        """Resolve and load a checkpoint (see `model.loading.resolve_model`).
+        """Resolve and load a checkpoint (see `model.load.resolve.resolve_model`).
 
         `pattern`: the codebook pattern to decode with; None is the checkpoint's own.
         """
-        from model.patterns import PATTERNS
+        from model.decode.patterns import PATTERNS
 
         resolved = resolve_model(spec)
         dev = pick_device(device)
@@ -307,7 +311,7 @@ class Engine:
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """Audio (channels, samples) at the model rate -> codes (codebooks, frames)."""
-        from model.codec import encode_audio
+        from model.codec.codes import encode_audio
 
         a = np.asarray(audio, dtype=np.float32)
         if a.shape[0] == 1 and self.channels == 2:
@@ -319,8 +323,8 @@ class Engine:
     @torch.inference_mode()
     def decode(self, codes: np.ndarray, between: Callable[[], None] | None = None) -> np.ndarray:
         """Codes (codebooks, frames) to float32 audio (channels, samples), in bounded memory
-        however long (model.codec.decode); `between()` runs before each codec window."""
-        from model.codec import decode
+        however long (model.codec.codes.decode); `between()` runs before each codec window."""
+        from model.codec.codes import decode
 
         return decode(self.hf.audio_encoder, np.asarray(codes, dtype=np.int64), self.channels, between=between)
 
@@ -428,7 +432,7 @@ class Engine:
             return all(r.cancel.is_set() for r in reqs)
 
         # The gate is held for one step (or the prefill) at a time and never across a yield:
-        # live calls go ahead of offline ones between steps (model/scheduler.py).
+        # live calls go ahead of offline ones between steps (model/decode/scheduler.py).
         with self.gate.step(live, stop) as ok:
             if not ok:
                 return
@@ -506,15 +510,13 @@ class Engine:
         """Audio chunks of every request as soon as the codec can produce them.
 
         Each request's chunks arrive in order with `start` offsets; raises Cancelled when all
-        requests are cancelled. The codec streams (model.codec.streaming_decoder), so a chunk's
+        requests are cancelled. The codec streams (model.codec.codes.streaming_decoder), so a chunk's
         cost does not grow with what was already generated. `live`: a call someone is listening to (a track
-        playing while it generates): its steps go ahead of offline calls (model/scheduler.py).
+        playing while it generates): its steps go ahead of offline calls (model/decode/scheduler.py).
         """
-        from model.codec import streaming_decoder
-
         chunk_frames = max(1, int(round(chunk_seconds * self.frame_rate)))
         first_frames = max(1, min(chunk_frames, int(round(first_chunk_seconds * self.frame_rate))))
-        decoders = [streaming_decoder(self.hf.audio_encoder, self.channels) for _ in requests]
+        decoders = [self.streaming_decoder() for _ in requests]
         starts = [0] * len(requests)
         for i, codes in self._frames(requests, progress, chunk_frames, first_frames, live):
             with torch.inference_mode():
@@ -528,6 +530,15 @@ class Engine:
             with torch.inference_mode():
                 tail = decoders[i].flush()
             yield AudioChunk(tail, self.sample_rate, starts[i], True, i)
+
+    def live_stream(self, prompt: str, params: SamplingParams | None = None, *,
+                    context_seconds: float = 10.0) -> LiveStream:
+        """An endless token stream for one live part (a jam), its decode state kept between pieces."""
+        return LiveStream(self, prompt, params, context_seconds=context_seconds)
+
+    def streaming_decoder(self):
+        """A streaming codec decoder for this checkpoint: push codes, get the audio they complete."""
+        return streaming_decoder(self.hf.audio_encoder, self.channels)
 
     def stream(self, request: GenerationRequest, chunk_seconds: float = 1.0,
                first_chunk_seconds: float = 0.25, live: bool = False) -> Iterator[AudioChunk]:
@@ -544,14 +555,14 @@ def _decoder_spec(hf_model) -> DecoderSpec:
 
 def load_checkpoint(resolved: ResolvedModel, device: str):
     """(model, tokenizer): a text checkpoint on the CPU through our own reader
-    (model/checkpoint.py: no `transformers` import, seconds faster); anything else through
+    (model/load/checkpoint.py: no `transformers` import, seconds faster); anything else through
     `transformers`' from_pretrained. MUSICBRIDGE_LOADER=transformers forces the latter."""
     from pathlib import Path
 
     why = "a GPU" if device != "cpu" else "a melody model" if resolved.is_melody else (
         "not a local folder" if not Path(resolved.path).is_dir() else unsupported(Path(resolved.path)))
     if why is None:
-        from model.loading import ModelError
+        from model.load.resolve import ModelError
 
         try:
             return Checkpoint.load(resolved.path), TextTokenizer(Path(resolved.path))
@@ -566,7 +577,7 @@ def _release_unshared(theirs: torch.nn.Module, ours: torch.nn.Module) -> None:
     keep = {id(t) for t in list(ours.parameters()) + list(ours.buffers())}
     keep |= {t.untyped_storage().data_ptr() for t in list(ours.parameters()) + list(ours.buffers())
              if t.numel()}
-    from model.memory import drop_pages
+    from model.memory.pages import drop_pages
 
     dead = [p for p in theirs.parameters()
             if id(p) not in keep and not (p.numel() and p.untyped_storage().data_ptr() in keep)]

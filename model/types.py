@@ -22,6 +22,10 @@ class RequestError(ValueError):
     """A request the engine cannot run as given; the message says what is expected."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as MusicGen's; the message names the file and why."""
+
+
 @dataclass(frozen=True)
 class Range:
     """A closed range [lo, hi], or (lo, hi] when lo_open."""

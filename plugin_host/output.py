@@ -5,7 +5,7 @@ device period whatever the rest of the process is doing. It therefore only copie
 of preallocated single-producer single-consumer rings (`plugin_host.ringbuffer`) and mixes them
 into `outdata` in place with numpy `out=` forms: no sample memory is allocated, nothing locks,
 waits or logs. Everything else (chains, resampling, generation) happens on producer threads
-(`plugin_host.live.TrackPlayer`, `bridge.jam.Jam`).
+(`plugin_host.live.TrackPlayer`, `bridge.live.jam.Jam`).
 
 Usage::
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The one home of the tempo and time-signature ranges: OSC and session.json (bridge.rules), session
-# files (bridge.session_file), the followed clocks (bridge.clock.grid) and jams import them from here.
+# The one home of the tempo and time-signature ranges: OSC and session.json (bridge.state.rules), session
+# files (bridge.state.session_file), the followed clocks (bridge.clock.grid) and jams import them from here.
 MIN_BPM, MAX_BPM = 20.0, 400.0
 DENOMINATORS = (1, 2, 4, 8, 16, 32)  # the one set of time-signature denominators
 MAX_NUMERATOR = 32

@@ -30,7 +30,7 @@ from typing import Any
 
 SHIPPED_DIR = Path(__file__).resolve().parent
 MAX_NAME = 64
-# The one preset-name rule (bridge.rules uses it for OSC and session.json); matched whole with
+# The one preset-name rule (bridge.state.rules uses it for OSC and session.json); matched whole with
 # fullmatch: `^...$` lets a trailing newline through.
 NAME_RE = re.compile(f"[A-Za-z0-9_-]{{1,{MAX_NAME}}}")
 TOP_LEVEL_KEYS = ("description", "prompt", "add_bpm", "params", "chain")

@@ -4,7 +4,7 @@ Run on a machine with a CUDA GPU (scripts/gpu_check.sh runs it): one decode step
 decoder at batch 1 with guidance (2 rows) and at 4 and 8 rows, timed
 
 - eagerly (the fixed-shape step launched op by op, a sync per step),
-- as a CUDA graph replay (model/step_graph.py: what the engine runs),
+- as a CUDA graph replay (model/decode/step_graph.py: what the engine runs),
 - as a CUDA graph of the step compiled by torch.compile (inductor), with its compile time,
 
 plus the kernel count of one eager step (with --breakdown, its kernels by GPU time) and the
@@ -70,12 +70,12 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from model.bench import PROMPT, build_random_model
-    from model.conditioning import build_conditioning
+    from model.bench.compare import PROMPT, build_random_model
+    from model.conditioning.prepare import build_conditioning
     from model.engine import Engine
-    from model.loading import ResolvedModel
-    from model.sampling import Sampler, cfg_mix
-    from model.step_graph import GraphedStep, StaticStep
+    from model.load.resolve import ResolvedModel
+    from model.decode.sampling import Sampler, cfg_mix
+    from model.decode.step_graph import GraphedStep, StaticStep
     from model.types import SamplingParams
 
     dev = "cuda"

@@ -13,13 +13,13 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The tests' own converted-weights records (model/weight_cache.py), not in the user's cache.
+# The tests' own converted-weights records (model/memory/weight_cache.py), not in the user's cache.
 os.environ.setdefault("MUSICBRIDGE_WEIGHT_CACHE", tempfile.mkdtemp(prefix="musicbridge-test-weights-"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from model.tiny import write_tiny_model
+    from model.load.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny")
 
@@ -27,21 +27,21 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_wide_model_dir(tmp_path_factory):
     """The tiny checkpoint with a 128-wide decoder: the C decode step runs on it (32 is too narrow)."""
-    from model.tiny import write_tiny_model
+    from model.load.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-wide", width=128)
 
 
 @pytest.fixture(scope="session")
 def tiny_melody_dir(tmp_path_factory):
-    from model.tiny import write_tiny_model
+    from model.load.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-melody", melody=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_stereo_dir(tmp_path_factory):
-    from model.tiny import write_tiny_model
+    from model.load.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-stereo", stereo=True)
 
@@ -53,8 +53,8 @@ def real_shape_codec():
     import torch
     from transformers import EncodecModel
 
-    from model.codec import musicgen_32k_config
-    from model.tiny import randomize_codebooks
+    from model.codec.codes import musicgen_32k_config
+    from model.load.tiny import randomize_codebooks
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -88,7 +88,7 @@ def _serve(base: Path, model_dir: Path, *extra: str, session_dir: Path | None = 
     daemon is stopped (SIGTERM, then SIGKILL), reaped and the client's socket closed; when the block
     ended without an error, the daemon's exit status must be `exit_code` (None: not checked).
     """
-    from bridge.osc import OscClient
+    from bridge.osc.udp import OscClient
     from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess
 
     presets = base / "presets"

@@ -160,7 +160,7 @@ def test_broken_model_dir_is_one_line(tmp_path):
 def test_cached_tiny_model_is_rebuilt_when_stale(tmp_path, monkeypatch):
     import json
 
-    from model.tiny import TINY_VERSION, cached_tiny_model
+    from model.load.tiny import TINY_VERSION, cached_tiny_model
 
     monkeypatch.setenv("MUSICBRIDGE_CACHE", str(tmp_path))
     path = cached_tiny_model()

@@ -151,11 +151,11 @@ def test_wheel_holds_the_tree(built):
 
 def test_installed_modules_come_from_the_fresh_venv(fresh):
     r = fresh.run([str(fresh.python), "-c",
-                   "import audiofile, bridge, bridge.clock, bridge.cli, model, model.gemv, plugin_host, presets, daw\n"
-                   "for m in (audiofile, bridge, bridge.clock, bridge.cli, model, model.gemv, plugin_host, presets):\n"
+                   "import audiofile, bridge, bridge.clock, bridge.cli, model, model.kernels.gemv, plugin_host, presets, daw\n"
+                   "for m in (audiofile, bridge, bridge.clock, bridge.cli, model, model.kernels.gemv, plugin_host, presets):\n"
                    "    print(m.__file__)\n"
                    "print(*daw.__path__)\n"
-                   "print(*model.gemv.SOURCES, *model.gemv.HEADERS, sep='\\n')\n"
+                   "print(*model.kernels.gemv.SOURCES, *model.kernels.gemv.HEADERS, sep='\\n')\n"
                    "print(presets.SHIPPED_DIR, presets.preset_files()['jazz_piano'])"],
                   "importing the installed packages")
     paths = [Path(p) for p in r.stdout.split()]
@@ -195,7 +195,7 @@ def test_installed_generate_builds_the_kernels(fresh, tiny):
 
 
 def test_installed_serve_answers_ping(fresh, tiny):
-    from bridge.osc import OscClient
+    from bridge.osc.udp import OscClient
     from tests.bridge.osc_helpers import free_udp_port
 
     port = free_udp_port()

@@ -110,8 +110,8 @@ def test_presets_command_lists_shipped_and_reports_bad_user_files(user_presets, 
 
 
 def test_every_shipped_preset_renders_with_the_tiny_checkpoint(tiny_engine, tmp_path, user_presets):
-    from bridge.render import render_session
-    from bridge.session_file import load_session
+    from bridge.stems.render import render_session
+    from bridge.state.session_file import load_session
     from plugin_host.bwf import wav_format
 
     names = sorted(p.name for p in list_presets())

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from bridge.clock import FollowSpec
 from bridge.clock.follower import Follower, PollThread
 from bridge.clock.grid import Grid
-from bridge.osc import TracebackLog
-from bridge.rules import MAX_BEAT_POSITION
+from bridge.osc.udp import TracebackLog
+from bridge.state.rules import MAX_BEAT_POSITION
 
 log = logging.getLogger("musicbridge.clock")
 
@@ -222,7 +222,7 @@ class ClockHub:
 class JamGridSource:
     """The leading clock as a jam reads its grid (call it for the current one, at every chunk).
 
-    Stands in for the typed grid source of bridge.live_control when a DAW clock leads; typed
+    Stands in for the typed grid source of bridge.live.control when a DAW clock leads; typed
     /transport/* changes reach the hub itself (ClockHub.typed_changed), so update() has nothing
     to do here."""
 

@@ -7,7 +7,7 @@ of a bpm instead of several bpm. A real tempo change is seen by a shorter line t
 last quarter note; the long line then restarts from there (see TempoFit).
 
 Each clock is stamped with the time the MIDI system gave it, not the time Python got to it. The
-port is read by bridge.midi.MidiReader (no Python in JACK's process thread; rtmidi queues the
+port is read by bridge.midi.ports.MidiReader (no Python in JACK's process thread; rtmidi queues the
 messages in C++), which passes rtmidi's own timestamps (the driver's deltas, summed). Those are
 mapped onto the follower's clock by the smallest offset between when a message was read and its
 driver time over the last STAMP_WINDOW seconds: a message is never read before it arrives, so
@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from bridge.clock.follower import ClockError, Follower, log
 from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid
-from bridge.midi import QUEUE_MESSAGES, MidiReader
+from bridge.midi.ports import QUEUE_MESSAGES, MidiReader
 
 CLOCK, START, CONTINUE, STOP, SPP = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 PPQN = 24

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from bridge.clock.follower import Follower, PollThread, log
 from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, beat_of_bbt
-from bridge.rules import MAX_BEAT_POSITION, RuleError, signature
+from bridge.state.rules import MAX_BEAT_POSITION, RuleError, signature
 
 # DAW feedback addresses this follower understands -> the kind of message.
 ADDRESSES = {

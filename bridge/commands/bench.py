@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bridge.commands.common import positive_float
+from bridge.commands.common import UsageError, positive_float
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--jam", action="store_true",
-                   help="benchmark a live jam instead (bridge/jam_bench.py): jam realtime factor, chunk latency, "
+                   help="benchmark a live jam instead (bridge/bench/jam.py): jam realtime factor, chunk latency, "
                         "first audio vs its bar line, note-to-audio latency; 2-bar chunks at 120 bpm by default")
     p.add_argument("--jam-seconds", type=positive_float, default=30.0, help="--jam: music per run (default 30)")
     p.add_argument("--tempo", type=positive_float, default=120.0, help="--jam: bpm (default 120)")
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from bridge.cli import UsageError
-    from model import bench
+    from model.bench import compare as bench
     from model.engine import DTYPES, pick_device
     from model.types import RequestError
 
@@ -113,9 +112,8 @@ def _e2e(args: argparse.Namespace) -> int:
     import sys
     import tempfile
 
-    from bridge.cli import UsageError
-    from model import e2e
-    from model.bench import save, write_random_model
+    from model.bench import e2e
+    from model.bench.compare import save, write_random_model
 
     def log(m: str) -> None:
         print(m, file=sys.stderr, flush=True)
@@ -151,8 +149,7 @@ def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") 
     import json
     import sys
 
-    from bridge import jam_bench
-    from bridge.cli import UsageError
+    from bridge.bench import jam as jam_bench
 
     if not 1 <= args.chunk_bars <= 16:
         raise UsageError(f"--chunk-bars must be 1-16, got {args.chunk_bars}")

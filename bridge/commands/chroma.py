@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bridge.commands.common import positive_float
+from bridge.commands.common import UsageError, positive_float
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from bridge.cli import UsageError
-    from model.chroma import FRAME_RATE
-    from model.melody import load_melody
+    from model.conditioning.chroma import FRAME_RATE
+    from model.conditioning.melody import load_melody
 
     out = Path(args.out)
     if out.suffix != ".npy":

@@ -7,6 +7,10 @@ import math
 import sys
 
 
+class UsageError(Exception):
+    """A user mistake: bad flag value, missing file, unknown model."""
+
+
 def positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -76,9 +80,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_engine(args: argparse.Namespace, model: str | None = None, dtype: str | None = None,
                 device: str | None = None, pattern: str | None = None, long_running: bool = False):
     """`model.engine.Engine.load` with the command's model flags (each overridable), torch's
-    import included, inside `model.heap.loading` (no collector passes over what loading makes;
+    import included, inside `model.memory.heap.loading` (no collector passes over what loading makes;
     `long_running`: collect once before the freeze)."""
-    from model.heap import loading
+    from model.memory.heap import loading
 
     with loading(collect=long_running):
         from model.engine import Engine

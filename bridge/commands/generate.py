@@ -6,8 +6,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from bridge.commands.common import (ProgressBar, add_model_args, add_sampling_args, load_engine, nonneg_int,
-                                    request_seconds, sampling_params)
+from bridge.commands.common import (ProgressBar, UsageError, add_model_args, add_sampling_args, load_engine,
+                                    nonneg_int, request_seconds, sampling_params)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from audiofile import check_writable_format, resample, write_audio
-    from bridge.cli import UsageError
     from model.types import MAX_VARIATIONS
 
     out = Path(args.out)
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
         if melody_refusal(engine):
             raise UsageError(f"--melody: {melody_refusal(engine)}")
-        from model.melody import load_melody
+        from model.conditioning.melody import load_melody
 
         melody = load_melody(args.melody, engine.chroma_frame_rate, seconds=args.seconds,
                              track=args.melody_track)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from bridge.commands.common import add_model_args, load_engine
+from bridge.commands.common import UsageError, add_model_args, load_engine
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge.cli import UsageError
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -62,10 +61,9 @@ def _load_engine(args: argparse.Namespace, spec: str | None, recorded: dict | No
 def _render(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from bridge.cli import UsageError
-    from bridge.render import (TrackBars, check_melodies, check_out_target, prepare_out_dir,
+    from bridge.stems.render import (TrackBars, check_melodies, check_out_target, prepare_out_dir,
                                render_session, write_json_atomic)
-    from bridge.session_file import load_session
+    from bridge.state.session_file import load_session
 
     session = load_session(args.session)
     if args.format or args.sample_rate is not None:
@@ -98,8 +96,8 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _regenerate(args: argparse.Namespace) -> int:
-    from bridge.render import check_out_target, prepare_out_dir, regenerate
-    from bridge.stem_output import checkpoint_fingerprint, read_sidecar
+    from bridge.stems.render import check_out_target, prepare_out_dir, regenerate
+    from bridge.stems.output import checkpoint_fingerprint, read_sidecar
 
     sc = read_sidecar(args.from_sidecar)
     target = check_out_target(args.out or Path(args.from_sidecar).resolve().parent)

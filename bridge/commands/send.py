@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bridge.commands.common import nonneg_int
+from bridge.commands.common import UsageError, nonneg_int
 
 TERMINAL = ("/job/done", "/job/cancelled")
 
@@ -33,7 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def parse_arg(text: str) -> Any:
     """One command-line argument to an OSC value."""
-    from bridge.cli import UsageError
 
     tag, sep, value = text.partition(":")
     if sep and tag in ("i", "h", "f", "d", "s", "b", "T", "F", "N"):
@@ -84,8 +83,7 @@ def format_reply(address: str, args: list[Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge.cli import UsageError
-    from bridge.osc import OscClient, OscEncodeError
+    from bridge.osc.udp import OscClient, OscEncodeError
 
     if not args.address.startswith("/"):
         raise UsageError(f"address must start with '/', got {args.address!r}")

@@ -13,7 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
-from bridge.commands.common import add_model_args, load_engine, nonneg_int, positive_float, request_seconds
+from bridge.commands.common import UsageError, add_model_args, load_engine, nonneg_int, positive_float, request_seconds
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -85,7 +85,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge.cli import UsageError
 
     # A crash in native code (an audio driver, a kernel) leaves every thread's stack in the log
     # instead of a bare exit status: what a bug report from a gig needs. (Not where stderr is no
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from plugin_host.stems import check_out_dir
 
     check_out_dir(stems_dir)
-    from bridge.access import Access, AccessError
+    from bridge.osc.access import Access, AccessError
 
     try:
         Access(args.allow_from, args.key)
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_port_free(args.host, args.port)
 
-    from bridge.session import LiveSession, SessionError
+    from bridge.state.session import LiveSession, SessionError
 
     try:
         LiveSession(session_dir)  # a broken session file stops us before the model loads
@@ -147,8 +146,7 @@ def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
     """The note router (live notes for jams), fed by every --midi-in port; stamped on the output clock."""
     import time
 
-    from bridge.cli import UsageError
-    from bridge.midi import NoteRouter, open_midi_inputs
+    from bridge.live.notes import NoteRouter, open_midi_inputs
 
     clock = (lambda: audio.position / audio.samplerate) if audio is not None else time.monotonic
     router = NoteRouter(clock)
@@ -163,7 +161,6 @@ def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
 
 def open_audio(spec: str, stack: contextlib.ExitStack):
     """The live output named by --audio, open until `stack` closes; UsageError saying why it cannot open."""
-    from bridge.cli import UsageError
 
     try:
         from plugin_host.output import OutputError
@@ -186,10 +183,9 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
 
 
 def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes=None) -> int:
-    from bridge.cli import UsageError
     from bridge.daemon import Daemon, DaemonConfig
-    from bridge.inputs import InputLimits
-    from bridge.protocol import Limits
+    from bridge.osc.input_files import InputLimits
+    from bridge.osc.protocol import Limits
     log.info("loading model %s ...", args.model)
     engine = load_engine(args, long_running=True)
     config = DaemonConfig(host=args.host, port=args.port, reply_to=args.reply_to, session_dir=session_dir,
@@ -242,7 +238,6 @@ def _check_port_free(host: str, port: int) -> None:
     """Fail before the (slow) model load when the address cannot be bound."""
     import socket
 
-    from bridge.cli import UsageError
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:

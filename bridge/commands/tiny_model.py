@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from bridge.commands.common import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,11 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.tiny import write_tiny_model
+    from model.load.tiny import write_tiny_model
 
     if args.arch != "tiny":
-        from bridge.cli import UsageError
-        from model.bench import write_random_model
+        from model.bench.compare import write_random_model
 
         if args.melody or args.stereo:
             raise UsageError("--melody/--stereo apply to --arch tiny only")

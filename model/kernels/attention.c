@@ -8,7 +8,7 @@
  * hd/LANES fused multiply-adds and one lane sum, the softmax's exponentials run LANES at a time
  * (vec.h), and heads run in parallel, so the cost follows the bytes of the cache. The cache
  * may be bfloat16 (half the bytes) or int8 with one scale per key and per value (a quarter, plus
- * 4 bytes each 64; model/precision.py says which precisions keep it so). An int8 key's scale
+ * 4 bytes each 64; model/decode/precision.py says which precisions keep it so). An int8 key's scale
  * multiplies its dot product once, a value's scale its softmax weight, so int8 costs no more
  * arithmetic per element than bfloat16.
  */
@@ -87,7 +87,7 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
         if (s[t] > best) best = s[t];
     }
     for (int i = 0; i < nv; i++) acc[i] = (vf){0};
-    if (best == -INFINITY) { /* no key to attend to: zeros (the engine never asks: model.decoder.cross_kv
+    if (best == -INFINITY) { /* no key to attend to: zeros (the engine never asks: model.decode.decoder.cross_kv
                                 opens an unconditional row's mask to every key) */
         for (int i = 0; i < nv; i++) vstore(out + i * LANES, acc[i]);
         return;

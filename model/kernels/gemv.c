@@ -11,7 +11,7 @@
  * stream, fetched ahead in software; with more (variations) a tile of rows stays in registers and
  * L1 while every activation row meets it, because there the arithmetic, not memory, is the bound.
  *
- * Built by model/gemv.py with the machine's own flags (-march=native): the vector width is the
+ * Built by model/kernels/gemv.py with the machine's own flags (-march=native): the vector width is the
  * machine's (LANES floats, vec.h). The int8 and int4 products on integer dot products live in
  * arch/ (one file per instruction set, int_kernels.h); int8 runs there where one is built in
  * (MUSICBRIDGE_KERNELS=float asks for the widening kernel below instead).
@@ -199,7 +199,7 @@ int mb_product(int kind, const float *x, int M, int K, const void *w, const floa
     return 0;
 }
 
-/* Symmetric int8 per output row, the arithmetic of model/quant.py's quantize_int8 in one pass
+/* Symmetric int8 per output row, the arithmetic of model/decode/quant.py's quantize_int8 in one pass
  * per row: scale = max|w| / 127 (at least 1e-12), q = round-half-even(w * (1 / scale)) in
  * [-127, 127]; with `biased`, stored as q + 128 (the VNNI kernel's unsigned weights). Quantising
  * musicgen-small's decoder at load took seconds in PyTorch's five whole-tensor passes. */

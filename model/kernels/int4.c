@@ -8,7 +8,7 @@
 #include <string.h>
 #include "int_kernels.h"
 
-/* model.quant.quantize_int4's arithmetic: per block, the range [min(w, 0), max(w, 0)] in 15
+/* model.decode.quant.quantize_int4's arithmetic: per block, the range [min(w, 0), max(w, 0)] in 15
  * steps, d = (hi - lo) / 15 rounded to float16, z = round-half-even(-lo / d) and
  * q = round-half-even(w / d) + z, both clamped to [0, 15], with the rounded d (d = 0: an all-zero
  * block, every q and z 0). `out` holds mb_i4_bytes(N, K) bytes; padding rows and bytes are

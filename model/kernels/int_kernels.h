@@ -1,7 +1,7 @@
 /* The integer kernels: int8 and int4 products on integer dot products, one implementation per
  * instruction set side by side (arch/x86/avx512.c, arch/x86/avx2.c, arch/arm/neon.c,
  * arch/none.c), exactly one of which is compiled in, chosen here from the compiler's target
- * macros. model/gemv.py builds with -march=native (or the -march a test names), so the choice
+ * macros. model/kernels/gemv.py builds with -march=native (or the -march a test names), so the choice
  * follows what the CPU reports.
  *
  * Every implementation does the same integer arithmetic, described below, so the integer sums

@@ -29,7 +29,7 @@ void mb_attend(const float *q, int q_stride, const void *K, const void *V, const
 int mb_attend_scratch(int rows, int heads, int n);
 
 /* Cross-attention with its projections folded into the text's keys and values (attention.c,
- * model/cross_fold.py): out[r] = sum over heads h and keys j of
+ * model/decode/cross_fold.py): out[r] = sum over heads h and keys j of
  * softmax_j(x[r] . M[h, j] / sqrt(d / heads), masked) U[h, j], where M[h, j] = W_q,h^T k_hj and
  * U[h, j] = W_o,h v_hj are d wide, (slots, heads, n, d) in format `fmt` (MB_KV_*; int8 with
  * scales MS, US (slots, heads, n), else NULL). Row r reads slot slot[r]; slot < 0 (all-zero keys

@@ -1,5 +1,5 @@
 /* One decoder layer's decode step (one new token per row) in one call: the same arithmetic as
- * model/decoder.py's DecoderLayer.forward with n == 1, float32 throughout.
+ * model/decode/decoder.py's DecoderLayer.forward with n == 1, float32 throughout.
  *
  * Why: with the products at memory speed (gemv.c), a step's remaining cost was some forty
  * small PyTorch ops per layer (norms, views, cache writes, attention, GELU, residuals), each
@@ -29,7 +29,7 @@ typedef struct {
     int kv; /* the self-attention cache's format (MB_KV_*, kernels.h) */
 } mb_layer;
 
-/* Two passes, LANES at a time: d is whole 64-blocks wherever the C step runs (model/layer_step.py). */
+/* Two passes, LANES at a time: d is whole 64-blocks wherever the C step runs (model/decode/layer_step.py). */
 static void layer_norm(const float *x, const float *w, const float *b, float eps, int rows, int d, float *y) {
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * d;
@@ -59,7 +59,7 @@ static int product(const mb_linear *l, const float *x, int rows, int k, float *y
 }
 
 /* One key or value vector as int8 and its scale: scale = max|x| / 127 and q = x / scale rounded
- * to nearest even, clamped to [-127, 127], the same float32 operations as model/decoder.py's
+ * to nearest even, clamped to [-127, 127], the same float32 operations as model/decode/decoder.py's
  * `quantize_kv`, so the C step and the eager path store the same bytes. An all-zero vector stores
  * scale 0; a vector with a NaN stores scale NaN and zeros (PyTorch's max propagates NaN), so a
  * broken activation spreads through attention the same way on both paths. */
@@ -98,7 +98,7 @@ static void quantize_vector(const float *x, int n, int8_t *q, float *scale) {
     for (; j < n; j++) q[j] = (int8_t)nearbyintf(fminf(fmaxf(x[j] / s, -127.f), 127.f));
 }
 
-/* `quantize_vector` over n vectors of `width` (model/decoder.py's quantize_kv, byte for byte):
+/* `quantize_vector` over n vectors of `width` (model/decode/decoder.py's quantize_kv, byte for byte):
  * for the folded cross-attention keys and values, made once per conditioning. */
 void mb_quantize_kv(const float *x, long n, int width, int8_t *q, float *scale) {
 #pragma omp parallel for schedule(static)

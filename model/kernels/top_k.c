@@ -1,4 +1,4 @@
-/* Top-k sampling's support in one pass per row, for the CPU sampler (model/sampling.py).
+/* Top-k sampling's support in one pass per row, for the CPU sampler (model/decode/sampling.py).
  *
  * Why: the race that draws a token needs only the k candidates, in a fixed order. In PyTorch,
  * finding them (topk, the threshold, the tie check, a sort into token order, a gather) took

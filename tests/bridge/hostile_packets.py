@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import struct
 
-from bridge.osc import encode
+from bridge.osc.udp import encode
 
 MAX_UDP = 65507
 

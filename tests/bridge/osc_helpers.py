@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bridge.osc import OscClient
+from bridge.osc.udp import OscClient
 
 ROOT = Path(__file__).resolve().parents[2]
 

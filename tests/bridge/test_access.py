@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bridge.osc import OscClient
+from bridge.osc.udp import OscClient
 from tests.bridge.osc_helpers import ROOT, DaemonProcess, drain, expect
 
 KEY = "correct horse battery"

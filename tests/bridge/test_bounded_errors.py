@@ -14,9 +14,9 @@ import socket
 
 import pytest
 
-from bridge import protocol as P
-from bridge import rules as R
-from bridge.osc import OscClient, TracebackLog, encode
+from bridge.osc import protocol as P
+from bridge.state import rules as R
+from bridge.osc.udp import OscClient, TracebackLog, encode
 from tests.bridge.hostile_packets import bundle
 from tests.bridge.osc_helpers import drain, expect
 
@@ -106,7 +106,7 @@ def test_a_follower_bug_is_swallowed_with_one_traceback(tmp_path, monkeypatch, c
     from bridge.clock import FollowSpec
     from bridge.clock import osc_dialects as od
     from bridge.clock.hub import ClockHub
-    from bridge.session import LiveSession
+    from bridge.state.session import LiveSession
 
     def broken(self, msg, sender=None):
         raise ZeroDivisionError("a bug in following")

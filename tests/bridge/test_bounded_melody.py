@@ -11,9 +11,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from bridge.melody_source import LoopedMelody, stored_melody
-from bridge.midi import MAX_HELD_NOTES, MAX_REMEMBERED_NOTES, LiveMelody
-from model.melody import ChromaMelody, NoteMelody, beats_to_seconds
+from bridge.live.melody_source import LoopedMelody, stored_melody
+from bridge.live.notes import MAX_HELD_NOTES, MAX_REMEMBERED_NOTES, LiveMelody
+from model.conditioning.melody import ChromaMelody, NoteMelody, beats_to_seconds
 
 RATE = 32000 / 4096
 
@@ -61,7 +61,7 @@ def test_a_chunk_of_a_300000_second_melody_touches_only_its_notes():
 
 def test_a_chroma_at_a_thousandth_of_a_frame_a_second_is_never_materialised():
     data = np.eye(12, dtype="<f4")[np.arange(1250) % 12]  # 60 KB at 0.001 fps: 1,250,000 s
-    from bridge.session_check import chroma_to_text
+    from bridge.state.session_check import chroma_to_text
 
     rec = {"kind": "chroma", "data": chroma_to_text(data.tobytes()), "frame_rate": 0.001}
     source = stored_melody(rec, RATE, 120.0)

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from bridge import protocol as P
-from bridge import rules as R
+from bridge.osc import protocol as P
+from bridge.state import rules as R
 from tests.bridge.osc_helpers import drain, expect
 
 BAD = ["drums\n", "drums\r", "drums\r\n", "dr\x00ums", "\ndrums", "dr\tums", "drums ", "ｄrums", "ａ",
@@ -33,7 +33,7 @@ def test_bad_names_are_refused_by_every_way_in(name, tmp_path):
             P.parse("/jam/start", [name])
         assert e.value.code in ("bad_track", "bad_args")
 
-    from bridge.session_check import check_session_data
+    from bridge.state.session_check import check_session_data
 
     data = {"version": 1, "transport": {"tempo": 120.0, "numerator": 4, "denominator": 4, "playing": False,
                                        "position": 0.0},
@@ -41,7 +41,7 @@ def test_bad_names_are_refused_by_every_way_in(name, tmp_path):
     with pytest.raises(ValueError, match="track name"):
         check_session_data(data)
 
-    from bridge.session_file import SessionFileError, load_session
+    from bridge.state.session_file import SessionFileError, load_session
 
     toml = tmp_path / "song.toml"
     toml.write_text(f'tempo = 120\n\n[[track]]\nname = {json.dumps(name)}\nprompt = "pad"\nbars = 1\n',

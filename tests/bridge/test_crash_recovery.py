@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bridge.osc import OscClient
+from bridge.osc.udp import OscClient
 from tests.bridge.osc_helpers import PLAIN_PRESET, ROOT, DaemonProcess, drain, expect
 
 

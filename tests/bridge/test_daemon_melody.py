@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from bridge.daemon import Daemon, DaemonConfig
-from bridge.osc import OscClient
+from bridge.osc.udp import OscClient
 from tests.bridge.osc_helpers import PLAIN_PRESET, expect
 
 
@@ -73,7 +73,7 @@ def test_a_notes_melody_job_follows_its_notes(daemon):
 def _regenerates(d, stem: str) -> None:
     """The stem's sidecar makes the same audio again (the sidecar holds the whole melody)."""
     from audiofile import read_audio
-    from bridge.render import regenerate
+    from bridge.stems.render import regenerate
 
     path, identical = regenerate(stem[:-4] + ".json", d.engine)
     assert identical and np.array_equal(read_audio(path)[0], read_audio(stem)[0])

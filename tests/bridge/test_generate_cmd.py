@@ -96,7 +96,7 @@ def test_int4_generates_through_its_c_step_and_a_take_is_the_same_alone_and_batc
     kernel rounds each activation row on its own, whatever it is batched with."""
     import logging
 
-    from model import gemv
+    from model.kernels import gemv
 
     def run(name, *extra):
         out = tmp_path / f"{name}.npy"

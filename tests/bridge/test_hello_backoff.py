@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bridge.access import FREE_TRIES, MAX_DELAY_S, MAX_FAILING, MIN_KEY, Access, AccessError, check_key
+from bridge.osc.access import FREE_TRIES, MAX_DELAY_S, MAX_FAILING, MIN_KEY, Access, AccessError, check_key
 
 KEY = "correct horse battery staple"
 REMOTE = ("127.0.0.2", 9000)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from bridge.osc import OscClient, encode
+from bridge.osc.udp import OscClient, encode
 from tests.bridge.hostile_packets import corpus, fuzz_packets
 from tests.bridge.osc_helpers import drain, expect
 
@@ -179,7 +179,7 @@ def test_bundles_of_queries_get_no_more_bytes_back_than_they_sent(daemon):
 
 def test_lone_queries_get_at_most_the_small_allowance_more(daemon):
     """Single-message packets may draw on 2 KiB + 1 KiB/s more than they sent (so /status polling works)."""
-    from bridge.replybudget import ALLOWANCE_BURST, ALLOWANCE_RATE
+    from bridge.osc.reply_budget import ALLOWANCE_BURST, ALLOWANCE_RATE
 
     d, _ = daemon
     with _fresh_host_socket("127.0.0.5") as s:

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from bridge.osc import OscClient
+from bridge.osc.udp import OscClient
 from tests.bridge.osc_helpers import drain, expect
 
 

@@ -1,4 +1,4 @@
-"""bridge.inputs in-process: reads come from the checked descriptor, stop on cancel, and never block on a FIFO."""
+"""bridge.osc.input_files in-process: reads come from the checked descriptor, stop on cancel, and never block on a FIFO."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from bridge.inputs import InputLimits, open_input, pinned, read_audio
-from bridge.paths import PathPolicy
-from bridge.protocol import ProtocolError
+from bridge.osc.input_files import InputLimits, open_input, pinned, read_audio
+from bridge.osc.paths import PathPolicy
+from bridge.osc.protocol import ProtocolError
 
 
 def _take(path, seconds=3.0, rate=8000):

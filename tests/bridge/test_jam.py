@@ -29,7 +29,7 @@ def _until(cond, timeout=30.0):
 
 
 def test_chunks_play_back_to_back_from_a_bar_line_and_stop_fades_to_the_next_bar(jack, tiny_engine):
-    from bridge.jam import Jam
+    from bridge.live.jam import Jam
     from plugin_host.output import AudioOutput
 
     statuses = []
@@ -68,7 +68,7 @@ def test_chunks_play_back_to_back_from_a_bar_line_and_stop_fades_to_the_next_bar
 
 
 def test_falling_behind_is_reported_and_degrades_on_the_grid(jack, tiny_engine):
-    from bridge.jam import Jam
+    from bridge.live.jam import Jam
     from plugin_host.output import AudioOutput
 
     # The real tiny engine, made slower than real time: each decoder step waits 30 ms (50 steps
@@ -95,7 +95,7 @@ def test_falling_behind_is_reported_and_degrades_on_the_grid(jack, tiny_engine):
 
 
 def test_bad_jams_are_refused_with_a_reason(jack, tiny_engine):
-    from bridge.jam import Jam, JamError
+    from bridge.live.jam import Jam, JamError
     from plugin_host.output import AudioOutput
 
     class Silent:
@@ -136,7 +136,7 @@ class _HeldNote:
 
 
 def test_conditioning_follows_a_melody_change_within_one_chunk(jack, tiny_melody_engine):
-    from bridge.jam import Jam
+    from bridge.live.jam import Jam
     from plugin_host.output import AudioOutput
 
     with AudioOutput(samplerate=SR) as out:
@@ -164,7 +164,7 @@ def test_conditioning_follows_a_melody_change_within_one_chunk(jack, tiny_melody
 class _JackMidiHeldNote(_HeldNote):
     """The held note comes from a real JACK MIDI input port (python-rtmidi's JACK API via mido).
 
-    A stand-in for bridge.midi.LiveMelody (helper A), kept to the one thing this test needs:
+    A stand-in for bridge.live.notes.LiveMelody (helper A), kept to the one thing this test needs:
     the pitch class of the last note-on, stamped on arrival."""
 
     def __init__(self, clock):
@@ -182,7 +182,7 @@ class _JackMidiHeldNote(_HeldNote):
 def test_a_jam_driven_by_jack_midi_notes_follows_within_one_chunk(jack, tiny_melody_engine):
     import mido
 
-    from bridge.jam import Jam
+    from bridge.live.jam import Jam
     from plugin_host.output import AudioOutput
 
     clock_out = []

@@ -1,4 +1,4 @@
-"""`musicbridge bench --jam` (bridge/jam_bench.py) jams through the product's own loading path."""
+"""`musicbridge bench --jam` (bridge/bench/jam.py) jams through the product's own loading path."""
 
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ import threading
 import pytest
 import soundfile as sf
 
-from bridge import protocol as P
-from bridge.jobs import JobQueue, plan_job
-from bridge.protocol import Limits, ProtocolError
-from bridge.session import TrackSettings, Transport
-from bridge.stem_plan import plan_stem
-from bridge.stem_request import resample_chroma
+from bridge.osc import protocol as P
+from bridge.stems.jobs import JobQueue, plan_job
+from bridge.osc.protocol import Limits, ProtocolError
+from bridge.state.session import TrackSettings, Transport
+from bridge.stems.plan import plan_stem
+from bridge.stems.request import resample_chroma
 from model.types import SamplingParams
 from plugin_host.tempo import TimeSignature
 from presets import load_preset
@@ -164,7 +164,7 @@ def test_resample_chroma_onto_the_model_grid():
 def test_a_track_melody_loops_under_a_jam():
     import numpy as np
 
-    from bridge.melody_source import LoopedMelody, whole_melody_chroma
+    from bridge.live.melody_source import LoopedMelody, whole_melody_chroma
 
     notes = {"kind": "notes", "notes": [[60, 0.0, 1.0], [62, 1.0, 1.0]]}  # 2 beats at 120 bpm = 1 s
     src = LoopedMelody(np.eye(12, dtype=np.float32)[[0, 0, 1, 1]], 4.0)  # 1 s at 4 fps
@@ -173,7 +173,7 @@ def test_a_track_melody_loops_under_a_jam():
     assert [int(r.argmax()) for r in out] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert [int(r.argmax()) for r in src.chroma(100.5, 0.5, 4.0)] == [1, 1]
     assert [int(r.argmax()) for r in whole_melody_chroma(notes, 4.0, 120.0)] == [0, 0, 2, 2]  # C then D
-    chroma = {"kind": "chroma", "data": __import__("bridge.session_check", fromlist=["x"]).chroma_to_text(
+    chroma = {"kind": "chroma", "data": __import__("bridge.state.session_check", fromlist=["x"]).chroma_to_text(
         np.eye(12, dtype="<f4")[[3, 4]].tobytes()), "frame_rate": 2.0}
     assert [int(r.argmax()) for r in whole_melody_chroma(chroma, 4.0, 120.0)] == [3, 3, 4, 4]
 
@@ -184,7 +184,7 @@ def test_a_looped_melody_reads_the_same_from_any_start_at_a_loop_boundary():
     the jam's clock gives): the same chroma, so a jam does not re-prefill for nothing."""
     import numpy as np
 
-    from bridge.melody_source import LoopedMelody
+    from bridge.live.melody_source import LoopedMelody
 
     rate = 7.8125
     src = LoopedMelody(np.eye(12, dtype=np.float32)[[0] * 8 + [4] * 8 + [7] * 7], rate, bar_seconds=1.0)
@@ -203,7 +203,7 @@ def test_a_chroma_melody_job_on_a_melody_model(tiny_melody_engine, tmp_path):
 
     import numpy as np
 
-    from bridge.session_check import chroma_to_text
+    from bridge.state.session_check import chroma_to_text
 
     chroma = np.eye(12, dtype="<f4")[[0, 4, 7, 4] * 4]  # 16 frames at 8 fps = 2 s
     melody = {"kind": "chroma", "data": chroma_to_text(chroma.tobytes()), "frame_rate": 8.0}

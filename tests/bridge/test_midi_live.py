@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from bridge.midi import LiveMelody, MidiInput
+from bridge.live.notes import LiveMelody, MidiInput
 
 RATE = 7.8125
 
@@ -75,7 +75,7 @@ def test_jack_midi_notes_reach_the_melody():
 CLOSE_UNDER_STREAM = r"""
 import sys, threading, time
 import mido
-from bridge.midi import MidiReader, open_input_port
+from bridge.midi.ports import MidiReader, open_input_port
 
 out = mido.Backend("mido.backends.rtmidi/UNIX_JACK").open_output("mb-stream", virtual=True)
 stop = threading.Event()

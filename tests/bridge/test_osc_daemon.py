@@ -3,7 +3,7 @@
 One daemon serves the whole module (it replies to a fixed --reply-to port, as a DAW would
 have it); the last test stops it with SIGTERM and restarts on the same session folder.
 Generation uses a preset with add_bpm = false: the tiny checkpoint's text encoder cannot
-embed the word "bpm" (see the report on model/tiny.py); bpm appending is tested in test_jobs.
+embed the word "bpm" (see the report on model/load/tiny.py); bpm appending is tested in test_jobs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import pytest
 import soundfile as sf
 
-from bridge.osc import OscClient, encode
+from bridge.osc.udp import OscClient, encode
 from tests.bridge.osc_helpers import ROOT, drain, expect
 
 

@@ -1,4 +1,4 @@
-"""bridge.osc.decode in-process: exact fit of every argument, bounded bundles, and a parse-only fuzz."""
+"""bridge.osc.udp.decode in-process: exact fit of every argument, bounded bundles, and a parse-only fuzz."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from bridge.osc import MAX_BUNDLE_DEPTH, MAX_BUNDLE_ELEMENTS, OscDecodeError, decode, encode
+from bridge.osc.udp import MAX_BUNDLE_DEPTH, MAX_BUNDLE_ELEMENTS, OscDecodeError, decode, encode
 from tests.bridge.hostile_packets import EVERY_TYPE, PING, bundle, corpus, fuzz_packets, raw_message
 
 

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from bridge import protocol as P
-from bridge.paths import PathPolicy
-from bridge.protocol import Limits, ProtocolError, parse
+from bridge.osc import protocol as P
+from bridge.osc.paths import PathPolicy
+from bridge.osc.protocol import Limits, ProtocolError, parse
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_limits_are_configurable():
 
 
 def test_osc_codec_round_trip_and_refuses_dropped_types():
-    from bridge.osc import OscDecodeError, decode, encode
+    from bridge.osc.udp import OscDecodeError, decode, encode
 
     args = [1, 2**40, 2.5, "text", b"\x00\x01", True, False, None]
     assert decode(encode("/a/b", args)) == [("/a/b", args)]
@@ -151,7 +151,7 @@ def test_commands_are_valid_from_birth():
 
 
 def test_every_command_has_a_builder_and_a_daemon_handler():
-    """The two tables a new message is added to: bridge.protocol.BUILDERS and Daemon.HANDLERS (@handles)."""
+    """The two tables a new message is added to: bridge.osc.protocol.BUILDERS and Daemon.HANDLERS (@handles)."""
     from bridge.daemon import Daemon
 
     def leaves(cls):

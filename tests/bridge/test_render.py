@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from audiofile import read_audio
-from bridge.render import TrackBars, regenerate, render_session
-from bridge.session_file import SessionFileError, load_session
-from bridge.stem_output import SidecarError, finish_audio, read_sidecar
+from bridge.stems.render import TrackBars, regenerate, render_session
+from bridge.state.session_file import SessionFileError, load_session
+from bridge.stems.output import SidecarError, finish_audio, read_sidecar
 from plugin_host.bwf import read_bext, wav_format
 
 SESSION = """\

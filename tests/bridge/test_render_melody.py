@@ -1,6 +1,6 @@
 """Session tracks that follow a melody file (MusicGen-Melody): recorded, hashed, reproducible.
 
-Needs model.melody.load_melody (issue: melody input, helper A) and the tiny melody checkpoint.
+Needs model.conditioning.melody.load_melody (issue: melody input, helper A) and the tiny melody checkpoint.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import mido
 import numpy as np
 import pytest
 
-from bridge.render import regenerate, render_session
-from bridge.session_file import SessionFileError, load_session
+from bridge.stems.render import regenerate, render_session
+from bridge.state.session_file import SessionFileError, load_session
 from audiofile import read_audio
 
 

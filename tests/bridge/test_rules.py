@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.cli import main
-from bridge.osc import OscClient
+from bridge.osc.udp import OscClient
 from model.types import MAX_REQUEST_SECONDS, SAMPLING_RANGES
 from plugin_host.tempo import DENOMINATORS, MAX_BPM, MIN_BPM, TimeSignature, bars_to_seconds
 from tests.bridge.osc_helpers import DaemonProcess, drain, expect
@@ -53,7 +53,7 @@ def cli_usage_error(capsys, *argv: str) -> str:
 
 
 def session_error(tmp_path, text: str) -> str:
-    from bridge.session_file import SessionFileError, load_session
+    from bridge.state.session_file import SessionFileError, load_session
 
     p = tmp_path / "s.toml"
     p.write_text(text)
@@ -63,7 +63,7 @@ def session_error(tmp_path, text: str) -> str:
 
 
 def load_ok(tmp_path, text: str):
-    from bridge.session_file import load_session
+    from bridge.state.session_file import load_session
 
     p = tmp_path / "ok.toml"
     p.write_text(text)
@@ -113,7 +113,7 @@ def test_signature_denominators(daemon, capsys, tmp_path):
 
 def test_the_jam_accepts_every_signature_the_protocol_accepts(tiny_engine):
     """The jam used to refuse x/32 while the protocol accepted it."""
-    from bridge.jam import Jam, JamError
+    from bridge.live.jam import Jam, JamError
     from plugin_host.output import AudioOutput
     from tests.jack_server import jack_server
 
@@ -207,7 +207,7 @@ def test_bars_follow_the_time_signature_everywhere(daemon, tmp_path, tiny_model_
     import json
 
     from audiofile import read_audio
-    from bridge.session import Transport
+    from bridge.state.session import Transport
 
     expected = bars_to_seconds(2, 120.0, TimeSignature(6, 8))
     assert expected == 3.0

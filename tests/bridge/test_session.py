@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bridge.protocol import ProtocolError
-from bridge.session import LiveSession, SessionError
-from bridge.session_check import chroma_from_text, chroma_to_text
+from bridge.osc.protocol import ProtocolError
+from bridge.state.session import LiveSession, SessionError
+from bridge.state.session_check import chroma_from_text, chroma_to_text
 
 
 def test_changes_persist_and_restore(tmp_path):
@@ -28,7 +28,7 @@ def test_changes_persist_and_restore(tmp_path):
 
 
 def test_bars_to_seconds():
-    from bridge.session import Transport
+    from bridge.state.session import Transport
 
     assert Transport(tempo=120.0).bars_to_seconds(4) == 8.0
     assert Transport(tempo=90.0, numerator=3, denominator=4).bars_to_seconds(2) == 4.0
@@ -88,8 +88,8 @@ def test_changes_saved_together_are_one_write_and_undone_together_when_it_fails(
 
     import pytest
 
-    from bridge.protocol import ProtocolError
-    from bridge.session import LiveSession
+    from bridge.osc.protocol import ProtocolError
+    from bridge.state.session import LiveSession
 
     s = LiveSession(tmp_path)
     s.update_track("a", prompt="one")

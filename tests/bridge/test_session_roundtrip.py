@@ -4,7 +4,7 @@ it loads again.
 Every track parameter and transport setting is set at its extreme valid values through the real
 daemon over loopback UDP, the daemon is restarted on the same session folder, and every value
 reads back identical. The extremes come from the rules' own definitions (model.types,
-plugin_host.tempo, bridge.rules), so a layer that keeps a private, narrower copy fails here.
+plugin_host.tempo, bridge.state.rules), so a layer that keeps a private, narrower copy fails here.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 import pytest
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from bridge import rules as R
-from bridge.osc import OscClient
+from bridge.state import rules as R
+from bridge.osc.udp import OscClient
 from model.types import MAX_VARIATIONS, SAMPLING_RANGES
 from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM
 from tests.bridge.osc_helpers import ROOT, drain, expect
@@ -193,7 +193,7 @@ def test_a_hand_edited_temperature_of_20_is_refused_at_load_naming_key_and_range
     ({"continuation": {"path": "/x.wav", "seconds": 1e6}}, "continuation.seconds"),
 ])
 def test_the_loader_refuses_what_the_wire_refuses(change, says):
-    from bridge.session_check import check_session_data
+    from bridge.state.session_check import check_session_data
 
     with pytest.raises(ValueError, match=None) as e:
         check_session_data(_session(**change))
@@ -201,8 +201,8 @@ def test_the_loader_refuses_what_the_wire_refuses(change, says):
 
 
 def test_the_loader_accepts_what_the_wire_accepts_at_the_edges():
-    from bridge.session_check import chroma_to_text
-    from bridge.session_check import check_session_data
+    from bridge.state.session_check import chroma_to_text
+    from bridge.state.session_check import check_session_data
 
     data = _session(params={"variations": MAX_VARIATIONS, "temperature": T.hi, "guidance": G.hi,
                             "seed": int(S.hi), "top_k": int(K.hi), "top_p": P.hi, "greedy": True},

@@ -12,7 +12,7 @@ import pytest
 
 from audiofile import read_audio
 from bridge.cli import main
-from bridge.osc import OscClient
+from bridge.osc.udp import OscClient
 from plugin_host.bwf import read_bext
 from tests.bridge.osc_helpers import drain, expect
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import gemv
-from model.decoder import quantize_kv
-from model.layer_step import KV_FORMATS
+from model.kernels import gemv
+from model.decode.decoder import quantize_kv
+from model.decode.layer_step import KV_FORMATS
 from tests.model.test_gemv import _rel
 
 pytestmark = pytest.mark.skipif(not gemv.available(), reason="needs the C kernels (a C compiler)")

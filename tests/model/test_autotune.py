@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from model.precision import CPU_CANDIDATES, within_bound
+from model.decode.precision import CPU_CANDIDATES, within_bound
 
 
 def _env(cache_home) -> dict:
@@ -41,7 +41,7 @@ def _auto_line(stderr: str) -> str:
 def _key(model_dir) -> str:
     """The cache key the subprocess computes (same CPU, torch, thread count, shapes)."""
     code = ("import torch; torch.set_num_threads(1); from transformers import MusicgenForConditionalGeneration as M;"
-            "from model.decoder import DecoderSpec; from model.autotune import cache_key;"
+            "from model.decode.decoder import DecoderSpec; from model.decode.autotune import cache_key;"
             f"print(cache_key(DecoderSpec.of_hf(M.from_pretrained({str(model_dir)!r}))))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=_env("/nonexistent"))

@@ -98,7 +98,7 @@ def test_bench_end_to_end_against_transformers(tmp_path):
     t = e["transformers"]["wall_s"]
     assert e["speedup"] == pytest.approx(t / e["ours"]["wall_s"])
     assert e["first_load_speedup"] == pytest.approx(t / e["first_load"]["wall_s"])
-    from model import gemv
+    from model.kernels import gemv
 
     assert e["runs"][1]["weights_cached"] is gemv.available()
     assert "| musicbridge generate (default flags, first load: weight cache off) |" in r.stdout
@@ -108,7 +108,7 @@ def test_bench_end_to_end_against_transformers(tmp_path):
 def test_the_floor_counts_what_a_step_reads(tiny_engine):
     """Cross-attention's key and value projections run once on the text, not each step; with
     folding its query and output projections give way to the folded keys and values."""
-    from model.bench import weight_bytes
+    from model.bench.compare import weight_bytes
 
     lm = tiny_engine.lm
 

@@ -1,4 +1,4 @@
-"""Our checkpoint reader (model/checkpoint.py): the file, the tokenizer, the engine it feeds, and
+"""Our checkpoint reader (model/load/checkpoint.py): the file, the tokenizer, the engine it feeds, and
 `musicbridge generate` running without importing `transformers`."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import Checkpoint, CheckpointError, TextTokenizer, read_safetensors, unsupported
+from model.types import CheckpointError
+from model.load.checkpoint import Checkpoint, TextTokenizer, read_safetensors, unsupported
 from model.engine import Engine
 from model.types import GenerationRequest, SamplingParams
 
@@ -105,7 +106,7 @@ def test_continuation_encodes_through_transformers_codec_built_from_the_same_ten
 def test_a_missing_decoder_tensor_is_a_clear_error(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file, save_file
 
-    from model.loading import ModelError
+    from model.load.resolve import ModelError
 
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_model_dir, folder)
@@ -182,7 +183,7 @@ def test_a_broken_tokenizer_json_is_named(tmp_path, tiny_model_dir):
 
 def test_a_config_that_does_not_match_the_tensors_is_refused_before_any_step(tmp_path, tiny_model_dir):
     """The C step trusts the config's widths; a config.json from another model must not reach it."""
-    from model.loading import ModelError
+    from model.load.resolve import ModelError
 
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_model_dir, folder)
@@ -205,7 +206,7 @@ def test_a_codec_config_the_reader_does_not_implement_goes_to_transformers(tmp_p
 def test_pages_are_given_back_for_a_checkpoint_linked_from_the_hub_cache(tmp_path, tiny_model_dir):
     """The Hugging Face cache links model.safetensors to a blob named by its hash: the mapping's
     name does not end in .safetensors, and the pages must still go back."""
-    from model.memory import drop_pages
+    from model.memory.pages import drop_pages
 
     snap, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
     shutil.copytree(tiny_model_dir, snap)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.codec import StreamingDecoder, decode_full, encode_audio
+from model.codec.codes import StreamingDecoder, decode_full, encode_audio
 
 BOUND = 1e-3  # max |stream - full| / max |full|
 
@@ -42,7 +42,7 @@ def test_stream_equals_full_decode_real_shapes(real_shape_codec, chunk):
 def test_long_decodes_go_by_windows_within_the_stream_bound(real_shape_codec):
     """Past `window` frames the decode is windowed (bounded memory): same length, within the
     streaming bound of the full decode, the same every time; up to it, the full decode itself."""
-    from model.codec import decode
+    from model.codec.codes import decode
 
     codes = torch.randint(0, 2048, (4, 130), generator=torch.Generator().manual_seed(9)).numpy()
     full = decode_full(real_shape_codec, codes, 1)
@@ -72,7 +72,7 @@ def test_stream_equals_full_tiny_stereo(tiny_stereo_dir):
 
 @pytest.mark.parametrize("kind", ["windows", "stateful"])
 def test_reset_restarts_identically(tiny_engine, kind):
-    from model.codec_stream import StatefulDecoder
+    from model.codec.stream import StatefulDecoder
 
     codec = tiny_engine.hf.audio_encoder
     codes = torch.randint(0, 64, (4, 40), generator=torch.Generator().manual_seed(5))

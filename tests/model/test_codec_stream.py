@@ -1,4 +1,4 @@
-"""The stateful streaming decoder (model/codec_stream.py) equals the full decode, carries the
+"""The stateful streaming decoder (model/codec/stream.py) equals the full decode, carries the
 LSTM's memory that the window decoder only approximates, and decodes no context twice."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.codec import StreamingDecoder, decode, decode_full, streaming_decoder
-from model.codec_stream import StatefulDecoder
-from model.encodec import EncodecDecoder
+from model.codec.codes import StreamingDecoder, decode, decode_full, streaming_decoder
+from model.codec.stream import StatefulDecoder
+from model.codec.encodec import EncodecDecoder
 from tests.model.test_codec import _stream, stream_against_full
 
 BOUND = 1e-5  # max |stream - full| / max |full|: float rounding only
@@ -87,7 +87,7 @@ def test_short_streams_and_an_empty_flush(ours):
 
 
 def test_long_decodes_by_windows_are_now_the_full_decode(ours):
-    """model.codec.decode past its window goes through the stateful decoder: the full decode
+    """model.codec.codes.decode past its window goes through the stateful decoder: the full decode
     to float rounding, in bounded memory."""
     codes = torch.randint(0, 2048, (4, 130), generator=torch.Generator().manual_seed(9)).numpy()
     assert _rel(decode(ours, codes, 1, window=50), decode_full(ours, codes, 1)) < BOUND
@@ -111,7 +111,7 @@ def test_a_causal_codec_with_reflect_padding_is_exact_from_the_first_frame(chunk
     anywhere else (its left pad reflects frames to the right): the first frames wait for them."""
     from transformers import EncodecConfig, EncodecModel
 
-    from model.tiny import randomize_codebooks
+    from model.load.tiny import randomize_codebooks
 
     cfg = EncodecConfig(sampling_rate=32000, audio_channels=1, num_filters=4, upsampling_ratios=[8, 5, 4, 4],
                         codebook_size=64, codebook_dim=16, hidden_size=16, num_lstm_layers=2, normalize=False,

@@ -1,10 +1,10 @@
-"""Text conditioning (model/conditioning.py): a prompt's states do not depend on its batch."""
+"""Text conditioning (model/conditioning/prepare.py): a prompt's states do not depend on its batch."""
 
 from __future__ import annotations
 
 import torch
 
-from model.conditioning import encode_text
+from model.conditioning.prepare import encode_text
 
 
 @torch.inference_mode()
@@ -46,12 +46,12 @@ def test_an_unknown_token_id_is_a_request_error_naming_the_mismatch(tiny_engine)
 @torch.inference_mode()
 def test_a_prompts_cross_keys_and_folded_values_are_the_same_beside_a_longer_prompt(tiny_engine):
     """Padding a prompt to a longer prompt's width must not change what its cross-attention reads:
-    its keys and values are projected over its own tokens (model.decoder.cross_kv; float32's
+    its keys and values are projected over its own tokens (model.decode.decoder.cross_kv; float32's
     matmul blocked differently for 3 and 7 rows), and so are the folded keys and values
-    (model/cross_fold.py). (Its tokens beside a longer prompt were checked equal on
+    (model/decode/cross_fold.py). (Its tokens beside a longer prompt were checked equal on
     musicgen-small's shapes, where the C step runs: docs/engine.md.)"""
-    from model import cross_fold
-    from model.conditioning import build_conditioning
+    from model.decode import cross_fold
+    from model.conditioning.prepare import build_conditioning
 
     lm = tiny_engine.lm
     # 3 and 7 tokens: both under the tiny model's head width (8), so both batches fold (a prompt

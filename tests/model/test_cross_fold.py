@@ -1,16 +1,16 @@
-"""Cross-attention with its projections folded into the text's keys and values (model/cross_fold.py)."""
+"""Cross-attention with its projections folded into the text's keys and values (model/decode/cross_fold.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model import gemv
-from model.cross_fold import fold, folded
-from model.precision import QUALITY_BOUND
+from model.kernels import gemv
+from model.decode.cross_fold import fold, folded
+from model.decode.precision import QUALITY_BOUND
 from tests.model.test_gemv import _rel, _teacher_forced, _wide_decoder
 
-# A guided batch as the engine makes it (model/conditioning.py): a prompt whose last key is
+# A guided batch as the engine makes it (model/conditioning/prepare.py): a prompt whose last key is
 # padding, and the unconditional row (all-zero states and mask).
 MASK = torch.tensor([[1, 1, 0], [0, 0, 0]])
 
@@ -100,7 +100,7 @@ def test_a_long_text_keeps_the_projections_where_they_are_less_to_read():
 
 
 def test_the_c_quantiser_for_folded_vectors_is_quantize_kv_byte_for_byte():
-    from model.decoder import quantize_kv
+    from model.decode.decoder import quantize_kv
 
     x = torch.randn(3, 5, 256) * 40
     x[0, 1] = 0.0  # scale 0, zeros

@@ -1,4 +1,4 @@
-"""The GPU path: the fixed-shape decode step captured as a CUDA graph (model/step_graph.py).
+"""The GPU path: the fixed-shape decode step captured as a CUDA graph (model/decode/step_graph.py).
 
 These run only where torch sees a CUDA GPU. The fixed-shape step they capture is the same code
 the CPU runs in tests/model/test_engine_equivalence.py (`static_step`), held there to
@@ -30,7 +30,7 @@ def gpu_engine(tiny_model_dir):
 
 def _teacher_forced(eng: Engine, runner_cls, device: str) -> torch.Tensor:
     """Logits (2, K, 20, V) of 20 known steps through `runner_cls` over a fresh cache."""
-    from model.conditioning import build_conditioning
+    from model.conditioning.prepare import build_conditioning
 
     lm = eng.lm
     with torch.inference_mode():
@@ -44,7 +44,7 @@ def _teacher_forced(eng: Engine, runner_cls, device: str) -> torch.Tensor:
 
 
 def test_graph_replays_give_the_eager_steps_logits(gpu_engine):
-    from model.step_graph import GraphedStep, StaticStep
+    from model.decode.step_graph import GraphedStep, StaticStep
 
     eager = _teacher_forced(gpu_engine, StaticStep, "cuda")
     graphed = _teacher_forced(gpu_engine, GraphedStep, "cuda")
@@ -53,7 +53,7 @@ def test_graph_replays_give_the_eager_steps_logits(gpu_engine):
 
 
 def test_gpu_logits_equal_the_cpus(gpu_engine, tiny_engine):
-    from model.step_graph import GraphedStep, StaticStep
+    from model.decode.step_graph import GraphedStep, StaticStep
 
     gpu = _teacher_forced(gpu_engine, GraphedStep, "cuda")
     cpu = _teacher_forced(tiny_engine, StaticStep, "cpu")
@@ -62,8 +62,8 @@ def test_gpu_logits_equal_the_cpus(gpu_engine, tiny_engine):
 
 
 def test_float16_stays_within_the_quality_bound(tiny_model_dir, gpu_engine):
-    from model.precision import QUALITY_BOUND
-    from model.step_graph import GraphedStep
+    from model.decode.precision import QUALITY_BOUND
+    from model.decode.step_graph import GraphedStep
 
     half = Engine.load(str(tiny_model_dir), device="cuda", dtype="float16")
     assert half.compute_dtype == torch.float16

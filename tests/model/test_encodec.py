@@ -1,4 +1,4 @@
-"""Our EnCodec decoder (model/encodec.py) reproduces `transformers`' EncodecModel.decode."""
+"""Our EnCodec decoder (model/codec/encodec.py) reproduces `transformers`' EncodecModel.decode."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.codec import StreamingDecoder, decode_full
-from model.encodec import EncodecDecoder
+from model.codec.codes import StreamingDecoder, decode_full
+from model.codec.encodec import EncodecDecoder
 
 BOUND = 1e-5  # max |ours - transformers| / max |transformers|
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +21,7 @@ def _random_codec(config):
     """A transformers EnCodec with random codebooks and weight-norm gains != ||v||."""
     from transformers import EncodecModel
 
-    from model.tiny import randomize_codebooks
+    from model.load.tiny import randomize_codebooks
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -56,7 +56,7 @@ def _codes(codec, t: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny_codec():
-    from model.tiny import tiny_configs
+    from model.load.tiny import tiny_configs
 
     return _random_codec(tiny_configs()[1])
 
@@ -77,7 +77,7 @@ def test_decode_matches_transformers_tiny(tiny_codec, tiny_ours, frames):
 
 
 def test_decode_matches_transformers_real_shapes():
-    from model.codec import musicgen_32k_config
+    from model.codec.codes import musicgen_32k_config
 
     codec = _random_codec(musicgen_32k_config())
     ours = _ours(codec)
@@ -95,7 +95,7 @@ def test_decode_matches_transformers_real_shapes():
 ])
 def test_other_supported_configs_match(variant):
     """Causal padding, right-trim ratios, conv shortcuts, deeper stacks, and audio scales."""
-    from model.tiny import tiny_configs
+    from model.load.tiny import tiny_configs
 
     config = tiny_configs()[1]
     for k, v in variant.items():
@@ -120,7 +120,7 @@ def test_tiled_upsampling_equals_the_whole_stack(variant, frames):
     (`span`) one sample short puts a tile's padding into kept samples, at the 1e-2 scale. The
     bound is BOUND's: oneDNN picks its convolution algorithm by length, so the rounding differs
     (up to 6e-6 of the peak with the 101-tap kernel)."""
-    from model.codec import musicgen_32k_config
+    from model.codec.codes import musicgen_32k_config
 
     config = musicgen_32k_config()
     config.num_filters = 8  # real strides and kernels, narrow channels: fast
@@ -146,7 +146,7 @@ def test_old_weight_norm_key_names(tiny_codec, tiny_ours):
 
 
 def test_codec_module_works_with_ours(tiny_codec, tiny_ours):
-    """model/codec.py's full and streaming decodes give the same audio with either codec."""
+    """model/codec/codes.py's full and streaming decodes give the same audio with either codec."""
     codes = _codes(tiny_codec, 60, 5)[0, 0]
     assert _rel_err(decode_full(tiny_ours, codes, 1), decode_full(tiny_codec, codes, 1)) < BOUND
 
@@ -175,7 +175,7 @@ def test_unsupported_config_is_named(tiny_codec):
 
 def test_import_does_not_load_transformers():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, model.encodec; print('transformers' in sys.modules)"],
+        [sys.executable, "-c", "import sys, model.codec.encodec; print('transformers' in sys.modules)"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == "False"
@@ -185,11 +185,11 @@ def test_import_does_not_load_transformers():
 @pytest.mark.parametrize("stride,kernel", [(8, 16), (5, 10), (4, 12), (3, 3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_polyphase_transposed_convolution_equals_pytorchs(batch, stride, kernel, bias):
-    """The codec's upsampling as one ordinary convolution per output phase (model/encodec.py)
+    """The codec's upsampling as one ordinary convolution per output phase (model/codec/encodec.py)
     gives `conv_transpose1d`'s output, every sample, to float rounding."""
     import torch.nn.functional as F
 
-    from model.encodec import polyphase_transposed, polyphase_weight
+    from model.codec.encodec import polyphase_transposed, polyphase_weight
 
     torch.manual_seed(stride * kernel + batch)
     w, x = torch.randn(24, 16, kernel) * 0.1, torch.randn(batch, 24, 37)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import gemv
+from model.kernels import gemv
 from model.engine import Cancelled, Engine
-from model.sampling import Sampler, filter_top_k_top_p
+from model.decode.sampling import Sampler, filter_top_k_top_p
 from model.types import GenerationRequest, RequestError, SamplingParams
 
 

@@ -1,6 +1,6 @@
 """Our decode loop against the reference peer, `transformers`' own MusicGen.
 
-Text checkpoints load through our own reader (model/checkpoint.py: our T5, our codec, the
+Text checkpoints load through our own reader (model/load/checkpoint.py: our T5, our codec, the
 decoder laid out from the file's tensors), so these tests hold that whole path to
 `transformers`' model loaded from the same folder; melody checkpoints load through
 `transformers` itself.
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import Checkpoint
+from model.load.checkpoint import Checkpoint
 from model.engine import Engine
-from model.loading import load_hf_model
-from model.reference import reference_generate_tokens
+from model.load.resolve import load_hf_model
+from model.bench.reference import reference_generate_tokens
 from model.types import GenerationRequest, SamplingParams
 
 LOGIT_BOUND = 1e-5
@@ -62,7 +62,7 @@ def test_greedy_tokens_equal_transformers(engine, guidance, prompts):
 
 def test_greedy_equal_across_seeds_of_tiny_weights(tmp_path):
     """Another checkpoint (different random weights) still matches token for token."""
-    from model.tiny import build_tiny_model
+    from model.load.tiny import build_tiny_model
 
     torch.manual_seed(7)
     model = build_tiny_model()
@@ -70,7 +70,7 @@ def test_greedy_equal_across_seeds_of_tiny_weights(tmp_path):
         for p in model.decoder.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
-    from model.tiny import _build_tokenizer
+    from model.load.tiny import _build_tokenizer
 
     model.save_pretrained(tmp_path)
     _build_tokenizer(tmp_path)
@@ -83,8 +83,8 @@ def test_greedy_equal_across_seeds_of_tiny_weights(tmp_path):
 
 @torch.inference_mode()
 def test_teacher_forced_logits_match(engine):
-    from model.conditioning import build_conditioning
-    from model.decoder import KVCache
+    from model.conditioning.prepare import build_conditioning
+    from model.decode.decoder import KVCache
 
     hf, tok = reference(engine)
     k = engine.num_codebooks
@@ -115,8 +115,8 @@ def test_teacher_forced_logits_match(engine):
 @torch.inference_mode()
 def test_incremental_decode_matches_full_forward(tiny_engine):
     """The static KV cache, step by step, gives the logits of one full causal pass."""
-    from model.conditioning import build_conditioning
-    from model.decoder import KVCache
+    from model.conditioning.prepare import build_conditioning
+    from model.decode.decoder import KVCache
 
     lm = tiny_engine.lm
     cond = build_conditioning(tiny_engine.hf, tiny_engine.tokenizer, ["pad"], None, True, "cpu",
@@ -177,13 +177,13 @@ def _rounding_flips(a, b, t: int) -> int:
 def test_static_step_logits_equal_the_eager_step(tiny_engine, kv):
     """Teacher-forced, step by step from the same cache: the static and the eager step agree to
     float32 rounding, with the cache in each format a precision keeps it in
-    (model.precision.kv_dtype). Their float32 keys and values differ in the last bits (attention
+    (model.decode.precision.kv_dtype). Their float32 keys and values differ in the last bits (attention
     sums in another order), which now and then rounds one bfloat16 or int8 entry to its neighbour
     (one rounding step; seen once in 20 steps): such a step's logits differ by what that entry
     carries, so it is counted, checked to be exactly that, and the caches start the next step
     equal again."""
-    from model.conditioning import build_conditioning
-    from model.decoder import KVCache
+    from model.conditioning.prepare import build_conditioning
+    from model.decode.decoder import KVCache
 
     lm = tiny_engine.lm
     cond = build_conditioning(tiny_engine.hf, tiny_engine.tokenizer, ["lofi", "techno"], None, False, "cpu",

@@ -1,4 +1,4 @@
-"""The C decode kernels (model/gemv.py, model/layer_step.py): built here, exact against their own
+"""The C decode kernels (model/kernels/gemv.py, model/decode/layer_step.py): built here, exact against their own
 arithmetic, the same logits step by step (kernels, one-call layer step) as in one pass (PyTorch
 matmul over the same weights), and the C layer step equal to the eager one."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from model import gemv
-from model.quant import Bf16Linear, Int8Linear, quantize_int8
+from model.kernels import gemv
+from model.decode.quant import Bf16Linear, Int8Linear, quantize_int8
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,7 +47,7 @@ def test_int8_float_kernel_equals_the_dequantised_matmul(rows, n):
 
 
 def test_c_quantiser_equals_pytorchs_arithmetic_bit_for_bit(monkeypatch):
-    """model.quant.quantize_int8 in C (one pass per row) against the same arithmetic in PyTorch:
+    """model.decode.quant.quantize_int8 in C (one pass per row) against the same arithmetic in PyTorch:
     random rows, a zero row, ties at .5 (round half to even), huge and tiny magnitudes."""
     torch.manual_seed(4)
     w = torch.randn(70, 320) * 0.05
@@ -128,9 +128,9 @@ def test_a_row_comes_out_the_same_alone_guided_and_among_variations(kind, n):
 
 @pytest.mark.skipif(not gemv.has_vnni(), reason="this CPU has no integer kernels (an x86-64 CPU without AVX2, or ARM64 without the dot-product extension), so int4 runs PyTorch's packed kernel")
 def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
-    """Same q, d and z as model.quant.quantize_int4 (the packed fallback's), bit for bit,
+    """Same q, d and z as model.decode.quant.quantize_int4 (the packed fallback's), bit for bit,
     including an all-zero block, an all-positive one (z = 0) and an all-negative one (z = 15)."""
-    from model.quant import Int4Linear, quantize_int4
+    from model.decode.quant import Int4Linear, quantize_int4
 
     torch.manual_seed(3)
     lin = nn.Linear(384, 40, bias=False).requires_grad_(False)
@@ -156,7 +156,7 @@ def test_the_c_int4_quantiser_is_quantize_int4_packed_in_the_kernels_layout():
 def test_int4_kernel_equals_its_block_quantised_arithmetic(rows, outputs):
     """The kernel computes d (q - z) . x with x rounded to one int8 term per block of 128: equal
     to that arithmetic in float32 to 1e-5, and each row the same alone as batched."""
-    from model.quant import Int4Linear
+    from model.decode.quant import Int4Linear
 
     torch.manual_seed(rows)
     lin = nn.Linear(512, outputs, bias=True).requires_grad_(False)
@@ -175,7 +175,7 @@ def test_int4_kernel_equals_its_block_quantised_arithmetic(rows, outputs):
 def test_int4_runs_many_rows_as_one_matmul_over_its_dequantised_weights():
     """Past FEW_ROWS (a long prefill) int4 is one float32 matmul over d (q - z), the C
     dequantiser's weights; up to it, kernel calls of MAX_ROWS rows, row for row the same."""
-    from model.quant import Int4Linear
+    from model.decode.quant import Int4Linear
 
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=True).requires_grad_(False)
@@ -191,8 +191,8 @@ def test_int4_runs_many_rows_as_one_matmul_over_its_dequantised_weights():
 
 @pytest.fixture
 def prefill_in(monkeypatch):
-    """Pin the prefill products' dtype (model.quant.prefill_dtype, measured per process otherwise)."""
-    from model import quant
+    """Pin the prefill products' dtype (model.decode.quant.prefill_dtype, measured per process otherwise)."""
+    from model.decode import quant
 
     def pin(name: str) -> None:
         monkeypatch.setenv("MUSICBRIDGE_PREFILL", name)
@@ -215,7 +215,7 @@ def test_linears_route_few_rows_to_the_kernel_and_many_rows_to_one_matmul(cls, p
     torch.manual_seed(0)
     lin = nn.Linear(128, 96, bias=True).requires_grad_(False)
     mod = Bf16Linear(lin) if cls == "bf16" else Int8Linear(lin, torch.bfloat16)
-    from model.quant import prefilling
+    from model.decode.quant import prefilling
 
     x = torch.randn(2, 40, 128)  # 80 rows: over FEW_ROWS, the matmul path
     assert gemv.rows_of(x) > gemv.FEW_ROWS >= gemv.rows_of(x[:, :20]) > gemv.MAX_ROWS
@@ -253,7 +253,7 @@ def test_float_arithmetic_is_asked_for_by_name_and_vnni_runs_only_where_the_cpu_
 
 
 def test_kernels_off_falls_back_to_pytorch_with_the_same_results_within_rounding(tmp_path):
-    code = ("import torch; from model import gemv; from model.quant import Int8Linear; "
+    code = ("import torch; from model import gemv; from model.decode.quant import Int8Linear; "
             "torch.manual_seed(0); lin = torch.nn.Linear(128, 64, bias=False); m = Int8Linear(lin, torch.bfloat16); "
             "x = torch.randn(2, 128); torch.save((gemv.available(), m.arithmetic, x, m(x), m.dequantized()), "
             f"{str(tmp_path / 'out.pt')!r})")
@@ -268,9 +268,9 @@ def _wide_decoder(dtype: str, width: int = 64, heads: int = 4):
     """A tiny decoder `width` wide (whole 64-blocks, so the kernels apply) in `dtype`."""
     from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 
-    from model.decoder import MusicgenDecoderLM
-    from model.precision import apply_precision
-    from model.tiny import tiny_configs
+    from model.decode.decoder import MusicgenDecoderLM
+    from model.decode.precision import apply_precision
+    from model.load.tiny import tiny_configs
 
     _, _, kw = tiny_configs()
     kw.update(hidden_size=width, ffn_dim=2 * width, num_attention_heads=heads)
@@ -298,7 +298,7 @@ def _step_bound(dtype: str) -> float:
 
 
 def _teacher_forced(lm, tokens, cross, one_pass: bool, kv=torch.float32) -> torch.Tensor:
-    from model.decoder import KVCache
+    from model.decode.decoder import KVCache
 
     cache = KVCache(lm.spec, tokens.shape[0], 16, "cpu", kv)
     if one_pass:
@@ -326,7 +326,7 @@ def test_a_rows_cross_keys_do_not_depend_on_its_batch(dtype):
 def test_decoder_logits_step_by_step_equal_one_pass(dtype, kv, prefill_in):
     """Teacher-forced: every step's logits from the kernels (and the one-call C layer step)
     equal the same positions' logits from one prefill pass over the same weights, with the
-    cache in float32, bfloat16 or int8 (model.precision.kv_dtype), the prefill in float32. A pass
+    cache in float32, bfloat16 or int8 (model.decode.precision.kv_dtype), the prefill in float32. A pass
     of up to gemv.FEW_ROWS rows runs the kernels too, so int4's pass and steps round activations
     alike and differ by upstream float32 rounding: INT4_STEPS, as in the layer step's test."""
     if dtype == "int4" and not gemv.has_vnni():
@@ -373,7 +373,7 @@ def test_the_c_layer_step_equals_the_eager_layer_step(dtype, kv, monkeypatch):
 def test_the_c_layer_step_rounds_the_bfloat16_cache_as_pytorch_does():
     """The same C step into a float32 and a bfloat16 cache: the bfloat16 columns are exactly the
     float32 ones converted by PyTorch (round to nearest even)."""
-    from model.decoder import KVCache
+    from model.decode.decoder import KVCache
 
     lm = _wide_decoder("int8", width=128)
     lm.fuse()
@@ -395,7 +395,7 @@ def test_the_c_layer_step_quantizes_the_int8_cache_as_the_eager_path_does(width,
     values it wrote into a float32 cache (the eager path's quantisation): ordinary vectors, a
     zero vector (head 0's key and value projections zeroed: scale 0), and NaN (scale NaN and
     zeros, as PyTorch's max propagates it)."""
-    from model.decoder import KVCache, quantize_kv
+    from model.decode.decoder import KVCache, quantize_kv
 
     lm = _wide_decoder("float32", width=width, heads=heads)
     hd = width // heads
@@ -427,7 +427,7 @@ def test_the_c_layer_step_quantizes_the_int8_cache_as_the_eager_path_does(width,
 
 @torch.inference_mode()
 def test_the_c_layer_step_refuses_a_position_outside_the_cache():
-    from model.decoder import KVCache
+    from model.decode.decoder import KVCache
 
     lm = _wide_decoder("float32")
     lm.fuse()
@@ -485,8 +485,8 @@ def test_the_one_call_step_is_not_taken_where_a_layer_keeps_its_eager_step(monke
 def test_a_bfloat16_prefill_stays_within_the_quality_bound_of_the_steps(dtype, prefill_in):
     """Where prefill products run in bfloat16 (a jam's window slide re-reads 10 s), one prefill
     pass and the decode steps part by the activations' rounding only: well inside the 2e-2
-    logit bound precisions are held to (model/precision.py), and never exactly equal."""
-    from model.precision import QUALITY_BOUND, kv_dtype
+    logit bound precisions are held to (model/decode/precision.py), and never exactly equal."""
+    from model.decode.precision import QUALITY_BOUND, kv_dtype
 
     prefill_in("bfloat16")
     lm = _wide_decoder(dtype)

@@ -1,4 +1,4 @@
-"""The collector around loading (model/heap.py): off inside, restored and frozen after."""
+"""The collector around loading (model/memory/heap.py): off inside, restored and frozen after."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from model.heap import loading
+from model.memory.heap import loading
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""model/hugepages.py: the decoder's weights packed into one huge-page arena and caches on
+"""model/memory/hugepages.py: the decoder's weights packed into one huge-page arena and caches on
 2 MB-aligned memory, without changing a value or a tensor's identity."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import hugepages
+from model.memory import hugepages
 
 
 def test_large_tensors_are_2mb_aligned_and_small_ones_plain():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from model import gemv
+from model.kernels import gemv
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECK = Path(__file__).parent / "kernels" / "kernels_check.c"

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import torch
 
-from model.live_stream import LiveStream
-from model.scheduler import StepGate
+from model.decode.live_stream import LiveStream
+from model.decode.scheduler import StepGate
 from model.types import GenerationRequest, SamplingParams
 
 

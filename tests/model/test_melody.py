@@ -9,8 +9,8 @@ import mido
 import numpy as np
 import pytest
 
-from model.chroma import FRAME_RATE, audio_chroma, chroma_filter_bank
-from model.melody import (MelodyError, beats_to_seconds, chroma_cosine_similarity, load_melody, midi_notes,
+from model.conditioning.chroma import FRAME_RATE, audio_chroma, chroma_filter_bank
+from model.conditioning.melody import (MelodyError, beats_to_seconds, chroma_cosine_similarity, load_melody, midi_notes,
                           notes_to_chroma)
 
 SR = 32000
@@ -177,7 +177,7 @@ def test_chroma_cosine_similarity():
 def test_melody_reaches_the_melody_models_conditioning(tmp_path, tiny_melody_engine):
     """Our chroma is what transformers' MusicGen-Melody takes as input_features, and our engine
     and its generate follow it identically."""
-    from model.reference import reference_generate_tokens
+    from model.bench.reference import reference_generate_tokens
     from model.types import GenerationRequest, SamplingParams
 
     path = _write_midi(tmp_path / "m.mid", [(60, 0, 1), (64, 1, 1), (67, 2, 2)])

@@ -8,7 +8,7 @@ import tracemalloc
 
 import numpy as np
 
-from model.melody import ChromaMelody, Note, NoteMelody, beats_to_seconds, load_melody, notes_to_chroma
+from model.conditioning.melody import ChromaMelody, Note, NoteMelody, beats_to_seconds, load_melody, notes_to_chroma
 
 RATE = 7.8125
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.patterns import PATTERNS, get_pattern
+from model.decode.patterns import PATTERNS, get_pattern
 
 SHAPES = [(k, c, t) for k in (1, 2, 4, 8) for c in (1, 2) if k % c == 0 for t in (1, 2, 7, 50)]
 

@@ -1,4 +1,4 @@
-"""model/placeholders.py: modules with a checkpoint's shapes, no values and no random init."""
+"""model/memory/placeholders.py: modules with a checkpoint's shapes, no values and no random init."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from model import placeholders
-from model.decoder import DecoderSpec, MusicgenDecoderLM
+from model.memory import placeholders
+from model.decode.decoder import DecoderSpec, MusicgenDecoderLM
 
 
 def test_shapes_without_values():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_linears
+from model.decode.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_linears
 
 
 def _linear(n=256, k=512, seed=0, bias=False) -> nn.Linear:
@@ -47,8 +47,8 @@ def test_int4_quantiser_bounds_the_error():
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_kernel_matches_dequantised_reference(cls, bias, monkeypatch):
     """PyTorch's packed kernels (CPUs without the C kernels' integer dot products run int4 on
-    them; model/gemv.py's own are tested in tests/model/test_gemv.py)."""
-    from model import gemv
+    them; model/kernels/gemv.py's own are tested in tests/model/test_gemv.py)."""
+    from model.kernels import gemv
 
     monkeypatch.setattr(gemv, "takes_i4", lambda in_features: False)
     lin = _linear(bias=bias)

@@ -1,4 +1,4 @@
-"""model/step_graph.py on the CPU: the runner the fixed-shape decode loop uses, and the switch.
+"""model/decode/step_graph.py on the CPU: the runner the fixed-shape decode loop uses, and the switch.
 
 The CUDA graph itself is tested where a GPU exists (test_cuda_step.py)."""
 
@@ -9,12 +9,12 @@ import os
 import numpy as np
 import torch
 
-from model.step_graph import StaticStep, graphs, graphs_enabled, static_step
+from model.decode.step_graph import StaticStep, graphs, graphs_enabled, static_step
 from model.types import GenerationRequest, SamplingParams
 
 
 def test_the_runner_is_eager_on_the_cpu_and_gives_step_statics_logits(tiny_engine):
-    from model.conditioning import build_conditioning
+    from model.conditioning.prepare import build_conditioning
 
     lm = tiny_engine.lm
     with torch.inference_mode():
@@ -34,7 +34,7 @@ def test_the_runner_is_eager_on_the_cpu_and_gives_step_statics_logits(tiny_engin
 def test_a_decode_state_keeps_one_runner(tiny_engine, monkeypatch):
     """The fixed-shape loop makes its runner at the first step and reuses it (one graph per batch
     on a GPU), and its greedy tokens equal the eager loop's."""
-    import model.generate as generate
+    import model.decode.loop as generate
 
     made = []
     real = generate.static_step

@@ -1,4 +1,4 @@
-"""Our T5 encoder (model/t5.py) against transformers' T5EncoderModel on the same weights.
+"""Our T5 encoder (model/conditioning/t5.py) against transformers' T5EncoderModel on the same weights.
 
 The reference is a real random T5EncoderModel whose weights are pushed away from their init
 (norms not 1, a strong relative position bias) so that a mistake in any part shows.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.t5 import T5Encoder
+from model.conditioning.t5 import T5Encoder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,7 +160,7 @@ def test_loads_a_musicgen_checkpoint(tiny_model_dir):
 
 def test_import_does_not_load_transformers():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, model.t5; print('transformers' in sys.modules)"],
+        [sys.executable, "-c", "import sys, model.conditioning.t5; print('transformers' in sys.modules)"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == "False"

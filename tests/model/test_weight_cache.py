@@ -1,4 +1,4 @@
-"""Converted weights kept on disk (model/weight_cache.py): replayed bit for bit, or converted."""
+"""Converted weights kept on disk (model/memory/weight_cache.py): replayed bit for bit, or converted."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import gemv, weight_cache
+from model.kernels import gemv
+from model.memory import weight_cache
 from model.engine import Engine
-from model.quant import Int4Linear
+from model.decode.quant import Int4Linear
 from model.types import GenerationRequest, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def replay_by(request, monkeypatch):
     """Both ways a record comes back: mapped as it is (where the page cache maps it on huge
     pages: ext4 on Linux 6.x, for a file this size only when told so here) or read into a fresh
     arena (elsewhere)."""
-    from model import hugepages
+    from model.memory import hugepages
 
     on_huge = request.param == "mapped"
     monkeypatch.setattr(hugepages, "huge_bytes", lambda ts: sum(t.nbytes for t in ts) if on_huge else 0)
@@ -234,7 +235,7 @@ def test_an_unwritable_cache_folder_is_a_warning_not_a_failure(tmp_path, model_d
     blocker.write_text("a file where the cache folder would be")
     monkeypatch.setenv("MUSICBRIDGE_CACHE", str(blocker))
     monkeypatch.delenv("MUSICBRIDGE_WEIGHT_CACHE", raising=False)
-    with caplog.at_level(logging.WARNING, logger="model.weight_cache"):
+    with caplog.at_level(logging.WARNING, logger="model.memory.weight_cache"):
         eng = _load(model_dir, "int8")
     assert "could not keep the converted weights" in caplog.text
     assert _tokens(eng).shape[0] == 4

@@ -1,4 +1,4 @@
-"""Where a converted-weights record is used mapped (model/weight_cache.py `_map`): the kernel's
+"""Where a converted-weights record is used mapped (model/memory/weight_cache.py `_map`): the kernel's
 own answer, read from /proc/self/smaps, not a stand-in."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import hugepages, weight_cache
+from model.memory import hugepages, weight_cache
 
 
 def _file_pmd_kb(path: Path) -> int:

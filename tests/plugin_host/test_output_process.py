@@ -77,7 +77,7 @@ def test_bad_device_is_reported_from_the_child(jack):
 
 
 def test_a_jam_runs_on_the_audio_process(jack, tiny_engine):
-    from bridge.jam import Jam
+    from bridge.live.jam import Jam
     from plugin_host.output_process import AudioOutputProcess
 
     with AudioOutputProcess(samplerate=SR) as out:

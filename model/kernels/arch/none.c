@@ -1,5 +1,5 @@
 /* No integer kernels on this instruction set: int8 runs the widening kernel (gemv.c) and int4
- * PyTorch's packed kernel (model/quant.py; mb_gemv_i4 in int4.c answers -2), and model/gemv.py says so at load. */
+ * PyTorch's packed kernel (model/decode/quant.py; mb_gemv_i4 in int4.c answers -2), and model/kernels/gemv.py says so at load. */
 #include "../int_kernels.h"
 #ifdef MB_ARCH_NONE
 

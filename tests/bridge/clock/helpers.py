@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from bridge.osc import OscClient
+from bridge.osc.udp import OscClient
 from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess, drain, expect
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import soundfile as sf
 
-from bridge.osc import OscClient, decode
+from bridge.osc.udp import OscClient, decode
 from tests.bridge.clock.helpers import following_daemon, transport_state
 from plugin_host.bwf import read_bext
 from tests.bridge.osc_helpers import drain, expect

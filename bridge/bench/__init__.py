@@ -1,0 +1,1 @@
+"""Measurement only, never imported at run time: `musicbridge bench --jam`."""

@@ -1,0 +1,1 @@
+"""Live parts: jams, live plays, live notes, the melody a jam follows."""

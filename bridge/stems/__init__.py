@@ -1,0 +1,1 @@
+"""Stems: plans, the job queue, engine requests, fitting to the grid, writing to disk."""

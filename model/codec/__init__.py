@@ -1,0 +1,1 @@
+"""EnCodec: tokens to audio (whole or streamed) and audio to tokens."""

@@ -1,0 +1,1 @@
+"""What the decoder is conditioned on: T5 text states and melody chroma."""

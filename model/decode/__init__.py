@@ -1,0 +1,1 @@
+"""The decoder and its token loop: layers, quantised linears, patterns, sampling, scheduling, precision."""

@@ -1,0 +1,1 @@
+"""Checkpoints in: finding and reading them, tiny checkpoints for tests."""

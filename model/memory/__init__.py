@@ -1,0 +1,1 @@
+"""Where weights live: pages given back, huge pages, shape-only modules, the converted-weights cache."""
