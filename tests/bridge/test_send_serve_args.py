@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from bridge.commands.common import UsageError, main
+from bridge.cli import main
+from bridge.commands.common import UsageError
 from bridge.commands.send import format_reply, parse_arg
 from bridge.commands.serve import _is_loopback, host_port
 
