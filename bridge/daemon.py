@@ -134,12 +134,10 @@ class Daemon:
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
         # jams, live notes and the typed bar grid (bridge/live/control.py)
-        self.live = LiveControl(engine, audio, notes, self.session.transport,
+        self.live = LiveControl(engine, audio, notes, JamGridSource(self.clock),
                                 lambda to, address, args: self.server.send(to, address, args))
         self.live.inputs = self.inputs  # a jam reads stored melody files through the same input limits as jobs
         self.jams = self.live.jams  # track -> bridge.live.jam.Jam (the latest one per track)
-        if config.follow.source != "typed":  # jams play on the followed DAW's bar grid (docs/daw.md)
-            self.live.grid = JamGridSource(self.clock)
         self._closed = False
         self._jobs_entered = False
 
@@ -307,17 +305,18 @@ class Daemon:
     @handles(P.Status)
     def _status(self, cmd: P.Status, sender: Address) -> None:
         queued, running = self.jobs.counts()
-        source, tempo, num, den, playing, beat, age = self.clock.state()
+        st = self.clock.state()
         xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
         info = self.engine.info
         self.reply(sender, "/status", info.label, len(self.session.tracks), queued, running, xruns,
-                   float(tempo), f"{num}/{den}", int(playing), float(beat), source, float(age), info.device, info.dtype)
+                   float(st.tempo), str(st.signature), int(st.playing), float(st.beat), st.source, float(st.age),
+                   info.device, info.dtype, float(st.quarter_notes))
 
     @handles(P.TransportState)
     def _transport_state(self, cmd: P.TransportState, sender: Address) -> None:
-        source, tempo, num, den, playing, beat, age = self.clock.state()
-        self.reply(sender, "/transport/state", source, float(tempo), num, den, int(playing), float(beat),
-                   float(age))
+        st = self.clock.state()
+        self.reply(sender, "/transport/state", st.source, float(st.tempo), st.signature.numerator,
+                   st.signature.denominator, int(st.playing), float(st.beat), float(st.age), float(st.quarter_notes))
 
     @handles(P.ListTracks)
     def _list_tracks(self, cmd: P.ListTracks, sender: Address) -> None:
@@ -375,32 +374,30 @@ class Daemon:
 
     @handles(P.SetTempo)
     def _set_tempo(self, cmd: P.SetTempo, sender: Address) -> None:
-        self.live.transport_changed(self.session.update_transport(tempo=cmd.bpm))
+        self.session.update_transport(tempo=cmd.bpm)
         self.clock.typed_changed()
         self._ok(sender, cmd, f"tempo is now {cmd.bpm:g} bpm")
 
     @handles(P.SetSignature)
     def _set_signature(self, cmd: P.SetSignature, sender: Address) -> None:
-        self.live.transport_changed(self.session.update_transport(numerator=cmd.numerator,
-                                                                  denominator=cmd.denominator))
+        self.session.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
         self.clock.typed_changed()
         self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
 
     @handles(P.Play, P.Stop)
     def _play_stop(self, cmd: P.Play | P.Stop, sender: Address) -> None:
         changes: dict[str, Any] = {"playing": isinstance(cmd, P.Play)}
-        if cmd.beat is not None:
-            changes["position"] = cmd.beat
+        if cmd.quarter_notes is not None:
+            changes["position"] = cmd.quarter_notes
         t = self.session.update_transport(**changes)
-        self.live.transport_changed(t, cmd.beat)
-        self.clock.typed_changed(cmd.beat)
-        self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at beat {t.position:g}")
+        self.clock.typed_changed(cmd.quarter_notes)
+        self._ok(sender, cmd, f"transport {'playing' if t.playing else 'stopped'} at quarter note {t.position:g}")
 
     @handles(P.Locate)
     def _locate(self, cmd: P.Locate, sender: Address) -> None:
-        self.live.transport_changed(self.session.update_transport(position=cmd.beat), cmd.beat)
-        self.clock.typed_changed(cmd.beat)
-        self._ok(sender, cmd, f"transport moved to beat {cmd.beat:g}")
+        self.session.update_transport(position=cmd.quarter_notes)
+        self.clock.typed_changed(cmd.quarter_notes)
+        self._ok(sender, cmd, f"transport moved to quarter note {cmd.quarter_notes:g}")
 
     @handles(P.JamStart)
     def _jam_start(self, cmd: P.JamStart, sender: Address) -> None:
@@ -531,12 +528,14 @@ class Daemon:
         before where the transport is. Also the sidecar's record of how that place was found."""
         from dataclasses import replace
 
-        source, tempo, num, den, playing, beat_now, _age = self.clock.state()
+        st = self.clock.state()
+        sig = st.signature
         beat, seconds = self.clock.stem_start(at_bar)
-        transport = replace(self.session.transport, tempo=tempo, numerator=num, denominator=den, playing=playing,
-                            position=beat * 4.0 / den)  # the session counts quarter notes
-        timeline = {"clock": source, "asked_at_beat": round(beat_now, 6), "at_bar": at_bar,
-                    "bar": int(round(beat / num)) + 1, "beat": beat, "seconds": seconds}
+        transport = replace(self.session.transport, tempo=st.tempo, numerator=sig.numerator,
+                            denominator=sig.denominator, playing=st.playing,
+                            position=sig.beats_to_quarters(beat))  # the session counts quarter notes
+        timeline = {"clock": st.source, "asked_at_beat": round(st.beat, 6), "at_bar": at_bar,
+                    "bar": int(round(beat / sig.numerator)) + 1, "beat": beat, "seconds": seconds}
         return transport, timeline
 
     def _append_done(self, job: Job, path: str) -> None:

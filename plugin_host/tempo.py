@@ -53,6 +53,19 @@ class TimeSignature:
     def quarters_per_bar(self) -> float:
         return self.numerator * 4.0 / self.denominator
 
+    @property
+    def quarters_per_beat(self) -> float:
+        """One signature beat (a denominator note) in quarter notes: 1 in x/4, 0.5 in x/8."""
+        return 4.0 / self.denominator
+
+    def beats_to_quarters(self, beats: float) -> float:
+        """Signature beats (what /transport/state and bar:beat count) to quarter notes (what
+        tempo, /transport/play and the session count)."""
+        return beats * 4.0 / self.denominator
+
+    def quarters_to_beats(self, quarters: float) -> float:
+        return quarters * self.denominator / 4.0
+
     def __str__(self) -> str:
         return f"{self.numerator}/{self.denominator}"
 

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM  # the one home of these ranges
+from plugin_host.tempo import DENOMINATORS, MAX_BPM, MAX_NUMERATOR, MIN_BPM, TimeSignature  # the one home of these
 
 __all__ = ["SOURCES", "MIN_BPM", "MAX_BPM", "Grid", "beat_of_bbt"]
 
@@ -51,8 +51,12 @@ class Grid:
     # ------------------------------------------------------------ the grid interface
 
     @property
+    def time_signature(self) -> TimeSignature:
+        return TimeSignature(self.numerator, self.denominator)
+
+    @property
     def beats_per_second(self) -> float:
-        return self.tempo / 60.0 * self.denominator / 4.0
+        return self.tempo / 60.0 / self.time_signature.quarters_per_beat
 
     @property
     def bar_seconds(self) -> float:

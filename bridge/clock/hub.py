@@ -14,12 +14,15 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from bridge.clock import FollowSpec
 from bridge.clock.follower import Follower, PollThread
 from bridge.clock.grid import Grid
+from bridge.clock.typed import TypedFollower
 from bridge.osc.udp import TracebackLog
 from bridge.state.rules import MAX_BEAT_POSITION
+from plugin_host.tempo import TimeSignature
 
 log = logging.getLogger("musicbridge.clock")
 
@@ -34,6 +37,33 @@ def output_clock(audio) -> Callable[[], float]:
     return lambda: audio.position / rate
 
 
+@dataclass(frozen=True)
+class ClockState:
+    """The leading clock at one moment. `beat` counts signature beats from 0 at bar 1 (bar N starts
+    at beat (N-1) x numerator); `quarter_notes` is the same position in quarter notes."""
+
+    source: str
+    tempo: float  # quarter notes a minute
+    signature: TimeSignature
+    playing: bool
+    beat: float
+    age: float  # seconds since the clock last said something; -1: never
+
+    @property
+    def quarter_notes(self) -> float:
+        return self.signature.beats_to_quarters(self.beat)
+
+    @property
+    def bar(self) -> int:
+        """The bar sounding now, counting from 1."""
+        return int(math.floor(self.beat / self.signature.numerator + 1e-9)) + 1
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "tempo": self.tempo, "signature": str(self.signature),
+                "playing": self.playing, "beat": self.beat, "quarter_notes": self.quarter_notes,
+                "bar": self.bar, "age": self.age}
+
+
 class ClockHub:
     """A context manager: starts the follower on enter, stops it on exit."""
 
@@ -41,12 +71,8 @@ class ClockHub:
                  ardour: tuple[str, int] | None = None, send: Callable[..., None] | None = None):
         self.session, self.spec, self.clock = session, spec, clock
         self.ardour, self.send = ardour, send
-        self.follower: Follower | None = None
-        self._typed_at = clock()         # output time of the last typed transport change
-        self._typed_updated = time.monotonic()
-        t = session.transport
-        self._typed_quarters = t.position  # where the typed transport was then, in quarter notes
-        self._typed_tempo, self._typed_playing = t.tempo, t.playing  # ... and how it moved from there
+        self.typed = TypedFollower(session, clock)
+        self.follower: Follower | None = None  # the followed source, when it is not the typed transport
         self._fed: Grid | None = None
         self._feeder: PollThread | None = None
         self._ignored_logged: set[str] = set()
@@ -58,7 +84,7 @@ class ClockHub:
 
     def __enter__(self) -> ClockHub:
         src = self.spec.source
-        base = self.typed_grid()
+        base = self.typed.grid
         if src == "jack":
             from bridge.clock.jack import JackFollower
 
@@ -95,41 +121,21 @@ class ClockHub:
 
     # ------------------------------------------------------------ the grid
 
-    def typed_grid(self) -> Grid:
-        t = self.session.transport
-        return Grid(tempo=t.tempo, numerator=t.numerator, denominator=t.denominator, playing=t.playing,
-                    source="typed", anchor_time=self._typed_at,
-                    anchor_beat=self._typed_quarters * t.denominator / 4.0,  # the grid counts signature beats
-                    updated=self._typed_updated)
-
-    def _typed_quarters_at(self, t: float) -> float:
-        """Quarter notes of the typed transport at output time t, as the grid stood before a change."""
-        if not self._typed_playing:
-            return self._typed_quarters
-        return self._typed_quarters + (t - self._typed_at) * self._typed_tempo / 60.0
-
     def typed_changed(self, located: float | None = None) -> None:
-        """A /transport/* message changed the session transport: the typed grid re-anchors now, at
-        `located` (quarter notes) when the message named a position, else where it had got to (a
-        tempo change while playing keeps the beat that is sounding). A follower whose source has
-        no signature (MIDI clock, Link, REAPER) takes the typed one."""
-        now = self.clock()
-        self._typed_quarters = float(located) if located is not None else self._typed_quarters_at(now)
-        self._typed_at = now
-        self._typed_updated = time.monotonic()
-        t = self.session.transport
-        self._typed_tempo, self._typed_playing = t.tempo, t.playing
+        """A /transport/* message changed the session transport (`located`: the position it named,
+        in quarter notes). A follower whose source has no signature takes the typed one."""
+        g = self.typed.changed(located)
         if self.follower is not None:
-            self.follower.set_base(self.typed_grid())
+            self.follower.set_base(g)
 
     def grid(self) -> Grid:
         """The leading grid. Before a followed source has said anything it is the typed transport
         under the followed source's name, with an age of infinity ("never heard")."""
         if self.follower is None:
-            return self.typed_grid()
+            return self.typed.grid
         g = self.follower.grid
         if g is None:
-            return self.typed_grid().moved(source=self.follower.source, updated=-math.inf)
+            return self.typed.grid.moved(source=self.follower.source, updated=-math.inf)
         return g
 
     def now(self) -> float:
@@ -147,12 +153,12 @@ class ClockHub:
             self._free, self._free_key = g.moved(playing=True), key
         return self._free
 
-    def state(self) -> tuple[str, float, int, int, bool, float, float]:
-        """(source, tempo, numerator, denominator, playing, beat now, age in seconds or -1 for never)."""
+    def state(self) -> ClockState:
+        """The leading clock now, as /status, /transport/state and the panel report it."""
         g = self.grid()
         age = g.age()
-        return (g.source, g.tempo, g.numerator, g.denominator, g.playing, g.beat_at(self.clock()),
-                age if math.isfinite(age) else -1.0)
+        return ClockState(g.source, g.tempo, g.time_signature, g.playing, g.beat_at(self.clock()),
+                          age if math.isfinite(age) else -1.0)
 
     def stem_start(self, at_bar: int | None = None) -> tuple[float, float]:
         """(beat, timeline seconds) where a stem asked for now belongs: bar `at_bar` if named, else the
@@ -211,7 +217,7 @@ class ClockHub:
         self._fed = g
         # The session holds positions up to MAX_BEAT_POSITION quarter notes (what its loader accepts);
         # a followed clock that runs past it (a DAW playing on at the end, a far locate) is saved there.
-        quarters = min(MAX_BEAT_POSITION, round(max(0.0, g.beat_at(t)) * 4.0 / g.denominator, 4))
+        quarters = min(MAX_BEAT_POSITION, round(g.time_signature.beats_to_quarters(max(0.0, g.beat_at(t))), 4))
         try:
             self.session.update_transport(tempo=round(g.tempo, 3), numerator=g.numerator,
                                           denominator=g.denominator, playing=g.playing, position=quarters)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.live.melody_source import LoopedMelody, stored_melody
+from bridge.live.notes import NoteRouter
 from bridge.osc.protocol import ProtocolError
 
 log = logging.getLogger("musicbridge.serve")
@@ -29,17 +30,14 @@ Send = Callable[[Any, str, tuple], None]  # (address to, OSC address, args)
 class LiveControl:
     """Jams and live notes for one daemon; close() stops every jam at once."""
 
-    def __init__(self, engine, audio, notes, transport, send: Send):
-        from bridge.live.notes import NoteRouter
-        from bridge.clock.typed import TypedGridSource
+    def __init__(self, engine, audio, notes, grid: Callable[[], Any], send: Send):
+        """grid: the leading clock's grid as jams read it (bridge.clock.hub.JamGridSource)."""
 
         self.engine, self.audio, self.send = engine, audio, send
         self.clock: Callable[[], float] = ((lambda: audio.position / audio.samplerate) if audio is not None
                                            else time.monotonic)
         self.notes = notes if notes is not None else NoteRouter(self.clock)
-        t = transport
-        self.grid = TypedGridSource(t.tempo, t.numerator, t.denominator, True,
-                                    t.position * t.denominator / 4.0, clock=self.clock)
+        self.grid = grid
         self.jams: dict[str, Any] = {}  # track -> bridge.live.jam.Jam (the latest one per track)
         self.inputs = None  # bridge.osc.input_files.Inputs: melody files are checked and limited where a jam reads them
         self._text_only_warned = False
@@ -47,14 +45,6 @@ class LiveControl:
     def close(self) -> None:
         for jam in self.jams.values():
             jam.close()
-
-    # ------------------------------------------------------------ transport -> grid
-
-    def transport_changed(self, transport, located: float | None = None) -> None:
-        """Tempo/signature/position typed over OSC: the grid follows (jams read it at each chunk)."""
-        t = transport
-        self.grid.update(tempo=t.tempo, numerator=t.numerator, denominator=t.denominator,
-                         position=None if located is None else located * t.denominator / 4.0)
 
     # ------------------------------------------------------------ notes
 

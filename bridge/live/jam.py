@@ -13,9 +13,9 @@ ready before its time comes, and it must follow what the player plays now. The j
   (later start = fresher melody);
 - reads its conditioning at each chunk (the melody policy below) and re-prefills only when the
   conditioning of what is still to come changed;
-- places everything on a bar grid (`grid`: the shape of `bridge.clock.grid.Grid`; the typed one is
-  bridge.clock.typed.TypedGridSource, a followed DAW clock has the same shape): the part's first
-  frame sits on a bar line, and the tempo is read at each chunk.
+- places everything on a bar grid (`grid`: a `bridge.clock.grid.Grid`, or a callable giving the
+  current one: the daemon passes the clock hub's, whichever clock leads): the part's first frame
+  sits on a bar line, and the tempo is read at each chunk.
 
 Melody policy (what a chunk is conditioned on), on the output clock:
 - live source (`live = True`, e.g. bridge.live.notes.LiveMelody fed by MIDI ports or OSC notes): what
@@ -45,7 +45,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from model.types import SamplingParams
+from bridge.clock.grid import Grid
+from model.types import SamplingParams, melody_refusal
 from plugin_host.live import BehindStatus, StatusCallback, TrackPlayer
 from plugin_host.output import AudioOutput
 
@@ -71,21 +72,13 @@ class MelodySource(Protocol):
     def chroma(self, start_s: float, seconds: float, frame_rate: float) -> np.ndarray: ...
 
 
-class Grid(Protocol):
-    tempo: float
-    numerator: int
-    denominator: int
-
-    def next_bar_time(self, t: float) -> float: ...
-
-
 class Jam:
     """Continuous generation for one track into `output`; a context manager (exit stops it at once).
 
     engine: a loaded model.engine.Engine (a melody checkpoint when `melody` is given).
     output: the running AudioOutput(Process) the track plays on; its clock is the jam's clock.
     melody: a MelodySource or None (text only).
-    grid: a bar grid or a callable returning the current one (`bridge.clock.grid.Grid`'s shape); default a typed
+    grid: a bar grid (`bridge.clock.grid.Grid`) or a callable returning the current one; default a constant
         grid at `tempo` / `numerator` / `denominator` whose bar 1 is `origin_frame` (default:
         the output position now).
     chunk_bars: bars per chunk (conditioning is read once per chunk). context_seconds: how much
@@ -101,8 +94,6 @@ class Jam:
                  gain: float = 1.0, pan: float = 0.0, out_channels: tuple[int, int] = (0, 1),
                  on_status: StatusCallback | None = None,
                  on_chunk: Callable[[dict[str, Any]], None] | None = None):
-        from bridge.clock.typed import TypedGrid
-        from model.types import melody_refusal
 
         if melody is not None and melody_refusal(engine):
             raise JamError(str(melody_refusal(engine)))
@@ -114,10 +105,10 @@ class Jam:
         if grid is None:
             origin = (output.position if origin_frame is None else int(origin_frame)) / output.samplerate
             try:
-                grid = TypedGrid(float(tempo), int(numerator), int(denominator), origin=origin)
+                grid = Grid(float(tempo), int(numerator), int(denominator), playing=True, anchor_time=origin)
             except ValueError as e:
                 raise JamError(str(e)) from None
-        self._grid = grid if callable(grid) and not hasattr(grid, "next_bar_time") else (lambda g=grid: g)
+        self._grid = grid if callable(grid) else (lambda g=grid: g)
         self.engine = engine
         self.output = output
         self.name = track

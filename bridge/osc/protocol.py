@@ -352,33 +352,33 @@ class SetSignature(Command):
 
 @dataclass(frozen=True)
 class TransportMove(Command):
-    beat: float | None  # None: stay where the transport is
+    quarter_notes: float | None  # the position in quarter notes from bar 1; None: stay where it is
 
     def check(self) -> None:
-        if self.beat is not None:
-            _set(self, "beat", _rule(self, R.beat_position, self.beat))
+        if self.quarter_notes is not None:
+            _set(self, "quarter_notes", _rule(self, R.beat_position, self.quarter_notes))
 
 
 @dataclass(frozen=True)
 class Play(TransportMove):
     pattern: ClassVar[str] = "/transport/play"
-    expects: ClassVar[str] = "optional f beat position"
+    expects: ClassVar[str] = "optional f position in quarter notes"
 
 
 @dataclass(frozen=True)
 class Stop(TransportMove):
     pattern: ClassVar[str] = "/transport/stop"
-    expects: ClassVar[str] = "optional f beat position"
+    expects: ClassVar[str] = "optional f position in quarter notes"
 
 
 @dataclass(frozen=True)
 class Locate(TransportMove):
-    beat: float
+    quarter_notes: float
     pattern: ClassVar[str] = "/transport/locate"
-    expects: ClassVar[str] = "f beat position"
+    expects: ClassVar[str] = "f position in quarter notes"
 
     def check(self) -> None:
-        _set(self, "beat", _rule(self, R.beat_position, self.beat))
+        _set(self, "quarter_notes", _rule(self, R.beat_position, self.quarter_notes))
 
 
 @dataclass(frozen=True)

@@ -337,6 +337,25 @@ def test_third_party_client_oscsend(env):
     assert status[4] == -1  # --audio none: no live output, no xrun count
 
 
+def test_positions_are_quarter_notes_in_and_both_units_out(env):
+    """/transport/locate takes quarter notes; /transport/state and /status answer in signature beats
+    and, last, in quarter notes: in 6/8, quarter note 3 is beat 6, the first beat of bar 2."""
+    c = env["c"]
+    drain(c, 0.1)
+    for address, args in (("/transport/signature", (6, 8)), ("/transport/stop", ()), ("/transport/locate", (3.0,))):
+        c.send(address, *args)
+        expect(c, "/ok")
+    c.send("/transport/state")
+    st = expect(c, "/transport/state")
+    assert st[2:5] == [6, 8, 0]
+    assert st[5] == pytest.approx(6.0) and st[7] == pytest.approx(3.0)
+    c.send("/status")
+    status = expect(c, "/status")
+    assert status[8] == pytest.approx(6.0) and status[13] == pytest.approx(3.0)
+    c.send("/transport/signature", 4, 4)
+    expect(c, "/ok")
+
+
 def test_restart_restores_the_session(env, serve_daemon):
     c, d = env["c"], env["d"]
     drain(c, 0.1)

@@ -43,7 +43,7 @@ def test_valid_messages_become_frozen_commands(roots):
     assert parse("/track/a/param", ["greedy", True]).value is True
     assert parse("/track/a/param", ["top_k"]).value is None
     assert parse("/transport/signature", [6, 8]) == P.SetSignature("/transport/signature", 6, 8)
-    assert parse("/transport/play", []).beat is None
+    assert parse("/transport/play", []).quarter_notes is None
     assert parse("/job/12/cancel", []) == P.CancelJob("/job/12/cancel", 12)
     assert parse("/jam/status", ["lead"]) == P.JamStatus("/jam/status", "lead")
     midi = parse("/track/a/melody/midi", [str(root / "tune.mid")], paths=policy)

@@ -27,10 +27,10 @@ def following_daemon(model_dir: Path, base: Path, *extra: str) -> Iterator[tuple
 
 
 def transport_state(c: OscClient) -> dict:
-    """/transport/state as a dict: source, tempo, numerator, denominator, playing, beat, age."""
+    """/transport/state as a dict: source, tempo, numerator, denominator, playing, beat, age, quarter_notes."""
     drain(c, 0.05)
     c.send("/transport/state")
     v = expect(c, "/transport/state", 5.0)
-    keys = ("source", "tempo", "numerator", "denominator", "playing", "beat", "age")
+    keys = ("source", "tempo", "numerator", "denominator", "playing", "beat", "age", "quarter_notes")
     assert len(v) == len(keys), v
     return dict(zip(keys, v))
