@@ -79,6 +79,20 @@ class BehindStatus:
 CHAIN_BLOCK = 4096  # frames per chain call; the first call is exactly this long (see ChunkProcessor)
 
 
+class ReportsBehind:
+    """`behind` and `behind_events` read from the owner's `behind_status` (a player and its jam)."""
+
+    behind_status: BehindStatus
+
+    @property
+    def behind(self) -> bool:
+        return self.behind_status.behind
+
+    @property
+    def behind_events(self) -> int:
+        return self.behind_status.behind_events
+
+
 class ChunkProcessor:
     """The track's chain and the resampler to the device rate, both stateful across chunks.
 
@@ -143,7 +157,7 @@ class ChunkProcessor:
         return np.concatenate(out, axis=1) if out else np.zeros((self.channels, 0), np.float32)
 
 
-class TrackPlayer:
+class TrackPlayer(ReportsBehind):
     """Pushes processed audio into one output track from its own worker thread; a context manager.
 
     track: the output track (its samplerate and channel count are the target).
@@ -249,14 +263,6 @@ class TrackPlayer:
         self._was_behind = behind
         if (changed or force) and self.on_status is not None:
             self.on_status(self.status())
-
-    @property
-    def behind(self) -> bool:
-        return self.behind_status.behind
-
-    @property
-    def behind_events(self) -> int:
-        return self.behind_status.behind_events
 
     def status(self) -> dict[str, Any]:
         wall = max(1e-9, time.monotonic() - self._t_start)

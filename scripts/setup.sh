@@ -49,7 +49,7 @@ fi
 
 # The decode step's C kernels, compiled for this CPU into the cache folder (about a second);
 # without a compiler musicbridge runs PyTorch's kernels and says so.
-"$VENV/bin/python" -c "from model import gemv; print('setup: C kernels:', gemv.build())" \
+"$VENV/bin/python" -c "from model.kernels import gemv; print('setup: C kernels:', gemv.build())" \
     || echo "setup: the C kernels did not build (is gcc installed?); the decoder will use PyTorch's slower kernels" >&2
 
 # The project's own modules byte-compiled: pip leaves an editable install's uncompiled, and where

@@ -183,7 +183,7 @@ def test_installed_generate_builds_the_kernels(fresh, tiny):
     built_libs = list((fresh.cache / "kernels").glob("*.so"))
     assert built_libs, f"generate built no C kernels into {fresh.cache / 'kernels'}:\n{log}"
     r = fresh.run([str(fresh.python), "-c",
-                   "from model import gemv\n"
+                   "from model.kernels import gemv\n"
                    "print(gemv.available()); print(gemv.library_path())\n"
                    "print(*gemv.SOURCES, sep='\\n')"],
                   "loading the installed C kernels")

@@ -47,7 +47,7 @@ import numpy as np
 
 from bridge.clock.grid import Grid
 from model.types import SamplingParams, melody_refusal
-from plugin_host.live import BehindStatus, StatusCallback, TrackPlayer
+from plugin_host.live import BehindStatus, ReportsBehind, StatusCallback, TrackPlayer
 from plugin_host.output import AudioOutput
 
 EDGE_FADE_SECONDS = 0.01  # fade-in of a piece moved to a later bar line after falling behind
@@ -72,7 +72,7 @@ class MelodySource(Protocol):
     def chroma(self, start_s: float, seconds: float, frame_rate: float) -> np.ndarray: ...
 
 
-class Jam:
+class Jam(ReportsBehind):
     """Continuous generation for one track into `output`; a context manager (exit stops it at once).
 
     engine: a loaded model.engine.Engine (a melody checkpoint when `melody` is given).
@@ -426,14 +426,6 @@ class Jam:
             elif self.chunk_bars > 1:
                 self.chunk_bars = max(1, self.chunk_bars // 2)
         self.behind_status.report("chunks", behind, new_event=behind, realtime_factor=rtf)
-
-    @property
-    def behind(self) -> bool:
-        return self.behind_status.behind
-
-    @property
-    def behind_events(self) -> int:
-        return self.behind_status.behind_events
 
     def _notify(self) -> None:
         if self.on_status is not None:

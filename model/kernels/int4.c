@@ -80,7 +80,11 @@ int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N) 
     float *sx = malloc(sizeof(float) * (size_t)M * blocks * 2);
     if (!xq || !sx) { free(xq); free(sx); return -1; }
     int32_t *sq = (int32_t *)(sx + (size_t)M * blocks);
-    mb_i4_quantize_rows(x, M, K, xq, sx, sq);
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < blocks; b++) {
+            size_t at = (size_t)m * K + (size_t)b * I4_QB, s = (size_t)m * blocks + b;
+            mb_i4_quantize_block(x + at, xq + at, sx + s, sq + s);
+        }
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
         int n = t * I4_TILE, nt = N - n < I4_TILE ? N - n : I4_TILE;

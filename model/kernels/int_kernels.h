@@ -89,9 +89,9 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
 int mb_gemv_i4(const float *x, int M, int K, const uint8_t *w, float *y, int N);
 
 /* int4's two steps that differ by instruction set (arch/), called by its one product driver,
- * mb_gemv_i4 (int4.c). One int8 term per block of 128: xq (M, K), the scales sx and the integer
- * sums sq (M, K / 128). */
-void mb_i4_quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq);
+ * mb_gemv_i4 (int4.c). One block of 128 activations to int8 terms xq, its scale sx and the sum
+ * of its terms sq. */
+void mb_i4_quantize_block(const float *x, int8_t *xq, float *sx, int32_t *sq);
 /* One tile's I4_TILE rows against activation rows a and c (c = a where there is no second), their
  * scales and sums, into out_a and out_c (I4_TILE floats each, padding rows included); with
  * `fetch`, the tile's stream is fetched I4_AHEAD blocks ahead (the first pass over a tile). */

@@ -245,7 +245,7 @@ def test_linears_route_few_rows_to_the_kernel_and_many_rows_to_one_matmul(cls, p
 
 
 def test_float_arithmetic_is_asked_for_by_name_and_vnni_runs_only_where_the_cpu_has_it():
-    code = "from model import gemv; print(gemv.int8_arithmetic(), gemv.has_vnni())"
+    code = "from model.kernels import gemv; print(gemv.int8_arithmetic(), gemv.has_vnni())"
     run = lambda env: subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,  # noqa: E731
                                      env={**os.environ, **env}, cwd=os.getcwd()).stdout.split()
     assert run({"MUSICBRIDGE_KERNELS": "float"})[0] == "float"
@@ -253,7 +253,7 @@ def test_float_arithmetic_is_asked_for_by_name_and_vnni_runs_only_where_the_cpu_
 
 
 def test_kernels_off_falls_back_to_pytorch_with_the_same_results_within_rounding(tmp_path):
-    code = ("import torch; from model import gemv; from model.decode.quant import Int8Linear; "
+    code = ("import torch; from model.kernels import gemv; from model.decode.quant import Int8Linear; "
             "torch.manual_seed(0); lin = torch.nn.Linear(128, 64, bias=False); m = Int8Linear(lin, torch.bfloat16); "
             "x = torch.randn(2, 128); torch.save((gemv.available(), m.arithmetic, x, m(x), m.dequantized()), "
             f"{str(tmp_path / 'out.pt')!r})")

@@ -99,7 +99,7 @@ def test_int4_gives_the_same_bits_on_every_instruction_set(tmp_path):
 def test_the_python_kernel_tests_pass_on_the_avx2_build():
     """The PyTorch-referenced kernel tests, again with the kernels built for AVX2 (x86-64-v3)."""
     env = {**os.environ, "MUSICBRIDGE_MARCH": "x86-64-v3"}
-    probe = subprocess.run([sys.executable, "-c", "from model import gemv; print(gemv.int_arch())"],
+    probe = subprocess.run([sys.executable, "-c", "from model.kernels import gemv; print(gemv.int_arch())"],
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert probe.stdout.strip() == "avx2", probe.stderr[-2000:]
     tests = ["tests/model/test_gemv.py", "tests/model/test_attention_kernel.py"]

@@ -15,24 +15,26 @@ def test_typed_transport_runs_while_playing_and_keeps_its_beat_across_a_tempo_ch
         # The daemon's clock is time.monotonic (--audio none). Each change happened between its
         # sending and its /ok, each reading between asking and the answer: the beat lies between
         # the bounds those instants give, however slowly the machine runs.
-        t_play = time.monotonic()
-        c.send("/transport/play", 8.0)
-        expect(c, "/ok")
-        t_playing = time.monotonic()
-        time.sleep(1.0)
-        t_ask = time.monotonic()
-        st = transport_state(c)
-        t_got = time.monotonic()
+        def change(address, *args):
+            """Send a change; the instants before sending and after its /ok bound when it happened."""
+            before = time.monotonic()
+            c.send(address, *args)
+            expect(c, "/ok")
+            return before, time.monotonic()
+
+        def read_after(seconds):
+            """The transport `seconds` on; the instants before asking and after the answer."""
+            time.sleep(seconds)
+            asked = time.monotonic()
+            st = transport_state(c)
+            return st, asked, time.monotonic()
+
+        t_play, t_playing = change("/transport/play", 8.0)
+        st, t_ask, t_got = read_after(1.0)
         assert st["source"] == "typed" and st["playing"] == 1 and 0 <= st["age"] <= t_got - t_play + EPS
         assert 8.0 + (t_ask - t_playing) * 2.0 - EPS <= st["beat"] <= 8.0 + (t_got - t_play) * 2.0 + EPS
-        t_change = time.monotonic()
-        c.send("/transport/tempo", 60.0)  # a tempo change keeps the beat that is sounding
-        expect(c, "/ok")
-        t_changed = time.monotonic()
-        time.sleep(1.0)
-        t_ask = time.monotonic()
-        st = transport_state(c)
-        t_got = time.monotonic()
+        t_change, t_changed = change("/transport/tempo", 60.0)  # a tempo change keeps the beat that is sounding
+        st, t_ask, t_got = read_after(1.0)
         assert st["tempo"] == 60.0
         low = 8.0 + (t_change - t_playing) * 2.0 + (t_ask - t_changed) * 1.0
         high = 8.0 + (t_changed - t_play) * 2.0 + (t_got - t_change) * 1.0

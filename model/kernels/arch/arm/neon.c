@@ -96,27 +96,22 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     return 0;
 }
 
-void mb_i4_quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
-    int blocks = K / I4_QB;
-    for (int m = 0; m < M; m++)
-        for (int b = 0; b < blocks; b++) {
-            size_t at = (size_t)m * K + (size_t)b * I4_QB;
-            float32x4_t amax = vdupq_n_f32(0.f);
-            for (int i = 0; i < I4_QB; i += 4) amax = vmaxq_f32(amax, vabsq_f32(vld1q_f32(x + at + i)));
-            float a = vmaxvq_f32(amax);
-            float32x4_t inv = vdupq_n_f32(a > 1e-30f ? 127.f / a : 0.f);
-            int32x4_t sum = vdupq_n_s32(0);
-            for (int i = 0; i < I4_QB; i += 8) {
-                int32x4_t q0 = vcvtq_s32_f32(vrndnq_f32(vmulq_f32(vld1q_f32(x + at + i), inv)));
-                int32x4_t q1 = vcvtq_s32_f32(vrndnq_f32(vmulq_f32(vld1q_f32(x + at + i + 4), inv)));
-                int8x8_t q = vqmovn_s16(vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1)));
-                vst1_s8(xq + at + i, q);
-                int16x8_t q16 = vmovl_s8(q);
-                sum = vaddq_s32(sum, vaddq_s32(vmovl_s16(vget_low_s16(q16)), vmovl_s16(vget_high_s16(q16))));
-            }
-            sx[(size_t)m * blocks + b] = a / 127.f;
-            sq[(size_t)m * blocks + b] = vaddvq_s32(sum);
-        }
+void mb_i4_quantize_block(const float *x, int8_t *xq, float *sx, int32_t *sq) {
+    float32x4_t amax = vdupq_n_f32(0.f);
+    for (int i = 0; i < I4_QB; i += 4) amax = vmaxq_f32(amax, vabsq_f32(vld1q_f32(x + i)));
+    float a = vmaxvq_f32(amax);
+    float32x4_t inv = vdupq_n_f32(a > 1e-30f ? 127.f / a : 0.f);
+    int32x4_t sum = vdupq_n_s32(0);
+    for (int i = 0; i < I4_QB; i += 8) {
+        int32x4_t q0 = vcvtq_s32_f32(vrndnq_f32(vmulq_f32(vld1q_f32(x + i), inv)));
+        int32x4_t q1 = vcvtq_s32_f32(vrndnq_f32(vmulq_f32(vld1q_f32(x + i + 4), inv)));
+        int8x8_t q = vqmovn_s16(vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1)));
+        vst1_s8(xq + i, q);
+        int16x8_t q16 = vmovl_s8(q);
+        sum = vaddq_s32(sum, vaddq_s32(vmovl_s16(vget_low_s16(q16)), vmovl_s16(vget_high_s16(q16))));
+    }
+    *sx = a / 127.f;
+    *sq = vaddvq_s32(sum);
 }
 
 /* One activation row against a tile: a 16-byte register holds four rows, so the tile's sums are four

@@ -136,25 +136,20 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     return 0;
 }
 
-void mb_i4_quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
-    int blocks = K / I4_QB;
-    for (int m = 0; m < M; m++)
-        for (int b = 0; b < blocks; b++) {
-            size_t at = (size_t)m * K + (size_t)b * I4_QB;
-            __m256 amax = _mm256_setzero_ps();
-            for (int i = 0; i < I4_QB; i += 8) amax = _mm256_max_ps(amax, abs8(_mm256_loadu_ps(x + at + i)));
-            float a = hmax8(amax);
-            __m256 inv = _mm256_set1_ps(a > 1e-30f ? 127.f / a : 0.f);
-            __m256i sum = _mm256_setzero_si256();
-            for (int i = 0; i < I4_QB; i += 8) {
-                __m256i q = _mm256_cvtps_epi32(ROUND(_mm256_mul_ps(_mm256_loadu_ps(x + at + i), inv)));
-                q = _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)), _mm256_set1_epi32(-128));
-                sum = _mm256_add_epi32(sum, q);
-                store8_i8(xq + at + i, q);
-            }
-            sx[(size_t)m * blocks + b] = a / 127.f;
-            sq[(size_t)m * blocks + b] = hsum8i(sum);
-        }
+void mb_i4_quantize_block(const float *x, int8_t *xq, float *sx, int32_t *sq) {
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < I4_QB; i += 8) amax = _mm256_max_ps(amax, abs8(_mm256_loadu_ps(x + i)));
+    float a = hmax8(amax);
+    __m256 inv = _mm256_set1_ps(a > 1e-30f ? 127.f / a : 0.f);
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < I4_QB; i += 8) {
+        __m256i q = _mm256_cvtps_epi32(ROUND(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv)));
+        q = _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)), _mm256_set1_epi32(-128));
+        sum = _mm256_add_epi32(sum, q);
+        store8_i8(xq + i, q);
+    }
+    *sx = a / 127.f;
+    *sq = hsum8i(sum);
 }
 
 /* Half a tile (eight rows: h = 0 or 1) of one block against activation rows a and c (c may be a):

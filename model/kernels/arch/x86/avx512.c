@@ -135,25 +135,20 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     return 0;
 }
 
-void mb_i4_quantize_rows(const float *x, int M, int K, int8_t *xq, float *sx, int32_t *sq) {
-    int blocks = K / I4_QB;
-    for (int m = 0; m < M; m++)
-        for (int b = 0; b < blocks; b++) {
-            size_t at = (size_t)m * K + (size_t)b * I4_QB;
-            __m512 amax = _mm512_setzero_ps();
-            for (int i = 0; i < I4_QB; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + at + i)));
-            float a = _mm512_reduce_max_ps(amax);
-            __m512 inv = _mm512_set1_ps(a > 1e-30f ? 127.f / a : 0.f);
-            __m512i sum = _mm512_setzero_si512();
-            for (int i = 0; i < I4_QB; i += 16) {
-                __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + at + i), inv),
-                                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-                sum = _mm512_add_epi32(sum, q);
-                _mm_storeu_si128((__m128i *)(xq + at + i), _mm512_cvtsepi32_epi8(q));
-            }
-            sx[(size_t)m * blocks + b] = a / 127.f;
-            sq[(size_t)m * blocks + b] = _mm512_reduce_add_epi32(sum);
-        }
+void mb_i4_quantize_block(const float *x, int8_t *xq, float *sx, int32_t *sq) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < I4_QB; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    float a = _mm512_reduce_max_ps(amax);
+    __m512 inv = _mm512_set1_ps(a > 1e-30f ? 127.f / a : 0.f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < I4_QB; i += 16) {
+        __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv),
+                                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        sum = _mm512_add_epi32(sum, q);
+        _mm_storeu_si128((__m128i *)(xq + i), _mm512_cvtsepi32_epi8(q));
+    }
+    *sx = a / 127.f;
+    *sq = _mm512_reduce_add_epi32(sum);
 }
 
 static inline __attribute__((always_inline)) __m512i bcast4(const int8_t *x) {
