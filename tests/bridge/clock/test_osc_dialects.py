@@ -96,9 +96,12 @@ def test_ardour_handshake_and_derived_tempo(tmp_path, tiny_model_dir):
                 ardour.send("/position/bbt", f"{int(bar) + 1:03d}|{int(rest) + 1:02d}|{int(rest % 1 * 1920):04d}")
                 time.sleep(0.05)
             st = transport_state(c)
+            t_got = time.monotonic()
             assert st["source"] == "osc" and st["playing"] == 1
             assert st["tempo"] == pytest.approx(97.0, abs=0.5)  # derived from how the BBT advances
-            assert st["beat"] == pytest.approx(16.0 + (time.monotonic() - t0) * 97 / 60, abs=0.15)
+            # At least the last position sent (less a tick's rounding and the fit's slack); at most where
+            # Ardour's playhead stood when the answer came back: however slowly the machine ran.
+            assert beat - 0.15 <= st["beat"] <= 16.0 + (t_got - t0) * 97 / 60 + 0.15
             ardour.send("/transport_play", 0.0)
             ardour.send("/transport_stop", 1.0)
             st = _settle(c, lambda s: s["playing"] == 0)
