@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -77,49 +75,11 @@ def tiny_melody_engine(tiny_melody_dir):
     return Engine.load(str(tiny_melody_dir), device="cpu", dtype="float32")
 
 
-@contextlib.contextmanager
-def _serve(base: Path, model_dir: Path, *extra: str, session_dir: Path | None = None,
-           allow_dir: Path | None = None, reply_to: bool = False, exit_code: int | None = 0):
-    """`musicbridge serve` on `base`/session (or `session_dir`) with the plain preset in `base`/presets;
-    yields (DaemonProcess, OscClient) once it answers /ping.
-
-    allow_dir: passed as the first --allow-dir. reply_to: the client's port is given as --reply-to
-    (a DAW's fixed reply port) instead of replies going to the sender. However the block ends, the
-    daemon is stopped (SIGTERM, then SIGKILL), reaped and the client's socket closed; when the block
-    ended without an error, the daemon's exit status must be `exit_code` (None: not checked).
-    """
-    from bridge.osc.udp import OscClient
-    from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess
-
-    presets = base / "presets"
-    presets.mkdir(parents=True, exist_ok=True)
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
-    args = [*(("--allow-dir", str(allow_dir)) if allow_dir is not None else ())]
-    client = OscClient("127.0.0.1", 0) if reply_to else None
-    if client is not None:
-        args += ["--reply-to", f"127.0.0.1:{client.port}"]
-    try:
-        d = DaemonProcess(model_dir, session_dir or base / "session", presets, *args, *extra)
-    except BaseException:
-        if client is not None:
-            client.sock.close()
-        raise
-    if client is None:
-        client = d.client()
-    else:
-        client.target = ("127.0.0.1", d.port)
-    try:
-        d.wait_ready(client)
-        yield d, client
-    finally:
-        rc = d.stop()
-        client.sock.close()
-    if exit_code is not None:
-        assert rc == exit_code, f"the daemon exited {rc}, not {exit_code}:\n{d.log_text()[-3000:]}"
-
-
 @pytest.fixture(scope="session")
 def serve_daemon():
     """The one way tests start the real daemon: `with serve_daemon(base, model_dir, *extra) as (d, c):`
-    (see `_serve` for the keywords). A session-scoped factory so module-scoped fixtures can use it."""
-    return _serve
+    (tests.bridge.osc_helpers.serving, whose keywords it takes). A session-scoped factory so
+    module-scoped fixtures can use it."""
+    from tests.bridge.osc_helpers import serving
+
+    return serving

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -90,3 +91,41 @@ def expect(client: OscClient, address: str, timeout: float = 10.0, seen: list | 
 
 def drain(client: OscClient, quiet: float = 0.3) -> list:
     return list(client.replies(quiet))
+
+
+@contextlib.contextmanager
+def serving(base: Path, model_dir: Path, *extra: str, session_dir: Path | None = None,
+           allow_dir: Path | None = None, reply_to: bool = False, exit_code: int | None = 0):
+    """`musicbridge serve` on `base`/session (or `session_dir`) with the plain preset in `base`/presets;
+    yields (DaemonProcess, OscClient) once it answers /ping.
+
+    allow_dir: passed as the first --allow-dir. reply_to: the client's port is given as --reply-to
+    (a DAW's fixed reply port) instead of replies going to the sender. However the block ends, the
+    daemon is stopped (SIGTERM, then SIGKILL), reaped and the client's socket closed; when the block
+    ended without an error, the daemon's exit status must be `exit_code` (None: not checked).
+    """
+    presets = base / "presets"
+    presets.mkdir(parents=True, exist_ok=True)
+    (presets / "plain.toml").write_text(PLAIN_PRESET)
+    args = [*(("--allow-dir", str(allow_dir)) if allow_dir is not None else ())]
+    client = OscClient("127.0.0.1", 0) if reply_to else None
+    if client is not None:
+        args += ["--reply-to", f"127.0.0.1:{client.port}"]
+    try:
+        d = DaemonProcess(model_dir, session_dir or base / "session", presets, *args, *extra)
+    except BaseException:
+        if client is not None:
+            client.sock.close()
+        raise
+    if client is None:
+        client = d.client()
+    else:
+        client.target = ("127.0.0.1", d.port)
+    try:
+        d.wait_ready(client)
+        yield d, client
+    finally:
+        rc = d.stop()
+        client.sock.close()
+    if exit_code is not None:
+        assert rc == exit_code, f"the daemon exited {rc}, not {exit_code}:\n{d.log_text()[-3000:]}"

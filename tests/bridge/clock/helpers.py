@@ -7,23 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bridge.osc.udp import OscClient
-from tests.bridge.osc_helpers import PLAIN_PRESET, DaemonProcess, drain, expect
+from tests.bridge.osc_helpers import DaemonProcess, drain, expect, serving
 
 
 @contextlib.contextmanager
 def following_daemon(model_dir: Path, base: Path, *extra: str) -> Iterator[tuple[DaemonProcess, OscClient]]:
-    presets = base / "presets"
-    presets.mkdir(exist_ok=True)
-    (presets / "plain.toml").write_text(PLAIN_PRESET)
-    client = OscClient("127.0.0.1", 0)
-    d = DaemonProcess(model_dir, base / "session", presets, "--reply-to", f"127.0.0.1:{client.port}", *extra)
-    client.target = ("127.0.0.1", d.port)
-    try:
-        d.wait_ready(client)
-        yield d, client
-    finally:
-        d.stop()
-        client.sock.close()
+    """The daemon with replies to a fixed port (as a DAW's), plus `extra` (e.g. --follow ...)."""
+    with serving(base, model_dir, *extra, reply_to=True, exit_code=None) as (d, c):
+        yield d, c
 
 
 def transport_state(c: OscClient) -> dict:
