@@ -66,7 +66,7 @@ def _read_back(c: OscClient) -> dict:
         c.send(f"/track/{n}/state")
         states[n] = json.loads(expect(c, f"/track/{n}/state")[0])
     c.send("/transport/state")
-    clock, tempo, num, den, playing, beat, _age = expect(c, "/transport/state")
+    clock, tempo, num, den, playing, beat, _age, _quarter_notes = expect(c, "/transport/state")
     return {"tracks": states, "transport": (clock, tempo, num, den, playing)}
 
 
