@@ -17,6 +17,7 @@ import threading
 from typing import NoReturn
 
 from bridge.commands.common import UsageError
+from model.settings import Settings, applied
 
 # Order is the order `musicbridge --help` lists them.
 COMMAND_MODULES = (
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     user_errors = _user_errors()
     try:
-        return int(args.func(args) or 0)
+        with applied(Settings.from_env()):  # the environment, read once for the whole command
+            return int(args.func(args) or 0)
     except user_errors as e:
         msg = str(e) or type(e).__name__
         if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:

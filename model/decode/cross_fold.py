@@ -23,7 +23,6 @@ MUSICBRIDGE_CROSS_FOLD=0 turns folding off.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 
 from model.kernels import gemv
 from model.decode.decoder import CrossKV, own_tokens, quantize_kv
+from model.settings import current as settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Folded:
 
 def enabled() -> bool:
     """MUSICBRIDGE_CROSS_FOLD=0 keeps the projections (for A/B measurements)."""
-    return os.environ.get("MUSICBRIDGE_CROSS_FOLD", "1") != "0"
+    return settings().cross_fold
 
 
 def _weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ import contextlib
 import contextvars
 import functools
 import logging
-import os
 import time
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from model.kernels import gemv
 from model.memory import hugepages, weight_cache
+from model.settings import current as settings
 
 MODES = ("int8", "int4")
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def prefill_dtype() -> torch.dtype:
     and bfloat16 weights are exact in bfloat16) and the sums are float32: the error is the
     activations' rounding, the arithmetic of PyTorch's int8 fallback (model/decode/precision.py).
     """
-    forced = os.environ.get("MUSICBRIDGE_PREFILL", "")
+    forced = settings().prefill
     if forced in ("float32", "bfloat16"):
         return getattr(torch, forced)
     x, w = torch.randn(512, 1024), torch.randn(1024, 1024)

@@ -17,12 +17,12 @@ reports both).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
 from model.decode.decoder import CrossKV, KVCache, MusicgenDecoderLM
+from model.settings import current as settings
 
 
 _forced: bool | None = None  # set by `graphs` for a block; else the environment decides
@@ -31,7 +31,7 @@ _forced: bool | None = None  # set by `graphs` for a block; else the environment
 def graphs_enabled() -> bool:
     if _forced is not None:
         return _forced
-    return os.environ.get("MUSICBRIDGE_CUDA_GRAPHS", "1") != "0"
+    return settings().cuda_graphs
 
 
 @contextlib.contextmanager

@@ -28,7 +28,6 @@ import hashlib
 import logging
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -39,6 +38,7 @@ import torch
 
 from model.memory import hugepages, weight_cache
 from model.memory.user_cache import cache_dir
+from model.settings import current as settings
 
 log = logging.getLogger("musicbridge.model")
 KERNELS = Path(__file__).parent  # the C sources sit beside this module
@@ -48,7 +48,7 @@ HEADERS = tuple(sorted(KERNELS.rglob("*.h")))
 
 def march() -> str:
     """The -march the kernels are built for: the machine's own unless MUSICBRIDGE_MARCH names one."""
-    return os.environ.get("MUSICBRIDGE_MARCH", "").strip() or "native"
+    return settings().march
 
 
 def _flags() -> tuple[str, ...]:
@@ -85,8 +85,8 @@ def _cpu_id() -> str:
 
 def _compiler() -> list[str] | None:
     """The compiler command: CC (which may carry flags, as make's does), else gcc or cc on PATH."""
-    if os.environ.get("CC", "").strip():
-        return shlex.split(os.environ["CC"])
+    if settings().compiler:
+        return list(settings().compiler)
     found = shutil.which("gcc") or shutil.which("cc")
     return [found] if found else None
 
@@ -140,7 +140,7 @@ def _load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("MUSICBRIDGE_KERNELS", "1") == "0":
+        if settings().kernels == "0":
             log.info("C kernels off (MUSICBRIDGE_KERNELS=0): PyTorch's kernels run the linears")
             return None
         try:
@@ -224,7 +224,7 @@ def int8_arithmetic() -> str | None:
     elsewhere, or asked for with MUSICBRIDGE_KERNELS=float), or None (PyTorch's kernels)."""
     if not available():
         return None
-    if os.environ.get("MUSICBRIDGE_KERNELS", "1") == "float" or not has_vnni():
+    if settings().kernels == "float" or not has_vnni():
         return "float"
     return "vnni"
 

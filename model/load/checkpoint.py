@@ -31,6 +31,7 @@ from torch import nn
 from model.memory import placeholders
 from model.types import CheckpointError
 from model.memory.pages import file_map
+from model.settings import current as settings
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def unsupported(folder: Path) -> str | None:
     """Why this folder is not for the reader here (None where it is); the engine then loads it
     through `transformers`."""
-    if os.environ.get("MUSICBRIDGE_LOADER", "") == "transformers":
+    if settings().loader == "transformers":
         return "MUSICBRIDGE_LOADER=transformers"
     if not checkpoint_files(folder):
         return "no model.safetensors"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from model.settings import current as settings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,7 @@ class ResolvedModel:
 
 
 def _hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return home / "hub"
+    return settings().hf_hub_cache
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
@@ -91,9 +89,7 @@ def _check_dir(path: Path) -> None:
 
 
 def _network_allowed() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and os.environ.get(
-        "TRANSFORMERS_OFFLINE", "0"
-    ) in ("0", "", "false")
+    return not settings().hf_offline
 
 
 def resolve_model(spec: str) -> ResolvedModel:

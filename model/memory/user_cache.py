@@ -9,17 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from model.settings import current as settings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 def cache_dir() -> Path:
-    if os.environ.get("MUSICBRIDGE_CACHE"):
-        return Path(os.environ["MUSICBRIDGE_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "musicbridge"
+    return settings().cache_dir
 
 
 @contextmanager

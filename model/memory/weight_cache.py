@@ -45,6 +45,7 @@ import torch
 
 from model.memory import hugepages
 from model.memory.user_cache import cache_dir
+from model.settings import current as settings
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,11 @@ _ON = ("", "1", "on", "yes", "true")
 
 
 def enabled() -> bool:
-    return os.environ.get("MUSICBRIDGE_WEIGHT_CACHE", "").strip().lower() not in _OFF
+    return settings().weight_cache.lower() not in _OFF
 
 
 def folder() -> Path:
-    value = os.environ.get("MUSICBRIDGE_WEIGHT_CACHE", "").strip()
+    value = settings().weight_cache
     return cache_dir() / "weights" if value.lower() in _ON else Path(value).expanduser()
 
 
