@@ -134,9 +134,9 @@ class Daemon:
         self._error_replies = _LogLimiter(ERROR_REPLIES_PER_SECOND, "error replies were not sent: too many "
                                                                     "bad messages at once")
         # jams, live notes and the typed bar grid (bridge/live/control.py)
+        # a jam reads stored melody files through the same input limits as jobs
         self.live = LiveControl(engine, audio, notes, JamGridSource(self.clock),
-                                lambda to, address, args: self.server.send(to, address, args))
-        self.live.inputs = self.inputs  # a jam reads stored melody files through the same input limits as jobs
+                                lambda to, address, args: self.server.send(to, address, args), self.inputs)
         self.jams = self.live.jams  # track -> bridge.live.jam.Jam (the latest one per track)
         self._closed = False
         self._jobs_entered = False

@@ -30,8 +30,9 @@ Send = Callable[[Any, str, tuple], None]  # (address to, OSC address, args)
 class LiveControl:
     """Jams and live notes for one daemon; close() stops every jam at once."""
 
-    def __init__(self, engine, audio, notes, grid: Callable[[], Any], send: Send):
-        """grid: the leading clock's grid as jams read it (bridge.clock.hub.JamGridSource)."""
+    def __init__(self, engine, audio, notes, grid: Callable[[], Any], send: Send, inputs=None):
+        """grid: the leading clock's grid as jams read it (bridge.clock.hub.JamGridSource); inputs:
+        bridge.osc.input_files.Inputs, through which stored melody files are checked and limited."""
 
         self.engine, self.audio, self.send = engine, audio, send
         self.clock: Callable[[], float] = ((lambda: audio.position / audio.samplerate) if audio is not None
@@ -39,7 +40,7 @@ class LiveControl:
         self.notes = notes if notes is not None else NoteRouter(self.clock)
         self.grid = grid
         self.jams: dict[str, Any] = {}  # track -> bridge.live.jam.Jam (the latest one per track)
-        self.inputs = None  # bridge.osc.input_files.Inputs: melody files are checked and limited where a jam reads them
+        self.inputs = inputs
         self._text_only_warned = False
 
     def close(self) -> None:
