@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from audiofile import AudioFileError, finalize, resample
+from plugin_host.bwf import add_bext
 
 FORMATS = ("wav", "flac")
 BIT_DEPTH = 24
@@ -186,7 +187,6 @@ def _write_audio_tmp(d: Path, basename: str, fmt: str, audio: np.ndarray, rate: 
         f.write(audio)
     if fmt != "wav":
         return raw
-    from plugin_host.bwf import add_bext
 
     final = _tmp(d, basename, ".wav", temps)
     prompt = meta.get("prompt")

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from model.types import RequestError, SamplingParams
+from plugin_host.chain import ChainError, build_chain
 
 SHIPPED_DIR = Path(__file__).resolve().parent
 MAX_NAME = 64
@@ -62,13 +64,11 @@ class Preset:
 
     def sampling_params(self, **overrides: Any):
         """model.types.SamplingParams from this preset's params, with `overrides` on top."""
-        from model.types import SamplingParams
 
         return SamplingParams.from_dict({**self.params, **{k: v for k, v in overrides.items() if v is not None}})
 
     def build_chain(self):
         """A fresh pedalboard.Pedalboard for this preset's chain (one per track: chains hold state)."""
-        from plugin_host.chain import build_chain
 
         return build_chain(list(self.chain), where=f"{self.source or self.name}: chain")
 
@@ -168,7 +168,6 @@ def preset_from_dict(data: Mapping[str, Any], name: str, source: Path | None = N
     chain = data.get("chain", [])
     if not isinstance(chain, list) or not all(isinstance(c, Mapping) for c in chain):
         raise PresetError(f"{where}: key 'chain': expected an array of tables ([[chain]] entries)")
-    from plugin_host.chain import ChainError, build_chain
 
     try:
         build_chain(chain, where="chain")
@@ -195,7 +194,6 @@ def _check_params(params: Any, where: str) -> dict[str, Any]:
         if isinstance(value, float) and not math.isfinite(value):
             raise PresetError(f"{at}: expected a finite number, got {value!r}")
         out[key] = float(value) if float in types and not isinstance(value, bool) else value
-    from model.types import RequestError, SamplingParams
 
     try:
         SamplingParams.from_dict(out)

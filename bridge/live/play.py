@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from plugin_host.live import TrackPlayer
+from model.engine import Cancelled
 
 MARGIN_SECONDS = 0.05  # beyond the device latency: room for a block or two
 
@@ -23,7 +24,6 @@ MARGIN_SECONDS = 0.05  # beyond the device latency: room for a block or two
 def play_while_generating(engine, output, grid: Callable, job, request, chain=None,
                           progress: Callable[[float], None] | None = None) -> np.ndarray | None:
     """Stream `request` into a new output track while generating; the whole audio, or None if cancelled."""
-    from model.engine import Cancelled
 
     name = f"{job.plan.name}-play{job.id}"
     track = None

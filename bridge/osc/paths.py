@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from bridge.state.rules import ProtocolError
 
 
 class PathPolicy:
@@ -25,7 +26,6 @@ class PathPolicy:
 
     def check(self, text: str, suffixes: Sequence[str] = (), what: str = "path") -> Path:
         """The resolved path of an existing file under a root; ProtocolError (bad_path, not_found, bad_args)."""
-        from bridge.osc.protocol import ProtocolError
 
         if not os.path.isabs(text):
             raise ProtocolError("bad_path", f"{what} {text[:200]!r} must be an absolute path")

@@ -42,6 +42,7 @@ from typing import Any
 
 from bridge.state import rules as R
 from model.types import MAX_REQUEST_SECONDS
+from plugin_host.tempo import MAX_BPM, MIN_BPM, TempoError, TimeSignature
 SESSION_KEYS = ("tempo", "signature", "sample_rate", "format", "loop", "model", "track")
 TRACK_KEYS = ("name", "preset", "prompt", "bars", "seconds", "start_bar", "seed", "melody",
               "melody_track", "loop", "params", "chain")
@@ -139,8 +140,6 @@ class _Parser:
     # -- the session
 
     def session(self, data: Mapping[str, Any]) -> SessionFile:
-        from plugin_host.tempo import MAX_BPM, MIN_BPM, TempoError, TimeSignature
-
         for key in data:
             if key not in SESSION_KEYS:
                 hint = " (tracks are [[track]] tables)" if key == "tracks" else ""

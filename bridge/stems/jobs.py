@@ -27,6 +27,7 @@ from bridge.stems.output import finish_audio, write_planned_stem
 from bridge.stems.plan import PlanError, StemPlan, check_params, plan_stem, sound
 from bridge.stems.request import build_request, session_melody_record
 from model.types import RequestError, melody_refusal
+from model.engine import Cancelled
 
 if TYPE_CHECKING:
     from bridge.state.session import TrackSettings, Transport
@@ -303,8 +304,6 @@ class JobQueue:
                 self._cond.notify_all()
 
     def _run(self, batch: list[Job]) -> None:
-        from model.engine import Cancelled
-
         requests, ready = [], []
         for job in batch:
             self.on_event(job, "progress", (0.0,))

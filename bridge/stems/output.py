@@ -18,6 +18,10 @@ from typing import Any
 import numpy as np
 
 from bridge.stems.plan import StemPlan
+from plugin_host.chain import build_chain, process_chunks
+from plugin_host.stems import audio_sha256
+from plugin_host.stems import write_stem
+from plugin_host.tempo import exact_length, make_loop, stretch_to_tempo
 
 SIDECAR_KIND = "musicbridge.stem"
 
@@ -77,9 +81,6 @@ def engine_record(engine) -> dict[str, Any]:
 
 def finish_audio(raw: np.ndarray, model_rate: int, render: dict[str, Any]) -> tuple[np.ndarray, dict]:
     """Grid-lock, chain and loop one stem's raw model-rate audio; returns (audio, report)."""
-    from plugin_host.chain import build_chain, process_chunks
-    from plugin_host.stems import audio_sha256
-    from plugin_host.tempo import exact_length, make_loop, stretch_to_tempo
 
     audio = np.ascontiguousarray(raw, dtype=np.float32)
     report: dict[str, Any] = {"raw_sha256": audio_sha256(audio)}
@@ -112,7 +113,6 @@ def stem_sidecar(plan: StemPlan, engine_rec: dict[str, Any], batch: list[dict[st
 def write_planned_stem(audio: np.ndarray, model_rate: int, plan: StemPlan, engine_rec: dict[str, Any],
                        batch: list[dict[str, Any]], index: int, report: dict[str, Any], out_dir: Path) -> Path:
     """Write a finished stem (exact length at the plan's rate, BWF time reference) with its sidecar."""
-    from plugin_host.stems import write_stem
 
     r = plan.render
     return write_stem(audio, model_rate, out_dir, plan.name, stem_sidecar(plan, engine_rec, batch, index, report),

@@ -24,6 +24,9 @@ from bridge.stems.output import engine_record, finish_audio, plan_from_sidecar, 
 from bridge.stems.plan import PlanError, StemPlan, plan_stem, sound
 from bridge.stems.request import StemRequestError, build_request, file_sha256
 from model.types import melody_refusal
+from audiofile import finalize
+from model.types import RequestError
+from plugin_host.stems import StemError, check_out_dir
 
 Progress = Callable[[int, float], None]
 
@@ -53,7 +56,6 @@ def plan_track(track: FileTrack, session: SessionFile, model_rate: int, loop: bo
 def _generate(records: list[dict[str, Any]], engine, wheres: list[str],
               progress: Progress | None) -> list[np.ndarray]:
     """One engine call for a batch of request records; an error names the file and track."""
-    from model.types import RequestError
 
     try:
         reqs = [build_request(rec, engine, where) for rec, where in zip(records, wheres, strict=True)]
@@ -67,7 +69,6 @@ def _generate(records: list[dict[str, Any]], engine, wheres: list[str],
 
 def check_out_target(out: str | os.PathLike) -> Path:
     """Fail early (before loading a model) if stems could not be written to `out`; creates nothing."""
-    from plugin_host.stems import StemError, check_out_dir
 
     d = Path(out).expanduser().absolute()
     if d.exists():
@@ -86,7 +87,6 @@ def check_out_target(out: str | os.PathLike) -> Path:
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
     """The output folder, created if missing; StemError naming it when it cannot be written."""
-    from plugin_host.stems import StemError, check_out_dir
 
     d = check_out_target(out)
     if not d.exists():
@@ -101,7 +101,6 @@ def write_json_atomic(out_dir: Path, basename: str, data: dict[str, Any]) -> Pat
     """name.json, name-2.json, ...: never overwriting, never partial."""
     import tempfile
 
-    from audiofile import finalize
 
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{basename}.", suffix=".part.json", dir=out_dir)

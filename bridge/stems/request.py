@@ -24,6 +24,8 @@ import numpy as np
 
 from bridge.state.session_check import chroma_from_text
 from model.types import GenerationRequest, SamplingParams, melody_refusal
+from audiofile import read_audio, resample
+import model.conditioning.melody as mm
 
 
 class StemRequestError(ValueError):
@@ -72,7 +74,6 @@ def _checked_file(rec: dict[str, Any], key: str, what: str, where: str, pinned: 
 def melody_chroma(rec: dict[str, Any], rate: float, seconds: float | None, where: str, inputs=None) -> np.ndarray:
     """The (frames, 12) chroma of a melody record at the model's chroma rate, `seconds` long
     (None: as long as the melody is)."""
-    import model.conditioning.melody as mm
 
     kind = rec.get("kind", "file")
     try:
@@ -120,7 +121,6 @@ def load_take(rec: dict[str, Any], engine, where: str, inputs=None,
     swapped for a link after the message was accepted is bad_path), limited, and read a second
     at a time so `cancel` stops it.
     """
-    from audiofile import read_audio, resample
 
     if inputs is not None:
         with inputs.pinned(rec["path"], "take") as pinned:

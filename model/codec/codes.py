@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from model.codec.encodec import EncodecDecoder
+from model.codec.stream import StatefulDecoder
 
 DEFAULT_LEFT = 32
 DEFAULT_RIGHT = 4
@@ -113,8 +115,6 @@ def streaming_decoder(codec, channels: int):
     state and runs no LSTM frame twice (model.codec.stream, exact); `transformers`' codec goes
     by windows (`StreamingDecoder`, within 1e-3). Both: push / flush / reset, `right`, `left`,
     `last_window`."""
-    from model.codec.stream import StatefulDecoder
-    from model.codec.encodec import EncodecDecoder
 
     if isinstance(codec, EncodecDecoder):
         return StatefulDecoder(codec, channels)

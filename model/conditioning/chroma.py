@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from audiofile import resample
 
 SAMPLE_RATE = 32000
 N_FFT = 16384
@@ -51,7 +52,6 @@ def _bank() -> torch.Tensor:
 
 def raw_chroma(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     """Per-frame chroma energies (frames, 12) of float32 audio (channels, samples) or (samples,)."""
-    from audiofile import resample
 
     a = np.asarray(audio, dtype=np.float32)
     if a.ndim == 1:

@@ -31,6 +31,7 @@ from torch import nn
 from model.kernels import gemv
 from model.decode.decoder import CrossKV, own_tokens, quantize_kv
 from model.settings import current as settings
+from model.decode.quant import Int4Linear
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ def enabled() -> bool:
 def _weight(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight a linear's products use as float32 values and per-row scales (int8's own;
     ones otherwise), so that weight = values * scales[:, None] without a dequantised copy."""
-    from model.decode.quant import Int4Linear
 
     if isinstance(linear, Int4Linear):  # scales per block, not per row
         return linear.dequantized(), torch.ones(linear.out_features)

@@ -426,7 +426,7 @@ class MusicgenDecoderLM(nn.Module):
     def fuse(self) -> int:
         """Give each layer its one-call C decode step where it applies (model/decode/layer_step.py);
         call after the precision is applied. Returns how many layers got one."""
-        from model.decode.layer_step import FusedLayer, FusedStack
+        from model.decode.layer_step import FusedLayer, FusedStack  # layer_step builds on this module's types
 
         for layer in self.layers:
             layer.fused = FusedLayer.of(layer)

@@ -18,6 +18,7 @@ from torch import nn
 
 from model.decode import cross_fold
 from model.kernels import gemv
+from model.decode.quant import Bf16Linear, Int4Linear, Int8Linear
 
 F32, BF16, I8, I8_VNNI, I4 = 0, 1, 2, 3, 4  # kernels.h
 # kernels.h MB_KV_*: the self-attention caches the C step reads, and folded cross-attention's vectors
@@ -40,7 +41,6 @@ class _Layer(ctypes.Structure):
 
 def _linear(mod: nn.Module) -> _Linear | None:
     """The C view of one linear, or None where the C step cannot run it."""
-    from model.decode.quant import Bf16Linear, Int4Linear, Int8Linear
 
     if getattr(mod, "bias", None) is not None:
         return None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from model.decode.quant import Bf16Linear, quantize_linears
+from model.kernels import gemv
 
 CPU_CANDIDATES = ("float32", "bfloat16", "int8", "int4")
 QUALITY_BOUND = 2e-2
@@ -53,7 +55,6 @@ def kv_dtype(dtype: str, device: str = "cpu") -> torch.dtype | None:
     cache where its C step runs (integer dot products); elsewhere it runs the eager step, whose
     attention would widen the cache every step.
     """
-    from model.kernels import gemv
 
     if str(device).startswith("cuda"):
         return None
@@ -75,7 +76,6 @@ def apply_precision(module: nn.Module, dtype: str, device: str = "cpu") -> torch
     EPYC, AVX2: 0.86 against 0.16 ms for one head-batched query over 264 keys), and the step is
     bound by reading weights, not activations. On a GPU everything runs in the low precision.
     """
-    from model.decode.quant import Bf16Linear, quantize_linears
 
     if dtype == "float32":
         return torch.float32

@@ -32,6 +32,9 @@ from model.memory import placeholders
 from model.types import CheckpointError
 from model.memory.pages import file_map
 from model.settings import current as settings
+from model.codec.encodec import EncodecDecoder
+from model.codec.encodec import EncodecDecoderConfig
+from model.conditioning.t5 import T5Encoder
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,6 @@ def unsupported(folder: Path) -> str | None:
         return "decoder options the engine's reader does not implement"
     if cfg.get("text_encoder", {}).get("model_type") != "t5" or cfg.get("audio_encoder", {}).get("model_type") != "encodec":
         return "text encoder or codec of another kind"
-    from model.codec.encodec import EncodecDecoderConfig
 
     try:
         EncodecDecoderConfig(cfg["audio_encoder"]).check_supported()
@@ -195,9 +197,6 @@ class Checkpoint:
 
     @classmethod
     def load(cls, folder: str | Path) -> Checkpoint:
-        from model.codec.encodec import EncodecDecoder
-        from model.conditioning.t5 import T5Encoder
-
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
         tensors: dict[str, torch.Tensor] = {}

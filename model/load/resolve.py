@@ -14,6 +14,7 @@ import os
 from model.settings import current as settings
 from dataclasses import dataclass
 from pathlib import Path
+from model.decode.patterns import PATTERNS
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,6 @@ def checkpoint_pattern(resolved: ResolvedModel) -> str:
     """The codebook pattern a checkpoint was trained with: its config's `codebooks_pattern`
     (audiocraft's name for it) where given, else `delay`, which every MusicGen checkpoint and
     `transformers`' own generate use."""
-    from model.decode.patterns import PATTERNS
 
     cfg = Path(resolved.path) / "config.json"
     try:

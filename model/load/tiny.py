@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from model.memory.user_cache import new_folder
+from model.memory.user_cache import cache_dir
 
 TINY_VOCAB = 64  # codebook entries; the pad/bos token is TINY_VOCAB
 TINY_SEED = 1234
@@ -168,7 +169,6 @@ def write_tiny_model(out_dir: str | os.PathLike, melody: bool = False, stereo: b
 
 def cached_tiny_model(melody: bool = False, stereo: bool = False) -> Path:
     """The tiny checkpoint in the user cache, built on first use (`--model tiny`)."""
-    from model.memory.user_cache import cache_dir
 
     base = cache_dir()
     name = "tiny" + ("-melody" if melody else "") + ("-stereo" if stereo else "")
