@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 # gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user: the ARM64 kernel checks under qemu.
+# chromium and chromium-driver: the panel tests drive a real headless browser (Debian's, never downloaded).
 APT_PKGS=(libportaudio2 jackd2 liblo-tools libsndfile1 puredata-core lua5.4 gcc gcc-aarch64-linux-gnu
-          libc6-dev-arm64-cross qemu-user)
+          libc6-dev-arm64-cross qemu-user chromium chromium-driver)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -60,13 +60,14 @@ def _package_roots(tree: Path) -> list[str]:
 
 def _expected_files(tree: Path) -> set[str]:
     """What the wheel must hold, worked out from the tree: every .py of every top-level package,
-    every .c/.h under model/ (subfolders too), the presets' .toml and all of daw/."""
+    every .c/.h under model/ (subfolders too), the presets' .toml, the panel's page files and all of daw/."""
     want: set[str] = set()
     for top in _package_roots(tree):
         want |= {p.relative_to(tree).as_posix() for p in (tree / top).rglob("*.py") if "__pycache__" not in p.parts}
     for pattern in ("*.c", "*.h"):
         want |= {p.relative_to(tree).as_posix() for p in (tree / "model").rglob(pattern)}
     want |= {p.relative_to(tree).as_posix() for p in (tree / "presets").glob("*.toml")}
+    want |= {p.relative_to(tree).as_posix() for p in (tree / "bridge" / "panel" / "static").glob("*") if p.is_file()}
     for top in DATA_ONLY:
         want |= {p.relative_to(tree).as_posix() for p in (tree / top).rglob("*")
                  if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}

@@ -78,6 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ardour", type=host_port, default=None, metavar="HOST:PORT",
                    help="with --follow osc: ask Ardour's OSC surface here (usually 127.0.0.1:3819) for "
                         "transport and bar/beat feedback")
+    p.add_argument("--panel", default="auto", metavar="off|auto|HOST:PORT",
+                   help="the front panel in the browser (docs/panel.md): auto (the default) serves it on "
+                        "127.0.0.1 on the TCP port after the OSC one, HOST:PORT elsewhere (off loopback it "
+                        "needs --key), off for none; its URL with this run's token is logged at start")
     p.add_argument("--done-list", type=Path, default=None, metavar="FILE",
                    help="append a line for every finished stem (default SESSION_DIR/done-list.txt); "
                         "DAW scripts watch it (daw/reaper)")
@@ -128,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                     "" if args.key else " (no --key: any of them can queue and cancel jobs)")
 
     _check_port_free(args.host, args.port)
+    panel = _panel_address(args)
 
     from bridge.state.session import LiveSession, SessionError
 
@@ -139,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         audio = None if args.audio == "none" else open_audio(args.audio, stack)
         notes = open_notes(args.midi_in, audio, stack)
-        return _serve(args, session_dir, stems_dir, audio, notes)
+        return _serve(args, session_dir, stems_dir, audio, notes, panel)
 
 
 def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
@@ -182,7 +187,23 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
     return out
 
 
-def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes=None) -> int:
+def _panel_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """Where the panel is served (None: --panel off); UsageError before the model loads when it cannot be."""
+    from bridge.panel.guard import Guard, PanelError, parse_panel
+
+    try:
+        where = parse_panel(args.panel, args.port)
+        if where is not None:
+            Guard(where[0], where[1], "check", args.key)  # off loopback without --key is refused here
+    except PanelError as e:
+        raise UsageError(str(e)) from None
+    if where is not None and where[1] and args.panel.strip().lower() not in ("auto", "on", ""):
+        _check_port_free(where[0], where[1], kind="panel", tcp=True)
+    return where
+
+
+def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes=None,
+           panel: tuple[str, int] | None = None) -> int:
     from bridge.daemon import Daemon, DaemonConfig
     from bridge.osc.input_files import InputLimits
     from bridge.osc.protocol import Limits
@@ -224,8 +245,11 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, 
                      "stems go to %s; transport follows %s%s", args.host, daemon.server.port, engine.info.label,
                      len(s.tracks), s.path, stems_dir, args.follow,
                      f"; replies go to {args.reply_to[0]}:{args.reply_to[1]}" if args.reply_to else "")
-            while not stop.wait(0.5):
-                pass
+            with contextlib.ExitStack() as panel_stack:
+                if panel is not None:
+                    _open_panel(daemon, panel, args, panel_stack)
+                while not stop.wait(0.5):
+                    pass
         finally:
             daemon.shutdown(args.grace)
     finally:
@@ -234,17 +258,38 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, 
     return 0
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _open_panel(daemon, where: tuple[str, int], args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+    """Serve the panel until `stack` closes and log its URL (with this run's token) for the user to open."""
+    from bridge.panel.guard import PanelError
+    from bridge.panel.server import PanelServer
+
+    auto = args.panel.strip().lower() in ("auto", "on", "")
+    try:
+        panel = stack.enter_context(PanelServer(daemon, where[0], where[1], key=args.key, fallback_port=auto))
+    except PanelError as e:
+        if not auto:
+            raise UsageError(str(e)) from None
+        log.warning("no panel: %s", e)
+        return
+    log.info("panel: open %s in a browser (this run's token is in the URL)%s", panel.url,
+             "; from another machine add &key=KEY" if not _is_loopback(where[0]) else "")
+
+
+def _check_port_free(host: str, port: int, kind: str = "OSC", tcp: bool = False) -> None:
     """Fail before the (slow) model load when the address cannot be bound."""
     import socket
 
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
+    with socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as s:
+        if tcp:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            what = f"the {kind} " if kind != "OSC" else ""
+            raise UsageError(f"cannot listen {'for ' + what if what else ''}on {host}:{port}: {e.strerror or e}"
+                             + ("; choose another with --panel HOST:PORT, or --panel off" if kind == "panel" else "")
+                             ) from None
 
 
 def _is_loopback(host: str) -> bool:

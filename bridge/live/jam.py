@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from fractions import Fraction
 import time
 from collections.abc import Callable
@@ -123,6 +124,9 @@ class Jam(ReportsBehind):
         self.on_status = on_status
         self.on_chunk = on_chunk
         self.history: list[dict[str, Any]] = []  # one entry per chunk: what conditioned it
+        # (chunk index, its audio pieces) of the last few chunks: references only, for the panel to
+        # score what came out against what conditioned it on its own thread
+        self.recent_audio: deque[tuple[int, list[np.ndarray]]] = deque(maxlen=4)
         self.state = "idle"
         self.behind_status = BehindStatus(self._notify)  # one status with its player (plugin_host.live)
         self.error: str | None = None
@@ -288,6 +292,7 @@ class Jam(ReportsBehind):
             chroma = self._chroma(at, stream.window, read_at)
             reprefill = stream.condition(chroma, at)
         first_audio = None
+        pieces: list[np.ndarray] = []
         first_new = stream.frames  # frames from here on are made under this chunk's conditioning
         right = self._decoder.right
         target = frame1 + right  # the codec needs `right` frames of look-ahead for final audio
@@ -304,6 +309,7 @@ class Jam(ReportsBehind):
                 if late:
                     audio = _fade_in(audio, int(EDGE_FADE_SECONDS * eng.sample_rate))
                 self._feed(audio)
+                pieces.append(audio)
                 if self.state == "starting":
                     self.state = "playing"
                     self._notify()
@@ -335,6 +341,7 @@ class Jam(ReportsBehind):
                 self.note_latency = entry["note_latency"] = self._time_of(first_new) - changed
                 self._melody_seen = changed
         self.history.append(entry)
+        self.recent_audio.append((k, pieces))
         self._produced += seconds
         self._set_behind(rtf < 1.0 or entry["late"], rtf)
         if self.on_chunk is not None:

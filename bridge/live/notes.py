@@ -220,6 +220,11 @@ class NoteRouter:
                 m = self._melodies[track] = LiveMelody(self.clock)
             return m
 
+    def existing(self, track: str) -> LiveMelody | None:
+        """The track's LiveMelody if it has one (a reader such as the panel creates none)."""
+        with self._lock:
+            return self._melodies.get(track)
+
     def route(self, channel: int, track: str | None) -> None:
         """Route MIDI channel 1-16 to `track` (None: back to the default)."""
         if not 1 <= int(channel) <= 16:

@@ -285,7 +285,6 @@ def load_melody(path: str | os.PathLike, chroma_frame_rate: float, seconds: floa
             raise MelodyError(f"{p}: the chroma contains NaN or infinity")
         chroma = chroma.astype(np.float32)
     else:
-        from model.conditioning import chroma as ch
         from audiofile import READABLE, AudioFileError, read_audio
 
         if ext not in READABLE:
@@ -294,12 +293,21 @@ def load_melody(path: str | os.PathLike, chroma_frame_rate: float, seconds: floa
             audio, rate = read_audio(p)
         except AudioFileError as e:
             raise MelodyError(str(e)) from e
-        chroma = ch.audio_chroma(audio, rate)
-        if abs(chroma_frame_rate - ch.FRAME_RATE) > 1e-9:
-            idx = np.minimum((np.arange(int(round(len(chroma) * chroma_frame_rate / ch.FRAME_RATE)))
-                              * ch.FRAME_RATE / chroma_frame_rate).astype(int), len(chroma) - 1)
-            chroma = chroma[idx]
+        chroma = audio_to_chroma(audio, rate, chroma_frame_rate)
     return _fit(chroma, chroma_frame_rate, seconds)
+
+
+def audio_to_chroma(audio: np.ndarray, sample_rate: int, chroma_frame_rate: float) -> np.ndarray:
+    """The conditioning chroma (frames, 12) of audio (channels, samples) at `chroma_frame_rate`: the
+    model's own extractor, so generated audio can be scored against what conditioned it."""
+    from model.conditioning import chroma as ch
+
+    chroma = ch.audio_chroma(audio, sample_rate)
+    if abs(chroma_frame_rate - ch.FRAME_RATE) > 1e-9:
+        idx = np.minimum((np.arange(int(round(len(chroma) * chroma_frame_rate / ch.FRAME_RATE)))
+                          * ch.FRAME_RATE / chroma_frame_rate).astype(int), len(chroma) - 1)
+        chroma = chroma[idx]
+    return chroma
 
 
 def chroma_cosine_similarity(reference: np.ndarray, generated: np.ndarray) -> float:
