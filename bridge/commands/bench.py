@@ -94,11 +94,15 @@ def run(args: argparse.Namespace) -> int:
         variations = [0]
     if any(not 1 <= v <= 16 for v in variations):
         raise UsageError(f"--variations: expected counts between 1 and 16 like 1,2,4, got {args.variations!r}")
-    report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
-                       args.stream_seconds or args.seconds, args.quality,
-                       log=lambda m: print(m, file=sys.stderr, flush=True),
-                       proxy_steps=args.proxy_steps if args.quality else 0, variations=variations,
-                       device=device)
+    from bridge.commands.progress import Stages
+
+    steps = (1 + (args.compare == "transformers") + len(dict.fromkeys(dtypes)) + gpu + bool(variations)
+             + bool(args.quality) + 2 * bool(args.quality and args.proxy_steps))
+    with Stages("bench", steps) as stages:
+        report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
+                           args.stream_seconds or args.seconds, args.quality, log=stages.log,
+                           proxy_steps=args.proxy_steps if args.quality else 0, variations=variations,
+                           device=device)
     gpu_name = f", {report['machine']['gpu']}" if gpu else ""
     print(f"\n{args.arch}, {args.seconds:g} s of audio, {report['machine']['cpu']}{gpu_name}, "
           f"{report['machine']['threads']} threads, torch {report['machine']['torch']}\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 
 class UsageError(Exception):
@@ -82,13 +81,14 @@ def load_engine(args: argparse.Namespace, model: str | None = None, dtype: str |
     """`model.engine.Engine.load` with the command's model flags (each overridable), torch's
     import included, inside `model.memory.heap.loading` (no collector passes over what loading makes;
     `long_running`: collect once before the freeze)."""
+    from bridge.commands.progress import timed
     from model.memory.heap import loading
 
-    with loading(collect=long_running):
+    spec, dev, dt = model or args.model, device or args.device, dtype or args.dtype
+    with timed(f"loading {spec}", f"load {spec} {dev} {dt}"), loading(collect=long_running):
         from model.engine import Engine
 
-        return Engine.load(model or args.model, device=device or args.device, dtype=dtype or args.dtype,
-                           pattern=pattern or args.pattern)
+        return Engine.load(spec, device=dev, dtype=dt, pattern=pattern or args.pattern)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -105,25 +105,3 @@ def sampling_params(args: argparse.Namespace):
     from model.types import SamplingParams
 
     return SamplingParams.from_dict({k: getattr(args, k) for k in SamplingParams.__dataclass_fields__})
-
-
-class ProgressBar:
-    """A one-line bar on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self, label: str, enabled: bool | None = None):
-        self.label = label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._last = -1
-
-    def __call__(self, index: int, fraction: float) -> None:
-        if not self.enabled:
-            return
-        pct = int(fraction * 100)
-        if pct == self._last:
-            return
-        self._last = pct
-        filled = pct * 30 // 100
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}%")
-        if pct >= 100:
-            sys.stderr.write("\n")
-        sys.stderr.flush()

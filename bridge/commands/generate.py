@@ -6,8 +6,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from bridge.commands.common import (ProgressBar, UsageError, add_model_args, add_sampling_args, load_engine,
-                                    nonneg_int, request_seconds, sampling_params)
+from bridge.commands.common import (UsageError, add_model_args, add_sampling_args, load_engine, nonneg_int,
+                                    request_seconds, sampling_params)
+from bridge.commands.progress import Progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = variation_seeds(params.seed, args.variations)
     reqs = [GenerationRequest(prompt=args.prompt, seconds=args.seconds, params=replace(params, seed=sd),
                               melody=melody) for sd in seeds]
-    codes_list = engine.generate_tokens(reqs, progress=ProgressBar("generating"))
+    with Progress("generating", parts=len(reqs)) as bar:
+        codes_list = engine.generate_tokens(reqs, progress=bar)
     for i, codes in enumerate(codes_list):
         audio = engine.decode(codes)
         rate = engine.sample_rate

@@ -106,6 +106,9 @@ def _regenerate(args: argparse.Namespace) -> int:
     if recorded and checkpoint_fingerprint(engine.info.path).get("checkpoint_sha256") != recorded:
         print(f"warning: {engine.info.label} is not the checkpoint the stem was made with "
               f"({sc['model'].get('label')}); the audio will differ", file=sys.stderr)
-    path, same = regenerate(args.from_sidecar, engine, prepare_out_dir(target))
+    from bridge.commands.progress import Progress
+
+    with Progress("regenerating", parts=len(sc["batch"]["requests"])) as bar:
+        path, same = regenerate(args.from_sidecar, engine, prepare_out_dir(target), progress=bar)
     print(f"wrote {path} ({'identical to' if same else 'DIFFERENT from'} the recorded audio)")
     return 0 if same else 1

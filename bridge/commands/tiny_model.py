@@ -30,10 +30,16 @@ def run(args: argparse.Namespace) -> int:
 
         if args.melody or args.stereo:
             raise UsageError("--melody/--stereo apply to --arch tiny only")
-        out = write_random_model(args.arch, args.dir)
+        from bridge.commands.progress import timed
+
+        with timed(f"writing a {args.arch}-shaped checkpoint", f"tiny-model {args.arch}"):
+            out = write_random_model(args.arch, args.dir)
         print(f"wrote {args.arch}-shaped checkpoint with random weights to {out}")
         return 0
-    out = write_tiny_model(args.dir, melody=args.melody, stereo=args.stereo)
+    from bridge.commands.progress import timed
+
+    with timed("writing the tiny checkpoint", f"tiny-model tiny {args.melody} {args.stereo}"):
+        out = write_tiny_model(args.dir, melody=args.melody, stereo=args.stereo)
     kind = "melody" if args.melody else "text"
     print(f"wrote tiny {kind}{' stereo' if args.stereo else ''} checkpoint to {out}")
     return 0

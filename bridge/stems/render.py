@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,15 +131,17 @@ def write_json_atomic(out_dir: Path, basename: str, data: dict[str, Any]) -> Pat
 
 
 class TrackBars:
-    """One progress bar per track, redrawn in place on a terminal; silent otherwise."""
+    """One progress bar per track with the time left (tqdm) on a terminal; plain lines, one per
+    tenth of a track, otherwise (a log file or CI keeps every byte, so nothing is redrawn there)."""
 
     def __init__(self, names: Sequence[str], enabled: bool | None = None, stream=None):
         self.names = list(names)
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.enabled = _isatty(self.stream) if enabled is None else enabled
         self.pct = [0] * len(self.names)
-        self.drawn = False
+        self.t0 = time.monotonic()
         self.width = max((len(n) for n in self.names), default=0)
+        self._bars: list | None = None
 
     def for_batch(self, indices: Sequence[int]) -> Progress:
         """A progress(request_index, fraction) callback for a batch holding these tracks."""
@@ -146,21 +149,42 @@ class TrackBars:
 
     def update(self, track: int, fraction: float) -> None:
         pct = max(0, min(100, int(fraction * 100)))
-        if pct == self.pct[track]:
+        if pct <= self.pct[track]:
             return
-        self.pct[track] = pct
+        before, self.pct[track] = self.pct[track], pct
         if self.enabled:
-            self._draw()
+            bars = self._open()
+            bars[track].update(pct - bars[track].n)
+            if pct == 100:
+                bars[track].refresh()
+        elif pct // 10 > before // 10:
+            spent = time.monotonic() - self.t0
+            left = spent * (100 - pct) / pct
+            self.stream.write(f"{self.names[track]}: done after {spent:.1f} s\n" if pct == 100 else
+                              f"{self.names[track]}: {pct // 10 * 10}% after {spent:.1f} s, about {left:.1f} s left\n")
+            self.stream.flush()
 
-    def _draw(self) -> None:
-        w = self.stream
-        if self.drawn:
-            w.write(f"\x1b[{len(self.names)}F")
-        for name, pct in zip(self.names, self.pct):
-            filled = pct * 30 // 100
-            w.write(f"\x1b[2K{name:<{self.width}} [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}%\n")
-        w.flush()
-        self.drawn = True
+    def _open(self) -> list:
+        if self._bars is None:
+            from tqdm import tqdm
+
+            self._bars = [tqdm(total=100, desc=f"{n:<{self.width}}", position=i, file=self.stream, leave=True,
+                               
+                               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} spent, {remaining} left")
+                          for i, n in enumerate(self.names)]
+        return self._bars
+
+    def close(self) -> None:
+        for b in self._bars or ():
+            b.close()
+        self._bars = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 # ------------------------------------------------------------------ the two entry points
@@ -198,6 +222,7 @@ def render_session(session: SessionFile, engine, out_dir: Path, *, loop: bool | 
             audio, report = finish_audio(audios[j], engine.sample_rate, plans[i].render)
             path = write_planned_stem(audio, engine.sample_rate, plans[i], erec, batch, j, report, out_dir)
             results.append(TrackResult(plans[i].name, path, plans[i].seconds, report))
+    progress.close()
     return results
 
 
