@@ -5,9 +5,10 @@ byte, so there the same progress is a few whole lines ("generating: 40% after 2.
 left"), one per tenth of the work. Three shapes of work:
 - `Progress`: a fraction of known work (the engine's progress(request, fraction) callback);
 - `Stages`: a known number of steps (bench's runs);
-- `timed`: work that reports nothing (loading a model, writing a checkpoint); the time left is
-  estimated from how long the same work took last time on this machine (remembered in the user
-  cache), and with no earlier run only the time spent is shown.
+- `timed`: work that reports nothing (loading a model, writing a checkpoint); on a terminal the
+  time left is estimated from how long the same work took last time on this machine (remembered
+  in the user cache; with no earlier run only the time spent is shown); through a pipe it is one
+  line once done, so a failure's message stays the one line that says why.
 """
 
 from __future__ import annotations
@@ -183,9 +184,6 @@ def timed(label: str, key: str, stream: IO[str] | None = None, terminal: bool | 
 
         ticker = threading.Thread(target=tick, name="progress", daemon=True)
         ticker.start()
-    else:
-        stream.write(f"{label} ..." + (f" (about {expected:.1f} s, as last time)" if expected else "") + "\n")
-        stream.flush()
     ok = False
     try:
         yield
@@ -200,6 +198,7 @@ def timed(label: str, key: str, stream: IO[str] | None = None, terminal: bool | 
         spent = time.monotonic() - t0
         if ok:
             _remember(key, spent)
-            if not terminal:
-                stream.write(f"{label}: done in {spent:.1f} s\n")
+            if not terminal:  # one line, at the end: a failure stays the one line that says why
+                stream.write(f"{label}: done in {spent:.1f} s" + (f" (last time {expected:.1f} s)" if expected else "")
+                             + "\n")
                 stream.flush()
