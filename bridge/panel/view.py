@@ -159,6 +159,7 @@ class PanelView:
         self._started: dict[int, tuple[float, float]] = {}  # job id -> (first seen running, fraction then)
         self._jams: dict[str, _JamMemory] = {}
         self._presets: tuple[float, list[str]] = (-math.inf, [])
+        self._chains: dict[str, tuple[float, tuple[str, ...]]] = {}
 
     def presets(self) -> list[str]:
         """Preset names for the page's menu, looked up again every few seconds (a user may add a file)."""
@@ -208,17 +209,23 @@ class PanelView:
 
     def _mix(self, name: str, tr) -> tuple[tuple[str, ...], float, float]:
         """The track's chain (plugin names, from its preset) and its gain and pan (a jam's own mix, else unity)."""
-        chain: tuple[str, ...] = ()
-        if tr.preset:
-            try:
-                from presets import load_preset
-
-                chain = tuple(str(c.get("plugin", c.get("type", "?"))) for c in load_preset(tr.preset).chain)
-            except Exception:  # noqa: BLE001 - a preset that cannot load shows no chain; the OSC path reports it
-                chain = ("(preset cannot load)",)
+        chain = self._chain(tr.preset) if tr.preset else ()
         jam = self.daemon.jams.get(name)
         gain, pan = (float(jam._mix[0]), float(jam._mix[1])) if jam is not None else (1.0, 0.0)
         return chain, gain, pan
+
+    def _chain(self, preset: str) -> tuple[str, ...]:
+        """A preset's chain as plugin names, read from its file at most every few seconds (not 10 times a second)."""
+        at, chain = self._chains.get(preset, (-math.inf, ()))
+        if self._clock() - at > 5.0:
+            try:
+                from presets import load_preset
+
+                chain = tuple(str(c.get("plugin", "?")) for c in load_preset(preset).chain)
+            except Exception:  # noqa: BLE001 - a preset that cannot load shows so; the OSC path says why
+                chain = ("(preset cannot load)",)
+            self._chains[preset] = (self._clock(), chain)
+        return chain
 
     def _notes(self, name: str, now: float) -> tuple[tuple[int, float, float], ...]:
         router = self.daemon.live.notes
