@@ -160,6 +160,7 @@ class PanelView:
         self._jams: dict[str, _JamMemory] = {}
         self._presets: tuple[float, list[str]] = (-math.inf, [])
         self._chains: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self.failures = 0
 
     def presets(self) -> list[str]:
         """Preset names for the page's menu, looked up again every few seconds (a user may add a file)."""
@@ -173,24 +174,34 @@ class PanelView:
 
     def snapshot(self) -> dict[str, Any]:
         """Every part of the page's state, JSON-able, keyed by part (the server sends the parts that changed)."""
+        parts = {"info": self.info, "clock": lambda: self.clock().to_json(),
+                 "tracks": lambda: [t.to_json() for t in self.tracks()],
+                 "jobs": lambda: [j.to_json() for j in self.jobs()],
+                 "jams": lambda: [j.to_json() for j in self.jams()],
+                 "stems": lambda: [s.to_json() for s in self.stems()]}
+        out = {}
+        for name, read in parts.items():
+            try:
+                out[name] = read()
+            except Exception:  # noqa: BLE001 - one part that cannot be read leaves the others live; logged rarely
+                self.failures += 1
+                if self.failures <= 3 or self.failures % 1000 == 0:
+                    log.exception("panel: reading the daemon's %s failed (%d times so far)", name, self.failures)
+        return out
+
+    def info(self) -> dict[str, Any]:
         d = self.daemon
         info = d.engine.info
-        return {
-            "info": {"model": info.label, "device": info.device, "dtype": info.dtype, "osc_port": d.server.port,
-                     "live_audio": d.audio is not None, "melody_model": bool(getattr(d.engine, "is_melody", False)),
-                     "presets": self.presets()},
-            "clock": self.clock().to_json(),
-            "tracks": [t.to_json() for t in self.tracks()],
-            "jobs": [j.to_json() for j in self.jobs()],
-            "jams": [j.to_json() for j in self.jams()],
-            "stems": [s.to_json() for s in self.stems()],
-        }
+        return {"model": info.label, "device": info.device, "dtype": info.dtype, "osc_port": d.server.port,
+                "live_audio": d.audio is not None, "melody_model": bool(getattr(d.engine, "is_melody", False)),
+                "presets": self.presets()}
 
     # ------------------------------------------------------------ parts
 
     def clock(self) -> ClockView:
-        source, tempo, num, den, playing, beat, age = self.daemon.clock.state()
-        return ClockView(source, float(tempo), int(num), int(den), bool(playing), float(beat), float(age))
+        st = self.daemon.clock.state()
+        return ClockView(st.source, float(st.tempo), int(st.signature.numerator), int(st.signature.denominator),
+                         bool(st.playing), float(st.beat), float(st.age))
 
     def tracks(self) -> list[TrackView]:
         d = self.daemon
