@@ -30,6 +30,9 @@ from bridge.osc.reply_budget import ReplyBudget
 from bridge.state.session import LiveSession
 from bridge.state.session_check import chroma_to_text
 from model.types import melody_refusal
+from bridge.live.control import LiveControl
+from bridge.stems.output import engine_record
+from presets import PresetError, load_preset, preset_files
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -107,8 +110,6 @@ class Daemon:
     def __init__(self, engine, config: DaemonConfig, audio=None, notes=None):
         """audio: an open plugin_host.output.AudioOutput for live output and xrun counts, or None.
         notes: a bridge.live.notes.NoteRouter fed by --midi-in ports (None: OSC notes only)."""
-        from bridge.live.control import LiveControl
-        from bridge.stems.output import engine_record
 
         self.engine, self.config, self.audio = engine, config, audio
         self.stems_dir = Path(config.stems_dir or Path(config.session_dir) / "stems")
@@ -564,8 +565,6 @@ def _message_args(cmd: P.Generate | P.Continue) -> tuple[Any, ...]:
 
 
 def _load_preset(name: str):
-    from presets import PresetError, load_preset, preset_files
-
     if name not in preset_files():
         raise ProtocolError("not_found", f"unknown preset {name!r}; expected one of {', '.join(preset_files())}")
     try:

@@ -21,6 +21,10 @@ from typing import Any
 from bridge.live.melody_source import LoopedMelody, stored_melody
 from bridge.live.notes import NoteRouter
 from bridge.osc.protocol import ProtocolError
+from bridge.live.jam import bins_text
+from bridge.live.play import play_while_generating
+from bridge.stems.jobs import track_sound
+from model.types import melody_refusal
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -73,8 +77,6 @@ class LiveControl:
             self.notes.route(channel, track)
 
     def _need_melody_model(self, track: str) -> None:
-        from model.types import melody_refusal
-
         if melody_refusal(self.engine):
             raise ProtocolError("model", f"track {track} gets live notes, but {melody_refusal(self.engine)}")
 
@@ -82,7 +84,6 @@ class LiveControl:
 
     def player_for(self, preset):
         """The `play` callable of JobQueue.run_live for /track/<name>/play: the track's chain, the grid."""
-        from bridge.live.play import play_while_generating
 
         def play(job, request, progress):
             chain = preset.build_chain() if preset and preset.chain else None
@@ -100,7 +101,6 @@ class LiveControl:
             from bridge.live.jam import Jam, JamError
         except ImportError:
             raise ProtocolError("unavailable", "live jam is not available in this build") from None
-        from bridge.stems.jobs import track_sound
 
         old = self.jams.get(name)
         if old is not None and old.state not in ("stopped", "failed") and not old.wait(0):
@@ -165,7 +165,6 @@ class LiveControl:
 
     def _chunk(self, to, name: str, e: dict[str, Any]) -> None:
         """/jam/chunk: what conditioned each chunk, where it plays, and how long it took."""
-        from bridge.live.jam import bins_text
 
         self.send(to, "/jam/chunk", (name, int(e["index"]), float(e["start_time"]), float(e["bar"]),
                                      float(e["conditioned_at"]), bins_text(e["melody_bins"]),

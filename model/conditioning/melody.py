@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from model.conditioning import chroma as ch
 
 
 class MelodyError(ValueError):
@@ -300,7 +301,6 @@ def load_melody(path: str | os.PathLike, chroma_frame_rate: float, seconds: floa
 def audio_to_chroma(audio: np.ndarray, sample_rate: int, chroma_frame_rate: float) -> np.ndarray:
     """The conditioning chroma (frames, 12) of audio (channels, samples) at `chroma_frame_rate`: the
     model's own extractor, so generated audio can be scored against what conditioned it."""
-    from model.conditioning import chroma as ch
 
     chroma = ch.audio_chroma(audio, sample_rate)
     if abs(chroma_frame_rate - ch.FRAME_RATE) > 1e-9:
