@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "presets",
     "render",
     "bench",
+    "worker",
 )
 
 
@@ -42,7 +43,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
                                        FileExistsError, PermissionError, IsADirectoryError]
     for mod, name in (("audiofile", "AudioFileError"), ("model.conditioning.melody", "MelodyError"), ("presets", "PresetError"),
                       ("bridge.state.session_file", "SessionFileError"), ("bridge.stems.output", "SidecarError"),
-                      ("bridge.stems.request", "StemRequestError")):
+                      ("bridge.stems.request", "StemRequestError"), ("model.remote.client", "RemoteError"),
+                      ("model.remote.client", "RemoteJobFailed")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

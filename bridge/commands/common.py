@@ -76,14 +76,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "MusicGen checkpoints; others decode in a layout the model was not trained on)")
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """--engine URL: decode on a remote engine (`musicbridge worker`, docs/remote.md) instead of here."""
+    import os
+
+    p.add_argument("--engine", metavar="URL", default=None,
+                   help="use the remote engine `musicbridge worker` serves at http[s]://HOST:PORT; --model then "
+                        "names this machine's copy of its checkpoint, for the codec (default: the one it reports)")
+    p.add_argument("--engine-key", metavar="KEY", default=os.environ.get("MUSICBRIDGE_ENGINE_KEY"),
+                   help="the worker's key (default $MUSICBRIDGE_ENGINE_KEY, which keeps it out of the process list)")
+    p.add_argument("--engine-ca", metavar="PEM", default=None,
+                   help="trust this certificate (authority) for an https:// engine with its own certificate")
+
+
 def load_engine(args: argparse.Namespace, model: str | None = None, dtype: str | None = None,
                 device: str | None = None, pattern: str | None = None, long_running: bool = False):
     """`model.engine.Engine.load` with the command's model flags (each overridable), torch's
     import included, inside `model.memory.heap.loading` (no collector passes over what loading makes;
-    `long_running`: collect once before the freeze)."""
+    `long_running`: collect once before the freeze). With --engine URL: the remote engine there
+    (`model.remote.client.RemoteEngine`, a context manager), its device and precision the worker's."""
     from bridge.commands.progress import timed
     from model.memory.heap import loading
 
+    if getattr(args, "engine", None):
+        with loading(collect=long_running):
+            from model.remote.client import RemoteEngine, RemoteError
+
+            try:
+                return RemoteEngine.connect(args.engine, args.engine_key, model or args.model, ca_file=args.engine_ca)
+            except RemoteError as e:
+                raise UsageError(str(e)) from None
     spec, dev, dt = model or args.model, device or args.device, dtype or args.dtype
     with timed(f"loading {spec}", f"load {spec} {dev} {dt}"), loading(collect=long_running):
         from model.engine import Engine

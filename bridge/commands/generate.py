@@ -6,8 +6,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from bridge.commands.common import (UsageError, add_model_args, add_sampling_args, load_engine, nonneg_int,
-                                    request_seconds, sampling_params)
+from bridge.commands.common import (UsageError, add_engine_args, add_model_args, add_sampling_args, load_engine,
+                                    nonneg_int, request_seconds, sampling_params)
 from bridge.commands.progress import Progress
 
 
@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate one clip from a text prompt",
                        description="Generate music from a text prompt and write it to WAV or FLAC.")
     add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--prompt", required=True, help="text description of the music")
     p.add_argument("--seconds", type=request_seconds, default=8.0, help="length of audio to make")
     p.add_argument("--out", required=True, help="output .wav or .flac (not overwritten unless --overwrite)")

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from bridge.commands.common import UsageError, add_model_args, load_engine
+from bridge.commands.common import UsageError, add_engine_args, add_model_args, load_engine
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default: <session>-stems beside the session file; "
                                  "with --from-sidecar, the sidecar's folder)")
     add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--loop", action="store_true",
                    help="make every track given in bars a seamless loop")
     p.add_argument("--format", choices=["wav", "flac"], help="override the session's stem format")

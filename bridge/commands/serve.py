@@ -13,7 +13,8 @@ import signal
 import threading
 from pathlib import Path
 
-from bridge.commands.common import UsageError, add_model_args, load_engine, nonneg_int, positive_float, request_seconds
+from bridge.commands.common import (UsageError, add_engine_args, add_model_args, load_engine, nonneg_int, positive_float,
+                                    request_seconds)
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -38,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OSC bridge daemon (protocol v1, see docs/osc.md)",
                        description="Load the model once and serve OSC over UDP until SIGINT/SIGTERM.")
     add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback; anything else is reachable from the network "
                         "and needs --allow-from)")

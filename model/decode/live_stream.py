@@ -71,6 +71,20 @@ class LiveStream:
             raise RequestError(f"context must be shorter than the {self.window}-frame window, got {seconds} s")
         self.context = ctx
 
+    def resume(self, codes: np.ndarray, frames: int, prefills: int = 0) -> None:
+        """Continue a stream another process made (a jam whose remote replica died): `codes` (K, n)
+        are its last complete codes, ending at stream frame `frames`. The next `advance` prefills a
+        window from them, so the part goes on from its own tokens."""
+        codes = np.asarray(codes, np.int64)
+        if codes.ndim != 2 or codes.shape[0] != self.k or not 0 <= codes.shape[1] <= frames:
+            raise RequestError(f"resume: expected ({self.k}, n <= {frames}) codes, got {codes.shape}")
+        self._codes = codes[:, -self.window:].copy()
+        self._codes_start = int(frames) - self._codes.shape[1]
+        self.frames = int(frames)
+        self.prefills = int(prefills)
+        self._state = None
+        self.last_prefill_reason = "resumed"
+
     # ------------------------------------------------------------ conditioning
 
     def condition(self, melody: np.ndarray | None, at_frame: int) -> bool:

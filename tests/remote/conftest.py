@@ -1,0 +1,85 @@
+"""The remote tests' shared cluster: two Ray nodes on loopback and `musicbridge worker` on them,
+started once per test session (tens of seconds) and stopped, every process of it, at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.remote.ray_cluster import ROOT, Cluster, env, free_port, ray_cluster
+
+KEY = "studio-key-0123456789"
+
+
+@dataclass
+class Worker:
+    url: str
+    cluster: Cluster
+    proc: subprocess.Popen
+    log: Path
+
+    def get(self, path: str, key: str | None = KEY) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, headers={} if key is None else {"x-musicbridge-key": key})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def mb(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """A real `musicbridge` subprocess (this worktree's code)."""
+    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+@contextlib.contextmanager
+def run_worker(cluster: Cluster, model_dir: Path, log: Path, *extra: str, replicas: int = 2) -> Iterator[Worker]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "worker", "--address", cluster.address,
+                             "--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--key", KEY,
+                             "--http-port", str(port), "--replicas", str(replicas), "--cpus-per-replica", "1",
+                             *extra], cwd=ROOT, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    w = Worker(f"http://127.0.0.1:{port}", cluster, proc, log)
+    try:
+        deadline = time.monotonic() + 240
+        while "engine serving at" not in w.log_text():
+            assert proc.poll() is None, f"the worker exited {proc.returncode}:\n{w.log_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"the worker did not come up:\n{w.log_text()[-4000:]}"
+            time.sleep(0.5)
+        yield w
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    with ray_cluster(tmp_path_factory.mktemp("ray")) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def worker(cluster, tiny_model_dir, tmp_path_factory) -> Iterator[Worker]:
+    """The tiny model served by two replicas, one on each node (each node has one CPU for them)."""
+    with run_worker(cluster, tiny_model_dir, tmp_path_factory.mktemp("worker") / "worker.log") as w:
+        yield w
