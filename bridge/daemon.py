@@ -309,9 +309,11 @@ class Daemon:
         st = self.clock.state()
         xruns = int(self.audio.stats()["xruns"]) if self.audio is not None else -1
         info = self.engine.info
+        health = getattr(self.engine, "health", None)  # a remote engine (model.remote.client) says if it is reachable
+        engine = "local" if health is None else health()[1]
         self.reply(sender, "/status", info.label, len(self.session.tracks), queued, running, xruns,
                    float(st.tempo), str(st.signature), int(st.playing), float(st.beat), st.source, float(st.age),
-                   info.device, info.dtype, float(st.quarter_notes))
+                   info.device, info.dtype, float(st.quarter_notes), engine)
 
     @handles(P.TransportState)
     def _transport_state(self, cmd: P.TransportState, sender: Address) -> None:

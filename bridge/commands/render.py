@@ -89,6 +89,9 @@ def _render(args: argparse.Namespace) -> int:
                     "seconds": r.seconds, **({"grid": r.report["grid"]} if "grid" in r.report else {})}
                    for r in results],
     }
+    served = getattr(engine, "served_by", None)  # a remote engine: which replica, on which node, made each take
+    if served is not None:
+        summary["engine"] = {"url": engine.url, "retried": engine.retried, "served_by": [s.to_json() for s in served]}
     path = write_json_atomic(out, session.path.stem + ".render", summary)
     for r in results:
         print(f"wrote {r.path} ({r.seconds:.3f} s)")

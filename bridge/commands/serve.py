@@ -206,11 +206,21 @@ def _panel_address(args: argparse.Namespace) -> tuple[str, int] | None:
 
 def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes=None,
            panel: tuple[str, int] | None = None) -> int:
+    log.info("loading model %s ...", args.model if not args.engine else f"(remote engine at {args.engine})")
+    engine = load_engine(args, long_running=True)
+    try:
+        return _serve_engine(args, session_dir, stems_dir, audio, notes, panel, engine)
+    finally:
+        close = getattr(engine, "close", None)  # a remote engine's health poll
+        if close is not None:
+            close()
+
+
+def _serve_engine(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes,
+                  panel: tuple[str, int] | None, engine) -> int:
     from bridge.daemon import Daemon, DaemonConfig
     from bridge.osc.input_files import InputLimits
     from bridge.osc.protocol import Limits
-    log.info("loading model %s ...", args.model)
-    engine = load_engine(args, long_running=True)
     config = DaemonConfig(host=args.host, port=args.port, reply_to=args.reply_to, session_dir=session_dir,
                           stems_dir=stems_dir, allow_dirs=tuple(d.expanduser() for d in args.allow_dir),
                           grace=args.grace, limits=Limits(max_seconds=args.max_seconds,

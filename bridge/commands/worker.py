@@ -73,7 +73,13 @@ def run(args: argparse.Namespace) -> int:
     from model.remote.app import APP_NAME, build_app, key_digest
 
     try:
-        ray.init(address=args.address, logging_level=logging.WARNING)
+        # Serve's proxy sends every request to a replica on its own node while that one has room:
+        # for a studio the point of more nodes is to use them, so requests are spread over all
+        # replicas (the less busy of two, Serve's own choice). Serve's actors start in this job's
+        # environment, so that is where the switch goes.
+        spread = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0", "RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING": "0",
+                  "RAY_USAGE_STATS_ENABLED": "0"}
+        ray.init(address=args.address, logging_level=logging.WARNING, runtime_env={"env_vars": spread})
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"cannot join the Ray cluster at {args.address}: {e} (start it with `ray start --head`)") \
             from None

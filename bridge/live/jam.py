@@ -236,34 +236,39 @@ class Jam(ReportsBehind):
     def _run(self) -> None:
         try:
             eng = self.engine
-            self._stream = eng.live_stream(self.prompt, self.params, context_seconds=self.context_seconds)
-            self._decoder = eng.streaming_decoder()
-            g = self.grid
-            # Provisional first bar line; moved on by whole bars if the first audio is later.
-            self._origin = self.first_bar = g.next_bar_time(self.now() + self._margin() + self._first_audio_est)
-            k = 0
-            frame0 = 0  # stream frame where chunk k starts
-            while not self._cancel.is_set():
-                if self._track is not None:
-                    self._wait_for_room()
-                    if self._cancel.is_set():
-                        break
-                g = self.grid
-                start_t = self._time_of(frame0)
-                end_t = g.next_bar_time(start_t + (self.chunk_bars - 0.5) * _bar_seconds(g))
-                frame1 = max(frame0 + 1, self._frame_at(end_t))
-                if not self._chunk(k, frame0, frame1):
-                    break
-                frame0 = frame1
-                k += 1
-            if self._player is not None:
-                self._player.finish()
+            with eng.live_stream(self.prompt, self.params, context_seconds=self.context_seconds) as self._stream:
+                self._loop()
         except Exception as e:  # noqa: BLE001 - reported in status and through on_status, never silent
             self.error = f"{type(e).__name__}: {e}"
             if self._track is not None:
                 self._track.finish()
             self.state = "failed"
             self._notify()
+
+    def _loop(self) -> None:
+        """Chunk after chunk until cancelled (the stream is open: a remote one holds a connection)."""
+        eng = self.engine
+        self._decoder = eng.streaming_decoder()
+        g = self.grid
+        # Provisional first bar line; moved on by whole bars if the first audio is later.
+        self._origin = self.first_bar = g.next_bar_time(self.now() + self._margin() + self._first_audio_est)
+        k = 0
+        frame0 = 0  # stream frame where chunk k starts
+        while not self._cancel.is_set():
+            if self._track is not None:
+                self._wait_for_room()
+                if self._cancel.is_set():
+                    break
+            g = self.grid
+            start_t = self._time_of(frame0)
+            end_t = g.next_bar_time(start_t + (self.chunk_bars - 0.5) * _bar_seconds(g))
+            frame1 = max(frame0 + 1, self._frame_at(end_t))
+            if not self._chunk(k, frame0, frame1):
+                break
+            frame0 = frame1
+            k += 1
+        if self._player is not None:
+            self._player.finish()
 
     def _wait_for_room(self) -> None:
         """Start the next chunk when what is queued covers about two first-piece times, no earlier.
@@ -293,6 +298,7 @@ class Jam(ReportsBehind):
             reprefill = stream.condition(chroma, at)
         first_audio = None
         pieces: list[np.ndarray] = []
+        lost = getattr(stream, "interruptions", 0)  # a remote stream that lost its replica (model.remote.client)
         first_new = stream.frames  # frames from here on are made under this chunk's conditioning
         right = self._decoder.right
         target = frame1 + right  # the codec needs `right` frames of look-ahead for final audio
@@ -329,6 +335,7 @@ class Jam(ReportsBehind):
             "prefills": stream.prefills, "generate_seconds": gen_s, "first_audio_seconds": first_audio,
             "offline_steps": stream.offline_steps,
             "realtime_factor": rtf, "late": bool(self._late_in_chunk), "anchors": self._anchors,
+            "reconnected": getattr(stream, "interruptions", 0) > lost,
             "chroma": cond, "melody_bins": _dominant_bins(cond),
         }
         self._late_in_chunk = False
@@ -343,7 +350,8 @@ class Jam(ReportsBehind):
         self.history.append(entry)
         self.recent_audio.append((k, pieces))
         self._produced += seconds
-        self._set_behind(rtf < 1.0 or entry["late"], rtf)
+        # A chunk whose replica died was made late, whatever its rate: it is reported behind.
+        self._set_behind(rtf < 1.0 or entry["late"] or entry["reconnected"], rtf)
         if self.on_chunk is not None:
             try:
                 self.on_chunk(entry)

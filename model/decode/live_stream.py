@@ -71,6 +71,15 @@ class LiveStream:
             raise RequestError(f"context must be shorter than the {self.window}-frame window, got {seconds} s")
         self.context = ctx
 
+    def close(self) -> None:
+        """Nothing to release here (a remote stream closes its connection: model.remote.client)."""
+
+    def __enter__(self) -> LiveStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def resume(self, codes: np.ndarray, frames: int, prefills: int = 0) -> None:
         """Continue a stream another process made (a jam whose remote replica died): `codes` (K, n)
         are its last complete codes, ending at stream frame `frames`. The next `advance` prefills a

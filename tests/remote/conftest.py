@@ -83,3 +83,84 @@ def worker(cluster, tiny_model_dir, tmp_path_factory) -> Iterator[Worker]:
     """The tiny model served by two replicas, one on each node (each node has one CPU for them)."""
     with run_worker(cluster, tiny_model_dir, tmp_path_factory.mktemp("worker") / "worker.log") as w:
         yield w
+
+
+def replica_stats(worker: Worker, n: int = 2, timeout: float = 180.0) -> dict[str, dict]:
+    """/v1/status of each of n replicas (Serve routes each call to one; ask until all have answered)."""
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < n:
+        assert time.monotonic() < deadline, f"only {len(seen)} of {n} replicas answered: {list(seen)}"
+        try:
+            code, st = worker.get("/v1/status")
+        except OSError:
+            time.sleep(0.5)
+            continue
+        if code == 200:
+            seen[st["served_by"]["replica"]] = st
+        else:
+            time.sleep(0.5)
+    return seen
+
+
+class Relay:
+    """A TCP relay in front of the worker: the network between daemon and worker, which a test can cut."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self._socket, self._threading = socket, threading
+        self._conns: list = []
+        self._server = None
+        self.resume()
+
+    def resume(self) -> None:
+        s = self._socket.socket()
+        s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(16)
+        self._server = s
+        self._threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, server) -> None:
+        while True:
+            try:
+                a, _ = server.accept()
+            except OSError:
+                return
+            try:
+                b = self._socket.create_connection(self.target)
+            except OSError:
+                a.close()
+                continue
+            self._conns += [a, b]
+            for x, y in ((a, b), (b, a)):
+                self._threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pipe(x, y) -> None:
+        try:
+            while data := x.recv(65536):
+                y.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (x, y):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def cut(self) -> None:
+        """Nothing gets through: the listener closes and every connection is dropped."""
+        self._server.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(self._socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                c.close()
+        self._conns = []
+
+    def close(self) -> None:
+        self.cut()

@@ -43,15 +43,9 @@ class Cluster:
     nodes: list[subprocess.Popen] = field(default_factory=list)
 
     def node_pids(self, node: int) -> set[int]:
-        """Every process one node started (its process group)."""
-        pgid = self.nodes[node].pid
-        out = set()
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if os.getpgid(int(d.name)) == pgid:
-                        out.add(int(d.name))
-        return out
+        """Every process one node started: its `ray start` and all its descendants (Ray starts its
+        workers in process groups of their own, so the group alone does not find them)."""
+        return descendants(self.nodes[node].pid)
 
     def replica_pids(self) -> dict[int, int]:
         """pid -> node index of every Serve replica of the musicbridge app on this cluster."""
@@ -63,6 +57,23 @@ class Cluster:
                     if "ServeReplica:musicbridge" in cmd:
                         out[pid] = node
         return out
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it, by parent links in /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += children.get(p, [])
+    return out
 
 
 def _node_args() -> list[str]:
@@ -80,7 +91,10 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def _stop(nodes: list[subprocess.Popen]) -> None:
-    """SIGTERM every node's group at once, a short grace, then SIGKILL what is left of each group."""
+    """SIGTERM every node's group at once, a short grace, then SIGKILL what is left of each group
+    and of every process the nodes had started (found before the first signal)."""
+    started = {pid: _start_time(pid) for pid in set().union(*(descendants(p.pid) for p in nodes))
+               - {p.pid for p in nodes}}
     for p in nodes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGTERM)
@@ -93,6 +107,17 @@ def _stop(nodes: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=10)
+    for pid, t in started.items():
+        if t is not None and _start_time(pid) == t:  # still ours: a recycled pid has another start time
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _wait_nodes(address: str, n: int, timeout: float, logs: list[Path]) -> None:

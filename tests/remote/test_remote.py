@@ -1,9 +1,25 @@
 """The engine on other machines (issue #29): `musicbridge worker` on a real two-node Ray cluster, and
-`generate`, `render` and `serve` with `--engine URL`, all real processes over loopback."""
+`generate`, `render` and `serve` with `--engine URL`, all real processes over loopback.
+
+Tests run in file order and share one cluster and worker (tests/remote/conftest.py); the fault
+tests, which kill replicas, come last and wait until the worker has both replicas again.
+"""
 
 from __future__ import annotations
 
-from tests.remote.conftest import KEY, mb
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from tests.bridge.osc_helpers import drain, expect
+from tests.remote.conftest import KEY, Relay, mb, replica_stats
+from tests.remote.ray_cluster import free_port
 
 
 def test_generate_through_the_worker_writes_the_same_file_as_local(worker, tiny_model_dir, tmp_path):
@@ -16,3 +32,234 @@ def test_generate_through_the_worker_writes_the_same_file_as_local(worker, tiny_
     assert remote.returncode == 0, remote.stderr + worker.log_text()[-3000:]
     a, b = (tmp_path / "local.wav").read_bytes(), (tmp_path / "remote.wav").read_bytes()
     assert len(a) > 1000 and a == b
+
+
+def test_requests_without_the_key_or_with_a_wrong_one_never_reach_the_engine(worker, tiny_model_dir, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    before = replica_stats(worker)
+    body = json.dumps({"prompt": "x", "seconds": 1.0, "params": {"seed": 1}}).encode()
+    refused = 0
+    for key in (None, "not-the-key-0123456789"):
+        assert worker.get("/v1/info", key=key)[0] == 401
+        headers = {"content-type": "application/json", **({} if key is None else {"x-musicbridge-key": key})}
+        req = urllib.request.Request(worker.url + "/v1/tokens", data=body, headers=headers, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 401
+        with pytest.raises(InvalidStatus) as ws:
+            connect(worker.url.replace("http", "ws") + "/v1/jam",
+                    additional_headers={} if key is None else {"x-musicbridge-key": key}, open_timeout=30)
+        assert ws.value.response.status_code == 403
+        refused += 3
+    # Through the product: a wrong key is one line and exit status 2, before any generation.
+    r = mb("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--seconds", "1", "--out",
+           str(tmp_path / "x.wav"), "--engine", worker.url, "--engine-key", "wrong-key-0123456789")
+    assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
+    refused += 1
+    short = mb("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--out", str(tmp_path / "y.wav"),
+               "--engine", worker.url, "--engine-key", "short")
+    assert short.returncode == 2 and "16-256 characters" in short.stderr
+    assert not (tmp_path / "x.wav").exists() and not (tmp_path / "y.wav").exists()
+    after = replica_stats(worker)
+    assert set(after) == set(before)
+    total = lambda stats, k: sum(s[k] for s in stats.values())  # noqa: E731
+    assert total(after, "requests") == total(before, "requests")
+    assert total(after, "engine_calls") == total(before, "engine_calls")
+    assert total(after, "steps") == total(before, "steps")
+    assert total(after, "jams") == total(before, "jams")
+    assert total(after, "refused") >= total(before, "refused") + refused
+
+
+def test_an_unreachable_worker_is_one_clear_line_at_start(tiny_model_dir, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    r = mb("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--out", str(tmp_path / "x.wav"),
+           "--engine", url, "--engine-key", KEY)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"cannot reach the engine at {url}: connection refused" in r.stderr
+    s = mb("serve", "--model", str(tiny_model_dir), "--port", "0", "--audio", "none", "--session-dir",
+           str(tmp_path / "s"), "--engine", url, "--engine-key", KEY)
+    assert s.returncode == 2 and "Traceback" not in s.stderr and "cannot reach the engine" in s.stderr
+
+
+SESSION = """\
+tempo = 120
+signature = "4/4"
+
+[[track]]
+name = "drums"
+prompt = "lofi drums"
+bars = 2
+seed = 1
+
+[[track]]
+name = "bass"
+prompt = "deep bass"
+bars = 2
+seed = 2
+
+[[track]]
+name = "pad"
+prompt = "warm pad"
+seconds = 3.0
+seed = 3
+
+[[track]]
+name = "keys"
+prompt = "rhodes"
+seconds = 2.5
+seed = 4
+"""
+
+
+def test_render_spreads_a_sessions_tracks_over_both_nodes(worker, tiny_model_dir, tmp_path):
+    song = tmp_path / "song.toml"
+    song.write_text(SESSION)
+    model = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]
+    remote = mb("render", str(song), *model, "--out", str(tmp_path / "remote"), "--engine", worker.url,
+                "--engine-key", KEY)
+    assert remote.returncode == 0, remote.stderr
+    local = mb("render", str(song), *model, "--out", str(tmp_path / "local"))
+    assert local.returncode == 0, local.stderr
+    summary = json.loads((tmp_path / "remote" / "song.render.json").read_text())
+    served = summary["engine"]["served_by"]
+    assert len(served) == 4
+    assert len({s["node"] for s in served}) == 2, served  # both Ray nodes made takes
+    pids = worker.cluster.replica_pids()
+    assert {s["pid"] for s in served} <= set(pids) and {pids[s["pid"]] for s in served} == {0, 1}
+    for track in ("drums", "bass", "pad", "keys"):  # every stem is the one a local render makes
+        a = json.loads((tmp_path / "remote" / f"{track}.json").read_text())["result"]["raw_sha256"]
+        b = json.loads((tmp_path / "local" / f"{track}.json").read_text())["result"]["raw_sha256"]
+        assert a == b, track
+        ra, rb = (sf.read(str(tmp_path / d / f"{track}.wav"), dtype="int32")[0] for d in ("remote", "local"))
+        assert ra.shape == rb.shape and (ra == rb).all(), track  # the files differ only in their BWF time stamp
+
+
+@pytest.fixture(scope="module")
+def daemon(worker, tiny_model_dir, serve_daemon, tmp_path_factory):
+    """`musicbridge serve --engine URL` (stems only)."""
+    base = tmp_path_factory.mktemp("remote-serve")
+    with serve_daemon(base, tiny_model_dir, "--engine", worker.url, "--engine-key", KEY, "--max-seconds", "600",
+                      exit_code=None) as (d, c):
+        yield d, c
+
+
+def _job(c, address: str, *args, timeout: float = 240.0, seen: list | None = None) -> tuple[int, tuple]:
+    c.send(address, *args)
+    job_id, _track = expect(c, "/job/accepted", 30.0)
+    r = c.wait_for(lambda a, v: a in ("/job/done", "/job/failed", "/job/cancelled") and v and v[0] == job_id,
+                   timeout, seen)
+    assert r is not None, f"job {job_id} never finished; replies: {seen}"
+    return job_id, r
+
+
+def test_serve_with_a_remote_engine_runs_osc_jobs_there(daemon, tiny_model_dir, tmp_path):
+    d, c = daemon
+    drain(c, 0.1)
+    c.send("/track/drums/preset", "plain")
+    expect(c, "/ok")
+    c.send("/status")
+    status = expect(c, "/status")
+    assert status[-1].startswith("remote http://127.0.0.1:") and status[-1].endswith(": ok")
+    _id, (address, args) = _job(c, "/track/drums/generate", 2.0)
+    assert address == "/job/done", args
+    stem = Path(args[1])
+    assert stem.is_file() and stem.stat().st_size > 1000
+    # The stem's sidecar regenerates, locally, to the same audio: the remote take is the local take.
+    again = mb("render", "--from-sidecar", str(stem.with_suffix(".json")), "--model", str(tiny_model_dir),
+               "--out", str(tmp_path))
+    assert again.returncode == 0 and "identical to" in again.stdout, again.stdout + again.stderr
+
+
+def test_status_says_when_the_worker_cannot_be_reached(worker, tiny_model_dir, serve_daemon, tmp_path):
+    relay = Relay(int(worker.url.rsplit(":", 1)[1]))
+    try:
+        with serve_daemon(tmp_path, tiny_model_dir, "--engine", f"http://127.0.0.1:{relay.port}", "--engine-key",
+                          KEY, exit_code=None) as (d, c):
+            def engine_line() -> str:
+                drain(c, 0.05)
+                c.send("/status")
+                return expect(c, "/status")[-1]
+
+            assert engine_line().endswith(": ok")
+            relay.cut()
+            deadline = time.monotonic() + 60
+            while "unreachable" not in (line := engine_line()):
+                assert time.monotonic() < deadline, line
+                time.sleep(0.5)
+            assert "connection refused" in line
+            c.send("/ping")
+            expect(c, "/pong")
+            relay.resume()
+            deadline = time.monotonic() + 60
+            while not (line := engine_line()).endswith(": ok"):
+                assert time.monotonic() < deadline, line
+                time.sleep(0.5)
+    finally:
+        relay.close()
+
+
+# ---------------------------------------------------------------- faults (last: they kill replicas)
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _busy_replica(worker, timeout: float = 60.0) -> int:
+    """The replica process that is decoding: the one whose CPU time grows (the other idles)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = list(worker.cluster.replica_pids())
+        t0 = {p: _cpu_ticks(p) for p in pids}
+        time.sleep(1.0)
+        grew = {p: _cpu_ticks(p) - t0[p] for p in pids}
+        busy = [p for p, g in grew.items() if g >= 30]  # 0.3 s of CPU in 1 s: decoding, not idling
+        if len(busy) == 1:
+            return busy[0]
+    raise AssertionError("no replica was decoding")
+
+
+def test_a_replica_killed_mid_job_retries_it_with_the_same_seed(daemon, worker, tiny_model_dir, tmp_path):
+    d, c = daemon
+    replica_stats(worker)  # both replicas up
+    drain(c, 0.1)
+    c.send("/track/long/preset", "plain")
+    expect(c, "/ok")
+    pinger = d.client()
+    pongs, stop = [], threading.Event()
+
+    def ping() -> None:
+        while not stop.is_set():
+            pinger.send("/ping")
+            pongs.append(pinger.wait_for(lambda a, _: a == "/pong", 10.0) is not None)
+            time.sleep(0.3)
+
+    t = threading.Thread(target=ping, daemon=True)
+    t.start()
+    try:
+        c.send("/track/long/generate", 240.0)
+        job_id, _ = expect(c, "/job/accepted", 30.0)
+        victim = _busy_replica(worker)
+        os.kill(victim, signal.SIGKILL)
+        seen: list = []
+        r = c.wait_for(lambda a, v: a in ("/job/done", "/job/failed") and v and v[0] == job_id, 300.0, seen)
+    finally:
+        stop.set()
+        t.join(15)
+        pinger.sock.close()
+    assert r is not None, f"job {job_id} neither finished nor failed: {seen[-5:]}"
+    assert pongs and all(pongs), f"{pongs.count(False)} of {len(pongs)} pings unanswered"
+    assert "sending it again with the same seed" in d.log_text()
+    assert r[0] == "/job/done", r
+    stem = Path(r[1][1])
+    again = mb("render", "--from-sidecar", str(stem.with_suffix(".json")), "--model", str(tiny_model_dir),
+               "--out", str(tmp_path))
+    assert again.returncode == 0 and "identical to" in again.stdout, again.stdout + again.stderr
+    stem.unlink()
+    replica_stats(worker)  # Serve has replaced the killed replica
