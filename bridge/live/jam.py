@@ -284,6 +284,7 @@ class Jam(ReportsBehind):
     def _chunk(self, k: int, frame0: int, frame1: int) -> bool:
         """Generate chunk k (stream frames [frame0, frame1)) and queue its audio piece by piece."""
         eng, stream = self.engine, self._stream
+        lost = getattr(stream, "interruptions", 0)  # a remote stream that lost its replica (model.remote.client)
         stream.set_context(self.context_seconds)
         read_at = self.now()
         t = time.monotonic()
@@ -298,7 +299,6 @@ class Jam(ReportsBehind):
             reprefill = stream.condition(chroma, at)
         first_audio = None
         pieces: list[np.ndarray] = []
-        lost = getattr(stream, "interruptions", 0)  # a remote stream that lost its replica (model.remote.client)
         first_new = stream.frames  # frames from here on are made under this chunk's conditioning
         right = self._decoder.right
         target = frame1 + right  # the codec needs `right` frames of look-ahead for final audio

@@ -79,9 +79,10 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
-def worker(cluster, tiny_model_dir, tmp_path_factory) -> Iterator[Worker]:
-    """The tiny model served by two replicas, one on each node (each node has one CPU for them)."""
-    with run_worker(cluster, tiny_model_dir, tmp_path_factory.mktemp("worker") / "worker.log") as w:
+def worker(cluster, tiny_melody_dir, tmp_path_factory) -> Iterator[Worker]:
+    """The tiny melody model (jams follow notes) served by two replicas, one on each node (each node has
+    one CPU for them)."""
+    with run_worker(cluster, tiny_melody_dir, tmp_path_factory.mktemp("worker") / "worker.log") as w:
         yield w
 
 

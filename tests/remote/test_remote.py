@@ -22,8 +22,8 @@ from tests.remote.conftest import KEY, Relay, mb, replica_stats
 from tests.remote.ray_cluster import free_port
 
 
-def test_generate_through_the_worker_writes_the_same_file_as_local(worker, tiny_model_dir, tmp_path):
-    common = ["--model", str(tiny_model_dir), "--prompt", "lofi beat", "--seconds", "1.5", "--seed", "11",
+def test_generate_through_the_worker_writes_the_same_file_as_local(worker, tiny_melody_dir, tmp_path):
+    common = ["--model", str(tiny_melody_dir), "--prompt", "lofi beat", "--seconds", "1.5", "--seed", "11",
               "--dtype", "float32", "--device", "cpu"]
     local = mb("generate", *common, "--out", str(tmp_path / "local.wav"))
     assert local.returncode == 0, local.stderr
@@ -34,7 +34,7 @@ def test_generate_through_the_worker_writes_the_same_file_as_local(worker, tiny_
     assert len(a) > 1000 and a == b
 
 
-def test_requests_without_the_key_or_with_a_wrong_one_never_reach_the_engine(worker, tiny_model_dir, tmp_path):
+def test_requests_without_the_key_or_with_a_wrong_one_never_reach_the_engine(worker, tiny_melody_dir, tmp_path):
     import urllib.error
     import urllib.request
 
@@ -57,11 +57,11 @@ def test_requests_without_the_key_or_with_a_wrong_one_never_reach_the_engine(wor
         assert ws.value.response.status_code == 403
         refused += 3
     # Through the product: a wrong key is one line and exit status 2, before any generation.
-    r = mb("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--seconds", "1", "--out",
+    r = mb("generate", "--model", str(tiny_melody_dir), "--prompt", "x", "--seconds", "1", "--out",
            str(tmp_path / "x.wav"), "--engine", worker.url, "--engine-key", "wrong-key-0123456789")
     assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
     refused += 1
-    short = mb("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--out", str(tmp_path / "y.wav"),
+    short = mb("generate", "--model", str(tiny_melody_dir), "--prompt", "x", "--out", str(tmp_path / "y.wav"),
                "--engine", worker.url, "--engine-key", "short")
     assert short.returncode == 2 and "16-256 characters" in short.stderr
     assert not (tmp_path / "x.wav").exists() and not (tmp_path / "y.wav").exists()
@@ -75,13 +75,13 @@ def test_requests_without_the_key_or_with_a_wrong_one_never_reach_the_engine(wor
     assert total(after, "refused") >= total(before, "refused") + refused
 
 
-def test_an_unreachable_worker_is_one_clear_line_at_start(tiny_model_dir, tmp_path):
+def test_an_unreachable_worker_is_one_clear_line_at_start(tiny_melody_dir, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    r = mb("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--out", str(tmp_path / "x.wav"),
+    r = mb("generate", "--model", str(tiny_melody_dir), "--prompt", "x", "--out", str(tmp_path / "x.wav"),
            "--engine", url, "--engine-key", KEY)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"cannot reach the engine at {url}: connection refused" in r.stderr
-    s = mb("serve", "--model", str(tiny_model_dir), "--port", "0", "--audio", "none", "--session-dir",
+    s = mb("serve", "--model", str(tiny_melody_dir), "--port", "0", "--audio", "none", "--session-dir",
            str(tmp_path / "s"), "--engine", url, "--engine-key", KEY)
     assert s.returncode == 2 and "Traceback" not in s.stderr and "cannot reach the engine" in s.stderr
 
@@ -116,10 +116,10 @@ seed = 4
 """
 
 
-def test_render_spreads_a_sessions_tracks_over_both_nodes(worker, tiny_model_dir, tmp_path):
+def test_render_spreads_a_sessions_tracks_over_both_nodes(worker, tiny_melody_dir, tmp_path):
     song = tmp_path / "song.toml"
     song.write_text(SESSION)
-    model = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]
+    model = ["--model", str(tiny_melody_dir), "--device", "cpu", "--dtype", "float32"]
     remote = mb("render", str(song), *model, "--out", str(tmp_path / "remote"), "--engine", worker.url,
                 "--engine-key", KEY)
     assert remote.returncode == 0, remote.stderr
@@ -140,10 +140,10 @@ def test_render_spreads_a_sessions_tracks_over_both_nodes(worker, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def daemon(worker, tiny_model_dir, serve_daemon, tmp_path_factory):
+def daemon(worker, tiny_melody_dir, serve_daemon, tmp_path_factory):
     """`musicbridge serve --engine URL` (stems only)."""
     base = tmp_path_factory.mktemp("remote-serve")
-    with serve_daemon(base, tiny_model_dir, "--engine", worker.url, "--engine-key", KEY, "--max-seconds", "600",
+    with serve_daemon(base, tiny_melody_dir, "--engine", worker.url, "--engine-key", KEY, "--max-seconds", "600",
                       exit_code=None) as (d, c):
         yield d, c
 
@@ -157,7 +157,7 @@ def _job(c, address: str, *args, timeout: float = 240.0, seen: list | None = Non
     return job_id, r
 
 
-def test_serve_with_a_remote_engine_runs_osc_jobs_there(daemon, tiny_model_dir, tmp_path):
+def test_serve_with_a_remote_engine_runs_osc_jobs_there(daemon, tiny_melody_dir, tmp_path):
     d, c = daemon
     drain(c, 0.1)
     c.send("/track/drums/preset", "plain")
@@ -170,15 +170,15 @@ def test_serve_with_a_remote_engine_runs_osc_jobs_there(daemon, tiny_model_dir, 
     stem = Path(args[1])
     assert stem.is_file() and stem.stat().st_size > 1000
     # The stem's sidecar regenerates, locally, to the same audio: the remote take is the local take.
-    again = mb("render", "--from-sidecar", str(stem.with_suffix(".json")), "--model", str(tiny_model_dir),
+    again = mb("render", "--from-sidecar", str(stem.with_suffix(".json")), "--model", str(tiny_melody_dir),
                "--out", str(tmp_path))
     assert again.returncode == 0 and "identical to" in again.stdout, again.stdout + again.stderr
 
 
-def test_status_says_when_the_worker_cannot_be_reached(worker, tiny_model_dir, serve_daemon, tmp_path):
+def test_status_says_when_the_worker_cannot_be_reached(worker, tiny_melody_dir, serve_daemon, tmp_path):
     relay = Relay(int(worker.url.rsplit(":", 1)[1]))
     try:
-        with serve_daemon(tmp_path, tiny_model_dir, "--engine", f"http://127.0.0.1:{relay.port}", "--engine-key",
+        with serve_daemon(tmp_path, tiny_melody_dir, "--engine", f"http://127.0.0.1:{relay.port}", "--engine-key",
                           KEY, exit_code=None) as (d, c):
             def engine_line() -> str:
                 drain(c, 0.05)
@@ -225,7 +225,7 @@ def _busy_replica(worker, timeout: float = 60.0) -> int:
     raise AssertionError("no replica was decoding")
 
 
-def test_a_replica_killed_mid_job_retries_it_with_the_same_seed(daemon, worker, tiny_model_dir, tmp_path):
+def test_a_replica_killed_mid_job_retries_it_with_the_same_seed(daemon, worker, tiny_melody_dir, tmp_path):
     d, c = daemon
     replica_stats(worker)  # both replicas up
     drain(c, 0.1)
@@ -258,8 +258,87 @@ def test_a_replica_killed_mid_job_retries_it_with_the_same_seed(daemon, worker, 
     assert "sending it again with the same seed" in d.log_text()
     assert r[0] == "/job/done", r
     stem = Path(r[1][1])
-    again = mb("render", "--from-sidecar", str(stem.with_suffix(".json")), "--model", str(tiny_model_dir),
+    again = mb("render", "--from-sidecar", str(stem.with_suffix(".json")), "--model", str(tiny_melody_dir),
                "--out", str(tmp_path))
     assert again.returncode == 0 and "identical to" in again.stdout, again.stdout + again.stderr
     stem.unlink()
     replica_stats(worker)  # Serve has replaced the killed replica
+
+
+# ---------------------------------------------------------------- jams (JACK dummy server)
+
+
+def _jam_replica(worker) -> tuple[int, dict]:
+    """(pid, status) of the replica holding the one open jam."""
+    stats = replica_stats(worker)
+    holding = [s for s in stats.values() if s["jams_open"] == 1]
+    assert len(holding) == 1, stats
+    return holding[0]["served_by"]["pid"], holding[0]
+
+
+def test_a_jam_through_a_remote_engine_plays_and_follows_notes_and_survives_its_replica(
+        worker, tiny_melody_dir, tmp_path):
+    """serve --engine URL --audio default on a JACK dummy server: the jam streams continuously into a
+    JACK capture client, the notes sent to the daemon condition the chunks on the replica, and when
+    the replica holding the jam is killed (-9) the jam reports behind, reconnects and goes on."""
+    import numpy as np
+
+    from tests.bridge.osc_helpers import DaemonProcess
+    from tests.bridge.test_daemon_live import SR, TEMPO, Chunks, _follow_a_change
+    from tests.jack_server import jack_server
+    from tests.plugin_host.jack_capture import capture
+
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    with jack_server(rate=SR, period=256):
+        d = DaemonProcess(tiny_melody_dir, tmp_path / "session", presets, "--audio", "default", "--engine",
+                          worker.url, "--engine-key", KEY)
+        try:
+            with d.client() as c, capture(90.0) as cap:
+                d.wait_ready(c)
+                cap.connect("PortAudio")
+                for msg in (("/transport/tempo", TEMPO), ("/track/lead/prompt", "sax")):
+                    c.send(*msg)
+                    expect(c, "/ok")
+                c.send("/track/lead/note", 64, 100)  # E held (notes are not answered)
+                c.send("/jam/start", "lead")
+                expect(c, "/ok")
+                ch = Chunks(c)
+
+                def change():
+                    c.send("/track/lead/note", 64, 0)
+                    c.send("/track/lead/note", 69, 80)  # A
+
+                # The chroma in each /jam/chunk is what the replica reports conditioning it on.
+                _follow_a_change(ch, change, "9", "4")
+                ch.until(6)
+                c.send("/jam/status", "lead")
+                st = ch.expect("/jam/status")
+                steady = len(ch.chunks)
+                pid, before = _jam_replica(worker)
+                os.kill(pid, signal.SIGKILL)
+                ch.until(steady + 4, timeout=240.0)
+                behind = [o[1] for o in ch.other if o[0] == "/jam/status" and o[1][2] == 1]
+                _pid, after = _jam_replica(worker)
+                c.send("/ping")
+                ch.expect("/pong")
+                c.send("/jam/stop", "lead")
+                ch.expect("/ok")
+                time.sleep(1.0)
+        finally:
+            assert d.stop(signal.SIGTERM) == 0, d.log_text()
+    # Before the kill: no underruns, and the part ran on without a gap over >= 5 chunks.
+    assert st[1] == "playing" and st[5] == 0 and st[6] == "", st
+    rec = cap.audio[0]
+    nz = np.nonzero(rec)[0]
+    body = rec[nz[0]:nz[0] + 5 * 2 * SR + SR]  # the first five 2 s chunks and a bit
+    assert len(body) == 5 * 2 * SR + SR
+    zero = np.concatenate([[0], (body == 0).astype(np.int8), [0]])
+    runs = np.diff(np.nonzero(np.diff(zero))[0])[::2] if zero.any() else np.array([0])
+    assert runs.max(initial=0) < 256, f"a silent gap of {runs.max()} frames"
+    # The kill: reported behind, resumed on a replica from the jam's own codes, chunks in order.
+    assert behind, ch.other[-10:]
+    assert "jam lost its replica" in d.log_text()
+    assert after["resumed_jams"] >= 1 and after["served_by"]["pid"] != pid
+    assert [int(a[1]) for a in ch.chunks] == list(range(len(ch.chunks)))
+    replica_stats(worker)  # both replicas back for what follows
