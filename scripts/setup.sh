@@ -42,8 +42,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         "$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
     fi
     echo "setup: installing musicbridge and its dependencies"
-    "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-    "$VENV/bin/python" -c "import torch, transformers, pythonosc, mido, pedalboard, bridge.cli" \
+    "$VENV/bin/pip" install -q -e ".[test,remote]" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -c "import torch, transformers, pythonosc, mido, pedalboard, ray.serve, websockets, bridge.cli" \
         || { echo "setup: the install did not complete" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

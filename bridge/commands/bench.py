@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from bridge.commands.common import UsageError, positive_float
 
@@ -55,10 +56,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--jam: output device, or jack-dummy (the default: a private JACK dummy server)")
     p.add_argument("--no-notes", action="store_true",
                    help="--jam: skip the melody-input runs that measure note-to-audio latency")
+    p.add_argument("--remote", metavar="URL", default=None,
+                   help="instead: N jams and M offline jobs at once against the remote engine at URL "
+                        "(`musicbridge worker`): per-jam realtime factor, chunk latency, first audio, throughput")
+    p.add_argument("--engine-key", metavar="KEY", default=os.environ.get("MUSICBRIDGE_ENGINE_KEY"),
+                   help="--remote: the worker's key (default $MUSICBRIDGE_ENGINE_KEY)")
+    p.add_argument("--jams", type=int, default=2, help="--remote: concurrent jams (default 2)")
+    p.add_argument("--jobs", type=int, default=2, help="--remote: concurrent offline jobs (default 2)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.remote:
+        return _remote(args)
     import torch
 
     from model.bench import compare as bench
@@ -173,3 +183,24 @@ def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") 
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=float)
     return 0
+
+
+def _remote(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from bridge.bench import remote as remote_bench
+    from model.remote.client import RemoteError
+
+    if not (0 <= args.jams <= 64 and 0 <= args.jobs <= 64) or not (args.jams or args.jobs):
+        raise UsageError("--jams and --jobs must be 0-64, and not both 0")
+    try:
+        report = remote_bench.run(args.remote, args.engine_key, args.model or "auto", args.jams, args.jobs,
+                                  args.jam_seconds, args.seconds, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except RemoteError as e:
+        raise UsageError(str(e)) from None
+    print(remote_bench.table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=float)
+    return 0 if not report["errors"] else 1

@@ -86,6 +86,10 @@ def test_an_unreachable_worker_is_one_clear_line_at_start(tiny_melody_dir, tmp_p
     assert s.returncode == 2 and "Traceback" not in s.stderr and "cannot reach the engine" in s.stderr
 
 
+# Prompts of one token length (3): a melody checkpoint's conditioning is a prefix padded to the
+# longest prompt of its batch, so its takes depend on their batch-mates' prompt lengths, locally too
+# (render --batch-size 1 against 8). Serve batches what arrives together, so only prompts that
+# pad alike make a remote render comparable bit for bit with a local one (docs/remote.md).
 SESSION = """\
 tempo = 120
 signature = "4/4"
@@ -98,7 +102,7 @@ seed = 1
 
 [[track]]
 name = "bass"
-prompt = "deep bass"
+prompt = "lofi bass"
 bars = 2
 seed = 2
 
@@ -110,7 +114,7 @@ seed = 3
 
 [[track]]
 name = "keys"
-prompt = "rhodes"
+prompt = "lofi horn"
 seconds = 2.5
 seed = 4
 """
@@ -201,6 +205,15 @@ def test_status_says_when_the_worker_cannot_be_reached(worker, tiny_melody_dir, 
                 time.sleep(0.5)
     finally:
         relay.close()
+
+
+def test_bench_remote_measures_concurrent_jams_and_offline_jobs(worker, tiny_melody_dir):
+    r = mb("bench", "--remote", worker.url, "--engine-key", KEY, "--model", str(tiny_melody_dir), "--jams", "2",
+           "--jobs", "2", "--jam-seconds", "4", "--seconds", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| jam ") or ln.startswith("| 2 offline")]
+    assert len(rows) == 3, r.stdout
+    assert "B/s of codes" in r.stdout and "error:" not in r.stdout
 
 
 # ---------------------------------------------------------------- faults (last: they kill replicas)
