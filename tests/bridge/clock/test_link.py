@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.bridge.osc_helpers import ROOT
 
 NETNS_SETUP = "ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo"
@@ -52,3 +54,42 @@ def test_follows_a_link_peer_in_a_private_network_namespace(tmp_path, tiny_model
     for before, daemon, after in out["phases"]:
         assert _phase_between(before, daemon, after), (before, daemon, after)
     assert out["stopped"]["playing"] == 0
+
+
+def test_a_peer_that_joins_after_the_daemon_keeps_its_tempo(tmp_path, tiny_model_dir):
+    """The daemon (typed tempo 120) starts first; five peers, each at its own tempo, enable Link one after
+    another. In Link the older session wins, so a daemon that had founded a session would pull each
+    of them to 120 (or to the previous peer's tempo); it must join theirs and follow it instead."""
+    from tests.bridge.clock.link_driver import LATE_TEMPOS
+
+    r = _in_private_netns(f"{sys.executable} -m tests.bridge.clock.link_driver {tiny_model_dir} {tmp_path} "
+                          "late-joiners", 240)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("LINK-RESULT ")]
+    assert r.returncode == 0 and lines, f"driver failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    out = json.loads(lines[-1][len("LINK-RESULT "):])
+    # Before any peer: the typed transport under Link's name, never heard (nothing proposed).
+    assert out["before"]["source"] == "link" and out["before"]["age"] == -1.0 and out["before"]["tempo"] == 120.0
+    assert [x["bpm"] for x in out["rounds"]] == list(LATE_TEMPOS)
+    for x in out["rounds"]:
+        bpm = x["bpm"]
+        assert x["peers"] >= 1, x  # the daemon did join the peer's session
+        assert x["followed"]["source"] == "link" and x["followed"]["tempo"] == pytest.approx(bpm, abs=0.01), x
+        assert len(x["peer_tempos"]) >= 50
+        assert max(abs(t - bpm) for t in x["peer_tempos"]) < 1e-6, (bpm, sorted(set(x["peer_tempos"])))
+        assert x["after"]["tempo"] == pytest.approx(bpm, abs=0.01) and 0 <= x["after"]["age"] < 1.0
+
+
+def test_link_discovery_datagrams_are_read_for_node_and_tempo():
+    import struct
+
+    from bridge.clock.link import parse_discovery
+
+    node = b"ABCDEFGH"
+    tmln = b"tmln" + struct.pack(">I", 24) + struct.pack(">qqq", round(60e6 / 97.0), 0, 0)
+    sess = b"sess" + struct.pack(">I", 8) + node
+    alive = b"_asdp_v\x01" + bytes([1, 5, 0, 0]) + node + tmln + sess
+    kind, got_node, ttl, tempo = parse_discovery(alive)
+    assert (kind, got_node, ttl) == (1, node, 5) and tempo == pytest.approx(97.0, abs=1e-3)
+    assert parse_discovery(b"_asdp_v\x01" + bytes([3, 0, 0, 0]) + node)[:3] == (3, node, 0)  # bye, no tempo
+    assert parse_discovery(b"not link at all, twenty bytes+") is None
+    assert parse_discovery(alive[:12]) is None
