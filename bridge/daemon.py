@@ -23,6 +23,7 @@ from bridge.clock.hub import ClockHub, JamGridSource, output_clock
 from bridge.osc.input_files import InputLimits, Inputs
 from bridge.state.journal import Entry, Journal, remove_stale_temporaries
 from bridge.stems.jobs import Job, JobQueue, check_track_params, plan_job, variation_plans
+from bridge.stems.plan import placed_at
 from bridge.osc.udp import Address, OscServer
 from bridge.osc.paths import PathPolicy
 from bridge.osc.protocol import Limits, ProtocolError
@@ -494,6 +495,7 @@ class Daemon:
         preset = _load_preset(track.preset) if track.preset else None
         transport, timeline = self._stem_transport(getattr(cmd, "at_bar", None))
         plan = plan_job(cmd, track, preset, transport, self.engine, self.config.limits, self.config.stem_rate)
+        plan = placed_at(plan, timeline["seconds"])  # the followed clock's timeline, tempo map included
         plan.context["timeline"] = timeline
         if plan.seconds * self.engine.frame_rate < 1.0:
             raise ProtocolError("bad_args", f"{cmd.address}: {plan.seconds:g} s is shorter than one frame of the "

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from bridge.clock.grid import Grid
+from bridge.clock.grid import Grid, Timeline
 
 log = logging.getLogger("musicbridge.clock")
 
@@ -34,6 +34,9 @@ class Follower:
         self.clock = clock
         self._grid: Grid | None = None
         self._lock = threading.Lock()
+        # Where each bar lies on the source's own timeline (stems are placed by it); None: the source
+        # gives no more than its grid, and bars become seconds at the grid's tempo.
+        self.timeline: Timeline | None = None
 
     @property
     def grid(self) -> Grid | None:

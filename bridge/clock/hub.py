@@ -162,13 +162,17 @@ class ClockHub:
 
     def stem_start(self, at_bar: int | None = None) -> tuple[float, float]:
         """(beat, timeline seconds) where a stem asked for now belongs: bar `at_bar` if named, else the
-        bar line at or before the leading transport's position."""
+        bar line at or before the leading transport's position. The seconds come from the followed
+        clock's own timeline where it has one (a tempo or meter map is honoured), else from the
+        grid's tempo (the typed transport: one tempo)."""
         g = self.grid()
         if at_bar is not None:
             beat = g.bar_start_beat(at_bar)
         else:
             beat = g.bar_line_at_or_before(max(0.0, g.beat_at(self.clock())))
-        return beat, g.beats_to_seconds(beat)
+        timeline = self.follower.timeline if self.follower is not None else None
+        seconds = timeline.seconds_at_bar(beat / g.numerator) if timeline is not None else None
+        return beat, max(0.0, seconds) if seconds is not None else g.beats_to_seconds(beat)
 
     # ------------------------------------------------------------ DAW feedback on the daemon's port
 

@@ -5,6 +5,12 @@ frames since the cycle started. (The position's own `usecs` stamp is not usable 
 dummy driver it ran 144 ms behind CLOCK_MONOTONIC, see docs/daw.md.) A
 transport without a timebase master has frames but no BBT: the position then counts from
 the frame at the typed tempo and signature.
+
+Every poll also feeds the follower's Timeline with the transport frame (the DAW's timeline, in
+samples) and the bar position there, so a stem asked at a bar gets that bar's frame under the
+master's tempo and meter map (klick, Ardour), not bars times today's tempo. JACK's tick is a
+whole number (rounded down) and a master that missed cycles leaves its BBT behind the frame, so
+a reading only ever puts a bar line late: the timeline keeps the earliest (bridge.clock.grid).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from bridge.clock.follower import ClockError, Follower, PollThread
-from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, beat_of_bbt
+from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, Timeline, beat_of_bbt
 
 POLL_SECONDS = 0.01
 
@@ -28,6 +34,7 @@ class JackFollower(Follower):
         self.client_name, self.server = client_name, server
         self._client = None
         self._poll = PollThread("jack-transport", self.poll, POLL_SECONDS)
+        self.timeline = Timeline()
 
     def __enter__(self) -> JackFollower:
         try:
@@ -61,10 +68,14 @@ class JackFollower(Follower):
             bpm = float(pos["beats_per_minute"]) * 4.0 / den  # JACK counts beat_type notes; we count quarters
             if MIN_BPM <= bpm <= MAX_BPM:
                 tempo = bpm
-            beat = beat_of_bbt(int(pos["bar"]), int(pos["beat"]), float(pos["tick"]),
-                               float(pos["ticks_per_beat"]) or 1920.0, num)
+            ticks_per_beat = float(pos["ticks_per_beat"]) or 1920.0
+            beat = beat_of_bbt(int(pos["bar"]), int(pos["beat"]), float(pos["tick"]), ticks_per_beat, num)
+            resolution = 1.0 / (ticks_per_beat * num)  # one tick, in bars: JACK's tick is a whole number
         else:
             beat = pos["frame"] / pos["frame_rate"] * tempo / 60.0 * den / 4.0
+            resolution = 0.0
+        self.timeline.observe(beat / num, tempo, num, den, seconds=pos["frame"] / float(pos["frame_rate"]),
+                              resolution=resolution)
         self.publish(tempo=tempo, numerator=num, denominator=den, playing=rolling,
                      anchor_time=anchor_time, anchor_beat=beat)
 

@@ -68,9 +68,21 @@ def stem_start_seconds(start_quarters: float, tempo: float) -> float:
     start_quarters: where the stem begins on the timeline, in quarter notes from the session
     start (a session file's start_bar, or the transport position when an OSC job is queued).
     plugin_host.stems.write_stem turns it into the sample count stored in the WAV's bext chunk.
-    A DAW follower can give its transport position here instead.
+    This assumes one tempo from the session start; a followed DAW clock knows better, and the
+    daemon then sets the plan's time reference from it (`placed_at`).
     """
     return max(0.0, float(start_quarters)) * 60.0 / float(tempo)
+
+
+def placed_at(plan: StemPlan, start_seconds: float) -> StemPlan:
+    """The plan with its BWF time reference taken from the followed clock's own timeline
+    (bridge.clock.hub.ClockHub.stem_start): under a DAW's tempo or meter map the seconds of a bar
+    are not its quarter notes at one tempo, which is all `stem_start_seconds` can know."""
+    start_seconds = float(start_seconds)
+    if not (start_seconds >= 0.0 and start_seconds != float("inf")):
+        raise ValueError(f"a stem's time reference must be a number of seconds >= 0, got {start_seconds!r}")
+    plan.render["start_seconds"] = start_seconds
+    return plan
 
 
 def sound(prompt: str, add_bpm: bool, tempo: float | None, *layers: Mapping[str, Any],
