@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge.clock.follower import ClockError, Follower, PollThread, log
-from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid
+from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, Timeline
 
 POLL_SECONDS = 0.02
 LINK_GROUP, LINK_PORT = "224.76.78.75", 20808  # Link's discovery multicast (IPv4)
@@ -161,6 +161,7 @@ class LinkFollower(Follower):
         self._joined_at = 0.0
         self._alone_since: float | None = None
         self._poll = PollThread("link", self.poll, POLL_SECONDS)
+        self.timeline = Timeline(tempo_tolerance=1e-3)  # Link has beats, not a DAW timeline: tempos summed
 
     def __enter__(self) -> LinkFollower:
         try:
@@ -224,6 +225,8 @@ class LinkFollower(Follower):
         quantum = num * 4.0 / den                      # Link counts quarter notes; a bar is the quantum
         beat = state.beatAtTime(micros, quantum) * den / 4.0
         tempo = min(MAX_BPM, max(MIN_BPM, float(state.tempo())))
+        if state.isPlaying():
+            self.timeline.observe(beat / num, tempo, num, den)
         self.publish(tempo=tempo, playing=bool(state.isPlaying()), anchor_time=now, anchor_beat=beat)
 
     def _leave(self) -> None:

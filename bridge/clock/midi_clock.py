@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from bridge.clock.follower import ClockError, Follower, log
-from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid
+from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, Timeline
 from bridge.midi.ports import QUEUE_MESSAGES, MidiReader
 
 CLOCK, START, CONTINUE, STOP, SPP = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
@@ -114,6 +114,9 @@ class MidiClockFollower(Follower):
         self.playing = False
         self._first_after_start = False
         self.port_name = ""
+        # MIDI clock has positions (Song Position Pointer, clocks) but no timeline seconds: the tempos
+        # seen are summed from bar 1; a fitted tempo moves by hundredths, a change by far more.
+        self.timeline = Timeline(tempo_tolerance=0.5)
 
     def __enter__(self) -> MidiClockFollower:
         import rtmidi
@@ -191,6 +194,9 @@ class MidiClockFollower(Follower):
         tempo = min(MAX_BPM, max(MIN_BPM, bpm)) if bpm else self.base.tempo
         den = self.base.denominator
         at = self.fit.last if status == CLOCK and self.fit.last is not None else t
+        num = self.base.numerator
+        if status == CLOCK and self.playing and bpm:
+            self.timeline.observe(self.clocks / PPQN * den / 4.0 / num, tempo, num, den)
         self.publish(tempo=tempo, playing=self.playing, anchor_time=at,
                      anchor_beat=self.clocks / PPQN * den / 4.0)
 

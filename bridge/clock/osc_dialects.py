@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge.clock.follower import Follower, PollThread, log
-from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, beat_of_bbt
+from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, Timeline, beat_of_bbt
 from bridge.state.rules import MAX_BEAT_POSITION, RuleError, signature
 
 # DAW feedback addresses this follower understands -> the kind of message.
@@ -182,6 +182,9 @@ class OscDialectFollower(Follower):
         self._handshake = PollThread("ardour-handshake", self.handshake, 0.25) if ardour else None
         self._last_handshake = -math.inf
         self._beat_string_at = -math.inf
+        # The DAW's reported positions with the tempo there, summed from bar 1 (a derived tempo wavers by
+        # tenths of a bpm; a real change moves it further)
+        self.timeline = Timeline(tempo_tolerance=0.5)
 
     def __enter__(self) -> OscDialectFollower:
         if self._handshake is not None:
@@ -266,6 +269,7 @@ class OscDialectFollower(Follower):
         if self.playing:
             self.derived.add(t, beat, self.current_tempo() / 60.0 * self._denominator() / 4.0)
         self.beat, self.beat_time = beat, t
+        self.timeline.observe(beat / self._numerator(), self.current_tempo(), self._numerator(), self._denominator())
 
     def _move_to(self, t: float) -> None:
         """Carry the position forward to t before the tempo or the play state changes."""
