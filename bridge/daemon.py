@@ -312,9 +312,10 @@ class Daemon:
         info = self.engine.info
         health = getattr(self.engine, "health", None)  # a remote engine (model.remote.client) says if it is reachable
         engine = "local" if health is None else health()[1]
+        note = self.clock.note()  # what to change for the followed clock to be heard: a trailing string, if any
         self.reply(sender, "/status", info.label, len(self.session.tracks), queued, running, xruns,
                    float(st.tempo), str(st.signature), int(st.playing), float(st.beat), st.source, float(st.age),
-                   info.device, info.dtype, float(st.quarter_notes), engine)
+                   info.device, info.dtype, float(st.quarter_notes), engine, *((note,) if note else ()))
 
     @handles(P.TransportState)
     def _transport_state(self, cmd: P.TransportState, sender: Address) -> None:

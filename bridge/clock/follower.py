@@ -43,6 +43,12 @@ class Follower:
         """The latest snapshot, or None until the source has said anything."""
         return self._grid
 
+    @property
+    def note(self) -> str:
+        """What the user should change for this clock to be followed (for the log and /status); "" when
+        nothing is known to be wrong."""
+        return ""
+
     def set_base(self, base: Grid) -> None:
         """The typed transport changed: its signature still applies where the source has none."""
         self.base = base

@@ -160,6 +160,10 @@ class ClockHub:
         return ClockState(g.source, g.tempo, g.time_signature, g.playing, g.beat_at(self.clock()),
                           age if math.isfinite(age) else -1.0)
 
+    def note(self) -> str:
+        """What to change for the followed clock to be heard ("" when nothing is known to be wrong)."""
+        return self.follower.note if self.follower is not None else ""
+
     def stem_start(self, at_bar: int | None = None) -> tuple[float, float]:
         """(beat, timeline seconds) where a stem asked for now belongs: bar `at_bar` if named, else the
         bar line at or before the leading transport's position. The seconds come from the followed

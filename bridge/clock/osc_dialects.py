@@ -6,8 +6,16 @@ parsed into a frozen `DawMessage`, checked at construction, then applied to the 
   REAPER (Default.ReaperOSC, or daw/reaper/musicbridge.ReaperOSC):
       /tempo/raw f bpm    /play f 1|0    /stop f 1|0    /beat/str s "5.1.00"    /time f seconds
   Bitwig + DrivenByMoss: the same names, plus /time/signature s "4 / 4"
-  Ardour (after /set_surface/feedback 48 = 16 transport + 32 bar/beat, sent to Ardour's port):
+  Ardour (after /set_surface/port 0 and /set_surface/feedback 48 = 16 transport + 32 bar/beat, sent
+  to Ardour's port):
       /transport_play f|i 1|0    /transport_stop f|i 1|0    /position/bbt s "005|01|0000"
+
+Ardour's OSC default "Port Mode: Manual" sends feedback to the sender's host on port 8000 (its
+"Reply Manual Port"), not to the port the request came from (Ardour's osc.cc, get_address). So
+the handshake first sends /set_surface/port 0, which switches this host to "auto": Ardour then
+replies to the port the daemon sends from, its own port (osc.cc, set_surface_port). That also
+takes feedback away from another surface on the same host at another port. If Ardour still says
+nothing, the follower's `note` says what to change, for the log and /status.
 
 Ardour's feedback carries no tempo (and REAPER's flooding-free pattern may leave it out), so
 when no /tempo/raw has come the tempo is derived: a least-squares line through the last few
@@ -40,7 +48,8 @@ ARDOUR_QUIET = ("/loop_toggle", "/toggle_roll", "/rewind", "/ffwd", "/record_tal
                 "/position/")
 ARDOUR_FEEDBACK = 16 | 32      # transport state (master section) + /position/bbt
 ARDOUR_TICKS_PER_BEAT = 1920.0
-HANDSHAKE_EVERY = 5.0          # re-send /set_surface/feedback while Ardour has been silent this long
+HANDSHAKE_EVERY = 5.0          # re-send the handshake while Ardour has been silent this long
+NOTE_AFTER = 3.0               # no feedback this long after the first handshake: say what to change
 
 
 class DialectError(ValueError):
@@ -181,6 +190,8 @@ class OscDialectFollower(Follower):
         self.last_ardour = -math.inf
         self._handshake = PollThread("ardour-handshake", self.handshake, 0.25) if ardour else None
         self._last_handshake = -math.inf
+        self._first_handshake: float | None = None
+        self._noted = False
         self._beat_string_at = -math.inf
         # The DAW's reported positions with the tempo there, summed from bar 1 (a derived tempo wavers by
         # tenths of a bpm; a real change moves it further)
@@ -193,15 +204,36 @@ class OscDialectFollower(Follower):
         return self
 
     def handshake(self) -> None:
-        """/set_surface/feedback to Ardour, again whenever it has been silent HANDSHAKE_EVERY seconds
-        (Ardour may start after us, or restart)."""
+        """/set_surface/port 0 (reply to the port we send from) and /set_surface/feedback to Ardour,
+        again whenever it has been silent HANDSHAKE_EVERY seconds (Ardour may start after us, or
+        restart); after NOTE_AFTER seconds of silence, a note on what to change, logged once."""
         now = time.monotonic()
+        if self._first_handshake is not None and not self._noted and self.last_ardour < self._first_handshake \
+                and now - self._first_handshake >= NOTE_AFTER:
+            self._noted = True
+            log.warning("%s", self.note)
         if now - self.last_ardour < HANDSHAKE_EVERY or now - self._last_handshake < HANDSHAKE_EVERY:
             return
         self._last_handshake = now
+        if self._first_handshake is None:
+            self._first_handshake = now
         assert self.send is not None and self.ardour is not None
+        self.send(self.ardour, "/set_surface/port", (0,))  # 0 = "auto": reply to the sender's own port
         self.send(self.ardour, "/set_surface/feedback", (ARDOUR_FEEDBACK,))
-        log.info("asked Ardour at %s:%d for transport and bar/beat feedback", *self.ardour)
+        log.info("asked Ardour at %s:%d for transport and bar/beat feedback, sent to this port", *self.ardour)
+
+    @property
+    def note(self) -> str:
+        """What to change when Ardour, asked for feedback, has said nothing for NOTE_AFTER seconds
+        (for the log and /status); "" otherwise."""
+        if self.ardour is None or self._first_handshake is None or self.last_ardour >= self._first_handshake \
+                or time.monotonic() - self._first_handshake < NOTE_AFTER:
+            return ""
+        host, port = self.ardour
+        return (f"no feedback from Ardour at {host}:{port}: in Ardour, Edit > Preferences > Control Surfaces, "
+                f"enable Open Sound Control on port {port}; in its settings set Port Mode to Auto (or keep "
+                "Manual and set Reply Manual Port to this daemon's port); Ardour before 6 ignores "
+                "/set_surface/port, which asks for that")
 
     def _numerator(self) -> int:
         return self.signature[0] if self.signature else self.base.numerator

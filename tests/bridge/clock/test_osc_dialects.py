@@ -8,7 +8,7 @@ import time
 import pytest
 import soundfile as sf
 
-from bridge.osc.udp import OscClient, decode
+from bridge.osc.udp import OscClient
 from tests.bridge.clock.helpers import following_daemon, transport_state
 from plugin_host.bwf import read_bext
 from tests.bridge.osc_helpers import drain, expect
@@ -72,45 +72,98 @@ def test_reaper_and_bitwig_feedback(tmp_path, tiny_model_dir):
             daw.sock.close()
 
 
-def test_ardour_handshake_and_derived_tempo(tmp_path, tiny_model_dir):
-    ardour = OscClient("127.0.0.1", 0)  # plays Ardour's OSC surface port
+def _port_8000():
+    """A socket standing for port 8000, where Ardour's default Manual port mode sends feedback (a free
+    port: port 8000 itself may be taken on a shared machine)."""
+    s = OscClient("127.0.0.1", 0)
+    s.sock.settimeout(0.05)
+    return s
+
+
+def test_ardour_with_its_default_manual_port_mode_is_followed(tmp_path, tiny_model_dir):
+    """Ardour's defaults (Port Mode: Manual, reply port 8000): the handshake's /set_surface/port 0 makes it
+    answer the daemon's own port; play, position, derived tempo and stop are followed."""
+    from tests.bridge.clock.ardour_standin import ArdourStandIn
+
+    p8000 = _port_8000()
     try:
-        with following_daemon(tiny_model_dir, tmp_path, "--follow", "osc",
-                              "--ardour", f"127.0.0.1:{ardour.port}") as (d, c):
-            # The daemon asks "Ardour" for transport (16) and bar/beat (32) feedback.
-            ardour.sock.settimeout(10)
-            data, sender = ardour.sock.recvfrom(65536)
-            (address, args), = [m for m in decode(data)]
-            assert address == "/set_surface/feedback" and args == [48]
-            assert sender[1] == d.port  # from the daemon's own port, where Ardour then sends feedback
-            # Ardour's feedback: rolling from bar 5 at 97 bpm, BBT every 50 ms (ticks of 1920 a beat).
-            ardour.target = ("127.0.0.1", d.port)
-            ardour.send("/transport_stop", 0.0)
-            ardour.send("/transport_play", 1.0)
-            ardour.send("/heartbeat", 1.0)       # Ardour's other feedback is dropped quietly
-            ardour.send("/master/gain", -3.0)
-            t0 = time.monotonic()
-            while (dt := time.monotonic() - t0) < 2.0:
-                beat = 16.0 + dt * 97.0 / 60.0
-                bar, rest = divmod(beat, 4.0)
-                ardour.send("/position/bbt", f"{int(bar) + 1:03d}|{int(rest) + 1:02d}|{int(rest % 1 * 1920):04d}")
+        with ArdourStandIn(manual_port=p8000.port, bpm=97.0, beat=16.0) as ardour, \
+                following_daemon(tiny_model_dir, tmp_path, "--follow", "osc",
+                                 "--ardour", f"127.0.0.1:{ardour.port}") as (d, c):
+            deadline = time.monotonic() + 10
+            while not ardour.surfaces:
+                assert time.monotonic() < deadline, ardour.received
                 time.sleep(0.05)
+            assert [a for a, _ in ardour.received[:2]] == ["/set_surface/port", "/set_surface/feedback"]
+            assert ardour.received[1][1] == [48]
+            assert list(ardour.surfaces) == [("127.0.0.1", d.port)]  # feedback to the daemon's port
+            ardour.play(True)  # the user presses play in Ardour
+            time.sleep(2.0)
+            before = ardour.position()
             st = transport_state(c)
-            t_got = time.monotonic()
-            assert st["source"] == "osc" and st["playing"] == 1
+            after = ardour.position()
+            assert st["source"] == "osc" and st["playing"] == 1 and 0 <= st["age"] < 1.0
             assert st["tempo"] == pytest.approx(97.0, abs=0.5)  # derived from how the BBT advances
-            # At least the last position sent (less a tick's rounding and the fit's slack); at most where
-            # Ardour's playhead stood when the answer came back: however slowly the machine ran.
-            assert beat - 0.15 <= st["beat"] <= 16.0 + (t_got - t0) * 97 / 60 + 0.15
-            ardour.send("/transport_play", 0.0)
-            ardour.send("/transport_stop", 1.0)
+            # Between where Ardour's playhead stood just before the question and just after the answer
+            # (less a tick's rounding and the fit's slack), however slowly the machine ran.
+            assert before - 0.15 <= st["beat"] <= after + 0.15, (before, st["beat"], after)
+            c.send("/status")
+            assert len(expect(c, "/status")) == 15  # no note: nothing to change
+            ardour.play(False)
             st = _settle(c, lambda s: s["playing"] == 0)
-            # Nothing of Ardour's feedback was answered.
-            ardour.sock.settimeout(0.3)
-            with pytest.raises(TimeoutError):
-                ardour.sock.recvfrom(65536)
+            assert st["beat"] == pytest.approx(ardour.position(), abs=0.15)
+            # Nothing went to port 8000, and nothing of Ardour's feedback was answered.
+            assert [m for m in drain(p8000, 0.3)] == []
+            assert all(a.startswith("/set_surface/") for a, _ in ardour.received), ardour.received
     finally:
-        ardour.sock.close()
+        p8000.sock.close()
+
+
+def test_ardour_in_auto_port_mode_is_followed(tmp_path, tiny_model_dir):
+    from tests.bridge.clock.ardour_standin import ArdourStandIn
+
+    with ArdourStandIn(manual_port=1, auto=True, bpm=120.0, beat=0.0) as ardour, \
+            following_daemon(tiny_model_dir, tmp_path, "--follow", "osc",
+                             "--ardour", f"127.0.0.1:{ardour.port}") as (d, c):
+        deadline = time.monotonic() + 10
+        while not ardour.surfaces:
+            assert time.monotonic() < deadline, ardour.received
+            time.sleep(0.05)
+        ardour.play(True)
+        time.sleep(1.5)
+        st = transport_state(c)
+        assert st["playing"] == 1 and st["tempo"] == pytest.approx(120.0, abs=0.5)
+        assert st["beat"] == pytest.approx(ardour.position(), abs=0.15)
+
+
+def test_ardour_that_answers_port_8000_only_is_explained_in_the_log_and_status(tmp_path, tiny_model_dir):
+    """An Ardour that ignores /set_surface/port keeps sending to port 8000: the daemon hears nothing, and
+    /status and the log say what to change in Ardour."""
+    from tests.bridge.clock.ardour_standin import ArdourStandIn
+
+    p8000 = _port_8000()
+    try:
+        with ArdourStandIn(manual_port=p8000.port, honours_set_port=False) as ardour, \
+                following_daemon(tiny_model_dir, tmp_path, "--follow", "osc",
+                                 "--ardour", f"127.0.0.1:{ardour.port}") as (d, c):
+            ardour.play(True)
+            deadline = time.monotonic() + 15
+            while True:
+                c.send("/status")
+                status = expect(c, "/status")
+                if len(status) == 16:
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(0.2)
+            note = status[15]
+            assert f"no feedback from Ardour at 127.0.0.1:{ardour.port}" in note
+            assert "Port Mode to Auto" in note and "Reply Manual Port" in note
+            assert status[9] == "osc" and status[10] == -1.0  # never heard
+            assert "Port Mode to Auto" in d.log_text()
+            got = [p8000.receive(0.5) for _ in range(5)]  # Ardour keeps talking, to port 8000
+            assert any(m is not None and m[0] == "/position/bbt" for m in got), got
+    finally:
+        p8000.sock.close()
 
 
 def test_feedback_is_ignored_when_following_typed(tmp_path, tiny_model_dir):
