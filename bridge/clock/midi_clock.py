@@ -10,7 +10,9 @@ Each clock is stamped with the time the MIDI system gave it, not the time Python
 port is read by bridge.midi.ports.MidiReader (no Python in JACK's process thread; rtmidi queues the
 messages in C++), which passes rtmidi's own timestamps (the driver's deltas, summed). Those are
 mapped onto the follower's clock by the smallest offset between when a message was read and its
-driver time over the last STAMP_WINDOW seconds: a message is never read before it arrives, so
+driver time over the last STAMP_WINDOW seconds (30 s: the driver's clock and ours are both the
+system's monotonic clock, so the offset does not drift; a 2 s window let a reader starved for 2 s
+on a busy machine raise the offset, and the tempo with it, by 10 bpm): a message is never read before it arrives, so
 the smallest offset is the one with no delay on our side, and a stall of the daemon (a generate
 holding the CPU) delays reading without moving any clock's time. Before, each clock was stamped
 when the Python callback ran, and one 100-200 ms stall moved the fitted tempo by 40-313 bpm for
@@ -34,7 +36,7 @@ from bridge.midi.ports import QUEUE_MESSAGES, MidiReader
 CLOCK, START, CONTINUE, STOP, SPP = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 PPQN = 24
 TRIM_SECONDS = 0.006  # further off the line than jitter plus JACK's period can put a clock
-STAMP_WINDOW = 2.0  # seconds of driver time over which the smallest read offset is taken
+STAMP_WINDOW = 30.0  # seconds of driver time over which the smallest read offset is taken (see below)
 
 
 class TempoFit:
