@@ -12,6 +12,7 @@ re-initialises PortAudio once the server is up, and terminates it before the ser
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -21,10 +22,30 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from typing import IO
+
+
+@dataclasses.dataclass(frozen=True)
+class JackServer:
+    name: str
+    log: IO[bytes]  # everything jackd printed (xruns, "not finished" clients), readable while it runs
+
+    def log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
 
 @contextlib.contextmanager
 def jack_server(rate: int = 48000, period: int = 256, timeout: float = 10.0) -> Iterator[str]:
+    with jack_server_process(rate, period, timeout) as server:
+        yield server.name
+
+
+@contextlib.contextmanager
+def jack_server_process(rate: int = 48000, period: int = 256, timeout: float = 10.0,
+                        realtime: bool = False) -> Iterator[JackServer]:
+    """The server with its log; `realtime` runs its process thread at real-time priority, as a
+    studio's JACK runs, so that timing tests measure the client under test and not a starved server."""
     jackd = shutil.which("jackd")
     if jackd is None:
         raise RuntimeError("jackd is not installed (Debian package jackd2; run scripts/setup.sh)")
@@ -34,12 +55,13 @@ def jack_server(rate: int = 48000, period: int = 256, timeout: float = 10.0) -> 
     # A file, not a pipe: jackd logs every xrun, and a full pipe would block the server.
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [jackd, "--no-realtime", "-n", name, "-d", "dummy", "-r", str(rate), "-p", str(period)],
-        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
+        [jackd, "--realtime" if realtime else "--no-realtime", "-n", name, "-d", "dummy", "-r", str(rate),
+         "-p", str(period)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         _wait_ready(proc, name, timeout, log)
         _portaudio(start=True)
-        yield name
+        yield JackServer(name, log)
     finally:
         _portaudio(start=False)
         with contextlib.suppress(ProcessLookupError):

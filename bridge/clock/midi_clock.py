@@ -35,18 +35,27 @@ from bridge.midi.ports import QUEUE_MESSAGES, MidiReader
 
 CLOCK, START, CONTINUE, STOP, SPP = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 PPQN = 24
-TRIM_SECONDS = 0.006  # further off the line than jitter plus JACK's period can put a clock
 STAMP_WINDOW = 30.0  # seconds of driver time over which the smallest read offset is taken (see below)
 
 
 class TempoFit:
-    """Least-squares tempo from clock arrival times; robust to jitter, quick to follow a real change.
+    """Tempo from clock arrival times; robust to jitter and to late, bunched deliveries, quick to
+    follow a real change.
+
+    A busy machine delivers clocks late, never early: a starved JACK cycle or MIDI driver hands
+    over everything it held at once, stamped at the same moment. So the tempo is the slope of the
+    line under the arrivals, not through them (the lower envelope, as one-way network delay
+    measurements estimate clock skew): the on-time clocks set it and late ones cannot move it.
+    A JACK period's rounding lifts each clock by up to a period; over a bar the clocks that came
+    just after a cycle boundary lie within a fraction of a millisecond of the true line.
 
     The line through the last `window` clocks gives the tempo. A second line through the last
-    quarter note (24 clocks) watches for a real change: when the two disagree by more than 5 %,
-    the long line restarts from the last quarter note; then the oldest clocks that sit more than
-    6 ms off the line (they came before the change) are dropped one by one. A line through 24
-    points is barely moved by one late clock, and jitter never puts a clock 6 ms off the line.
+    quarter note (24 clocks) watches for a real change: when the two disagree by more than 5 % for
+    half a quarter note in a row (one disagreeing line can be a run of stalls covering most of the
+    quarter note; a real change keeps disagreeing), the long line restarts from the clocks of that
+    half quarter note, all of the new tempo. A change from 97 to 120 bpm is followed within 0.5 bpm
+    0.5 s after it with a 256-frame JACK period, 1.25 s with 1024 frames (whose 21 ms rounding
+    needs the longer line).
     """
 
     def __init__(self, window: int = 96, recent: int = PPQN, min_points: int = 12):
@@ -54,17 +63,32 @@ class TempoFit:
         self.times: deque[float] = deque(maxlen=window)
         self.interval: float | None = None  # seconds per clock from the fit
         self.last: float | None = None      # the fitted time of the newest clock (jitter removed)
+        self.confirm = recent // 2  # consecutive clocks the recent line must disagree for
+        self._disagreed = 0
 
     @staticmethod
-    def _line(ts) -> tuple[float, float, float]:
-        """(seconds per clock, fitted time of the first point, of the last) of a least-squares line."""
-        n = len(ts)
-        mean_i = (n - 1) / 2.0
-        mean_t = sum(ts) / n
-        num = sum((i - mean_i) * (t - mean_t) for i, t in enumerate(ts))
-        den = sum((i - mean_i) ** 2 for i in range(n))
-        slope = num / den
-        return slope, mean_t - slope * mean_i, mean_t + slope * (n - 1 - mean_i)
+    def _line(ts: list[float]) -> tuple[float, float, float]:
+        """(seconds per clock, time of the first point, of the last) of the line under the points
+        that lies highest at their middle: the edge of their lower convex hull over the middle index.
+
+        That line keeps every point on or above it and is as close to all of them as such a line can
+        be (it minimises the summed distance), so late points cannot move it, however late."""
+        hull: list[int] = []
+        for i, t in enumerate(ts):
+            # pop the last vertex while it lies on or above the segment from the one before to this point
+            while len(hull) >= 2:
+                i0, i1 = hull[-2], hull[-1]
+                if (ts[i1] - ts[i0]) * (i - i0) >= (t - ts[i0]) * (i1 - i0):
+                    hull.pop()
+                else:
+                    break
+            hull.append(i)
+        middle = (len(ts) - 1) / 2.0
+        k = next(k for k in range(len(hull) - 1) if hull[k + 1] >= middle)
+        i0, i1 = hull[k], hull[k + 1]
+        slope = (ts[i1] - ts[i0]) / (i1 - i0)
+        first = ts[i0] - slope * i0
+        return slope, first, first + slope * (len(ts) - 1)
 
     def add(self, t: float) -> None:
         self.times.append(t)
@@ -76,20 +100,21 @@ class TempoFit:
         ts = list(self.times)
         if n > self.recent:
             recent, _first, last = self._line(ts[-self.recent:])
-            if self.interval and abs(recent - self.interval) > 0.05 * self.interval:  # a change, not jitter
+            disagree = bool(self.interval) and abs(recent - self.interval) > 0.05 * self.interval
+            self._disagreed = self._disagreed + 1 if disagree else 0
+            if self._disagreed >= self.confirm:  # a change, not jitter or a run of stalls
+                # The clocks since the first disagreement are all of the new tempo; the lower line
+                # must not span clocks of the old one (they would hold it under them).
+                self._disagreed = 0
                 self.times.clear()
-                self.times.extend(ts[-self.recent:])
-                ts = ts[-self.recent:]
+                self.times.extend(ts[-self.confirm:])
+                ts = ts[-self.confirm:]
         slope, first, last = self._line(ts)
-        # Clocks from before a tempo change sit further and further off the new line: drop them.
-        while len(ts) > self.min_points and abs(ts[0] - first) > TRIM_SECONDS:
-            self.times.popleft()
-            ts = ts[1:]
-            slope, first, last = self._line(ts)
         self.interval, self.last = slope, last
 
     def reset(self) -> None:
         self.times.clear()
+        self._disagreed = 0
         self.interval = self.last = None
 
     @property

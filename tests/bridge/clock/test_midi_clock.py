@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.bridge.clock.helpers import following_daemon, transport_state
-from tests.jack_server import jack_server
+from tests.jack_server import jack_server, jack_server_process
 
 PORT = "mb-clock-in"
 
@@ -102,7 +102,15 @@ while not (names := [i for i, n in enumerate(out.get_ports()) if sys.argv[1] in 
     assert time.monotonic() < deadline, out.get_ports()
     time.sleep(0.05)
 out.open_port(names[0])
-time.sleep(0.5)  # the connection settles before the first message
+# the test connects a probe too; the clocks start once both listen
+import jack
+jc = jack.Client("mb-test-clock-watch", no_start_server=True)
+mine = [p for p in jc.get_ports(is_midi=True, is_output=True) if p.name.startswith("mb-test-clock:")]
+while len(jc.get_all_connections(mine[0])) < 2:
+    assert time.monotonic() < deadline + 10, jc.get_all_connections(mine[0])
+    time.sleep(0.05)
+jc.close()
+time.sleep(0.5)  # the connections settle before the first message
 out.send_message([0xFA])
 interval, t0 = 60.0 / 120.0 / 24, time.monotonic()
 for k in range(4 * 96):  # four bars at 120 bpm, on time
@@ -119,20 +127,38 @@ print("sent")
 
 def test_a_stall_in_the_daemon_does_not_move_the_followed_tempo(tmp_path):
     """Clocks sent on time by another process while this one holds the interpreter lock for 200 ms,
-    twice: every tempo published after the first bar stays within 0.5 bpm of 120."""
+    twice: every delivered clock is counted, and every tempo published after the first bar stays
+    within 0.5 bpm of 120."""
     import subprocess
     import sys
+
+    import jack
+    import rtmidi
 
     from bridge.clock.grid import Grid
     from bridge.clock.midi_clock import MidiClockFollower
     from tests.bridge.osc_helpers import ROOT
 
     published = []
-    with jack_server():
+    # The server and the sender run at real-time priority, as a DAW's clock does, so that the clocks
+    # leave on time even when the machine is busy and only the daemon's own stall is under test.
+    # A probe on the sender's port counts what JACK delivered: under heavy load rtmidi's own JACK
+    # output can lose a message before JACK sees it, and what the follower must not lose is what
+    # was delivered.
+    with jack_server_process(realtime=True), jack.Client("mb-test-probe", no_start_server=True) as jc:
+        probe = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="mb-test-probe-in", queue_size_limit=4096)
+        probe.ignore_types(timing=False)
+        probe.open_virtual_port("in")
+        delivered = []
         with MidiClockFollower(PORT, Grid(tempo=90.0), on_update=published.append, api="jack") as f:
-            sender = subprocess.Popen([sys.executable, "-c", STALL_SENDER, PORT], cwd=ROOT, stdout=subprocess.PIPE,
-                                      text=True)
+            sender = subprocess.Popen(["chrt", "-f", "20", sys.executable, "-c", STALL_SENDER, PORT], cwd=ROOT,
+                                      stdout=subprocess.PIPE, text=True)
             try:
+                deadline = time.monotonic() + 20
+                while not (outs := jc.get_ports("mb-test-clock:", is_midi=True, is_output=True)):
+                    assert time.monotonic() < deadline and sender.poll() is None, "the sender never opened its port"
+                    time.sleep(0.02)
+                jc.connect(outs[0], jc.get_ports("mb-test-probe-in:", is_midi=True, is_input=True)[0])
                 while f.clocks < 96:  # the first bar
                     time.sleep(0.01)
                 t = time.perf_counter()
@@ -145,10 +171,17 @@ def test_a_stall_in_the_daemon_does_not_move_the_followed_tempo(tmp_path):
             finally:
                 sender.kill()
             assert out.strip() == "sent"
+            time.sleep(0.5)
+            while (m := probe.get_message()) is not None:
+                delivered.append(m[0][0])
+            clocks = delivered.count(0xF8)
             deadline = time.monotonic() + 10
-            while f.clocks < 4 * 96 - 1 and time.monotonic() < deadline:
+            while f.clocks < clocks - 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
-    assert f.clocks == 4 * 96 - 1  # every clock arrived (the first is the downbeat itself)
+        probe.close_port()
+        probe.delete()
+    assert delivered[0] == 0xFA and clocks >= 3 * 96, delivered[:3]
+    assert f.clocks == clocks - 1  # every delivered clock was counted (the first is the downbeat itself)
     tempos = [g.tempo for g in published[96:]]
     assert len(tempos) >= 2 * 96
     assert max(abs(t - 120.0) for t in tempos) < 0.5, (min(tempos), max(tempos))

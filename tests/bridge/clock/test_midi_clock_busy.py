@@ -8,48 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 
 import pytest
 
 from tests.bridge.clock.helpers import following_daemon, transport_state
-from tests.jack_server import _die_with_parent, _wait_ready
+from tests.jack_server import jack_server_process
 
 RATE, PERIOD = 48000, 256
 BARS_AT_97 = 24
 CHANGE = BARS_AT_97 * 4 * 60.0 / 97.0   # seconds of transport at the change to 120 (59.4 s)
 SETTLE = 2.0                            # seconds of clock before the follower is judged (a first bar)
-
-
-@contextlib.contextmanager
-def jackd_with_log():
-    """A private dummy JACK server whose log the test reads (tests.jack_server keeps its own hidden)."""
-    import os
-
-    name = f"mbtest-{uuid.uuid4().hex[:10]}"
-    old = os.environ.get("JACK_DEFAULT_SERVER")
-    os.environ["JACK_DEFAULT_SERVER"] = name
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(["jackd", "--realtime", "-n", name, "-d", "dummy", "-r", str(RATE), "-p", str(PERIOD)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_parent)
-    try:
-        _wait_ready(proc, name, 10.0, log)
-        yield log
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-        log.close()
-        if old is None:
-            os.environ.pop("JACK_DEFAULT_SERVER", None)
-        else:
-            os.environ["JACK_DEFAULT_SERVER"] = old
 
 
 @contextlib.contextmanager
@@ -81,7 +52,7 @@ def test_jack_midi_clock_followed_on_a_busy_machine(tmp_path, tiny_model_dir):
                                  "run scripts/setup.sh)")
     (tmp_path / "map.txt").write_text(f"{BARS_AT_97} 4/4 97\n16 4/4 120\n")
     samples = []  # (transport seconds, followed tempo, playing)
-    with jackd_with_log() as jack_log, \
+    with jack_server_process(RATE, PERIOD, realtime=True) as server, \
             running(["klick", "-T", "-n", "mb-klick", "-f", str(tmp_path / "map.txt")],
                     ["jack_midi_clock"]) as programs:
         deadline = time.monotonic() + 10
@@ -108,8 +79,7 @@ def test_jack_midi_clock_followed_on_a_busy_machine(tmp_path, tiny_model_dir):
                 daemon_log = d.log_text()
         finally:
             probe.close()
-        jack_log.seek(0)
-        jackd_says = jack_log.read().decode(errors="replace")
+        jackd_says = server.log_text()
     assert "following MIDI clock from jack_midi_clock" in daemon_log, daemon_log[-2000:]
     at_97 = [s for s in samples if SETTLE <= s[0] < CHANGE]
     at_120 = [s for s in samples if CHANGE + 1.0 <= s[0]]
