@@ -28,7 +28,7 @@ from bridge.osc.udp import Address, OscServer
 from bridge.osc.paths import PathPolicy
 from bridge.osc.protocol import Limits, ProtocolError
 from bridge.osc.reply_budget import ReplyBudget
-from bridge.state.session import LiveSession
+from bridge.state.session import KeptTake, LiveSession
 from bridge.state.session_check import chroma_to_text
 from model.types import melody_refusal
 from bridge.live.control import LiveControl
@@ -361,6 +361,18 @@ class Daemon:
     def _delete_track(self, cmd: P.DeleteTrack, sender: Address) -> None:
         self.session.delete_track(cmd.track)
         self._ok(sender, cmd, f"track {cmd.track}: deleted")
+
+    @handles(P.KeepTake)
+    def _keep_take(self, cmd: P.KeepTake, sender: Address) -> None:
+        """The track's kept stem, recorded in the session; no file is moved or deleted."""
+        self._existing(cmd.track)
+        if cmd.job_id is None:
+            self.session.update_track(cmd.track, kept=None)
+            self._ok(sender, cmd, f"track {cmd.track}: keeps no take")
+            return
+        job = self.jobs.take_of(cmd.job_id, cmd.track)
+        self.session.update_track(cmd.track, kept=KeptTake(job.id, str(job.path)))
+        self._ok(sender, cmd, f"track {cmd.track}: keeps the take of job {job.id}, {job.path}")
 
     @handles(P.CancelJob)
     def _cancel_job(self, cmd: P.CancelJob, sender: Address) -> None:

@@ -278,6 +278,20 @@ class TrackState(TrackCommand):
 
 
 @dataclass(frozen=True)
+class KeepTake(TrackCommand):
+    """The take (a finished job of this track) that becomes the track's kept stem; the others stay on disk."""
+
+    job_id: int | None  # None: the track keeps no take
+    pattern: ClassVar[str] = "/track/<name>/keep"
+    expects: ClassVar[str] = "i job id of a finished take of this track; or no argument to keep none"
+
+    def check(self) -> None:
+        super().check()
+        if self.job_id is not None:
+            _set(self, "job_id", _rule(self, R.job_id, self.job_id))
+
+
+@dataclass(frozen=True)
 class Note(TrackCommand):
     pitch: int  # MIDI 0-127
     velocity: int  # 0 = note off
@@ -504,7 +518,7 @@ def _two(a: _Args, cls: type, pre: tuple) -> Command:
     return cls(a.address, *pre, *a.args)
 
 
-def _optional_beat(a: _Args, cls: type, pre: tuple) -> Command:
+def _optional_one(a: _Args, cls: type, pre: tuple) -> Command:
     return cls(a.address, *pre, a.args[0] if a.count(0, 1) else None)
 
 
@@ -573,9 +587,9 @@ BUILDERS: dict[type, Builder] = {
     MelodyNotes: _notes, MelodyChroma: _chroma, MelodyClear: _no_args,
     Generate: _generate, PlayGenerate: _generate, Continue: _continue,
     Note: _two, NotesOff: _no_args, MidiChannel: _one,
-    ClearTrack: _no_args, DeleteTrack: _no_args, TrackState: _no_args,
+    ClearTrack: _no_args, DeleteTrack: _no_args, TrackState: _no_args, KeepTake: _optional_one,
     CancelJob: _no_args, JobStatus: _no_args,
-    SetTempo: _one, SetSignature: _two, Play: _optional_beat, Stop: _optional_beat, Locate: _one,
+    SetTempo: _one, SetSignature: _two, Play: _optional_one, Stop: _optional_one, Locate: _one,
     TransportState: _no_args,
     JamStart: _one, JamStop: _one, JamStatus: _one,
     Hello: _one, Pad: lambda a, cls, pre: cls(a.address),

@@ -14,6 +14,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,11 +65,14 @@ class TrackView:
     pan: float
     melody: str  # what the track's melody is: "", "live notes", "midi", "audio", "notes", "chroma"
     notes: tuple[tuple[int, float, float], ...]  # live notes (pitch, start, end) in seconds from now (<= 0)
+    kept: int  # the job id of the take the track keeps (/track/<name>/keep), 0 for none
+    kept_name: str  # that take's file name
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "prompt": self.prompt, "preset": self.preset, "params": dict(self.params),
                 "chain": list(self.chain), "gain": self.gain, "pan": self.pan, "melody": self.melody,
-                "notes": [[p, round(a, 3), round(b, 3)] for p, a, b in self.notes]}
+                "notes": [[p, round(a, 3), round(b, 3)] for p, a, b in self.notes],
+                "kept": self.kept, "kept_name": self.kept_name}
 
 
 @dataclass(frozen=True)
@@ -130,10 +134,13 @@ class StemView:
     take: int
     of: int
     group: str  # takes of one --variations request share a group
+    kept: bool  # the take its track keeps (the session's record, so it outlives the page and the daemon)
+    set_aside: bool  # another take of the kept take's group: still on disk, not the track's stem
 
     def to_json(self) -> dict[str, Any]:
         return {"job": self.job, "track": self.track, "name": self.name, "seconds": round(self.seconds, 3),
-                "take": self.take, "of": self.of, "group": self.group}
+                "take": self.take, "of": self.of, "group": self.group, "kept": self.kept,
+                "set_aside": self.set_aside}
 
 
 METERS = ("realtime_factor", "chunk_latency", "buffered", "underruns", "behind", "note_latency")
@@ -214,8 +221,10 @@ class PanelView:
             m = tr.melody_dict()
             notes = self._notes(name, now)
             melody = m["kind"] if m else ("live notes" if notes or name in d.jams else "")
+            kept = tr.kept
             out.append(TrackView(name, tr.prompt, tr.preset, tuple(sorted(tr.params_dict().items())), chain,
-                                 gain, pan, melody, notes))
+                                 gain, pan, melody, notes, kept.job if kept else 0,
+                                 Path(kept.path).name if kept else ""))
         return out
 
     def _mix(self, name: str, tr) -> tuple[tuple[str, ...], float, float]:
@@ -274,7 +283,9 @@ class PanelView:
         return out
 
     def stems(self) -> list[StemView]:
-        out = []
+        tracks = self.daemon.session.tracks  # replaced whole on every change: a consistent copy
+        kept = {tr.kept.job for tr in tracks.values() if tr.kept is not None}
+        found = []
         for j in sorted(list(self.daemon.jobs.jobs.values()), key=lambda j: j.id):
             if j.state != "done" or j.path is None:
                 continue
@@ -282,7 +293,10 @@ class PanelView:
             take, of = int(var.get("take", 1)), int(var.get("of", 1))
             seed = int(j.plan.request["params"].get("seed") or 0) - (take - 1)
             group = f"{j.plan.name}/{seed}/{of}" if of > 1 else f"job{j.id}"
-            out.append(StemView(j.id, j.plan.name, j.path.name, float(j.plan.seconds), take, of, group))
+            found.append((j, take, of, group))
+        kept_groups = {group for j, _, _, group in found if j.id in kept}
+        out = [StemView(j.id, j.plan.name, j.path.name, float(j.plan.seconds), take, of, group, j.id in kept,
+                        group in kept_groups and j.id not in kept) for j, take, of, group in found]
         return out[-JOBS_SHOWN:]
 
     def stem_path(self, job_id: int):

@@ -66,6 +66,19 @@ class Transport:
 
 
 @dataclass(frozen=True)
+class KeptTake:
+    """The take a track keeps (`/track/<name>/keep`): the job that made it and the stem it wrote.
+
+    The other takes stay on disk: keeping one sets them aside, it never deletes a file."""
+
+    job: int
+    path: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"job": self.job, "path": self.path}
+
+
+@dataclass(frozen=True)
 class TrackSettings:
     """One track's settings in the live session (what OSC changes; a stem is made from them). `melody` and `continuation` are plain JSON-able dicts (see docs/osc.md)."""
 
@@ -74,6 +87,7 @@ class TrackSettings:
     params: tuple[tuple[str, Any], ...] = ()
     melody: tuple[tuple[str, Any], ...] | None = None
     continuation: tuple[tuple[str, Any], ...] | None = None
+    kept: KeptTake | None = None
 
     def params_dict(self) -> dict[str, Any]:
         return dict(self.params)
@@ -84,7 +98,13 @@ class TrackSettings:
     def to_json(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "preset": self.preset, "params": dict(self.params),
                 "melody": self.melody_dict(),
-                "continuation": None if self.continuation is None else dict(self.continuation)}
+                "continuation": None if self.continuation is None else dict(self.continuation),
+                "kept": None if self.kept is None else self.kept.to_json()}
+
+
+def _kept(d: dict[str, Any] | None) -> KeptTake | None:
+    """session.json's "kept" object (checked by bridge.state.session_check first) as its record."""
+    return None if d is None else KeptTake(int(d["job"]), str(d["path"]))
 
 
 def _frozen(d: dict[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
@@ -129,7 +149,8 @@ class LiveSession:
                 tracks[name] = TrackSettings(prompt=str(tr.get("prompt", "")), preset=str(tr.get("preset", "")),
                                              params=_frozen(dict(tr.get("params") or {})) or (),
                                              melody=_frozen(tr.get("melody")),
-                                             continuation=_frozen(tr.get("continuation")))
+                                             continuation=_frozen(tr.get("continuation")),
+                                             kept=_kept(tr.get("kept")))
             next_id = int(data.get("next_job_id", 1))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SessionError(f"session file {where} is not a valid musicbridge session ({e}); "

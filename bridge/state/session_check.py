@@ -97,6 +97,12 @@ def check_track(name: Any, tr: Any) -> None:
             raise ValueError(f"{where}.continuation must be an object or null")
         _path(c.get("path"), f"{where}.continuation.path")
         _checked(R.seconds, c.get("seconds"), f"{where}.continuation.seconds")
+    k = tr.get("kept")
+    if k is not None:
+        if not isinstance(k, dict):
+            raise ValueError(f"{where}.kept must be an object or null")
+        _checked(R.job_id, k.get("job"), f"{where}.kept.job")  # the rule /track/<name>/keep's job id meets
+        _path(k.get("path"), f"{where}.kept.path")
 
 
 def _check_params(params: Any, where: str) -> None:

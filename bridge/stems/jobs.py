@@ -231,6 +231,20 @@ class JobQueue:
                                              f"for the last {HISTORY} jobs)", job_id)
         return job
 
+    def take_of(self, job_id: int, track: str) -> Job:
+        """A finished take of `track` whose stem is on disk (what /track/<name>/keep may keep); ProtocolError
+        naming why not: an unknown job (not_found), another track's, one not done (bad_args), a stem gone."""
+        job = self.get(job_id)
+        if job.plan.name != track:
+            raise ProtocolError("bad_args", f"job {job_id} is a take of track {job.plan.name!r}, not of {track!r}",
+                                job_id)
+        if job.state != "done" or job.path is None:
+            raise ProtocolError("bad_args", f"job {job_id} is {job.state}, not done: only a finished take can be "
+                                            "kept", job_id)
+        if not Path(job.path).is_file():
+            raise ProtocolError("not_found", f"job {job_id}'s stem {job.path} is no longer on disk", job_id)
+        return job
+
     def counts(self) -> tuple[int, int]:
         """(queued, running)."""
         with self._cond:

@@ -4,7 +4,7 @@
 "use strict";
 
 const QUERY = document.body.dataset.query;          // token=...(&key=...), templated by the server
-const state = { parts: {}, seen: {}, kept: {} };
+const state = { parts: {}, seen: {} };
 window.panelSeen = state.seen;                        // job id -> progress fractions drawn, in order
 const PITCH = "0123456789ab";
 const NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"];
@@ -112,9 +112,10 @@ function renderTracks(tracks) {
     const div = el("div", { class: "track" },
       el("b", { text: t.name }), " ", el("span", { text: t.prompt || "(preset prompt)" }),
       el("div", { class: "meta", text: `preset ${t.preset || "-"} · ${params} · chain ${t.chain.join(" → ") || "none"}` +
-        ` · gain ${fmt(t.gain)} pan ${fmt(t.pan)} · melody ${t.melody || "none"}` }),
+        ` · gain ${fmt(t.gain)} pan ${fmt(t.pan)} · melody ${t.melody || "none"}` +
+        (t.kept ? ` · keeps #${t.kept} ${t.kept_name}` : "") }),
       roll);
-    div.dataset.track = t.name;
+    div.dataset.track = t.name; div.dataset.kept = t.kept;
     box.append(div);
     drawRoll(roll, t.notes);
   }
@@ -234,7 +235,7 @@ function renderStems(stems) {
   if (!stems.length) return;
   if (box.querySelector("p")) box.replaceChildren();
   for (const s of stems) {
-    if (stemNodes[s.job]) continue;                   // never rebuilt: a playing <audio> keeps playing
+    if (stemNodes[s.job]) { markKept(stemNodes[s.job], s); continue; }  // never rebuilt: a playing <audio> keeps playing
     let group = box.querySelector(`[data-group="${CSS.escape(s.group)}"]`);
     if (!group) {
       group = el("div", { class: "group" }); group.dataset.group = s.group;
@@ -253,12 +254,12 @@ function renderStems(stems) {
     });
     const title = el("div", { text: `#${s.job} ${s.track}${s.of > 1 ? ` take ${s.take}/${s.of}` : ""}, ${s.seconds} s` });
     const card = el("div", { class: "stem" }, title, wave, spec, el("audio", { controls: "", preload: "none", src: audioUrl }), link);
-    if (s.of > 1) {
-      const keep = el("button", { text: "Keep this take" });
-      keep.addEventListener("click", () => keepTake(s.group, s.job));
-      card.append(" ", keep);
-    }
+    // keeping is the daemon's: the session records the track's kept take, so it outlives this page
+    const keep = el("button", { class: "keep", text: "Keep this take" });
+    keep.addEventListener("click", () => send(`/track/${s.track}/keep`, s.job));
+    card.append(" ", keep);
     card.dataset.stem = s.job;
+    markKept(card, s);
     group.append(card);
     stemNodes[s.job] = card;
     fetch(url(`/stems/${s.job}/thumb.json`)).then((r) => r.json()).then((t) => {
@@ -268,13 +269,12 @@ function renderStems(stems) {
   }
 }
 
-function keepTake(group, job) {
-  // the kept take is marked and the others set aside; downloading or dragging it keeps the file
-  state.kept[group] = job;
-  for (const card of document.querySelectorAll(`[data-group="${CSS.escape(group)}"] .stem`)) {
-    const kept = Number(card.dataset.stem) === job;
-    card.classList.toggle("kept", kept); card.classList.toggle("set-aside", !kept);
-  }
+function markKept(card, s) {
+  // as the daemon says: the kept take outlined, the other takes of its request dimmed (their files stay)
+  card.classList.toggle("kept", s.kept); card.classList.toggle("set-aside", s.set_aside);
+  card.dataset.kept = s.kept ? "1" : "0"; card.dataset.setAside = s.set_aside ? "1" : "0";
+  const keep = card.querySelector("button.keep");
+  keep.textContent = s.kept ? "Kept" : "Keep this take"; keep.disabled = s.kept;
 }
 
 function drawWave(cv, peaks) {
