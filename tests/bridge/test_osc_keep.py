@@ -61,6 +61,8 @@ def test_what_the_wire_accepts_the_session_saves_and_loads(tmp_path):
     again = LiveSession(tmp_path)
     assert again.track("t").kept == KeptTake(R.MAX_JOB_ID, "/stems/t-1.wav")
     assert again.track("t").to_json()["kept"] == {"job": R.MAX_JOB_ID, "path": "/stems/t-1.wav"}
+    again.clear_track("t")  # /track/<name>/clear forgets the kept take with the other settings
+    assert LiveSession(tmp_path).track("t").kept is None
 
 
 def _state(c, track: str) -> dict:
@@ -87,7 +89,7 @@ def test_keep_a_take_over_osc_and_after_a_restart(serve_daemon, tiny_model_dir, 
         while len(done) < 3:
             r = c.wait_for(lambda a, v: a in ("/job/done", "/error") and v and v[0] in ids, 120.0, seen)
             assert r is not None and r[0] == "/job/done", seen
-            done[r[1][0]] = r[1][1]
+            done[r[1][0]] = Path(r[1][1])
         c.send("/track/bass/generate", 30.0)  # a long job: still queued or running when it is asked for
         busy = expect(c, "/job/accepted")[0]
         assert _state(c, "keys")["kept"] is None
@@ -112,20 +114,25 @@ def test_keep_a_take_over_osc_and_after_a_restart(serve_daemon, tiny_model_dir, 
         drain(c, 0.1)
         c.send("/track/keys/keep", ids[1])
         assert expect(c, "/ok") == ["/track/keys/keep"]
-        kept = {"job": ids[1], "path": done[ids[1]]}
+        kept = {"job": ids[1], "path": str(done[ids[1]])}
         assert _state(c, "keys")["kept"] == kept
         assert json.loads((d.session_dir / "session.json").read_text())["tracks"]["keys"]["kept"] == kept
-        assert all(Path(p).is_file() for p in done.values())
+        assert all(p.is_file() for p in done.values())
         c.send("/track/keys/keep", ids[2])  # another take of the same request: it replaces the first
         expect(c, "/ok")
         assert _state(c, "keys")["kept"]["job"] == ids[2]
+        gone = done[ids[0]].with_suffix(".moved")  # a stem moved away by hand since its job finished
+        done[ids[0]].rename(gone)
+        err = _error(c, "/track/keys/keep", ids[0])
+        assert err[0] == "not_found" and "no longer on disk" in err[1], err
+        gone.rename(done[ids[0]])
         c.send("/track/keys/keep", ids[0])
         expect(c, "/ok")
         assert "track keys: keeps the take of job" in d.log_text()
         assert d.stop(signal.SIGTERM) == 0
 
     with serve_daemon(tmp_path, tiny_model_dir, "--grace", "0", session_dir=d.session_dir) as (d2, c2):
-        assert _state(c2, "keys")["kept"] == {"job": ids[0], "path": done[ids[0]]}  # restored from session.json
+        assert _state(c2, "keys")["kept"] == {"job": ids[0], "path": str(done[ids[0]])}  # restored from session.json
         # this run's job queue does not know the last run's jobs: keeping one again is refused, naming why
         err = _error(c2, "/track/keys/keep", ids[1])
         assert err[0] == "not_found" and f"no job {ids[1]}" in err[1], err
@@ -133,4 +140,4 @@ def test_keep_a_take_over_osc_and_after_a_restart(serve_daemon, tiny_model_dir, 
         c2.send("/track/keys/keep")  # no argument: the track keeps no take, and the files stay
         assert expect(c2, "/ok") == ["/track/keys/keep"]
         assert _state(c2, "keys")["kept"] is None
-        assert all(Path(p).is_file() for p in done.values())
+        assert all(p.is_file() for p in done.values())
