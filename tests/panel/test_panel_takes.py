@@ -1,7 +1,7 @@
 """The takes of a `variations` request in a real headless Chromium against a real `musicbridge serve` with the
 tiny model: *Keep this take* sends `/track/<name>/keep` over the daemon's own OSC port, the daemon's reply
 and the kept take show in the page, and after a reload the take is still kept (the session records it);
-and a stem card's drag carries Chromium's `DownloadURL` (mime type, file name, a URL with the token) that
+and a stem card dragged with the mouse carries Chromium's `DownloadURL` (mime type, file name, a URL with the token) that
 the panel serves as the stem's exact bytes. The kept takes are saved as a screenshot in docs/panel/.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from selenium.webdriver.common.action_chains import ActionChains
 
 from tests.bridge.osc_helpers import drain, expect
 from tests.panel.browser import chromium, panel_url, screenshot, wait_until
@@ -101,13 +102,18 @@ def test_a_stem_card_drags_into_a_daw_as_the_stems_exact_bytes(takes):
     job, path = next(iter(stems.items()))
     with chromium() as browser:
         _open(browser, d, 3)
-        # a dragstart dispatched on the card's link in Chromium: the page's own handler fills the DataTransfer
-        drag = browser.execute_script(
-            "const a = document.querySelector(`[data-stem='${arguments[0]}'] a.drag`);"
-            "const dt = new DataTransfer();"
-            "const ev = new DragEvent('dragstart', {bubbles: true, cancelable: true, dataTransfer: dt});"
-            "a.dispatchEvent(ev);"
-            "return {types: Array.from(dt.types), value: dt.getData('DownloadURL'), href: a.href};", job)
+        # a real drag: the mouse presses on the card's link and moves (chromedriver's input, Chromium's own
+        # drag), and a listener after the page's own reads what its dragstart handler put in the DataTransfer
+        browser.execute_script(
+            "window.dragSeen = [];"
+            "document.addEventListener('dragstart', (ev) => window.dragSeen.push({trusted: ev.isTrusted,"
+            " types: Array.from(ev.dataTransfer.types), value: ev.dataTransfer.getData('DownloadURL'),"
+            " href: ev.target.href, stem: ev.target.closest('[data-stem]').dataset.stem}));")
+        link = browser.find_element("css selector", f"[data-stem='{job}'] a.drag")
+        ActionChains(browser).click_and_hold(link).move_by_offset(10, 10).move_by_offset(40, 80) \
+            .move_to_element(browser.find_element("id", "tracks")).release().perform()
+        drag = wait_until("Chromium's dragstart", lambda: browser.execute_script("return window.dragSeen[0];"))
+    assert drag["trusted"] and drag["stem"] == str(job), drag  # the browser's own event, on this card
     assert "downloadurl" in [t.lower() for t in drag["types"]], drag
     mime, name, url = drag["value"].split(":", 2)  # Chromium's format: MIME:FILE NAME:URL
     assert mime == "audio/wav" and name == path.name, drag
