@@ -17,7 +17,9 @@ import threading
 from typing import NoReturn
 
 from bridge.commands.common import UsageError
+from model.load.resolve import ModelError
 from model.settings import Settings, applied
+from model.types import RequestError
 
 # Order is the order `musicbridge --help` lists them.
 COMMAND_MODULES = (
@@ -36,9 +38,6 @@ COMMAND_MODULES = (
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from model.load.resolve import ModelError
-    from model.types import RequestError
-
     errs: list[type[BaseException]] = [UsageError, ModelError, RequestError, FileNotFoundError,
                                        FileExistsError, PermissionError, IsADirectoryError]
     for mod, name in (("audiofile", "AudioFileError"), ("model.conditioning.melody", "MelodyError"), ("presets", "PresetError"),

@@ -14,27 +14,30 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from model.memory import hugepages, weight_cache
-from model.types import CheckpointError
-from model.load.checkpoint import Checkpoint, TextTokenizer, unsupported
+from model.codec.codes import decode, encode_audio, streaming_decoder
 from model.conditioning.prepare import build_conditioning
-from model.codec.codes import streaming_decoder
+from model.decode import autotune
 from model.decode.decoder import DecoderSpec, MusicgenDecoderLM
 from model.decode.live_stream import LiveStream
 from model.decode.loop import StepPlan, decode_n, new_state, prefill
-from model.load.resolve import ResolvedModel, checkpoint_pattern, load_hf_model, resolve_model
-from model.memory.pages import drop_pages, maps_held
-from model.decode.patterns import get_pattern
+from model.decode.patterns import PATTERNS, get_pattern
+from model.decode.precision import apply_precision, kv_dtype
 from model.decode.sampling import Sampler
 from model.decode.scheduler import StepGate
-from model.types import (MAX_REQUEST_SECONDS, AudioChunk, GenerationRequest, RequestError, SamplingParams,
-                         melody_refusal)
+from model.decode.step_graph import graphs_enabled
+from model.kernels import gemv
+from model.load.checkpoint import Checkpoint, TextTokenizer, checkpoint_files, unsupported
+from model.load.resolve import ModelError, ResolvedModel, checkpoint_pattern, load_hf_model, resolve_model
+from model.memory import hugepages, weight_cache
+from model.memory.pages import drop_pages, maps_held
+from model.types import (MAX_REQUEST_SECONDS, AudioChunk, Cancelled, CheckpointError, EngineInfo, GenerationRequest,
+                         RequestError, SamplingParams, melody_refusal)
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +47,6 @@ Progress = Callable[[int, float], None]
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 WINDOW_SECONDS = 30.0  # what the checkpoints were trained on
 CONTEXT_SECONDS = 10.0  # tokens carried into the next window of a long request
-
-
-class Cancelled(Exception):
-    """Every request in the call was cancelled."""
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    label: str
-    path: str
-    is_tiny: bool
-    is_melody: bool
-    sample_rate: int
-    channels: int
-    num_codebooks: int
-    frame_rate: float
-    chroma_frame_rate: float
-    device: str
-    dtype: str
-    max_seconds: float
-    pattern: str = "delay"
 
 
 def pick_device(device: str) -> str:
@@ -100,7 +82,6 @@ def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
     CPU, each 64-byte aligned: the size of the huge-page arena they are made in (model/memory/hugepages.py).
     0 where the layout makes none (float32 shares the checkpoint's; int4 without its C kernel
     is PyTorch's packing)."""
-    from model.kernels import gemv
 
     if dtype not in ("int8", "bfloat16", "int4") or (dtype == "int4" and not gemv.has_vnni()):
         return 0
@@ -121,11 +102,9 @@ def _weight_bytes(spec: DecoderSpec, dtype: str) -> int:
 def _weight_record(hf_model, spec: DecoderSpec, dtype: str, nbytes: int) -> weight_cache.Record | None:
     """The record a layout's conversions replay from (where a valid one exists) or are noted
     in: text checkpoints read from files only, whose conversions land in an arena of `nbytes`."""
-    from model.load.checkpoint import checkpoint_files
 
     if nbytes <= 0 or not isinstance(hf_model, Checkpoint) or not weight_cache.enabled():
         return None
-    from model.kernels import gemv
 
     try:
         key = weight_cache.key_of(checkpoint_files(hf_model.path), dtype=dtype, kernels=gemv.signature(),
@@ -171,8 +150,6 @@ class Engine:
         self.dtype_decision = None
         self.dtype = pick_dtype(dtype, device)
         if self.dtype == "auto":
-            from model.decode import autotune
-
             self.dtype_decision = autotune.choose(_decoder_spec(hf_model))
             self.dtype = self.dtype_decision.dtype
             log.info("%s", self.dtype_decision.line())
@@ -181,8 +158,6 @@ class Engine:
         # slice reads only the filled cache. Both are held to the same equivalence tests.
         self.static_step = device.startswith("cuda")
         if self.static_step:
-            from model.decode.step_graph import graphs_enabled
-
             log.info("decoder on %s in %s: fixed-shape steps, %s", device, self.dtype,
                      "each batch's step captured once as a CUDA graph and replayed (model/decode/step_graph.py)"
                      if graphs_enabled() else "run eagerly (MUSICBRIDGE_CUDA_GRAPHS=0)")
@@ -197,7 +172,6 @@ class Engine:
         soon as the converted layer exists (that model's decoder is then unusable, which is
         why only `Engine.load`, which made it, asks for it).
         """
-        from model.decode.precision import apply_precision, kv_dtype
 
         compute = [torch.float32]
 
@@ -250,7 +224,6 @@ class Engine:
         collapsed where they lie; converted ones are the engine's, so they are packed."""
         from torch import nn
 
-        from model.memory import hugepages
 
         streamed = nn.ModuleList([lm.layers, lm.heads])
         if dtype == "float32":
@@ -268,7 +241,6 @@ class Engine:
 
         `pattern`: the codebook pattern to decode with; None is the checkpoint's own.
         """
-        from model.decode.patterns import PATTERNS
 
         resolved = resolve_model(spec)
         dev = pick_device(device)
@@ -311,7 +283,6 @@ class Engine:
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """Audio (channels, samples) at the model rate -> codes (codebooks, frames)."""
-        from model.codec.codes import encode_audio
 
         a = np.asarray(audio, dtype=np.float32)
         if a.shape[0] == 1 and self.channels == 2:
@@ -324,7 +295,6 @@ class Engine:
     def decode(self, codes: np.ndarray, between: Callable[[], None] | None = None) -> np.ndarray:
         """Codes (codebooks, frames) to float32 audio (channels, samples), in bounded memory
         however long (model.codec.codes.decode); `between()` runs before each codec window."""
-        from model.codec.codes import decode
 
         return decode(self.hf.audio_encoder, np.asarray(codes, dtype=np.int64), self.channels, between=between)
 
@@ -562,8 +532,6 @@ def load_checkpoint(resolved: ResolvedModel, device: str):
     why = "a GPU" if device != "cpu" else "a melody model" if resolved.is_melody else (
         "not a local folder" if not Path(resolved.path).is_dir() else unsupported(Path(resolved.path)))
     if why is None:
-        from model.load.resolve import ModelError
-
         try:
             return Checkpoint.load(resolved.path), TextTokenizer(Path(resolved.path))
         except (OSError, ValueError, KeyError) as e:
@@ -577,7 +545,6 @@ def _release_unshared(theirs: torch.nn.Module, ours: torch.nn.Module) -> None:
     keep = {id(t) for t in list(ours.parameters()) + list(ours.buffers())}
     keep |= {t.untyped_storage().data_ptr() for t in list(ours.parameters()) + list(ours.buffers())
              if t.numel()}
-    from model.memory.pages import drop_pages
 
     dead = [p for p in theirs.parameters()
             if id(p) not in keep and not (p.numel() and p.untyped_storage().data_ptr() in keep)]

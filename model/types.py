@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-
 MAX_REQUEST_SECONDS = 600.0  # the longest music one request asks for (the OSC, CLI and session-file limit)
 MAX_VARIATIONS = 16  # takes of one prompt in one batched pass (generate --variations, OSC variations)
 
@@ -160,3 +159,26 @@ class AudioChunk:
     @property
     def frames(self) -> int:
         return int(self.audio.shape[-1])
+
+
+class Cancelled(Exception):
+    """Every request in the call was cancelled."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a loaded engine is, for replies, stems' sidecars and the remote wire."""
+
+    label: str
+    path: str
+    is_tiny: bool
+    is_melody: bool
+    sample_rate: int
+    channels: int
+    num_codebooks: int
+    frame_rate: float
+    chroma_frame_rate: float
+    device: str
+    dtype: str
+    max_seconds: float
+    pattern: str = "delay"

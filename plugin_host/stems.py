@@ -22,6 +22,7 @@ import numpy as np
 
 from audiofile import AudioFileError, finalize, resample
 from plugin_host.bwf import add_bext
+from plugin_host.chain import process_chunks
 
 FORMATS = ("wav", "flac")
 BIT_DEPTH = 24
@@ -112,8 +113,6 @@ def write_stem(
         raise StemError(f"sidecar must be a mapping, got {type(sidecar).__name__}")
 
     if chain is not None:
-        from plugin_host.chain import process_chunks
-
         processed = process_chunks(chain, a, int(sample_rate), block)
     else:
         processed = a

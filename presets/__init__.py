@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from model.types import RequestError, SamplingParams
 from plugin_host.chain import ChainError, build_chain
 
@@ -164,7 +165,7 @@ def preset_from_dict(data: Mapping[str, Any], name: str, source: Path | None = N
     add_bpm = data.get("add_bpm", True)
     if not isinstance(add_bpm, bool):
         raise PresetError(f"{where}: key 'add_bpm': expected true or false, got {add_bpm!r}")
-    params = _check_params(data.get("params", {}), where)
+    params = check_params(data.get("params", {}), where)
     chain = data.get("chain", [])
     if not isinstance(chain, list) or not all(isinstance(c, Mapping) for c in chain):
         raise PresetError(f"{where}: key 'chain': expected an array of tables ([[chain]] entries)")
@@ -179,7 +180,7 @@ def preset_from_dict(data: Mapping[str, Any], name: str, source: Path | None = N
                   description=description.strip(), source=source)
 
 
-def _check_params(params: Any, where: str) -> dict[str, Any]:
+def check_params(params: Any, where: str) -> dict[str, Any]:
     if not isinstance(params, Mapping):
         raise PresetError(f"{where}: key 'params': expected a table like [params] guidance = 3.0")
     out: dict[str, Any] = {}

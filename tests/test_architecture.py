@@ -101,3 +101,42 @@ def test_the_layering_check_catches_an_upward_import(tmp_path):
     rank = {u: i for i, row in enumerate(layers()) for u in row}
     assert line == 2 and target == "bridge.daemon"
     assert rank[unit_of(target, set(rank))] > rank[unit_of("model.decode.loop", set(rank))]
+
+
+def deferred_imports(path: Path) -> list[tuple[int, str]]:
+    """Imports of our packages inside a function that carry no comment on their line (or the line
+    before) saying why they wait: the one allowed reason is an optional or heavy dependency
+    (torch, Ray, PortAudio) that a caller of this module need not load."""
+    src = path.read_text(encoding="utf-8")
+    lines = src.split("\n")
+    out = []
+    for fn in ast.walk(ast.parse(src)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and node.level:
+                names = ["bridge"]  # a relative import is always ours
+            if not any(n.split(".")[0] in PACKAGES for n in names):
+                continue
+            here, before = lines[node.lineno - 1], lines[node.lineno - 2].strip()
+            if "#" not in here and not before.startswith("#"):
+                out.append((node.lineno, ast.unparse(node)))
+    return out
+
+
+def test_every_deferred_import_says_why():
+    """No import of our own modules waits inside a function unless a comment says what it spares:
+    import cycles are broken by moving code, not hidden by deferring an import."""
+    found = [f"{f.relative_to(ROOT)}:{line}: {stmt}"
+             for pkg in PACKAGES for f in sorted((ROOT / pkg).rglob("*.py")) for line, stmt in deferred_imports(f)]
+    assert not found, "\n".join(found)
+
+
+def test_the_deferred_import_check_catches_a_silent_one(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def f():\n    from model.engine import Engine  # torch loads only where this runs\n\n"
+                 "def g():\n    from bridge.daemon import Daemon\n    import json\n")
+    assert deferred_imports(f) == [(5, "from bridge.daemon import Daemon")]

@@ -32,6 +32,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bridge.live.jam import Jam
+from bridge.live.notes import LiveMelody
+from model.types import SamplingParams
+from plugin_host.output import OutputError
+from plugin_host.output_process import AudioOutputProcess
+
 PROMPT = "lofi hip hop beat with warm piano chords and vinyl crackle"
 
 
@@ -78,9 +84,6 @@ def jack_dummy(rate: int = 48000, period: int = 256) -> Iterator[str]:
 
 
 def open_output(device, stack: contextlib.ExitStack, timeout: float = 15.0):
-    from plugin_host.output import OutputError
-    from plugin_host.output_process import AudioOutputProcess
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -95,10 +98,9 @@ def build_melody_model(arch: str, text: tuple | None = None):
     """The arch's decoder shapes with MusicGen-Melody's chroma input, random weights; its codec
     and tokenizer are `text`'s (`build_random_model(arch)`, made here when not given)."""
     import torch
-    from transformers import (MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
-                              MusicgenMelodyForConditionalGeneration)
+    from transformers import MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration
 
-    from model.bench.compare import build_random_model
+    from model.bench.compare import build_random_model  # torch and transformers load only where this runs
 
     text_model, tokenizer = text or build_random_model(arch)
     cfg = text_model.config
@@ -116,7 +118,7 @@ def build_melody_model(arch: str, text: tuple | None = None):
 
 
 def _engine(folder: Path, dtype: str, compute: str = "cpu"):
-    from model.engine import Engine
+    from model.engine import Engine  # torch loads only where this runs
 
     eng = Engine.load(str(folder), device=compute, dtype=dtype)
     if eng.weight_writer is not None:
@@ -127,9 +129,6 @@ def _engine(folder: Path, dtype: str, compute: str = "cpu"):
 def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: bool,
             log: Callable[[str], None]) -> dict[str, Any]:
     """One jam for `seconds` of music; with `notes`, a player changes note every 2.5 s."""
-    from bridge.live.jam import Jam
-    from bridge.live.notes import LiveMelody
-    from model.types import SamplingParams
 
     clock = (lambda: out.position / out.samplerate)
     melody = LiveMelody(clock) if notes else None
@@ -207,6 +206,7 @@ def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: 
         compute: str = "cpu") -> dict[str, Any]:
     """`model_dir`: the text checkpoint to jam with (default: `arch`'s shapes, random weights).
     `compute`: where the engine runs (cpu, or cuda[:N])."""
+    # torch and transformers load only where this runs
     from model.bench.compare import build_random_model, machine, write_checkpoint
 
     report: dict[str, Any] = {"arch": arch, "seconds": seconds, "tempo": tempo, "chunk_bars": chunk_bars,

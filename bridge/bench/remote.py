@@ -14,14 +14,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from model.remote.client import RemoteEngine
+from model.types import GenerationRequest, SamplingParams
+
 
 def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds: float, job_seconds: float,
         chunk_seconds: float = 2.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from model.remote.client import RemoteEngine
-    from model.types import GenerationRequest, SamplingParams
 
     engine = RemoteEngine.connect(url, key, model)
     results: dict[str, Any] = {"url": url, "model": engine.info.label, "device": engine.info.device,

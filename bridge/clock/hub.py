@@ -17,8 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge.clock import FollowSpec
+from bridge.clock import osc_dialects as od
 from bridge.clock.follower import Follower, PollThread
 from bridge.clock.grid import Grid
+from bridge.clock.jack import JackFollower
+from bridge.clock.link import LinkFollower
+from bridge.clock.midi_clock import MidiClockFollower
+from bridge.clock.osc_dialects import OscDialectFollower
 from bridge.clock.typed import TypedFollower
 from bridge.osc.udp import TracebackLog
 from bridge.state.rules import MAX_BEAT_POSITION
@@ -86,20 +91,12 @@ class ClockHub:
         src = self.spec.source
         base = self.typed.grid
         if src == "jack":
-            from bridge.clock.jack import JackFollower
-
             self.follower = JackFollower(base, clock=self.clock)
         elif src == "link":
-            from bridge.clock.link import LinkFollower
-
             self.follower = LinkFollower(base, clock=self.clock)
         elif src == "midi-clock":
-            from bridge.clock.midi_clock import MidiClockFollower
-
             self.follower = MidiClockFollower(self.spec.port, base, clock=self.clock)
         elif src == "osc":
-            from bridge.clock.osc_dialects import OscDialectFollower
-
             self.follower = OscDialectFollower(base, clock=self.clock, ardour=self.ardour, send=self.send)
         if self.follower is not None:
             self.follower.__enter__()
@@ -183,7 +180,6 @@ class ClockHub:
     def feedback(self, address: str, args, sender) -> bool:
         """True when `address` is DAW feedback (consumed here, never answered: a DAW does not want
         replies to its feedback); False for everything else (the protocol's own messages)."""
-        from bridge.clock import osc_dialects as od
 
         if od.is_dialect(address):
             f = self.follower

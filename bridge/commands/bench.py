@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
+from bridge.bench import jam as jam_bench
+from bridge.bench import remote as remote_bench
 from bridge.commands.common import UsageError, positive_float
+from bridge.commands.progress import Stages
+from model.bench import compare as bench
+from model.bench import e2e
+from model.bench.compare import save, write_random_model
+from model.engine import DTYPES, pick_device
+from model.remote.client import RemoteError
+from model.types import RequestError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,9 +80,6 @@ def run(args: argparse.Namespace) -> int:
         return _remote(args)
     import torch
 
-    from model.bench import compare as bench
-    from model.engine import DTYPES, pick_device
-    from model.types import RequestError
 
     try:
         device = pick_device(args.device)
@@ -102,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
         variations = [0]
     if any(not 1 <= v <= 16 for v in variations):
         raise UsageError(f"--variations: expected counts between 1 and 16 like 1,2,4, got {args.variations!r}")
-    from bridge.commands.progress import Stages
 
     steps = (1 + (args.compare == "transformers") + len(dict.fromkeys(dtypes)) + gpu + bool(variations)
              + bool(args.quality) + 2 * bool(args.quality and args.proxy_steps))
@@ -124,13 +129,10 @@ def _e2e(args: argparse.Namespace) -> int:
     import sys
     import tempfile
 
-    from model.bench import e2e
-    from model.bench.compare import save, write_random_model
 
     def log(m: str) -> None:
         print(m, file=sys.stderr, flush=True)
 
-    from model.engine import DTYPES
 
     if not 1 <= args.e2e_pairs <= 20:
         raise UsageError(f"--e2e-pairs must be between 1 and 20, got {args.e2e_pairs}")
@@ -161,7 +163,6 @@ def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") 
     import json
     import sys
 
-    from bridge.bench import jam as jam_bench
 
     if not 1 <= args.chunk_bars <= 16:
         raise UsageError(f"--chunk-bars must be 1-16, got {args.chunk_bars}")
@@ -189,8 +190,6 @@ def _remote(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from bridge.bench import remote as remote_bench
-    from model.remote.client import RemoteError
 
     if not (0 <= args.jams <= 64 and 0 <= args.jobs <= 64) or not (args.jams or args.jobs):
         raise UsageError("--jams and --jobs must be 0-64, and not both 0")

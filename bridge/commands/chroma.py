@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from model.conditioning.chroma import FRAME_RATE
-    from model.conditioning.melody import load_melody
+    from model.conditioning.chroma import FRAME_RATE  # torch loads only where this runs
+    from model.conditioning.melody import load_melody  # torch loads only where this runs
 
     out = Path(args.out)
     if out.suffix != ".npy":

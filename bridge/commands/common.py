@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import math
 
+from bridge.commands.progress import timed
+from model.memory.heap import loading
+from model.remote.client import RemoteEngine, RemoteError
+from model.types import MAX_REQUEST_SECONDS, SAMPLING_RANGES, SamplingParams
+
 
 class UsageError(Exception):
     """A user mistake: bad flag value, missing file, unknown model."""
@@ -22,7 +27,6 @@ def positive_float(text: str) -> float:
 
 def request_seconds(text: str) -> float:
     """A length of music one engine request can make: (0, model.types.MAX_REQUEST_SECONDS]."""
-    from model.types import MAX_REQUEST_SECONDS
 
     v = positive_float(text)
     if v > MAX_REQUEST_SECONDS:
@@ -33,7 +37,6 @@ def request_seconds(text: str) -> float:
 
 def sampling_value(key: str):
     """An argparse type for one sampling parameter, in the range model.types.SAMPLING_RANGES gives it."""
-    from model.types import SAMPLING_RANGES
 
     r = SAMPLING_RANGES[key]
     whole = key in ("top_k", "seed")
@@ -95,20 +98,16 @@ def load_engine(args: argparse.Namespace, model: str | None = None, dtype: str |
     import included, inside `model.memory.heap.loading` (no collector passes over what loading makes;
     `long_running`: collect once before the freeze). With --engine URL: the remote engine there
     (`model.remote.client.RemoteEngine`, a context manager), its device and precision the worker's."""
-    from bridge.commands.progress import timed
-    from model.memory.heap import loading
 
     if getattr(args, "engine", None):
         with loading(collect=long_running):
-            from model.remote.client import RemoteEngine, RemoteError
-
             try:
                 return RemoteEngine.connect(args.engine, args.engine_key, model or args.model, ca_file=args.engine_ca)
             except RemoteError as e:
                 raise UsageError(str(e)) from None
     spec, dev, dt = model or args.model, device or args.device, dtype or args.dtype
     with timed(f"loading {spec}", f"load {spec} {dev} {dt}"), loading(collect=long_running):
-        from model.engine import Engine
+        from model.engine import Engine  # torch loads only where this runs
 
         return Engine.load(spec, device=dev, dtype=dt, pattern=pattern or args.pattern)
 
@@ -124,6 +123,4 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace):
-    from model.types import SamplingParams
-
     return SamplingParams.from_dict({k: getattr(args, k) for k in SamplingParams.__dataclass_fields__})

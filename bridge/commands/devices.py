@@ -53,7 +53,7 @@ def compute_devices() -> tuple[list[dict[str, Any]], str | None]:
     """Where the engine can run: the CPU and each CUDA GPU PyTorch sees; (devices, why no GPU or None)."""
     import torch
 
-    from model.bench.compare import machine
+    from model.bench.compare import machine  # torch and transformers load only where this runs
 
     m = machine()
     out: list[dict[str, Any]] = [{"device": "cpu", "name": m["cpu"], "threads": m["threads"],

@@ -6,9 +6,11 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from audiofile import check_writable_format, resample, write_audio
 from bridge.commands.common import (UsageError, add_engine_args, add_model_args, add_sampling_args, load_engine,
                                     nonneg_int, request_seconds, sampling_params)
 from bridge.commands.progress import Progress
+from model.types import MAX_VARIATIONS, GenerationRequest, melody_refusal
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from audiofile import check_writable_format, resample, write_audio
-    from model.types import MAX_VARIATIONS
-
     out = Path(args.out)
     check_writable_format(out)
     if not out.parent.is_dir():
@@ -54,15 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     engine = load_engine(args)
-    from model.types import GenerationRequest
 
     melody = None
     if args.melody:
-        from model.types import melody_refusal
-
         if melody_refusal(engine):
             raise UsageError(f"--melody: {melody_refusal(engine)}")
-        from model.conditioning.melody import load_melody
+        from model.conditioning.melody import load_melody  # torch loads only where this runs
 
         melody = load_melody(args.melody, engine.chroma_frame_rate, seconds=args.seconds,
                              track=args.melody_track)

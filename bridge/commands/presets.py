@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from presets import SHIPPED_DIR, PresetError, load_preset, load_preset_file, preset_files, user_dir
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list presets (prompt, params, effect chain)",
@@ -18,8 +20,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from presets import PresetError, SHIPPED_DIR, load_preset, load_preset_file, preset_files, user_dir
-
     if args.name:
         preset = load_preset(args.name)
         if args.json:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
+from model.memory.user_cache import cache_dir
+
 LINE_STEP = 10  # percent between two plain lines
 
 
@@ -129,8 +131,6 @@ class Stages:
 
 
 def _history_path():
-    from model.memory.user_cache import cache_dir
-
     return cache_dir() / "durations.json"
 
 

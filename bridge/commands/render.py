@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 from bridge.commands.common import UsageError, add_engine_args, add_model_args, load_engine
+from bridge.commands.progress import Progress
+from bridge.state.session_file import load_session
+from bridge.stems.output import checkpoint_fingerprint, read_sidecar
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.from_sidecar:
@@ -62,9 +64,9 @@ def _load_engine(args: argparse.Namespace, spec: str | None, recorded: dict | No
 def _render(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from bridge.stems.render import (TrackBars, check_melodies, check_out_target, prepare_out_dir,
-                               render_session, write_json_atomic)
-    from bridge.state.session_file import load_session
+    # torch loads only where this runs
+    from bridge.stems.render import (TrackBars, check_melodies, check_out_target, prepare_out_dir, render_session,
+                                     write_json_atomic)
 
     session = load_session(args.session)
     if args.format or args.sample_rate is not None:
@@ -100,8 +102,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _regenerate(args: argparse.Namespace) -> int:
-    from bridge.stems.render import check_out_target, prepare_out_dir, regenerate
-    from bridge.stems.output import checkpoint_fingerprint, read_sidecar
+    from bridge.stems.render import check_out_target, prepare_out_dir, regenerate  # torch loads only where this runs
 
     sc = read_sidecar(args.from_sidecar)
     target = check_out_target(args.out or Path(args.from_sidecar).resolve().parent)
@@ -110,7 +111,6 @@ def _regenerate(args: argparse.Namespace) -> int:
     if recorded and checkpoint_fingerprint(engine.info.path).get("checkpoint_sha256") != recorded:
         print(f"warning: {engine.info.label} is not the checkpoint the stem was made with "
               f"({sc['model'].get('label')}); the audio will differ", file=sys.stderr)
-    from bridge.commands.progress import Progress
 
     with Progress("regenerating", parts=len(sc["batch"]["requests"])) as bar:
         path, same = regenerate(args.from_sidecar, engine, prepare_out_dir(target), progress=bar)

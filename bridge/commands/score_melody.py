@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.conditioning.chroma import FRAME_RATE
-    from model.conditioning.melody import chroma_cosine_similarity, load_melody
+    from model.conditioning.chroma import FRAME_RATE  # torch loads only where this runs
+    from model.conditioning.melody import chroma_cosine_similarity, load_melody  # torch loads only where this runs
 
     ref = load_melody(args.reference, FRAME_RATE, track=args.track)
     gen = load_melody(args.generated, FRAME_RATE)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.commands.common import UsageError, nonneg_int
+from bridge.osc.udp import OscClient, OscEncodeError
 
 TERMINAL = ("/job/done", "/job/cancelled")
 
@@ -83,8 +84,6 @@ def format_reply(address: str, args: list[Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge.osc.udp import OscClient, OscEncodeError
-
     if not args.address.startswith("/"):
         raise UsageError(f"address must start with '/', got {args.address!r}")
     if not (math.isfinite(args.wait_reply) and args.wait_reply >= 0):

@@ -13,8 +13,17 @@ import signal
 import threading
 from pathlib import Path
 
-from bridge.commands.common import (UsageError, add_engine_args, add_model_args, load_engine, nonneg_int, positive_float,
-                                    request_seconds)
+from bridge.clock import ClockError, parse_follow
+from bridge.commands.common import (UsageError, add_engine_args, add_model_args, load_engine, nonneg_int,
+                                    positive_float, request_seconds)
+from bridge.live.notes import NoteRouter, open_midi_inputs
+from bridge.osc.access import Access, AccessError
+from bridge.osc.input_files import InputLimits
+from bridge.osc.protocol import Limits
+from bridge.panel.guard import Guard, PanelError, parse_panel
+from bridge.panel.server import PanelServer
+from bridge.state.session import LiveSession, SessionError
+from plugin_host.stems import check_out_dir
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -27,8 +36,6 @@ def host_port(text: str) -> tuple[str, int]:
 
 
 def follow_spec(text: str):
-    from bridge.clock import parse_follow
-
     try:
         return parse_follow(text)
     except ValueError as e:
@@ -91,7 +98,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     # A crash in native code (an audio driver, a kernel) leaves every thread's stack in the log
     # instead of a bare exit status: what a bug report from a gig needs. (Not where stderr is no
     # file, as when serve runs inside another program that captures it.)
@@ -115,10 +121,8 @@ def run(args: argparse.Namespace) -> int:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create folder {d}: {e.strerror or e}") from None
-    from plugin_host.stems import check_out_dir
 
     check_out_dir(stems_dir)
-    from bridge.osc.access import Access, AccessError
 
     try:
         Access(args.allow_from, args.key)
@@ -136,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     panel = _panel_address(args)
 
-    from bridge.state.session import LiveSession, SessionError
 
     try:
         LiveSession(session_dir)  # a broken session file stops us before the model loads
@@ -153,7 +156,6 @@ def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
     """The note router (live notes for jams), fed by every --midi-in port; stamped on the output clock."""
     import time
 
-    from bridge.live.notes import NoteRouter, open_midi_inputs
 
     clock = (lambda: audio.position / audio.samplerate) if audio is not None else time.monotonic
     router = NoteRouter(clock)
@@ -170,8 +172,8 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
     """The live output named by --audio, open until `stack` closes; UsageError saying why it cannot open."""
 
     try:
-        from plugin_host.output import OutputError
-        from plugin_host.output_process import AudioOutputProcess
+        from plugin_host.output import OutputError  # optional: sounddevice needs PortAudio
+        from plugin_host.output_process import AudioOutputProcess  # optional: sounddevice needs PortAudio
     except ImportError:
         raise UsageError(f"live audio output (--audio {spec}) is not available in this build; "
                          "use --audio none and render stems") from None
@@ -191,7 +193,6 @@ def open_audio(spec: str, stack: contextlib.ExitStack):
 
 def _panel_address(args: argparse.Namespace) -> tuple[str, int] | None:
     """Where the panel is served (None: --panel off); UsageError before the model loads when it cannot be."""
-    from bridge.panel.guard import Guard, PanelError, parse_panel
 
     try:
         where = parse_panel(args.panel, args.port)
@@ -218,9 +219,7 @@ def _serve(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, 
 
 def _serve_engine(args: argparse.Namespace, session_dir: Path, stems_dir: Path, audio, notes,
                   panel: tuple[str, int] | None, engine) -> int:
-    from bridge.daemon import Daemon, DaemonConfig
-    from bridge.osc.input_files import InputLimits
-    from bridge.osc.protocol import Limits
+    from bridge.daemon import Daemon, DaemonConfig  # torch loads only where this runs
     config = DaemonConfig(host=args.host, port=args.port, reply_to=args.reply_to, session_dir=session_dir,
                           stems_dir=stems_dir, allow_dirs=tuple(d.expanduser() for d in args.allow_dir),
                           grace=args.grace, limits=Limits(max_seconds=args.max_seconds,
@@ -243,7 +242,6 @@ def _serve_engine(args: argparse.Namespace, session_dir: Path, stems_dir: Path, 
             daemon = Daemon(engine, config, audio=audio, notes=notes)
         except OSError as e:
             raise UsageError(f"cannot start: {e}") from None
-        from bridge.clock import ClockError
 
         try:
             daemon.__enter__()
@@ -272,8 +270,6 @@ def _serve_engine(args: argparse.Namespace, session_dir: Path, stems_dir: Path, 
 
 def _open_panel(daemon, where: tuple[str, int], args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     """Serve the panel until `stack` closes and log its URL (with this run's token) for the user to open."""
-    from bridge.panel.guard import PanelError
-    from bridge.panel.server import PanelServer
 
     auto = args.panel.strip().lower() in ("auto", "on", "")
     try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+
 from bridge.commands.common import UsageError
+from bridge.commands.progress import timed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,20 +25,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.load.tiny import write_tiny_model
+    from model.load.tiny import write_tiny_model  # torch loads only where this runs
 
     if args.arch != "tiny":
-        from model.bench.compare import write_random_model
+        from model.bench.compare import write_random_model  # torch and transformers load only where this runs
 
         if args.melody or args.stereo:
             raise UsageError("--melody/--stereo apply to --arch tiny only")
-        from bridge.commands.progress import timed
-
         with timed(f"writing a {args.arch}-shaped checkpoint", f"tiny-model {args.arch}"):
             out = write_random_model(args.arch, args.dir)
         print(f"wrote {args.arch}-shaped checkpoint with random weights to {out}")
         return 0
-    from bridge.commands.progress import timed
 
     with timed("writing the tiny checkpoint", f"tiny-model tiny {args.melody} {args.stereo}"):
         out = write_tiny_model(args.dir, melody=args.melody, stereo=args.stereo)

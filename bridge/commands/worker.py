@@ -13,6 +13,7 @@ import signal
 import threading
 
 from bridge.commands.common import UsageError, add_model_args, positive_float
+from model.remote.client import MIN_KEY
 
 log = logging.getLogger("musicbridge.worker")
 
@@ -46,8 +47,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.remote.client import MIN_KEY
-
     if not args.key or not MIN_KEY <= len(args.key) <= 256:
         raise UsageError(f"the worker needs --key (or $MUSICBRIDGE_ENGINE_KEY) of {MIN_KEY}-256 characters: "
                          "every request must carry it, and the daemon is given the same one (--engine-key)")
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from ray import serve
     except ImportError:
         raise UsageError("the worker needs Ray Serve: pip install 'musicbridge[remote]'") from None
-    from model.remote.app import APP_NAME, build_app, key_digest
+    from model.remote.app import APP_NAME, build_app, key_digest  # Ray: only the worker loads it
 
     try:
         # Serve's proxy sends every request to a replica on its own node while that one has room:

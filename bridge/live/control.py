@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bridge.live.jam import bins_text
 from bridge.live.melody_source import LoopedMelody, stored_melody
 from bridge.live.notes import NoteRouter
-from bridge.osc.protocol import ProtocolError
-from bridge.live.jam import bins_text
 from bridge.live.play import play_while_generating
+from bridge.osc.protocol import ProtocolError
 from bridge.stems.jobs import track_sound
 from model.types import melody_refusal
 
@@ -98,7 +98,7 @@ class LiveControl:
             raise ProtocolError("unavailable", "this daemon has no live audio output; start it with "
                                                "--audio DEVICE to jam")
         try:
-            from bridge.live.jam import Jam, JamError
+            from bridge.live.jam import Jam, JamError  # optional: sounddevice needs PortAudio
         except ImportError:
             raise ProtocolError("unavailable", "live jam is not available in this build") from None
 
@@ -108,8 +108,6 @@ class LiveControl:
         prompt, params = track_sound(name, track, preset, transport.tempo)
         melody, what = None, "text only"
         if track.melody is not None:
-            from model.types import melody_refusal
-
             if melody_refusal(self.engine):
                 raise ProtocolError("model", f"track {name} follows a melody, but {melody_refusal(self.engine)}")
             rate = self.engine.chroma_frame_rate

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from model.types import Cancelled
 from plugin_host.live import TrackPlayer
-from model.engine import Cancelled
 
 MARGIN_SECONDS = 0.05  # beyond the device latency: room for a block or two
 

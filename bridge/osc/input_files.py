@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.osc.paths import PathPolicy
+from bridge.osc.paths import PathPolicy, file_kind
 from bridge.osc.protocol import ProtocolError
 
 READ_CHUNK_SECONDS = 1.0
@@ -35,18 +35,6 @@ class InputLimits:
     max_audio_bytes: int = 512 * 1024 * 1024
     max_midi_bytes: int = 1024 * 1024
     max_midi_events: int = 100_000
-
-
-def _kind_of(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
 
 
 def _real_path(fd: int, path: str) -> Path:
@@ -74,7 +62,7 @@ def open_input(path: str | os.PathLike, policy: PathPolicy, what: str = "file") 
             raise ProtocolError("bad_path", f"{what} {text[:200]!r} now leads to {str(real)[:200]!r}, outside "
                                             "the allowed folders (was it replaced by a link?)")
         if not stat.S_ISREG(st.st_mode):
-            raise ProtocolError("bad_args", f"{what} {text[:200]!r} is {_kind_of(st.st_mode)}; expected a "
+            raise ProtocolError("bad_args", f"{what} {text[:200]!r} is {file_kind(st.st_mode)}; expected a "
                                             "regular file")
         os.set_blocking(fd, True)
         yield fd

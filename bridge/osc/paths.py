@@ -12,7 +12,21 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
 from bridge.state.rules import ProtocolError
+
+
+def file_kind(mode: int) -> str:
+    """What a path that is not a regular file is, in words for an error message."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 class PathPolicy:
@@ -39,9 +53,7 @@ class PathPolicy:
         except OSError:
             raise ProtocolError("not_found", f"{what} {text[:200]!r} does not exist") from None
         if not stat.S_ISREG(mode):
-            from bridge.osc.input_files import _kind_of
-
-            raise ProtocolError("bad_args", f"{what} {text[:200]!r} is {_kind_of(mode)}; expected a regular file")
+            raise ProtocolError("bad_args", f"{what} {text[:200]!r} is {file_kind(mode)}; expected a regular file")
         if suffixes and resolved.suffix.lower() not in suffixes:
             raise ProtocolError("bad_args", f"{what} {text[:200]!r} must end in {', '.join(suffixes)}")
         return resolved

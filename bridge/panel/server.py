@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from bridge.osc.udp import OscEncodeError, decode, encode
 from bridge.panel.guard import Guard, PanelError, is_loopback_host, new_token
+from bridge.panel.thumbs import thumb_of
 from bridge.panel.view import PanelView
 
 log = logging.getLogger("musicbridge.panel")
@@ -188,8 +190,6 @@ class PanelServer:
         if bits[2] == "thumb.json":
             cached = self._thumbs.get(str(f))
             if cached is None:
-                from bridge.panel.thumbs import thumb_of
-
                 try:  # off the loop: reading and transforming a long stem takes a moment
                     thumb = await asyncio.get_running_loop().run_in_executor(None, thumb_of, f)
                     cached = json.dumps(thumb.to_json(), separators=(",", ":")).encode()
@@ -230,7 +230,6 @@ class PanelServer:
                 or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in args)):
             return {"type": "refused", "reason": f"\"args\" must be a list of at most {MAX_CONTROL_ARGS} "
                                                  "strings and numbers"}
-        from bridge.osc.udp import OscEncodeError, encode
 
         try:
             data = encode(c["address"][:256], args)
@@ -264,13 +263,10 @@ class PanelServer:
         self._osc, _ = await asyncio.get_running_loop().create_datagram_endpoint(Replies, local_addr=local)
         key = self.daemon.config.key
         if key and not is_loopback_host(target[0]):  # a non-loopback daemon address needs the key, as any sender
-            from bridge.osc.udp import encode
 
             self._osc.sendto(encode("/hello", [key]), target)
 
     def _reply(self, data: bytes) -> None:
-        from bridge.osc.udp import decode
-
         try:
             messages = decode(data)
         except Exception:  # noqa: BLE001 - only the daemon answers here; a bad datagram is dropped

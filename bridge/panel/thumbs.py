@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from audiofile import read_audio
+
 COLUMNS = 240  # waveform columns
 SPEC_FRAMES = 160
 SPEC_BANDS = 48
@@ -34,7 +36,6 @@ class Thumb:
 
 def thumb_of(path: Path) -> Thumb:
     """The thumbnail of an audio file (any format `audiofile` reads); AudioFileError when it cannot be read."""
-    from audiofile import read_audio
 
     audio, rate = read_audio(path)
     mono = np.asarray(audio, np.float32).mean(axis=0)

@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from bridge.live.jam import bins_text
+from presets import load_preset, preset_files
+
 log = logging.getLogger("musicbridge.panel")
 
 METER_SECONDS = 60.0  # the meters' plots cover the last minute
@@ -173,8 +176,6 @@ class PanelView:
         """Preset names for the page's menu, looked up again every few seconds (a user may add a file)."""
         at, names = self._presets
         if self._clock() - at > 5.0:
-            from presets import preset_files
-
             names = list(preset_files())
             self._presets = (self._clock(), names)
         return names
@@ -239,8 +240,6 @@ class PanelView:
         at, chain = self._chains.get(preset, (-math.inf, ()))
         if self._clock() - at > 5.0:
             try:
-                from presets import load_preset
-
                 chain = tuple(str(c.get("plugin", "?")) for c in load_preset(preset).chain)
             except Exception:  # noqa: BLE001 - a preset that cannot load shows so; the OSC path says why
                 chain = ("(preset cannot load)",)
@@ -327,8 +326,6 @@ class PanelView:
         return out
 
     def _strip(self, jam, mem: _JamMemory, entry: dict[str, Any]) -> ChunkView:
-        from bridge.live.jam import bins_text
-
         k = int(entry["index"])
         cond = entry.get("chroma")
         if k not in mem.scored:
@@ -342,7 +339,7 @@ class PanelView:
 
     def _score(self, jam, cond, pieces: list[np.ndarray]) -> tuple[str, float | None]:
         """The chroma of a chunk's audio (the model's own extractor) and its cosine with the conditioning."""
-        from bridge.live.jam import bins_text
+        # torch loads only where this runs
         from model.conditioning.melody import audio_to_chroma, chroma_cosine_similarity
 
         if not pieces:

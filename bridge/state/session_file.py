@@ -42,7 +42,10 @@ from typing import Any
 
 from bridge.state import rules as R
 from model.types import MAX_REQUEST_SECONDS
+from plugin_host.chain import ChainError, build_chain
 from plugin_host.tempo import MAX_BPM, MIN_BPM, TempoError, TimeSignature
+from presets import PresetError, check_params, load_preset
+
 SESSION_KEYS = ("tempo", "signature", "sample_rate", "format", "loop", "model", "track")
 TRACK_KEYS = ("name", "preset", "prompt", "bars", "seconds", "start_bar", "seed", "melody",
               "melody_track", "loop", "params", "chain")
@@ -191,8 +194,6 @@ class _Parser:
 
         preset = None
         if "preset" in t:
-            from presets import PresetError, load_preset
-
             if not isinstance(t["preset"], str) or not t["preset"]:
                 raise err("expected a preset name (see `musicbridge presets`)", "preset")
             pname = t["preset"]
@@ -253,10 +254,8 @@ class _Parser:
 
         params = dict(preset.params) if preset else {}
         if "params" in t:
-            from presets import PresetError, _check_params
-
             try:
-                params.update(_check_params(t["params"], "params"))
+                params.update(check_params(t["params"], "params"))
             except PresetError as e:
                 m = re.match(r"params: key '([^']+)': (.*)", str(e), re.S)
                 raise (err(m.group(2), m.group(1)) if m else err(str(e), "params")) from None
@@ -270,7 +269,6 @@ class _Parser:
             chain = t["chain"]
             if not isinstance(chain, list) or not all(isinstance(c, dict) for c in chain):
                 raise err("expected an array of plugin tables like [{plugin = \"Reverb\"}]", "chain")
-            from plugin_host.chain import ChainError, build_chain
 
             try:
                 build_chain(chain, where="chain")

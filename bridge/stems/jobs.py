@@ -10,7 +10,6 @@ callbacks. Every job ends in exactly one event: done, cancelled or failed.
 from __future__ import annotations
 
 import copy
-
 import itertools
 import logging
 import threading
@@ -26,8 +25,8 @@ from bridge.osc.protocol import Continue, Generate, Limits, ProtocolError
 from bridge.stems.output import finish_audio, write_planned_stem
 from bridge.stems.plan import PlanError, StemPlan, check_params, plan_stem, sound
 from bridge.stems.request import build_request, session_melody_record
-from model.types import RequestError, melody_refusal
-from model.engine import Cancelled
+from bridge.stems.write_errors import describe_write_error
+from model.types import Cancelled, RequestError, melody_refusal
 
 if TYPE_CHECKING:
     from bridge.state.session import TrackSettings, Transport
@@ -363,7 +362,6 @@ class JobQueue:
             try:
                 path = self.write_stem(job, audio, records, index)
             except Exception as e:  # noqa: BLE001 - disk full, chain error: this job fails, the daemon goes on
-                from bridge.stems.write_errors import describe_write_error
 
                 need = int(job.plan.render.get("samples") or 0) * 2 * 4 + (1 << 20)  # stereo float, generous
                 self._finish(job, "failed", ("failed", describe_write_error(e, self.stems_dir, need)))

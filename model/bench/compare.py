@@ -19,9 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.bench.proxy import STYLES, delayed_batch, structured_codes, train_proxy
+from model.bench.reference import frames_for_seconds
+from model.codec.codes import StreamingDecoder, musicgen_32k_config
+from model.codec.stream import StatefulDecoder
+from model.conditioning.prepare import build_conditioning
+from model.decode import autotune
+from model.decode.cross_fold import folded
+from model.decode.decoder import DecoderSpec
+from model.decode.step_graph import graphs as graphs_on
 from model.engine import Engine
 from model.load.resolve import ResolvedModel
-from model.bench.reference import frames_for_seconds
+from model.load.tiny import _build_tokenizer, build_tiny_model, randomize_codebooks
+from model.memory.user_cache import new_folder
 from model.types import GenerationRequest, SamplingParams
 
 PROMPT = "lofi hip hop beat with warm piano chords and vinyl crackle"
@@ -30,11 +40,9 @@ ARCHS = ("musicgen-small", "tiny")
 
 def build_random_model(arch: str):
     """(hf model, tokenizer) with the architecture's real shapes and random weights."""
-    from transformers import (AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration, T5Config)
+    from transformers import (AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
+                              T5Config)
 
-    from model.codec.codes import musicgen_32k_config
-    from model.load.tiny import _build_tokenizer, build_tiny_model, randomize_codebooks
 
     tok_dir = Path(tempfile.mkdtemp(prefix="musicbridge-bench-tok-"))
     _build_tokenizer(tok_dir)
@@ -70,7 +78,6 @@ def write_random_model(arch: str, out_dir) -> Path:
 
 def write_checkpoint(model, tokenizer, out_dir) -> Path:
     """A `transformers` model and its tokenizer as a checkpoint directory, atomically."""
-    from model.memory.user_cache import new_folder
 
     out = Path(out_dir)
     with new_folder(out, ".random-") as tmp:
@@ -153,8 +160,6 @@ def weight_bytes(module: torch.nn.Module, folded_bytes: int | None = None) -> in
 
 def _folded_bytes(eng: Engine, prompt: str) -> int | None:
     """What a step reads of `prompt`'s folded cross-attention (guided), or None if not folded."""
-    from model.conditioning.prepare import build_conditioning
-    from model.decode.cross_fold import folded
 
     stack = eng.lm.stack
     if stack is None or stack.fold_dtype is None or eng.is_melody:
@@ -225,7 +230,6 @@ def bench_engine(model, tokenizer, dtype: str, seconds: float, stream_seconds: f
                  bandwidth: float, device: str = "cpu", graphs: bool = True) -> Result:
     """Our engine in `dtype`. On a GPU, `graphs=False` runs the same fixed-shape step without
     CUDA graphs (MUSICBRIDGE_CUDA_GRAPHS=0), for the A/B."""
-    from model.decode.step_graph import graphs as graphs_on
 
     with graphs_on(graphs):
         return _bench_engine(model, tokenizer, dtype, seconds, stream_seconds, bandwidth, device, graphs)
@@ -264,8 +268,6 @@ def _bench_engine(model, tokenizer, dtype, seconds, stream_seconds, bandwidth, d
     gaps = np.diff(stamps) * 1000
     steps = eng.pattern.n_steps(eng.frames_for(seconds))
     # Streaming: time to first audio, and each chunk's codec cost along the stream.
-    from model.codec.codes import StreamingDecoder
-    from model.codec.stream import StatefulDecoder
 
     pushes: list[float] = []
     decoders = (StreamingDecoder, StatefulDecoder)  # whichever model.codec.codes.streaming_decoder picks
@@ -327,15 +329,12 @@ def quality(model, tokenizer, dtypes: list[str], n_tokens: int = 64, proxy: str 
       the fraction of tokens equal to float32's (one early difference changes what follows,
       so this is the strictest of the three).
     """
-    from model.conditioning.prepare import build_conditioning
 
     resolved = ResolvedModel("random", f"{proxy} proxy", False, False, True)
     ref_eng = Engine(_on(model, device), tokenizer, resolved, device, "float32")
     k = ref_eng.num_codebooks
     prompts = [PROMPT, "techno"]
     if proxy == "trained":
-        from model.bench.proxy import STYLES, delayed_batch, structured_codes
-
         codes, _ = structured_codes(np.random.default_rng(10_000), 2, n_tokens - k)
         tokens, _ = delayed_batch(codes)
         prompts = [STYLES[0], STYLES[1]]
@@ -393,7 +392,6 @@ def _topk_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 def trained_proxy(steps: int, log=print):
     """The trained quantisation proxy (model.bench.proxy), trained now with a fixed seed."""
-    from model.bench.proxy import train_proxy
 
     t = time.perf_counter()
     model, tokenizer, loss = train_proxy(steps=steps, log_fn=log)
@@ -464,9 +462,6 @@ def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seco
     if gpu:
         dtypes = list(dict.fromkeys("float16" if d == "auto" else d for d in dtypes))
     if "auto" in dtypes:
-        from model.decode import autotune
-        from model.decode.decoder import DecoderSpec
-
         decision = autotune.choose(DecoderSpec.of_hf(model))
         auto = autotune.decision_dict(decision)
         log(decision.line())

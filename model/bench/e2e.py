@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from model.memory import weight_cache
+
 PROMPT = "lofi hip hop beat with warm piano chords and vinyl crackle"
 
 _REFERENCE = """
@@ -61,7 +63,6 @@ def compare(model_dir: str, seconds: float, log=print, dtypes: tuple[str, ...] =
     load runs (model/memory/weight_cache.py); each run says whether it read them from the cache."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    from model.memory import weight_cache
 
     if not weight_cache.enabled():
         env.pop("MUSICBRIDGE_WEIGHT_CACHE")  # on for the timed runs (a folder given there is kept)

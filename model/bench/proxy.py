@@ -23,7 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.conditioning.prepare import encode_text
+from model.decode.decoder import MusicgenDecoderLM
 from model.decode.patterns import get_pattern
+from model.load.tiny import _build_tokenizer, randomize_codebooks, tiny_configs
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +42,8 @@ def build_proxy_model():
     import tempfile
     from pathlib import Path
 
-    from transformers import (AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig,
-                              MusicgenForConditionalGeneration)
+    from transformers import AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
 
-    from model.load.tiny import _build_tokenizer, randomize_codebooks, tiny_configs
 
     text, codec, _ = tiny_configs()
     codec.codebook_size = VOCAB
@@ -91,8 +92,6 @@ def delayed_batch(codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_proxy(steps: int = 300, batch: int = 8, frames: int = 48, seed: int = 0, log_fn=log.info):
     """Train `build_proxy_model()`'s decoder; return (hf model, tokenizer, final loss)."""
-    from model.conditioning.prepare import encode_text
-    from model.decode.decoder import MusicgenDecoderLM
 
     torch.manual_seed(seed)
     model, tokenizer = build_proxy_model()

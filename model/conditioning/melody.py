@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from audiofile import READABLE, AudioFileError, read_audio
 from model.conditioning import chroma as ch
 
 
@@ -286,8 +288,6 @@ def load_melody(path: str | os.PathLike, chroma_frame_rate: float, seconds: floa
             raise MelodyError(f"{p}: the chroma contains NaN or infinity")
         chroma = chroma.astype(np.float32)
     else:
-        from audiofile import READABLE, AudioFileError, read_audio
-
         if ext not in READABLE:
             raise MelodyError(f"{p}: expected a .mid, .npy or audio file ({', '.join(READABLE)})")
         try:

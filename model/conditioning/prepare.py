@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from model.memory.pages import drop_pages
+from model.types import RequestError
 
 
 @dataclass
@@ -39,8 +40,6 @@ def encode_text(hf_model, tokenizer, prompts: list[str], device) -> tuple[torch.
     for prompt in dict.fromkeys(prompts):
         ids = tokenizer([prompt], return_tensors="pt").input_ids.to(device)
         if ids.numel() and int(ids.max()) >= vocab:
-            from model.types import RequestError
-
             raise RequestError(
                 f"the tokenizer produced token id {int(ids.max())} but the text encoder knows {vocab}: "
                 "the checkpoint's tokenizer does not match its model"

@@ -96,7 +96,7 @@ def _network_allowed() -> bool:
 def resolve_model(spec: str) -> ResolvedModel:
     """Turn a `--model` value into something `from_pretrained` can load, or say why not."""
     if spec in TINY_NAMES:
-        from model.load.tiny import cached_tiny_model
+        from model.load.tiny import cached_tiny_model  # torch loads only where this runs
 
         path = cached_tiny_model(**TINY_NAMES[spec])
         return ResolvedModel(str(path), spec, True, spec == "tiny-melody", True)

@@ -166,7 +166,7 @@ class EngineReplica:
         import ray
         import torch
 
-        from model.engine import Engine
+        from model.engine import Engine  # torch loads only where this runs
 
         self.key_sha256 = str(config["key_sha256"])
         threads = int(config.get("threads") or 0)

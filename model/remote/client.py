@@ -34,9 +34,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from model.remote.wire import (PROTOCOL, ServedBy, TokensResult, WireError, WireRequest, array_from_json,
-                               array_to_json, codec_digest, info_from_json, piece_from_bytes)
-from model.types import AudioChunk, GenerationRequest, RequestError, SamplingParams
+from model.decode.scheduler import StepGate
+from model.load.resolve import ModelError, resolve_model
+from model.remote.wire import (PROTOCOL, ServedBy, TokensResult, WireError, WireRequest, array_from_json, array_to_json,
+                               codec_digest, info_from_json, piece_from_bytes)
+from model.types import AudioChunk, Cancelled, GenerationRequest, RequestError, SamplingParams
 
 log = logging.getLogger("musicbridge.remote")
 
@@ -86,7 +88,6 @@ class RemoteEngine:
 
     def __init__(self, url: str, key: str, info: dict[str, Any], codec_hf, *, ca_file: str | None = None,
                  retries: int = 3, retry_seconds: float = 120.0, poll_seconds: float = 3.0):
-        from model.decode.scheduler import StepGate
 
         self.url = url.rstrip("/")
         self._key = key
@@ -120,8 +121,7 @@ class RemoteEngine:
 
         `model`: this machine's copy of the worker's checkpoint, for the codec ('auto': the path or
         Hugging Face id the worker reports, resolved here)."""
-        from model.engine import load_checkpoint
-        from model.load.resolve import ModelError, resolve_model
+        from model.engine import load_checkpoint  # torch loads only where this runs
 
         split = urlsplit(url)
         if split.scheme not in ("http", "https") or not split.hostname:
@@ -193,7 +193,6 @@ class RemoteEngine:
 
     def generate(self, requests: Sequence[GenerationRequest],
                  progress: Callable[[int, float], None] | None = None) -> list[np.ndarray | None]:
-        from model.engine import Cancelled
 
         codes = self.generate_tokens(requests, progress)
         if all(c is None for c in codes):
@@ -204,13 +203,13 @@ class RemoteEngine:
         """Codes to audio on this machine's codec: the same function a local engine decodes with."""
         import torch
 
-        from model.codec.codes import decode
+        from model.codec.codes import decode  # torch loads only where this runs
 
         with torch.inference_mode():
             return decode(self.hf.audio_encoder, np.asarray(codes, dtype=np.int64), self.channels, between=between)
 
     def streaming_decoder(self):
-        from model.codec.codes import streaming_decoder
+        from model.codec.codes import streaming_decoder  # torch loads only where this runs
 
         return streaming_decoder(self.hf.audio_encoder, self.channels)
 
@@ -234,8 +233,7 @@ class RemoteEngine:
                         start += audio.shape[1]
                 yield AudioChunk(dec.flush(), self.sample_rate, start, True, i)
         if all(c is None for c in codes):
-            from model.engine import Cancelled
-
+    
             raise Cancelled("all requests were cancelled")
 
     def stream(self, request: GenerationRequest, chunk_seconds: float = 1.0, first_chunk_seconds: float = 0.25,

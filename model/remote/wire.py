@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from model.types import GenerationRequest, RequestError, SamplingParams
+from model.types import EngineInfo, GenerationRequest, RequestError, SamplingParams
 
 PROTOCOL = 1  # bumped when a record changes shape; both sides say theirs in /info
 MAX_ARRAY_BYTES = 64 << 20  # the largest array a request may carry (a 10-minute stereo take is 154 MB: refused)
@@ -179,7 +179,6 @@ def info_to_json(info) -> dict[str, Any]:
 
 
 def info_from_json(d: Any):
-    from model.engine import EngineInfo
 
     d = _check_fields(EngineInfo, d, "engine info")
     try:

@@ -93,6 +93,29 @@ def drain(client: OscClient, quiet: float = 0.3) -> list:
     return list(client.replies(quiet))
 
 
+def finished(client: OscClient, ids: list[int], timeout: float = 120.0) -> dict[int, Path]:
+    """Wait for every job in `ids` to finish: job id -> its stem (a job's /error fails the test)."""
+    done: dict[int, Path] = {}
+    seen: list = []
+    while len(done) < len(ids):
+        r = client.wait_for(lambda a, v: a in ("/job/done", "/error") and v and v[0] in ids, timeout, seen)
+        assert r is not None and r[0] == "/job/done", seen
+        done[r[1][0]] = Path(r[1][1])
+    return {i: done[i] for i in ids}
+
+
+def stem_of(client: OscClient, track: str, *args) -> str:
+    """Ask `track` for one stem (`/track/<track>/generate *args`) and wait for its file."""
+    drain(client, 0.05)
+    client.send(f"/track/{track}/generate", *args)
+    job, _track = expect(client, "/job/accepted")
+    seen: list = []
+    r = client.wait_for(lambda a, v: a in ("/job/done", "/error") and v and (v[0] == job or v[-1] == job), 120,
+                        seen)
+    assert r is not None and r[0] == "/job/done", (r, seen)
+    return r[1][1]
+
+
 @contextlib.contextmanager
 def serving(base: Path, model_dir: Path, *extra: str, session_dir: Path | None = None,
            allow_dir: Path | None = None, reply_to: bool = False, exit_code: int | None = 0):

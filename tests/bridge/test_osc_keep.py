@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,7 @@ from bridge.state import rules as R
 from bridge.state.rules import ProtocolError
 from bridge.state.session import KeptTake, LiveSession
 from bridge.state.session_check import check_session_data
-from tests.bridge.osc_helpers import drain, expect
+from tests.bridge.osc_helpers import drain, expect, finished
 
 
 def _session(kept) -> dict:
@@ -85,11 +84,7 @@ def test_keep_a_take_over_osc_and_after_a_restart(serve_daemon, tiny_model_dir, 
             assert expect(c, "/ok") == [address]
         c.send("/track/keys/generate", 0.5)
         ids = [expect(c, "/job/accepted")[0] for _ in range(3)]
-        done, seen = {}, []
-        while len(done) < 3:
-            r = c.wait_for(lambda a, v: a in ("/job/done", "/error") and v and v[0] in ids, 120.0, seen)
-            assert r is not None and r[0] == "/job/done", seen
-            done[r[1][0]] = Path(r[1][1])
+        done = finished(c, ids)
         c.send("/track/bass/generate", 30.0)  # a long job: still queued or running when it is asked for
         busy = expect(c, "/job/accepted")[0]
         assert _state(c, "keys")["kept"] is None

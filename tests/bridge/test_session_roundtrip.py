@@ -59,6 +59,7 @@ TRACKS = ("lo", "hi", "chroma_lo", "chroma_hi", "notes")
 
 def _read_back(c: OscClient) -> dict:
     drain(c, 0.0)
+    c.send("/pad", b"\0" * 8000)  # earns the reply credit the states below cost (docs/osc.md, Reply budget)
     c.send("/tracks")
     names = expect(c, "/tracks")
     states = {}

@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import soundfile as sf
 
 from plugin_host.bwf import read_bext
 from tests.bridge.clock.helpers import following_daemon
-from tests.bridge.osc_helpers import drain, expect
-
-
-def _stem(c, *args) -> str:
-    drain(c, 0.05)
-    c.send("/track/drums/generate", *args)
-    job, _track = expect(c, "/job/accepted")
-    seen: list = []
-    r = c.wait_for(lambda a, v: a in ("/job/done", "/error") and v and (v[0] == job or v[-1] == job), 120, seen)
-    assert r is not None and r[0] == "/job/done", (r, seen)
-    return r[1][1]
+from tests.bridge.osc_helpers import expect, stem_of
 
 
 def test_stems_land_on_the_bar_line(tmp_path, tiny_model_dir):
@@ -31,15 +20,15 @@ def test_stems_land_on_the_bar_line(tmp_path, tiny_model_dir):
         expect(c, "/ok")
         c.send("/transport/locate", 32.0)
         expect(c, "/ok")
-        stems = {"located": _stem(c, 1, "bars")}
+        stems = {"located": stem_of(c, "drums", 1, "bars")}
         c.send("/transport/locate", 34.5)  # inside bar 9: snapped back to its bar line
         expect(c, "/ok")
-        stems["snapped"] = _stem(c, 1.0, "bars", 3)  # Pd sends floats; with a priority
-        stems["at bar 9"] = _stem(c, 1, "bars", "at", 9)
-        stems["at bar 9 prio"] = _stem(c, 0.5, 2, "at", 9.0)
+        stems["snapped"] = stem_of(c, "drums", 1.0, "bars", 3)  # Pd sends floats; with a priority
+        stems["at bar 9"] = stem_of(c, "drums", 1, "bars", "at", 9)
+        stems["at bar 9 prio"] = stem_of(c, "drums", 0.5, 2, "at", 9.0)
         c.send("/transport/locate", 0.0)
         expect(c, "/ok")
-        stems["start"] = _stem(c, 1, "bars")
+        stems["start"] = stem_of(c, "drums", 1, "bars")
         c.send("/track/drums/generate", 1, "bars", "at", 0)
         err = expect(c, "/error")
         assert err[0] == "bad_args" and "bar" in err[1]

@@ -46,12 +46,13 @@ def test_the_controls_start_a_job_whose_progress_bar_moves_and_whose_stem_appear
         _control(browser, "c-generate")
         wait_until("the daemon accepts the job", lambda: any(r.startswith("/job/accepted 1 \"drums\"")
                                                             for r in _replies(browser)))
-        wait_until("the job runs or is done", lambda: browser.find_element("css selector", "[data-job='1']")
-                   .get_attribute("data-state") in ("running", "done"))
-        if browser.find_element("css selector", "[data-job='1']").get_attribute("data-state") == "running":
+        # read in one script call: the page rebuilds the job list on every update, so an element
+        # found in one call may be gone by the next
+        state = "const e = document.querySelector(\"[data-job='1']\"); return e && e.dataset.state;"
+        wait_until("the job runs or is done", lambda: _js(browser, state) in ("running", "done"))
+        if _js(browser, state) == "running":
             screenshot(browser, "job-running")
-        wait_until("the job is done", lambda: browser.find_element("css selector", "[data-job='1']")
-                   .get_attribute("data-state") == "done", timeout=120)
+        wait_until("the job is done", lambda: _js(browser, state) == "done", timeout=120)
         seen = _js(browser, "return window.panelSeen[1];")
         moving = [f for f in seen if 0.0 < f < 1.0]
         assert moving, f"the bar never showed a fraction between 0 and 1: {seen}"

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 
-from tests.bridge.osc_helpers import drain, expect
+from tests.bridge.osc_helpers import drain, expect, finished
 from tests.panel.browser import chromium, panel_url, screenshot, wait_until
 
 
@@ -30,12 +29,8 @@ def takes(serve_daemon, tiny_model_dir, tmp_path_factory):
             assert expect(c, "/ok") == [address]
         c.send("/track/keys/generate", 1.0)
         ids = [expect(c, "/job/accepted")[0] for _ in range(3)]
-        done, seen = {}, []
-        while len(done) < 3:
-            r = c.wait_for(lambda a, v: a in ("/job/done", "/error") and v and v[0] in ids, 120.0, seen)
-            assert r is not None and r[0] == "/job/done", seen
-            done[r[1][0]] = Path(r[1][1])
-        yield d, c, {i: done[i] for i in ids}
+        done = finished(c, ids)
+        yield d, c, done
 
 
 def _replies(browser) -> list[str]:

@@ -55,6 +55,13 @@ class ArdourStandIn:
 
     # ------------------------------------------------------------ Ardour's transport, as a user would drive it
 
+    def wait_for_surface(self, timeout: float = 10.0) -> None:
+        """Until a client has asked for feedback (the daemon's handshake)."""
+        deadline = time.monotonic() + timeout
+        while not self.surfaces:
+            assert time.monotonic() < deadline, self.received
+            time.sleep(0.05)
+
     def position(self) -> float:
         with self._lock:
             return self.beat + ((time.monotonic() - self.since) * self.bpm / 60.0 if self.rolling else 0.0)

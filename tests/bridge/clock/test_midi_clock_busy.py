@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from tests.bridge.clock.helpers import following_daemon, transport_state
 from tests.jack_server import jack_server_process

@@ -90,10 +90,7 @@ def test_ardour_with_its_default_manual_port_mode_is_followed(tmp_path, tiny_mod
         with ArdourStandIn(manual_port=p8000.port, bpm=97.0, beat=16.0) as ardour, \
                 following_daemon(tiny_model_dir, tmp_path, "--follow", "osc",
                                  "--ardour", f"127.0.0.1:{ardour.port}") as (d, c):
-            deadline = time.monotonic() + 10
-            while not ardour.surfaces:
-                assert time.monotonic() < deadline, ardour.received
-                time.sleep(0.05)
+            ardour.wait_for_surface()
             assert [a for a, _ in ardour.received[:2]] == ["/set_surface/port", "/set_surface/feedback"]
             assert ardour.received[1][1] == [48]
             assert list(ardour.surfaces) == [("127.0.0.1", d.port)]  # feedback to the daemon's port
@@ -125,10 +122,7 @@ def test_ardour_in_auto_port_mode_is_followed(tmp_path, tiny_model_dir):
     with ArdourStandIn(manual_port=1, auto=True, bpm=120.0, beat=0.0) as ardour, \
             following_daemon(tiny_model_dir, tmp_path, "--follow", "osc",
                              "--ardour", f"127.0.0.1:{ardour.port}") as (d, c):
-        deadline = time.monotonic() + 10
-        while not ardour.surfaces:
-            assert time.monotonic() < deadline, ardour.received
-            time.sleep(0.05)
+        ardour.wait_for_surface()
         ardour.play(True)
         time.sleep(1.5)
         st = transport_state(c)

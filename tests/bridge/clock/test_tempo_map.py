@@ -14,7 +14,7 @@ import pytest
 
 from plugin_host.bwf import read_bext
 from tests.bridge.clock.helpers import following_daemon, transport_state
-from tests.bridge.osc_helpers import drain, expect
+from tests.bridge.osc_helpers import expect, stem_of
 from tests.jack_server import jack_server
 
 RATE = 48000
@@ -44,16 +44,6 @@ def klick_master(map_file):
             p.wait()
 
 
-def _stem(c, *args) -> str:
-    drain(c, 0.05)
-    c.send("/track/drums/generate", *args)
-    job, _track = expect(c, "/job/accepted")
-    seen: list = []
-    r = c.wait_for(lambda a, v: a in ("/job/done", "/error") and v and (v[0] == job or v[-1] == job), 120, seen)
-    assert r is not None and r[0] == "/job/done", (r, seen)
-    return r[1][1]
-
-
 def _wait(c, want, timeout: float, what: str) -> dict:
     deadline = time.monotonic() + timeout
     while not want(st := transport_state(c)):
@@ -80,10 +70,10 @@ def test_stems_land_on_their_bars_under_klicks_tempo_and_meter_map(tmp_path, tin
             probe.transport_start()
             st = _wait(c, lambda s: s["numerator"] == 4 and s["beat"] >= 13 * 4 + 0.5, 15, "4/4 at 120 past bar 14")
             assert st["tempo"] == pytest.approx(120.0, abs=1e-6) and st["playing"] == 1
-            at9 = _stem(c, 1, "bars", "at", 9)    # after the meter change: bar 9 is in the 4/4-at-97 past
-            at11 = _stem(c, 1, "bars", "at", 11)  # in the 6/8 part, where the transport was located
-            at13 = _stem(c, 1, "bars", "at", 13)  # the first bar at 120
-            here = _stem(c, 1, "bars")            # the bar line at or before where the transport is
+            at9 = stem_of(c, "drums", 1, "bars", "at", 9)    # after the meter change: bar 9 is in the 4/4-at-97 past
+            at11 = stem_of(c, "drums", 1, "bars", "at", 11)  # in the 6/8 part, where the transport was located
+            at13 = stem_of(c, "drums", 1, "bars", "at", 13)  # the first bar at 120
+            here = stem_of(c, "drums", 1, "bars")            # the bar line at or before where the transport is
             probe.transport_stop()
         finally:
             probe.close()
