@@ -91,3 +91,84 @@ def test_a_jam_runs_on_the_audio_process(jack, tiny_engine):
     assert [s - starts[0] for s in starts] == [k * SR for k in range(len(starts))]
     assert (starts[0] - jam.origin_frame) % SR == 0 and (end - jam.origin_frame) % SR == 0
     assert status["state"] == "stopped" and status["underruns"] == 0 and status["error"] is None
+
+
+def test_tracks_added_and_removed_from_many_threads_at_once_keep_the_pipe_whole(jack):
+    """Control calls from several threads at once (a jam, live plays, their release threads):
+    every add and remove gets its own answer; the child never reads two messages spliced together."""
+    import threading
+
+    from plugin_host.output_process import AudioOutputProcess
+
+    errors: list[BaseException] = []
+    events: list[tuple[str, str]] = []
+    with AudioOutputProcess(samplerate=SR, on_event=lambda k, m: events.append((k, m))) as out:
+        proc = out._proc
+
+        def churn(i: int) -> None:
+            try:
+                for k in range(25):
+                    out.add_track(f"t{i}-{k}", 2, buffer_seconds=0.5)
+                    out.remove_track(f"t{i}-{k}")
+            except BaseException as e:  # noqa: BLE001 - collected for the assertion below
+                errors.append(e)
+
+        threads = [threading.Thread(target=churn, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert out.tracks == () and out._proc is proc and out.active  # the same child, never replaced
+    assert errors == [] and events == [], (errors, events)
+
+
+def _shm_names() -> set[str]:
+    import os
+
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
+def test_a_killed_audio_process_is_reported_and_reopened_and_the_track_plays_on(jack):
+    """kill -9 of the child while a track plays: on_event says it was lost, then reopened; the new
+    child plays on from the same ring where the clock stopped, so what was queued is heard."""
+    import os
+    import signal
+
+    import jack as jackmod
+
+    from plugin_host.output_process import AudioOutputProcess
+
+    events: list[tuple[str, str]] = []
+    x = (np.random.default_rng(7).standard_normal((SR * 7 // 2, 2)) * 0.1).astype(np.float32)
+    tail = x[-SR:]  # the last second: queued before the kill, played by the new child
+    before = _shm_names()
+    with capture(10.0) as cap, AudioOutputProcess(samplerate=SR, on_event=lambda k, m: events.append((k, m))) as out:
+        cap.connect()
+        t = out.add_track("st", channels=2, buffer_seconds=4.0)
+        assert t.push(x, timeout=5) == len(x)
+        t.finish()
+        _until(lambda: t.played_frames >= SR // 4)
+        old = out._proc
+        mine = _shm_names() - before
+        assert len(mine) >= 2  # the clock and the track
+        os.kill(old.pid, signal.SIGKILL)
+        _until(lambda: [k for k, _ in events] == ["lost", "reopened"])
+        assert out._proc is not old and out.active and out.restarts == 1
+        assert "killed by a signal" in events[0][1] and "reopened" in events[1][1]
+        cap.connect()  # the new child is a new JACK client
+        with jackmod.Client("mb-clock", no_start_server=True) as probe:
+            reconnected_at = probe.frame_time
+        x0 = out.xruns
+        assert t.played_frames < len(x) - len(tail)  # the tail is still to come
+        _until(lambda: t.done)
+        # every frame queued was played but the one period the killed child was rendering; none ran dry
+        assert len(x) - 256 <= t.played_frames <= len(x) and t.underruns == 0, (t.played_frames, t.underruns)
+        xruns = out.xruns - x0
+        out.remove_track("st")
+    assert not (mine & _shm_names())  # nothing the output made is left in /dev/shm
+    rec = cap.audio
+    after = int(np.searchsorted(cap.block_frames, reconnected_at))
+    first = int(cap.block_starts[min(after, len(cap.block_starts) - 1)])
+    off = first + align(rec[0, first:], tail[:, 0])
+    assert_exact_unless_xrun(rec, tail.T, off, xruns)  # the tail arrived whole, from the new child
