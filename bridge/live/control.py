@@ -46,10 +46,25 @@ class LiveControl:
         self.jams: dict[str, Any] = {}  # track -> bridge.live.jam.Jam (the latest one per track)
         self.inputs = inputs
         self._text_only_warned = False
+        # who hears of an audio output failure: the reply address of each jam and live play, by key
+        self._listeners: dict[Any, Any] = {}
+        if hasattr(audio, "on_event"):  # an AudioOutputProcess: its child is watched and reopened
+            audio.on_event = self._audio_event
 
     def close(self) -> None:
         for jam in self.jams.values():
             jam.close()
+
+    # ------------------------------------------------------------ the output's child failing
+
+    def _audio_event(self, kind: str, message: str) -> None:
+        """The live output's child failed, was reopened, or could not be yet (its watchdog thread):
+        logged, and `/audio/event s:kind s:message i:restarts` goes to whoever is playing, so a
+        jam that went quiet is never silent about it (docs/osc.md)."""
+        (log.info if kind == "reopened" else log.warning)("live audio output: %s", message)
+        restarts = int(getattr(self.audio, "restarts", 0))
+        for to in set(self._listeners.values()):
+            self.send(to, "/audio/event", (kind, message, restarts))
 
     # ------------------------------------------------------------ notes
 
@@ -87,7 +102,11 @@ class LiveControl:
 
         def play(job, request, progress):
             chain = preset.build_chain() if preset and preset.chain else None
-            return play_while_generating(self.engine, self.audio, self.grid, job, request, chain, progress)
+            self._listeners[("play", job.id)] = job.reply_to
+            try:
+                return play_while_generating(self.engine, self.audio, self.grid, job, request, chain, progress)
+            finally:
+                self._listeners.pop(("play", job.id), None)
 
         return play
 
@@ -133,6 +152,7 @@ class LiveControl:
         except JamError as e:
             raise ProtocolError("bad_args", f"cannot jam on track {name}: {e}") from None
         self.jams[name] = jam
+        self._listeners[("jam", name)] = to  # the latest jam on the track: told until the daemon stops
         jam.start()
         return f"jam on track {name}: started ({prompt[:60]!r}, following {what})"
 

@@ -1,0 +1,175 @@
+"""Hostile input against the live side of `musicbridge serve` (issue #31, items 4 and 5), through the
+real daemon over loopback UDP on a private JACK dummy server, with the tiny checkpoints:
+
+- one bundle of 40 `/track/a/play 60.0`: the places beyond `--max-queued` are refused `busy`, the
+  daemon's threads and memory stay bounded, and a jam started after them plays;
+- the live output's child killed (-9) during a jam: reported (`/audio/event`, the log), reopened,
+  and the jam's audio reaches the capture client again;
+- a flood of OSC notes, and one of JACK MIDI notes: afterwards the jam's realtime factor, as the
+  daemon reports it in `/jam/status`, comes back to at least half its value before the flood.
+
+What is heard is recorded by an independent JACK client in its own process
+(tests/plugin_host/jack_capture.py). Assertions are on counts, orders and ratios within one run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import threading
+
+import numpy as np
+
+from bridge.osc.udp import encode
+from tests.bridge.hostile_packets import bundle
+from tests.bridge.osc_helpers import expect
+from tests.bridge.test_daemon_live import Chunks
+from tests.jack_server import jack_server
+from tests.plugin_host.jack_capture import capture
+
+SR = 48000
+TEMPO = 240.0  # 4/4: one bar = 1 s; a chunk (2 bars) = 2 s
+
+
+# ---------------------------------------------------------------- the daemon's process, from /proc
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(p) for p in f.read().split()]
+    return out
+
+
+def _audio_child(pid: int) -> int:
+    """The live output's child (multiprocessing spawn), not the resource tracker."""
+    found = []
+    for child in _children(pid):
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                found.append(child)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _shm_mapped(pid: int) -> set[str]:
+    """Names in /dev/shm that the daemon and its children have mapped now."""
+    names = set()
+    for p in [pid, *_children(pid)]:
+        try:
+            with open(f"/proc/{p}/maps") as f:
+                names |= {line.split("/dev/shm/", 1)[1].strip() for line in f if "/dev/shm/psm_" in line}
+        except FileNotFoundError:
+            pass
+    return names
+
+
+def _status_field(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise AssertionError(key)
+
+
+def _frame_time() -> int:
+    import jack
+
+    with jack.Client("mb-test-clock", no_start_server=True) as probe:
+        return probe.frame_time
+
+
+def _heard_after(cap, frame_time: int) -> np.ndarray:
+    """The left channel recorded from JACK frame time `frame_time` on."""
+    b = int(np.searchsorted(cap.block_frames, frame_time))
+    if b >= len(cap.block_starts):
+        return np.zeros(0, np.float32)
+    return cap.audio[0, int(cap.block_starts[b]):]
+
+
+def _paid(address: str, *args) -> bytes:
+    """A query bundled with a pad that pays for its answer (the reply budget, docs/osc.md)."""
+    return bundle(encode(address, list(args)), encode("/pad", [b"\0" * 400]))
+
+
+def _setup(c) -> None:
+    c.send("/transport/tempo", TEMPO)
+    expect(c, "/ok")
+    c.send("/track/lead/prompt", "sax")
+    expect(c, "/ok")
+
+
+# ---------------------------------------------------------------- 40 plays in one bundle
+
+def test_forty_plays_in_one_bundle_are_capped_with_busy_and_a_jam_after_them_plays(tmp_path, tiny_melody_dir,
+                                                                                   serve_daemon):
+    cap_n = 4
+    with jack_server(rate=SR, period=256):
+        with serve_daemon(tmp_path, tiny_melody_dir, "--audio", "default", "--max-queued", str(cap_n)) as (d, c):
+            _setup(c)
+            c.send("/track/a/prompt", "piano")
+            expect(c, "/ok")
+            pid = d.proc.pid
+            threads0, rss0 = _status_field(pid, "Threads"), _status_field(pid, "VmRSS")
+            plays = [encode("/track/a/play", [60.0])] * 40
+            pad = encode("/pad", [b"\0" * 16000])  # pays the reply budget (docs/osc.md) for 36 refusals
+            c.send_raw(bundle(*plays, pad))
+            accepted, busy, other = [], [], []
+            while len(accepted) + len(busy) < 40:
+                got = c.receive(30.0)
+                assert got is not None, (len(accepted), len(busy), other[-5:], d.log_text()[-2000:])
+                addr, args = got
+                if addr == "/job/accepted":
+                    accepted.append(args[0])
+                elif addr == "/error" and args[2] == "/track/a/play":
+                    busy.append(args)
+                else:
+                    other.append(got)
+            assert len(accepted) == cap_n and len(busy) == 40 - cap_n, (accepted, busy[:2])
+            assert all(e[0] == "busy" and f"{cap_n} playing live" in e[1] for e in busy), busy[:2]
+            # every accepted play is generating (has made audio) before anything is measured
+            running: set[int] = set()
+            for _ in range(600):
+                for job in set(accepted) - running:
+                    c.send_raw(_paid(f"/job/{job}/status"))
+                    addr, args = c.wait_for(lambda a, _: a in ("/job/status", "/error"), 10.0) or ("none", [])
+                    assert addr == "/job/status" and args[1] == "running", (addr, args, d.log_text()[-3000:])
+                    if args[2] > 0.0:
+                        running.add(job)
+                if running == set(accepted):
+                    break
+            assert running == set(accepted), running
+            threads, rss = _status_field(pid, "Threads"), _status_field(pid, "VmRSS")
+            mapped = _shm_mapped(pid)
+            # a thread or two per play (its generation, its release) and a bounded amount of memory:
+            # 40 plays made 44 threads and +690 MB before they were capped
+            assert threads - threads0 <= 3 * cap_n, (threads0, threads)
+            assert rss - rss0 <= 300 * 1024, (rss0, rss)
+            for job in accepted:
+                c.send(f"/job/{job}/cancel")
+            cancelled = set()
+            while cancelled != set(accepted):
+                addr, args = c.wait_for(lambda a, _: a in ("/job/cancelled", "/job/done", "/error"), 60.0) or (
+                    "none", [])
+                assert addr == "/job/cancelled", (addr, args)
+                cancelled.add(args[0])
+            with capture(30.0) as cap:
+                cap.connect("PortAudio")
+                started = _frame_time()
+                c.send("/jam/start", "lead")
+                ch = Chunks(c)
+                assert ch.expect("/ok") == ["/jam/start"]
+                ch.until(3)
+                mapped |= _shm_mapped(pid)
+                c.send("/jam/status", "lead")
+                st = ch.expect("/jam/status")
+                c.send("/jam/stop", "lead")
+                ch.expect("/ok")
+            log = d.log_text()
+        # (serve_daemon asserted that it exited 0)
+    assert st[1] == "playing" and st[6] == "", st
+    heard = _heard_after(cap, started)
+    assert np.count_nonzero(heard) >= SR, "the jam was not heard"  # a second of it at least
+    assert "UnpicklingError" not in log and "audio process is gone" not in log
+    assert mapped and not (mapped & set(os.listdir("/dev/shm"))), "shared memory left behind"
