@@ -173,3 +173,47 @@ def test_forty_plays_in_one_bundle_are_capped_with_busy_and_a_jam_after_them_pla
     assert np.count_nonzero(heard) >= SR, "the jam was not heard"  # a second of it at least
     assert "UnpicklingError" not in log and "audio process is gone" not in log
     assert mapped and not (mapped & set(os.listdir("/dev/shm"))), "shared memory left behind"
+
+
+# ---------------------------------------------------------------- the output's child killed
+
+def test_the_audio_child_killed_during_a_jam_is_reported_reopened_and_the_jam_is_heard_again(
+        tmp_path, tiny_model_dir, serve_daemon):
+    with jack_server(rate=SR, period=256):
+        with serve_daemon(tmp_path, tiny_model_dir, "--audio", "default") as (d, c), capture(60.0) as cap:
+            _setup(c)
+            pid = d.proc.pid
+            cap.connect("PortAudio")
+            c.send("/jam/start", "lead")
+            ch = Chunks(c)
+            assert ch.expect("/ok") == ["/jam/start"]
+            ch.until(2)
+            before = _frame_time()
+            ch.until(len(ch.chunks) + 1)  # a chunk heard in full before the kill
+            child = _audio_child(pid)
+            mapped = _shm_mapped(pid)
+            os.kill(child, signal.SIGKILL)
+            lost = ch.expect("/audio/event", 30.0)
+            reopened = ch.expect("/audio/event", 30.0)
+            cap.connect("PortAudio")  # the new child is a new JACK client
+            after = _frame_time()
+            assert _audio_child(pid) != child
+            n = len(ch.chunks)
+            ch.until(n + 3)  # the jam goes on making chunks ...
+            c.send("/jam/status", "lead")
+            st = ch.expect("/jam/status")
+            c.send("/jam/stop", "lead")
+            ch.expect("/ok")
+            log = d.log_text()
+    assert lost[0] == "lost" and "killed by a signal" in lost[1] and lost[2] == 0, lost
+    assert reopened[0] == "reopened" and reopened[2] == 1, reopened
+    assert "live audio output: the audio process failed" in log and "was reopened" in log
+    assert st[1] == "playing" and st[6] == "", st  # not failed, no error
+    idx = [int(a[1]) for a in ch.chunks]
+    assert idx == list(range(len(idx)))  # every chunk reported, in order
+    # ... and they are heard: the jam before the kill, and again after the output was reopened
+    heard_before = _heard_after(cap, before)
+    heard_after = _heard_after(cap, after)
+    assert np.count_nonzero(heard_before[:len(heard_before) - len(heard_after)]) >= SR
+    assert np.count_nonzero(heard_after) >= 2 * SR, "the jam was not heard after the output was reopened"
+    assert mapped and not (mapped & set(os.listdir("/dev/shm"))), "shared memory left behind"
