@@ -217,3 +217,87 @@ def test_the_audio_child_killed_during_a_jam_is_reported_reopened_and_the_jam_is
     assert np.count_nonzero(heard_before[:len(heard_before) - len(heard_after)]) >= SR
     assert np.count_nonzero(heard_after) >= 2 * SR, "the jam was not heard after the output was reopened"
     assert mapped and not (mapped & set(os.listdir("/dev/shm"))), "shared memory left behind"
+
+
+# ---------------------------------------------------------------- note floods
+
+PRE_CHUNKS = 4  # chunks measured before a flood (after the first, which prefills)
+RECOVER_CHUNKS = 10  # within this many chunks after a flood (20 s of a 2-bar jam at 240 bpm) ...
+RECOVERED_RUN = 3  # ... this many chunks in a row run at least half as fast as before it
+
+
+class RealtimeFactors:
+    """The realtime factor of each chunk, as the daemon's own /jam/status reports it (its last chunk)."""
+
+    def __init__(self, c, ch: Chunks):
+        self.c, self.ch, self.by_chunk = c, ch, {}
+
+    def upto(self, n: int) -> None:
+        """Wait for chunk n and ask /jam/status after each new chunk on the way."""
+        while len(self.ch.chunks) < n:
+            self.ch.until(len(self.ch.chunks) + 1)
+            self.c.send("/jam/status", "lead")
+            st = self.ch.expect("/jam/status")
+            assert st[1] == "playing" and st[6] == "", st
+            self.by_chunk.setdefault(int(st[3]), float(st[4]))
+
+    def between(self, first: int, last: int) -> list[float]:
+        return [self.by_chunk[k] for k in range(first, last + 1) if k in self.by_chunk]
+
+
+def _recovers(rtf: RealtimeFactors, flood) -> tuple[float, list[float], list[str]]:
+    """Measure before, run `flood()`, measure after: (median before, factors after, melody bins
+    of the chunks made while the flood went on)."""
+    rtf.upto(1 + PRE_CHUNKS + 1)
+    before = statistics.median(rtf.between(2, 1 + PRE_CHUNKS + 1))
+    start = len(rtf.ch.chunks)
+    flood()
+    rtf.ch.pump(0.2)
+    end = len(rtf.ch.chunks)
+    during = [rtf.ch.bins(k) for k in range(start, end)]
+    rtf.upto(end + RECOVER_CHUNKS + 1)
+    return before, rtf.between(end + 2, end + RECOVER_CHUNKS + 1), during
+
+
+def _assert_recovered(before: float, after: list[float]) -> None:
+    ok = [f >= 0.5 * before for f in after]
+    runs = [all(ok[i:i + RECOVERED_RUN]) for i in range(len(ok) - RECOVERED_RUN + 1)]
+    assert len(after) >= RECOVER_CHUNKS - 2 and any(runs), (before, after)
+
+
+def test_after_an_osc_note_flood_the_jam_runs_at_least_half_as_fast_as_before(tmp_path, tiny_melody_dir,
+                                                                               serve_daemon):
+    """300 bundles of 1000 /track/lead/note (note-ons over every pitch, half of them released):
+    afterwards the live melody holds a bounded window, so the chunks cost what they did before."""
+    rng = np.random.default_rng(31)
+    bundles = []
+    for _ in range(8):
+        pitches = rng.integers(0, 128, 500)
+        msgs = [encode("/track/lead/note", [int(p), 100]) for p in pitches]
+        msgs += [encode("/track/lead/note", [int(p), 0]) for p in pitches[::2]]
+        msgs += [encode("/track/lead/note", [int(p), 90]) for p in rng.integers(0, 128, 250)]
+        bundles.append(bundle(*msgs))
+    with jack_server(rate=SR, period=256):
+        with serve_daemon(tmp_path, tiny_melody_dir, "--audio", "default") as (d, c):
+            _setup(c)
+            c.send("/jam/start", "lead")
+            ch = Chunks(c)
+            assert ch.expect("/ok") == ["/jam/start"]
+            rtf = RealtimeFactors(c, ch)
+
+            def flood() -> None:
+                with d.client() as sender:
+                    for k in range(300):
+                        sender.send_raw(bundles[k % len(bundles)])
+                        threading.Event().wait(0.05)  # about 15 s, within the daemon's socket buffer
+                        if k % 20 == 0:
+                            ch.pump(0.0)
+
+            before, after, during = _recovers(rtf, flood)
+            c.send("/track/lead/notes/off")
+            ch.expect("/ok")
+            c.send("/jam/stop", "lead")
+            ch.expect("/ok")
+    print(f"\nOSC note flood: realtime factor before {before:.2f}, after {[round(f, 2) for f in after]}")
+    assert any(b.strip(".") for b in during + [ch.bins(len(ch.chunks) - RECOVER_CHUNKS)]), during  # notes arrived
+    _assert_recovered(before, after)
