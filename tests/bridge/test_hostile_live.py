@@ -301,3 +301,60 @@ def test_after_an_osc_note_flood_the_jam_runs_at_least_half_as_fast_as_before(tm
     print(f"\nOSC note flood: realtime factor before {before:.2f}, after {[round(f, 2) for f in after]}")
     assert any(b.strip(".") for b in during + [ch.bins(len(ch.chunks) - RECOVER_CHUNKS)]), during  # notes arrived
     _assert_recovered(before, after)
+
+
+def test_after_a_jack_midi_note_flood_the_jam_runs_at_least_half_as_fast_as_before(tmp_path, tiny_melody_dir,
+                                                                                   serve_daemon):
+    """A JACK client writes 64 MIDI events a period (12,000 a second at 48 kHz / 256) into the port
+    given to `serve --midi-in` for 2,800 periods (about 15 s), then CC 123 (all notes off)."""
+    import jack
+
+    periods, per_period = 2800, 64
+    with jack_server(rate=SR, period=256):
+        keys = jack.Client("mbflood", no_start_server=True)
+        out = keys.midi_outports.register("out")
+        state = {"left": 0, "sent": 0, "all_off": False}
+        done = threading.Event()
+        pitches = np.random.default_rng(32).integers(0, 128, 4096)
+
+        @keys.set_process_callback
+        def process(frames: int) -> None:
+            out.clear_buffer()
+            if state["left"] > 0:
+                for i in range(per_period):
+                    n = state["sent"]
+                    on = n % 3 != 2  # two note-ons to each note-off: held notes pile up too
+                    out.write_midi_event(i * frames // per_period,
+                                         (0x90 if on else 0x80, int(pitches[n % 4096]), 100 if on else 0))
+                    state["sent"] = n + 1
+                state["left"] -= 1
+                if state["left"] == 0:
+                    state["all_off"] = True
+            elif state["all_off"]:
+                out.write_midi_event(0, (0xB0, 123, 0))
+                state["all_off"] = False
+                done.set()
+
+        with keys:
+            with serve_daemon(tmp_path, tiny_melody_dir, "--audio", "default", "--midi-in", "mbflood:out") as (d, c):
+                _setup(c)
+                c.send("/jam/start", "lead")
+                ch = Chunks(c)
+                assert ch.expect("/ok") == ["/jam/start"]
+                rtf = RealtimeFactors(c, ch)
+
+                def flood() -> None:
+                    state["left"] = periods
+                    while not done.wait(0.2):
+                        ch.pump(0.0)
+
+                before, after, during = _recovers(rtf, flood)
+                c.send("/jam/stop", "lead")
+                ch.expect("/ok")
+                log = d.log_text()
+    print(f"\nJACK MIDI flood ({state['sent']} events): realtime factor before {before:.2f}, "
+          f"after {[round(f, 2) for f in after]}")
+    assert "live notes from MIDI input UNIX_JACK: mbflood:out" in log
+    assert state["sent"] == periods * per_period
+    assert any(b.strip(".") for b in during), during  # the notes reached the jam
+    _assert_recovered(before, after)
