@@ -126,6 +126,8 @@ class AudioOutputProcess(ClockReadout):
         except BaseException:
             self._shutdown()
             raise
+        # a reopened child must run at this rate and width: the rings are laid out for them
+        self._settings.update(samplerate=self.samplerate, channels=self.channels)
         self._watchdog = threading.Thread(target=self._watch, name="audio-watchdog", daemon=True)
         self._watchdog.start()
         return self
