@@ -18,11 +18,13 @@ add and remove tracks, and two messages interleaved on one pipe corrupt both (Un
 The audio callback never touches it.
 
 A failed child is reopened, never left silent: a watchdog thread waits on the child's exit (a
-kill -9, a crash, a stream the audio server dropped), reports it through `on_event`, starts a
-new child on the same clock and track memory and gives it every track again, so producers go
-on writing into the same rings and the clock resumes where it stopped (a track waiting to play
-keeps its place on the clock). A child that stops answering the pipe is killed and reopened the
-same way. Reopening that fails is retried, with a growing pause, until the output is closed.
+kill -9, a crash, a stream the audio server dropped) and watches its clock (a child whose clock
+stands still for STALL_SECONDS is stopped or hung, and is killed), reports it through
+`on_event`, starts a new child on the same clock and track memory and gives it every track
+again, so producers go on writing into the same rings and the clock resumes where it stopped
+(a track waiting to play keeps its place on the clock). A child that stops answering the pipe
+is killed and reopened the same way. Reopening that fails is retried, with a growing pause,
+until the output is closed.
 
     with AudioOutputProcess(device="system", samplerate=48000) as out:
         track = out.add_track("keys", channels=1)
@@ -83,6 +85,9 @@ CLOCK = [("clock", (3,), np.int64)]
 EXIT_STREAM_STOPPED = 3  # the child's exit code when its stream stopped under it (the server dropped it)
 REOPEN_PAUSE = (0.5, 10.0)  # seconds between attempts to reopen a failed child: first, largest
 ANSWER_SECONDS = 10.0  # a child that leaves a control message unanswered this long is killed and reopened
+# a live child whose clock has not moved this long is stuck (stopped, hung, its stream stalled): it is
+# killed and reopened. Far longer than any period or scheduling hiccup of a loaded machine.
+STALL_SECONDS = 5.0
 
 # on_event(kind, message): "lost" (the child failed; why), "reopened" (a new child plays every
 # track; how many times so far) or "reopen_failed" (this attempt failed; why; it is retried)
@@ -200,24 +205,38 @@ class AudioOutputProcess(ClockReadout):
     # ---------------------------------------------------------------- failure and reopening
 
     def _watch(self) -> None:
-        """The watchdog: wait for the child to end; unless we are closing, report it and reopen."""
+        """The watchdog: wait for the child to end, or for its clock to stand still while it lives
+        (a stopped or hung child); unless we are closing, report it and reopen."""
         pause = REOPEN_PAUSE[0]
+        last, moved_at = -1, time.monotonic()
         while not self._closing.is_set():
-            proc = self._proc
+            proc, why = self._proc, None
             if proc is not None:
                 mp.connection.wait([proc.sentinel], timeout=0.5)
-                if proc.is_alive() or self._closing.is_set():
-                    continue
+                if self._closing.is_set():
+                    return
+                if proc.is_alive():
+                    position = int(self._clock[0])
+                    if position != last:
+                        last, moved_at = position, time.monotonic()
+                        continue
+                    if time.monotonic() - moved_at < STALL_SECONDS:
+                        continue
+                    why = f"its clock stood still for {STALL_SECONDS:.0f} s while it ran (stopped or hung)"
             with self._lock:
                 if self._closing.is_set():
                     return
                 if self._proc is proc:  # not reopened meanwhile by a control call
                     try:
-                        self._recover(proc, None)
+                        self._recover(proc, why)
                         pause = REOPEN_PAUSE[0]
+                        last, moved_at = -1, time.monotonic()
                         continue
                     except OutputError:
                         pass  # reported by _recover
+                else:
+                    last, moved_at = -1, time.monotonic()
+                    continue
             self._closing.wait(pause)
             pause = min(pause * 2, REOPEN_PAUSE[1])
 

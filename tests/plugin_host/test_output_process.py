@@ -172,3 +172,29 @@ def test_a_killed_audio_process_is_reported_and_reopened_and_the_track_plays_on(
     first = int(cap.block_starts[min(after, len(cap.block_starts) - 1)])
     off = first + align(rec[0, first:], tail[:, 0])
     assert_exact_unless_xrun(rec, tail.T, off, xruns)  # the tail arrived whole, from the new child
+
+
+def test_a_stopped_audio_process_is_killed_and_reopened_when_its_clock_stands_still(jack):
+    """SIGSTOP: the child lives but plays nothing; once its clock has stood still for STALL_SECONDS
+    the watchdog kills it and reopens, and the track goes on playing."""
+    import os
+    import signal
+
+    from plugin_host.output_process import STALL_SECONDS, AudioOutputProcess
+
+    events: list[tuple[str, str]] = []
+    x = np.full((SR * 3, 1), 0.25, np.float32)
+    with AudioOutputProcess(samplerate=SR, on_event=lambda k, m: events.append((k, m))) as out:
+        t = out.add_track("dc", 1, buffer_seconds=4.0)
+        assert t.push(x, timeout=5) == len(x)
+        t.finish()
+        _until(lambda: t.played_frames >= SR // 4)
+        old = out._proc
+        os.kill(old.pid, signal.SIGSTOP)
+        stopped_at = out.position
+        _until(lambda: [k for k, _ in events] == ["lost", "reopened"], timeout=4 * STALL_SECONDS)
+        assert "stood still" in events[0][1] and out._proc is not old and out.restarts == 1
+        assert not old.is_alive()  # the stopped child was killed, not left behind
+        _until(lambda: t.done)
+        assert out.position > stopped_at
+        assert len(x) - 256 <= t.played_frames <= len(x) and t.underruns == 0, (t.played_frames, t.underruns)
