@@ -245,21 +245,27 @@ class RealtimeFactors:
         return [self.by_chunk[k] for k in range(first, last + 1) if k in self.by_chunk]
 
 
-def _recovers(rtf: RealtimeFactors, flood) -> tuple[float, list[float], list[str]]:
+def _recovers(rtf: RealtimeFactors, flood, pid: int) -> tuple[float, list[float], list[str], int]:
     """Measure before, run `flood()`, measure after: (median before, factors after, melody bins
-    of the chunks made while the flood went on)."""
+    of the chunks made while the flood went on, the daemon's resident memory growth in KiB)."""
     rtf.upto(1 + PRE_CHUNKS + 1)
     before = statistics.median(rtf.between(2, 1 + PRE_CHUNKS + 1))
+    rss = _status_field(pid, "VmRSS")
     start = len(rtf.ch.chunks)
     flood()
     rtf.ch.pump(0.2)
     end = len(rtf.ch.chunks)
     during = [rtf.ch.bins(k) for k in range(start, end)]
     rtf.upto(end + RECOVER_CHUNKS + 1)
-    return before, rtf.between(end + 2, end + RECOVER_CHUNKS + 1), during
+    grown = _status_field(pid, "VmRSS") - rss
+    return before, rtf.between(end + 2, end + RECOVER_CHUNKS + 1), during, grown
 
 
-def _assert_recovered(before: float, after: list[float]) -> None:
+MAX_GROWTH_KIB = 32 * 1024  # the daemon's resident memory across a flood and its recovery (was +90 MB)
+
+
+def _assert_recovered(before: float, after: list[float], grown: int) -> None:
+    assert grown <= MAX_GROWTH_KIB, f"the daemon grew by {grown / 1024:.1f} MB over the flood"
     ok = [f >= 0.5 * before for f in after]
     runs = [all(ok[i:i + RECOVERED_RUN]) for i in range(len(ok) - RECOVERED_RUN + 1)]
     assert len(after) >= RECOVER_CHUNKS - 2 and any(runs), (before, after)
@@ -293,14 +299,15 @@ def test_after_an_osc_note_flood_the_jam_runs_at_least_half_as_fast_as_before(tm
                         if k % 20 == 0:
                             ch.pump(0.0)
 
-            before, after, during = _recovers(rtf, flood)
+            before, after, during, grown = _recovers(rtf, flood, d.proc.pid)
             c.send("/track/lead/notes/off")
             ch.expect("/ok")
             c.send("/jam/stop", "lead")
             ch.expect("/ok")
-    print(f"\nOSC note flood: realtime factor before {before:.2f}, after {[round(f, 2) for f in after]}")
+    print(f"\nOSC note flood: realtime factor before {before:.2f}, after {[round(f, 2) for f in after]}; "
+          f"memory {grown / 1024:+.1f} MB")
     assert any(b.strip(".") for b in during + [ch.bins(len(ch.chunks) - RECOVER_CHUNKS)]), during  # notes arrived
-    _assert_recovered(before, after)
+    _assert_recovered(before, after, grown)
 
 
 def test_after_a_jack_midi_note_flood_the_jam_runs_at_least_half_as_fast_as_before(tmp_path, tiny_melody_dir,
@@ -348,13 +355,13 @@ def test_after_a_jack_midi_note_flood_the_jam_runs_at_least_half_as_fast_as_befo
                     while not done.wait(0.2):
                         ch.pump(0.0)
 
-                before, after, during = _recovers(rtf, flood)
+                before, after, during, grown = _recovers(rtf, flood, d.proc.pid)
                 c.send("/jam/stop", "lead")
                 ch.expect("/ok")
                 log = d.log_text()
     print(f"\nJACK MIDI flood ({state['sent']} events): realtime factor before {before:.2f}, "
-          f"after {[round(f, 2) for f in after]}")
+          f"after {[round(f, 2) for f in after]}; memory {grown / 1024:+.1f} MB")
     assert "live notes from MIDI input UNIX_JACK: mbflood:out" in log
     assert state["sent"] == periods * per_period
     assert any(b.strip(".") for b in during), during  # the notes reached the jam
-    _assert_recovered(before, after)
+    _assert_recovered(before, after, grown)
