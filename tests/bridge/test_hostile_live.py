@@ -144,6 +144,7 @@ def test_forty_plays_in_one_bundle_are_capped_with_busy_and_a_jam_after_them_pla
             mapped = _shm_mapped(pid)
             # a thread or two per play (its generation, its release) and a bounded amount of memory:
             # 40 plays made 44 threads and +690 MB before they were capped
+            print(f"\n40 plays, {cap_n} places: threads {threads0} -> {threads}, memory {(rss - rss0) / 1024:+.1f} MB")
             assert threads - threads0 <= 3 * cap_n, (threads0, threads)
             assert rss - rss0 <= 300 * 1024, (rss0, rss)
             for job in accepted:
