@@ -27,7 +27,7 @@ from bridge.stems.plan import placed_at
 from bridge.osc.udp import Address, OscServer
 from bridge.osc.paths import PathPolicy
 from bridge.osc.protocol import Limits, ProtocolError
-from bridge.osc.reply_budget import ReplyBudget
+from bridge.osc.reply_budget import EVENT_RESERVE, ReplyBudget
 from bridge.state.session import KeptTake, LiveSession
 from bridge.state.session_check import chroma_to_text
 from model.types import melody_refusal
@@ -137,8 +137,7 @@ class Daemon:
                                                                     "bad messages at once")
         # jams, live notes and the typed bar grid (bridge/live/control.py)
         # a jam reads stored melody files through the same input limits as jobs
-        self.live = LiveControl(engine, audio, notes, JamGridSource(self.clock),
-                                lambda to, address, args: self.server.send(to, address, args), self.inputs)
+        self.live = LiveControl(engine, audio, notes, JamGridSource(self.clock), self._event, self.inputs)
         self.jams = self.live.jams  # track -> bridge.live.jam.Jam (the latest one per track)
         self._closed = False
         self._jobs_entered = False
@@ -168,9 +167,11 @@ class Daemon:
     def _report_interrupted(self, entries: list[Entry]) -> None:
         """Jobs a crash cut off: `/job/failed id "interrupted"` to their reply address, or queued again."""
         for e in entries:
+            if e.proven:  # it proved its address to the run that crashed: its events are not limited
+                self.budget.trust(e.reply_to[0])
             if self.config.resume:
                 log.info("job %d (%s) was interrupted by a crash; queueing it again (--resume)", e.job_id, e.address)
-                self._own_initiative.value = True  # its answers answer no packet: not paid from a budget
+                self._own_initiative.value = True  # its answers answer no packet: sent as events
                 try:
                     self.handle(e.address, list(e.args), e.sender)
                 finally:
@@ -178,7 +179,7 @@ class Daemon:
             else:
                 log.info("job %d (%s) was interrupted by a crash; reporting it failed to %s:%d", e.job_id,
                          e.address, *e.reply_to)
-                self.server.send(e.reply_to, "/job/failed", (e.job_id, "interrupted"))
+                self._event(e.reply_to, "/job/failed", (e.job_id, "interrupted"))
 
     def __exit__(self, *exc) -> None:
         self.shutdown(self.config.grace)
@@ -209,7 +210,7 @@ class Daemon:
         Held (hold=True) until the session changes of the packets handled with this one are saved.
         """
         if getattr(self._own_initiative, "value", False):
-            self.server.send(self._to(sender), address, args)
+            self._event(self._to(sender), address, args)
         elif self.config.reply_to is not None:
             self.server.reply(self.config.reply_to, address, args, hold=hold, budgeted=False)
         elif not self.server.reply(sender, address, args, hold=hold) and self._budget_log.allow():
@@ -227,26 +228,39 @@ class Daemon:
         """The session could not be saved after a group of packets: their changes were undone; say so."""
         message = e.message if isinstance(e, ProtocolError) else f"internal error: {e}"
         for to in {self._to(s) for s in senders}:
-            self.server.send(to, "/error", ("failed", message, "", 0))
+            self._event(to, "/error", ("failed", message, "", 0))
+
+    def _event(self, to: Address, address: str, args: tuple, keep: int = 0) -> bool:
+        """A message that answers no packet of its own (a job's progress and end, a jam's chunks and
+        status): to --reply-to as it is, to any other host paid from its byte credit (docs/osc.md).
+        Dropped when it does not fit; a job's final state stays queryable with /job/<id>/status."""
+        if to == self.config.reply_to:
+            return self.server.reply(to, address, args, hold=False, budgeted=False)
+        if self.server.reply(to, address, args, hold=False, keep=keep):
+            return True
+        if self._budget_log.allow():
+            log.info("event %s to %s:%d dropped: over the reply byte budget of that host, which has not "
+                     "proved its address (docs/osc.md)", address[:80], to[0], to[1])
+        return False
 
     def _bad_packet(self, why: str, sender: Address) -> None:
         self._error(sender, ProtocolError("bad_packet", why), "")
 
     def _job_event(self, job: Job, kind: str, payload: tuple) -> None:
         to = job.reply_to
-        if kind == "progress":
-            self.server.send(to, "/job/progress", (job.id, float(payload[0])))
+        if kind == "progress":  # a dropped one is coalesced into the next that fits: it carries the latest
+            self._event(to, "/job/progress", (job.id, float(payload[0])), keep=EVENT_RESERVE)
         elif kind == "done":
             log.info("job %d done: track %s, %g s, wrote %s", job.id, job.plan.name, job.plan.seconds, payload[0])
             self._append_done(job, str(payload[0]))  # before the reply: whoever hears /job/done finds the line
-            self.server.send(to, "/job/done", (job.id, payload[0]))
+            self._event(to, "/job/done", (job.id, payload[0]))
         elif kind == "cancelled":
             log.info("job %d (track %s) cancelled", job.id, job.plan.name)
-            self.server.send(to, "/job/cancelled", (job.id,))
+            self._event(to, "/job/cancelled", (job.id,))
         elif kind == "failed":
             code, message = payload
             log.info("job %d (track %s) failed: %s", job.id, job.plan.name, message)
-            self.server.send(to, "/error", (code, message, f"/job/{job.id}", job.id))
+            self._event(to, "/error", (code, message, f"/job/{job.id}", job.id))
         if kind != "progress":  # after the reply: the journal write (fsync) must not delay it
             self.journal.remove(job.id)
 
@@ -256,7 +270,7 @@ class Daemon:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
             replay = getattr(self._own_initiative, "value", False)  # --resume: accepted before the crash
-            if address not in ("/hello", "/pad") and not replay and self.access.needs_hello(sender):
+            if address not in ("/hello", "/pad", "/cookie", "/prove") and not replay and self.access.needs_hello(sender):
                 raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
             if isinstance(address, str) and self.clock.feedback(address, args, sender):
                 return  # a DAW's transport feedback (docs/daw.md): followed or ignored, never answered
@@ -299,6 +313,20 @@ class Daemon:
     @handles(P.Pad)
     def _pad(self, cmd: P.Pad, sender: Address) -> None:
         """Padding: its bytes earned the sender reply credit when it arrived (docs/osc.md); no answer."""
+
+    @handles(P.Cookie)
+    def _cookie(self, cmd: P.Cookie, sender: Address) -> None:
+        """The cookie that proves the sender's address (bridge.osc.reply_budget); paid like any answer."""
+        self.reply(sender, "/cookie", self.budget.cookie(sender[0]))
+
+    @handles(P.Prove)
+    def _prove(self, cmd: P.Prove, sender: Address) -> None:
+        if not self.budget.prove(sender[0], cmd.cookie):
+            raise ProtocolError("forbidden", "/prove: not the cookie /cookie gave this address in the last two "
+                                             "minutes; ask /cookie again and send back what it answers")
+        log.info("%s proved its address: its replies and events are no longer limited by the reply budget",
+                 sender[0])
+        self.reply(sender, "/ok", "/prove")
 
     @handles(P.Ping)
     def _ping(self, cmd: P.Ping, sender: Address) -> None:
@@ -519,7 +547,8 @@ class Daemon:
 
         def accepted(job: Job) -> None:
             try:  # recorded before it is acknowledged: whatever /job/accepted answered, a restart finds
-                self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender))
+                self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender,
+                                       self.budget.proven(self._to(sender)[0])))
             except OSError as e:
                 raise ProtocolError("failed", f"{e}; the job was not queued: free the disk (or fix the session "
                                               "folder) and send it again") from None

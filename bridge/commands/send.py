@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot open a UDP socket: {e.strerror or e}") from None
     with client:
         try:
+            if args.wait_reply > 0:  # proved first, so the job events it waits for are not limited (docs/osc.md)
+                client.prove(min(args.wait_reply, 1.0))
             client.send(args.address, *values)
         except (OSError, OscEncodeError) as e:
             raise UsageError(f"cannot send to {args.host}:{args.port}: {e}") from None

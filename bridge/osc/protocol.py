@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from bridge.state import rules as R
 from bridge.osc.paths import PathPolicy
+from bridge.osc.reply_budget import COOKIE_CHARS
 from bridge.state.rules import (MAX_BAR_POSITION, MAX_BARS, MAX_PRIORITY, PARAM_KEYS, ProtocolError,
                                 RuleError, type_tags)
 from model.types import MAX_REQUEST_SECONDS
@@ -432,6 +433,30 @@ class Pad(Command):
 
 
 @dataclass(frozen=True)
+class Cookie(Command):
+    """Asks for the cookie that proves the sender's address (bridge.osc.reply_budget); any arguments,
+    so a client pads it to pay for the answer."""
+
+    pattern: ClassVar[str] = "/cookie"
+    expects: ClassVar[str] = "anything (pad it to 64 bytes or more: the answer is paid from its bytes)"
+
+
+@dataclass(frozen=True)
+class Prove(Command):
+    """Sends back the cookie /cookie answered, proving the sender receives at its address."""
+
+    cookie: str
+    pattern: ClassVar[str] = "/prove"
+    expects: ClassVar[str] = "s cookie (the one /cookie answered)"
+
+    def check(self) -> None:
+        if not isinstance(self.cookie, str) or not self.cookie:
+            raise _fail(self, "the cookie must be a non-empty string (s)")
+        if len(self.cookie) != COOKIE_CHARS:
+            raise _fail(self, f"the cookie is {len(self.cookie)} characters; /cookie answers {COOKIE_CHARS}")
+
+
+@dataclass(frozen=True)
 class JamStart(JamCommand):
     pattern: ClassVar[str] = "/jam/start"
 
@@ -593,6 +618,7 @@ BUILDERS: dict[type, Builder] = {
     TransportState: _no_args,
     JamStart: _one, JamStop: _one, JamStatus: _one,
     Hello: _one, Pad: lambda a, cls, pre: cls(a.address),
+    Cookie: lambda a, cls, pre: cls(a.address), Prove: _one,
 }
 
 

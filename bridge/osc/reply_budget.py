@@ -13,14 +13,26 @@ address. Each sender host therefore has a byte credit:
   answer is bigger than the 12-byte question, is still answered;
 - whatever the credit, a host gets at most RATE_CAP reply bytes a second.
 
-So over any time t, the reply bytes sent to one host are at most the bytes received from it plus
-ALLOWANCE_BURST + ALLOWANCE_RATE * t, and for bundles the allowance is never used. Replies that
-do not fit are dropped and counted. Job events (progress, done) are not replies to a packet and
-are not paid from the budget: they are bounded by the job queue (see docs/security.md).
+So over any time t, the bytes sent to one host that has not proved its address are at most the
+bytes received from it plus ALLOWANCE_BURST + ALLOWANCE_RATE * t, and for bundles the allowance is
+never used. Events the daemon sends later (a job's progress and end, a jam's chunks) are paid from
+the same credit, never from the allowance (they answer no lone packet); a progress event takes
+only credit above EVENT_RESERVE, so what a host paid for stays for the events that end its jobs.
+Whatever does not fit is dropped and counted; a job's final state stays queryable.
+
+A host proves its address as DTLS and QUIC clients do, with a cookie round trip: `/cookie` is
+answered (from credit, like any reply) with a cookie only that address receives, an HMAC of its
+IP and the current minute under a secret made at start; `/prove <cookie>` sent back within two
+minutes marks the host proven for PROVEN_SECONDS. A forged source address cannot see its cookie,
+so cannot prove it. A proven host's replies and events are not limited by the budget: they go to
+an address that asked for them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +43,10 @@ RATE_CAP = 65536
 ALLOWANCE_BURST = 2048
 ALLOWANCE_RATE = 1024
 MAX_HOSTS = 4096
+EVENT_RESERVE = 2048     # credit a progress event leaves for the events that end a host's jobs
+COOKIE_WINDOW = 60       # seconds: a cookie is good in its minute and the next
+PROVEN_SECONDS = 86400   # how long a proof lasts; a client proves again at start or once a day
+COOKIE_CHARS = 32        # hex characters of the HMAC a cookie carries
 
 
 @dataclass
@@ -45,9 +61,13 @@ class _Host:
 class ReplyBudget:
     """Per-host byte credit; thread-safe. `received` before handling a packet, `spend` per reply."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, secret: bytes | None = None):
         self._clock = clock
+        self._secret = secret if secret is not None else os.urandom(32)
         self._hosts: OrderedDict[str, _Host] = OrderedDict()
+        # proven hosts -> until when; a table of its own, so a flood of forged sources (which
+        # fills the credit table) cannot push a proven host out: only real proofs enter it
+        self._proven: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self._lone = threading.local()  # on the receive thread: is the packet being handled a lone message?
         self.dropped = 0
@@ -70,10 +90,52 @@ class ReplyBudget:
             h.credit = min(float(BANK), h.credit + nbytes)
         self._lone.value = not bundle
 
-    def spend(self, host: str, nbytes: int) -> bool:
-        """True (and paid) when a reply of `nbytes` to `host` fits the budget; False: do not send it."""
+    def cookie(self, host: str) -> str:
+        """The cookie `host` must send back with /prove: bound to its IP and to this minute."""
+        return self._cookie(host, int(self._clock() // COOKIE_WINDOW))
+
+    def _cookie(self, host: str, window: int) -> str:
+        mac = hmac.new(self._secret, f"{host}|{window}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:COOKIE_CHARS]
+
+    def prove(self, host: str, cookie: str) -> bool:
+        """True, and `host` is proven, when `cookie` is one this budget gave `host` in the last two minutes."""
+        window = int(self._clock() // COOKIE_WINDOW)
+        if not any(hmac.compare_digest(cookie.encode(), self._cookie(host, w).encode())
+                   for w in (window, window - 1)):
+            return False
+        self.trust(host)
+        return True
+
+    def trust(self, host: str) -> None:
+        """Mark `host` proven now (a proof, or one recorded with a job the last run accepted)."""
+        with self._lock:
+            self._proven[host] = self._clock() + PROVEN_SECONDS
+            self._proven.move_to_end(host)
+            if len(self._proven) > MAX_HOSTS:
+                self._proven.popitem(last=False)
+
+    def proven(self, host: str) -> bool:
+        with self._lock:
+            return self._proven_locked(host)
+
+    def _proven_locked(self, host: str) -> bool:
+        until = self._proven.get(host)
+        if until is not None and until <= self._clock():
+            del self._proven[host]
+            until = None
+        return until is not None
+
+    def spend(self, host: str, nbytes: int, keep: int = 0) -> bool:
+        """True (and paid) when a reply of `nbytes` to `host` fits the budget; False: do not send it.
+
+        keep: credit the reply must leave unspent (EVENT_RESERVE for progress events). A proven
+        host is not limited.
+        """
         lone = getattr(self._lone, "value", False)
         with self._lock:
+            if self._proven_locked(host):
+                return True
             h = self._host(host)
             now = self._clock()
             h.allowance = min(float(ALLOWANCE_BURST), h.allowance + (now - h.refilled) * ALLOWANCE_RATE)
@@ -83,9 +145,9 @@ class ReplyBudget:
                 h.second, h.sent_this_second = sec, 0
             ok = h.sent_this_second + nbytes <= RATE_CAP
             if ok:
-                if h.credit >= nbytes:
+                if h.credit >= nbytes + keep:
                     h.credit -= nbytes
-                elif lone and h.credit + h.allowance >= nbytes:
+                elif lone and not keep and h.credit + h.allowance >= nbytes:
                     h.allowance -= nbytes - h.credit
                     h.credit = 0.0
                 else:

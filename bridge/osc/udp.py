@@ -101,6 +101,7 @@ MAX_PACKET_MESSAGES = 1024   # messages in one datagram, all bundles together
 MAX_GROUP = 64               # datagrams waiting at once that are handled as one group (one session save)
 GROUP_SECONDS = 0.02         # ... or as many as arrive within this time of handling
 BUNDLE_TAG = b"#bundle\0"
+COOKIE_PAD = 64              # bytes of padding a client's /cookie carries: more than the 48-byte answer
 
 
 class OscDecodeError(ValueError):
@@ -337,8 +338,9 @@ class OscServer:
         self._send(to, address, args)
 
     def reply(self, to: Address, address: str, args: Sequence[Any] = (), hold: bool = True,
-              budgeted: bool = True) -> bool:
-        """Send an answer to a packet, paid from `to`'s byte budget; False when it did not fit (not sent).
+              budgeted: bool = True, keep: int = 0) -> bool:
+        """Send an answer to a packet or an event, paid from `to`'s byte budget leaving `keep`
+        bytes of credit; False when it did not fit (not sent).
 
         On the receive thread the answer is held until the packet's group has been saved
         (hold=False: now, for answers that must not wait, such as /job/accepted).
@@ -346,7 +348,7 @@ class OscServer:
         data = self._encode(to, address, args)
         if data is None:
             return False
-        if budgeted and self.budget is not None and not self.budget.spend(to[0], len(data)):
+        if budgeted and self.budget is not None and not self.budget.spend(to[0], len(data), keep):
             return False
         if (hold and self._held is not None and threading.current_thread() is self._thread
                 and (self._held or self.unsaved is None or self.unsaved())):
@@ -422,6 +424,18 @@ class OscClient:
             return decode(data)[0]
         except Exception:  # noqa: BLE001
             return ("/invalid-reply", [data[:64]])
+
+    def prove(self, timeout: float = 2.0) -> bool:
+        """The cookie round trip of docs/osc.md ("Reply budget"): afterwards the daemon's answers and
+        job events to this host are not limited by the reply budget. True when it was accepted;
+        False when no cookie came back (an older daemon, or one that answers --reply-to).
+        Replies that arrive meanwhile are read and discarded."""
+        self.send("/cookie", bytes(COOKIE_PAD))  # padded: the cookie is paid from the request's bytes
+        r = self.wait_for(lambda a, v: a == "/cookie" and len(v) == 1 and isinstance(v[0], str), timeout)
+        if r is None:
+            return False
+        self.send("/prove", r[1][0])
+        return self.wait_for(lambda a, v: a in ("/ok", "/error") and "/prove" in v, timeout) == ("/ok", ["/prove"])
 
     def replies(self, timeout: float) -> Iterator[tuple[str, list[Any]]]:
         """Replies until none arrives for `timeout` seconds."""

@@ -32,22 +32,24 @@ class Entry:
     args: tuple[Any, ...]
     reply_to: tuple[str, int]
     sender: tuple[str, int]
+    proven: bool = False  # the reply host had proved its address (bridge.osc.reply_budget): still so after a crash
 
 
 def _entry(raw: Any) -> Entry | None:
     """An entry from the file, or None when any field is out of range (a damaged journal is not trusted)."""
     try:
         job_id, address, args = raw["id"], raw["address"], raw["args"]
-        reply_to, sender = raw["reply_to"], raw["sender"]
+        reply_to, sender, proven = raw["reply_to"], raw["sender"], raw.get("proven", False)
         ok = (isinstance(job_id, int) and 1 <= job_id < 2**53 and isinstance(address, str)
               and address.startswith("/track/") and len(address) <= 256 and isinstance(args, list)
               and len(args) <= 3 and all(isinstance(a, (int, float, str)) and not isinstance(a, bool) for a in args)
               and all(isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str)
-                      and isinstance(a[1], int) and 0 < a[1] < 65536 for a in (reply_to, sender)))
+                      and isinstance(a[1], int) and 0 < a[1] < 65536 for a in (reply_to, sender))
+              and isinstance(proven, bool))
         if not ok:
             return None
-        return Entry(job_id, address, tuple(args), (reply_to[0], reply_to[1]), (sender[0], sender[1]))
-    except (KeyError, TypeError, IndexError):
+        return Entry(job_id, address, tuple(args), (reply_to[0], reply_to[1]), (sender[0], sender[1]), proven)
+    except (KeyError, TypeError, IndexError, AttributeError):
         return None
 
 
@@ -100,7 +102,8 @@ class Journal:
 
     def _write(self) -> None:
         data = {"version": 1, "jobs": [{"id": e.job_id, "address": e.address, "args": list(e.args),
-                                        "reply_to": list(e.reply_to), "sender": list(e.sender)}
+                                        "reply_to": list(e.reply_to), "sender": list(e.sender),
+                                        "proven": e.proven}
                                        for e in self._entries.values()]}
         replace_json(self.path, data, prefix=".jobs-journal.")
 

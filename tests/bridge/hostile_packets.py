@@ -1,11 +1,18 @@
-"""Malformed OSC datagrams: a named corpus of known attacks and a seeded structure-aware fuzzer."""
+"""Malformed OSC datagrams: a named corpus of known attacks, a seeded structure-aware fuzzer, and
+every address docs/osc.md documents with example arguments (so a new address is covered by the
+reply budget and fuzz tests as soon as it is documented)."""
 
 from __future__ import annotations
 
 import random
+import re
 import struct
+from pathlib import Path
+from typing import Any
 
 from bridge.osc.udp import encode
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "osc.md"
 
 MAX_UDP = 65507
 
@@ -162,3 +169,143 @@ def fuzz_packets(seed: int, count: int):
             for _ in range(rng.randint(1, 3)):
                 data = mutate(rng, data)
             yield data
+
+
+# ---------------------------------------------------------------- every documented address
+
+# Example values by the argument names docs/osc.md uses; a name not listed gets its type's default,
+# so a newly documented address is still sent (perhaps refused `bad_args`, which is measured too).
+EXAMPLE_VALUES: dict[str, Any] = {
+    "bpm": 120.0, "seconds": 1.0, "numerator": 3, "denominator": 4, "pitch": 60, "velocity": 100,
+    "start_beat": 0.0, "length_beats": 1.0, "frame_rate": 7.8125, "channel": 2, "quarter_notes": 0.0,
+    "text": "lofi drums", "name": "plain", "key": "top_k", "value": 50, "cookie": "0" * 32,
+    "chroma": bytes(48 * 8), "priority": 0, "reason": "interrupted", "bars": 2,
+}
+TYPE_DEFAULTS: dict[str, Any] = {"i": 1, "h": 1, "f": 1.0, "d": 1.0, "s": "x", "b": bytes(48)}
+
+
+def documented_addresses(doc: Path = DOC) -> list[tuple[str, str]]:
+    """(address, argument spec) for every address docs/osc.md documents: each `/...` in a heading of
+    its "Addresses" part (several per heading) and in the first column of its tables there (the DAW
+    feedback the daemon reads)."""
+    text = doc.read_text(encoding="utf-8")
+    start = text.index("\n## Addresses")
+    end = text.index("\n## ", start + 1)
+    found: list[tuple[str, str]] = []
+    for line in text[start:end].splitlines():
+        line = line.replace("\\|", "\0")  # an escaped | inside a table cell is not a column
+        if line.startswith("### "):
+            codes = re.findall(r"`([^`]+)`", line)
+        elif line.startswith("| `/"):
+            codes = re.findall(r"`([^`]+)`", line.split("|")[1])
+        else:
+            continue
+        for code in codes:
+            address, _, spec = code.replace("\0", "|").partition(" ")
+            if address.startswith("/"):
+                found.append((address, spec))
+    return found
+
+
+def example_args(spec: str, names: dict[str, Any] | None = None) -> list[Any]:
+    """Arguments for a documented spec such as `f:seconds | i:bars s:"bars" [i:priority]`: the first
+    alternative, optional parts left out, one group of a repeated `(...)...`, quoted literals as they
+    are, numbers given as values (`f:1|0`), names from `names` or EXAMPLE_VALUES, else by type."""
+    spec = re.sub(r"\[[^\]]*\]", "", spec.split(" | ")[0]).replace(")...", "").replace("(", "").replace(")", "")
+    args: list[Any] = []
+    for kind, name in re.findall(r'([a-z|]+):("[^"]*"|\S+)', spec):
+        kind = kind.split("|")[0]
+        if name.startswith('"'):
+            args.append(name.strip('"'))
+            continue
+        literal = name.split("|")[0]
+        if re.fullmatch(r"-?\d+(\.\d+)?", literal):
+            args.append(int(float(literal)) if kind in "ih" else float(literal))
+        elif names is not None and name in names:
+            args.append(names[name])
+        elif name in EXAMPLE_VALUES and type(EXAMPLE_VALUES[name]) is type(TYPE_DEFAULTS.get(kind, "")):
+            args.append(EXAMPLE_VALUES[name])
+        else:
+            args.append(TYPE_DEFAULTS.get(kind, "x"))
+    return args
+
+
+def malformed_args(args: list[Any]) -> list[list[Any]]:
+    """Wrong forms of a valid argument list: none at all, one too many, and every argument's type swapped."""
+    swapped = [7 if isinstance(a, (str, bytes)) else "seven" for a in args]
+    forms = [[], [*args, "extra"], swapped]
+    return [f for f in forms if f != args]
+
+
+def truncated(datagram: bytes) -> bytes:
+    """The datagram cut short inside its last argument (no longer a multiple of 4 bytes)."""
+    return datagram[:-3] if len(datagram) > 4 else datagram + b"\0"
+
+
+# ---------------------------------------------------------------- fuzzing every documented address
+
+TRACK_NAMES = ["fz", "fz2", "lead", "a" * 32, "a" * 33, "evil\n", "bad name", "²", "", "trk\0x", "Ａ"]
+NASTY_STRINGS = ["", "x" * 1024, "x" * 1025, "²", "5.1.00", "9999999.1.00", "005|01|0000", "²|1|0", "3 / 4",
+                 "bars", "seconds", "at", "variations", "temperature", "seed", "top_k", "/etc/passwd",
+                 "../../x.wav", "\n", "\0", "NaN", "1e309", "-1"]
+NASTY_NUMBERS = [0, -1, 1, 16, 17, 2**31 - 1, -(2**31), 2**40, 0.0, -0.0, 1e-10, 1e-9, 1e7, 4e7, 1e30,
+                 float("nan"), float("inf"), float("-inf"), 20.0, 10.0, 1000.0, 1000.5, 7.8125]
+
+
+def _nasty_arg(rng: random.Random) -> Any:
+    kind = rng.randrange(5)
+    if kind == 0:
+        return rng.choice(NASTY_STRINGS)
+    if kind == 1:
+        v = rng.choice(NASTY_NUMBERS)
+        return float(v) if rng.random() < 0.5 and not isinstance(v, float) and abs(v) < 2**31 else v
+    if kind == 2:
+        return rng.randbytes(rng.choice([0, 1, 48, 47, 96, 4800, 60_000, 60_001]))
+    if kind == 3:
+        return rng.choice([True, False, None])
+    return rng.randint(-(2**31), 2**31 - 1)
+
+
+def documented_message(rng: random.Random, addresses: list[tuple[str, str]]) -> bytes:
+    """One message to a documented address: its example arguments, or some of them replaced by
+    nasty values of any type, or a huge count of arguments; names and job ids hostile at times."""
+    template, spec = rng.choice(addresses)
+    address = template.replace("<name>", rng.choice(TRACK_NAMES) if rng.random() < 0.3 else "fz")
+    address = address.replace("<id>", rng.choice(["1", "2", "²", "0", "99999999999999", "-1", "1a"]))
+    args = example_args(spec, {"track": rng.choice(TRACK_NAMES[:3])})
+    how = rng.randrange(4)
+    if how == 1:
+        args = [_nasty_arg(rng) if rng.random() < 0.5 else a for a in args] or [_nasty_arg(rng)]
+    elif how == 2:
+        args = [_nasty_arg(rng) for _ in range(rng.randint(0, 6))]
+    elif how == 3:  # a huge count of arguments
+        one = args or [60]
+        args = (one * (rng.choice([700, 2049, 3000]) // len(one) + 1))[:rng.choice([700, 2049, 3000])]
+    try:
+        data = encode(address, args)
+    except Exception:  # noqa: BLE001 - an address python-osc cannot encode: send the raw form
+        data = raw_message(address.encode("utf-8", "replace").replace(b"\0", b"0"), b",")
+    return data[:MAX_UDP]
+
+
+def documented_fuzz(seed: int, count: int, addresses: list[tuple[str, str]] | None = None):
+    """`count` datagrams over every documented address: messages (half of them mutated by `mutate`),
+    bundles of up to 40 of them, bundles nested up to 6 deep (4 is the limit), and floods: bundles
+    of up to 1024 copies of one message."""
+    rng = random.Random(seed)
+    addresses = addresses or documented_addresses()
+    for _ in range(count):
+        shape = rng.randrange(10)
+        if shape < 5:
+            data = documented_message(rng, addresses)
+            yield mutate(rng, data) if shape < 2 else data
+        elif shape < 8:
+            parts = [documented_message(rng, addresses) for _ in range(rng.randint(1, 40))]
+            data = bundle(*parts)
+            for _ in range(rng.choice([0, 0, 1, 3, 5])):
+                data = bundle(data)
+            yield data[:MAX_UDP]
+        else:
+            one = documented_message(rng, addresses)
+            copies = min(1024, (MAX_UDP - 16) // (len(one) + 4))
+            yield bundle(*[one] * rng.randint(1, max(1, copies)))

@@ -50,12 +50,15 @@ class DaemonProcess:
     def client(self, **kw) -> OscClient:
         return OscClient("127.0.0.1", self.port, **kw)
 
-    def wait_ready(self, client: OscClient, timeout: float = 120.0) -> None:
+    def wait_ready(self, client: OscClient, timeout: float = 120.0, prove: bool = True) -> None:
+        """Until /ping is answered; then (prove) the client's host proves its address, as a DAW's
+        client does at start, so job events reach it whatever their size (docs/osc.md)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"daemon exited early:\n{self.log_text()}"
             client.send("/ping")
             if client.wait_for(lambda a, _: a == "/pong", 0.5):
+                assert not prove or client.prove(), f"the cookie round trip failed:\n{self.log_text()[-3000:]}"
                 return
         raise AssertionError(f"daemon never answered /ping:\n{self.log_text()}")
 
@@ -81,6 +84,27 @@ class DaemonProcess:
         if not self.log.closed:
             self.log.close()
         return rc
+
+
+ANSWER_GUARD = 30.0  # seconds: only a daemon that stopped answering waits this long (not a speed claim)
+
+
+def ping(c: OscClient, after: str) -> None:
+    """/ping answered /pong, with nothing else on the way: `after` was read and the daemon goes on."""
+    c.send("/ping")
+    seen: list = []
+    assert c.wait_for(lambda a, _: a == "/pong", ANSWER_GUARD, seen) is not None, f"no /pong after {after}"
+    assert seen == [], f"after {after}: {seen}"
+
+
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped on the daemon's socket (its receive buffer was full)."""
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[1].endswith(f":{port:04X}"):
+                return int(cols[-1])
+    raise AssertionError(f"no UDP socket on port {port}")
 
 
 def expect(client: OscClient, address: str, timeout: float = 10.0, seen: list | None = None):

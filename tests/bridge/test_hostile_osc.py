@@ -17,9 +17,8 @@ import pytest
 
 from bridge.osc.udp import OscClient, encode
 from tests.bridge.hostile_packets import corpus, fuzz_packets
-from tests.bridge.osc_helpers import drain, expect
+from tests.bridge.osc_helpers import ANSWER_GUARD, drain, expect, ping, udp_drops
 
-ANSWER_GUARD = 30.0  # seconds: only a daemon that stopped answering waits this long (not a speed claim)
 LOG_BOUND = 1_000_000  # bytes
 
 
@@ -30,24 +29,6 @@ def daemon(tmp_path_factory, tiny_model_dir, serve_daemon):
     with serve_daemon(tmp_path_factory.mktemp("hostile"), tiny_model_dir, "--max-queued", "0",
                       "--max-tracks", "512") as (d, pinger):
         yield d, pinger
-
-
-def ping(c: OscClient, after: str) -> None:
-    """/ping answered /pong, with nothing else on the way: `after` was read and the daemon goes on."""
-    c.send("/ping")
-    seen: list = []
-    assert c.wait_for(lambda a, _: a == "/pong", ANSWER_GUARD, seen) is not None, f"no /pong after {after}"
-    assert seen == [], f"after {after}: {seen}"
-
-
-def udp_drops(port: int) -> int:
-    """Datagrams the kernel dropped on the daemon's socket (its receive buffer was full)."""
-    with open("/proc/net/udp") as f:
-        for line in f.readlines()[1:]:
-            cols = line.split()
-            if cols[1].endswith(f":{port:04X}"):
-                return int(cols[-1])
-    raise AssertionError(f"no UDP socket on port {port}")
 
 
 def test_malformed_corpus_leaves_ping_answered(daemon):

@@ -1,0 +1,201 @@
+"""Issue #31's reply budget through `musicbridge serve` over loopback UDP: from a fresh source
+address the bytes sent back, job events included, never exceed the bytes received (plus the
+documented allowance for single-message packets), for every address in docs/osc.md.
+
+Each address is sent from two fresh host addresses of its own (127.1.k.1 and 127.1.k.2; the
+budget is per host IP): the first sends it alone with valid arguments, then malformed (no
+arguments, one too many, every type swapped, truncated); the second sends the same as one bundle,
+which may not draw on the allowance. Tracks have `variations 16`, so a `/generate` queues 16
+takes. Everything sent back to those addresses is collected until the daemon has finished every
+job, and counted. Bounds are on bytes only; the timeouts are guards against a daemon that
+stopped answering, never speed claims.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from audiofile import write_audio
+from bridge.osc.reply_budget import ALLOWANCE_BURST, ALLOWANCE_RATE
+from bridge.osc.udp import OscClient, decode, encode
+from tests.bridge.hostile_packets import (bundle, documented_addresses, example_args, malformed_args,
+                                          truncated)
+from tests.bridge.osc_helpers import drain, expect
+
+GUARD = 600.0  # seconds: only a daemon that stopped working waits this long
+TAKES = 16
+
+
+def _tune(path) -> None:
+    """A one-note MIDI file (format 0, 96 ticks a beat)."""
+    track = bytes([0x00, 0x90, 60, 100, 0x60, 0x80, 60, 0, 0x00, 0xFF, 0x2F, 0x00])
+    path.write_bytes(b"MThd" + (6).to_bytes(4, "big") + bytes([0, 0, 0, 1, 0, 96])
+                     + b"MTrk" + len(track).to_bytes(4, "big") + track)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, tiny_model_dir, serve_daemon):
+    import numpy as np
+
+    base = tmp_path_factory.mktemp("budget")
+    allowed = base / "inputs"
+    allowed.mkdir()
+    t = np.arange(16000, dtype=np.float32) / 16000
+    write_audio(allowed / "take.wav", (0.3 * np.sin(2 * np.pi * 220 * t))[None, :], 16000)
+    _tune(allowed / "tune.mid")
+    with serve_daemon(base, tiny_model_dir, "--max-queued", "200", "--max-tracks", "200",
+                      allow_dir=allowed) as (d, pinger):
+        yield d, pinger, allowed
+
+
+def _host(ip: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # holds every reply until it is read
+    s.bind((ip, 0))
+    return s
+
+
+def _collect(s: socket.socket) -> list[bytes]:
+    """Every datagram waiting on `s` (the daemon sent them before the /pong that preceded this)."""
+    s.setblocking(False)
+    got = []
+    while True:
+        try:
+            got.append(s.recv(65535))
+        except BlockingIOError:
+            return got
+
+
+def _track(pinger: OscClient, name: str) -> None:
+    pinger.send(f"/track/{name}/prompt", "lofi drums")
+    pinger.send(f"/track/{name}/param", "variations", TAKES)
+    expect(pinger, "/ok")
+    expect(pinger, "/ok")
+
+
+def _idle(pinger: OscClient) -> None:
+    """Until the daemon has no job queued or running; then every event of every job has been sent."""
+    deadline = time.monotonic() + GUARD
+    while time.monotonic() < deadline:
+        pinger.send("/status")
+        st = expect(pinger, "/status")
+        if st[2] == 0 and st[3] == 0:
+            pinger.send("/ping")
+            expect(pinger, "/pong")
+            return
+        time.sleep(0.2)
+    raise AssertionError("the daemon's jobs never finished")
+
+
+def _accepted(datagrams: list[bytes]) -> set[int]:
+    return {args[0] for d in datagrams for address, args in decode(d) if address == "/job/accepted"}
+
+
+def test_no_documented_address_gets_more_bytes_back_than_it_sent(daemon):
+    d, pinger, allowed = daemon
+    addresses = documented_addresses()
+    names = [a for a, _ in addresses]
+    # the parser found the document's addresses, the ones the issue names among them
+    assert len(addresses) >= 40 and {"/track/<name>/generate", "/jam/status", "/cookie", "/prove",
+                                     "/job/<id>/status", "/position/bbt"} <= set(names), names
+    pinger.send("/track/setup/prompt", "lofi drums")
+    expect(pinger, "/ok")
+    pinger.send("/track/setup/generate", 0.5)
+    first_job = expect(pinger, "/job/accepted")[0]
+    expect(pinger, "/job/done")
+    paths = {"path": str(allowed / "take.wav")}
+    hosts = []  # (address, ip, socket, bytes sent, first send time, is the bundle host)
+    try:
+        for k, (template, spec) in enumerate(addresses):
+            track = f"b{k}"
+            _track(pinger, track)
+            address = template.replace("<name>", track).replace("<id>", str(first_job))
+            if address.endswith("/melody/midi"):
+                paths["path"] = str(allowed / "tune.mid")
+            args = example_args(spec, {**paths, "track": track})
+            paths["path"] = str(allowed / "take.wav")
+            valid = encode(address, args)
+            wrong = [encode(address, a) for a in malformed_args(args)]
+            lone, grouped = _host(f"127.1.{k}.1"), _host(f"127.1.{k}.2")
+            hosts += [(address, lone, [valid, *wrong, truncated(valid)], False),
+                      (address, grouped, [bundle(valid, *wrong)], True)]
+        for i, (address, s, datagrams, _) in enumerate(hosts):
+            t0 = time.monotonic()
+            for data in datagrams:
+                s.sendto(data, ("127.0.0.1", d.port))
+            hosts[i] = (address, s, sum(map(len, datagrams)), t0, hosts[i][3])
+            if i % 8 == 7:  # let the daemon catch up: a full socket buffer would drop what we count
+                pinger.send("/ping")
+                expect(pinger, "/pong", GUARD)
+        _idle(pinger)
+        results = []
+        for address, s, sent, t0, grouped in hosts:
+            got = _collect(s)
+            results.append((address, grouped, sent, sum(map(len, got)), len(got), _accepted(got),
+                            time.monotonic() - t0))
+    finally:
+        for _, s, *_rest in hosts:
+            s.close()
+    print()
+    for address, grouped, sent, back, n, _, _ in results:
+        print(f"{'bundle' if grouped else 'lone  '} {address[:40]:40s} sent {sent:6d} B, got {back:5d} B in {n} replies")
+    for address, grouped, sent, back, _, _, elapsed in results:
+        bound = sent if grouped else sent + ALLOWANCE_BURST + ALLOWANCE_RATE * elapsed
+        assert back <= bound, f"{address} ({'bundle' if grouped else 'lone'}): sent {sent} B, got {back} B back"
+    assert sum(back > 0 for _, grouped, _, back, *_ in results if not grouped) >= len(addresses) // 2  # answered
+    # the 16 takes a lone 28-byte /generate queued ran to the end, though most of their events were not sent
+    jobs = next(ids for address, grouped, *_, ids, _ in results
+                if address.endswith("/generate") and not grouped)
+    assert len(jobs) == TAKES, jobs
+    for job in sorted(jobs):
+        pinger.send(f"/job/{job}/status")
+        assert expect(pinger, "/job/status")[1] == "done"
+
+
+def test_a_host_that_proves_its_address_gets_every_event(daemon):
+    d, pinger, _ = daemon
+    _track(pinger, "proven")
+    with OscClient("127.0.0.1", d.port, listen_host="127.2.0.1") as c:
+        assert c.prove()
+        c.send("/track/proven/generate", 0.5)
+        done: list = []
+        while len(done) < TAKES:
+            r = c.wait_for(lambda a, _: a in ("/job/done", "/error"), GUARD)
+            assert r is not None and r[0] == "/job/done", (r, done)
+            done.append(r[1][0])
+    assert len(set(done)) == TAKES
+
+
+def test_a_cookie_proves_only_the_host_it_was_sent_to(daemon):
+    d, _, _ = daemon
+    with (OscClient("127.0.0.1", d.port, listen_host="127.2.0.2") as a,
+          OscClient("127.0.0.1", d.port, listen_host="127.2.0.3") as b):
+        a.send("/cookie", bytes(64))
+        cookie = expect(a, "/cookie")[0]
+        b.send("/prove", cookie)  # what a forger that saw the cookie would send from another address
+        err = expect(b, "/error")
+        assert err[0] == "forbidden" and "/cookie" in err[1], err
+        b.send("/prove", "short")
+        err = expect(b, "/error")
+        assert err[0] == "bad_args" and "32" in err[1], err
+        a.send("/prove", cookie)
+        assert expect(a, "/ok") == ["/prove"]
+
+
+def test_padding_pays_for_a_jobs_events_without_a_proof(daemon):
+    """A bundle of a /generate and a 4 KB /pad: its 16 /job/done fit the credit, and no more comes back."""
+    d, pinger, _ = daemon
+    _track(pinger, "padded")
+    with _host("127.2.0.4") as s:
+        data = bundle(encode("/track/padded/generate", [0.5]), encode("/pad", [bytes(4000)]))
+        s.sendto(data, ("127.0.0.1", d.port))
+        _idle(pinger)
+        got = _collect(s)
+    back = sum(map(len, got))
+    done = [args[0] for g in got for address, args in decode(g) if address == "/job/done"]
+    print(f"\npadded /generate: sent {len(data)} B, got {back} B: {len(done)} /job/done")
+    assert len(done) == TAKES and back <= len(data)
+    drain(pinger, 0.0)
