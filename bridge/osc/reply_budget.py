@@ -69,7 +69,7 @@ class ReplyBudget:
         # fills the credit table) cannot push a proven host out: only real proofs enter it
         self._proven: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
-        self._lone = threading.local()  # on the receive thread: is the packet being handled a lone message?
+        self._lone = threading.local()  # on the receive thread: the host whose lone message is being handled
         self.dropped = 0
         self.dropped_bytes = 0
 
@@ -88,7 +88,7 @@ class ReplyBudget:
         with self._lock:
             h = self._host(host)
             h.credit = min(float(BANK), h.credit + nbytes)
-        self._lone.value = not bundle
+        self._lone.value = None if bundle else host
 
     def cookie(self, host: str) -> str:
         """The cookie `host` must send back with /prove: bound to its IP and to this minute."""
@@ -132,7 +132,7 @@ class ReplyBudget:
         keep: credit the reply must leave unspent (EVENT_RESERVE for progress events). A proven
         host is not limited.
         """
-        lone = getattr(self._lone, "value", False)
+        lone = getattr(self._lone, "value", None) == host  # the allowance answers that host's own lone packet
         with self._lock:
             if self._proven_locked(host):
                 return True

@@ -308,4 +308,4 @@ def documented_fuzz(seed: int, count: int, addresses: list[tuple[str, str]] | No
         else:
             one = documented_message(rng, addresses)
             copies = min(1024, (MAX_UDP - 16) // (len(one) + 4))
-            yield bundle(*[one] * rng.randint(1, max(1, copies)))
+            yield bundle(*[one] * rng.randint(1, max(1, copies)))[:MAX_UDP]

@@ -63,6 +63,7 @@ def test_jobs_belong_to_the_host_that_queued_them(daemon):
         for c in (owner, other):
             c.send("/hello", KEY)
             expect(c, "/ok")
+            assert c.prove()  # job events reach a host that proved its address (docs/osc.md)
         owner.send("/track/t/generate", 30.0)
         first = expect(owner, "/job/accepted")[0]
         owner.send("/track/t/generate", 29.0)

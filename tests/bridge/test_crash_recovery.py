@@ -169,6 +169,7 @@ def test_a_full_disk_fails_the_job_naming_cause_and_path(tmp_path, presets, tiny
             if c.wait_for(lambda a, _: a == "/pong", 0.5):
                 break
             assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+        assert c.prove()  # the job's /error is an event: it reaches a host that proved its address
         c.send("/track/t/preset", "plain")
         expect(c, "/ok")
         c.send("/track/t/generate", 10.0)  # 10 s at 48 kHz stereo 24-bit is 2.9 MB

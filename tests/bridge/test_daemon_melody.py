@@ -23,6 +23,7 @@ def daemon(tmp_path, monkeypatch, tiny_melody_engine):
     (tmp_path / "session" / "stems").mkdir(parents=True)
     with Daemon(tiny_melody_engine, DaemonConfig(port=0, session_dir=tmp_path / "session", grace=0.0)) as d:
         with OscClient("127.0.0.1", d.server.port) as c:
+            assert c.prove()  # job events reach a host that proved its address (docs/osc.md)
             yield d, c
 
 

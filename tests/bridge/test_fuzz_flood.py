@@ -22,7 +22,8 @@ from tests.bridge.osc_helpers import ANSWER_GUARD, drain, expect, ping, udp_drop
 
 SEED = 20261207
 PACKETS = 3000
-BURST = 20
+BURST = 20  # datagrams between two /pings, or fewer when they hold more than BURST_BYTES
+BURST_BYTES = 96 * 1024  # well inside the daemon's socket buffer (208 KiB by default): a /ping is never dropped
 LOG_BOUND = 1_000_000  # bytes the log may grow by over the whole run
 
 
@@ -40,17 +41,19 @@ def test_fuzz_seed_20261207_every_documented_address_then_restart(base, tiny_mod
         expect(pinger, "/ok")
         log_before = d.log_path.stat().st_size
         drops_before = udp_drops(d.port)
-        sent = 0
+        sent = burst = burst_bytes = 0
         with d.client(listen_host="127.3.0.1") as attacker:
-            for i, data in enumerate(documented_fuzz(SEED, PACKETS, addresses)):
-                attacker.send_raw(data)
-                sent += 1
-                if i % BURST == BURST - 1:
+            for data in documented_fuzz(SEED, PACKETS, addresses):
+                if burst_bytes + len(data) > BURST_BYTES or burst == BURST:
+                    burst = burst_bytes = 0
                     drain(pinger, 0.0)
                     pinger.send("/ping")
                     assert pinger.wait_for(lambda a, _: a == "/pong", ANSWER_GUARD) is not None, \
                         f"no /pong after {sent} packets (seed {SEED}):\n{d.log_text()[-3000:]}"
                     assert d.proc.poll() is None, f"the daemon died after {sent} packets:\n{d.log_text()[-3000:]}"
+                attacker.send_raw(data)
+                sent += 1
+                burst, burst_bytes = burst + 1, burst_bytes + len(data)
         drain(pinger, 0.5)
         ping(pinger, f"{PACKETS} fuzzed packets")
         grown = d.log_path.stat().st_size - log_before
