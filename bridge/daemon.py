@@ -167,8 +167,8 @@ class Daemon:
     def _report_interrupted(self, entries: list[Entry]) -> None:
         """Jobs a crash cut off: `/job/failed id "interrupted"` to their reply address, or queued again."""
         for e in entries:
-            if e.proven:  # it proved its address to the run that crashed: its events are not limited
-                self.budget.trust(e.reply_to[0])
+            if e.proven:  # it proved its address to the run that crashed: its events need no credit
+                self.budget.trust(e.reply_to)
             if self.config.resume:
                 log.info("job %d (%s) was interrupted by a crash; queueing it again (--resume)", e.job_id, e.address)
                 self._own_initiative.value = True  # its answers answer no packet: sent as events
@@ -317,15 +317,14 @@ class Daemon:
     @handles(P.Cookie)
     def _cookie(self, cmd: P.Cookie, sender: Address) -> None:
         """The cookie that proves the sender's address (bridge.osc.reply_budget); paid like any answer."""
-        self.reply(sender, "/cookie", self.budget.cookie(sender[0]))
+        self.reply(sender, "/cookie", self.budget.cookie(sender))
 
     @handles(P.Prove)
     def _prove(self, cmd: P.Prove, sender: Address) -> None:
-        if not self.budget.prove(sender[0], cmd.cookie):
-            raise ProtocolError("forbidden", "/prove: not the cookie /cookie gave this address in the last two "
-                                             "minutes; ask /cookie again and send back what it answers")
-        log.info("%s proved its address: its replies and events are no longer limited by the reply budget",
-                 sender[0])
+        if not self.budget.prove(sender, cmd.cookie):
+            raise ProtocolError("forbidden", "/prove: not the cookie /cookie gave this address (IP and port) in the "
+                                             "last minute; ask /cookie again and send back what it answers")
+        log.info("%s:%d proved its address: replies and events to it need no reply credit", *sender)
         self.reply(sender, "/ok", "/prove")
 
     @handles(P.Ping)
@@ -548,7 +547,7 @@ class Daemon:
         def accepted(job: Job) -> None:
             try:  # recorded before it is acknowledged: whatever /job/accepted answered, a restart finds
                 self.journal.add(Entry(job.id, cmd.address, _message_args(cmd), self._to(sender), sender,
-                                       self.budget.proven(self._to(sender)[0])))
+                                       self.budget.proven(self._to(sender))))
             except OSError as e:
                 raise ProtocolError("failed", f"{e}; the job was not queued: free the disk (or fix the session "
                                               "folder) and send it again") from None

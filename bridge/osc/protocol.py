@@ -450,10 +450,9 @@ class Prove(Command):
     expects: ClassVar[str] = "s cookie (the one /cookie answered)"
 
     def check(self) -> None:
-        if not isinstance(self.cookie, str) or not self.cookie:
-            raise _fail(self, "the cookie must be a non-empty string (s)")
-        if len(self.cookie) != COOKIE_CHARS:
-            raise _fail(self, f"the cookie is {len(self.cookie)} characters; /cookie answers {COOKIE_CHARS}")
+        if not isinstance(self.cookie, str) or len(self.cookie) != COOKIE_CHARS:
+            got = f"{len(self.cookie)} characters" if isinstance(self.cookie, str) else type_tags([self.cookie])
+            raise _fail(self, f"the cookie is the {COOKIE_CHARS}-character string (s) /cookie answers, got {got}")
 
 
 @dataclass(frozen=True)

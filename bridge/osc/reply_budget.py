@@ -20,12 +20,14 @@ the same credit, never from the allowance (they answer no lone packet); a progre
 only credit above EVENT_RESERVE, so what a host paid for stays for the events that end its jobs.
 Whatever does not fit is dropped and counted; a job's final state stays queryable.
 
-A host proves its address as DTLS and QUIC clients do, with a cookie round trip: `/cookie` is
-answered (from credit, like any reply) with a cookie only that address receives, an HMAC of its
-IP and the current minute under a secret made at start; `/prove <cookie>` sent back within two
-minutes marks the host proven for PROVEN_SECONDS. A forged source address cannot see its cookie,
-so cannot prove it. A proven host's replies and events are not limited by the budget: they go to
-an address that asked for them.
+A client proves its address (IP and port) as DTLS and QUIC clients do, with a cookie round
+trip: `/cookie` is answered (from credit, like any reply) with a cookie only that address
+receives, an HMAC of its IP, port and the current minute under a secret made at start; `/prove
+<cookie>` sent back from the same address in that minute or the next marks the address proven
+for PROVEN_SECONDS. A forged source address cannot see its cookie, so cannot prove it. Replies
+and events to a proven address need no credit (they go where they were asked for); the rate cap
+still holds, so a forger who knows a proven address and port reflects at most RATE_CAP bytes a
+second onto it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+
+Address = tuple[str, int]
 
 BANK = 65536
 RATE_CAP = 65536
@@ -65,9 +69,9 @@ class ReplyBudget:
         self._clock = clock
         self._secret = secret if secret is not None else os.urandom(32)
         self._hosts: OrderedDict[str, _Host] = OrderedDict()
-        # proven hosts -> until when; a table of its own, so a flood of forged sources (which
-        # fills the credit table) cannot push a proven host out: only real proofs enter it
-        self._proven: OrderedDict[str, float] = OrderedDict()
+        # proven addresses -> until when; a table of its own, so a flood of forged sources (which
+        # fills the credit table) cannot push a proven address out: only real proofs enter it
+        self._proven: OrderedDict[Address, float] = OrderedDict()
         self._lock = threading.Lock()
         self._lone = threading.local()  # on the receive thread: the host whose lone message is being handled
         self.dropped = 0
@@ -90,52 +94,52 @@ class ReplyBudget:
             h.credit = min(float(BANK), h.credit + nbytes)
         self._lone.value = None if bundle else host
 
-    def cookie(self, host: str) -> str:
-        """The cookie `host` must send back with /prove: bound to its IP and to this minute."""
-        return self._cookie(host, int(self._clock() // COOKIE_WINDOW))
+    def cookie(self, to: Address) -> str:
+        """The cookie address `to` (IP and port) must send back with /prove: bound to it and to this minute."""
+        return self._cookie(to, int(self._clock() // COOKIE_WINDOW))
 
-    def _cookie(self, host: str, window: int) -> str:
-        mac = hmac.new(self._secret, f"{host}|{window}".encode(), hashlib.sha256)
+    def _cookie(self, to: Address, window: int) -> str:
+        mac = hmac.new(self._secret, f"{to[0]}|{to[1]}|{window}".encode(), hashlib.sha256)
         return mac.hexdigest()[:COOKIE_CHARS]
 
-    def prove(self, host: str, cookie: str) -> bool:
-        """True, and `host` is proven, when `cookie` is one this budget gave `host` in the last two minutes."""
+    def prove(self, to: Address, cookie: str) -> bool:
+        """True, and `to` is proven, when `cookie` is one this budget gave `to` in this minute or the last."""
         window = int(self._clock() // COOKIE_WINDOW)
-        if not any(hmac.compare_digest(cookie.encode(), self._cookie(host, w).encode())
+        if not any(hmac.compare_digest(cookie.encode(), self._cookie(to, w).encode())
                    for w in (window, window - 1)):
             return False
-        self.trust(host)
+        self.trust(to)
         return True
 
-    def trust(self, host: str) -> None:
-        """Mark `host` proven now (a proof, or one recorded with a job the last run accepted)."""
+    def trust(self, to: Address) -> None:
+        """Mark address `to` proven now (a proof, or one recorded with a job the last run accepted)."""
         with self._lock:
-            self._proven[host] = self._clock() + PROVEN_SECONDS
-            self._proven.move_to_end(host)
+            self._proven[to] = self._clock() + PROVEN_SECONDS
+            self._proven.move_to_end(to)
             if len(self._proven) > MAX_HOSTS:
                 self._proven.popitem(last=False)
 
-    def proven(self, host: str) -> bool:
+    def proven(self, to: Address) -> bool:
         with self._lock:
-            return self._proven_locked(host)
+            return self._proven_locked(to)
 
-    def _proven_locked(self, host: str) -> bool:
-        until = self._proven.get(host)
+    def _proven_locked(self, to: Address) -> bool:
+        until = self._proven.get(to)
         if until is not None and until <= self._clock():
-            del self._proven[host]
+            del self._proven[to]
             until = None
         return until is not None
 
-    def spend(self, host: str, nbytes: int, keep: int = 0) -> bool:
-        """True (and paid) when a reply of `nbytes` to `host` fits the budget; False: do not send it.
+    def spend(self, to: Address, nbytes: int, keep: int = 0) -> bool:
+        """True (and paid) when a reply of `nbytes` to address `to` fits its host's budget; False: do not send it.
 
         keep: credit the reply must leave unspent (EVENT_RESERVE for progress events). A proven
-        host is not limited.
+        address needs no credit; the rate cap holds for it too.
         """
+        host = to[0]
         lone = getattr(self._lone, "value", None) == host  # the allowance answers that host's own lone packet
         with self._lock:
-            if self._proven_locked(host):
-                return True
+            proven = self._proven_locked((to[0], to[1]))
             h = self._host(host)
             now = self._clock()
             h.allowance = min(float(ALLOWANCE_BURST), h.allowance + (now - h.refilled) * ALLOWANCE_RATE)
@@ -144,7 +148,7 @@ class ReplyBudget:
             if sec != h.second:
                 h.second, h.sent_this_second = sec, 0
             ok = h.sent_this_second + nbytes <= RATE_CAP
-            if ok:
+            if ok and not proven:
                 if h.credit >= nbytes + keep:
                     h.credit -= nbytes
                 elif lone and not keep and h.credit + h.allowance >= nbytes:

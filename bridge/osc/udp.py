@@ -348,7 +348,7 @@ class OscServer:
         data = self._encode(to, address, args)
         if data is None:
             return False
-        if budgeted and self.budget is not None and not self.budget.spend(to[0], len(data), keep):
+        if budgeted and self.budget is not None and not self.budget.spend(to, len(data), keep):
             return False
         if (hold and self._held is not None and threading.current_thread() is self._thread
                 and (self._held or self.unsaved is None or self.unsaved())):

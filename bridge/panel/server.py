@@ -261,6 +261,10 @@ class PanelServer:
         local = ("::1" if ":" in target[0] and is_loopback_host(target[0]) else
                  "127.0.0.1" if is_loopback_host(target[0]) else "0.0.0.0", 0)
         self._osc, _ = await asyncio.get_running_loop().create_datagram_endpoint(Replies, local_addr=local)
+        # the panel is part of the daemon, so its socket is an address that receives: no cookie round
+        # trip is needed for job events to reach the page (docs/osc.md, "Reply budget")
+        sockname = self._osc.get_extra_info("sockname")
+        self.daemon.budget.trust((sockname[0], sockname[1]))
         key = self.daemon.config.key
         if key and not is_loopback_host(target[0]):  # a non-loopback daemon address needs the key, as any sender
 

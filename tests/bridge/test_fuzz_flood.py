@@ -41,7 +41,7 @@ def test_fuzz_seed_20261207_every_documented_address_then_restart(base, tiny_mod
         expect(pinger, "/ok")
         log_before = d.log_path.stat().st_size
         drops_before = udp_drops(d.port)
-        sent = burst = burst_bytes = 0
+        sent = sent_bytes = burst = burst_bytes = 0
         with d.client(listen_host="127.3.0.1") as attacker:
             for data in documented_fuzz(SEED, PACKETS, addresses):
                 if burst_bytes + len(data) > BURST_BYTES or burst == BURST:
@@ -52,7 +52,7 @@ def test_fuzz_seed_20261207_every_documented_address_then_restart(base, tiny_mod
                         f"no /pong after {sent} packets (seed {SEED}):\n{d.log_text()[-3000:]}"
                     assert d.proc.poll() is None, f"the daemon died after {sent} packets:\n{d.log_text()[-3000:]}"
                 attacker.send_raw(data)
-                sent += 1
+                sent, sent_bytes = sent + 1, sent_bytes + len(data)
                 burst, burst_bytes = burst + 1, burst_bytes + len(data)
         drain(pinger, 0.5)
         ping(pinger, f"{PACKETS} fuzzed packets")
@@ -61,7 +61,7 @@ def test_fuzz_seed_20261207_every_documented_address_then_restart(base, tiny_mod
         log = d.log_text()
         pinger.send("/tracks")
         tracks = expect(pinger, "/tracks")
-        print(f"\nfuzz seed {SEED}: {sent} datagrams over {len(addresses)} "
+        print(f"\nfuzz seed {SEED}: {sent} datagrams ({sent_bytes} bytes) over {len(addresses)} "
               f"documented addresses; log +{grown} bytes; kernel drops {drops}; {len(tracks)} tracks")
         assert sent == PACKETS and drops == 0
         assert grown < LOG_BOUND, grown

@@ -401,6 +401,7 @@ def test_restart_restores_the_session(env, serve_daemon):
 
         # SIGINT with --grace 0: the running and the queued job are cancelled, the daemon exits 0
         with d2.client() as c3:
+            assert c3.prove()  # a socket of its own: its job events need its address proved (docs/osc.md)
             c3.send("/track/keep2/generate", 30.0)
             c3.send("/track/keep2/generate", 29.0)
             first = expect(c3, "/job/accepted")[0]

@@ -169,15 +169,17 @@ def test_a_host_that_proves_its_address_gets_every_event(daemon):
     assert len(set(done)) == TAKES
 
 
-def test_a_cookie_proves_only_the_host_it_was_sent_to(daemon):
+def test_a_cookie_proves_only_the_address_it_was_sent_to(daemon):
     d, _, _ = daemon
     with (OscClient("127.0.0.1", d.port, listen_host="127.2.0.2") as a,
-          OscClient("127.0.0.1", d.port, listen_host="127.2.0.3") as b):
+          OscClient("127.0.0.1", d.port, listen_host="127.2.0.3") as b,
+          OscClient("127.0.0.1", d.port, listen_host="127.2.0.2") as a2):
         a.send("/cookie", bytes(64))
         cookie = expect(a, "/cookie")[0]
-        b.send("/prove", cookie)  # what a forger that saw the cookie would send from another address
-        err = expect(b, "/error")
-        assert err[0] == "forbidden" and "/cookie" in err[1], err
+        for other in (b, a2):  # another host, and another port of the same host
+            other.send("/prove", cookie)  # what a forger that saw the cookie would send from another address
+            err = expect(other, "/error")
+            assert err[0] == "forbidden" and "/cookie" in err[1], err
         b.send("/prove", "short")
         err = expect(b, "/error")
         assert err[0] == "bad_args" and "32" in err[1], err

@@ -7,7 +7,7 @@ import logging
 
 from bridge.daemon import ERROR_REPLIES_PER_SECOND, _LogLimiter
 from bridge.osc.reply_budget import (COOKIE_CHARS, COOKIE_WINDOW, EVENT_RESERVE, MAX_HOSTS, PROVEN_SECONDS,
-                                     ReplyBudget)
+                                     RATE_CAP, ReplyBudget)
 
 
 class FakeClock:
@@ -50,39 +50,50 @@ def test_a_steady_flood_is_held_to_the_rate():
 def test_events_are_paid_from_credit_and_progress_leaves_the_reserve():
     """A job's events answer no lone packet: credit only, and progress only above EVENT_RESERVE."""
     events = ReplyBudget(clock=FakeClock(10.0))  # spent on this thread, which handled no lone packet
-    assert not events.spend("10.0.0.1", 28)  # no credit: the allowance is not for events
+    daw = ("10.0.0.1", 9011)
+    assert not events.spend(daw, 28)  # no credit: the allowance is not for events
     events.received("10.0.0.1", EVENT_RESERVE + 100, bundle=True)
-    assert events.spend("10.0.0.1", 60, keep=EVENT_RESERVE)  # 100 above the reserve pays one progress
-    assert not events.spend("10.0.0.1", 60, keep=EVENT_RESERVE)  # the next one would eat into it
-    assert events.spend("10.0.0.1", EVENT_RESERVE)  # the final event is paid from the reserve
-    assert events.spend("10.0.0.1", 40) and not events.spend("10.0.0.1", 4)  # 2148 - 60 - 2048 - 40 = 0
+    assert events.spend(daw, 60, keep=EVENT_RESERVE)  # 100 above the reserve pays one progress
+    assert not events.spend(daw, 60, keep=EVENT_RESERVE)  # the next one would eat into it
+    assert events.spend(daw, EVENT_RESERVE)  # the final event is paid from the reserve
+    assert events.spend(daw, 40) and not events.spend(daw, 4)  # 2148 - 60 - 2048 - 40 = 0
     assert events.dropped == 3
 
 
-def test_a_cookie_proves_only_the_address_it_was_sent_to_and_only_for_two_minutes():
+def test_the_allowance_answers_only_the_host_whose_lone_packet_is_handled():
+    budget = ReplyBudget(clock=FakeClock(10.0))
+    budget.received("10.0.0.1", 12, bundle=False)
+    assert not budget.spend(("10.0.0.2", 9011), 100)  # an event for another host, sent meanwhile
+    assert budget.spend(("10.0.0.1", 5000), 100)
+
+
+def test_a_cookie_proves_only_the_address_it_was_sent_to_and_only_for_a_while():
     clock = FakeClock(1000.0)
     budget = ReplyBudget(clock=clock, secret=b"k" * 32)
-    cookie = budget.cookie("10.0.0.1")
+    daw = ("10.0.0.1", 9011)
+    cookie = budget.cookie(daw)
     assert len(cookie) == COOKIE_CHARS
-    assert not budget.prove("10.0.0.2", cookie)  # a forged source cannot use another host's cookie
-    assert not budget.prove("10.0.0.1", "0" * COOKIE_CHARS)
-    assert not budget.proven("10.0.0.1") and not budget.spend("10.0.0.1", 1000)
+    assert not budget.prove(("10.0.0.2", 9011), cookie)  # a forged source cannot use another address's cookie
+    assert not budget.prove(("10.0.0.1", 9012), cookie)  # nor another port of the same host
+    assert not budget.prove(daw, "0" * COOKIE_CHARS)
+    assert not budget.proven(daw) and not budget.spend(daw, 1000)
     clock.t += COOKIE_WINDOW  # the next minute: still good
-    assert budget.prove("10.0.0.1", cookie)
-    assert budget.spend("10.0.0.1", 60_000) and budget.spend("10.0.0.1", 60_000)  # no credit needed
-    assert not budget.proven("10.0.0.2")
-    assert ReplyBudget(clock=clock, secret=b"j" * 32).cookie("10.0.0.1") != cookie  # a secret per run
+    assert budget.prove(daw, cookie)
+    assert budget.spend(daw, 30_000) and budget.spend(daw, 30_000)  # no credit needed
+    assert not budget.spend(daw, RATE_CAP)  # but the rate cap holds
+    assert not budget.proven(("10.0.0.1", 9012)) and not budget.spend(("10.0.0.1", 9012), 1000)
+    assert ReplyBudget(clock=clock, secret=b"j" * 32).cookie(daw) != cookie  # a secret per run
     clock.t += 2 * COOKIE_WINDOW
-    assert not budget.prove("10.0.0.3", budget._cookie("10.0.0.3", int(1000.0 // COOKIE_WINDOW)))  # stale
+    assert not budget.prove(("10.0.0.3", 1), budget._cookie(("10.0.0.3", 1), int(1000.0 // COOKIE_WINDOW)))  # stale
     clock.t += PROVEN_SECONDS
-    assert not budget.proven("10.0.0.1")  # a proof lasts PROVEN_SECONDS
-    assert not budget.spend("10.0.0.1", 1000)
+    assert not budget.proven(daw)  # a proof lasts PROVEN_SECONDS
+    assert not budget.spend(daw, 1000)
 
 
-def test_a_flood_of_forged_sources_does_not_unprove_a_host():
-    clock = FakeClock(5.0)
-    budget = ReplyBudget(clock=clock)
-    assert budget.prove("10.0.0.1", budget.cookie("10.0.0.1"))
+def test_a_flood_of_forged_sources_does_not_unprove_an_address():
+    budget = ReplyBudget(clock=FakeClock(5.0))
+    daw = ("10.0.0.1", 9011)
+    assert budget.prove(daw, budget.cookie(daw))
     for i in range(MAX_HOSTS + 10):  # fills the credit table: the proven table is another one
         budget.received(f"10.1.{i // 256}.{i % 256}", 4, bundle=True)
-    assert budget.proven("10.0.0.1")
+    assert budget.proven(daw)
