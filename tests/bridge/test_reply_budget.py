@@ -19,6 +19,7 @@ import time
 import pytest
 
 from audiofile import write_audio
+from bridge.daemon import Daemon, DaemonConfig
 from bridge.osc.reply_budget import ALLOWANCE_BURST, ALLOWANCE_RATE
 from bridge.osc.udp import OscClient, decode, encode
 from tests.bridge.hostile_packets import (bundle, documented_addresses, example_args, malformed_args,
@@ -201,3 +202,61 @@ def test_padding_pays_for_a_jobs_events_without_a_proof(daemon):
     print(f"\npadded /generate: sent {len(data)} B, got {back} B: {len(done)} /job/done")
     assert len(done) == TAKES and back <= len(data)
     drain(pinger, 0.0)
+
+
+class _PlayingJam:
+    """A jam that is playing, as /jam/status reads it (a real one needs a live audio output)."""
+
+    state = "playing"
+
+    def status(self) -> dict:
+        return {"track": "lead", "state": "playing", "behind": False, "chunks": 12, "realtime_factor": 1.7,
+                "underruns": 0, "error": None, "chunk_latency": 1.1, "note_latency": 0.3,
+                "first_audio_seconds": 0.2, "prefills": 1}
+
+    def close(self) -> None:
+        """Nothing to stop: the daemon closes every jam on exit."""
+
+
+def test_a_flood_of_jam_status_from_a_fresh_host_is_paid_like_any_answer(tmp_path, tiny_engine):
+    """Issue #31: 2,000 lone 24-byte /jam/status from a fresh host once brought 150 KB back."""
+    with Daemon(tiny_engine, DaemonConfig(port=0, session_dir=tmp_path / "session", grace=0.0)) as d:
+        d.live.jams["lead"] = _PlayingJam()
+        with _host("127.2.0.5") as s:
+            query = encode("/jam/status", ["lead"])
+            s.sendto(query, ("127.0.0.1", d.server.port))
+            raw = s.recv(65535)
+            first = decode(raw)[0]
+            assert first[0] == "/jam/status" and first[1][:4] == ["lead", "playing", 0, 12], first
+            t0 = time.monotonic()
+            for i in range(1, 2000):
+                s.sendto(query, ("127.0.0.1", d.server.port))
+                if i % 100 == 0:  # stay inside the daemon's socket buffer
+                    with OscClient("127.0.0.1", d.server.port) as pinger:
+                        pinger.send("/ping")
+                        expect(pinger, "/pong")
+            with OscClient("127.0.0.1", d.server.port) as pinger:
+                pinger.send("/ping")
+                expect(pinger, "/pong")
+            got = len(raw) + sum(map(len, _collect(s)))
+            elapsed = time.monotonic() - t0
+    sent = 2000 * len(query)
+    print(f"\n2000 /jam/status: sent {sent} B, got {got} B back")
+    assert len(raw) > len(query)  # each answer is bigger than its question
+    assert got <= sent + ALLOWANCE_BURST + ALLOWANCE_RATE * elapsed
+
+
+def test_the_issues_generate_with_16_variations_gets_only_its_acceptances_back(daemon):
+    """Issue #31: one 28-byte /generate with `variations 16` sent 5,620 bytes (200x) to its source
+    address. Now its 16 /job/accepted come from the allowance, and no event is sent unpaid."""
+    d, pinger, _ = daemon
+    _track(pinger, "v")
+    with _host("127.2.0.6") as s:
+        data = encode("/track/v/generate", [1.0])
+        s.sendto(data, ("127.0.0.1", d.port))
+        _idle(pinger)
+        got = [decode(g)[0] for g in _collect(s)]
+    back = sum(len(encode(a, v)) for a, v in got)
+    print(f"\n/generate with variations {TAKES}: sent {len(data)} B, got {back} B back ({len(got)} replies)")
+    assert len(data) == 28 and [a for a, _ in got] == ["/job/accepted"] * TAKES
+    assert back <= len(data) + ALLOWANCE_BURST
