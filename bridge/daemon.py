@@ -59,6 +59,9 @@ class DaemonConfig:
 
 
 ERROR_REPLIES_PER_SECOND = 200
+# what a host may send before /hello with --key: the key itself, padding, and the address proof
+# (which reveals nothing and changes nothing but where replies may go)
+NO_HELLO_NEEDED = frozenset({"/hello", "/pad", "/cookie", "/prove"})
 
 
 class _LogLimiter:
@@ -270,7 +273,7 @@ class Daemon:
         """One message: parse, apply, answer. Every failure becomes an /error reply."""
         try:
             replay = getattr(self._own_initiative, "value", False)  # --resume: accepted before the crash
-            if address not in ("/hello", "/pad", "/cookie", "/prove") and not replay and self.access.needs_hello(sender):
+            if address not in NO_HELLO_NEEDED and not replay and self.access.needs_hello(sender):
                 raise ProtocolError("forbidden", "this daemon needs a key: send /hello with it first (serve --key)")
             if isinstance(address, str) and self.clock.feedback(address, args, sender):
                 return  # a DAW's transport feedback (docs/daw.md): followed or ignored, never answered

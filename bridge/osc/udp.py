@@ -427,7 +427,7 @@ class OscClient:
 
     def prove(self, timeout: float = 2.0) -> bool:
         """The cookie round trip of docs/osc.md ("Reply budget"): afterwards the daemon's answers and
-        job events to this host are not limited by the reply budget. True when it was accepted;
+        job events to this socket's address (IP and port) need no reply credit. True when it was accepted;
         False when no cookie came back (an older daemon, or one that answers --reply-to).
         Replies that arrive meanwhile are read and discarded."""
         self.send("/cookie", bytes(COOKIE_PAD))  # padded: the cookie is paid from the request's bytes

@@ -142,7 +142,8 @@ def test_no_documented_address_gets_more_bytes_back_than_it_sent(daemon):
             s.close()
     print()
     for address, grouped, sent, back, n, _, _ in results:
-        print(f"{'bundle' if grouped else 'lone  '} {address[:40]:40s} sent {sent:6d} B, got {back:5d} B in {n} replies")
+        kind = "bundle" if grouped else "lone"
+        print(f"{kind:6s} {address[:40]:40s} sent {sent:6d} B, got {back:5d} B in {n} replies")
     for address, grouped, sent, back, _, _, elapsed in results:
         bound = sent if grouped else sent + ALLOWANCE_BURST + ALLOWANCE_RATE * elapsed
         assert back <= bound, f"{address} ({'bundle' if grouped else 'lone'}): sent {sent} B, got {back} B back"
