@@ -24,7 +24,8 @@ from bridge.osc.reply_budget import ALLOWANCE_BURST, ALLOWANCE_RATE
 from bridge.osc.udp import OscClient, decode, encode
 from tests.bridge.hostile_packets import (bundle, documented_addresses, example_args, malformed_args,
                                           truncated)
-from tests.bridge.osc_helpers import drain, expect
+from tests.bridge.osc_helpers import DaemonProcess, drain, expect
+from tests.jack_server import jack_server
 
 GUARD = 600.0  # seconds: only a daemon that stopped working waits this long
 TAKES = 16
@@ -261,3 +262,44 @@ def test_the_issues_generate_with_16_variations_gets_only_its_acceptances_back(d
     print(f"\n/generate with variations {TAKES}: sent {len(data)} B, got {back} B back ({len(got)} replies)")
     assert len(data) == 28 and [a for a, _ in got] == ["/job/accepted"] * TAKES
     assert back <= len(data) + ALLOWANCE_BURST
+
+
+def test_a_jam_started_from_an_unproven_address_sends_it_no_unpaid_chunk(tmp_path, tiny_melody_dir):
+    """A jam's /jam/chunk and /jam/status events go to the address that started it, paid from its
+    credit: a fresh host's 24-byte /jam/start buys its /ok and nothing more, however long the jam
+    plays. The jam plays on (the proven pinger sees its chunks counted)."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    with jack_server(rate=48000, period=256):
+        d = DaemonProcess(tiny_melody_dir, tmp_path / "session", presets, "--audio", "default")
+        try:
+            with d.client() as pinger, _host("127.2.0.8") as s:
+                d.wait_ready(pinger)  # proves the pinger's address
+                pinger.send("/transport/tempo", 240.0)  # one bar a second: a chunk (2 bars) every 2 s
+                pinger.send("/track/lead/prompt", "sax")
+                expect(pinger, "/ok")
+                expect(pinger, "/ok")
+                start = encode("/jam/start", ["lead"])
+                s.sendto(start, ("127.0.0.1", d.port))
+                chunks, deadline = 0, time.monotonic() + GUARD
+                while chunks < 3:
+                    assert time.monotonic() < deadline, d.log_text()[-3000:]
+                    time.sleep(0.5)
+                    drain(pinger, 0.0)
+                    pinger.send("/jam/status", "lead")
+                    chunks = expect(pinger, "/jam/status")[3]
+                pinger.send("/jam/stop", "lead")
+                expect(pinger, "/ok")
+                state = "stopping"
+                while state != "stopped":  # the stop's own /jam/status events go to the jam's address
+                    assert time.monotonic() < deadline, d.log_text()[-3000:]
+                    time.sleep(0.5)
+                    drain(pinger, 0.0)
+                    pinger.send("/jam/status", "lead")
+                    state = expect(pinger, "/jam/status")[1]
+                got = [decode(g)[0] for g in _collect(s)]
+        finally:
+            assert d.stop() == 0, d.log_text()[-3000:]
+    back = sum(len(encode(a, v)) for a, v in got)
+    print(f"\njam from an unproven address: sent {len(start)} B, got {back} B back: {[a for a, _ in got]}")
+    assert [a for a, _ in got] == ["/ok"] and back <= len(start)
