@@ -108,38 +108,34 @@ def test_no_documented_address_gets_more_bytes_back_than_it_sent(daemon):
     pinger.send("/track/setup/generate", 0.5)
     first_job = expect(pinger, "/job/accepted")[0]
     expect(pinger, "/job/done")
-    paths = {"path": str(allowed / "take.wav")}
-    hosts = []  # (address, ip, socket, bytes sent, first send time, is the bundle host)
+    cases = []  # (address, socket of a fresh host, its datagrams, whether they are one bundle)
+    results = []  # (address, bundle?, bytes sent, bytes back, replies, job ids accepted, seconds)
     try:
         for k, (template, spec) in enumerate(addresses):
             track = f"b{k}"
             _track(pinger, track)
             address = template.replace("<name>", track).replace("<id>", str(first_job))
-            if address.endswith("/melody/midi"):
-                paths["path"] = str(allowed / "tune.mid")
-            args = example_args(spec, {**paths, "track": track})
-            paths["path"] = str(allowed / "take.wav")
+            path = allowed / ("tune.mid" if template.endswith("/melody/midi") else "take.wav")
+            args = example_args(spec, {"path": str(path), "track": track})
             valid = encode(address, args)
             wrong = [encode(address, a) for a in malformed_args(args)]
-            lone, grouped = _host(f"127.1.{k}.1"), _host(f"127.1.{k}.2")
-            hosts += [(address, lone, [valid, *wrong, truncated(valid)], False),
-                      (address, grouped, [bundle(valid, *wrong)], True)]
-        for i, (address, s, datagrams, _) in enumerate(hosts):
-            t0 = time.monotonic()
+            cases += [(address, _host(f"127.1.{k}.1"), [valid, *wrong, truncated(valid)], False),
+                      (address, _host(f"127.1.{k}.2"), [bundle(valid, *wrong)], True)]
+        started = []
+        for i, (address, s, datagrams, grouped) in enumerate(cases):
+            started.append(time.monotonic())
             for data in datagrams:
                 s.sendto(data, ("127.0.0.1", d.port))
-            hosts[i] = (address, s, sum(map(len, datagrams)), t0, hosts[i][3])
             if i % 8 == 7:  # let the daemon catch up: a full socket buffer would drop what we count
                 pinger.send("/ping")
                 expect(pinger, "/pong", GUARD)
         _idle(pinger)
-        results = []
-        for address, s, sent, t0, grouped in hosts:
+        for (address, s, datagrams, grouped), t0 in zip(cases, started):
             got = _collect(s)
-            results.append((address, grouped, sent, sum(map(len, got)), len(got), _accepted(got),
-                            time.monotonic() - t0))
+            results.append((address, grouped, sum(map(len, datagrams)), sum(map(len, got)), len(got),
+                            _accepted(got), time.monotonic() - t0))
     finally:
-        for _, s, *_rest in hosts:
+        for _, s, _, _ in cases:
             s.close()
     print()
     for address, grouped, sent, back, n, _, _ in results:
@@ -149,7 +145,7 @@ def test_no_documented_address_gets_more_bytes_back_than_it_sent(daemon):
         bound = sent if grouped else sent + ALLOWANCE_BURST + ALLOWANCE_RATE * elapsed
         assert back <= bound, f"{address} ({'bundle' if grouped else 'lone'}): sent {sent} B, got {back} B back"
     assert sum(back > 0 for _, grouped, _, back, *_ in results if not grouped) >= len(addresses) // 2  # answered
-    # the 16 takes a lone 28-byte /generate queued ran to the end, though most of their events were not sent
+    # the 16 takes the lone /generate queued ran to the end, though most of their events were not sent
     jobs = next(ids for address, grouped, *_, ids, _ in results
                 if address.endswith("/generate") and not grouped)
     assert len(jobs) == TAKES, jobs
