@@ -428,11 +428,12 @@ class OscClient:
     def prove(self, timeout: float = 2.0) -> bool:
         """The cookie round trip of docs/osc.md ("Reply budget"): afterwards the daemon's answers and
         job events to this socket's address (IP and port) need no reply credit. True when it was accepted;
-        False when no cookie came back (an older daemon, or one that answers --reply-to).
+        False when no cookie came back (an older daemon refuses /cookie; one with --reply-to answers there).
         Replies that arrive meanwhile are read and discarded."""
         self.send("/cookie", bytes(COOKIE_PAD))  # padded: the cookie is paid from the request's bytes
-        r = self.wait_for(lambda a, v: a == "/cookie" and len(v) == 1 and isinstance(v[0], str), timeout)
-        if r is None:
+        r = self.wait_for(lambda a, v: (a == "/cookie" and len(v) == 1 and isinstance(v[0], str))
+                          or (a == "/error" and "/cookie" in v), timeout)  # an older daemon: bad_address
+        if r is None or r[0] == "/error":
             return False
         self.send("/prove", r[1][0])
         return self.wait_for(lambda a, v: a in ("/ok", "/error") and "/prove" in v, timeout) == ("/ok", ["/prove"])

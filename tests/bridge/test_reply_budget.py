@@ -14,6 +14,7 @@ stopped answering, never speed claims.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -299,3 +300,21 @@ def test_a_jam_started_from_an_unproven_address_sends_it_no_unpaid_chunk(tmp_pat
     back = sum(len(encode(a, v)) for a, v in got)
     print(f"\njam from an unproven address: sent {len(start)} B, got {back} B back: {[a for a, _ in got]}")
     assert [a for a, _ in got] == ["/ok"] and back <= len(start)
+
+
+def test_prove_against_a_daemon_without_cookies_says_so_at_the_first_answer():
+    """An older daemon answers /cookie `bad_address`: prove() returns False on that answer, so
+    `musicbridge send` goes on at once; the reply after it is still there to read."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as old, OscClient("127.0.0.1", 0) as c:
+        old.bind(("127.0.0.1", 0))
+        c.target = old.getsockname()
+        old.settimeout(GUARD)
+
+        def answer(data: bytes, to) -> None:
+            address = decode(data)[0][0]
+            old.sendto(encode("/error", ["bad_address", f"unknown address {address!r}", address, 0]), to)
+            old.sendto(encode("/pong"), to)
+
+        threading.Thread(target=lambda: answer(*old.recvfrom(65535)), daemon=True).start()
+        assert c.prove(GUARD) is False
+        assert c.receive(GUARD) == ("/pong", [])
