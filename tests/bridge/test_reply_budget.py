@@ -261,6 +261,18 @@ def test_the_issues_generate_with_16_variations_gets_only_its_acceptances_back(d
     assert back <= len(data) + ALLOWANCE_BURST
 
 
+def _jam_until(d: DaemonProcess, pinger: OscClient, done) -> None:
+    """Ask /jam/status lead (answered to the pinger) every half second until done(its arguments)."""
+    deadline = time.monotonic() + GUARD
+    while True:
+        drain(pinger, 0.0)
+        pinger.send("/jam/status", "lead")
+        if done(expect(pinger, "/jam/status")):
+            return
+        assert time.monotonic() < deadline, d.log_text()[-3000:]
+        time.sleep(0.5)
+
+
 def test_a_jam_started_from_an_unproven_address_sends_it_no_unpaid_chunk(tmp_path, tiny_melody_dir):
     """A jam's /jam/chunk and /jam/status events go to the address that started it, paid from its
     credit: a fresh host's 24-byte /jam/start buys its /ok and nothing more, however long the jam
@@ -278,22 +290,10 @@ def test_a_jam_started_from_an_unproven_address_sends_it_no_unpaid_chunk(tmp_pat
                 expect(pinger, "/ok")
                 start = encode("/jam/start", ["lead"])
                 s.sendto(start, ("127.0.0.1", d.port))
-                chunks, deadline = 0, time.monotonic() + GUARD
-                while chunks < 3:
-                    assert time.monotonic() < deadline, d.log_text()[-3000:]
-                    time.sleep(0.5)
-                    drain(pinger, 0.0)
-                    pinger.send("/jam/status", "lead")
-                    chunks = expect(pinger, "/jam/status")[3]
+                _jam_until(d, pinger, lambda st: st[3] >= 3)  # three chunks made
                 pinger.send("/jam/stop", "lead")
                 expect(pinger, "/ok")
-                state = "stopping"
-                while state != "stopped":  # the stop's own /jam/status events go to the jam's address
-                    assert time.monotonic() < deadline, d.log_text()[-3000:]
-                    time.sleep(0.5)
-                    drain(pinger, 0.0)
-                    pinger.send("/jam/status", "lead")
-                    state = expect(pinger, "/jam/status")[1]
+                _jam_until(d, pinger, lambda st: st[1] == "stopped")  # its own status events went to s
                 got = [decode(g)[0] for g in _collect(s)]
         finally:
             assert d.stop() == 0, d.log_text()[-3000:]
