@@ -334,7 +334,9 @@ class OscServer:
                                           address[:80], *sender)
 
     def send(self, to: Address, address: str, args: Sequence[Any] = ()) -> None:
-        """Send one message; a failure to send (peer gone, buffer full) is logged, never raised."""
+        """Send one message, not paid from any budget: only for addresses the operator chose (Ardour's
+        `--ardour` port); a sender's answers and events go through `reply`. A failure to send (peer
+        gone, buffer full) is logged, never raised."""
         self._send(to, address, args)
 
     def reply(self, to: Address, address: str, args: Sequence[Any] = (), hold: bool = True,
