@@ -34,9 +34,9 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from model.remote.wire import (PROTOCOL, ServedBy, TokensResult, WireError, WireRequest, array_from_json,
-                               array_to_json, codec_digest, info_to_json, piece_to_bytes)
-from model.types import RequestError, SamplingParams
+from model.remote.wire import (PROTOCOL, ServedBy, TokensResult, WireError, array_from_json, array_to_json,
+                               codec_digest, info_to_json, piece_to_bytes, request_from_json)
+from model.types import GenerationRequest, RequestError, SamplingParams
 
 log = logging.getLogger("musicbridge.worker")
 
@@ -229,7 +229,7 @@ class EngineReplica:
             return self._refused()
         try:
             body = await _bounded_body(request)
-            wire = WireRequest.from_json(json.loads(body))
+            wire = request_from_json(json.loads(body))
         except (WireError, ValueError) as e:
             return JSONResponse({"error": "bad_request", "message": str(e)}, status_code=400)
         self.stats["requests"] += 1
@@ -239,16 +239,16 @@ class EngineReplica:
         return result.to_json()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batched(self, wires: list[WireRequest]) -> "list[TokensResult | Exception]":
+    async def _batched(self, wires: list[GenerationRequest]) -> "list[TokensResult | Exception]":
         # The engine call blocks: off the event loop, so jams on this replica keep streaming.
         return await asyncio.to_thread(self._run_batch, wires)
 
-    def _run_batch(self, wires: list[WireRequest]) -> "list[TokensResult | Exception]":
+    def _run_batch(self, wires: list[GenerationRequest]) -> "list[TokensResult | Exception]":
         self.stats["engine_calls"] += 1
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(wires))
         try:
-            codes = self.engine.generate_tokens([w.request() for w in wires])
+            codes = self.engine.generate_tokens(list(wires))
         except RequestError as e:  # one bad request refuses the call: each is told why
             return [e] * len(wires)
         return [TokensResult(c, self.served_by, len(wires)) for c in codes]

@@ -36,8 +36,8 @@ import numpy as np
 
 from model.decode.scheduler import StepGate
 from model.load.resolve import ModelError, resolve_model
-from model.remote.wire import (PROTOCOL, ServedBy, TokensResult, WireError, WireRequest, array_from_json, array_to_json,
-                               codec_digest, info_from_json, piece_from_bytes)
+from model.remote.wire import (PROTOCOL, ServedBy, TokensResult, WireError, array_from_json, array_to_json,
+                               codec_digest, info_from_json, piece_from_bytes, request_to_json)
 from model.types import AudioChunk, Cancelled, GenerationRequest, RequestError, SamplingParams
 
 log = logging.getLogger("musicbridge.remote")
@@ -168,7 +168,7 @@ class RemoteEngine:
         """Codes per request (None where cancelled); each request is its own HTTP request, all at once."""
         if not requests:
             raise RequestError("no requests given")
-        wires = [WireRequest.of(_seeded(r)) for r in requests]
+        wires = [_seeded(r) for r in requests]
         out: list[np.ndarray | None] = [None] * len(requests)
         with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="engine-request") as pool:
             futures = [pool.submit(self._tokens, w, r.cancel) for w, r in zip(wires, requests)]
@@ -290,9 +290,9 @@ class RemoteEngine:
     def _get(self, path: str, timeout: float) -> dict[str, Any]:
         return _request(self.url + path, self._key, None, timeout, self._ssl)
 
-    def _tokens(self, wire: WireRequest, cancel: threading.Event) -> TokensResult:
+    def _tokens(self, wire: GenerationRequest, cancel: threading.Event) -> TokensResult:
         """One request, sent again (same seed: same take) while its replica dies or none answers."""
-        body = json.dumps(wire.to_json()).encode()
+        body = json.dumps(request_to_json(wire)).encode()
         timeout = 120.0 + 30.0 * wire.seconds  # a replica 30x slower than real time is broken, not busy
         deadline = time.monotonic() + self.retry_seconds
         tries = 0

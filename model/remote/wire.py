@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -67,54 +67,41 @@ def _check_fields(cls, d: Any, what: str) -> dict[str, Any]:
     return d
 
 
-@dataclass(frozen=True)
-class WireRequest:
-    """One GenerationRequest as it crosses: prompt, length, sampling, melody chroma, audio prompt."""
+REQUEST_FIELDS = frozenset({"prompt", "seconds", "params", "melody", "audio_prompt", "return_prompt"})
 
-    prompt: str
-    seconds: float
-    params: SamplingParams = field(default_factory=SamplingParams)
-    melody: np.ndarray | None = None
-    audio_prompt: np.ndarray | None = None
-    return_prompt: bool = False
 
-    @classmethod
-    def of(cls, r: GenerationRequest) -> WireRequest:
-        return cls(r.prompt, float(r.seconds), r.params, r.melody, r.audio_prompt, bool(r.return_prompt))
+def request_to_json(r: GenerationRequest) -> dict[str, Any]:
+    """A GenerationRequest as it crosses: prompt, length, sampling, melody chroma, audio prompt
+    (its cancel event stays on this side: a cancel is the client closing the request)."""
+    return {"prompt": r.prompt, "seconds": float(r.seconds), "params": r.params.to_dict(),
+            "melody": None if r.melody is None else array_to_json(np.asarray(r.melody, np.float32)),
+            "audio_prompt": None if r.audio_prompt is None else array_to_json(np.asarray(r.audio_prompt, np.float32)),
+            "return_prompt": bool(r.return_prompt)}
 
-    def request(self, cancel=None) -> GenerationRequest:
-        """The engine's request (its own checks run again: RequestError if out of range)."""
-        kw = {} if cancel is None else {"cancel": cancel}
-        return GenerationRequest(self.prompt, self.seconds, self.params, self.melody, self.audio_prompt,
-                                 self.return_prompt, **kw)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "seconds": self.seconds, "params": self.params.to_dict(),
-                "melody": None if self.melody is None else array_to_json(np.asarray(self.melody, np.float32)),
-                "audio_prompt": None if self.audio_prompt is None else
-                array_to_json(np.asarray(self.audio_prompt, np.float32)),
-                "return_prompt": self.return_prompt}
-
-    @classmethod
-    def from_json(cls, d: Any) -> WireRequest:
-        d = _check_fields(cls, d, "request")
-        prompt, seconds = d.get("prompt"), d.get("seconds")
-        if not isinstance(prompt, str) or len(prompt) > 4096:
-            raise WireError("request: prompt must be text of at most 4096 characters")
-        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
-            raise WireError("request: seconds must be a number")
-        try:
-            params = SamplingParams.from_dict(d.get("params") or {})
-        except RequestError as e:
-            raise WireError(f"request: {e}") from None
-        melody = None if d.get("melody") is None else array_from_json(d["melody"], "request melody")
-        audio = None if d.get("audio_prompt") is None else array_from_json(d["audio_prompt"], "request audio_prompt")
-        w = cls(prompt, float(seconds), params, melody, audio, bool(d.get("return_prompt", False)))
-        try:
-            w.request()  # the engine's own range checks, here, before any queue
-        except RequestError as e:
-            raise WireError(f"request: {e}") from None
-        return w
+def request_from_json(d: Any) -> GenerationRequest:
+    """The engine's request from its wire form; WireError naming the field when it is not one (the
+    engine's own range checks run here, before any queue)."""
+    if not isinstance(d, dict):
+        raise WireError("request: expected an object")
+    unknown = sorted(set(d) - REQUEST_FIELDS)
+    if unknown:
+        raise WireError(f"request: unknown field(s) {', '.join(unknown)}")
+    prompt, seconds = d.get("prompt"), d.get("seconds")
+    if not isinstance(prompt, str) or len(prompt) > 4096:
+        raise WireError("request: prompt must be text of at most 4096 characters")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        raise WireError("request: seconds must be a number")
+    try:
+        params = SamplingParams.from_dict(d.get("params") or {})
+    except RequestError as e:
+        raise WireError(f"request: {e}") from None
+    melody = None if d.get("melody") is None else array_from_json(d["melody"], "request melody")
+    audio = None if d.get("audio_prompt") is None else array_from_json(d["audio_prompt"], "request audio_prompt")
+    try:
+        return GenerationRequest(prompt, float(seconds), params, melody, audio, bool(d.get("return_prompt", False)))
+    except RequestError as e:
+        raise WireError(f"request: {e}") from None
 
 
 @dataclass(frozen=True)

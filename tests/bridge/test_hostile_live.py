@@ -102,6 +102,15 @@ def _setup(c) -> None:
 
 # ---------------------------------------------------------------- 40 plays in one bundle
 
+
+def _jam_on_lead(c) -> tuple[Chunks, RealtimeFactors]:
+    """Set the tracks up, start a jam on `lead` and follow its chunks and realtime factors."""
+    _setup(c)
+    c.send("/jam/start", "lead")
+    ch = Chunks(c)
+    assert ch.expect("/ok") == ["/jam/start"]
+    return ch, RealtimeFactors(c, ch)
+
 def test_forty_plays_in_one_bundle_are_capped_with_busy_and_a_jam_after_them_plays(tmp_path, tiny_melody_dir,
                                                                                    serve_daemon):
     cap_n = 4
@@ -286,11 +295,7 @@ def test_after_an_osc_note_flood_the_jam_runs_at_least_half_as_fast_as_before(tm
         bundles.append(bundle(*msgs))
     with jack_server(rate=SR, period=256):
         with serve_daemon(tmp_path, tiny_melody_dir, "--audio", "default") as (d, c):
-            _setup(c)
-            c.send("/jam/start", "lead")
-            ch = Chunks(c)
-            assert ch.expect("/ok") == ["/jam/start"]
-            rtf = RealtimeFactors(c, ch)
+            ch, rtf = _jam_on_lead(c)
 
             def flood() -> None:
                 with d.client() as sender:
@@ -345,11 +350,7 @@ def test_after_a_jack_midi_note_flood_the_jam_runs_at_least_half_as_fast_as_befo
 
         with keys:
             with serve_daemon(tmp_path, tiny_melody_dir, "--audio", "default", "--midi-in", "mbflood:out") as (d, c):
-                _setup(c)
-                c.send("/jam/start", "lead")
-                ch = Chunks(c)
-                assert ch.expect("/ok") == ["/jam/start"]
-                rtf = RealtimeFactors(c, ch)
+                ch, rtf = _jam_on_lead(c)
 
                 def flood() -> None:
                     state["left"] = periods
