@@ -148,6 +148,7 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
             latencies.append(entry["note_latency"])
 
     list(engine.live_stream(PROMPT, SamplingParams(seed=1), context_seconds=1.0).advance(3))  # warm-up
+    clock_start = clock()  # no note the run plays is older than this
     if melody is not None:
         melody.note_on(60)
     t0 = time.monotonic()
@@ -170,6 +171,13 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
         stop.set()
         status = jam.status()
         hist = list(jam.history)
+        # Bounds of any note-to-audio latency of this run, on the output clock: a change's first
+        # sample plays at least the jam's output margin after the read that took it in, and no
+        # later than the last sample handed to the output.
+        margin = jam._margin()
+        track = jam._track
+        played_until = (None if track is None else
+                        track.start_frame / out.samplerate + jam._fed / engine.sample_rate)
         jam.stop()
         jam.wait(10)
     steady = hist[1:] or hist  # the first chunk includes the first prefill
@@ -190,6 +198,7 @@ def jam_run(engine, out, seconds: float, tempo: float, chunk_bars: int, notes: b
         "prefills": status["prefills"],
         "note_latency_median": statistics.median(latencies) if latencies else None,
         "note_latencies": latencies,
+        "note_latency_bounds": [margin, None if played_until is None else played_until - clock_start],
         "codec_stream": type(jam._decoder).__name__,  # which streaming codec served (model/codec/codes.py)
     }
     if not hist:
@@ -244,6 +253,7 @@ def run(arch: str, dtypes: list[str], seconds: float, tempo: float, chunk_bars: 
                 m = jam_run(meng, out, seconds, tempo, chunk_bars, True, log)
                 row["note_latency_median"] = m["note_latency_median"]
                 row["note_latencies"] = m["note_latencies"]
+                row["note_latency_bounds"] = m["note_latency_bounds"]
                 row["melody_rtf_median"] = m["rtf_median"]
                 del meng
             report["runs"].append(row)

@@ -286,6 +286,9 @@ class Jam(ReportsBehind):
         eng, stream = self.engine, self._stream
         lost = getattr(stream, "interruptions", 0)  # a remote stream that lost its replica (model.remote.client)
         stream.set_context(self.context_seconds)
+        # The input's last change as of this read: a change that arrives while the chunk is made
+        # belongs to the next read, and must not hide the one this chunk follows.
+        changed = getattr(self.melody, "changed_at", None) if getattr(self.melody, "live", False) else None
         read_at = self.now()
         t = time.monotonic()
         reprefill = False
@@ -341,9 +344,8 @@ class Jam(ReportsBehind):
         self._late_in_chunk = False
         self._anchors = []
         entry["note_latency"] = None  # measured in this chunk (status keeps the last one)
-        if reprefill and getattr(self.melody, "live", False):
-            changed = getattr(self.melody, "changed_at", None)
-            if changed is not None and self._melody_seen < changed <= read_at:
+        if reprefill and changed is not None:
+            if self._melody_seen < changed <= read_at:
                 # from the change at the input to the first output sample generated under it
                 self.note_latency = entry["note_latency"] = self._time_of(first_new) - changed
                 self._melody_seen = changed

@@ -163,6 +163,50 @@ def test_conditioning_follows_a_melody_change_within_one_chunk(jack, tiny_melody
     assert jam.status()["note_latency"] == after[0]["note_latency"]
 
 
+class _ChangesWhileRead(_HeldNote):
+    """A player who plays the next note just after the jam has read the chroma: the change lands
+    while the chunk conditioned on the previous one is being made (as on a machine whose chunks
+    take longer than the player's notes last)."""
+
+    def __init__(self, pitch_class: int, clock=time.monotonic):
+        super().__init__(pitch_class, clock)
+        self.after_read: int | None = None
+
+    def chroma(self, start_s, seconds, frame_rate):
+        c = super().chroma(start_s, seconds, frame_rate)
+        if self.after_read is not None:
+            nxt, self.after_read = self.after_read, None
+            self.play(nxt)
+        return c
+
+
+def test_a_change_during_a_chunk_keeps_the_latency_of_the_change_it_follows(jack, tiny_melody_engine):
+    """The chunk conditioned on G reports G's note-to-audio latency although the player moved on
+    to A while it was made."""
+    from bridge.live.jam import Jam
+    from plugin_host.output import AudioOutput
+
+    with AudioOutput(samplerate=SR) as out:
+        player = _ChangesWhileRead(0, clock=lambda: out.position / SR)  # C
+        with Jam(tiny_melody_engine, out, "lead", "sax", melody=player, tempo=TEMPO, chunk_bars=1,
+                 context_seconds=1.0) as jam:
+            jam.start()
+            _until(lambda: len(jam.history) >= 2)
+            player.play(7)  # G, read by the next chunk ...
+            played_g = player.changed_at
+            player.after_read = 9  # ... which hears A arrive while it is made
+            n = len(jam.history)
+            _until(lambda: len(jam.history) >= n + 3)
+            jam.close()
+    g = [h for h in jam.history if set(h["melody_bins"]) == {7}]
+    a = [h for h in jam.history if set(h["melody_bins"]) == {9}]
+    assert g and a and g[0]["index"] < a[0]["index"]
+    assert g[0]["conditioned_at"] >= played_g and g[0]["note_latency"] is not None
+    # G waited for the read, then for frames made after it, which play after the read
+    assert g[0]["note_latency"] > g[0]["conditioned_at"] - played_g >= 0
+    assert a[0]["note_latency"] is not None and a[0]["note_latency"] > 0  # A's own chunk reports A's
+
+
 class _JackMidiHeldNote(_HeldNote):
     """The held note comes from a real JACK MIDI input port (python-rtmidi's JACK API via mido).
 
