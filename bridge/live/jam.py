@@ -10,7 +10,8 @@ ready before its time comes, and it must follow what the player plays now. The j
 - streams: the pieces of a chunk are decoded and queued into the track as they complete, so a
   chunk starts playing while the rest of it is still being generated (first audio after one
   piece, not after the whole chunk), and a chunk is started only when what is queued runs low
-  (later start = fresher melody);
+  (later start = fresher melody), except one that slides the stream's window: it starts at once,
+  so the queue covers its re-prefill;
 - reads its conditioning at each chunk (the melody policy below) and re-prefills only when the
   conditioning of what is still to come changed;
 - places everything on a bar grid (`grid`: a `bridge.clock.grid.Grid`, or a callable giving the
@@ -254,21 +255,30 @@ class Jam(ReportsBehind):
         self._origin = self.first_bar = g.next_bar_time(self.now() + self._margin() + self._first_audio_est)
         k = 0
         frame0 = 0  # stream frame where chunk k starts
+        slides = getattr(self._stream, "slides_before", None)
         while not self._cancel.is_set():
-            if self._track is not None:
+            # A chunk that slides the stream's window pays a re-prefill (about a second on two
+            # cores) before its first piece; it starts at once, so the audio queued while the
+            # last chunks were made covers that second instead of the part running dry.
+            if self._track is not None and not (slides is not None and slides(self._chunk_end(frame0)
+                                                                              + self._decoder.right)):
                 self._wait_for_room()
                 if self._cancel.is_set():
                     break
-            g = self.grid
-            start_t = self._time_of(frame0)
-            end_t = g.next_bar_time(start_t + (self.chunk_bars - 0.5) * _bar_seconds(g))
-            frame1 = max(frame0 + 1, self._frame_at(end_t))
+            frame1 = self._chunk_end(frame0)  # the grid is read again after the wait: the tempo may move
             if not self._chunk(k, frame0, frame1):
                 break
             frame0 = frame1
             k += 1
         if self._player is not None:
             self._player.finish()
+
+    def _chunk_end(self, frame0: int) -> int:
+        """The stream frame where a chunk starting at `frame0` ends: the bar line nearest
+        `chunk_bars` bars on, on the grid now."""
+        g = self.grid
+        end_t = g.next_bar_time(self._time_of(frame0) + (self.chunk_bars - 0.5) * _bar_seconds(g))
+        return max(frame0 + 1, self._frame_at(end_t))
 
     def _wait_for_room(self) -> None:
         """Start the next chunk when what is queued covers about two first-piece times, no earlier.

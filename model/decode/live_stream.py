@@ -124,6 +124,11 @@ class LiveStream:
         b = chroma_index(frame1 - self._melody_at, self.engine)
         return self._melody[max(0, a):max(0, b)].copy()
 
+    def slides_before(self, until_frame: int) -> bool:
+        """Will generating up to `until_frame` slide the window (a re-prefill of `context` frames)?
+        A jam starts such a chunk without waiting, so the re-prefill is paid from what is queued."""
+        return self._state is not None and until_frame > self._w0 + self.window
+
     # ------------------------------------------------------------ generation
 
     def advance(self, until_frame: int, piece_frames: int = 25, first_piece_frames: int | None = None,

@@ -39,6 +39,17 @@ def test_the_window_slides_from_the_streams_own_codes(tiny_engine):
     assert (codes >= 0).all() and (codes < 2048).all()
 
 
+def test_a_stream_says_which_target_slides_its_window(tiny_engine):
+    """The jam starts a chunk that slides the window without waiting (bridge/live/jam.py): the
+    stream tells it exactly when a target needs the next window."""
+    s = LiveStream(tiny_engine, "drums", SamplingParams(seed=1), context_seconds=0.5, window_seconds=2.0)
+    assert not s.slides_before(50)  # nothing prefilled yet: the first prefill is no slide
+    _codes(s, 60)
+    assert s.prefills == 1 and not s.slides_before(100) and s.slides_before(101)
+    _codes(s, 101)
+    assert s.prefills == 2 and not s.slides_before(175) and s.slides_before(176)
+
+
 def test_conditioning_re_prefills_only_when_what_is_to_come_changes(tiny_melody_engine):
     eng = tiny_melody_engine
     s = LiveStream(eng, "sax", SamplingParams(seed=2), context_seconds=1.0)
