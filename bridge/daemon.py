@@ -293,7 +293,6 @@ class Daemon:
             log.info("%s", what)
         self.reply(sender, "/ok", cmd.address)
 
-
     def _apply(self, cmd: P.Command, sender: Address) -> None:
         handler = self.HANDLERS.get(type(cmd))
         if handler is None:  # a command class without a handler is a bug, not user input

@@ -224,7 +224,6 @@ class Engine:
         collapsed where they lie; converted ones are the engine's, so they are packed."""
         from torch import nn
 
-
         streamed = nn.ModuleList([lm.layers, lm.heads])
         if dtype == "float32":
             hugepages.collapse(streamed)

@@ -172,3 +172,13 @@ def test_cached_tiny_model_is_rebuilt_when_stale(tmp_path, monkeypatch):
     again = cached_tiny_model()
     assert again == path and not (path / "stale.txt").exists()
     assert json.loads((path / "musicbridge_tiny.json").read_text())["version"] == TINY_VERSION
+
+
+def test_the_command_line_lists_every_command_without_loading_torch():
+    """`musicbridge --help`, `send` and `devices` start in a fraction of a second: building the parser
+    (which imports every command module) loads neither torch nor transformers nor Ray."""
+    code = ("import sys; from bridge.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout

@@ -23,7 +23,6 @@ def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds
     import numpy as np
     import torch
 
-
     engine = RemoteEngine.connect(url, key, model)
     results: dict[str, Any] = {"url": url, "model": engine.info.label, "device": engine.info.device,
                                "dtype": engine.info.dtype, "jams": [], "jobs": None}

@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from bridge.bench import jam as jam_bench
-from bridge.bench import remote as remote_bench
 from bridge.commands.common import UsageError, positive_float
 from bridge.commands.progress import Stages
-from model.bench import compare as bench
-from model.bench import e2e
-from model.bench.compare import save, write_random_model
-from model.engine import DTYPES, pick_device
-from model.remote.client import RemoteError
 from model.types import RequestError
 
 
@@ -80,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         return _remote(args)
     import torch
 
+    from model.bench import compare as bench  # torch and transformers load only where this runs
+    from model.engine import DTYPES, pick_device  # torch loads only where this runs
 
     try:
         device = pick_device(args.device)
@@ -129,10 +124,12 @@ def _e2e(args: argparse.Namespace) -> int:
     import sys
     import tempfile
 
+    from model.bench import e2e  # torch loads only where this runs
+    from model.bench.compare import save, write_random_model  # torch and transformers load only where this runs
+    from model.engine import DTYPES  # torch loads only where this runs
 
     def log(m: str) -> None:
         print(m, file=sys.stderr, flush=True)
-
 
     if not 1 <= args.e2e_pairs <= 20:
         raise UsageError(f"--e2e-pairs must be between 1 and 20, got {args.e2e_pairs}")
@@ -163,6 +160,7 @@ def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") 
     import json
     import sys
 
+    from bridge.bench import jam as jam_bench  # torch loads only where this runs
 
     if not 1 <= args.chunk_bars <= 16:
         raise UsageError(f"--chunk-bars must be 1-16, got {args.chunk_bars}")
@@ -190,6 +188,8 @@ def _remote(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from bridge.bench import remote as remote_bench  # torch loads only where this runs
+    from model.remote.client import RemoteError  # torch loads only where this runs
 
     if not (0 <= args.jams <= 64 and 0 <= args.jobs <= 64) or not (args.jams or args.jobs):
         raise UsageError("--jams and --jobs must be 0-64, and not both 0")

@@ -140,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     panel = _panel_address(args)
 
-
     try:
         LiveSession(session_dir)  # a broken session file stops us before the model loads
     except SessionError as e:
@@ -155,7 +154,6 @@ def run(args: argparse.Namespace) -> int:
 def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
     """The note router (live notes for jams), fed by every --midi-in port; stamped on the output clock."""
     import time
-
 
     clock = (lambda: audio.position / audio.samplerate) if audio is not None else time.monotonic
     router = NoteRouter(clock)

@@ -43,7 +43,6 @@ def build_random_model(arch: str):
     from transformers import (AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
                               T5Config)
 
-
     tok_dir = Path(tempfile.mkdtemp(prefix="musicbridge-bench-tok-"))
     _build_tokenizer(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)

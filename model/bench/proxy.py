@@ -44,7 +44,6 @@ def build_proxy_model():
 
     from transformers import AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
 
-
     text, codec, _ = tiny_configs()
     codec.codebook_size = VOCAB
     dec = MusicgenDecoderConfig(vocab_size=VOCAB, max_position_embeddings=512, num_hidden_layers=4,
