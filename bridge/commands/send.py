@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         return _print_replies(client, args.wait_reply)
 
 
+STATUS_WAIT = 5.0  # seconds a waiting `send` gives the daemon to answer /job/<id>/status
+
+
 def _print_replies(client, idle: float) -> int:
     job = None
     got = error = False
@@ -140,5 +143,8 @@ def _still_pending(client, job: int, idle: float, backlog: list) -> bool:
 
     Other replies that arrive meanwhile go to `backlog`, to be printed in order."""
     client.send(f"/job/{job}/status")
-    r = client.wait_for(lambda a, v: a == "/job/status" and bool(v) and v[0] == job, idle, backlog)
+    # The daemon that accepted the job is there: give its answer longer than the quiet gap (a busy
+    # machine can take more than a short --wait-reply to answer).
+    r = client.wait_for(lambda a, v: a == "/job/status" and bool(v) and v[0] == job, max(idle, STATUS_WAIT),
+                        backlog)
     return r is not None and r[1][1] in ("queued", "running")
