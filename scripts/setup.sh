@@ -9,8 +9,10 @@ VENV=.venv
 # gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user: the ARM64 kernel checks under qemu.
 # chromium and chromium-driver: the panel tests drive a real headless browser (Debian's, never downloaded).
 # jack-midi-clock and klick: the clock tests' real MIDI clock and JACK timebase master with a tempo map.
+# ardour: the real Ardour, headless (ardour7-lua), whose OSC surface tests/bridge/clock/test_ardour_real.py
+# follows; it brings some 80 packages, and the test skips where it is absent.
 APT_PKGS=(libportaudio2 jackd2 liblo-tools libsndfile1 puredata-core lua5.4 gcc gcc-aarch64-linux-gnu
-          libc6-dev-arm64-cross qemu-user chromium chromium-driver jack-midi-clock klick)
+          libc6-dev-arm64-cross qemu-user chromium chromium-driver jack-midi-clock klick ardour)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
