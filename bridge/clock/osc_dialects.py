@@ -17,6 +17,13 @@ replies to the port the daemon sends from, its own port (osc.cc, set_surface_por
 takes feedback away from another surface on the same host at another port. If Ardour still says
 nothing, the follower's `note` says what to change, for the log and /status.
 
+Ardour reports /position/bbt only when its playhead moves (osc_global_observer.cc, `tick`), about
+every 100 ms while it rolls, and a locate that stops a rolling transport sends no /transport_stop
+(Ardour 7.3, seen by tests/bridge/clock/test_ardour_real.py). So with Ardour, playing with no report
+for HELD_AFTER seconds means its playhead stands still: the follower stops at the last reported
+position, and plays again when Ardour says /transport_play 1 or reports a moving playhead (two
+reports in a row, each a little ahead of the one before; one report alone may be a locate).
+
 Ardour's feedback carries no tempo (and REAPER's flooding-free pattern may leave it out), so
 when no /tempo/raw has come the tempo is derived: a least-squares line through the last few
 seconds of (arrival time, beat) points while playing; a jump (locate, loop) restarts the line.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +58,7 @@ ARDOUR_FEEDBACK = 16 | 32      # transport state (master section) + /position/bb
 ARDOUR_TICKS_PER_BEAT = 1920.0
 HANDSHAKE_EVERY = 5.0          # re-send the handshake while Ardour has been silent this long
 NOTE_AFTER = 3.0               # no feedback this long after the first handshake: say what to change
+HELD_AFTER = 0.5               # Ardour playing, yet no /position/bbt this long (5 reports): its playhead is still
 
 
 class DialectError(ValueError):
@@ -188,11 +197,17 @@ class OscDialectFollower(Follower):
         self.beat_time = clock()
         self.derived = BeatTempo()
         self.last_ardour = -math.inf
-        self._handshake = PollThread("ardour-handshake", self.handshake, 0.25) if ardour else None
+        self._handshake = PollThread("ardour-handshake", self._poll, 0.25) if ardour else None
         self._last_handshake = -math.inf
         self._first_handshake: float | None = None
         self._noted = False
         self._beat_string_at = -math.inf
+        # Fed by the daemon's OSC thread, checked for a still playhead by the handshake thread.
+        self._state_lock = threading.Lock()
+        self._moved_at = -math.inf        # Ardour's last /position/bbt, or when it started playing
+        self._reported_beat = 0.0         # the position that report gave
+        self._held = False                # stopped because Ardour's playhead stood still, not by its word
+        self._held_steps = 0              # reports since, each a little ahead of the one before
         # The DAW's reported positions with the tempo there, summed from bar 1 (a derived tempo wavers by
         # tenths of a bpm; a real change moves it further)
         self.timeline = Timeline(tempo_tolerance=0.5)
@@ -221,6 +236,25 @@ class OscDialectFollower(Follower):
         self.send(self.ardour, "/set_surface/port", (0,))  # 0 = "auto": reply to the sender's own port
         self.send(self.ardour, "/set_surface/feedback", (ARDOUR_FEEDBACK,))
         log.info("asked Ardour at %s:%d for transport and bar/beat feedback, sent to this port", *self.ardour)
+
+    def _poll(self) -> None:
+        self.handshake()
+        self.hold_if_still()
+
+    def hold_if_still(self) -> None:
+        """With Ardour: playing, yet no /position/bbt for HELD_AFTER seconds (Ardour sends one about every
+        100 ms while its playhead moves, and a locate that stops it sends no /transport_stop): stop at
+        the position Ardour last reported."""
+        with self._state_lock:
+            t = self.clock()
+            if self.ardour is None or not self.playing or t - self._moved_at < HELD_AFTER:
+                return
+            self.playing, self._held, self._held_steps = False, True, 0
+            self.derived.reset()
+            self.beat, self.beat_time = self._reported_beat, t
+            self._publish(t)
+        log.info("Ardour's playhead has not moved for %.1f s: stopped at beat %.3f", HELD_AFTER,
+                 self._reported_beat)
 
     @property
     def note(self) -> str:
@@ -251,6 +285,10 @@ class OscDialectFollower(Follower):
         return min(MAX_BPM, max(MIN_BPM, bps * 60.0 * 4.0 / self._denominator()))
 
     def feed(self, msg: DawMessage, sender: tuple[str, int] | None = None) -> None:
+        with self._state_lock:
+            self._feed(msg)
+
+    def _feed(self, msg: DawMessage) -> None:
         t = self.clock()
         if msg.kind in ("play", "stop") and msg.address.startswith("/transport_") or msg.kind == "bbt":
             self.last_ardour = time.monotonic()
@@ -268,17 +306,26 @@ class OscDialectFollower(Follower):
             now_playing = msg.number >= 0.5
             if now_playing != self.playing:
                 self.derived.reset()
-            self.playing = now_playing
+                self._moved_at = t  # Ardour's first report of a rolling playhead follows within ~100 ms
+            self.playing, self._held = now_playing, False
         elif msg.kind == "stop":
             if msg.number >= 0.5:
                 self._move_to(t)
-                self.playing = False
+                self.playing, self._held = False, False
                 self.derived.reset()
         elif msg.kind in ("beat", "bbt"):
             fn = parse_beat_string if msg.kind == "beat" else parse_bbt
             beat = fn(msg.text, self._numerator())
+            if self._held:
+                # A playhead that moves again (a locate and roll sends no /transport_play) reports a
+                # little ahead each time; a locate while stopped reports once.
+                self._held_steps = self._held_steps + 1 if 0.0 < beat - self._reported_beat <= 1.0 else 0
+                if self._held_steps >= 2:
+                    self.playing, self._held = True, False
+                    self.derived.reset()
             self._at(t, beat)
             self._beat_string_at = t
+            self._moved_at, self._reported_beat = t, beat
         elif msg.kind == "time":
             if msg.number < 0:
                 raise DialectError(f"{msg.address}: time must be >= 0 seconds")

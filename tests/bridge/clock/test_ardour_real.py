@@ -1,9 +1,10 @@
 """`serve --follow osc --ardour` against the real Ardour (Debian's `ardour` package), headless: a fresh
 session in `ardour7-lua` on Ardour's JACK backend and a private real-time JACK dummy server, its OSC
 control surface switched on and otherwise as Ardour ships it (Port Mode: Manual, Reply Manual Port
-8000). The transport is driven from Lua (roll, a new tempo in the tempo map, locate, stop) and the
-daemon must follow each: play state, position, tempo and stop. tests/bridge/clock/test_osc_dialects.py
-checks the same addressing rules against a stand-in; this test checks the real Ardour behaves so.
+8000). The transport is driven from Lua (roll, a new tempo in the tempo map, locate and roll, a
+locate that stops, stop, a locate while stopped) and the daemon must follow each: play state,
+position, tempo and stop. tests/bridge/clock/test_osc_dialects.py checks the same addressing rules
+against a stand-in; this test checks that the real Ardour behaves so.
 
 JACK and not Ardour's own "None (Dummy)" backend: the dummy backend sleeps for what is left of each
 cycle and starts the next after it wakes, so on a busy machine its playhead falls behind the wall
@@ -37,6 +38,7 @@ TICKS_PER_BEAT = 1920      # Ardour's Temporal::ticks_per_beat
 # derived tempo, so its answer may trail or lead Ardour's playhead by a report's rounding and the fit's
 # slack (as the stand-in test allows).
 SLACK = 0.15
+ASKED = "asked Ardour at"  # the daemon's log line for each handshake it sends
 
 
 def _ardour_lua() -> tuple[str, str] | None:
@@ -245,6 +247,24 @@ def test_ardour_with_its_default_osc_settings_is_followed(tmp_path, tiny_model_d
         _until_ardour(lambda: ardour.beat() >= 32.5, 15.0, "Ardour rolling on from bar 9")
         before, st, after = _bounded(ardour, c)
         assert st["playing"] == 1 and 32.5 <= before < 40.0
+        assert before - SLACK <= st["beat"] <= after + SLACK, (before, st["beat"], after)
+
+        # Locate while rolling, and stop there (Ardour sends the new bar/beat but no /transport_stop): the
+        # daemon stops when Ardour's playhead stands still, at bar 6, and rolls again when Ardour does.
+        # It must not wait for its next handshake (after 5 s of silence), which Ardour answers with its
+        # whole state, /transport_stop included.
+        handshakes = d.log_text().count(ASKED)
+        ardour.locate(round(20 * 60.0 / 97.0 * RATE), roll=False)
+        _until_ardour(lambda: not ardour.rolling(), 15.0, "Ardour stopped at bar 6")
+        st = _until(c, lambda s: s["playing"] == 0, 15.0, "stopped at bar 6 by a locate")
+        assert d.log_text().count(ASKED) == handshakes >= 1
+        assert ardour.beat() == pytest.approx(20.0, abs=1 / TICKS_PER_BEAT)
+        assert st["beat"] == pytest.approx(20.0, abs=1 / TICKS_PER_BEAT)
+        ardour.roll()
+        _until_ardour(lambda: ardour.beat() >= 20.5, 15.0, "Ardour rolling on from bar 6")
+        st = _until(c, lambda s: s["playing"] == 1, 15.0, "rolling again from bar 6")
+        before, st, after = _bounded(ardour, c)
+        assert st["playing"] == 1 and 20.5 <= before < 28.0
         assert before - SLACK <= st["beat"] <= after + SLACK, (before, st["beat"], after)
 
         # Stop: the daemon stops where Ardour stopped.

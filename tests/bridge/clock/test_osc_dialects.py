@@ -182,3 +182,61 @@ def test_serve_refuses_ardour_without_follow_osc_and_unknown_sources(tmp_path):
         r = subprocess.run([sys.executable, "-m", "bridge.cli", "serve", "--model", "tiny", "--session-dir",
                             str(tmp_path / "s"), *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and says in r.stderr, (extra, r.stderr)
+
+
+def test_ardour_playhead_that_stands_still_is_a_stop():
+    """Ardour 7.3 reports /position/bbt only while its playhead moves, and a locate that stops a rolling
+    transport sends no /transport_stop (tests/bridge/clock/test_ardour_real.py): with --ardour, playing
+    with no report for HELD_AFTER seconds stops at the last reported position; two reports in a row that
+    each move a little ahead play again, a lone report (a locate while stopped) does not."""
+    from bridge.clock.grid import Grid
+    from bridge.clock.osc_dialects import HELD_AFTER, OscDialectFollower, parse
+
+    now = [100.0]
+    f = OscDialectFollower(Grid(), clock=lambda: now[0], ardour=("127.0.0.1", 1), send=lambda *a: None)
+
+    def feed(address, value, at):
+        now[0] = at
+        f.feed(parse(address, [value]))
+
+    feed("/transport_play", 1.0, 100.0)
+    for i in range(6):  # 120 bpm: a fifth of a beat every 100 ms, from bar 2
+        feed("/position/bbt", f"002|01|{384 * i:04d}", 100.05 + 0.1 * i)
+    feed("/position/bbt", "006|01|0000", 100.6)  # locate to bar 6 that stops Ardour: one report, no stop
+    now[0] = 100.6 + HELD_AFTER - 0.01
+    f.hold_if_still()
+    assert f.grid.playing  # reports are due only every 100 ms: not yet
+    now[0] = 100.6 + HELD_AFTER + 0.01
+    f.hold_if_still()
+    g = f.grid
+    assert not g.playing and g.beat_at(now[0] + 5.0) == pytest.approx(20.0)
+    feed("/position/bbt", "003|01|0000", 102.0)  # a locate while stopped
+    feed("/position/bbt", "003|01|0096", 104.0)  # ... and another, just ahead of it
+    assert not f.grid.playing and f.grid.beat_at(105.0) == pytest.approx(8.05)
+    feed("/position/bbt", "003|01|0480", 104.1)  # the playhead moves on (a locate and roll)
+    g = f.grid
+    assert g.playing and g.beat_at(104.1) == pytest.approx(8.25)
+    now[0] = 104.1 + HELD_AFTER + 0.01
+    f.hold_if_still()
+    assert not f.grid.playing
+    feed("/transport_play", 1.0, 105.0)  # Ardour's own word: playing
+    assert f.grid.playing
+    feed("/transport_stop", 1.0, 105.1)
+    now[0] = 110.0
+    f.hold_if_still()
+    feed("/position/bbt", "004|01|0000", 110.1)
+    feed("/position/bbt", "004|01|0192", 110.2)
+    assert not f.grid.playing  # stopped by Ardour's word: only its word plays again
+
+
+def test_reaper_without_ardour_is_never_held():
+    from bridge.clock.grid import Grid
+    from bridge.clock.osc_dialects import OscDialectFollower, parse
+
+    now = [100.0]
+    f = OscDialectFollower(Grid(), clock=lambda: now[0])
+    f.feed(parse("/play", [1.0]))
+    f.feed(parse("/beat/str", ["5.1.00"]))
+    now[0] = 160.0  # REAPER's default pattern may send no position for a minute
+    f.hold_if_still()
+    assert f.grid.playing
