@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
@@ -176,16 +175,6 @@ class HeadlessArdour:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._reader.join(5)
-
-
-@contextlib.contextmanager
-def headless_ardour(base: Path, backend: str) -> Iterator[HeadlessArdour]:
-    ardour = HeadlessArdour(base, _free_udp_port(), backend)
-    try:
-        ardour.wait_ready()
-        yield ardour
-    finally:
-        ardour.close()
 
 
 @contextlib.contextmanager
