@@ -35,7 +35,10 @@ QUALITY_BOUND = 2e-2
 # - int4 5.64e-2: the C kernel (blocks of 128 with a step and a zero point, one int8 activation
 #   term; RMS 1.25e-2, top-k 250 KL 2.25e-3; 3.16e-2 on the Zen 4's proxy); PyTorch's packed
 #   int4 reads 4.6e-2 to 8.7e-2 depending on the CPU the proxy trained on. Over the bound either
-#   way, so `auto` never picks it.
+#   way, so `auto` never picks it. The quantiser's range search (model.decode.quant.quantize_int4)
+#   halves the max error on a sensitive proxy (1.39e-1 to 6.6e-2, AMD EPYC Zen 4) without
+#   reaching the bound; neither blocks of 32 nor int8 for the most sensitive matrices (qkv, then
+#   out) do short of int8's bytes (docs/engine.md, "int4's range search").
 TRAINED_PROXY_ERROR: dict[str, float] = {
     "float32": 0.0,
     "bfloat16": 5.1e-3,

@@ -105,22 +105,63 @@ def quantize_int8(w: torch.Tensor, biased: bool = False) -> tuple[torch.Tensor, 
     return (q.add_(128).to(torch.uint8) if biased else q.to(torch.int8)), scale
 
 
+# The ranges `quantize_int4` tries for a block: [s lo, s hi] for s = 1 - j / I4_SHRINK_DIV,
+# j < I4_SHRINKS; the squared error summed in I4_LANES running sums (model/kernels/int_kernels.h
+# holds the same numbers for the C quantiser).
+I4_SHRINKS, I4_SHRINK_DIV, I4_LANES = 13, 40.0, 16
+_INT4_ROWS = 256
+
+
+def _int4_at(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, s: torch.Tensor):
+    """One candidate range [s lo, s hi] for every block of `g` (N, blocks, group): q, d, z and
+    the squared error of d (q - z) against the weights, summed as the C quantiser sums it
+    (model/kernels/int4.c i4_block: each term in float32, then float64 in I4_LANES running sums
+    and those in order), so the two agree to the bit."""
+    d = ((s * hi - s * lo) / 15.0).half().float()
+    inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
+    z = (-(s * lo) * inv).round_().clamp_(0, 15)
+    q = (g * inv[..., None]).round_().add_(z[..., None]).clamp_(0, 15)
+    e = (q - z[..., None]).mul_(d[..., None]).sub_(g).square_().double()
+    e = e.view(*e.shape[:-1], -1, I4_LANES)
+    lanes = e[..., 0, :].clone()
+    for c in range(1, e.shape[-2]):
+        lanes += e[..., c, :]
+    err = lanes[..., 0].clone()
+    for lane in range(1, I4_LANES):
+        err += lanes[..., lane]
+    return q, d, z, err
+
+
 def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per block of `group` inputs, w ~ d (q - z) with q, z in [0, 15]: the range [min(w, 0),
-    max(w, 0)] in 15 steps, d = (hi - lo) / 15 rounded to float16 (as the kernel stores it),
-    z = round-half-even(-lo / d), q = round-half-even(w / d) + z, both clamped. The zero point
-    keeps a block's whole range (a symmetric step, set by the largest magnitude, left a third
-    more RMS error on the trained proxy); zero itself stays exact. The C quantiser (model/kernels/gemv.c
+    """Per block of `group` inputs, w ~ d (q - z) with q, z in [0, 15], over the range with the
+    least squared error among [s lo, s hi] (lo = min(w, 0), hi = max(w, 0), s from 1 down to 0.7
+    in steps of 1/40; the first on a tie): d = s (hi - lo) / 15 rounded to float16 (as the kernel
+    stores it), z = round-half-even(-s lo / d), q = round-half-even(w / d) + z, both clamped.
+    Clipping a block's few largest weights lets the step shrink for all the others: on random
+    Gaussian weights the RMS error falls by 5%, on heavy-tailed ones by 4-5%. The zero point keeps
+    the range asymmetric (a symmetric step, set by the largest magnitude, left a third more RMS
+    error on the trained proxy); zero itself stays exact. The C quantiser (model/kernels/int4.c
     mb_quantize_i4) does the same arithmetic. Returns q (N, K) int32, d and z (N, K // group).
     """
     n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
-    lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
-    d = ((hi - lo) / 15.0).half().float()
-    inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
-    z = (-lo * inv).round_().clamp_(0, 15)
-    q = (g * inv[..., None]).round_().add_(z[..., None]).clamp_(0, 15)
-    return q.to(torch.int32).reshape(n, k), d, z.to(torch.int32)
+    w = w.float()
+    one = torch.ones((), dtype=torch.float32)
+    shrinks = [one - torch.tensor(float(j)) / torch.tensor(I4_SHRINK_DIV) for j in range(I4_SHRINKS)]
+    qs, ds, zs = [], [], []
+    for rows in w.split(_INT4_ROWS):  # a few hundred rows at a time: the candidates' temporaries stay in cache
+        g = rows.reshape(rows.shape[0], k // group, group)
+        lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+        q, d, z, best = _int4_at(g, lo, hi, shrinks[0])
+        for s in shrinks[1:]:
+            qc, dc, zc, err = _int4_at(g, lo, hi, s)
+            better = err < best
+            best = torch.where(better, err, best)
+            q = torch.where(better[..., None], qc, q)
+            d, z = torch.where(better, dc, d), torch.where(better, zc, z)
+        qs.append(q.to(torch.int32).reshape(-1, k))
+        ds.append(d)
+        zs.append(z.to(torch.int32))
+    return torch.cat(qs), torch.cat(ds), torch.cat(zs)
 
 
 def _many_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

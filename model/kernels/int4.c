@@ -8,11 +8,36 @@
 #include <string.h>
 #include "int_kernels.h"
 
-/* model.decode.quant.quantize_int4's arithmetic: per block, the range [min(w, 0), max(w, 0)] in 15
- * steps, d = (hi - lo) / 15 rounded to float16, z = round-half-even(-lo / d) and
- * q = round-half-even(w / d) + z, both clamped to [0, 15], with the rounded d (d = 0: an all-zero
- * block, every q and z 0). `out` holds mb_i4_bytes(N, K) bytes; padding rows and bytes are
- * written as zeros. */
+/* One block of I4_QB weights at the range [s lo, s hi] (lo = min(w, 0), hi = max(w, 0)):
+ * d = s (hi - lo) / 15 rounded to float16, z = round-half-even(-s lo / d) and
+ * q = round-half-even(w / d) + z, both clamped to [0, 15] (d = 0, an all-zero block: every q and
+ * z 0). Returns the squared error of d (q - z) against w: each term squared in float (d (q - z)
+ * is exact there, so a fused multiply-add rounds the difference as separate steps do), summed in
+ * double in I4_LANES running sums, input k into sum k % I4_LANES in order, then the sums in
+ * order: a sum a vector unit keeps, and one model.decode.quant._int4_at repeats to the bit. */
+static double i4_block(const float *wb, float lo, float hi, float s, float *q, _Float16 *dh, float *z) {
+    *dh = (_Float16)((s * hi - s * lo) / 15.f);
+    float d = (float)*dh, inv = d > 0.f ? 1.f / d : 0.f, zf = nearbyintf(-(s * lo) * inv);
+    zf = zf < 0.f ? 0.f : zf > 15.f ? 15.f : zf;
+    *z = zf;
+    for (int k = 0; k < I4_QB; k++) {
+        float v = nearbyintf(wb[k] * inv) + zf;
+        q[k] = v < 0.f ? 0.f : v > 15.f ? 15.f : v;
+    }
+    double acc[I4_LANES] = {0.0}, err = 0.0;
+    for (int c = 0; c < I4_QB; c += I4_LANES)
+        for (int l = 0; l < I4_LANES; l++) {
+            float e = (q[c + l] - zf) * d - wb[c + l];
+            acc[l] += (double)(e * e);
+        }
+    for (int l = 0; l < I4_LANES; l++) err += acc[l];
+    return err;
+}
+
+/* model.decode.quant.quantize_int4's arithmetic: per block, the range [min(w, 0), max(w, 0)]
+ * shrunk by each factor of I4_SHRINKS in turn, keeping the one whose d (q - z) is nearest w in
+ * squared error (the first on a tie). `out` holds mb_i4_bytes(N, K) bytes; padding rows and
+ * bytes are written as zeros. */
 void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
     int blocks = K / I4_QB, tiles = (N + I4_TILE - 1) / I4_TILE;
 #pragma omp parallel for schedule(static)
@@ -27,18 +52,20 @@ void mb_quantize_i4(const float *w, int N, int K, uint8_t *out) {
                     mn = wb[k] < mn ? wb[k] : mn;
                     mx = wb[k] > mx ? wb[k] : mx;
                 }
-                _Float16 dh = (_Float16)((mx - mn) / 15.f);
-                float d = (float)dh, inv = d > 0.f ? 1.f / d : 0.f, zf = nearbyintf(-mn * inv);
-                zf = zf < 0.f ? 0.f : zf > 15.f ? 15.f : zf;
-                uint8_t q[I4_QB];
-                for (int k = 0; k < I4_QB; k++) {
-                    float v = nearbyintf(wb[k] * inv) + zf;
-                    q[k] = (uint8_t)(v < 0.f ? 0.f : v > 15.f ? 15.f : v);
+                float q[I4_QB], qs[I4_QB], z, zs;
+                _Float16 dh, dhs;
+                double best = i4_block(wb, mn, mx, 1.f, q, &dh, &z);
+                for (int j = 1; j < I4_SHRINKS && best > 0.0; j++) {
+                    double err = i4_block(wb, mn, mx, 1.f - (float)j / I4_SHRINK_DIV, qs, &dhs, &zs);
+                    if (err < best) {
+                        best = err, dh = dhs, z = zs;
+                        memcpy(q, qs, sizeof q);
+                    }
                 }
                 for (int j = 0; j < 16; j++)
-                    for (int c = 0; c < 4; c++) o[64 * j + 4 * i + c] = (uint8_t)(q[8 * j + c] | (q[8 * j + 4 + c] << 4));
+                    for (int c = 0; c < 4; c++) o[64 * j + 4 * i + c] = (uint8_t)((int)q[8 * j + c] | ((int)q[8 * j + 4 + c] << 4));
                 memcpy(o + I4_D_AT + 2 * i, &dh, 2);
-                o[I4_Z_AT + i] = (uint8_t)zf;
+                o[I4_Z_AT + i] = (uint8_t)z;
             }
         }
 }

@@ -74,6 +74,12 @@
 #define I4_TB 1088
 #define I4_D_AT 1024 /* the sixteen steps (float16) in a tile's block, after the sixteen vectors of q */
 #define I4_Z_AT 1056 /* the sixteen zero points (bytes) */
+/* The ranges the quantiser tries for a block: [s lo, s hi] for s = 1 - j / I4_SHRINK_DIV,
+ * j < I4_SHRINKS (1 down to 0.7). A block of 128 Gaussian or Student-t weights does best at
+ * s = 0.8-1.0 and never below 0.8; the rest covers trained weights' outliers. */
+#define I4_SHRINKS 13
+#define I4_SHRINK_DIV 40.f
+#define I4_LANES 16 /* running sums of a block's squared error (int4.c i4_block) */
 /* Blocks a tile's stream is fetched ahead, into L2: one sequential stream per thread, fetched
  * four blocks ahead, read at 1.10-1.27x a plain read's time where fetching two blocks ahead into
  * L1 took 1.28-1.30x and the hardware prefetcher alone 1.65x (Intel Xeon, the 96 products of

@@ -49,7 +49,7 @@ from model.settings import current as settings
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3
 KEEP_BYTES = 4 << 30
 KEEP_FILES = 32
 SUFFIX = ".mbw"  # not .bin: model.memory.pages treats mapped .bin files as checkpoints

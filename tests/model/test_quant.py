@@ -25,10 +25,26 @@ def test_int8_quantiser_bounds_the_error():
     assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-6).all()
 
 
+def _blocks_at_full_range(w: torch.Tensor):
+    """The plain int4 quantiser, per block of 128: the whole range [min(w, 0), max(w, 0)] in 15
+    steps (what `quantize_int4` tries first) -> its dequantised weights."""
+    g = w.view(w.shape[0], -1, 128)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    d = ((hi - lo) / 15).half().float()
+    z = (-lo / d).round().clamp(0, 15)
+    q = (g / d[..., None]).round().add(z[..., None]).clamp(0, 15)
+    return ((q - z[..., None]) * d[..., None]).view_as(w)
+
+
+def _dequantised(q, d, z):
+    n, k = q.shape
+    return ((q - z.repeat_interleave(128, dim=1)).float().view(n, -1, 128) * d[..., None]).view(n, k)
+
+
 def test_int4_quantiser_bounds_the_error():
-    """w ~ d (q - z) per block of 128, the range [min(w, 0), max(w, 0)] in 15 steps: half a step of
-    error everywhere (and d's float16 rounding over at most 15 steps); zero stays exact, and an
-    all-zero block stays zero."""
+    """w ~ d (q - z) per block of 128 over a range [s lo, s hi] (lo = min(w, 0), hi = max(w, 0),
+    s = 1 - j / 40 for j < 13): half a step of error inside the range, the range's end outside it;
+    zero stays exact, and an all-zero block stays zero."""
     torch.manual_seed(0)
     w = torch.randn(64, 256)
     w[3, :128] = 0
@@ -36,11 +52,33 @@ def test_int4_quantiser_bounds_the_error():
     q, d, z = quantize_int4(w)
     assert q.dtype == z.dtype == torch.int32 and d.shape == z.shape == (64, 2)
     assert q.min() >= 0 and q.max() <= 15 and z.min() >= 0 and z.max() <= 15 and z[4, 1] == 0
-    deq = ((q - z.repeat_interleave(128, dim=1)).float().view(64, 2, 128) * d[..., None]).view(64, 256)
-    assert ((deq - w).abs() <= 0.51 * d.repeat_interleave(128, dim=1)).all()
+    deq = _dequantised(q, d, z)
+    step = d.repeat_interleave(128, dim=1)
+    zr = z.repeat_interleave(128, dim=1)
+    lo_end, hi_end = -zr * step, (15 - zr) * step
+    inside = (w >= lo_end - step / 2) & (w <= hi_end + step / 2)
+    assert ((deq - w).abs() <= 0.51 * step)[inside].all()
+    assert torch.equal(deq[~inside], torch.where(w < lo_end, lo_end, hi_end)[~inside])
     assert torch.equal(deq[3, :128], torch.zeros(128)) and d[3, 0] == 0
     spread = (w.view(64, 2, 128).amax(-1).clamp(min=0) - w.view(64, 2, 128).amin(-1).clamp(max=0)) / 15
-    assert torch.allclose(d, spread, rtol=2**-10)
+    shrink = (d / torch.where(spread > 0, spread, 1.0))[spread > 0]
+    grid = torch.tensor([1 - j / 40 for j in range(13)])
+    assert ((shrink[:, None] - grid).abs() <= 2**-10 * grid).any(dim=1).all()
+
+
+@pytest.mark.parametrize("tail", ["gaussian", "student-t 3"])
+def test_int4_range_search_beats_the_full_range_on_every_block(tail):
+    """Each block's squared error is at most the full range's (the search starts there), and the
+    whole matrix's falls by at least 3%: clipping a block's largest weights lets the step shrink
+    for all the others, most where the tails are heavy (trained weights)."""
+    torch.manual_seed(1)
+    shape = (256, 1024)
+    w = torch.randn(shape) if tail == "gaussian" else torch.distributions.StudentT(3.0).sample(shape)
+    w = w * 0.02
+    ours = (_dequantised(*quantize_int4(w)) - w).double().pow(2).view(256, -1, 128).sum(-1)
+    full = (_blocks_at_full_range(w) - w).double().pow(2).view(256, -1, 128).sum(-1)
+    assert (ours <= full).all()
+    assert ours.sum() < 0.97 * full.sum()
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
