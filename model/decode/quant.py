@@ -117,7 +117,7 @@ def _int4_at(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, s: torch.Tenso
     the squared error of d (q - z) against the weights, summed as the C quantiser sums it
     (model/kernels/int4.c i4_block: each term in float32, then float64 in I4_LANES running sums
     and those in order), so the two agree to the bit."""
-    d = ((s * hi - s * lo) / 15.0).half().float()
+    d = (s * (hi - lo) / 15.0).half().float()
     inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
     z = (-(s * lo) * inv).round_().clamp_(0, 15)
     q = (g * inv[..., None]).round_().add_(z[..., None]).clamp_(0, 15)

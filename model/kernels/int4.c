@@ -16,7 +16,7 @@
  * double in I4_LANES running sums, input k into sum k % I4_LANES in order, then the sums in
  * order: a sum a vector unit keeps, and one model.decode.quant._int4_at repeats to the bit. */
 static double i4_block(const float *wb, float lo, float hi, float s, float *q, _Float16 *dh, float *z) {
-    *dh = (_Float16)((s * hi - s * lo) / 15.f);
+    *dh = (_Float16)(s * (hi - lo) / 15.f); /* no product before a sum, so no fused multiply-add */
     float d = (float)*dh, inv = d > 0.f ? 1.f / d : 0.f, zf = nearbyintf(-(s * lo) * inv);
     zf = zf < 0.f ? 0.f : zf > 15.f ? 15.f : zf;
     *z = zf;
