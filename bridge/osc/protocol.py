@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, dataclass_transform
 
 from bridge.state import rules as R
 from bridge.osc.paths import PathPolicy
@@ -80,396 +80,6 @@ def check_path(cmd: Command, v: Any, what: str, suffixes: Sequence[str]) -> Path
     return v
 
 
-# ---------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True)
-class Command:
-    """One OSC message. `pattern` is its address, `expects` its arguments (for error messages)."""
-
-    address: str
-    pattern: ClassVar[str] = ""
-    expects: ClassVar[str] = "no arguments"
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Raise ProtocolError if a field is out of range; normalise fields with _set."""
-
-
-@dataclass(frozen=True)
-class Ping(Command):
-    pattern: ClassVar[str] = "/ping"
-
-
-@dataclass(frozen=True)
-class Status(Command):
-    pattern: ClassVar[str] = "/status"
-
-
-@dataclass(frozen=True)
-class ListTracks(Command):
-    pattern: ClassVar[str] = "/tracks"
-
-
-@dataclass(frozen=True)
-class TrackCommand(Command):
-    track: str
-
-    def check(self) -> None:
-        check_track(self, self.track)
-
-
-@dataclass(frozen=True)
-class SetPrompt(TrackCommand):
-    text: str
-    pattern: ClassVar[str] = "/track/<name>/prompt"
-    expects: ClassVar[str] = "s text"
-
-    def check(self) -> None:
-        super().check()
-        _set(self, "text", _rule(self, R.text, self.text, "prompt").strip())
-
-
-@dataclass(frozen=True)
-class SetPreset(TrackCommand):
-    name: str  # "" clears the preset
-    pattern: ClassVar[str] = "/track/<name>/preset"
-    expects: ClassVar[str] = "s preset name, or \"\" to clear"
-
-    def check(self) -> None:
-        super().check()
-        _rule(self, R.preset_name, self.name)
-
-
-@dataclass(frozen=True)
-class SetParam(TrackCommand):
-    key: str
-    value: float | int | bool | None  # None: back to the preset's / default value
-    pattern: ClassVar[str] = "/track/<name>/param"
-    expects: ClassVar[str] = f"s key ({', '.join(PARAM_KEYS)}), value; or s key alone to reset it"
-
-    def check(self) -> None:
-        super().check()
-        key = _rule(self, R.text, self.key, "key")
-        _set(self, "value", _rule(self, R.param, key, self.value))
-
-
-@dataclass(frozen=True)
-class MelodyMidi(TrackCommand):
-    path: Path
-    pattern: ClassVar[str] = "/track/<name>/melody/midi"
-    expects: ClassVar[str] = "s path to a .mid file"
-
-    def check(self) -> None:
-        super().check()
-        check_path(self, self.path, "MIDI file", MIDI_SUFFIXES)
-
-
-@dataclass(frozen=True)
-class MelodyAudio(TrackCommand):
-    path: Path
-    pattern: ClassVar[str] = "/track/<name>/melody/audio"
-    expects: ClassVar[str] = "s path to a .wav/.flac file"
-
-    def check(self) -> None:
-        super().check()
-        check_path(self, self.path, "audio file", AUDIO_SUFFIXES)
-
-
-@dataclass(frozen=True)
-class MelodyNotes(TrackCommand):
-    notes: tuple[tuple[int, float, float], ...]  # (pitch, start_beat, length_beats)
-    pattern: ClassVar[str] = "/track/<name>/melody/notes"
-    expects: ClassVar[str] = "i pitch, f start_beat, f length_beats, ... (one triple per note)"
-
-    def check(self) -> None:
-        super().check()
-        if not self.notes or not all(isinstance(n, (tuple, list)) and len(n) == 3 for n in self.notes):
-            raise _fail(self, "no notes, or a note that is not a (pitch, start, length) triple")
-        _set(self, "notes", tuple(_rule(self, R.note, k, p, s, n) for k, (p, s, n) in enumerate(self.notes, 1)))
-
-
-@dataclass(frozen=True)
-class MelodyChroma(TrackCommand):
-    data: bytes  # little-endian float32, frames x 12
-    frame_rate: float
-    pattern: ClassVar[str] = "/track/<name>/melody/chroma"
-    expects: ClassVar[str] = "b float32 frames x 12, f frame_rate"
-
-    def check(self) -> None:
-        super().check()
-        _set(self, "data", _rule(self, R.chroma, self.data))
-        _set(self, "frame_rate", _rule(self, R.chroma_rate, self.frame_rate))
-
-    @property
-    def frames(self) -> int:
-        return len(self.data) // R.CHROMA_FRAME_BYTES
-
-
-@dataclass(frozen=True)
-class MelodyClear(TrackCommand):
-    pattern: ClassVar[str] = "/track/<name>/melody/clear"
-
-
-@dataclass(frozen=True)
-class LengthCommand(TrackCommand):
-    """A stem of a given length: /generate and /play."""
-
-    seconds: float | None  # exactly one of seconds and bars is set
-    bars: int | None
-    priority: int = 0
-    at_bar: int | None = None  # the bar (1 = the first) the stem belongs on; None: where the transport is
-    expects: ClassVar[str] = "f seconds | i bars, s \"bars\"; optional i priority 0-9; optional s \"at\", i bar"
-
-    def check(self) -> None:
-        super().check()
-        if (self.seconds is None) == (self.bars is None):
-            raise _fail(self, "give a length in seconds or in bars, not both or neither")
-        if self.bars is not None:
-            _set(self, "bars", _rule(self, R.integer, self.bars, "bars", 1, MAX_BARS))
-        else:
-            _set(self, "seconds", _rule(self, R.seconds, self.seconds))
-        _set(self, "priority", _rule(self, R.integer, self.priority, "priority", 0, MAX_PRIORITY))
-        if self.at_bar is not None:
-            _set(self, "at_bar", _rule(self, R.integer, self.at_bar, "bar after \"at\"", 1, MAX_BAR_POSITION))
-
-
-@dataclass(frozen=True)
-class Generate(LengthCommand):
-    pattern: ClassVar[str] = "/track/<name>/generate"
-
-
-@dataclass(frozen=True)
-class PlayGenerate(LengthCommand):
-    """/generate, and the part is heard live while it generates (bridge/live/play.py)."""
-
-    pattern: ClassVar[str] = "/track/<name>/play"
-
-
-@dataclass(frozen=True)
-class Continue(TrackCommand):
-    path: Path
-    seconds: float
-    priority: int = 0
-    pattern: ClassVar[str] = "/track/<name>/continue"
-    expects: ClassVar[str] = "s path to a .wav/.flac take, f seconds; optional i priority 0-9"
-
-    def check(self) -> None:
-        super().check()
-        check_path(self, self.path, "take", AUDIO_SUFFIXES)
-        _set(self, "seconds", _rule(self, R.seconds, self.seconds))
-        _set(self, "priority", _rule(self, R.integer, self.priority, "priority", 0, MAX_PRIORITY))
-
-
-@dataclass(frozen=True)
-class ClearTrack(TrackCommand):
-    pattern: ClassVar[str] = "/track/<name>/clear"
-
-
-@dataclass(frozen=True)
-class DeleteTrack(TrackCommand):
-    pattern: ClassVar[str] = "/track/<name>/delete"
-
-
-@dataclass(frozen=True)
-class TrackState(TrackCommand):
-    pattern: ClassVar[str] = "/track/<name>/state"
-
-
-@dataclass(frozen=True)
-class KeepTake(TrackCommand):
-    """The take (a finished job of this track) that becomes the track's kept stem; the others stay on disk."""
-
-    job_id: int | None  # None: the track keeps no take
-    pattern: ClassVar[str] = "/track/<name>/keep"
-    expects: ClassVar[str] = "i job id of a finished take of this track; or no argument to keep none"
-
-    def check(self) -> None:
-        super().check()
-        if self.job_id is not None:
-            _set(self, "job_id", _rule(self, R.job_id, self.job_id))
-
-
-@dataclass(frozen=True)
-class Note(TrackCommand):
-    pitch: int  # MIDI 0-127
-    velocity: int  # 0 = note off
-    pattern: ClassVar[str] = "/track/<name>/note"
-    expects: ClassVar[str] = "i pitch 0-127, i velocity 0-127 (0 = off)"
-
-    def check(self) -> None:
-        super().check()
-        _set(self, "pitch", _rule(self, R.integer, self.pitch, "pitch", 0, 127))
-        _set(self, "velocity", _rule(self, R.integer, self.velocity, "velocity", 0, 127))
-
-
-@dataclass(frozen=True)
-class NotesOff(TrackCommand):
-    pattern: ClassVar[str] = "/track/<name>/notes/off"
-
-
-@dataclass(frozen=True)
-class MidiChannel(TrackCommand):
-    channel: int  # 1-16; 0 = route this track's channels back to the default
-    pattern: ClassVar[str] = "/track/<name>/midi/channel"
-    expects: ClassVar[str] = "i MIDI channel 1-16, or 0 to route it back to the default"
-
-    def check(self) -> None:
-        super().check()
-        _set(self, "channel", _rule(self, R.integer, self.channel, "channel", 0, 16))
-
-
-@dataclass(frozen=True)
-class JobCommand(Command):
-    job_id: int
-
-    def check(self) -> None:
-        if isinstance(self.job_id, bool) or not isinstance(self.job_id, int) or not 1 <= self.job_id <= R.MAX_JOB_ID:
-            raise ProtocolError("bad_address", f"{self.address}: job id must be a positive whole number, "
-                                               "as in /job/3/cancel")
-
-
-@dataclass(frozen=True)
-class CancelJob(JobCommand):
-    pattern: ClassVar[str] = "/job/<id>/cancel"
-
-
-@dataclass(frozen=True)
-class JobStatus(JobCommand):
-    pattern: ClassVar[str] = "/job/<id>/status"
-
-
-@dataclass(frozen=True)
-class SetTempo(Command):
-    bpm: float
-    pattern: ClassVar[str] = "/transport/tempo"
-    expects: ClassVar[str] = f"f bpm in [{MIN_BPM:g}, {MAX_BPM:g}]"
-
-    def check(self) -> None:
-        _set(self, "bpm", _rule(self, R.tempo, self.bpm))
-
-
-@dataclass(frozen=True)
-class SetSignature(Command):
-    numerator: int
-    denominator: int
-    pattern: ClassVar[str] = "/transport/signature"
-    expects: ClassVar[str] = (f"i numerator 1-{MAX_NUMERATOR}, "
-                              f"i denominator {'/'.join(str(d) for d in DENOMINATORS)}")
-
-    def check(self) -> None:
-        num, den = _rule(self, R.signature, self.numerator, self.denominator)
-        _set(self, "numerator", num)
-        _set(self, "denominator", den)
-
-
-@dataclass(frozen=True)
-class TransportMove(Command):
-    quarter_notes: float | None  # the position in quarter notes from bar 1; None: stay where it is
-
-    def check(self) -> None:
-        if self.quarter_notes is not None:
-            _set(self, "quarter_notes", _rule(self, R.beat_position, self.quarter_notes))
-
-
-@dataclass(frozen=True)
-class Play(TransportMove):
-    pattern: ClassVar[str] = "/transport/play"
-    expects: ClassVar[str] = "optional f position in quarter notes"
-
-
-@dataclass(frozen=True)
-class Stop(TransportMove):
-    pattern: ClassVar[str] = "/transport/stop"
-    expects: ClassVar[str] = "optional f position in quarter notes"
-
-
-@dataclass(frozen=True)
-class Locate(TransportMove):
-    quarter_notes: float
-    pattern: ClassVar[str] = "/transport/locate"
-    expects: ClassVar[str] = "f position in quarter notes"
-
-    def check(self) -> None:
-        _set(self, "quarter_notes", _rule(self, R.beat_position, self.quarter_notes))
-
-
-@dataclass(frozen=True)
-class TransportState(Command):
-    pattern: ClassVar[str] = "/transport/state"
-
-
-@dataclass(frozen=True)
-class JamCommand(Command):
-    track: str
-    expects: ClassVar[str] = "s track"
-
-    def check(self) -> None:
-        _rule(self, R.text, self.track, "track")
-        check_track(self, self.track)
-
-
-@dataclass(frozen=True)
-class Hello(Command):
-    """A sender introducing its host with the daemon's --key (bridge.osc.access)."""
-
-    key: str
-    pattern: ClassVar[str] = "/hello"
-    expects: ClassVar[str] = "s key"
-
-    def check(self) -> None:
-        if not isinstance(self.key, str) or not self.key:
-            raise _fail(self, "the key must be a non-empty string (s)")
-
-
-@dataclass(frozen=True)
-class Pad(Command):
-    """Bytes that earn the sender reply credit (bridge.osc.reply_budget); any arguments, never answered."""
-
-    pattern: ClassVar[str] = "/pad"
-    expects: ClassVar[str] = "anything"
-
-
-@dataclass(frozen=True)
-class Cookie(Command):
-    """Asks for the cookie that proves the sender's address (bridge.osc.reply_budget); any arguments,
-    so a client pads it to pay for the answer."""
-
-    pattern: ClassVar[str] = "/cookie"
-    expects: ClassVar[str] = "anything (pad it to 64 bytes or more: the answer is paid from its bytes)"
-
-
-@dataclass(frozen=True)
-class Prove(Command):
-    """Sends back the cookie /cookie answered, proving the sender receives at its address."""
-
-    cookie: str
-    pattern: ClassVar[str] = "/prove"
-    expects: ClassVar[str] = "s cookie (the one /cookie answered)"
-
-    def check(self) -> None:
-        if not isinstance(self.cookie, str) or len(self.cookie) != COOKIE_CHARS:
-            got = f"{len(self.cookie)} characters" if isinstance(self.cookie, str) else type_tags([self.cookie])
-            raise _fail(self, f"the cookie is the {COOKIE_CHARS}-character string (s) /cookie answers, got {got}")
-
-
-@dataclass(frozen=True)
-class JamStart(JamCommand):
-    pattern: ClassVar[str] = "/jam/start"
-
-
-@dataclass(frozen=True)
-class JamStop(JamCommand):
-    pattern: ClassVar[str] = "/jam/stop"
-
-
-@dataclass(frozen=True)
-class JamStatus(JamCommand):
-    pattern: ClassVar[str] = "/jam/status"
-
-
 # ---------------------------------------------------------------- argument checks
 
 
@@ -521,15 +131,19 @@ class _Args:
 #
 # A builder takes the message's arguments and the fields its address carries (the track name,
 # the job id) and calls the command's constructor, which checks every field. To add a message:
-# a frozen Command subclass with `pattern` and `expects`, a builder entry in BUILDERS below, and a
-# handler entry in bridge.daemon.Daemon's dispatch table.
+# a Command subclass naming its `pattern`, `expects` and builder (`build`) in its class line, and
+# a handler entry in bridge.daemon.Daemon's dispatch table.
 
-Builder = Callable[[_Args, type, tuple], Command]
+Builder = Callable[[_Args, type, tuple], "Command"]
 
 
 def _no_args(a: _Args, cls: type, pre: tuple) -> Command:
     a.count(0)
     return cls(a.address, *pre)
+
+
+def _any_args(a: _Args, cls: type, pre: tuple) -> Command:
+    return cls(a.address)  # the arguments are padding, never read
 
 
 def _one(a: _Args, cls: type, pre: tuple) -> Command:
@@ -603,22 +217,374 @@ def _chroma(a: _Args, cls: type, pre: tuple) -> Command:
     return cls(a.address, *pre, blob, a.args[1])
 
 
-# command class -> builder; the class's `pattern` is the address it answers.
-BUILDERS: dict[type, Builder] = {
-    Ping: _no_args, Status: _no_args, ListTracks: _no_args,
-    SetPrompt: _one, SetPreset: _one, SetParam: _param,
-    MelodyMidi: _path_of("MIDI file", MIDI_SUFFIXES), MelodyAudio: _path_of("audio file", AUDIO_SUFFIXES),
-    MelodyNotes: _notes, MelodyChroma: _chroma, MelodyClear: _no_args,
-    Generate: _generate, PlayGenerate: _generate, Continue: _continue,
-    Note: _two, NotesOff: _no_args, MidiChannel: _one,
-    ClearTrack: _no_args, DeleteTrack: _no_args, TrackState: _no_args, KeepTake: _optional_one,
-    CancelJob: _no_args, JobStatus: _no_args,
-    SetTempo: _one, SetSignature: _two, Play: _optional_one, Stop: _optional_one, Locate: _one,
-    TransportState: _no_args,
-    JamStart: _one, JamStop: _one, JamStatus: _one,
-    Hello: _one, Pad: lambda a, cls, pre: cls(a.address),
-    Cookie: lambda a, cls, pre: cls(a.address), Prove: _one,
-}
+# ---------------------------------------------------------------- commands
+
+
+# command class -> builder; the class's `pattern` is the address it answers. Filled by the classes below.
+BUILDERS: dict[type, Builder] = {}
+
+
+@dataclass_transform(frozen_default=True)
+@dataclass(frozen=True)
+class Command:
+    """One OSC message. `pattern` is its address, `expects` its arguments (for error messages).
+
+    Every subclass is a frozen dataclass; one that names a `pattern` in its class line is a message,
+    parsed by `build` (a builder above).
+    """
+
+    address: str
+    pattern: ClassVar[str] = ""
+    expects: ClassVar[str] = "no arguments"
+
+    def __init_subclass__(cls, pattern: str = "", expects: str = "", build: Builder = _no_args,
+                          **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if expects:
+            cls.expects = expects
+        dataclass(frozen=True)(cls)
+        if pattern:
+            cls.pattern = pattern
+            BUILDERS[cls] = build
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ProtocolError if a field is out of range; normalise fields with _set."""
+
+
+class Ping(Command, pattern="/ping"):
+    """Is the daemon there: answered /pong."""
+
+
+class Status(Command, pattern="/status"):
+    """The daemon's model, jobs, jams and clock."""
+
+
+class ListTracks(Command, pattern="/tracks"):
+    """The session's track names."""
+
+
+class TrackCommand(Command):
+    track: str
+
+    def check(self) -> None:
+        check_track(self, self.track)
+
+
+class SetPrompt(TrackCommand, pattern="/track/<name>/prompt", expects="s text", build=_one):
+    text: str
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "text", _rule(self, R.text, self.text, "prompt").strip())
+
+
+class SetPreset(TrackCommand,
+                pattern="/track/<name>/preset",
+                expects="s preset name, or \"\" to clear",
+                build=_one):
+    name: str  # "" clears the preset
+
+    def check(self) -> None:
+        super().check()
+        _rule(self, R.preset_name, self.name)
+
+
+class SetParam(TrackCommand,
+               pattern="/track/<name>/param",
+               expects=f"s key ({', '.join(PARAM_KEYS)}), value; or s key alone to reset it",
+               build=_param):
+    key: str
+    value: float | int | bool | None  # None: back to the preset's / default value
+
+    def check(self) -> None:
+        super().check()
+        key = _rule(self, R.text, self.key, "key")
+        _set(self, "value", _rule(self, R.param, key, self.value))
+
+
+class MelodyMidi(TrackCommand,
+                 pattern="/track/<name>/melody/midi",
+                 expects="s path to a .mid file",
+                 build=_path_of("MIDI file", MIDI_SUFFIXES)):
+    path: Path
+
+    def check(self) -> None:
+        super().check()
+        check_path(self, self.path, "MIDI file", MIDI_SUFFIXES)
+
+
+class MelodyAudio(TrackCommand,
+                  pattern="/track/<name>/melody/audio",
+                  expects="s path to a .wav/.flac file",
+                  build=_path_of("audio file", AUDIO_SUFFIXES)):
+    path: Path
+
+    def check(self) -> None:
+        super().check()
+        check_path(self, self.path, "audio file", AUDIO_SUFFIXES)
+
+
+class MelodyNotes(TrackCommand,
+                  pattern="/track/<name>/melody/notes",
+                  expects="i pitch, f start_beat, f length_beats, ... (one triple per note)",
+                  build=_notes):
+    notes: tuple[tuple[int, float, float], ...]  # (pitch, start_beat, length_beats)
+
+    def check(self) -> None:
+        super().check()
+        if not self.notes or not all(isinstance(n, (tuple, list)) and len(n) == 3 for n in self.notes):
+            raise _fail(self, "no notes, or a note that is not a (pitch, start, length) triple")
+        _set(self, "notes", tuple(_rule(self, R.note, k, p, s, n) for k, (p, s, n) in enumerate(self.notes, 1)))
+
+
+class MelodyChroma(TrackCommand,
+                   pattern="/track/<name>/melody/chroma",
+                   expects="b float32 frames x 12, f frame_rate",
+                   build=_chroma):
+    data: bytes  # little-endian float32, frames x 12
+    frame_rate: float
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "data", _rule(self, R.chroma, self.data))
+        _set(self, "frame_rate", _rule(self, R.chroma_rate, self.frame_rate))
+
+    @property
+    def frames(self) -> int:
+        return len(self.data) // R.CHROMA_FRAME_BYTES
+
+
+class MelodyClear(TrackCommand, pattern="/track/<name>/melody/clear"):
+    """The track's melody is forgotten."""
+
+
+class LengthCommand(TrackCommand,
+                    expects="f seconds | i bars, s \"bars\"; optional i priority 0-9; optional s \"at\", i bar"):
+    """A stem of a given length: /generate and /play."""
+
+    seconds: float | None  # exactly one of seconds and bars is set
+    bars: int | None
+    priority: int = 0
+    at_bar: int | None = None  # the bar (1 = the first) the stem belongs on; None: where the transport is
+
+    def check(self) -> None:
+        super().check()
+        if (self.seconds is None) == (self.bars is None):
+            raise _fail(self, "give a length in seconds or in bars, not both or neither")
+        if self.bars is not None:
+            _set(self, "bars", _rule(self, R.integer, self.bars, "bars", 1, MAX_BARS))
+        else:
+            _set(self, "seconds", _rule(self, R.seconds, self.seconds))
+        _set(self, "priority", _rule(self, R.integer, self.priority, "priority", 0, MAX_PRIORITY))
+        if self.at_bar is not None:
+            _set(self, "at_bar", _rule(self, R.integer, self.at_bar, "bar after \"at\"", 1, MAX_BAR_POSITION))
+
+
+class Generate(LengthCommand, pattern="/track/<name>/generate", build=_generate):
+    """A stem of the given length, written to disk."""
+
+
+class PlayGenerate(LengthCommand, pattern="/track/<name>/play", build=_generate):
+    """/generate, and the part is heard live while it generates (bridge/live/play.py)."""
+
+
+class Continue(TrackCommand,
+               pattern="/track/<name>/continue",
+               expects="s path to a .wav/.flac take, f seconds; optional i priority 0-9",
+               build=_continue):
+    path: Path
+    seconds: float
+    priority: int = 0
+
+    def check(self) -> None:
+        super().check()
+        check_path(self, self.path, "take", AUDIO_SUFFIXES)
+        _set(self, "seconds", _rule(self, R.seconds, self.seconds))
+        _set(self, "priority", _rule(self, R.integer, self.priority, "priority", 0, MAX_PRIORITY))
+
+
+class ClearTrack(TrackCommand, pattern="/track/<name>/clear"):
+    """The track's settings back to their defaults; the track stays."""
+
+
+class DeleteTrack(TrackCommand, pattern="/track/<name>/delete"):
+    """The track leaves the session."""
+
+
+class TrackState(TrackCommand, pattern="/track/<name>/state"):
+    """The track's prompt, preset, params, melody and takes."""
+
+
+class KeepTake(TrackCommand,
+               pattern="/track/<name>/keep",
+               expects="i job id of a finished take of this track; or no argument to keep none",
+               build=_optional_one):
+    """The take (a finished job of this track) that becomes the track's kept stem; the others stay on disk."""
+
+    job_id: int | None  # None: the track keeps no take
+
+    def check(self) -> None:
+        super().check()
+        if self.job_id is not None:
+            _set(self, "job_id", _rule(self, R.job_id, self.job_id))
+
+
+class Note(TrackCommand,
+           pattern="/track/<name>/note",
+           expects="i pitch 0-127, i velocity 0-127 (0 = off)",
+           build=_two):
+    pitch: int  # MIDI 0-127
+    velocity: int  # 0 = note off
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "pitch", _rule(self, R.integer, self.pitch, "pitch", 0, 127))
+        _set(self, "velocity", _rule(self, R.integer, self.velocity, "velocity", 0, 127))
+
+
+class NotesOff(TrackCommand, pattern="/track/<name>/notes/off"):
+    """Every held note of the track is released."""
+
+
+class MidiChannel(TrackCommand,
+                  pattern="/track/<name>/midi/channel",
+                  expects="i MIDI channel 1-16, or 0 to route it back to the default",
+                  build=_one):
+    channel: int  # 1-16; 0 = route this track's channels back to the default
+
+    def check(self) -> None:
+        super().check()
+        _set(self, "channel", _rule(self, R.integer, self.channel, "channel", 0, 16))
+
+
+class JobCommand(Command):
+    job_id: int
+
+    def check(self) -> None:
+        if isinstance(self.job_id, bool) or not isinstance(self.job_id, int) or not 1 <= self.job_id <= R.MAX_JOB_ID:
+            raise ProtocolError("bad_address", f"{self.address}: job id must be a positive whole number, "
+                                               "as in /job/3/cancel")
+
+
+class CancelJob(JobCommand, pattern="/job/<id>/cancel"):
+    """The job stops."""
+
+
+class JobStatus(JobCommand, pattern="/job/<id>/status"):
+    """The job's state and progress."""
+
+
+class SetTempo(Command,
+               pattern="/transport/tempo",
+               expects=f"f bpm in [{MIN_BPM:g}, {MAX_BPM:g}]",
+               build=_one):
+    bpm: float
+
+    def check(self) -> None:
+        _set(self, "bpm", _rule(self, R.tempo, self.bpm))
+
+
+class SetSignature(Command,
+                   pattern="/transport/signature",
+                   expects=(f"i numerator 1-{MAX_NUMERATOR}, "
+                             f"i denominator {'/'.join(str(d) for d in DENOMINATORS)}"),
+                   build=_two):
+    numerator: int
+    denominator: int
+
+    def check(self) -> None:
+        num, den = _rule(self, R.signature, self.numerator, self.denominator)
+        _set(self, "numerator", num)
+        _set(self, "denominator", den)
+
+
+class TransportMove(Command):
+    quarter_notes: float | None  # the position in quarter notes from bar 1; None: stay where it is
+
+    def check(self) -> None:
+        if self.quarter_notes is not None:
+            _set(self, "quarter_notes", _rule(self, R.beat_position, self.quarter_notes))
+
+
+class Play(TransportMove,
+           pattern="/transport/play",
+           expects="optional f position in quarter notes",
+           build=_optional_one):
+    """The daemon's own transport rolls, from a position or where it is."""
+
+
+class Stop(TransportMove,
+           pattern="/transport/stop",
+           expects="optional f position in quarter notes",
+           build=_optional_one):
+    """The daemon's own transport stops, at a position or where it is."""
+
+
+class Locate(TransportMove, pattern="/transport/locate", expects="f position in quarter notes", build=_one):
+    quarter_notes: float
+
+    def check(self) -> None:
+        _set(self, "quarter_notes", _rule(self, R.beat_position, self.quarter_notes))
+
+
+class TransportState(Command, pattern="/transport/state"):
+    """The grid the daemon follows: tempo, signature, position, playing."""
+
+
+class JamCommand(Command, expects="s track"):
+    track: str
+
+    def check(self) -> None:
+        _rule(self, R.text, self.track, "track")
+        check_track(self, self.track)
+
+
+class Hello(Command, pattern="/hello", expects="s key", build=_one):
+    """A sender introducing its host with the daemon's --key (bridge.osc.access)."""
+
+    key: str
+
+    def check(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise _fail(self, "the key must be a non-empty string (s)")
+
+
+class Pad(Command, pattern="/pad", expects="anything", build=_any_args):
+    """Bytes that earn the sender reply credit (bridge.osc.reply_budget); any arguments, never answered."""
+
+
+class Cookie(Command,
+             pattern="/cookie",
+             expects="anything (pad it to 64 bytes or more: the answer is paid from its bytes)",
+             build=_any_args):
+    """Asks for the cookie that proves the sender's address (bridge.osc.reply_budget); any arguments,
+    so a client pads it to pay for the answer."""
+
+
+class Prove(Command, pattern="/prove", expects="s cookie (the one /cookie answered)", build=_one):
+    """Sends back the cookie /cookie answered, proving the sender receives at its address."""
+
+    cookie: str
+
+    def check(self) -> None:
+        if not isinstance(self.cookie, str) or len(self.cookie) != COOKIE_CHARS:
+            got = f"{len(self.cookie)} characters" if isinstance(self.cookie, str) else type_tags([self.cookie])
+            raise _fail(self, f"the cookie is the {COOKIE_CHARS}-character string (s) /cookie answers, got {got}")
+
+
+class JamStart(JamCommand, pattern="/jam/start", build=_one):
+    """A live jam starts on the track."""
+
+
+class JamStop(JamCommand, pattern="/jam/stop", build=_one):
+    """The track's jam fades out over one beat, ending on a bar line."""
+
+
+class JamStatus(JamCommand, pattern="/jam/status", build=_one):
+    """The track's jam: how it keeps up."""
 
 
 def _route(address: str) -> tuple[str, tuple]:
