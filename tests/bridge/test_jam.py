@@ -135,20 +135,28 @@ class _HeldNote:
         return c
 
 
-def test_conditioning_follows_a_melody_change_within_one_chunk(jack, tiny_melody_engine):
+def _jam_across_a_change(engine, make_player, change):
+    """A melody jam of one-bar chunks: `change(player)` once two chunks are made, then three more.
+    The player's clock is the output's, as the jam's is; returns (jam, player)."""
     from bridge.live.jam import Jam
     from plugin_host.output import AudioOutput
 
     with AudioOutput(samplerate=SR) as out:
-        player = _HeldNote(0, clock=lambda: out.position / SR)  # C
-        with Jam(tiny_melody_engine, out, "lead", "sax", melody=player, tempo=TEMPO, chunk_bars=1,
+        player = make_player(lambda: out.position / SR)
+        with Jam(engine, out, "lead", "sax", melody=player, tempo=TEMPO, chunk_bars=1,
                  context_seconds=1.0) as jam:
             jam.start()
             _until(lambda: len(jam.history) >= 2)
-            player.play(7)  # G
+            change(player)
             n = len(jam.history)
             _until(lambda: len(jam.history) >= n + 3)
             jam.close()
+    return jam, player
+
+
+def test_conditioning_follows_a_melody_change_within_one_chunk(jack, tiny_melody_engine):
+    jam, player = _jam_across_a_change(tiny_melody_engine, lambda clock: _HeldNote(0, clock),  # C
+                                       lambda p: p.play(7))  # G
     hist = jam.history
     before = [h for h in hist if h["conditioned_at"] < player.changed_at]
     after = [h for h in hist if h["conditioned_at"] >= player.changed_at]
@@ -183,21 +191,15 @@ class _ChangesWhileRead(_HeldNote):
 def test_a_change_during_a_chunk_keeps_the_latency_of_the_change_it_follows(jack, tiny_melody_engine):
     """The chunk conditioned on G reports G's note-to-audio latency although the player moved on
     to A while it was made."""
-    from bridge.live.jam import Jam
-    from plugin_host.output import AudioOutput
+    played = []
 
-    with AudioOutput(samplerate=SR) as out:
-        player = _ChangesWhileRead(0, clock=lambda: out.position / SR)  # C
-        with Jam(tiny_melody_engine, out, "lead", "sax", melody=player, tempo=TEMPO, chunk_bars=1,
-                 context_seconds=1.0) as jam:
-            jam.start()
-            _until(lambda: len(jam.history) >= 2)
-            player.play(7)  # G, read by the next chunk ...
-            played_g = player.changed_at
-            player.after_read = 9  # ... which hears A arrive while it is made
-            n = len(jam.history)
-            _until(lambda: len(jam.history) >= n + 3)
-            jam.close()
+    def g_then_a(player: _ChangesWhileRead) -> None:
+        player.play(7)  # G, read by the next chunk ...
+        played.append(player.changed_at)
+        player.after_read = 9  # ... which hears A arrive while it is made
+
+    jam, _ = _jam_across_a_change(tiny_melody_engine, lambda clock: _ChangesWhileRead(0, clock), g_then_a)  # C
+    played_g = played[0]
     g = [h for h in jam.history if set(h["melody_bins"]) == {7}]
     a = [h for h in jam.history if set(h["melody_bins"]) == {9}]
     assert g and a and g[0]["index"] < a[0]["index"]
