@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from model.types import melody_refusal
 from bridge.live.control import LiveControl
 from bridge.stems.output import engine_record
 from presets import PresetError, load_preset, preset_files
+from plugin_host.tempo import TimeSignature
 
 log = logging.getLogger("musicbridge.serve")
 
@@ -426,7 +427,7 @@ class Daemon:
 
     @handles(P.SetSignature)
     def _set_signature(self, cmd: P.SetSignature, sender: Address) -> None:
-        self.session.update_transport(numerator=cmd.numerator, denominator=cmd.denominator)
+        self.session.update_transport(time_signature=TimeSignature(cmd.numerator, cmd.denominator))
         self.clock.typed_changed()
         self._ok(sender, cmd, f"time signature is now {cmd.numerator}/{cmd.denominator}")
 
@@ -574,13 +575,10 @@ class Daemon:
         `generate ... bars` follows the DAW), and as position the stem's place on the timeline, which
         becomes its BWF time reference: bar `at_bar` if the request names one, else the bar line at or
         before where the transport is. Also the sidecar's record of how that place was found."""
-        from dataclasses import replace
-
         st = self.clock.state()
         sig = st.signature
         beat, seconds = self.clock.stem_start(at_bar)
-        transport = replace(self.session.transport, tempo=st.tempo, numerator=sig.numerator,
-                            denominator=sig.denominator, playing=st.playing,
+        transport = replace(self.session.transport, tempo=st.tempo, time_signature=sig, playing=st.playing,
                             position=sig.beats_to_quarters(beat))  # the session counts quarter notes
         timeline = {"clock": st.source, "asked_at_beat": round(st.beat, 6), "at_bar": at_bar,
                     "bar": int(round(beat / sig.numerator)) + 1, "beat": beat, "seconds": seconds}

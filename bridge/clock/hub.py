@@ -223,8 +223,8 @@ class ClockHub:
         # a followed clock that runs past it (a DAW playing on at the end, a far locate) is saved there.
         quarters = min(MAX_BEAT_POSITION, round(g.time_signature.beats_to_quarters(max(0.0, g.beat_at(t))), 4))
         try:
-            self.session.update_transport(tempo=round(g.tempo, 3), numerator=g.numerator,
-                                          denominator=g.denominator, playing=g.playing, position=quarters)
+            self.session.update_transport(tempo=round(g.tempo, 3), time_signature=g.time_signature,
+                                          playing=g.playing, position=quarters)
         except Exception as e:  # noqa: BLE001 - a full disk must not stop following
             log.warning("could not save the followed transport to the session: %s", e)
 

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,23 +46,38 @@ class SessionError(ValueError):
 
 @dataclass(frozen=True)
 class Transport:
+    """The daemon's own transport as the session keeps it; bridge.clock.typed follows it."""
+
     tempo: float = 120.0
-    numerator: int = 4
-    denominator: int = 4
+    time_signature: TimeSignature = TimeSignature()
     playing: bool = False
-    position: float = 0.0  # beats (quarter notes) from the session start
+    position: float = 0.0  # quarter notes from the session start
+
+    @property
+    def numerator(self) -> int:
+        return self.time_signature.numerator
+
+    @property
+    def denominator(self) -> int:
+        return self.time_signature.denominator
 
     @property
     def signature(self) -> str:
-        return f"{self.numerator}/{self.denominator}"
-
-    @property
-    def time_signature(self) -> TimeSignature:
-        return TimeSignature(self.numerator, self.denominator)
+        return str(self.time_signature)
 
     def bars_to_seconds(self, bars: float) -> float:
         """4 bars at 120 bpm in 4/4 -> 8.0 s (plugin_host.tempo's rule)."""
         return bars_to_seconds(bars, self.tempo, self.time_signature)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tempo": self.tempo, "numerator": self.numerator, "denominator": self.denominator,
+                "playing": self.playing, "position": self.position}
+
+    @classmethod
+    def from_json(cls, t: dict[str, Any]) -> Transport:
+        """A session file's transport, already checked by bridge.state.session_check."""
+        return cls(tempo=float(t["tempo"]), time_signature=TimeSignature(int(t["numerator"]), int(t["denominator"])),
+                   playing=bool(t["playing"]), position=float(t["position"]))
 
 
 @dataclass(frozen=True)
@@ -140,10 +155,7 @@ class LiveSession:
             if not isinstance(data, dict) or data.get("version") != VERSION:
                 raise ValueError(f"expected an object with \"version\": {VERSION}")
             check_session_data(data)  # every field in range before any is used (bridge.state.session_check)
-            t = data["transport"]
-            transport = Transport(tempo=float(t["tempo"]), numerator=int(t["numerator"]),
-                                  denominator=int(t["denominator"]), playing=bool(t["playing"]),
-                                  position=float(t["position"]))
+            transport = Transport.from_json(data["transport"])
             tracks = {}
             for name, tr in dict(data["tracks"]).items():
                 tracks[name] = TrackSettings(prompt=str(tr.get("prompt", "")), preset=str(tr.get("preset", "")),
@@ -158,7 +170,7 @@ class LiveSession:
         self.transport, self.tracks, self.next_job_id = transport, tracks, max(1, next_id)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": VERSION, "transport": asdict(self.transport),
+        return {"version": VERSION, "transport": self.transport.to_json(),
                 "tracks": {n: t.to_json() for n, t in sorted(self.tracks.items())},
                 "next_job_id": self.next_job_id}
 
@@ -188,7 +200,7 @@ class LiveSession:
         (bridge.state.session_check) run on what changed, so no value is ever saved that cannot be restored."""
         try:
             if transport is not self.transport:
-                check_transport(asdict(transport))
+                check_transport(transport.to_json())
             for name, tr in tracks.items():
                 if self.tracks.get(name) is not tr:
                     check_track(name, tr.to_json())

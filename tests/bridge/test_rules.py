@@ -211,7 +211,7 @@ def test_bars_follow_the_time_signature_everywhere(daemon, tmp_path, tiny_model_
 
     expected = bars_to_seconds(2, 120.0, TimeSignature(6, 8))
     assert expected == 3.0
-    assert Transport(tempo=120.0, numerator=6, denominator=8).bars_to_seconds(2) == expected
+    assert Transport(tempo=120.0, time_signature=TimeSignature(6, 8)).bars_to_seconds(2) == expected
     c = daemon["c"]
     assert osc(c, "/transport/tempo", 120.0)[0] == "/ok"
     assert osc(c, "/transport/signature", 6, 8)[0] == "/ok"

@@ -9,6 +9,7 @@ import pytest
 from bridge.osc.protocol import ProtocolError
 from bridge.state.session import LiveSession, SessionError
 from bridge.state.session_check import chroma_from_text, chroma_to_text
+from plugin_host.tempo import TimeSignature
 
 
 def test_changes_persist_and_restore(tmp_path):
@@ -16,7 +17,7 @@ def test_changes_persist_and_restore(tmp_path):
     s.update_track("drums", prompt="dusty drums", preset="lofi_drums", params={"seed": 3, "top_k": 50})
     s.update_track("keys", prompt="piano", melody={"kind": "chroma", "data": chroma_to_text(b"\x00" * 48),
                                                    "frame_rate": 7.8125})
-    s.update_transport(tempo=97.5, numerator=6, denominator=8, playing=True, position=16.0)
+    s.update_transport(tempo=97.5, time_signature=TimeSignature(6, 8), playing=True, position=16.0)
     first = s.take_job_id()
     r = LiveSession(tmp_path / "sess")
     assert r.tracks == s.tracks and r.transport == s.transport
@@ -31,8 +32,8 @@ def test_bars_to_seconds():
     from bridge.state.session import Transport
 
     assert Transport(tempo=120.0).bars_to_seconds(4) == 8.0
-    assert Transport(tempo=90.0, numerator=3, denominator=4).bars_to_seconds(2) == 4.0
-    assert Transport(tempo=120.0, numerator=6, denominator=8).bars_to_seconds(1) == 1.5
+    assert Transport(tempo=90.0, time_signature=TimeSignature(3, 4)).bars_to_seconds(2) == 4.0
+    assert Transport(tempo=120.0, time_signature=TimeSignature(6, 8)).bars_to_seconds(1) == 1.5
 
 
 def test_clear_delete_and_track_limit(tmp_path):
