@@ -198,3 +198,39 @@ def test_a_stopped_audio_process_is_killed_and_reopened_when_its_clock_stands_st
         _until(lambda: t.done)
         assert out.position > stopped_at
         assert len(x) - 256 <= t.played_frames <= len(x) and t.underruns == 0, (t.played_frames, t.underruns)
+
+
+def test_a_reopen_that_fails_is_reported_and_retried_until_the_server_is_back(jack, monkeypatch):
+    """The child dies while its audio server cannot be reached (here: the JACK server name it
+    would start with names no server): the watchdog reports `lost`, then `reopen_failed` with the
+    reason for each attempt that cannot open the device, and keeps trying; once the server is
+    reachable again the next attempt reopens and the track plays on."""
+    import os
+    import signal
+
+    import sounddevice as sd
+
+    from plugin_host.output_process import AudioOutputProcess
+
+    device = next(d["name"] for d in sd.query_devices()
+                  if d["max_output_channels"] > 0 and sd.query_hostapis(d["hostapi"])["name"] == "JACK Audio Connection Kit")
+    events: list[tuple[str, str]] = []
+    x = np.full((SR * 4, 1), 0.25, np.float32)
+    with AudioOutputProcess(device=device, samplerate=SR, on_event=lambda k, m: events.append((k, m))) as out:
+        t = out.add_track("dc", 1, buffer_seconds=5.0)
+        assert t.push(x, timeout=5) == len(x)
+        t.finish()
+        _until(lambda: t.played_frames >= SR // 4)
+        monkeypatch.setenv("JACK_DEFAULT_SERVER", "mbtest-no-such-server")  # what a new child starts with
+        os.kill(out._proc.pid, signal.SIGKILL)
+        _until(lambda: [k for k, _ in events][:2] == ["lost", "reopen_failed"], timeout=60)
+        assert not out.active and out.restarts == 0
+        assert f"'{device}' not found" in events[1][1], events[1][1]  # the reason: the device is gone
+        monkeypatch.setenv("JACK_DEFAULT_SERVER", jack)
+        _until(lambda: events[-1][0] == "reopened", timeout=60)
+        kinds = [k for k, _ in events]
+        # lost once, then only failed attempts, then one reopen
+        assert kinds[0] == "lost" and kinds[-1] == "reopened" and set(kinds[1:-1]) == {"reopen_failed"}
+        assert out.active and out.restarts == 1
+        played = t.played_frames
+        _until(lambda: t.played_frames > played)  # the new child plays the track on
