@@ -218,8 +218,9 @@ class Daemon:
         elif self.config.reply_to is not None:
             self.server.reply(self.config.reply_to, address, args, hold=hold, budgeted=False)
         elif not self.server.reply(sender, address, args, hold=hold) and self._budget_log.allow():
-            log.info("reply %s to %s:%d dropped: over the reply byte budget of that host (docs/osc.md)",
-                     address[:80], sender[0], sender[1])
+            log.info("reply %s to %s:%d dropped: larger than what that host has sent, and the address is not "
+                     "proven; pad the question, prove the address with /cookie and /prove, or serve "
+                     "--reply-to (docs/osc.md, \"Reply budget\")", address[:80], sender[0], sender[1])
 
     def _error(self, sender: Address, e: ProtocolError, address: str, logged: bool = False) -> None:
         """An /error reply, within the error reply budget; logged (rate-limited) unless `logged` already."""

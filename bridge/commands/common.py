@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from bridge.commands.progress import timed
 from model.memory.heap import loading
@@ -81,8 +82,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """--engine URL: decode on a remote engine (`musicbridge worker`, docs/remote.md) instead of here."""
-    import os
-
     p.add_argument("--engine", metavar="URL", default=None,
                    help="use the remote engine `musicbridge worker` serves at http[s]://HOST:PORT; --model then "
                         "names this machine's copy of its checkpoint, for the codec (default: the one it reports)")

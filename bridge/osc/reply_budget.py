@@ -7,18 +7,15 @@ address. Each sender host therefore has a byte credit:
 - every datagram received from the host earns its size in credit (bundles included), banked
   up to BANK bytes;
 - a reply to that host is sent only if the credit covers its size, and is then paid from it;
-- a packet holding one message (not a bundle), or a malformed packet (one /error), may also
-  draw on a small allowance that refills
-  at ALLOWANCE_RATE bytes a second (burst ALLOWANCE_BURST), so a client polling /status, whose
-  answer is bigger than the 12-byte question, is still answered;
 - whatever the credit, a host gets at most RATE_CAP reply bytes a second.
 
-So over any time t, the bytes sent to one host that has not proved its address are at most the
-bytes received from it plus ALLOWANCE_BURST + ALLOWANCE_RATE * t, and for bundles the allowance is
-never used. Events the daemon sends later (a job's progress and end, a jam's chunks) are paid from
-the same credit, never from the allowance (they answer no lone packet); a progress event takes
-only credit above EVENT_RESERVE, so what a host paid for stays for the events that end its jobs.
-Whatever does not fit is dropped and counted; a job's final state stays queryable.
+So the bytes sent to a host that has not proved its address never exceed the bytes received
+from it. Events the daemon sends later (a job's progress and end, a jam's chunks) are paid from
+the same credit; a progress event takes only credit above EVENT_RESERVE, so what a host paid
+for stays for the events that end its jobs. Whatever does not fit is dropped and counted; a
+job's final state stays queryable. A client whose question is smaller than its answer (a 16-byte
+`/status`) pads it (`/pad`, or trailing arguments the message ignores), proves its address, or
+has the daemon answer an address the operator chose (`serve --reply-to`).
 
 A client proves its address (IP and port) as DTLS and QUIC clients do, with a cookie round
 trip: `/cookie` is answered (from credit, like any reply) with a cookie only that address
@@ -44,8 +41,6 @@ Address = tuple[str, int]
 
 BANK = 65536
 RATE_CAP = 65536
-ALLOWANCE_BURST = 2048
-ALLOWANCE_RATE = 1024
 MAX_HOSTS = 4096
 EVENT_RESERVE = 2048     # credit a progress event leaves for the events that end a host's jobs
 COOKIE_WINDOW = 60       # seconds: a cookie is good in its minute and the next
@@ -56,8 +51,6 @@ COOKIE_CHARS = 32        # hex characters of the HMAC a cookie carries
 @dataclass
 class _Host:
     credit: float = 0.0
-    allowance: float = float(ALLOWANCE_BURST)
-    refilled: float = 0.0
     second: int = -1
     sent_this_second: int = 0
 
@@ -73,26 +66,24 @@ class ReplyBudget:
         # fills the credit table) cannot push a proven address out: only real proofs enter it
         self._proven: OrderedDict[Address, float] = OrderedDict()
         self._lock = threading.Lock()
-        self._lone = threading.local()  # on the receive thread: the host whose lone message is being handled
         self.dropped = 0
         self.dropped_bytes = 0
 
     def _host(self, host: str) -> _Host:
         h = self._hosts.get(host)
         if h is None:
-            h = self._hosts[host] = _Host(refilled=self._clock())
+            h = self._hosts[host] = _Host()
             if len(self._hosts) > MAX_HOSTS:
                 self._hosts.popitem(last=False)
         else:
             self._hosts.move_to_end(host)
         return h
 
-    def received(self, host: str, nbytes: int, bundle: bool) -> None:
-        """A datagram of `nbytes` arrived from `host`; replies sent on this thread until the next call draw on it."""
+    def received(self, host: str, nbytes: int) -> None:
+        """A datagram of `nbytes` arrived from `host`: its size is the host's to spend on replies."""
         with self._lock:
             h = self._host(host)
             h.credit = min(float(BANK), h.credit + nbytes)
-        self._lone.value = None if bundle else host
 
     def cookie(self, to: Address) -> str:
         """The cookie address `to` (IP and port) must send back with /prove: bound to it and to this minute."""
@@ -136,26 +127,17 @@ class ReplyBudget:
         keep: credit the reply must leave unspent (EVENT_RESERVE for progress events). A proven
         address needs no credit; the rate cap holds for it too.
         """
-        host = to[0]
-        lone = getattr(self._lone, "value", None) == host  # the allowance answers that host's own lone packet
         with self._lock:
             proven = self._proven_locked((to[0], to[1]))
-            h = self._host(host)
-            now = self._clock()
-            h.allowance = min(float(ALLOWANCE_BURST), h.allowance + (now - h.refilled) * ALLOWANCE_RATE)
-            h.refilled = now
-            sec = int(now)
+            h = self._host(to[0])
+            sec = int(self._clock())
             if sec != h.second:
                 h.second, h.sent_this_second = sec, 0
             ok = h.sent_this_second + nbytes <= RATE_CAP
             if ok and not proven:
-                if h.credit >= nbytes + keep:
+                ok = h.credit >= nbytes + keep
+                if ok:
                     h.credit -= nbytes
-                elif lone and not keep and h.credit + h.allowance >= nbytes:
-                    h.allowance -= nbytes - h.credit
-                    h.credit = 0.0
-                else:
-                    ok = False
             if ok:
                 h.sent_this_second += nbytes
             else:

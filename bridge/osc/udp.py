@@ -318,12 +318,10 @@ class OscServer:
         if self.admit is not None and not self.admit(sender):
             return
         if self.budget is not None:
-            self.budget.received(sender[0], len(data), data.startswith(BUNDLE_TAG))
+            self.budget.received(sender[0], len(data))
         try:
             messages = decode(data)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad packet, never fatal
-            if self.budget is not None:  # one packet, one /error: it may use the single-reply allowance
-                self.budget.received(sender[0], 0, bundle=False)
             self.on_bad_packet(f"not a valid OSC packet ({type(e).__name__}: {str(e)[:100]})", sender)
             return
         for address, args in messages:

@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -76,6 +77,9 @@ def _describe(e: BaseException) -> str:
         return "connection refused"
     if isinstance(e, TimeoutError):
         return "timed out"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return (f"its certificate is not trusted here ({e.verify_message}); give the worker's certificate, "
+                "or the authority that signed it, with --engine-ca PEM")
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
@@ -555,8 +559,6 @@ def _request(url: str, key: str, body: bytes | None, timeout: float, ctx: ssl.SS
 
 
 def _is_dir(path: str) -> bool:
-    from pathlib import Path
-
     try:
         return Path(path).is_dir()
     except OSError:

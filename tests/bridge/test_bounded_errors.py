@@ -91,6 +91,7 @@ def test_a_handler_bug_answers_internal_and_logs_one_traceback_per_period(tmp_pa
     with Daemon(tiny_engine, DaemonConfig(port=0, session_dir=tmp_path / "session", grace=0.0)) as d:
         d.tracebacks.every = 3600.0  # one period covers the whole test, however slow the machine
         with OscClient("127.0.0.1", d.server.port) as c:
+            assert c.prove()  # the /error answers are larger than the /ping questions
             c.send("/ping")
             err = expect(c, "/error")
             assert err[0] == "internal" and "RuntimeError" in err[1] and err[2] == "/ping", err

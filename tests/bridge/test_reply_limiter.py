@@ -48,11 +48,11 @@ def test_a_steady_flood_is_held_to_the_rate():
 
 
 def test_events_are_paid_from_credit_and_progress_leaves_the_reserve():
-    """A job's events answer no lone packet: credit only, and progress only above EVENT_RESERVE."""
-    events = ReplyBudget(clock=FakeClock(10.0))  # spent on this thread, which handled no lone packet
+    """A job's events are paid from credit, and progress only from credit above EVENT_RESERVE."""
+    events = ReplyBudget(clock=FakeClock(10.0))
     daw = ("10.0.0.1", 9011)
-    assert not events.spend(daw, 28)  # no credit: the allowance is not for events
-    events.received("10.0.0.1", EVENT_RESERVE + 100, bundle=True)
+    assert not events.spend(daw, 28)  # no credit
+    events.received("10.0.0.1", EVENT_RESERVE + 100)
     assert events.spend(daw, 60, keep=EVENT_RESERVE)  # 100 above the reserve pays one progress
     assert not events.spend(daw, 60, keep=EVENT_RESERVE)  # the next one would eat into it
     assert events.spend(daw, EVENT_RESERVE)  # the final event is paid from the reserve
@@ -60,11 +60,20 @@ def test_events_are_paid_from_credit_and_progress_leaves_the_reserve():
     assert events.dropped == 3
 
 
-def test_the_allowance_answers_only_the_host_whose_lone_packet_is_handled():
-    budget = ReplyBudget(clock=FakeClock(10.0))
-    budget.received("10.0.0.1", 12, bundle=False)
-    assert not budget.spend(("10.0.0.2", 9011), 100)  # an event for another host, sent meanwhile
+def test_an_unproven_host_is_sent_no_more_than_it_sent():
+    """Credit is per host and only what the host sent: a 12-byte question earns 12 bytes of answer,
+    whatever the answer's size; a host that sent nothing gets nothing."""
+    clock = FakeClock(10.0)
+    budget = ReplyBudget(clock=clock)
+    budget.received("10.0.0.1", 12)
+    assert not budget.spend(("10.0.0.2", 9011), 8)  # another host's credit is not this one's
+    assert not budget.spend(("10.0.0.1", 5000), 13)  # one byte more than it sent
+    assert budget.spend(("10.0.0.1", 5000), 12) and not budget.spend(("10.0.0.1", 5000), 1)
+    clock.t += 3600.0  # time earns nothing
+    assert not budget.spend(("10.0.0.1", 5000), 1)
+    budget.received("10.0.0.1", 100)  # padding earns it
     assert budget.spend(("10.0.0.1", 5000), 100)
+    assert budget.dropped == 4
 
 
 def test_a_cookie_proves_only_the_address_it_was_sent_to_and_only_for_a_while():
@@ -95,5 +104,5 @@ def test_a_flood_of_forged_sources_does_not_unprove_an_address():
     daw = ("10.0.0.1", 9011)
     assert budget.prove(daw, budget.cookie(daw))
     for i in range(MAX_HOSTS + 10):  # fills the credit table: the proven table is another one
-        budget.received(f"10.1.{i // 256}.{i % 256}", 4, bundle=True)
+        budget.received(f"10.1.{i // 256}.{i % 256}", 4)
     assert budget.proven(daw)

@@ -48,13 +48,14 @@ def mb(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def run_worker(cluster: Cluster, model_dir: Path, log: Path, *extra: str, replicas: int = 2) -> Iterator[Worker]:
+def run_worker(cluster: Cluster, model_dir: Path, log: Path, *extra: str, replicas: int = 2,
+               scheme: str = "http") -> Iterator[Worker]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "worker", "--address", cluster.address,
                              "--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--key", KEY,
                              "--http-port", str(port), "--replicas", str(replicas), "--cpus-per-replica", "1",
                              *extra], cwd=ROOT, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    w = Worker(f"http://127.0.0.1:{port}", cluster, proc, log)
+    w = Worker(f"{scheme}://127.0.0.1:{port}", cluster, proc, log)
     try:
         deadline = time.monotonic() + 240
         while "engine serving at" not in w.log_text():

@@ -1,0 +1,61 @@
+"""`musicbridge worker --tls-cert/--tls-key` on a Ray cluster of its own (Serve's proxy options
+are the cluster's, so the TLS worker cannot share the plain one's): a daemon-side command that
+trusts the certificate (`--engine-ca`) gets the same take as a local run over HTTPS; one that
+does not trust it, or speaks plain HTTP to it, gets one clear line and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.remote.conftest import KEY, Worker, mb, run_worker
+from tests.remote.ray_cluster import ray_cluster
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (subjectAltName IP), made with openssl for this run."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+@pytest.fixture(scope="module")
+def tls_worker(certificate, tiny_melody_dir, tmp_path_factory) -> Iterator[Worker]:
+    cert, key = certificate
+    base = tmp_path_factory.mktemp("tls-worker")
+    with ray_cluster(base, nodes=1) as cluster, \
+            run_worker(cluster, tiny_melody_dir, base / "worker.log", "--tls-cert", cert, "--tls-key", key,
+                       replicas=1, scheme="https") as w:
+        assert "serving at https://" in w.log_text()
+        yield w
+
+
+def test_generate_over_https_writes_the_same_file_as_local(tls_worker, certificate, tiny_melody_dir, tmp_path):
+    common = ["--model", str(tiny_melody_dir), "--prompt", "lofi beat", "--seconds", "1.0", "--seed", "5",
+              "--dtype", "float32", "--device", "cpu"]
+    local = mb("generate", *common, "--out", str(tmp_path / "local.wav"))
+    assert local.returncode == 0, local.stderr
+    remote = mb("generate", *common, "--out", str(tmp_path / "remote.wav"), "--engine", tls_worker.url,
+                "--engine-key", KEY, "--engine-ca", certificate[0])
+    assert remote.returncode == 0, remote.stderr + tls_worker.log_text()[-3000:]
+    a, b = (tmp_path / "local.wav").read_bytes(), (tmp_path / "remote.wav").read_bytes()
+    assert len(a) > 1000 and a == b
+
+
+def test_an_untrusted_certificate_or_plain_http_is_one_clear_line(tls_worker, tiny_melody_dir, tmp_path):
+    args = ["generate", "--model", str(tiny_melody_dir), "--prompt", "x", "--seconds", "0.5",
+            "--engine-key", KEY]
+    untrusted = mb(*args, "--out", str(tmp_path / "a.wav"), "--engine", tls_worker.url)
+    assert untrusted.returncode == 2 and "Traceback" not in untrusted.stderr, untrusted.stderr
+    assert "certificate" in untrusted.stderr and "--engine-ca" in untrusted.stderr, untrusted.stderr
+    plain_url = tls_worker.url.replace("https://", "http://")
+    plain = mb(*args, "--out", str(tmp_path / "b.wav"), "--engine", plain_url)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr, plain.stderr
+    assert f"cannot reach the engine at {plain_url}" in plain.stderr, plain.stderr
+    assert not (tmp_path / "a.wav").exists() and not (tmp_path / "b.wav").exists()  # nothing half-written
