@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from pedalboard.io import AudioFile, StreamResampler
 
 WRITABLE = {".wav": "WAV", ".flac": "FLAC"}
 READABLE = (".wav", ".flac", ".aiff", ".aif", ".ogg", ".mp3")
@@ -29,7 +30,6 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     audio = np.ascontiguousarray(audio, dtype=np.float32)
     if from_rate == to_rate:
         return audio
-    from pedalboard.io import StreamResampler
 
     n_out = int(round(audio.shape[1] * to_rate / from_rate))
     # The flushed stream is already latency-compensated: output sample k sits at input k*from/to.
@@ -42,7 +42,6 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """float32 (channels, samples) and the file's sample rate; AudioFileError if unreadable."""
-    from pedalboard.io import AudioFile
 
     p = Path(path)
     if not p.is_file():
@@ -78,7 +77,6 @@ def write_audio(
 
     With overwrite=False an existing file is never replaced (FileExistsError).
     """
-    from pedalboard.io import AudioFile
 
     out = Path(path)
     check_writable_format(out)

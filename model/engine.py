@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -222,8 +223,6 @@ class Engine:
         """Put the weights a step streams on huge pages (model/memory/hugepages.py), before `fuse`
         takes their addresses. float32 weights are the checkpoint's own (shared), so they are
         collapsed where they lie; converted ones are the engine's, so they are packed."""
-        from torch import nn
-
         streamed = nn.ModuleList([lm.layers, lm.heads])
         if dtype == "float32":
             hugepages.collapse(streamed)
@@ -526,7 +525,6 @@ def load_checkpoint(resolved: ResolvedModel, device: str):
     """(model, tokenizer): a text checkpoint on the CPU through our own reader
     (model/load/checkpoint.py: no `transformers` import, seconds faster); anything else through
     `transformers`' from_pretrained. MUSICBRIDGE_LOADER=transformers forces the latter."""
-    from pathlib import Path
 
     why = "a GPU" if device != "cpu" else "a melody model" if resolved.is_melody else (
         "not a local folder" if not Path(resolved.path).is_dir() else unsupported(Path(resolved.path)))

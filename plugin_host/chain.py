@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pedalboard
 
 # Containers, base classes and plugins that need a file or coefficients, not a parameter list.
 _NOT_BUILTIN = {"Plugin", "PluginContainer", "Pedalboard", "Chain", "Mix", "ExternalPlugin",
@@ -27,7 +28,6 @@ class ChainError(ValueError):
 
 def builtin_plugins() -> dict[str, type]:
     """Built-in Pedalboard plugins usable by class name, e.g. {"Reverb": pedalboard.Reverb}."""
-    import pedalboard
 
     out = {}
     for name in dir(pedalboard):
@@ -46,7 +46,6 @@ def plugin_parameters(cls: type) -> list[str]:
 
 def build_chain(specs: Sequence[Mapping[str, Any]], where: str = "chain") -> "pedalboard.Pedalboard":  # noqa: F821
     """A Pedalboard from chain entries; ChainError names `where[index].key` on any mistake."""
-    import pedalboard
 
     if isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence):
         raise ChainError(f"{where}: expected a list of plugin entries, got {type(specs).__name__}")
@@ -108,8 +107,6 @@ def _set_param(plugin, kind: str, key: str, value: Any, at: str) -> None:
 
 
 def _load_vst3(spec: Mapping[str, Any], at: str):
-    import pedalboard
-
     unknown = set(spec) - {"plugin", "path", "params", "name"}
     if unknown:
         raise ChainError(f"{at}.{sorted(unknown)[0]}: unknown key for a vst3 entry; expected "

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+from pedalboard.io import StreamResampler
 
 from model.types import AudioChunk
 from plugin_host.output import OutputTrack
@@ -112,7 +113,6 @@ class ChunkProcessor:
         self._pending = np.zeros((self.channels, 0), np.float32)  # waiting for the first full chain block
         self._chain_started = False
         if self.source_rate != self.target_rate:
-            from pedalboard.io import StreamResampler
 
             self._resampler = StreamResampler(self.source_rate, self.target_rate, self.channels)
 

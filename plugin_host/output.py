@@ -30,6 +30,7 @@ unchanged), -1 silences the right side, +1 the left.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ class OutputError(ValueError):
 
 def refresh_devices() -> None:
     """Make PortAudio scan host APIs again (e.g. after a JACK server started). No stream may be open."""
-    import sounddevice as sd
+    import sounddevice as sd  # PortAudio scans the host APIs when imported: only once a server may be up
 
     while sd._initialized:
         sd._terminate()
@@ -210,7 +211,6 @@ class OutputTrack:
         Stops early (returning fewer) on timeout, when `cancel` (a threading.Event) is set, or when
         the track has ended. Sleeping is polling, on purpose: the callback must not signal locks.
         """
-        import time
 
         data = np.asarray(frames, dtype=np.float32)
         if data.ndim == 1:
@@ -356,7 +356,7 @@ class AudioOutput(ClockReadout):
     def __init__(self, device: int | str | None = None, samplerate: int | None = None,
                  blocksize: int = 0, channels: int | None = None, latency: float | str = "low",
                  ramp_seconds: float = 0.02):
-        import sounddevice as sd
+        import sounddevice as sd  # PortAudio scans the host APIs when imported: only once a server may be up
 
         try:
             info = sd.query_devices(device, "output")
@@ -395,7 +395,7 @@ class AudioOutput(ClockReadout):
     # ---------------------------------------------------------------- lifetime
 
     def __enter__(self) -> AudioOutput:
-        import sounddevice as sd
+        import sounddevice as sd  # PortAudio scans the host APIs when imported: only once a server may be up
 
         try:
             self._stream = sd.OutputStream(

@@ -38,7 +38,7 @@ import multiprocessing.connection
 import threading
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,6 @@ def _size(layout) -> int:
 
 def _attach(name: str) -> shared_memory.SharedMemory:
     """Open a block the parent created, without the child's resource tracker claiming it."""
-    from multiprocessing import resource_tracker
 
     register = resource_tracker.register
     resource_tracker.register = lambda *a, **k: None

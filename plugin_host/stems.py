@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pedalboard.io import AudioFile
 
 from audiofile import AudioFileError, finalize, resample
 from plugin_host.bwf import add_bext
@@ -179,7 +180,6 @@ def _tmp(d: Path, basename: str, suffix: str, temps: list[str]) -> str:
 
 def _write_audio_tmp(d: Path, basename: str, fmt: str, audio: np.ndarray, rate: int,
                      time_reference: int, meta: Mapping[str, Any], temps: list[str]) -> str:
-    from pedalboard.io import AudioFile
 
     raw = _tmp(d, basename, "." + fmt, temps)
     with AudioFile(raw, "w", samplerate=rate, num_channels=audio.shape[0], bit_depth=BIT_DEPTH) as f:

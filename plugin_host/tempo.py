@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from pedalboard import time_stretch
 
 # The one home of the tempo and time-signature ranges: OSC and session.json (bridge.state.rules), session
 # files (bridge.state.session_file), the followed clocks (bridge.clock.grid) and jams import them from here.
@@ -180,7 +181,6 @@ def stretch_to_tempo(audio: np.ndarray, sample_rate: int, bpm: float,
     ratio = est.bpm / bpm if est.bpm > 0 else 1.0
     if est.confidence < MIN_CONFIDENCE or not STRETCH_TOLERANCE < abs(ratio - 1.0) <= STRETCH_LIMIT:
         return audio, GridFit(est.bpm, est.confidence, 1.0)
-    from pedalboard import time_stretch
 
     factor = bpm / est.bpm  # > 1 speeds up a slow take
     y = time_stretch(np.ascontiguousarray(audio, dtype=np.float32), float(sample_rate),

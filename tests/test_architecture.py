@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +105,10 @@ def test_the_layering_check_catches_an_upward_import(tmp_path):
 
 
 def deferred_imports(path: Path) -> list[tuple[int, str]]:
-    """Imports of our packages inside a function that carry no comment on their line (or the line
-    before) saying why they wait: the one allowed reason is an optional or heavy dependency
-    (torch, Ray, PortAudio) that a caller of this module need not load."""
+    """Imports inside a function that should not wait there: any of the standard library (it costs
+    nothing at the top), and any other without a comment on its line (or the line before) saying
+    why it waits: the one allowed reason is an optional or heavy dependency (torch, transformers,
+    Ray, PortAudio, JACK) that a caller of this module need not load."""
     src = path.read_text(encoding="utf-8")
     lines = src.split("\n")
     out = []
@@ -119,17 +121,17 @@ def deferred_imports(path: Path) -> list[tuple[int, str]]:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             if isinstance(node, ast.ImportFrom) and node.level:
                 names = ["bridge"]  # a relative import is always ours
-            if not any(n.split(".")[0] in PACKAGES for n in names):
-                continue
             here, before = lines[node.lineno - 1], lines[node.lineno - 2].strip()
-            if "#" not in here and not before.startswith("#"):
+            stdlib = any(n.split(".")[0] in sys.stdlib_module_names for n in names)
+            if stdlib or ("#" not in here and not before.startswith("#")):
                 out.append((node.lineno, ast.unparse(node)))
     return out
 
 
 def test_every_deferred_import_says_why():
-    """No import of our own modules waits inside a function unless a comment says what it spares:
-    import cycles are broken by moving code, not hidden by deferring an import."""
+    """No import waits inside a function unless a comment says what it spares: import cycles are
+    broken by moving code, not hidden by deferring an import, and the standard library is never
+    deferred."""
     found = [f"{f.relative_to(ROOT)}:{line}: {stmt}"
              for pkg in PACKAGES for f in sorted((ROOT / pkg).rglob("*.py")) for line, stmt in deferred_imports(f)]
     assert not found, "\n".join(found)
@@ -138,5 +140,6 @@ def test_every_deferred_import_says_why():
 def test_the_deferred_import_check_catches_a_silent_one(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from model.engine import Engine  # torch loads only where this runs\n\n"
-                 "def g():\n    from bridge.daemon import Daemon\n    import json\n")
-    assert deferred_imports(f) == [(5, "from bridge.daemon import Daemon")]
+                 "def g():\n    from bridge.daemon import Daemon\n    import json  # a comment does not excuse it\n"
+                 "    import mido\n")
+    assert deferred_imports(f) == [(5, "from bridge.daemon import Daemon"), (6, "import json"), (7, "import mido")]

@@ -97,7 +97,8 @@ def open_output(device, stack: contextlib.ExitStack, timeout: float = 15.0):
 def build_melody_model(arch: str, text: tuple | None = None):
     """The arch's decoder shapes with MusicGen-Melody's chroma input, random weights; its codec
     and tokenizer are `text`'s (`build_random_model(arch)`, made here when not given)."""
-    import torch
+    import torch  # torch loads only where this runs
+    # transformers loads only where this runs
     from transformers import MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration
 
     from model.bench.compare import build_random_model  # torch and transformers load only where this runs

@@ -14,16 +14,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from model.remote.client import RemoteEngine
 from model.types import GenerationRequest, SamplingParams
 
 
 def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds: float, job_seconds: float,
-        chunk_seconds: float = 2.0, log: Callable[[str], None] = print) -> dict[str, Any]:
-    import numpy as np
-    import torch
+        chunk_seconds: float = 2.0, log: Callable[[str], None] = print, ca_file: str | None = None) -> dict[str, Any]:
+    import torch  # torch loads only where this runs
 
-    engine = RemoteEngine.connect(url, key, model)
+    engine = RemoteEngine.connect(url, key, model, ca_file=ca_file)
     results: dict[str, Any] = {"url": url, "model": engine.info.label, "device": engine.info.device,
                                "dtype": engine.info.dtype, "jams": [], "jobs": None}
     chunk = engine.frames_for(chunk_seconds)

@@ -38,7 +38,7 @@ class JackFollower(Follower):
 
     def __enter__(self) -> JackFollower:
         try:
-            import jack
+            import jack  # optional: JACK-Client needs libjack, only for --follow jack
         except ImportError:
             raise ClockError("--follow jack needs the JACK-Client package (pip install JACK-Client)") from None
         try:

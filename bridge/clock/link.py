@@ -165,7 +165,7 @@ class LinkFollower(Follower):
 
     def __enter__(self) -> LinkFollower:
         try:
-            import link
+            import link  # the Link library loads only for --follow link
         except ImportError:
             raise ClockError("--follow link needs the linkpython-extern package "
                              "(pip install linkpython-extern)") from None

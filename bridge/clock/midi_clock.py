@@ -29,6 +29,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import rtmidi
+
 from bridge.clock.follower import ClockError, Follower, log
 from bridge.clock.grid import MAX_BPM, MIN_BPM, Grid, Timeline
 from bridge.midi.ports import QUEUE_MESSAGES, MidiReader
@@ -146,8 +148,6 @@ class MidiClockFollower(Follower):
         self.timeline = Timeline(tempo_tolerance=0.5)
 
     def __enter__(self) -> MidiClockFollower:
-        import rtmidi
-
         apis = {"jack": rtmidi.API_UNIX_JACK, "alsa": rtmidi.API_LINUX_ALSA}
         order = [apis[self.api]] if self.api else [rtmidi.API_UNIX_JACK, rtmidi.API_LINUX_ALSA]
         errors = []

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 from bridge.commands.common import UsageError, positive_float
 from bridge.commands.progress import Stages
@@ -63,6 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(`musicbridge worker`): per-jam realtime factor, chunk latency, first audio, throughput")
     p.add_argument("--engine-key", metavar="KEY", default=os.environ.get("MUSICBRIDGE_ENGINE_KEY"),
                    help="--remote: the worker's key (default $MUSICBRIDGE_ENGINE_KEY)")
+    p.add_argument("--engine-ca", metavar="PEM", default=None,
+                   help="--remote: trust this certificate (authority) for an https:// worker with its own certificate")
     p.add_argument("--jams", type=int, default=2, help="--remote: concurrent jams (default 2)")
     p.add_argument("--jobs", type=int, default=2, help="--remote: concurrent offline jobs (default 2)")
     p.set_defaults(func=run)
@@ -71,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.remote:
         return _remote(args)
-    import torch
+    import torch  # torch loads only where this runs
 
     from model.bench import compare as bench  # torch and transformers load only where this runs
     from model.engine import DTYPES, pick_device  # torch loads only where this runs
@@ -121,9 +127,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _e2e(args: argparse.Namespace) -> int:
-    import sys
-    import tempfile
-
     from model.bench import e2e  # torch loads only where this runs
     from model.bench.compare import save, write_random_model  # torch and transformers load only where this runs
     from model.engine import DTYPES  # torch loads only where this runs
@@ -139,7 +142,6 @@ def _e2e(args: argparse.Namespace) -> int:
         raise UsageError(f"--e2e-dtype: unknown or unsupported on CPU: {', '.join(bad)}; expected "
                          "a comma-separated list of float32, bfloat16, int8, int4")
     if args.model:
-        from pathlib import Path
 
         if not (Path(args.model) / "config.json").exists():
             raise UsageError(f"--model {args.model}: not a checkpoint directory (no config.json)")
@@ -157,9 +159,6 @@ def _e2e(args: argparse.Namespace) -> int:
 
 
 def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") -> int:
-    import json
-    import sys
-
     from bridge.bench import jam as jam_bench  # torch loads only where this runs
 
     if not 1 <= args.chunk_bars <= 16:
@@ -185,9 +184,6 @@ def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") 
 
 
 def _remote(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
     from bridge.bench import remote as remote_bench  # torch loads only where this runs
     from model.remote.client import RemoteError  # torch loads only where this runs
 
@@ -195,7 +191,8 @@ def _remote(args: argparse.Namespace) -> int:
         raise UsageError("--jams and --jobs must be 0-64, and not both 0")
     try:
         report = remote_bench.run(args.remote, args.engine_key, args.model or "auto", args.jams, args.jobs,
-                                  args.jam_seconds, args.seconds, log=lambda m: print(m, file=sys.stderr, flush=True))
+                                  args.jam_seconds, args.seconds, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                  ca_file=args.engine_ca)
     except RemoteError as e:
         raise UsageError(str(e)) from None
     print(remote_bench.table(report))

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
 
 from bridge.commands.common import UsageError, positive_float
 
@@ -21,12 +26,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    import numpy as np
-
     from model.conditioning.chroma import FRAME_RATE  # torch loads only where this runs
     from model.conditioning.melody import load_melody  # torch loads only where this runs
 

@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any
 
+import mido
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def audio_devices() -> tuple[list[dict[str, Any]], str | None]:
     """Every PortAudio device with its host API and channel counts; (devices, problem or None)."""
     try:
-        import sounddevice as sd
+        import sounddevice as sd  # PortAudio scans the host APIs when imported: only once a server may be up
     except OSError as e:  # libportaudio missing
         return [], f"PortAudio is not available ({e}); install libportaudio2"
     try:
@@ -51,7 +53,7 @@ def audio_devices() -> tuple[list[dict[str, Any]], str | None]:
 
 def compute_devices() -> tuple[list[dict[str, Any]], str | None]:
     """Where the engine can run: the CPU and each CUDA GPU PyTorch sees; (devices, why no GPU or None)."""
-    import torch
+    import torch  # torch loads only where this runs
 
     from model.bench.compare import machine  # torch and transformers load only where this runs
 
@@ -72,7 +74,6 @@ def compute_devices() -> tuple[list[dict[str, Any]], str | None]:
 
 def midi_ports() -> tuple[dict[str, dict[str, list[str]]], dict[str, str]]:
     """{api: {"inputs": [...], "outputs": [...]}} for each usable MIDI API, and {api: problem}."""
-    import mido
 
     try:
         backend = mido.Backend("mido.backends.rtmidi")

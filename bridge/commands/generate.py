@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from audiofile import check_writable_format, resample, write_audio
 from bridge.commands.common import (UsageError, add_engine_args, add_model_args, add_sampling_args, load_engine,
@@ -73,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         if args.sample_rate and args.sample_rate != rate:
             audio, rate = resample(audio, rate, args.sample_rate), args.sample_rate
         if tokens_out:
-            import numpy as np
 
             np.save(tokens_out[i], codes.astype(np.int64))
         write_audio(outs[i], audio, rate, overwrite=args.overwrite)
@@ -96,7 +98,6 @@ def variation_seeds(seed: int | None, n: int) -> list[int | None]:
     if n == 1:
         return [seed]
     if seed is None:
-        import secrets
 
         seed = secrets.randbelow(2**62)
     return [(seed + i) % 2**63 for i in range(n)]

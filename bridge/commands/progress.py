@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from typing import IO
 
+from tqdm import tqdm
+
 from model.memory.user_cache import cache_dir
 
 LINE_STEP = 10  # percent between two plain lines
@@ -47,7 +49,6 @@ class Progress:
         self._lock = threading.Lock()
         self._bar = None
         if self.terminal:
-            from tqdm import tqdm
 
             self._bar = tqdm(total=1000, desc=label, file=self.stream, leave=True,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} spent, {remaining} left")
@@ -101,7 +102,6 @@ class Stages:
         self.t0 = time.monotonic()
         self._bar = None
         if self.terminal:
-            from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, desc=label, file=self.stream,
                              bar_format="{desc}: {n_fmt}/{total_fmt}|{bar}| {elapsed} spent, {remaining} left")
@@ -170,7 +170,6 @@ def timed(label: str, key: str, stream: IO[str] | None = None, terminal: bool | 
     stop = threading.Event()
     ticker = None
     if terminal:
-        from tqdm import tqdm
 
         fmt = ("{desc}: {percentage:3.0f}%|{bar}| {elapsed} spent, {remaining} left" if expected
                else "{desc}: {elapsed} spent (first time: no estimate yet)")

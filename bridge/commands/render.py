@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bridge.commands.common import UsageError, add_engine_args, add_model_args, load_engine
@@ -62,8 +63,6 @@ def _load_engine(args: argparse.Namespace, spec: str | None, recorded: dict | No
 
 
 def _render(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     # torch loads only where this runs
     from bridge.stems.render import (TrackBars, check_melodies, check_out_target, prepare_out_dir, render_session,
                                      write_json_atomic)

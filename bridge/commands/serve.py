@@ -10,7 +10,9 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 from pathlib import Path
 
 from bridge.clock import ClockError, parse_follow
@@ -153,7 +155,6 @@ def run(args: argparse.Namespace) -> int:
 
 def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
     """The note router (live notes for jams), fed by every --midi-in port; stamped on the output clock."""
-    import time
 
     clock = (lambda: audio.position / audio.samplerate) if audio is not None else time.monotonic
     router = NoteRouter(clock)
@@ -283,7 +284,6 @@ def _open_panel(daemon, where: tuple[str, int], args: argparse.Namespace, stack:
 
 def _check_port_free(host: str, port: int, kind: str = "OSC", tcp: bool = False) -> None:
     """Fail before the (slow) model load when the address cannot be bound."""
-    import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as s:

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-batch must be in 1-64, got {args.max_batch}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never report usage, whatever the cluster says
     try:
-        import ray
-        from ray import serve
+        import ray  # optional (the remote extra): Ray loads only in the worker
+        from ray import serve  # optional (the remote extra): Ray loads only in the worker
     except ImportError:
         raise UsageError("the worker needs Ray Serve: pip install 'musicbridge[remote]'") from None
     from model.remote.app import APP_NAME, build_app, key_digest  # Ray: only the worker loads it

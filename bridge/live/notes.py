@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import mido
 import numpy as np
 
 from bridge.midi.ports import MidiReader, as_mido, open_input_port
@@ -169,8 +170,6 @@ class MidiInput:
         self._reader: MidiReader | None = None
 
     def __enter__(self) -> MidiInput:
-        import mido
-
         name = None
         if self.port_name is not None:
             backend = mido.Backend(f"mido.backends.rtmidi/{self.api}" if self.api else "mido.backends.rtmidi")
@@ -262,7 +261,6 @@ def open_midi_inputs(specs: list[str], callback, stack) -> list[str]:
     the error and `musicbridge devices` list them, picks one API's port); each stays open
     until `stack` (a contextlib.ExitStack) closes. Returns "API: port" names; ValueError saying
     which ports exist when a name matches none or several."""
-    import mido
 
     ports: list[tuple[str, str, object]] = []  # (api, name, backend)
     try:

@@ -10,6 +10,7 @@ heard, before the chain) goes through the stem pipeline like any /generate job.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -61,7 +62,6 @@ def play_while_generating(engine, output, grid: Callable, job, request, chain=No
             time.sleep(0.1)
         output.remove_track(name)
 
-    import threading
 
     threading.Thread(target=release, name=f"release-{name}", daemon=True).start()
     return audio

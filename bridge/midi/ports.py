@@ -12,6 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import mido
+import rtmidi
+
 log = logging.getLogger("musicbridge.midi")
 
 POLL_SECONDS = 0.002  # how often a port's reader drains rtmidi's queue: the most a note waits there
@@ -67,7 +70,6 @@ class MidiReader:
 def open_input_port(api: str | None, port: str | None, virtual_name: str = "musicbridge-in") -> Any:
     """An rtmidi input on `api` (an rtmidi API name such as "UNIX_JACK", or None for rtmidi's
     default): the existing port named exactly `port`, or a new virtual port `virtual_name`."""
-    import rtmidi
 
     rt = rtmidi.MidiIn(rtmidi_api(api), name="musicbridge", queue_size_limit=QUEUE_MESSAGES)
     try:
@@ -87,7 +89,6 @@ def open_input_port(api: str | None, port: str | None, virtual_name: str = "musi
 
 def as_mido(handler: Callable[[Any], None]) -> Callable[[list[int], float], None]:
     """A reader's raw messages as mido messages to `handler` (a malformed one is skipped, as mido does)."""
-    import mido
 
     def on_message(data: list[int], _driver_t: float) -> None:
         try:
@@ -100,8 +101,6 @@ def as_mido(handler: Callable[[Any], None]) -> Callable[[list[int], float], None
 
 
 def rtmidi_api(name: str | None) -> int:
-    import rtmidi
-
     if name is None:
         return rtmidi.API_UNSPECIFIED
     api = getattr(rtmidi, f"API_{name}", None)

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mido
 import numpy as np
+from pedalboard.io import AudioFile
 
 from bridge.osc.paths import PathPolicy, file_kind
 from bridge.osc.protocol import ProtocolError
@@ -85,8 +87,6 @@ def check_audio(path: str | os.PathLike, policy: PathPolicy, limits: InputLimits
 
 
 def _declared_seconds(fd: int, text: str, limits: InputLimits, what: str) -> float:
-    from pedalboard.io import AudioFile
-
     _size_ok(fd, text, limits.max_audio_bytes, what)
     os.lseek(fd, 0, os.SEEK_SET)
     try:
@@ -111,7 +111,6 @@ def read_audio(path: str | os.PathLike, policy: PathPolicy, limits: InputLimits,
 
     Stops with ProtocolError("failed", "cancelled ...") as soon as `cancel` is set.
     """
-    from pedalboard.io import AudioFile
 
     text = str(path)
     with open_input(path, policy, what) as fd:
@@ -144,7 +143,6 @@ def read_audio(path: str | os.PathLike, policy: PathPolicy, limits: InputLimits,
 
 def check_midi(path: str | os.PathLike, policy: PathPolicy, limits: InputLimits, what: str = "MIDI file") -> int:
     """Open a MIDI file, check its size, then its event count; the number of events."""
-    import mido
 
     text = str(path)
     with open_input(path, policy, what) as fd:

@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from websockets.asyncio.server import broadcast, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
 from bridge.osc.udp import OscEncodeError, decode, encode
 from bridge.panel.guard import Guard, PanelError, is_loopback_host, new_token
 from bridge.panel.thumbs import thumb_of
@@ -106,8 +110,6 @@ class PanelServer:
                 log.exception("the panel stopped")
 
     async def _main(self) -> None:
-        from websockets.asyncio.server import serve
-
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         kw = dict(process_request=self._http, compression=None, max_size=MAX_CONTROL_BYTES, server_header=None,
@@ -134,9 +136,6 @@ class PanelServer:
     # ------------------------------------------------------------ HTTP
 
     async def _http(self, connection, request):
-        from websockets.datastructures import Headers
-        from websockets.http11 import Response
-
         def answer(status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> Response:
             h = Headers()
             h["Content-Type"] = ctype
@@ -275,7 +274,6 @@ class PanelServer:
             messages = decode(data)
         except Exception:  # noqa: BLE001 - only the daemon answers here; a bad datagram is dropped
             return
-        from websockets.asyncio.server import broadcast
 
         for address, args in messages:
             r = {"type": "reply", "address": address,
@@ -287,8 +285,6 @@ class PanelServer:
     # ------------------------------------------------------------ pushing the state
 
     async def _push_loop(self) -> None:
-        from websockets.asyncio.server import broadcast
-
         while True:
             snap = self.view.snapshot()  # never raises: a part that fails is left out (and logged rarely)
             changed = {}

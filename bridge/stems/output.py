@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,7 @@ import numpy as np
 
 from bridge.stems.plan import StemPlan
 from plugin_host.chain import build_chain, process_chunks
-from plugin_host.stems import audio_sha256
-from plugin_host.stems import write_stem
+from plugin_host.stems import audio_sha256, write_stem
 from plugin_host.tempo import exact_length, make_loop, stretch_to_tempo
 
 SIDECAR_KIND = "musicbridge.stem"
@@ -32,8 +32,6 @@ class SidecarError(ValueError):
 
 def musicbridge_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("musicbridge")
     except Exception:  # noqa: BLE001 - not installed as a distribution: running from source
         return "source"
@@ -69,7 +67,7 @@ def checkpoint_fingerprint(path: str) -> dict[str, Any]:
 
 def engine_record(engine) -> dict[str, Any]:
     """The model, precision and software a stem was made with (regeneration loads the same)."""
-    import torch
+    import torch  # torch loads only where this runs
 
     info = engine.info
     rec = {"label": info.label, "device": info.device, "dtype": info.dtype, "pattern": info.pattern,

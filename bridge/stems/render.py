@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from bridge.state.session_file import FileTrack, SessionFile, SessionFileError
 from bridge.stems.output import engine_record, finish_audio, plan_from_sidecar, read_sidecar, write_planned_stem
@@ -100,7 +102,6 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
 
 def write_json_atomic(out_dir: Path, basename: str, data: dict[str, Any]) -> Path:
     """name.json, name-2.json, ...: never overwriting, never partial."""
-    import tempfile
 
 
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -166,7 +167,6 @@ class TrackBars:
 
     def _open(self) -> list:
         if self._bars is None:
-            from tqdm import tqdm
 
             self._bars = [tqdm(total=100, desc=f"{n:<{self.width}}", position=i, file=self.stream, leave=True,
                                

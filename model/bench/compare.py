@@ -40,6 +40,7 @@ ARCHS = ("musicgen-small", "tiny")
 
 def build_random_model(arch: str):
     """(hf model, tokenizer) with the architecture's real shapes and random weights."""
+    # transformers loads only where this runs
     from transformers import (AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
                               T5Config)
 
@@ -191,7 +192,7 @@ class Result:
 
 def bench_transformers(model, tokenizer, seconds: float, device: str = "cpu", dtype: str = "float32") -> Result:
     """transformers' own generate, top-k 250 with guidance 3 as ours; on a GPU in `dtype`."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteria, StoppingCriteriaList  # transformers loads only where this runs
 
     _reset_gpu_peak(device)
     model = _on(model, device, getattr(torch, dtype))

@@ -17,7 +17,9 @@ codes. Everything is seeded: the same flags train the same weights.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,9 +41,8 @@ LR = 5e-3
 
 def build_proxy_model():
     """(hf model, tokenizer): tiny T5 and codec, a 256-wide 4-layer decoder, 4 x 2048 codebooks."""
-    import tempfile
-    from pathlib import Path
 
+    # transformers loads only where this runs
     from transformers import AutoTokenizer, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration
 
     text, codec, _ = tiny_configs()

@@ -35,7 +35,7 @@ DEFAULT_RIGHT = 4
 
 def musicgen_32k_config():
     """EncodecConfig with the shapes of MusicGen's 32 kHz codec (for random-weight benches/tests)."""
-    from transformers import EncodecConfig
+    from transformers import EncodecConfig  # transformers loads only where this runs
 
     return EncodecConfig(
         sampling_rate=32000, audio_channels=1, num_filters=64, upsampling_ratios=[8, 5, 4, 4],

@@ -19,6 +19,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
+import mido
 import numpy as np
 
 from audiofile import READABLE, AudioFileError, read_audio
@@ -74,7 +75,6 @@ class _TickClock:
 
 def midi_notes(path: str | os.PathLike, track: str | int | None = None) -> list[Note]:
     """Notes of one track of a .mid file, in seconds (default: the first track with notes)."""
-    import mido
 
     p = Path(path)
     if not p.is_file():

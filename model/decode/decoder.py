@@ -263,7 +263,7 @@ class DecoderLayer(nn.Module):
 
 
 def _act(name: str):
-    from transformers.activations import ACT2FN
+    from transformers.activations import ACT2FN  # transformers loads only where this runs
 
     return ACT2FN[name]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -207,7 +208,6 @@ class LiveStream:
         self._done_after = self._plan.complete_after()
         params = self.params
         if params.seed is not None:  # a fresh window draws fresh, but reproducible, samples
-            from dataclasses import replace
 
             params = replace(params, seed=params.seed + self.prefills)
         guided = params.guidance != 1.0

@@ -148,7 +148,7 @@ class TextTokenizer:
     `tok(prompts, return_tensors="pt", padding=True)` -> .input_ids, .attention_mask (right-padded)."""
 
     def __init__(self, folder: Path):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # tokenizers loads only where this runs
 
         try:
             self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -224,7 +224,7 @@ class Checkpoint:
         """`transformers`' EnCodec (encoder included) over this checkpoint's tensors, built the
         first time audio is encoded (a continuation prompt); the import costs seconds, once."""
         if self._full_codec is None:
-            from transformers import EncodecConfig, EncodecModel
+            from transformers import EncodecConfig, EncodecModel  # transformers loads only where this runs
 
             model = EncodecModel(EncodecConfig(**self.raw_config["audio_encoder"])).eval()
             want = model.state_dict()

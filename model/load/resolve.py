@@ -107,6 +107,7 @@ def resolve_model(spec: str) -> ResolvedModel:
                 return ResolvedModel(str(snap), repo_id, False, "melody" in repo_id, True)
         if _network_allowed():
             try:
+                # the hub client loads only where a checkpoint is downloaded
                 from huggingface_hub import snapshot_download
 
                 snap = snapshot_download("facebook/musicgen-small", etag_timeout=5)
@@ -138,14 +139,15 @@ def resolve_model(spec: str) -> ResolvedModel:
 
 def load_hf_model(resolved: ResolvedModel, device: str = "cpu", dtype=None):
     """Load (model, tokenizer) through `from_pretrained`; raise ModelError on anything broken."""
-    import torch
-    from transformers import AutoTokenizer
+    import torch  # torch loads only where this runs
+    from transformers import AutoTokenizer  # transformers loads only where this runs
 
     try:
         if resolved.is_melody:
+            # transformers loads only where this runs
             from transformers import MusicgenMelodyForConditionalGeneration as cls
         else:
-            from transformers import MusicgenForConditionalGeneration as cls
+            from transformers import MusicgenForConditionalGeneration as cls  # transformers loads only where this runs
         kw = {"local_files_only": resolved.local_only}
         model = cls.from_pretrained(resolved.path, dtype=dtype or torch.float32, **kw)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kw)

@@ -35,8 +35,9 @@ _WORDS = (
 
 def _build_tokenizer(out_dir: Path) -> None:
     """A WordPiece tokenizer with letters as a fallback, built offline, saved as tokenizer.json."""
+    # tokenizers loads only where this runs
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # transformers loads only where this runs
 
     specials = ["<pad>", "</s>", "<unk>"]
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,-'!?")
@@ -61,7 +62,7 @@ def _build_tokenizer(out_dir: Path) -> None:
 def tiny_configs(melody: bool = False, stereo: bool = False, width: int = 32):
     """Configs with the real structure at toy size (the decoder's vocab is TINY_VOCAB). A
     `width` of whole 64-blocks gives a decoder the C decode step runs (model/decode/layer_step.py)."""
-    from transformers import EncodecConfig, T5Config
+    from transformers import EncodecConfig, T5Config  # transformers loads only where this runs
 
     text = T5Config(
         vocab_size=TINY_TEXT_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -112,6 +113,7 @@ def randomize_codebooks(codec) -> None:
 
 def build_tiny_model(melody: bool = False, stereo: bool = False, width: int = 32):
     """Build the tiny model in memory with seeded random weights."""
+    # transformers loads only where this runs
     from transformers import (
         MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
         MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration,

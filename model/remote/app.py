@@ -163,8 +163,8 @@ class EngineReplica:
     """A loaded engine behind the key; offline requests batched, jams held as WebSockets."""
 
     def __init__(self, config: dict[str, Any]):
-        import ray
-        import torch
+        import ray  # optional (the remote extra): Ray loads only in the worker
+        import torch  # torch loads only where this runs
 
         from model.engine import Engine  # torch loads only where this runs
 

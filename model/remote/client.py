@@ -34,6 +34,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.sync.client import connect
 
 from model.decode.scheduler import StepGate
 from model.load.resolve import ModelError, resolve_model
@@ -205,7 +207,7 @@ class RemoteEngine:
 
     def decode(self, codes: np.ndarray, between: Callable[[], None] | None = None) -> np.ndarray:
         """Codes to audio on this machine's codec: the same function a local engine decodes with."""
-        import torch
+        import torch  # torch loads only where this runs
 
         from model.codec.codes import decode  # torch loads only where this runs
 
@@ -221,7 +223,7 @@ class RemoteEngine:
                      progress=None, first_chunk_seconds: float = 0.25, live: bool = False) -> Iterator[AudioChunk]:
         """Audio chunks per request. Remote requests come back whole, so the chunks follow once each
         request is made (a track played while it generates starts when its codes arrive)."""
-        import torch
+        import torch  # torch loads only where this runs
 
         codes = self.generate_tokens(requests, progress)
         step = max(1, int(round(chunk_seconds * self.frame_rate)))
@@ -408,8 +410,6 @@ class RemoteLiveStream:
     # ------------------------------------------------------------ the connection
 
     def _advance_once(self, until, piece, first, cancel) -> Iterator[np.ndarray]:
-        from websockets.exceptions import ConnectionClosed
-
         self._ensure()
         ws = self._ws
         try:
@@ -445,8 +445,6 @@ class RemoteLiveStream:
         self.frames += codes.shape[1]
 
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        from websockets.exceptions import ConnectionClosed
-
         self._ensure()
         try:
             self._ws.send(json.dumps(msg))
@@ -479,8 +477,6 @@ class RemoteLiveStream:
 
     def _connect(self) -> None:
         """Open (or re-open, resuming) the jam on a replica; retries until `reconnect_seconds` pass."""
-        from websockets.exceptions import InvalidStatus, WebSocketException
-        from websockets.sync.client import connect
 
         eng = self.engine
         split = urlsplit(eng.url)

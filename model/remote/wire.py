@@ -13,6 +13,7 @@ Every decoder is strict: unknown fields, wrong types, arrays over their bounds a
 from __future__ import annotations
 
 import base64
+import hashlib
 import struct
 from dataclasses import dataclass, fields
 from typing import Any
@@ -166,7 +167,6 @@ def info_to_json(info) -> dict[str, Any]:
 
 
 def info_from_json(d: Any):
-
     d = _check_fields(EngineInfo, d, "engine info")
     try:
         return EngineInfo(**d)
@@ -176,9 +176,8 @@ def info_from_json(d: Any):
 
 def codec_digest(codec) -> str:
     """sha256 over the codec's weights: the daemon decodes with its own copy, which must be the same."""
-    import hashlib
 
-    import torch
+    import torch  # torch loads only where this runs
 
     h = hashlib.sha256()
     for name, t in sorted(codec.state_dict().items()):

@@ -59,3 +59,12 @@ def test_an_untrusted_certificate_or_plain_http_is_one_clear_line(tls_worker, ti
     assert plain.returncode == 2 and "Traceback" not in plain.stderr, plain.stderr
     assert f"cannot reach the engine at {plain_url}" in plain.stderr, plain.stderr
     assert not (tmp_path / "a.wav").exists() and not (tmp_path / "b.wav").exists()  # nothing half-written
+
+
+def test_a_jam_streams_over_wss(tls_worker, certificate, tiny_melody_dir):
+    """`bench --remote` holds a jam over the worker's WebSocket, here WSS with the same certificate."""
+    r = mb("bench", "--remote", tls_worker.url, "--engine-key", KEY, "--engine-ca", certificate[0], "--model",
+           str(tiny_melody_dir), "--jams", "1", "--jobs", "0", "--jam-seconds", "4")
+    assert r.returncode == 0, r.stdout + r.stderr + tls_worker.log_text()[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| jam ")]
+    assert len(rows) == 1 and "error:" not in r.stdout, r.stdout
