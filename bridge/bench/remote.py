@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from model.remote.client import RemoteEngine
 from model.types import GenerationRequest, SamplingParams
 
@@ -93,7 +91,6 @@ def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds
         # What crossed for this jam: 14 bytes of header per piece and int16 codes.
         rec["code_bytes_per_second"] = engine.num_codebooks * 2 * engine.frame_rate
     results["audio_bytes_per_second"] = engine.sample_rate * engine.channels * 4  # float32, were audio sent
-    del np
     return results
 
 

@@ -90,7 +90,7 @@ def test_auto_picks_the_fastest_precision_within_the_bound(tmp_path, tiny_model_
     assert line.startswith(f"dtype auto: {fastest_allowed} - ") and "cached measurement" in line
     for p in CPU_CANDIDATES:
         if not within_bound(p):
-            assert f"over the bound: " in line and p in line.split("over the bound:")[1]
+            assert "over the bound: " in line and p in line.split("over the bound:")[1]
 
 
 def test_a_corrupt_cache_is_measured_again(tmp_path, tiny_model_dir):

@@ -147,7 +147,7 @@ def test_in_chromium_the_panel_loads_and_a_foreign_page_or_name_cannot_drive_it(
     tracks = c.wait_for(lambda a, _: a == "/tracks", 10)
     assert tracks is not None and "pwned" not in tracks[1]
     # DNS rebinding: a foreign name that resolves to 127.0.0.1 reaches the port, but not the panel
-    with chromium(extra=(f"--host-resolver-rules=MAP rebind.example 127.0.0.1",)) as browser:
+    with chromium(extra=("--host-resolver-rules=MAP rebind.example 127.0.0.1",)) as browser:
         browser.get(f"http://rebind.example:{u.port}/?{u.query}")
         body = browser.find_element("tag name", "body").text
         assert "not this panel's address" in body and "<title>musicbridge" not in browser.page_source

@@ -7,7 +7,6 @@ docs/panel/ (docs/panel.md shows them).
 
 from __future__ import annotations
 
-import time
 
 from tests.jack_server import jack_server
 from tests.panel.browser import chromium, panel_url, screenshot, wait_until
