@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-from bridge.commands.common import UsageError, positive_float
+from bridge.commands.common import UsageError, add_engine_access_args, positive_float
 from bridge.commands.progress import Stages
 from model.types import RequestError
 
@@ -65,10 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remote", metavar="URL", default=None,
                    help="instead: N jams and M offline jobs at once against the remote engine at URL "
                         "(`musicbridge worker`): per-jam realtime factor, chunk latency, first audio, throughput")
-    p.add_argument("--engine-key", metavar="KEY", default=os.environ.get("MUSICBRIDGE_ENGINE_KEY"),
-                   help="--remote: the worker's key (default $MUSICBRIDGE_ENGINE_KEY)")
-    p.add_argument("--engine-ca", metavar="PEM", default=None,
-                   help="--remote: trust this certificate (authority) for an https:// worker with its own certificate")
+    add_engine_access_args(p)  # --engine-key, --engine-ca: for --remote
     p.add_argument("--jams", type=int, default=2, help="--remote: concurrent jams (default 2)")
     p.add_argument("--jobs", type=int, default=2, help="--remote: concurrent offline jobs (default 2)")
     p.set_defaults(func=run)

@@ -85,6 +85,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", metavar="URL", default=None,
                    help="use the remote engine `musicbridge worker` serves at http[s]://HOST:PORT; --model then "
                         "names this machine's copy of its checkpoint, for the codec (default: the one it reports)")
+    add_engine_access_args(p)
+
+
+def add_engine_access_args(p: argparse.ArgumentParser) -> None:
+    """The key and the certificate to trust, for any command that talks to a remote engine."""
     p.add_argument("--engine-key", metavar="KEY", default=os.environ.get("MUSICBRIDGE_ENGINE_KEY"),
                    help="the worker's key (default $MUSICBRIDGE_ENGINE_KEY, which keeps it out of the process list)")
     p.add_argument("--engine-ca", metavar="PEM", default=None,
