@@ -8,8 +8,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bridge.bench import jam as jam_bench
+from bridge.bench import remote as remote_bench
 from bridge.commands.common import UsageError, add_engine_access_args, positive_float
 from bridge.commands.progress import Stages
+from model.remote.client import RemoteError
 from model.types import RequestError
 
 
@@ -155,8 +158,6 @@ def _e2e(args: argparse.Namespace) -> int:
 
 
 def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") -> int:
-    from bridge.bench import jam as jam_bench  # torch loads only where this runs
-
     if not 1 <= args.chunk_bars <= 16:
         raise UsageError(f"--chunk-bars must be 1-16, got {args.chunk_bars}")
     if not 20 <= args.tempo <= 400:
@@ -180,9 +181,6 @@ def _run_jam(args: argparse.Namespace, dtypes: list[str], compute: str = "cpu") 
 
 
 def _remote(args: argparse.Namespace) -> int:
-    from bridge.bench import remote as remote_bench  # torch loads only where this runs
-    from model.remote.client import RemoteError  # torch loads only where this runs
-
     if not (0 <= args.jams <= 64 and 0 <= args.jobs <= 64) or not (args.jams or args.jobs):
         raise UsageError("--jams and --jobs must be 0-64, and not both 0")
     try:

@@ -25,6 +25,8 @@ from bridge.osc.protocol import Limits
 from bridge.panel.guard import Guard, PanelError, parse_panel
 from bridge.panel.server import PanelServer
 from bridge.state.session import LiveSession, SessionError
+from plugin_host.output import OutputError
+from plugin_host.output_process import AudioOutputProcess
 from plugin_host.stems import check_out_dir
 
 log = logging.getLogger("musicbridge.serve")
@@ -169,13 +171,6 @@ def open_notes(ports: list[str], audio, stack: contextlib.ExitStack):
 
 def open_audio(spec: str, stack: contextlib.ExitStack):
     """The live output named by --audio, open until `stack` closes; UsageError saying why it cannot open."""
-
-    try:
-        from plugin_host.output import OutputError  # optional: sounddevice needs PortAudio
-        from plugin_host.output_process import AudioOutputProcess  # optional: sounddevice needs PortAudio
-    except ImportError:
-        raise UsageError(f"live audio output (--audio {spec}) is not available in this build; "
-                         "use --audio none and render stems") from None
     device = None if spec in ("default", "auto") else int(spec) if spec.isdigit() else spec
     try:  # the callback in its own process: the engine's decode loop holds this one's GIL (docs/live.md)
         out = stack.enter_context(AudioOutputProcess(device=device))

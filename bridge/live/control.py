@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bridge.live.jam import bins_text
+from bridge.live.jam import Jam, JamError, bins_text
 from bridge.live.melody_source import LoopedMelody, stored_melody
 from bridge.live.notes import NoteRouter
 from bridge.live.play import play_while_generating
@@ -116,10 +116,6 @@ class LiveControl:
         if self.audio is None:
             raise ProtocolError("unavailable", "this daemon has no live audio output; start it with "
                                                "--audio DEVICE to jam")
-        try:
-            from bridge.live.jam import Jam, JamError  # optional: sounddevice needs PortAudio
-        except ImportError:
-            raise ProtocolError("unavailable", "live jam is not available in this build") from None
 
         old = self.jams.get(name)
         if old is not None and old.state not in ("stopped", "failed") and not old.wait(0):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from bridge.live.jam import Jam
+from plugin_host.output import OutputError
+from plugin_host.output_process import STALL_SECONDS, AudioOutputProcess
 from tests.jack_server import jack_server
 from tests.plugin_host.jack_capture import align, assert_exact_unless_xrun, capture
 
@@ -28,8 +34,6 @@ def _until(cond, timeout=20.0):
 
 
 def test_track_from_this_process_plays_bit_exact_from_the_audio_process(jack):
-    from plugin_host.output_process import AudioOutputProcess
-
     x = (np.random.default_rng(5).standard_normal((SR, 2)) * 0.1).astype(np.float32)
     with capture(4.0) as cap, AudioOutputProcess(samplerate=SR) as out:
         cap.connect()
@@ -48,8 +52,6 @@ def test_track_from_this_process_plays_bit_exact_from_the_audio_process(jack):
 
 
 def test_gain_and_stop_reach_the_child_through_shared_state(jack):
-    from plugin_host.output_process import AudioOutputProcess
-
     dc = np.full((SR * 3, 1), 0.5, np.float32)
     with capture(5.0) as cap, AudioOutputProcess(samplerate=SR) as out:
         cap.connect()
@@ -68,18 +70,12 @@ def test_gain_and_stop_reach_the_child_through_shared_state(jack):
 
 
 def test_bad_device_is_reported_from_the_child(jack):
-    from plugin_host.output import OutputError
-    from plugin_host.output_process import AudioOutputProcess
-
     with pytest.raises(OutputError, match="not found"):
         with AudioOutputProcess(device="no such device"):
             pass
 
 
 def test_a_jam_runs_on_the_audio_process(jack, tiny_engine):
-    from bridge.live.jam import Jam
-    from plugin_host.output_process import AudioOutputProcess
-
     with AudioOutputProcess(samplerate=SR) as out:
         with Jam(tiny_engine, out, "keys", "piano", tempo=240.0, chunk_bars=1, context_seconds=1.0) as jam:
             jam.start()
@@ -96,9 +92,6 @@ def test_a_jam_runs_on_the_audio_process(jack, tiny_engine):
 def test_tracks_added_and_removed_from_many_threads_at_once_keep_the_pipe_whole(jack):
     """Control calls from several threads at once (a jam, live plays, their release threads):
     every add and remove gets its own answer; the child never reads two messages spliced together."""
-    import threading
-
-    from plugin_host.output_process import AudioOutputProcess
 
     errors: list[BaseException] = []
     events: list[tuple[str, str]] = []
@@ -124,20 +117,15 @@ def test_tracks_added_and_removed_from_many_threads_at_once_keep_the_pipe_whole(
 
 
 def _shm_names() -> set[str]:
-    import os
-
     return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
 
 
 def test_a_killed_audio_process_is_reported_and_reopened_and_the_track_plays_on(jack):
     """kill -9 of the child while a track plays: on_event says it was lost, then reopened; the new
     child plays on from the same ring where the clock stopped, so what was queued is heard."""
-    import os
-    import signal
 
-    import jack as jackmod
+    import jack as jackmod  # JACK-Client, the test extra: only where a test probes the server
 
-    from plugin_host.output_process import AudioOutputProcess
 
     events: list[tuple[str, str]] = []
     x = (np.random.default_rng(7).standard_normal((SR * 7 // 2, 2)) * 0.1).astype(np.float32)
@@ -177,10 +165,6 @@ def test_a_killed_audio_process_is_reported_and_reopened_and_the_track_plays_on(
 def test_a_stopped_audio_process_is_killed_and_reopened_when_its_clock_stands_still(jack):
     """SIGSTOP: the child lives but plays nothing; once its clock has stood still for STALL_SECONDS
     the watchdog kills it and reopens, and the track goes on playing."""
-    import os
-    import signal
-
-    from plugin_host.output_process import STALL_SECONDS, AudioOutputProcess
 
     events: list[tuple[str, str]] = []
     x = np.full((SR * 3, 1), 0.25, np.float32)
@@ -205,12 +189,9 @@ def test_a_reopen_that_fails_is_reported_and_retried_until_the_server_is_back(ja
     would start with names no server): the watchdog reports `lost`, then `reopen_failed` with the
     reason for each attempt that cannot open the device, and keeps trying; once the server is
     reachable again the next attempt reopens and the track plays on."""
-    import os
-    import signal
 
-    import sounddevice as sd
+    import sounddevice as sd  # PortAudio scans the host APIs when imported: after the server is up
 
-    from plugin_host.output_process import AudioOutputProcess
 
     device = next(d["name"] for d in sd.query_devices()
                   if d["max_output_channels"] > 0 and sd.query_hostapis(d["hostapi"])["name"] == "JACK Audio Connection Kit")

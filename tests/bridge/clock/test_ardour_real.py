@@ -51,8 +51,14 @@ def _ardour_lua() -> tuple[str, str] | None:
 
 
 ARDOUR = _ardour_lua()
-pytestmark = pytest.mark.skipif(ARDOUR is None, reason="Ardour is not installed (no ardour7-lua or later; Debian "
-                                                       "package ardour, which scripts/setup.sh installs)")
+
+
+@pytest.fixture(autouse=True)
+def _ardour_installed() -> None:
+    """scripts/setup.sh installs Ardour: its absence is a broken setup, reported as a failure, not skipped."""
+    if ARDOUR is None:
+        raise AssertionError("Ardour is not installed (no ardour7-lua or later; Debian package ardour, "
+                             "which scripts/setup.sh installs)")
 
 
 def _free_udp_port() -> int:
