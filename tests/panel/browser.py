@@ -64,6 +64,18 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, every
     raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
+def attribute(browser, selector: str, name: str) -> str | None:
+    """An attribute of the first element matching `selector`, read in one script call: the page
+    redraws its cards on every update, so an element handle kept between calls goes stale."""
+    return browser.execute_script("const e = document.querySelector(arguments[0]);"
+                                  "return e && e.getAttribute(arguments[1]);", selector, name)
+
+
+def replies(browser) -> list[str]:
+    """The daemon's replies the page lists, newest first (read in one script call, as attribute())."""
+    return browser.execute_script("return [...document.querySelectorAll('#replies li')].map(li => li.textContent);")
+
+
 def panel_url(log_text: Callable[[], str], timeout: float = 60.0) -> str:
     """The panel URL the daemon logged at start."""
     return wait_until("the daemon logs its panel URL",

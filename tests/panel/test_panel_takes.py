@@ -16,7 +16,7 @@ import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 
 from tests.bridge.osc_helpers import drain, expect, finished
-from tests.panel.browser import chromium, panel_url, screenshot, wait_until
+from tests.panel.browser import attribute, chromium, panel_url, replies, screenshot, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,8 @@ def takes(serve_daemon, tiny_model_dir, tmp_path_factory):
         yield d, c, done
 
 
-def _replies(browser) -> list[str]:
-    return [li.text for li in browser.find_elements("css selector", "#replies li")]
-
-
-def _card(browser, job: int, attr: str) -> str:
-    return browser.find_element("css selector", f"[data-stem='{job}']").get_attribute(attr)
+def _card(browser, job: int, attr: str) -> str | None:
+    return attribute(browser, f"[data-stem='{job}']", attr)
 
 
 def _open(browser, d, n: int) -> None:
@@ -69,7 +65,7 @@ def test_keep_a_take_in_the_page_and_it_is_still_kept_after_a_reload(takes):
         assert [_card(browser, i, "data-kept") for i in ids] == ["0", "0", "0"]
         browser.find_element("css selector", f"[data-stem='{ids[1]}'] button.keep").click()
         wait_until("the daemon's /ok for the keep", lambda: any(r.startswith("/ok \"/track/keys/keep\"")
-                                                               for r in _replies(browser)))
+                                                               for r in replies(browser)))
         wait_until("the kept take shows as kept", lambda: _card(browser, ids[1], "data-kept") == "1")
         wait_until("the other takes are set aside",
                    lambda: [_card(browser, i, "data-set-aside") for i in ids] == ["1", "0", "1"])
