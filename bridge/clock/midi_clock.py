@@ -1,10 +1,10 @@
 """Follow MIDI clock: 24 clocks per quarter note, Start / Stop / Continue and Song Position Pointer.
 
-Tempo is the slope of a least-squares line through the arrival times of the last 96 clocks (a
-bar of 4/4), not the last interval: a clock jittered by a millisecond or two (and JACK MIDI
-delivers events once per period, a few milliseconds apart) then moves the tempo by hundredths
-of a bpm instead of several bpm. A real tempo change is seen by a shorter line through the
-last quarter note; the long line then restarts from there (see TempoFit).
+Tempo is the slope of a line under the arrival times of the last 96 clocks (a bar of 4/4), not
+the last interval: a clock jittered by a millisecond or two (and JACK MIDI delivers events once per
+period, a few milliseconds apart) then moves the tempo by hundredths of a bpm instead of several
+bpm. A real tempo change is seen by a shorter line through the last quarter note; the long line
+then restarts from there (see TempoFit).
 
 Each clock is stamped with the time the MIDI system gave it, not the time Python got to it. The
 port is read by bridge.midi.ports.MidiReader (no Python in JACK's process thread; rtmidi queues the
@@ -58,6 +58,13 @@ class TempoFit:
     half quarter note, all of the new tempo. A change from 97 to 120 bpm is followed within 0.5 bpm
     0.5 s after it with a 256-frame JACK period, 1.25 s with 1024 frames (whose 21 ms rounding
     needs the longer line).
+
+    A source that loses time is followed as it plays: a JACK client that misses cycles resumes
+    counting where it stopped, so every clock from one on comes later by the cycles it missed. The
+    line under a bar that spans such a step bridges it, and reads slow until the step leaves the
+    bar (a 22 ms step reads up to 2 bpm slow at 97 for about a second). Such a step cannot be told
+    from the period's own rounding, which lifts clocks by whole periods too (tried: absorbing steps
+    of more than a tenth of a clock read 93 bpm as 93.75, five 256-frame periods a clock).
     """
 
     def __init__(self, window: int = 96, recent: int = PPQN, min_points: int = 12):
