@@ -61,8 +61,9 @@ def test_transport_state_follows_the_jack_timebase_master(tmp_path, tiny_model_d
             assert st["beat"] == pytest.approx(jack_beat, abs=0.1)
             # The followed transport is saved in the session (a restart resumes it).
             deadline = time.monotonic() + 5
-            while json.loads((tmp_path / "session" / "session.json").read_text())["transport"]["tempo"] != BPM:
-                assert time.monotonic() < deadline
+            saved = tmp_path / "session" / "session.json"  # written once the daemon has saved
+            while not saved.exists() or json.loads(saved.read_text())["transport"]["tempo"] != BPM:
+                assert time.monotonic() < deadline, saved.exists() and saved.read_text()
                 time.sleep(0.1)
             # Stopping the master stops the follower, and the position stays put.
             master.stdin.write("stop\n")

@@ -145,7 +145,7 @@ def test_a_stall_in_the_daemon_does_not_move_the_followed_tempo(tmp_path):
     # A probe on the sender's port counts what JACK delivered: under heavy load rtmidi's own JACK
     # output can lose a message before JACK sees it, and what the follower must not lose is what
     # was delivered.
-    with jack_server_process(realtime=True), jack.Client("mb-test-probe", no_start_server=True) as jc:
+    with jack_server_process(realtime=True) as server, jack.Client("mb-test-probe", no_start_server=True) as jc:
         probe = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="mb-test-probe-in", queue_size_limit=4096)
         probe.ignore_types(timing=False)
         probe.open_virtual_port("in")
@@ -180,8 +180,15 @@ def test_a_stall_in_the_daemon_does_not_move_the_followed_tempo(tmp_path):
                 time.sleep(0.01)
         probe.close_port()
         probe.delete()
+        jackd_says = server.log_text()
     assert delivered[0] == 0xFA and clocks >= 3 * 96, delivered[:3]
-    assert f.clocks == clocks - 1  # every delivered clock was counted (the first is the downbeat itself)
+    # Every delivered clock was counted (the first is the downbeat itself), but for cycles that the
+    # follower's own JACK client missed: a client that misses cycles loses events from them (a
+    # receiver stopped for 100 ms three times lost 3 of 200 clocks, with 32 "not finished" lines
+    # naming it), and at 120 bpm a 256-frame cycle holds one clock at most. The follower runs no
+    # Python in that thread; a cycle it missed is the machine's.
+    missed = jackd_says.count("client = musicbridge was not finished")
+    assert clocks - 1 - missed <= f.clocks <= clocks - 1, (f.clocks, clocks, jackd_says[-3000:])
     tempos = [g.tempo for g in published[96:]]
     assert len(tempos) >= 2 * 96
     assert max(abs(t - 120.0) for t in tempos) < 0.5, (min(tempos), max(tempos))

@@ -84,7 +84,15 @@ def test_jack_midi_clock_followed_on_a_busy_machine(tmp_path, tiny_model_dir):
                 assert time.monotonic() < deadline, "jack_midi_clock's output never appeared"
                 time.sleep(0.1)
             probe.activate()
-            probe.connect(outs[0], clock_in)
+            # jack_midi_clock registers its port before it activates, and JACK refuses a connection
+            # to an inactive client's port: try until it takes.
+            while True:
+                try:
+                    probe.connect(outs[0], clock_in)
+                    break
+                except jack.JackError:
+                    assert time.monotonic() < deadline, "could not connect to jack_midi_clock's output"
+                    time.sleep(0.1)
             with following_daemon(tiny_model_dir, tmp_path, "--follow", "midi-clock:jack_midi_clock") as (d, c), \
                     running([sys.executable, "-c", "while True: pass"],
                             [sys.executable, "-c", "while True: pass"]):
