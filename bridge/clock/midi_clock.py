@@ -4,7 +4,8 @@ Tempo is the slope of a line under the arrival times of the last 96 clocks (a ba
 the last interval: a clock jittered by a millisecond or two (and JACK MIDI delivers events once per
 period, a few milliseconds apart) then moves the tempo by hundredths of a bpm instead of several
 bpm. A real tempo change is seen by a shorter line through the last quarter note; the long line
-then restarts from there (see TempoFit).
+then restarts from there. A source that loses time (its clocks all later from one on, by the
+cycles it missed) moves the phase, not the tempo (see TempoFit).
 
 Each clock is stamped with the time the MIDI system gave it, not the time Python got to it. The
 port is read by bridge.midi.ports.MidiReader (no Python in JACK's process thread; rtmidi queues the
@@ -38,6 +39,7 @@ from bridge.midi.ports import QUEUE_MESSAGES, MidiReader
 CLOCK, START, CONTINUE, STOP, SPP = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
 PPQN = 24
 STAMP_WINDOW = 30.0  # seconds of driver time over which the smallest read offset is taken (see below)
+STEP_MIN = 0.1  # a step in the source's time smaller than this part of a clock moves the tempo by < 0.2 bpm
 
 
 class TempoFit:
@@ -59,12 +61,17 @@ class TempoFit:
     0.5 s after it with a 256-frame JACK period, 1.25 s with 1024 frames (whose 21 ms rounding
     needs the longer line).
 
-    A source that loses time is followed as it plays: a JACK client that misses cycles resumes
-    counting where it stopped, so every clock from one on comes later by the cycles it missed. The
-    line under a bar that spans such a step bridges it, and reads slow until the step leaves the
-    bar (a 22 ms step reads up to 2 bpm slow at 97 for about a second). Such a step cannot be told
-    from the period's own rounding, which lifts clocks by whole periods too (tried: absorbing steps
-    of more than a tenth of a clock read 93 bpm as 93.75, five 256-frame periods a clock).
+    A source that loses time moves the phase, not the tempo: a JACK client that misses cycles
+    resumes counting where it stopped, so every clock from one on comes later by the cycles it
+    missed, for good. A line under a bar that spans such a step bridges it and reads slow (2 bpm at
+    97 for a 22 ms step), and a larger step looks like a change and restarts the line. So
+    once half a quarter note of clocks after the largest gap in the newer half of a full bar all
+    lie above the line by the same step, the clocks before the gap are moved up by it
+    (_absorb_step), before the change watch looks. The period's rounding also lifts clocks by whole
+    periods (at 93.75 bpm every clock is five 256-frame periods, and the deliveries run along
+    treads a period apart), so a step counts only where it is more than 1.5 times the most any
+    other interval in the bar strays from the line: a full bar holds several of the rounding's
+    risers, a lost cycle shows as one.
     """
 
     def __init__(self, window: int = 96, recent: int = PPQN, min_points: int = 12):
@@ -107,6 +114,8 @@ class TempoFit:
             self.last = t
             return
         ts = list(self.times)
+        if n == self.window and self._absorb_step(ts, *self._line(ts)[:2]):
+            ts = list(self.times)
         if n > self.recent:
             recent, _first, last = self._line(ts[-self.recent:])
             disagree = bool(self.interval) and abs(recent - self.interval) > 0.05 * self.interval
@@ -120,6 +129,28 @@ class TempoFit:
                 ts = ts[-self.confirm:]
         slope, first, last = self._line(ts)
         self.interval, self.last = slope, last
+
+    def _absorb_step(self, ts: list[float], slope: float, first: float) -> bool:
+        """Moves the clocks before a step in the source's time up by the step; True if there was one.
+
+        The step is looked for at the largest gap in the newer half of the bar, where the line
+        still lies under the clocks before it alone, with at least `confirm` clocks after it."""
+        n = len(ts)
+        if slope <= 0:
+            return False
+        k = max(range(n // 2, n - self.confirm + 1), key=lambda i: ts[i] - ts[i - 1])
+        above = [ts[i] - (first + slope * i) for i in range(k, n)]
+        step = min(above)
+        # the most any other interval strays from the line: the period's rounding, or a bunch
+        rounding = max(abs(ts[i] - ts[i - 1] - slope) for i in range(1, n) if i != k)
+        if step < STEP_MIN * slope or step <= 1.5 * rounding:
+            return False
+        half = len(above) // 2
+        if abs(min(above[half:]) - min(above[:half])) > max(rounding, 0.25 * step):
+            return False  # the clocks after the gap drift away from the line: a tempo change
+        for i in range(k):
+            self.times[i] += step
+        return True
 
     def reset(self) -> None:
         self.times.clear()

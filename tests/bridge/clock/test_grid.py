@@ -89,3 +89,49 @@ def test_tempo_line_holds_through_bunched_deliveries(seed, period, settle):
         if t - change >= settle:
             break
     assert fit.bpm == pytest.approx(120.0, abs=0.5)
+
+
+def _delivered(fit: TempoFit, times, period: float, rng: random.Random) -> list[float]:
+    """Feed clock times as JACK delivers them (a cycle after, with a little jitter); the bpm after each."""
+    seen = []
+    for t in times:
+        fit.add(period * ((t + rng.uniform(0, 0.0005)) // period + 1))
+        seen.append(fit.bpm)
+    return seen
+
+
+@pytest.mark.parametrize("step", [0.011, 0.022, 0.043, 0.085])
+def test_a_source_that_loses_time_moves_the_phase_not_the_tempo(step):
+    """A clock source that misses JACK cycles resumes where it stopped: every later clock comes
+    `step` later, for good. Eight such steps in 24 bars at 97 bpm, 256-frame periods: the tempo
+    stays within 0.5 bpm of 97 at every clock after the first bar (a line across a 22 ms step
+    read 2 bpm slow, a 43 ms one restarted the line and read 15 bpm off)."""
+    rng = random.Random(7)
+    interval, lost, times = 60.0 / 97 / 24, 0.0, []
+    steps_at = set(rng.sample(range(120, 24 * 96), 8))
+    for k in range(24 * 96):
+        lost += step if k in steps_at else 0.0
+        times.append(k * interval + lost)
+    seen = _delivered(TempoFit(), times, 256 / 48000, rng)[96:]
+    assert max(abs(b - 97.0) for b in seen) < 0.5, (min(seen), max(seen))
+
+
+@pytest.mark.parametrize("bpm,frames", [(93.0, 256), (153.0, 256), (111.0, 1024)])
+def test_the_periods_rounding_is_not_taken_for_a_step(bpm, frames):
+    """Near a whole number of periods a clock (93.75 bpm is five 256-frame periods), deliveries run
+    along treads a period apart, each riser a one-period 'step' with parallel clocks after it. A
+    full bar holds several risers, so none counts as a lost cycle and the tempo holds."""
+    interval = 60.0 / bpm / 24
+    seen = _delivered(TempoFit(), [k * interval for k in range(24 * 96)], frames / 48000, random.Random(1))[96:]
+    assert max(abs(b - bpm) for b in seen) < 0.5, (min(seen), max(seen))
+
+
+@pytest.mark.parametrize("to_bpm", [95.0, 99.0, 93.0])
+def test_a_small_tempo_change_is_followed_not_absorbed(to_bpm):
+    """A change too small for the quarter-note watch (under 5 %) drifts the clocks away from the
+    line gradually, never in one step: it is followed as before, within 0.1 bpm two bars on."""
+    rng = random.Random(2)
+    times = [k * 60.0 / 97 / 24 for k in range(8 * 96)]
+    times += [times[-1] + k * 60.0 / to_bpm / 24 for k in range(1, 4 * 96)]
+    seen = _delivered(TempoFit(), times, 256 / 48000, rng)
+    assert max(abs(b - to_bpm) for b in seen[-2 * 96:]) < 0.1

@@ -6,10 +6,12 @@ cycle in which the daemon's JACK client alone was "not finished" (it runs no Pyt
 A cycle the whole graph missed, the clock's own client included, is the machine's, not the daemon's.
 
 A source that misses cycles loses time: its clocks from then on all come later by the cycles it
-missed, and the line under a bar that spans that step reads slow (bridge.clock.midi_clock.TempoFit;
-a 22 ms step reads 2 bpm slow at 97). A probe records when the source really sent each clock (JACK's
-time of the cycle plus the event's frame), and a tempo is judged when the source kept time over
-the bar before it: its clocks within 2 ms of the tempo map's grid, less one constant."""
+missed. The follower absorbs such a step once half a quarter note has followed it
+(bridge.clock.midi_clock.TempoFit, tested in test_grid.py), but not every one (two close together,
+or one in the first bar). A probe records when the source really sent each clock (JACK's time of
+the cycle plus the event's frame), and a tempo is judged when the source kept time over the bar
+before it: its clocks within 2 ms of the tempo map's grid, less one constant. The worst error over
+every reading is printed beside."""
 
 from __future__ import annotations
 
@@ -119,7 +121,9 @@ def test_jack_midi_clock_followed_on_a_busy_machine(tmp_path, tiny_model_dir):
     at_97 = [s for s in samples if SETTLE <= s[0] < CHANGE and kept(s[3])]
     at_120 = [s for s in samples if CHANGE + 1.0 <= s[0] and kept(s[3])]
     lost = sum(1 for s in samples if SETTLE <= s[0] and not kept(s[3]))
-    print(f"{lost} of {len(samples)} tempos not judged: the source lost time in the bar before them")
+    every_97 = max(abs(s[1] - 97.0) for s in samples if SETTLE <= s[0] < CHANGE)
+    print(f"{lost} of {len(samples)} tempos not judged: the source lost time in the bar before them "
+          f"(worst at 97 counting those: {every_97:.3f} bpm)")
     assert len(at_97) >= 200 and len(at_120) >= 5, (len(at_97), len(at_120), lost)
     assert all(s[2] == 1 for s in at_97 + at_120)
     worst_97 = max(abs(s[1] - 97.0) for s in at_97)
