@@ -114,8 +114,10 @@ class TempoFit:
             self.last = t
             return
         ts = list(self.times)
-        if n == self.window and self._absorb_step(ts, *self._line(ts)[:2]):
+        line = self._line(ts)  # the long line, fitted once unless the clocks under it change
+        if n == self.window and self._absorb_step(ts, line[0], line[1]):
             ts = list(self.times)
+            line = self._line(ts)
         if n > self.recent:
             recent, _first, last = self._line(ts[-self.recent:])
             disagree = bool(self.interval) and abs(recent - self.interval) > 0.05 * self.interval
@@ -126,9 +128,8 @@ class TempoFit:
                 self._disagreed = 0
                 self.times.clear()
                 self.times.extend(ts[-self.confirm:])
-                ts = ts[-self.confirm:]
-        slope, first, last = self._line(ts)
-        self.interval, self.last = slope, last
+                line = self._line(ts[-self.confirm:])
+        self.interval, self.last = line[0], line[2]
 
     def _absorb_step(self, ts: list[float], slope: float, first: float) -> bool:
         """Moves the clocks before a step in the source's time up by the step; True if there was one.

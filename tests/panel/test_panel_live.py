@@ -7,7 +7,6 @@ docs/panel/ (docs/panel.md shows them).
 
 from __future__ import annotations
 
-
 from tests.jack_server import jack_server
 from tests.panel.browser import attribute, chromium, panel_url, replies, screenshot, wait_until
 

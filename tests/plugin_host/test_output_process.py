@@ -92,7 +92,6 @@ def test_a_jam_runs_on_the_audio_process(jack, tiny_engine):
 def test_tracks_added_and_removed_from_many_threads_at_once_keep_the_pipe_whole(jack):
     """Control calls from several threads at once (a jam, live plays, their release threads):
     every add and remove gets its own answer; the child never reads two messages spliced together."""
-
     errors: list[BaseException] = []
     events: list[tuple[str, str]] = []
     with AudioOutputProcess(samplerate=SR, on_event=lambda k, m: events.append((k, m))) as out:
@@ -123,9 +122,7 @@ def _shm_names() -> set[str]:
 def test_a_killed_audio_process_is_reported_and_reopened_and_the_track_plays_on(jack):
     """kill -9 of the child while a track plays: on_event says it was lost, then reopened; the new
     child plays on from the same ring where the clock stopped, so what was queued is heard."""
-
     import jack as jackmod  # JACK-Client, the test extra: only where a test probes the server
-
 
     events: list[tuple[str, str]] = []
     x = (np.random.default_rng(7).standard_normal((SR * 7 // 2, 2)) * 0.1).astype(np.float32)
@@ -165,7 +162,6 @@ def test_a_killed_audio_process_is_reported_and_reopened_and_the_track_plays_on(
 def test_a_stopped_audio_process_is_killed_and_reopened_when_its_clock_stands_still(jack):
     """SIGSTOP: the child lives but plays nothing; once its clock has stood still for STALL_SECONDS
     the watchdog kills it and reopens, and the track goes on playing."""
-
     events: list[tuple[str, str]] = []
     x = np.full((SR * 3, 1), 0.25, np.float32)
     with AudioOutputProcess(samplerate=SR, on_event=lambda k, m: events.append((k, m))) as out:
@@ -189,9 +185,7 @@ def test_a_reopen_that_fails_is_reported_and_retried_until_the_server_is_back(ja
     would start with names no server): the watchdog reports `lost`, then `reopen_failed` with the
     reason for each attempt that cannot open the device, and keeps trying; once the server is
     reachable again the next attempt reopens and the track plays on."""
-
     import sounddevice as sd  # PortAudio scans the host APIs when imported: after the server is up
-
 
     device = next(d["name"] for d in sd.query_devices()
                   if d["max_output_channels"] > 0 and sd.query_hostapis(d["hostapi"])["name"] == "JACK Audio Connection Kit")
