@@ -26,12 +26,13 @@ from model.conditioning.prepare import build_conditioning
 from model.decode import autotune
 from model.decode.decoder import DecoderSpec, MusicgenDecoderLM
 from model.decode.live_stream import LiveStream
-from model.decode.loop import StepPlan, decode_n, new_state, prefill
+from model.decode.loop import StepPlan, decode_n, decode_together, new_state, prefill
 from model.decode.patterns import PATTERNS, get_pattern
 from model.decode.precision import apply_precision, kv_dtype
 from model.decode.sampling import Sampler
 from model.decode.scheduler import StepGate
 from model.decode.step_graph import graphs_enabled
+from model.decode.step_sharing import SharedSteps
 from model.kernels import gemv
 from model.load.checkpoint import Checkpoint, TextTokenizer, checkpoint_files, unsupported
 from model.load.resolve import ModelError, ResolvedModel, checkpoint_pattern, load_hf_model, resolve_model
@@ -135,6 +136,8 @@ class Engine:
         self.resolved = resolved
         self.device = device
         self.gate = StepGate()  # one decoder step at a time, live work first (model/decode/scheduler.py)
+        # Live streams' steps, every jam with one due in one decoder pass (model/decode/step_sharing.py).
+        self.shared_steps = SharedSteps(self.gate, decode_together)
         cfg = hf_model.config
         self.sample_rate = int(cfg.audio_encoder.sampling_rate)
         self.channels = int(cfg.decoder.audio_channels)

@@ -490,6 +490,31 @@ class MusicgenDecoderLM(nn.Module):
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV | None):
         return self.forward_embeds(self.embed_tokens(tokens), start, cache, cross)
 
+    def forward_together(self, steps: list[tuple[torch.Tensor, int, KVCache, CrossKV | None]]
+                         ) -> tuple[list[torch.Tensor], int]:
+        """One token each for several decode states (tokens (rows, codebooks, 1), position, cache,
+        conditioning) -> each one's logits (rows, codebooks, 1, vocab), as `forward` gives them,
+        and how many decoder passes that took.
+
+        Where the one-call C step runs, it runs once for all of them: every weight is read once
+        for every state's rows, each state's attention reads its own cache at its own position,
+        and each state's logits are bit for bit its logits alone. Elsewhere (a GPU, a layer on
+        its eager code) the states step one after another.
+        """
+        from model.decode.layer_step import StepRows  # layer_step builds on this module's types
+
+        embeds = [self.embed_tokens(t) for t, _, _, _ in steps]
+        stack = self.stack
+        if len(steps) < 2 or stack is None or not all(
+                stack.suits(x, cache, cross) for x, (_, _, cache, cross) in zip(embeds, steps)):
+            return [self.forward_embeds(x, start, cache, cross)
+                    for x, (_, start, cache, cross) in zip(embeds, steps)], len(steps)
+        xs = [x + self.positions[start : start + 1] for x, (_, start, _, _) in zip(embeds, steps)]
+        logits = stack.together([StepRows(x, start, cache, cross) for x, (_, start, cache, cross) in zip(xs, steps)])
+        k, v = self.spec.n_codebooks, self.spec.vocab
+        return [part.view(part.shape[0], 1, k, v).transpose(1, 2)
+                for part in logits.split([x.shape[0] for x in xs])], 1
+
     def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                     cross: CrossKV | None) -> torch.Tensor:
         """One decode step with every shape fixed: tokens (batch, codebooks, 1) at position

@@ -12,11 +12,13 @@ weights are the layer's own: nothing is copied.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from model.decode import cross_fold
+from model.decode.decoder import CrossKV, KVCache
 from model.kernels import gemv
 from model.decode.quant import Bf16Linear, Int4Linear, Int8Linear
 
@@ -37,6 +39,25 @@ class _Layer(ctypes.Structure):
                 ("ln_ff_w", _P), ("ln_ff_b", _P),
                 ("qkv", _Linear), ("out", _Linear), ("cross_q", _Linear), ("cross_out", _Linear),
                 ("fc1", _Linear), ("fc2", _Linear), ("kv", _I)]
+
+
+class _Group(ctypes.Structure):
+    """layer_step.c's mb_group: one decode state's rows in a step."""
+    _fields_ = [("rows", _I), ("pos", _I), ("max_len", _I), ("cross_len", _I), ("k", _P), ("v", _P), ("ks", _P),
+                ("vs", _P), ("cache_layer", ctypes.c_size_t), ("ck", _P), ("cv", _P), ("cross_layer", ctypes.c_size_t),
+                ("cmask", _P), ("fm", _P), ("fu", _P), ("fms", _P), ("fus", _P), ("ffmt", _I),
+                ("f_layer", ctypes.c_size_t), ("slot", _P)]
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """One decode state's share of a step: its input embeddings (rows, 1, d) at position `start`
+    over its own cache and conditioning."""
+
+    x: torch.Tensor
+    start: int
+    cache: KVCache
+    cross: CrossKV | None
 
 
 def _linear(mod: nn.Module) -> _Linear | None:
@@ -148,7 +169,7 @@ class FusedLayer:
 
 
 class FusedStack:
-    """Every layer's C step, the final layer norm and the heads in one call (`mb_decoder_step`):
+    """Every layer's C step, the final layer norm and the heads in one call (`mb_decoder_steps`):
     the n == 1 step of a decoder whose layers all fused. Why: the Python around 24 separate calls
     (module calls, checks, views, ctypes) cost about as much as all the layer norms it wrapped."""
 
@@ -182,30 +203,46 @@ class FusedStack:
     def __call__(self, x: torch.Tensor, start: int, cache, cross) -> torch.Tensor:
         """x (rows, 1, d) input embeddings at position `start` -> logits (rows, 1, heads_n);
         writes every layer's cache column."""
-        rows = x.shape[0]
-        _check(start, rows, cache, cross)
-        h = x.contiguous().clone()
-        logits = torch.empty(rows, 1, self.heads_n)
-        k, v = cache.k, cache.v
-        per_layer = k[0].numel()
-        if cross is not None:
-            mask = cross.mask.contiguous()
-            ck, cv, cross_len, cross_layer = cross.k.data_ptr(), cross.v.data_ptr(), cross.k.shape[3], cross.k[0].numel()
-            mptr = mask.data_ptr()
-        else:
-            ck = cv = mptr = None
-            cross_len = cross_layer = 0
-        ks, vs = _scales(cache)
-        f = self._folded(cross)
-        fold = (f.m.data_ptr(), f.u.data_ptr(), gemv._ptr(f.m_scale), gemv._ptr(f.u_scale), KV_FORMATS[f.m.dtype],
-                f.m[0].numel(), f.slot.data_ptr()) if f is not None else (None, None, None, None, 0, 0, None)
-        rc = gemv._lib.mb_decoder_step(self.array, self.n_layers, rows, cache.max_len, cross_len,
-                                       KV_FORMATS[k.dtype], h.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs,
-                                       per_layer, start, ck, cv, cross_layer, mptr, self.ln[0], self.ln[1],
-                                       ctypes.byref(self.heads), self.heads_n, logits.data_ptr(), *fold)
+        return self.together([StepRows(x, start, cache, cross)])
+
+    def together(self, parts: list[StepRows]) -> torch.Tensor:
+        """Several decode states' steps in one call -> logits (all their rows in order, 1, heads_n).
+        Each part's cache and conditioning are its own; the weights are read once for all of them,
+        and a part's logits are bit for bit what it gets alone (`mb_decoder_steps`)."""
+        kv = {p.cache.k.dtype for p in parts}
+        if len(kv) != 1:
+            raise ValueError(f"a shared step needs one cache format, got {sorted(map(str, kv))}")
+        groups = (_Group * len(parts))()
+        keep: list[torch.Tensor] = []
+        for g, p in zip(groups, parts):
+            self._group(g, p, keep)
+        h = torch.cat([p.x.reshape(-1, p.x.shape[-1]) for p in parts]).contiguous()
+        logits = torch.empty(h.shape[0], 1, self.heads_n)
+        rc = gemv._lib.mb_decoder_steps(self.array, self.n_layers, KV_FORMATS[kv.pop()], groups, len(parts),
+                                        h.data_ptr(), self.ln[0], self.ln[1], ctypes.byref(self.heads), self.heads_n,
+                                        logits.data_ptr())
         if rc != 0:
             raise MemoryError("the fused decoder step could not get its scratch memory")
         return logits
+
+    def _group(self, g: _Group, p: StepRows, keep: list) -> None:
+        """Fill one mb_group (layer_step.c) from a part; `keep` holds what the pointers need alive."""
+        rows = p.x.shape[0]
+        _check(p.start, rows, p.cache, p.cross)
+        cache, cross = p.cache, p.cross
+        g.rows, g.pos, g.max_len = rows, p.start, cache.max_len
+        g.k, g.v, g.cache_layer = cache.k.data_ptr(), cache.v.data_ptr(), cache.k[0].numel()
+        g.ks, g.vs = _scales(cache)
+        if cross is None:
+            return
+        mask = cross.mask.contiguous()
+        keep.append(mask)
+        g.cross_len, g.cmask = cross.k.shape[3], mask.data_ptr()
+        g.ck, g.cv, g.cross_layer = cross.k.data_ptr(), cross.v.data_ptr(), cross.k[0].numel()
+        f = self._folded(cross)
+        if f is not None:
+            g.fm, g.fu, g.fms, g.fus = f.m.data_ptr(), f.u.data_ptr(), gemv._ptr(f.m_scale), gemv._ptr(f.u_scale)
+            g.ffmt, g.f_layer, g.slot = KV_FORMATS[f.m.dtype], f.m[0].numel(), f.slot.data_ptr()
 
     def _folded(self, cross):
         if cross is None or self.fold_dtype is None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from model.conditioning.prepare import Conditioning, build_conditioning
-from model.decode.loop import StepPlan, decode_n, new_state, prefill
+from model.decode.loop import StepPlan, new_state, prefill
 from model.decode.sampling import Sampler
 from model.types import RequestError, SamplingParams
 
@@ -149,30 +149,32 @@ class LiveStream:
 
     def _advance(self, until_frame, piece_frames, first_piece_frames, cancel) -> Iterator[np.ndarray]:
         eng = self.engine
+        shared = eng.shared_steps  # other jams with a step due step with this one
         want = first_piece_frames or piece_frames
         pending_from = self.frames
-        while self.frames < until_frame:
-            if cancel is not None and cancel.is_set():
-                self._collect()
-                return
-            if self._state is None or self._state.done or self.frames - self._w0 >= self.window:
-                if self._state is not None and not self.last_prefill_reason:
-                    self.last_prefill_reason = "window"
-                self._prefill()
-            with eng.gate.step(live=True) as ok:
-                if ok:
-                    decode_n(self._state, 1)
-            if eng.step_hook is not None:
-                eng.step_hook()
-            # Tokens are read back only when a piece is due or the window ends: on a GPU each read
-            # waits for every queued step, so reading every step would serialise host and device.
-            complete = self._complete()
-            if complete - pending_from >= want or complete >= until_frame or complete - self._w0 >= self.window:
-                self._collect()
-            if self.frames - pending_from >= want or self.frames >= until_frame:
-                yield self._codes[:, pending_from - self._codes_start:self.frames - self._codes_start]
-                pending_from = self.frames
-                want = piece_frames
+        with shared.stepping(self):
+            while self.frames < until_frame:
+                if cancel is not None and cancel.is_set():
+                    self._collect()
+                    return
+                if self._state is None or self._state.done or self.frames - self._w0 >= self.window:
+                    if self._state is not None and not self.last_prefill_reason:
+                        self.last_prefill_reason = "window"
+                    with shared.away(self):
+                        self._prefill()
+                shared.step(self, self._state)
+                if eng.step_hook is not None:
+                    eng.step_hook()
+                # Tokens are read back only when a piece is due or the window ends: on a GPU each read
+                # waits for every queued step, so reading every step would serialise host and device.
+                complete = self._complete()
+                if complete - pending_from >= want or complete >= until_frame or complete - self._w0 >= self.window:
+                    self._collect()
+                if self.frames - pending_from >= want or self.frames >= until_frame:
+                    with shared.away(self):  # the consumer's time with a piece holds no other jam up
+                        yield self._codes[:, pending_from - self._codes_start:self.frames - self._codes_start]
+                    pending_from = self.frames
+                    want = piece_frames
 
     def _complete(self) -> int:
         """The stream frame every frame before which is complete: the pattern's arithmetic on the

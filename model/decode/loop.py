@@ -158,6 +158,25 @@ def decode_one_token(state: DecodeState) -> None:
 
 
 @torch.inference_mode()
+def decode_together(states: list[DecodeState]) -> int:
+    """One step of each of several decode states (all of one decoder) in one decoder pass where
+    the C step runs (`MusicgenDecoderLM.forward_together`); each state samples from its own
+    logits with its own sampler, so its tokens are the ones `decode_one_token` gives it alone.
+    Returns how many decoder passes it took (1 where they shared one)."""
+    shared = [s for s in states if not s.static]
+    for s in states:
+        if s.static:  # a captured CUDA graph replays over its own batch only
+            decode_one_token(s)
+    if not shared:
+        return len(states)
+    steps = [(_rows(s, s.tokens[:, :, s.step - 1 : s.step]), s.offset + s.step - 1, s.cache, s.cross) for s in shared]
+    logits, passes = shared[0].lm.forward_together(steps)
+    for s, lg in zip(shared, logits):
+        _emit(s, lg[:, :, -1])
+    return passes + len(states) - len(shared)
+
+
+@torch.inference_mode()
 def decode_n(state: DecodeState, n: int) -> None:
     """Up to `n` more steps (fewer at the end)."""
     for _ in range(n):

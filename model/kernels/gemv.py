@@ -155,8 +155,7 @@ def _load() -> ctypes.CDLL | None:
             "mb_gemv_i8": [_P, _I, _I, _P, _P, _P, _P, _I],
             "mb_gemv_i8_vnni": [_P, _I, _I, _P, _P, _P, _P, _I],
             "mb_layer_step": [_P, _P, _P, _P, _P, _P, _I, _P, _P, _P],
-            "mb_decoder_step": [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_size_t, _I, _P, _P,
-                                ctypes.c_size_t, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _I, ctypes.c_size_t, _P],
+            "mb_decoder_steps": [_P, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P],
             "mb_attend": [_P, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _P],
             "mb_attend_scratch": [_I, _I, _I],
             "mb_gelu": [_P, ctypes.c_long],
@@ -170,7 +169,7 @@ def _load() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
         lib.mb_int_arch.argtypes, lib.mb_int_arch.restype = [], ctypes.c_char_p
-        for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_decoder_step", "mb_gemv_i8_vnni",
+        for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_decoder_steps", "mb_gemv_i8_vnni",
                      "mb_attend_scratch", "mb_gemv_i4", "mb_top_k_support"):
             getattr(lib, name).restype = _I
         _lib = lib

@@ -105,25 +105,46 @@ void mb_quantize_kv(const float *x, long n, int width, int8_t *q, float *scale) 
     for (long i = 0; i < n; i++) quantize_vector(x + i * width, width, q + i * width, scale + i);
 }
 
-/* The text's folded keys and values for one layer's cross-attention (mb_cross_folded). */
+/* One decode state's rows in a step: its own cache, position and conditioning. A step over several
+ * groups (several jams on one engine) runs every product once over all their rows, the weights
+ * read once, and each group's attention over its own cache at its own position.
+ *
+ * Layer l's cache is k/v + l * cache_layer elements (format kv of the step), int8's scales
+ * ks/vs + l * cache_layer / hd; its cross keys/values ck/cv + l * cross_layer floats under cmask
+ * (rows, cross_len), or, where fm is given, the folded keys fm/values fu (f_layer elements a layer,
+ * format ffmt, int8's scales fms/fus) read by `slot` (mb_cross_folded). ck and fm both NULL: no
+ * cross-attention (melody models). */
 typedef struct {
-    const void *m, *u;
-    const float *ms, *us;
-    int fmt;
+    int rows, pos, max_len, cross_len;
+    void *k, *v;
+    float *ks, *vs;
+    size_t cache_layer;
+    const float *ck, *cv;
+    size_t cross_layer;
+    const uint8_t *cmask;
+    const void *fm, *fu;
+    const float *fms, *fus;
+    int ffmt;
+    size_t f_layer;
     const int *slot;
-} mb_folded;
+} mb_group;
 
-/* x (rows, d) is updated in place. The new token's key and value go to column `pos` of
- * kcache/vcache (rows, heads, max_len, hd) in format L->kv, int8's scales to kscale/vscale
- * (rows, heads, max_len), and attention reads columns [0, pos]. Cross-attention
- * (skipped when ck is NULL) reads ck/cv (rows, heads, cross_len, hd) under cmask (rows, cross_len),
- * or, where `folded` is given, its folded keys and values instead of the q and out projections.
- * Returns 0, or -1 when scratch memory could not be had (x is then partly updated: the caller
- * passes a copy and discards it). */
-static int layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, float *kscale, float *vscale, int pos,
-                      const float *ck, const float *cv, const uint8_t *cmask, const mb_folded *folded) {
-    int rows = L->rows, d = L->d, heads = L->heads, hd = d / heads, ffn = L->ffn;
-    int keys = pos + 1, widest = keys > L->cross_len ? keys : L->cross_len;
+/* Layer `l` of a step over `n` groups: x (their rows, d, in group order) is updated in place. The
+ * new tokens' keys and values go to column `pos` of each group's cache and its attention reads
+ * columns [0, pos]. Every row's arithmetic is the same whatever other rows the step holds (the
+ * products' contract, gemv.c), so a group's result is bit for bit its result alone. Returns 0, or -1
+ * when scratch memory could not be had (x is then partly updated: the caller passes a copy and
+ * discards it). */
+static int layer_step(const mb_layer *L, int l, float *x, const mb_group *g, int n, int kv) {
+    int d = L->d, heads = L->heads, hd = d / heads, ffn = L->ffn, rows = 0, widest = 1, projected = 0, crossed = 0;
+    for (int i = 0; i < n; i++) {
+        rows += g[i].rows;
+        if (g[i].pos + 1 > widest) widest = g[i].pos + 1;
+        if (g[i].cross_len > widest) widest = g[i].cross_len;
+        projected |= g[i].ck != NULL && g[i].fm == NULL;
+        crossed |= g[i].ck != NULL || g[i].fm != NULL;
+    }
+    size_t item = mb_kv_bytes(kv);
     size_t need = (size_t)rows * (d + 3 * d + d + d + ffn) + (size_t)mb_attend_scratch(rows, heads, widest);
     float *h = malloc(sizeof(float) * need);
     if (!h) return -1;
@@ -132,38 +153,60 @@ static int layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, f
 
     layer_norm(x, L->ln_self_w, L->ln_self_b, L->eps, rows, d, h);
     if (product(&L->qkv, h, rows, d, qkv, 3 * d)) goto fail;
-    for (int r = 0; r < rows; r++)
-        for (int hh = 0; hh < heads; hh++) {
-            size_t key = ((size_t)r * heads + hh) * L->max_len + pos, at = key * hd;
-            const float *k = qkv + (size_t)r * 3 * d + d + (size_t)hh * hd, *v = k + d;
-            if (L->kv == MB_KV_I8) {
-                quantize_vector(k, hd, (int8_t *)kcache + at, kscale + key);
-                quantize_vector(v, hd, (int8_t *)vcache + at, vscale + key);
-            } else if (L->kv == MB_KV_BF16) {
-                for (int j = 0; j < hd; j++) {
-                    ((uint16_t *)kcache)[at + j] = to_bf16(k[j]);
-                    ((uint16_t *)vcache)[at + j] = to_bf16(v[j]);
+    for (int i = 0, r0 = 0; i < n; r0 += g[i].rows, i++) {
+        const mb_group *G = g + i;
+        char *kc = (char *)G->k + (size_t)l * G->cache_layer * item, *vc = (char *)G->v + (size_t)l * G->cache_layer * item;
+        size_t per_scale = G->cache_layer / hd;
+        float *ks = G->ks ? G->ks + (size_t)l * per_scale : NULL, *vs = G->vs ? G->vs + (size_t)l * per_scale : NULL;
+        for (int r = 0; r < G->rows; r++)
+            for (int hh = 0; hh < heads; hh++) {
+                size_t key = ((size_t)r * heads + hh) * G->max_len + G->pos, at = key * hd;
+                const float *k = qkv + (size_t)(r0 + r) * 3 * d + d + (size_t)hh * hd, *v = k + d;
+                if (kv == MB_KV_I8) {
+                    quantize_vector(k, hd, (int8_t *)kc + at, ks + key);
+                    quantize_vector(v, hd, (int8_t *)vc + at, vs + key);
+                } else if (kv == MB_KV_BF16) {
+                    for (int j = 0; j < hd; j++) {
+                        ((uint16_t *)kc)[at + j] = to_bf16(k[j]);
+                        ((uint16_t *)vc)[at + j] = to_bf16(v[j]);
+                    }
+                } else {
+                    memcpy((float *)kc + at, k, sizeof(float) * hd);
+                    memcpy((float *)vc + at, v, sizeof(float) * hd);
                 }
-            } else {
-                memcpy((float *)kcache + at, k, sizeof(float) * hd);
-                memcpy((float *)vcache + at, v, sizeof(float) * hd);
             }
-        }
-    mb_attend(qkv, 3 * d, kcache, vcache, kscale, vscale, L->kv, L->max_len, keys, NULL, rows, heads, hd, a, d,
-              scores);
+        mb_attend(qkv + (size_t)r0 * 3 * d, 3 * d, kc, vc, ks, vs, kv, G->max_len, G->pos + 1, NULL, G->rows, heads,
+                  hd, a + (size_t)r0 * d, d, scores);
+    }
     if (product(&L->out, a, rows, d, o, d)) goto fail;
     for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
 
-    if (folded || ck) {
+    if (crossed) {
         layer_norm(x, L->ln_cross_w, L->ln_cross_b, L->eps, rows, d, h);
-        if (folded) {
-            mb_cross_folded(h, rows, d, heads, L->cross_len, folded->m, folded->u, folded->ms, folded->us,
-                            folded->fmt, folded->slot, cmask, o, scores);
-        } else {
-            if (product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
-            mb_attend(qkv, d, ck, cv, NULL, NULL, MB_KV_F32, L->cross_len, L->cross_len, cmask, rows, heads, hd,
-                      a, d, scores);
-            if (product(&L->cross_out, a, rows, d, o, d)) goto fail;
+        /* The projected groups' queries: one product over every row (a row's result is its own). */
+        if (projected && product(&L->cross_q, h, rows, d, qkv, d)) goto fail;
+        for (int i = 0, r0 = 0; i < n; r0 += g[i].rows, i++) {
+            const mb_group *G = g + i;
+            size_t fat = (size_t)l * G->f_layer, fbytes = fat * mb_kv_bytes(G->ffmt), fscales = fat / d;
+            if (G->fm) {
+                mb_cross_folded(h + (size_t)r0 * d, G->rows, d, heads, G->cross_len, (const char *)G->fm + fbytes,
+                                (const char *)G->fu + fbytes, G->fms ? G->fms + fscales : NULL,
+                                G->fus ? G->fus + fscales : NULL, G->ffmt, G->slot, G->cmask, o + (size_t)r0 * d,
+                                scores);
+            } else if (G->ck) {
+                size_t at = (size_t)l * G->cross_layer;
+                mb_attend(qkv + (size_t)r0 * d, d, G->ck + at, G->cv + at, NULL, NULL, MB_KV_F32, G->cross_len,
+                          G->cross_len, G->cmask, G->rows, heads, hd, a + (size_t)r0 * d, d, scores);
+            } else {
+                memset(o + (size_t)r0 * d, 0, sizeof(float) * (size_t)G->rows * d);
+            }
+        }
+        if (projected) { /* their outputs through the projection, into their own rows of o */
+            float *po = qkv + (size_t)rows * d; /* the rest of qkv's scratch: free once the queries are read */
+            if (product(&L->cross_out, a, rows, d, po, d)) goto fail;
+            for (int i = 0, r0 = 0; i < n; r0 += g[i].rows, i++)
+                if (g[i].ck && !g[i].fm)
+                    memcpy(o + (size_t)r0 * d, po + (size_t)r0 * d, sizeof(float) * (size_t)g[i].rows * d);
         }
         for (size_t i = 0; i < (size_t)rows * d; i++) x[i] += o[i];
     }
@@ -180,41 +223,27 @@ fail:
     return -1;
 }
 
+/* One layer's step over one cache (model/decode/layer_step.py's FusedLayer): x (rows, d) is updated
+ * in place; kcache/vcache (rows, heads, max_len, hd) in format L->kv, int8's scales kscale/vscale;
+ * cross-attention (skipped when ck is NULL) reads ck/cv (rows, heads, cross_len, hd) under cmask. */
 int mb_layer_step(const mb_layer *L, float *x, void *kcache, void *vcache, float *kscale, float *vscale, int pos,
                   const float *ck, const float *cv, const uint8_t *cmask) {
-    return layer_step(L, x, kcache, vcache, kscale, vscale, pos, ck, cv, cmask, NULL);
+    mb_group g = {L->rows, pos, L->max_len, ck ? L->cross_len : 0, kcache, vcache, kscale, vscale, 0, ck, cv, 0,
+                  cmask, NULL, NULL, NULL, NULL, 0, 0, NULL};
+    return layer_step(L, 0, x, &g, 1, L->kv);
 }
 
-/* A whole decode step after the embeddings: every layer's step, then the final layer norm and
- * the heads, in one call. Layer l's cache is kcache/vcache + l * cache_layer elements (format
- * kv), int8's scales kscale/vscale + l * cache_layer / hd, its cross keys/values
- * ck/cv + l * cross_layer floats. x (rows, d) is
- * updated in place; logits (rows, heads_n) are written. Where fm is given, cross-attention reads
- * the folded keys fm/values fu (f_layer elements a layer, format ffmt, int8's scales fms/fus) by
- * `slot` instead (mb_cross_folded). Why: per layer, the Python around a C
- * call (module call, checks, views, ctypes) cost more than the layer norms it wraps. Returns 0,
- * or -1 when scratch memory could not be had (x and logits are then partly written). */
-int mb_decoder_step(const mb_layer *layers, int n_layers, int rows, int max_len, int cross_len, int kv,
-                    float *x, void *kcache, void *vcache, float *kscale, float *vscale, size_t cache_layer, int pos,
-                    const float *ck, const float *cv, size_t cross_layer, const uint8_t *cmask,
-                    const float *ln_w, const float *ln_b, const mb_linear *heads, int heads_n, float *logits,
-                    const void *fm, const void *fu, const float *fms, const float *fus, int ffmt, size_t f_layer,
-                    const int *slot) {
-    size_t item = mb_kv_bytes(kv);
-    size_t per_scale = cache_layer / (layers[0].d / layers[0].heads);
-    for (int l = 0; l < n_layers; l++) {
-        mb_layer L = layers[l];
-        L.rows = rows, L.max_len = max_len, L.cross_len = cross_len, L.kv = kv;
-        size_t at = (size_t)l * cache_layer * item;
-        float *ks = kscale ? kscale + (size_t)l * per_scale : NULL, *vs = vscale ? vscale + (size_t)l * per_scale : NULL;
-        size_t fat = (size_t)l * f_layer, fbytes = fat * mb_kv_bytes(ffmt), fscales = fat / layers[0].d;
-        mb_folded folded = {fm ? (const char *)fm + fbytes : NULL, fu ? (const char *)fu + fbytes : NULL,
-                            fms ? fms + fscales : NULL, fus ? fus + fscales : NULL, ffmt, slot};
-        if (layer_step(&L, x, (char *)kcache + at, (char *)vcache + at, ks, vs, pos,
-                       ck ? ck + (size_t)l * cross_layer : NULL, cv ? cv + (size_t)l * cross_layer : NULL, cmask,
-                       fm ? &folded : NULL))
-            return -1;
-    }
+/* A whole decode step after the embeddings over `n` groups (one decode state each; see mb_group):
+ * every layer's step, then the final layer norm and the heads, in one call. x (all the groups' rows,
+ * d) is updated in place; logits (rows, heads_n) are written. Why one call: per layer, the Python
+ * around a C call (module call, checks, views, ctypes) cost more than the layer norms it wraps.
+ * Returns 0, or -1 when scratch memory could not be had (x and logits are then partly written). */
+int mb_decoder_steps(const mb_layer *layers, int n_layers, int kv, const mb_group *groups, int n, float *x,
+                     const float *ln_w, const float *ln_b, const mb_linear *heads, int heads_n, float *logits) {
+    int rows = 0;
+    for (int i = 0; i < n; i++) rows += groups[i].rows;
+    for (int l = 0; l < n_layers; l++)
+        if (layer_step(layers + l, l, x, groups, n, kv)) return -1;
     int d = layers[0].d;
     float *h = malloc(sizeof(float) * (size_t)rows * d);
     if (!h) return -1;
