@@ -38,6 +38,15 @@ def tiny_melody_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_wide_melody_dir(tmp_path_factory):
+    """The tiny melody checkpoint with a 128-wide decoder: the C decode step (and jams sharing its
+    passes) runs on it."""
+    from model.load.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-wide-melody", melody=True, width=128)
+
+
+@pytest.fixture(scope="session")
 def tiny_stereo_dir(tmp_path_factory):
     from model.load.tiny import write_tiny_model
 

@@ -19,7 +19,10 @@ from model.types import GenerationRequest, SamplingParams
 
 
 def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds: float, job_seconds: float,
-        chunk_seconds: float = 2.0, log: Callable[[str], None] = print, ca_file: str | None = None) -> dict[str, Any]:
+        chunk_seconds: float = 2.0, log: Callable[[str], None] = print, ca_file: str | None = None,
+        codec: bool = True) -> dict[str, Any]:
+    """`codec`: decode each jam's codes here as the daemon does (False: measure the engine alone,
+    where this machine's cores would otherwise decode for every jam at once)."""
     import torch  # torch loads only where this runs
 
     engine = RemoteEngine.connect(url, key, model, ca_file=ca_file)
@@ -33,7 +36,7 @@ def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds
             rec: dict[str, Any] = {"index": i, "chunks": []}
             t_open = time.monotonic()
             with engine.live_stream(f"bench jam {i}", SamplingParams(seed=100 + i), context_seconds=4.0) as s:
-                dec = engine.streaming_decoder()
+                dec = engine.streaming_decoder() if codec else None
                 first_audio = None
                 decode_s = 0.0
                 while s.frames < engine.frames_for(jam_seconds):
@@ -42,6 +45,8 @@ def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds
                     for codes in s.advance(s.frames + chunk, 25, 10):
                         if first_piece is None:
                             first_piece = time.monotonic() - t0
+                        if dec is None:
+                            continue
                         t1 = time.monotonic()
                         with torch.inference_mode():
                             audio = dec.push(torch.from_numpy(codes))
@@ -49,7 +54,8 @@ def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds
                         if first_audio is None and audio.shape[1]:
                             first_audio = time.monotonic() - t_open
                     rec["chunks"].append({"seconds": time.monotonic() - t0, "first_piece": first_piece,
-                                          "replica_steps": s.replica_steps})
+                                          "replica_steps": s.replica_steps, "live_steps": s.replica_live_steps,
+                                          "passes": s.replica_passes})
                 rec.update(first_audio=first_audio, decode_seconds=decode_s, frames=s.frames,
                            replica=s.served_by.replica if s.served_by else None, interruptions=s.interruptions)
             results["jams"].append(rec)
@@ -87,27 +93,43 @@ def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds
         rec["chunk_latency_median"] = statistics.median(lat)
         rec["chunk_latency_max"] = max(lat)
         rec["first_piece_median"] = statistics.median(c["first_piece"] for c in rec["chunks"])
-        rec["codec_realtime_factor"] = made / rec["decode_seconds"] if rec["decode_seconds"] else float("inf")
+        rec["codec_realtime_factor"] = made / rec["decode_seconds"] if rec["decode_seconds"] else None
+        rec["steps_per_pass"] = _steps_per_pass(rec["chunks"])
         # What crossed for this jam: 14 bytes of header per piece and int16 codes.
         rec["code_bytes_per_second"] = engine.num_codebooks * 2 * engine.frame_rate
     results["audio_bytes_per_second"] = engine.sample_rate * engine.channels * 4  # float32, were audio sent
     return results
 
 
+def _steps_per_pass(chunks: list[dict[str, Any]]) -> float | None:
+    """Live steps per decoder pass on the jam's replica between its first and last chunk: above 1
+    where jams there stepped together (None: one chunk, or the replica changed)."""
+    a, b = chunks[0], chunks[-1]
+    if a["passes"] is None or b["passes"] is None:
+        return None
+    steps, passes = b["live_steps"] - a["live_steps"], b["passes"] - a["passes"]
+    return steps / passes if passes > 0 and steps > 0 else None
+
+
 def table(r: dict[str, Any]) -> str:
     lines = [f"engine {r['model']} on {r['device']} in {r['dtype']} at {r['url']}; all clients at once: "
              f"{r['wall']:.1f} s", "",
              "| client | replica | realtime factor | chunk latency median / max (s) | first piece median (s) | "
-             "first audio (s) | codec here (x real time) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "first audio (s) | codec here (x real time) | replica's jam steps per decoder pass |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def num(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for j in sorted(r["jams"], key=lambda j: j["index"]):
         lines.append(f"| jam {j['index']} | {j['replica']} | {j['realtime_factor']:.2f} | "
                      f"{j['chunk_latency_median']:.2f} / {j['chunk_latency_max']:.2f} | {j['first_piece_median']:.3f} | "
-                     f"{j['first_audio']:.2f} | {j['codec_realtime_factor']:.1f} |")
+                     f"{num(j['first_audio'], '.2f')} | {num(j['codec_realtime_factor'], '.1f')} | "
+                     f"{num(j['steps_per_pass'], '.2f')} |")
     if r["jobs"]:
         o = r["jobs"]
         lines.append(f"| {o['n']} offline x {o['seconds_each']:g} s | (Serve's choice) | "
-                     f"{o['audio_per_second']:.2f} s of audio per s | {o['wall']:.1f} s in all | | | |")
+                     f"{o['audio_per_second']:.2f} s of audio per s | {o['wall']:.1f} s in all | | | | |")
     if r["jams"]:
         lines += ["", f"crossing the network per jam: {r['jams'][0]['code_bytes_per_second']:.0f} B/s of codes "
                       f"(audio would be {r['audio_bytes_per_second']:,} B/s as float32)"]

@@ -70,6 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_engine_access_args(p)  # --engine-key, --engine-ca: for --remote
     p.add_argument("--jams", type=int, default=2, help="--remote: concurrent jams (default 2)")
     p.add_argument("--jobs", type=int, default=2, help="--remote: concurrent offline jobs (default 2)")
+    p.add_argument("--no-codec", action="store_true",
+                   help="--remote: do not decode the jams' codes here (measure the engine alone; this machine's "
+                        "cores would otherwise run one codec per jam)")
     p.set_defaults(func=run)
 
 
@@ -186,7 +189,7 @@ def _remote(args: argparse.Namespace) -> int:
     try:
         report = remote_bench.run(args.remote, args.engine_key, args.model or "auto", args.jams, args.jobs,
                                   args.jam_seconds, args.seconds, log=lambda m: print(m, file=sys.stderr, flush=True),
-                                  ca_file=args.engine_ca)
+                                  ca_file=args.engine_ca, codec=not args.no_codec)
     except RemoteError as e:
         raise UsageError(str(e)) from None
     print(remote_bench.table(report))

@@ -9,8 +9,8 @@ as the worker asks for, or as Serve's autoscaler decides between a minimum and a
   share one engine call, one decoder pass per step for all of them.
 - A jam is one WebSocket (`/v1/jam`): the connection is held by the replica it landed on, which
   keeps the jam's decode state (a `LiveStream`) for as long as it lasts and sends code pieces
-  back as they are made. Jam steps go ahead of offline steps on that replica (the engine's
-  StepGate).
+  back as they are made. Every jam on a replica with a step due steps in one decoder pass
+  (model/decode/step_sharing.py), and jam steps go ahead of offline steps (the engine's StepGate).
 - Codes cross, not audio (model/remote/wire.py says why); the daemon runs the codec.
 
 Every request and connection must carry the key (header `x-musicbridge-key`); it is checked
@@ -119,8 +119,10 @@ class JamSession:
             s.set_context(float(msg["context_seconds"]))
             self.cancel.clear()  # a cancel is for the advance it interrupted
             await asyncio.to_thread(self._advance, int(msg["until"]), int(msg["piece"]), int(msg["first_piece"]))
+            shared = eng.shared_steps.stats
             return {"op": "advanced", "frames": s.frames, "prefills": s.prefills, "context": s.context,
-                    "offline_steps": s.offline_steps, "replica_steps": self.replica.stats["steps"]}
+                    "offline_steps": s.offline_steps, "replica_steps": self.replica.stats["steps"],
+                    "replica_live_steps": shared.steps, "replica_passes": shared.passes}
         raise WireError(f"unknown op {op!r}")
 
     def _open(self):
@@ -219,8 +221,11 @@ class EngineReplica:
     async def status(self, request: Request):
         if not self._allowed(request.headers):
             return self._refused()
+        shared = self.engine.shared_steps.stats  # the jams' steps, and the decoder passes they shared
         return {"served_by": self.served_by.to_json(), **self.stats,
-                "live_sessions": self.engine.gate.live_sessions}
+                "live_sessions": self.engine.gate.live_sessions,
+                "live_steps": shared.steps, "live_passes": shared.passes, "shared_passes": shared.shared_passes,
+                "most_jams_in_a_pass": shared.most_together}
 
     @api.post("/v1/tokens")
     async def tokens(self, request: Request):

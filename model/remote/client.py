@@ -344,6 +344,10 @@ class RemoteLiveStream:
         self.prefills = 0
         self.offline_steps = 0
         self.replica_steps: int | None = None  # the replica's decoder steps, all its calls (after each advance)
+        # The replica's live steps (every jam's) and the decoder passes they took: fewer passes than
+        # steps where jams there stepped together (model/decode/step_sharing.py).
+        self.replica_live_steps: int | None = None
+        self.replica_passes: int | None = None
         self.interruptions = 0
         self.served_by: ServedBy | None = None
         self._codes = np.zeros((self.k, 0), np.int64)  # our own last complete codes: what a new replica resumes from
@@ -436,6 +440,8 @@ class RemoteLiveStream:
                     raise RequestError(f"the remote engine: {reply.get('message')}")
                 self.prefills, self.offline_steps = int(reply["prefills"]), int(reply["offline_steps"])
                 self.replica_steps = int(reply["replica_steps"])
+                self.replica_live_steps = int(reply.get("replica_live_steps", 0))
+                self.replica_passes = int(reply.get("replica_passes", 0))
                 return
         except ConnectionClosed as e:
             raise ConnectionResetError(f"the replica closed the jam ({e})") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -28,11 +29,13 @@ class Worker:
     cluster: Cluster
     proc: subprocess.Popen
     log: Path
+    ca_file: str | None = None  # the certificate to trust for an https:// worker
 
     def get(self, path: str, key: str | None = KEY) -> tuple[int, dict]:
         req = urllib.request.Request(self.url + path, headers={} if key is None else {"x-musicbridge-key": key})
+        context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=30, context=context) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")

@@ -1,7 +1,10 @@
 """`musicbridge worker --tls-cert/--tls-key` on a Ray cluster of its own (Serve's proxy options
 are the cluster's, so the TLS worker cannot share the plain one's): a daemon-side command that
 trusts the certificate (`--engine-ca`) gets the same take as a local run over HTTPS; one that
-does not trust it, or speaks plain HTTP to it, gets one clear line and no traceback."""
+does not trust it, or speaks plain HTTP to it, gets one clear line and no traceback.
+
+This worker has one replica, serving a melody checkpoint whose decoder takes the C step: so every
+jam lands on that replica, and two jams there share its decoder passes."""
 
 from __future__ import annotations
 
@@ -26,18 +29,19 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tls_worker(certificate, tiny_melody_dir, tmp_path_factory) -> Iterator[Worker]:
+def tls_worker(certificate, tiny_wide_melody_dir, tmp_path_factory) -> Iterator[Worker]:
     cert, key = certificate
     base = tmp_path_factory.mktemp("tls-worker")
     with ray_cluster(base, nodes=1) as cluster, \
-            run_worker(cluster, tiny_melody_dir, base / "worker.log", "--tls-cert", cert, "--tls-key", key,
+            run_worker(cluster, tiny_wide_melody_dir, base / "worker.log", "--tls-cert", cert, "--tls-key", key,
                        replicas=1, scheme="https") as w:
         assert "serving at https://" in w.log_text()
+        w.ca_file = cert
         yield w
 
 
-def test_generate_over_https_writes_the_same_file_as_local(tls_worker, certificate, tiny_melody_dir, tmp_path):
-    common = ["--model", str(tiny_melody_dir), "--prompt", "lofi beat", "--seconds", "1.0", "--seed", "5",
+def test_generate_over_https_writes_the_same_file_as_local(tls_worker, certificate, tiny_wide_melody_dir, tmp_path):
+    common = ["--model", str(tiny_wide_melody_dir), "--prompt", "lofi beat", "--seconds", "1.0", "--seed", "5",
               "--dtype", "float32", "--device", "cpu"]
     local = mb("generate", *common, "--out", str(tmp_path / "local.wav"))
     assert local.returncode == 0, local.stderr
@@ -48,8 +52,8 @@ def test_generate_over_https_writes_the_same_file_as_local(tls_worker, certifica
     assert len(a) > 1000 and a == b
 
 
-def test_an_untrusted_certificate_or_plain_http_is_one_clear_line(tls_worker, tiny_melody_dir, tmp_path):
-    args = ["generate", "--model", str(tiny_melody_dir), "--prompt", "x", "--seconds", "0.5",
+def test_an_untrusted_certificate_or_plain_http_is_one_clear_line(tls_worker, tiny_wide_melody_dir, tmp_path):
+    args = ["generate", "--model", str(tiny_wide_melody_dir), "--prompt", "x", "--seconds", "0.5",
             "--engine-key", KEY]
     untrusted = mb(*args, "--out", str(tmp_path / "a.wav"), "--engine", tls_worker.url)
     assert untrusted.returncode == 2 and "Traceback" not in untrusted.stderr, untrusted.stderr
@@ -61,10 +65,28 @@ def test_an_untrusted_certificate_or_plain_http_is_one_clear_line(tls_worker, ti
     assert not (tmp_path / "a.wav").exists() and not (tmp_path / "b.wav").exists()  # nothing half-written
 
 
-def test_a_jam_streams_over_wss(tls_worker, certificate, tiny_melody_dir):
+def test_a_jam_streams_over_wss(tls_worker, certificate, tiny_wide_melody_dir):
     """`bench --remote` holds a jam over the worker's WebSocket, here WSS with the same certificate."""
     r = mb("bench", "--remote", tls_worker.url, "--engine-key", KEY, "--engine-ca", certificate[0], "--model",
-           str(tiny_melody_dir), "--jams", "1", "--jobs", "0", "--jam-seconds", "4")
+           str(tiny_wide_melody_dir), "--jams", "1", "--jobs", "0", "--jam-seconds", "4")
     assert r.returncode == 0, r.stdout + r.stderr + tls_worker.log_text()[-3000:]
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| jam ")]
     assert len(rows) == 1 and "error:" not in r.stdout, r.stdout
+
+
+def test_two_jams_on_one_replica_share_its_decoder_passes(tls_worker, certificate, tiny_wide_melody_dir):
+    """Two jams at once on the one replica: each streams its own continuous codes (the client checks
+    every piece starts where the last ended) and the replica made their steps in fewer decoder
+    passes than steps, as its /v1/status also says."""
+    code, before = tls_worker.get("/v1/status")
+    assert code == 200, before
+    r = mb("bench", "--remote", tls_worker.url, "--engine-key", KEY, "--engine-ca", certificate[0], "--model",
+           str(tiny_wide_melody_dir), "--jams", "2", "--jobs", "0", "--jam-seconds", "6", "--no-codec")
+    assert r.returncode == 0, r.stdout + r.stderr + tls_worker.log_text()[-3000:]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in r.stdout.splitlines() if ln.startswith("| jam ")]
+    assert len(rows) == 2 and "error:" not in r.stdout, r.stdout
+    assert rows[0][1] == rows[1][1]  # one replica holds both
+    assert all(float(row[7]) > 1.0 for row in rows), r.stdout  # jam steps per decoder pass
+    code, after = tls_worker.get("/v1/status")
+    assert after["shared_passes"] > before["shared_passes"] and after["most_jams_in_a_pass"] == 2, after
+    assert after["live_passes"] - before["live_passes"] < after["live_steps"] - before["live_steps"], after

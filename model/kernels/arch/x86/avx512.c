@@ -83,6 +83,50 @@ static void vnni_sequential(const int8_t *xq, const float *sx, const float *corr
     }
 }
 
+/* Three or four activation rows (two jams stepping together, each guided): the same sequential
+ * stream, each weight vector meeting all four rows, four weight rows a tile. The tiled path below
+ * re-reads each tile once per pair of rows; at four rows a whole decode step took 2x one jam's
+ * there, where the weights' trip from memory is paid once here (BENCHMARKS.md). A row's sums run
+ * in the same order as in vnni_sequential and the tiled path, so its result is the same bits. */
+static void vnni_sequential4(const int8_t *xq, const float *sx, const float *corr, int blocks, int M, int K,
+                             const uint8_t *w, const float *scale, const float *bias, float *y, int N) {
+    int tiles = (N + 3) / 4;
+    const int8_t *xr[4];
+    const float *sr[4];
+    for (int c = 0; c < 4; c++) {
+        int m = c < M ? c : M - 1;
+        xr[c] = xq + (size_t)m * blocks * 2 * QB;
+        sr[c] = sx + (size_t)m * blocks;
+    }
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+        int n = t * 4, nt = N - n < 4 ? N - n : 4;
+        vf acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = (vf){0};
+        for (int r = 0; r < nt; r++) {
+            const uint8_t *wr = w + (size_t)(n + r) * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int b = 0; b < blocks; b++) {
+                _mm_prefetch((const char *)(wr + (size_t)b * QB + SEQ_AHEAD), _MM_HINT_T1);
+                __m512i wv = _mm512_loadu_si512(wr + (size_t)b * QB);
+                size_t at = (size_t)b * 2 * QB;
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[0] + at)), _mm512_set1_ps(sr[0][b]), a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[1] + at)), _mm512_set1_ps(sr[1][b]), a1);
+                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[2] + at)), _mm512_set1_ps(sr[2][b]), a2);
+                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[3] + at)), _mm512_set1_ps(sr[3][b]), a3);
+            }
+            acc[4 * r] = (vf)a0;
+            acc[4 * r + 1] = (vf)a1;
+            acc[4 * r + 2] = (vf)a2;
+            acc[4 * r + 3] = (vf)a3;
+        }
+        vf sums = vsum16(acc);
+        for (int r = 0; r < nt; r++)
+            for (int c = 0; c < M; c++)
+                y[(size_t)c * N + n + r] = int8_out(sums[4 * r + c], corr[c], scale, bias, n + r);
+    }
+}
+
 /* More activation rows (variations): eight weight rows a tile, interleaved a block at a time, against
  * each pair of activation rows in turn, the tile staying in L1/L2 between pairs. Here the product is
  * bound by arithmetic and loads, not memory: each weight vector is loaded once per pair and the
@@ -97,8 +141,8 @@ int mb_gemv_i8_vnni(const float *x, int M, int K, const uint8_t *w, const float 
     if (!xq || !sx) { free(xq); free(sx); return -1; }
     float *corr = sx + (size_t)M * blocks;
     quantize_rows(x, M, K, xq, sx, corr);
-    if (M <= 2) {
-        vnni_sequential(xq, sx, corr, blocks, M, K, w, scale, bias, y, N);
+    if (M <= 4) {
+        (M <= 2 ? vnni_sequential : vnni_sequential4)(xq, sx, corr, blocks, M, K, w, scale, bias, y, N);
         free(xq);
         free(sx);
         return 0;
