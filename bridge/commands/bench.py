@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variations", default="", metavar="N,N,...",
                    help="also time N takes of one prompt in one batched pass for each N (e.g. 1,2,4), "
                         "in the first --dtype")
+    p.add_argument("--together", default="", metavar="N,N,...",
+                   help="also time one decoder pass stepping N live jams together (each its own decode state, "
+                        "as jams on one engine step) for each N (e.g. 1,2,4), in the first --dtype")
     p.add_argument("--e2e", type=positive_float, default=None, metavar="SECONDS",
                    help="instead: end to end, `musicbridge generate --seconds SECONDS` with default "
                         "flags against transformers alone, each a fresh process loading from disk")
@@ -111,14 +114,20 @@ def run(args: argparse.Namespace) -> int:
         variations = [0]
     if any(not 1 <= v <= 16 for v in variations):
         raise UsageError(f"--variations: expected counts between 1 and 16 like 1,2,4, got {args.variations!r}")
+    try:
+        together = [int(v) for v in args.together.split(",") if v.strip()]
+    except ValueError:
+        together = [0]
+    if any(not 1 <= v <= 16 for v in together):
+        raise UsageError(f"--together: expected counts between 1 and 16 like 1,2,4, got {args.together!r}")
 
-    steps = (1 + (args.compare == "transformers") + len(dict.fromkeys(dtypes)) + gpu + bool(variations)
+    steps = (1 + (args.compare == "transformers") + len(dict.fromkeys(dtypes)) + gpu + bool(variations) + bool(together)
              + bool(args.quality) + 2 * bool(args.quality and args.proxy_steps))
     with Stages("bench", steps) as stages:
         report = bench.run(args.arch, args.seconds, dtypes, args.compare == "transformers",
                            args.stream_seconds or args.seconds, args.quality, log=stages.log,
                            proxy_steps=args.proxy_steps if args.quality else 0, variations=variations,
-                           device=device)
+                           device=device, together=together)
     gpu_name = f", {report['machine']['gpu']}" if gpu else ""
     print(f"\n{args.arch}, {args.seconds:g} s of audio, {report['machine']['cpu']}{gpu_name}, "
           f"{report['machine']['threads']} threads, torch {report['machine']['torch']}\n")

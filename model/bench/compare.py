@@ -27,6 +27,7 @@ from model.conditioning.prepare import build_conditioning
 from model.decode import autotune
 from model.decode.cross_fold import folded
 from model.decode.decoder import DecoderSpec
+from model.decode.loop import decode_together
 from model.decode.step_graph import graphs as graphs_on
 from model.engine import Engine
 from model.load.resolve import ResolvedModel
@@ -431,6 +432,41 @@ def bench_variations(model, tokenizer, dtype: str, seconds: float, counts: list[
     return rows
 
 
+def bench_together(model, tokenizer, dtype: str, counts: list[int], log=print, device: str = "cpu",
+                   frames: int = 300, passes: int = 30) -> list[dict]:
+    """One decoder pass stepping N live jams together (model/decode/step_sharing.py), per N: each
+    jam its own decode state (a prompt of its own, guided: two rows), `frames` into its window;
+    the median of `passes` passes, and its cost against one jam's."""
+    resolved = ResolvedModel("random", "random weights", False, False, True)
+    eng = Engine(_on(model, device), tokenizer, resolved, device, dtype)
+    streams = [eng.live_stream(f"{PROMPT} {i}", SamplingParams(seed=i, guidance=3.0), context_seconds=4.0)
+               for i in range(max(counts))]
+    for s in streams:
+        for _ in s.advance(frames, piece_frames=frames):
+            pass
+    states = [s._state for s in streams]
+    rows = []
+    for n in counts:
+        decode_together(states[:n])  # warm-up
+        times = []
+        for _ in range(passes):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            decode_together(states[:n])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        rows.append({"n": n, "dtype": dtype, "ms_per_pass_median": float(np.median(times) * 1000)})
+        log(f"  {n} jam(s) together: {rows[-1]['ms_per_pass_median']:.1f} ms a pass")
+    one = next((r["ms_per_pass_median"] for r in rows if r["n"] == 1), None)
+    for r in rows:
+        r["vs_one"] = r["ms_per_pass_median"] / one if one else None
+    del eng, streams, states
+    gc.collect()
+    return rows
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -449,7 +485,7 @@ def machine() -> dict:
 
 def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seconds: float,
         with_quality: bool, log=print, proxy_steps: int = 0, variations: list[int] | None = None,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", together: list[int] | None = None) -> dict:
     """The whole bench on `device`. On a GPU: transformers in float16 and float32, ours in each
     of `dtypes` with CUDA graphs and the first of them without (the A/B)."""
     t = time.perf_counter()
@@ -484,6 +520,9 @@ def run(arch: str, seconds: float, dtypes: list[str], compare: bool, stream_seco
         vd = dtypes[0]
         log(f"variations {','.join(map(str, variations))} in {vd} ...")
         out["variations"] = bench_variations(model, tokenizer, vd, seconds, variations, log, device)
+    if together:
+        log(f"jams stepping together {','.join(map(str, together))} in {dtypes[0]} ...")
+        out["together"] = bench_together(model, tokenizer, dtypes[0], together, log, device)
     if with_quality:
         log("measuring quantisation quality on random weights ...")
         kinds = ("float16", "bfloat16") if gpu else ("bfloat16", "int8", "int4")
@@ -532,6 +571,12 @@ def table(report: dict) -> str:
         for v in report["variations"]:
             vs = f"{v['vs_one']:.2f}x" if v.get("vs_one") else "-"
             lines.append(f"| {v['n']} | {v['dtype']} | {v['wall_s']:.1f} | {v['ms_per_step_median']:.1f} | {vs} |")
+    if report.get("together"):
+        lines += ["", "| jams stepping together (one decoder pass) | dtype | ms a pass (median) | cost vs one jam |",
+                  "|---|---|---|---|"]
+        for v in report["together"]:
+            vs = f"{v['vs_one']:.2f}x" if v.get("vs_one") else "-"
+            lines.append(f"| {v['n']} | {v['dtype']} | {v['ms_per_pass_median']:.1f} | {vs} |")
     if report.get("quality"):
         lines += ["", "| proxy | dtype | max rel. logit error | RMS rel. logit error | argmax agreement "
                   "| top-k 250 KL (nats) | greedy agreement |", "|---|---|---|---|---|---|---|"]

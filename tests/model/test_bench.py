@@ -61,18 +61,21 @@ def test_bench_on_a_missing_gpu_is_a_usage_error():
 def test_bench_variations_and_both_quality_proxies(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "bench", "--arch", "tiny", "--seconds", "0.2",
-                        "--dtype", "int8,int4", "--compare", "none", "--variations", "1,2", "--quality",
+                        "--dtype", "int8,int4", "--compare", "none", "--variations", "1,2", "--together", "1,3", "--quality",
                         "--proxy-steps", "3", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert [v["n"] for v in report["variations"]] == [1, 2]
     assert report["variations"][0]["vs_one"] == 1.0 and report["variations"][1]["vs_one"] > 0
+    assert [(v["n"], v["dtype"]) for v in report["together"]] == [(1, "int8"), (3, "int8")]
+    assert report["together"][0]["vs_one"] == 1.0 and report["together"][1]["ms_per_pass_median"] > 0
     rows = {(q["proxy"], q["dtype"]) for q in report["quality"]}
     assert rows == {("random", "int8"), ("random", "int4"), ("trained", "int8"), ("trained", "int4")}
     for q in report["quality"]:
         assert 0 <= q["topk250_kl"] < 10 and 0 <= q["greedy_agreement"] <= 1 and 0 < q["max_rel_error"] < 1
     assert report["proxy"]["steps"] == 3 and math.isfinite(report["proxy"]["final_loss"])
     assert "| trained | int8 |" in r.stdout and "| variations (one batched pass) |" in r.stdout
+    assert "| jams stepping together (one decoder pass) |" in r.stdout
 
 
 def test_bench_end_to_end_against_transformers(tmp_path):

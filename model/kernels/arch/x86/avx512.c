@@ -84,48 +84,50 @@ static void vnni_sequential(const int8_t *xq, const float *sx, const float *corr
 }
 
 /* Three or four activation rows (two jams stepping together, each guided): the same sequential
- * stream, each weight vector meeting all four rows, four weight rows a tile. The tiled path below
- * re-reads each tile once per pair of rows; at four rows a whole decode step took 2x one jam's
- * there, where the weights' trip from memory is paid once here (BENCHMARKS.md). A row's sums run
- * in the same order as in vnni_sequential and the tiled path, so its result is the same bits. */
-static void vnni_sequential4(const int8_t *xq, const float *sx, const float *corr, int blocks, int M, int K,
-                             const uint8_t *w, const float *scale, const float *bias, float *y, int N) {
-    int tiles = (N + 3) / 4;
-    const int8_t *xr[4];
-    const float *sr[4];
-    for (int c = 0; c < 4; c++) {
-        int m = c < M ? c : M - 1;
-        xr[c] = xq + (size_t)m * blocks * 2 * QB;
-        sr[c] = sx + (size_t)m * blocks;
-    }
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles; t++) {
-        int n = t * 4, nt = N - n < 4 ? N - n : 4;
-        vf acc[16];
-        for (int i = 0; i < 16; i++) acc[i] = (vf){0};
-        for (int r = 0; r < nt; r++) {
-            const uint8_t *wr = w + (size_t)(n + r) * K;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int b = 0; b < blocks; b++) {
-                _mm_prefetch((const char *)(wr + (size_t)b * QB + SEQ_AHEAD), _MM_HINT_T1);
-                __m512i wv = _mm512_loadu_si512(wr + (size_t)b * QB);
-                size_t at = (size_t)b * 2 * QB;
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[0] + at)), _mm512_set1_ps(sr[0][b]), a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[1] + at)), _mm512_set1_ps(sr[1][b]), a1);
-                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[2] + at)), _mm512_set1_ps(sr[2][b]), a2);
-                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[3] + at)), _mm512_set1_ps(sr[3][b]), a3);
-            }
-            acc[4 * r] = (vf)a0;
-            acc[4 * r + 1] = (vf)a1;
-            acc[4 * r + 2] = (vf)a2;
-            acc[4 * r + 3] = (vf)a3;
-        }
-        vf sums = vsum16(acc);
-        for (int r = 0; r < nt; r++)
-            for (int c = 0; c < M; c++)
-                y[(size_t)c * N + n + r] = int8_out(sums[4 * r + c], corr[c], scale, bias, n + r);
-    }
+ * stream, each weight vector meeting every row, 16 / ROWS weight rows a tile (16 accumulators, one
+ * vsum16). The tiled path below re-reads each tile once per pair of rows: a two-jam pass of
+ * musicgen-small took 28 ms there against 18-22 here (BENCHMARKS.md). At eight rows both are bound
+ * by arithmetic (two dot products per row and weight vector) and take the same time, so more rows
+ * keep the tiled path. A row's sums run in the same order as in vnni_sequential and the tiled
+ * path, so its result is the same bits. */
+#define DEFINE_SEQUENTIAL(NAME, ROWS)                                                                      \
+static void NAME(const int8_t *xq, const float *sx, const float *corr, int blocks, int M, int K,             \
+                 const uint8_t *w, const float *scale, const float *bias, float *y, int N) {                 \
+    enum { TILE = 16 / ROWS };                                                                             \
+    int tiles = (N + TILE - 1) / TILE;                                                                     \
+    const int8_t *xr[ROWS];                                                                                \
+    const float *sr[ROWS];                                                                                 \
+    for (int c = 0; c < ROWS; c++) {                                                                       \
+        int m = c < M ? c : M - 1;                                                                         \
+        xr[c] = xq + (size_t)m * blocks * 2 * QB;                                                          \
+        sr[c] = sx + (size_t)m * blocks;                                                                   \
+    }                                                                                                      \
+    _Pragma("omp parallel for schedule(static)")                                                           \
+    for (int t = 0; t < tiles; t++) {                                                                      \
+        int n = t * TILE, nt = N - n < TILE ? N - n : TILE;                                                \
+        vf acc[16];                                                                                        \
+        for (int i = 0; i < 16; i++) acc[i] = (vf){0};                                                     \
+        for (int r = 0; r < nt; r++) {                                                                     \
+            const uint8_t *wr = w + (size_t)(n + r) * K;                                                   \
+            __m512 a[ROWS];                                                                                \
+            for (int c = 0; c < ROWS; c++) a[c] = _mm512_setzero_ps();                                     \
+            for (int b = 0; b < blocks; b++) {                                                             \
+                _mm_prefetch((const char *)(wr + (size_t)b * QB + SEQ_AHEAD), _MM_HINT_T1);                \
+                __m512i wv = _mm512_loadu_si512(wr + (size_t)b * QB);                                      \
+                size_t at = (size_t)b * 2 * QB;                                                            \
+                for (int c = 0; c < ROWS; c++)                                                             \
+                    a[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2(wv, xr[c] + at)),                       \
+                                           _mm512_set1_ps(sr[c][b]), a[c]);                                \
+            }                                                                                              \
+            for (int c = 0; c < ROWS; c++) acc[ROWS * r + c] = (vf)a[c];                                   \
+        }                                                                                                  \
+        vf sums = vsum16(acc);                                                                             \
+        for (int r = 0; r < nt; r++)                                                                       \
+            for (int c = 0; c < M; c++)                                                                    \
+                y[(size_t)c * N + n + r] = int8_out(sums[ROWS * r + c], corr[c], scale, bias, n + r);      \
+    }                                                                                                      \
 }
+DEFINE_SEQUENTIAL(vnni_sequential4, 4)
 
 /* More activation rows (variations): eight weight rows a tile, interleaved a block at a time, against
  * each pair of activation rows in turn, the tile staying in L1/L2 between pairs. Here the product is
