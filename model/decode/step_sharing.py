@@ -1,9 +1,10 @@
 """Live decode states that step together: every jam on an engine with a step due, in one decoder pass.
 
 Why: a decode step reads every weight once for the few rows it computes, so on a CPU its cost is
-the weights' trip from memory and on a GPU the kernel launches; a second jam stepping on its own
-pays all of that again. Stepped together (`loop.decode_together`), two jams cost one pass over
-the weights plus their own attention.
+mostly the weights' trip from memory and on a GPU the kernel launches; a second jam stepping on
+its own pays all of that again. Stepped together (`loop.decode_together`), jams share one pass
+over the weights and each adds its own attention and the arithmetic of its rows (BENCHMARKS.md,
+*Remote engine*: on two cores a second int8 jam costs 0.5-0.8 of a first).
 
 Each jam keeps its own thread, its own decode state and its own chunk-by-chunk rhythm
 (`LiveStream.advance`); nothing here owns a loop. A thread with a step due hands its state in
@@ -141,8 +142,6 @@ class SharedSteps:
         s.rounds += 1
         s.steps += n
         s.passes += passes
-        if passes == 1 and n > 1:
-            s.shared_passes += 1
-            s.most_together = max(s.most_together, n)
-        elif n:
-            s.most_together = max(s.most_together, 1)
+        together = n if passes == 1 else 1
+        s.shared_passes += together > 1
+        s.most_together = max(s.most_together, together)

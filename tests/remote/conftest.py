@@ -76,13 +76,15 @@ def run_worker(cluster: Cluster, model_dir: Path, log: Path, *extra: str, replic
             proc.wait()
 
 
-@pytest.fixture(scope="session")
+# Package-scoped: the cluster's network namespace, which the test thread enters, ends with this
+# package's tests.
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     with ray_cluster(tmp_path_factory.mktemp("ray")) as c:
         yield c
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def worker(cluster, tiny_melody_dir, tmp_path_factory) -> Iterator[Worker]:
     """The tiny melody model (jams follow notes) served by two replicas, one on each node (each node has
     one CPU for them)."""

@@ -1,7 +1,10 @@
 """A private two-node Ray cluster on loopback for the remote-engine tests.
 
 Both nodes run on this machine, bound to 127.0.0.1, CPU only, with a private temp dir and
-usage statistics off. Each node is one `ray start --block` process in its own process group:
+usage statistics off. Ray 2.60 listens on every interface for several of its ports whatever
+`--node-ip-address` says (docs/remote.md), so where it can (as root, with `unshare` and `ip`) the
+cluster runs in a network namespace of its own whose only interface is loopback: the test's
+thread enters it (`private_network`), and every process it then starts is in it too. Each node is one `ray start --block` process in its own process group:
 SIGTERM makes it stop the processes it started, and the group is killed after that, so only
 this cluster's processes ever go (never `ray stop`, which stops every cluster of the user).
 """
@@ -9,7 +12,9 @@ this cluster's processes ever go (never `ray stop`, which stops every cluster of
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +46,7 @@ class Cluster:
     address: str  # host:port of the head's GCS
     temp_dir: Path
     nodes: list[subprocess.Popen] = field(default_factory=list)
+    private: bool = False  # in a network namespace of its own (`private_network`)
 
     def node_pids(self, node: int) -> set[int]:
         """Every process one node started: its `ray start` and all its descendants (Ray starts its
@@ -132,8 +138,78 @@ def _wait_nodes(address: str, n: int, timeout: float, logs: list[Path]) -> None:
                        + "\n".join(p.read_text()[-2000:] for p in logs))
 
 
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def private_network() -> Iterator[bool]:
+    """This thread, and every process and thread it starts from now on, in a new network namespace
+    with only loopback up, until the block ends. Yields False and changes nothing where one cannot
+    be made (not root, or no `unshare`/`ip`)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        yield False
+        return
+    # The namespace lives as long as this holder does; it brings loopback up, says so, and waits.
+    holder = subprocess.Popen(["unshare", "--net", "--", "sh", "-c", "ip link set lo up && echo up && exec sleep infinity"],
+                              stdout=subprocess.PIPE, text=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = new = -1
+    entered = False
+    try:
+        if (holder.stdout.readline() or "").strip() != "up":
+            yield False
+            return
+        old = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        new = os.open(f"/proc/{holder.pid}/ns/net", os.O_RDONLY)
+        if libc.setns(new, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns into the test's network namespace")
+        entered = True
+        yield True
+    finally:
+        if entered and libc.setns(old, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back to the network namespace the tests started in")
+        for fd in (old, new):
+            if fd >= 0:
+                os.close(fd)
+        holder.kill()
+        holder.wait()
+
+
+def listening_beyond_loopback() -> list[str]:
+    """TCP and UDP sockets listening in this thread's network namespace on an address other
+    than loopback: a wildcard counts where the namespace has an interface besides `lo`."""
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout.splitlines()
+    only_lo = all(ln.split(":")[1].strip().split("@")[0] == "lo" for ln in links if ln.strip())
+    out = []
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/thread-self/net/{name}").read_text().splitlines()[1:]:
+                f = line.split()
+                local, state = f[1], f[3]
+                if name.startswith("tcp") and state != "0A":  # LISTEN
+                    continue
+                addr = local.split(":")[0]  # hex, in the kernel's byte order: 127.x.x.x ends in 7F
+                if len(addr) == 8:
+                    loop = addr.endswith("7F")
+                else:
+                    loop = addr == "00000000000000000000000001000000" or (
+                        addr.startswith("0000000000000000FFFF0000") and addr.endswith("7F"))
+                wild = set(addr) == {"0"}
+                if not loop and not (wild and only_lo):
+                    out.append(f"{name} {local}")
+    return out
+
+
 @contextlib.contextmanager
 def ray_cluster(base: Path, nodes: int = 2, timeout: float = 120.0) -> Iterator[Cluster]:
+    with private_network() as private:
+        with _cluster(base, nodes, timeout) as cluster:
+            cluster.private = private
+            yield cluster
+
+
+@contextlib.contextmanager
+def _cluster(base: Path, nodes: int, timeout: float) -> Iterator[Cluster]:
     temp = Path(f"/tmp/mbray-{os.getpid()}-{free_port()}")  # Ray's socket paths must stay short
     port = free_port()
     address = f"127.0.0.1:{port}"

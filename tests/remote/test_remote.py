@@ -19,7 +19,7 @@ import soundfile as sf
 
 from tests.bridge.osc_helpers import drain, expect
 from tests.remote.conftest import KEY, Relay, mb, replica_stats
-from tests.remote.ray_cluster import free_port
+from tests.remote.ray_cluster import free_port, listening_beyond_loopback, private_network
 
 
 def test_generate_through_the_worker_writes_the_same_file_as_local(worker, tiny_melody_dir, tmp_path):
@@ -73,6 +73,43 @@ def test_requests_without_the_key_or_with_a_wrong_one_never_reach_the_engine(wor
     assert total(after, "steps") == total(before, "steps")
     assert total(after, "jams") == total(before, "jams")
     assert total(after, "refused") >= total(before, "refused") + refused
+
+
+def test_nothing_of_the_cluster_listens_beyond_loopback(worker):
+    """Ray listens on every interface for several ports whatever --node-ip-address says; the test
+    cluster runs where loopback is the only interface, so nothing it opens is reachable from
+    outside this machine."""
+    if not worker.cluster.private:
+        pytest.skip("not root, or no unshare/ip: the cluster shares the machine's network namespace")
+    assert worker.cluster.replica_pids(), "the worker's replicas are up"
+    assert listening_beyond_loopback() == []
+
+
+def test_the_loopback_check_sees_a_socket_on_another_interface():
+    """`listening_beyond_loopback` itself, in a namespace of its own given a second interface (a
+    veth pair, 10.9.9.9): a listener there or on the wildcard is reported, one on 127.0.0.1 is not."""
+    import socket
+    import subprocess
+
+    with private_network() as private:
+        if not private:
+            pytest.skip("not root, or no unshare/ip: no namespace to add an interface to")
+        assert listening_beyond_loopback() == []
+        subprocess.run("ip link add mbt0 type veth peer name mbt1 && ip addr add 10.9.9.9/24 dev mbt0 && "
+                       "ip link set mbt0 up && ip link set mbt1 up", shell=True, check=True)
+        socks = []
+        for host in ("127.0.0.1", "0.0.0.0", "10.9.9.9"):
+            s = socket.socket()
+            s.bind((host, 0))
+            s.listen()
+            socks.append(s)
+        try:
+            found = listening_beyond_loopback()
+            ports = {int(x.split(":")[1], 16) for x in found}
+            assert ports == {socks[1].getsockname()[1], socks[2].getsockname()[1]}, found
+        finally:
+            for s in socks:
+                s.close()
 
 
 def test_an_unreachable_worker_is_one_clear_line_at_start(tiny_melody_dir, tmp_path):
