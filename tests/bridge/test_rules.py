@@ -156,7 +156,7 @@ def test_sampling_ranges(daemon, capsys, tmp_path, key):
 
 
 def test_request_seconds_limit(daemon, capsys, tmp_path):
-    d, c = daemon["d"], daemon["c"]
+    c = daemon["c"]
     limit = MAX_REQUEST_SECONDS
     assert osc(c, "/track/long/preset", "plain")[0] == "/ok"
     addr, args = osc(c, "/track/long/generate", limit + 0.5)

@@ -65,7 +65,6 @@ def test_streamed_stem_is_sample_exact_after_the_chain(jack, tiny_engine):
     reference = resample(build_chain(CHAIN).process(source, tiny_engine.sample_rate), tiny_engine.sample_rate, SR)
     rec = cap.audio
     off = align(rec[0], reference[0])
-    n = reference.shape[1]
     # Bound: exact. The chain with reset=False and the streaming resampler carry their state across
     # chunks, so chunked processing equals whole-stem processing bit for bit, and the ring, the mix
     # at unity gain and JACK's float32 ports copy samples unchanged.

@@ -76,7 +76,6 @@ def test_gain_pan_and_mix_of_two_tracks(jack):
         xruns = out.xruns - x0
     rec = cap.audio
     off = align(rec[1], b[:, 0])  # the right side has b alone
-    n = len(b)
     # left: a at half gain plus b, summed in float32 exactly as numpy does it
     expected = np.stack([a[:, 0] * np.float32(0.5) + b[:, 0], b[:, 0]])
     assert_exact_unless_xrun(rec, expected, off, xruns, PERIOD)
