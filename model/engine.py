@@ -137,7 +137,7 @@ class Engine:
         self.device = device
         self.gate = StepGate()  # one decoder step at a time, live work first (model/decode/scheduler.py)
         # Live streams' steps, every jam with one due in one decoder pass (model/decode/step_sharing.py).
-        self.shared_steps = SharedSteps(self.gate, decode_together)
+        self.live_steps = SharedSteps(self.gate, decode_together)
         cfg = hf_model.config
         self.sample_rate = int(cfg.audio_encoder.sampling_rate)
         self.channels = int(cfg.decoder.audio_channels)

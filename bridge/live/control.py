@@ -183,7 +183,8 @@ class LiveControl:
         self.send(to, "/jam/chunk", (name, int(e["index"]), float(e["start_time"]), float(e["bar"]),
                                      float(e["conditioned_at"]), bins_text(e["melody_bins"]),
                                      float(e["generate_seconds"]), float(e["first_audio_seconds"] or -1.0),
-                                     int(e["reprefilled"]), int(e["late"]), int(e["offline_steps"])))
+                                     int(e["reprefilled"]), int(e["late"]), int(e["offline_steps"]),
+                                     int(e["shared_steps"])))
         log.info("jam %s: chunk %d at bar %.2f, %.2f s in %.2f s%s%s", name, e["index"], e["bar"] + 1,
                  e["chunk_seconds"], e["generate_seconds"], " (re-prefilled)" if e["reprefilled"] else "",
                  f", melody {bins_text(e['melody_bins'])}" if e["melody_bins"] else "")

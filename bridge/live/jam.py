@@ -346,7 +346,7 @@ class Jam(ReportsBehind):
             "chunk_seconds": seconds, "context_seconds": stream.context / eng.frame_rate,
             "conditioned_at": read_at, "reprefilled": bool(reprefill),
             "prefills": stream.prefills, "generate_seconds": gen_s, "first_audio_seconds": first_audio,
-            "offline_steps": stream.offline_steps,
+            "offline_steps": stream.offline_steps, "shared_steps": stream.shared_steps,
             "realtime_factor": rtf, "late": bool(self._late_in_chunk), "anchors": self._anchors,
             "reconnected": getattr(stream, "interruptions", 0) > lost,
             "chroma": cond, "melody_bins": _dominant_bins(cond),

@@ -63,6 +63,7 @@ class LiveStream:
         self._seed_step = 0
         self.prefills = 0  # how many times a window was (re)prefilled
         self.offline_steps = 0  # offline decoder steps that ran during the last advance (0 or 1)
+        self.shared_steps = 0  # steps of the last advance made in one decoder pass with another jam's
         self.last_prefill_reason = ""
 
     def set_context(self, seconds: float) -> None:
@@ -139,6 +140,7 @@ class LiveStream:
         The engine's gate is taken one step at a time and never held across a yield."""
         eng = self.engine
         self.offline_steps = 0
+        self.shared_steps = 0
         share = None
         try:
             with eng.gate.live_session() as share:  # offline steps wait until this chunk is made
@@ -149,7 +151,7 @@ class LiveStream:
 
     def _advance(self, until_frame, piece_frames, first_piece_frames, cancel) -> Iterator[np.ndarray]:
         eng = self.engine
-        shared = eng.shared_steps  # other jams with a step due step with this one
+        shared = eng.live_steps  # other jams with a step due step with this one
         want = first_piece_frames or piece_frames
         pending_from = self.frames
         with shared.stepping(self):
@@ -162,7 +164,8 @@ class LiveStream:
                         self.last_prefill_reason = "window"
                     with shared.away(self):
                         self._prefill()
-                shared.step(self, self._state)
+                if shared.step(self, self._state) > 1:
+                    self.shared_steps += 1
                 if eng.step_hook is not None:
                     eng.step_hook()
                 # Tokens are read back only when a piece is due or the window ends: on a GPU each read

@@ -37,6 +37,7 @@ class _Ticket:
     state: object
     done: bool = False
     error: BaseException | None = None
+    together: int = 1  # how many states its pass stepped
 
 
 @dataclass
@@ -87,8 +88,9 @@ class SharedSteps:
             with self._cv:
                 self._stepping.add(id(member))
 
-    def step(self, member: object, state: object) -> None:
-        """One step of `state`, made together with whatever other members' states are due."""
+    def step(self, member: object, state: object) -> int:
+        """One step of `state`, made together with whatever other members' states are due.
+        Returns how many states its decoder pass stepped (1: alone, or the states stepped in turn)."""
         ticket = _Ticket(id(member), state)
         with self._cv:
             self._pending.append(ticket)
@@ -98,7 +100,7 @@ class SharedSteps:
             if ticket.done:
                 if ticket.error is not None:
                     raise ticket.error
-                return
+                return ticket.together
             self._leading = True
         batch: list[_Ticket] = []
         passes = 0
@@ -111,8 +113,9 @@ class SharedSteps:
             error = e
         finally:
             with self._cv:
+                together = len(batch) if passes == 1 else 1
                 for t in batch or [ticket]:
-                    t.done, t.error = True, error
+                    t.done, t.error, t.together = True, error, together
                 if not batch:
                     self._pending.remove(ticket)
                 self._leading = False
@@ -120,6 +123,7 @@ class SharedSteps:
                 self._cv.notify_all()
         if error is not None:
             raise error
+        return ticket.together
 
     def _gather(self) -> list[_Ticket]:
         """The tickets to step now: wait up to the gather time for every stepping member's."""

@@ -119,9 +119,10 @@ class JamSession:
             s.set_context(float(msg["context_seconds"]))
             self.cancel.clear()  # a cancel is for the advance it interrupted
             await asyncio.to_thread(self._advance, int(msg["until"]), int(msg["piece"]), int(msg["first_piece"]))
-            shared = eng.shared_steps.stats
+            shared = eng.live_steps.stats
             return {"op": "advanced", "frames": s.frames, "prefills": s.prefills, "context": s.context,
-                    "offline_steps": s.offline_steps, "replica_steps": self.replica.stats["steps"],
+                    "offline_steps": s.offline_steps, "shared_steps": s.shared_steps,
+                    "replica_steps": self.replica.stats["steps"],
                     "replica_live_steps": shared.steps, "replica_passes": shared.passes}
         raise WireError(f"unknown op {op!r}")
 
@@ -221,7 +222,7 @@ class EngineReplica:
     async def status(self, request: Request):
         if not self._allowed(request.headers):
             return self._refused()
-        shared = self.engine.shared_steps.stats  # the jams' steps, and the decoder passes they shared
+        shared = self.engine.live_steps.stats  # the jams' steps, and the decoder passes they shared
         return {"served_by": self.served_by.to_json(), **self.stats,
                 "live_sessions": self.engine.gate.live_sessions,
                 "live_steps": shared.steps, "live_passes": shared.passes, "shared_passes": shared.shared_passes,

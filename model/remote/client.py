@@ -343,6 +343,7 @@ class RemoteLiveStream:
         self.frames = 0
         self.prefills = 0
         self.offline_steps = 0
+        self.shared_steps = 0  # steps of the last advance the replica made together with another jam's
         self.replica_steps: int | None = None  # the replica's decoder steps, all its calls (after each advance)
         # The replica's live steps (every jam's) and the decoder passes they took: fewer passes than
         # steps where jams there stepped together (model/decode/step_sharing.py).
@@ -440,6 +441,7 @@ class RemoteLiveStream:
                     raise RequestError(f"the remote engine: {reply.get('message')}")
                 self.prefills, self.offline_steps = int(reply["prefills"]), int(reply["offline_steps"])
                 self.replica_steps = int(reply["replica_steps"])
+                self.shared_steps = int(reply.get("shared_steps", 0))
                 self.replica_live_steps = int(reply.get("replica_live_steps", 0))
                 self.replica_passes = int(reply.get("replica_passes", 0))
                 return

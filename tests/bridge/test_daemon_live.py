@@ -261,6 +261,7 @@ def test_jam_audio_runs_on_across_chunks_while_an_offline_job_waits_between_them
     shared = [int(a[10]) for a in ch.chunks]
     assert all(s <= 1 for s in shared), (shared, alone, with_job, after)
     assert not any(int(a[10]) for a in ch.chunks[1:6])  # nothing offline before the job was queued
+    assert all(int(a[11]) == 0 for a in ch.chunks)  # one jam: no step shared with another jam's
     assert st[5] == 0 and st[2] == 0, st  # no underruns, never behind
     assert not any(a[9] for a in ch.chunks)  # no chunk was late
     rec = cap.audio[0]

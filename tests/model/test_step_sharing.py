@@ -135,11 +135,11 @@ def _jam(engine, prompt: str, seed: int, stops: list[int], out: list, go: thread
     s = LiveStream(engine, prompt, SamplingParams(seed=seed), context_seconds=0.5, window_seconds=1.0)
     if go is not None:
         go.wait()
-    parts = []
+    parts, shared = [], 0
     for stop in stops:
         parts += list(s.advance(stop, piece_frames=6, first_piece_frames=2))
-    out.append(np.concatenate(parts, axis=1))
-    out.append(s.prefills)
+        shared += s.shared_steps
+    out += [np.concatenate(parts, axis=1), s.prefills, shared]
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +162,8 @@ def test_jams_on_one_engine_share_decode_passes_and_each_makes_its_own_codes(wid
         out: list = []
         _jam(eng, prompt, seed, stops, out)
         alone.append(out)
-    before = eng.shared_steps.stats.shared_passes
-    steps_before, passes_before = eng.shared_steps.stats.steps, eng.shared_steps.stats.passes
+    before = eng.live_steps.stats.shared_passes
+    steps_before, passes_before = eng.live_steps.stats.steps, eng.live_steps.stats.passes
     go = threading.Barrier(len(plans))
     outs: list[list] = [[] for _ in plans]
     threads = [threading.Thread(target=_jam, args=(eng, p, s, st, o, go)) for (p, s, st), o in zip(plans, outs)]
@@ -171,10 +171,11 @@ def test_jams_on_one_engine_share_decode_passes_and_each_makes_its_own_codes(wid
         t.start()
     for t in threads:
         t.join(300)
-    for (codes, prefills), got in zip(alone, outs):
-        assert len(got) == 2, "a jam's thread failed"
+    for (codes, prefills, shared_alone), got in zip(alone, outs):
+        assert len(got) == 3, "a jam's thread failed"
         assert np.array_equal(got[0], codes) and got[1] == prefills
-    st = eng.shared_steps.stats
+        assert shared_alone == 0 and got[2] > 0  # each stream counts its steps made with another's
+    st = eng.live_steps.stats
     steps, passes = st.steps - steps_before, st.passes - passes_before
     assert st.shared_passes > before and st.most_together >= 2
     assert passes < steps  # fewer decoder passes than steps: the weights were read once for several
