@@ -21,11 +21,13 @@ first, before the body is read or anything is queued, and only its sha256 is hel
 # WebSocket) as types, and Serve's ingress wrapper keeps it from resolving them as strings.
 
 import asyncio
+import faulthandler
 import hashlib
 import hmac
 import json
 import logging
 import os
+import signal
 import threading
 from typing import Any
 
@@ -171,6 +173,9 @@ class EngineReplica:
 
         from model.engine import Engine  # torch loads only where this runs
 
+        # `kill -USR1` on a replica writes every thread's stack to its log: what a stalled jam's
+        # bug report needs (the replica keeps running).
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.key_sha256 = str(config["key_sha256"])
         threads = int(config.get("threads") or 0)
         if threads > 0:

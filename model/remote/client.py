@@ -392,6 +392,7 @@ class RemoteLiveStream:
         """Pieces of complete codes until `until_frame`, as the replica makes them; across a replica's
         death the stream reconnects and goes on from its own codes (no frame repeated or skipped)."""
         first = first_piece_frames or piece_frames
+        progress_at, frames_then = time.monotonic(), self.frames
         while self.frames < until_frame:
             if cancel is not None and cancel.is_set():
                 return
@@ -399,6 +400,13 @@ class RemoteLiveStream:
                 yield from self._advance_once(until_frame, piece_frames, first, cancel)
             except (OSError, TimeoutError) as e:
                 self._lost(e)
+                # A replica that takes the jam and then makes nothing would be reconnected to forever.
+                if self.frames > frames_then:
+                    progress_at, frames_then = time.monotonic(), self.frames
+                elif time.monotonic() - progress_at > self._reconnect_seconds:
+                    raise RemoteJobFailed(f"the jam made no progress on the engine at {self.engine.url} for "
+                                          f"{self._reconnect_seconds:g} s ({self.interruptions} reconnections; "
+                                          f"last: {_describe(e)})") from None
             first = piece_frames
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -90,6 +91,16 @@ def worker(cluster, tiny_melody_dir, tmp_path_factory) -> Iterator[Worker]:
     one CPU for them)."""
     with run_worker(cluster, tiny_melody_dir, tmp_path_factory.mktemp("worker") / "worker.log") as w:
         yield w
+
+
+def replica_stacks(worker: Worker) -> str:
+    """Every replica's thread stacks (`kill -USR1`, model/remote/app.py), as the worker's log shows
+    them: for the message of a test that found a replica stalled."""
+    for pid in worker.cluster.replica_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(3.0)  # Ray forwards the replicas' output to the worker's log
+    return worker.log_text()[-12000:]
 
 
 def replica_stats(worker: Worker, n: int = 2, timeout: float = 180.0) -> dict[str, dict]:
