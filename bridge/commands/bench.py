@@ -108,18 +108,7 @@ def run(args: argparse.Namespace) -> int:
         return _e2e(args)
     if args.jam:
         return _run_jam(args, dtypes, device)
-    try:
-        variations = [int(v) for v in args.variations.split(",") if v.strip()]
-    except ValueError:
-        variations = [0]
-    if any(not 1 <= v <= 16 for v in variations):
-        raise UsageError(f"--variations: expected counts between 1 and 16 like 1,2,4, got {args.variations!r}")
-    try:
-        together = [int(v) for v in args.together.split(",") if v.strip()]
-    except ValueError:
-        together = [0]
-    if any(not 1 <= v <= 16 for v in together):
-        raise UsageError(f"--together: expected counts between 1 and 16 like 1,2,4, got {args.together!r}")
+    variations, together = _counts("--variations", args.variations), _counts("--together", args.together)
 
     steps = (1 + (args.compare == "transformers") + len(dict.fromkeys(dtypes)) + gpu + bool(variations) + bool(together)
              + bool(args.quality) + 2 * bool(args.quality and args.proxy_steps))
@@ -135,6 +124,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         bench.save(report, args.json)
     return 0
+
+
+def _counts(flag: str, text: str) -> list[int]:
+    """A comma-separated list of counts 1-16 (`--variations`, `--together`); empty: none asked."""
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = [0]
+    if any(not 1 <= v <= 16 for v in counts):
+        raise UsageError(f"{flag}: expected counts between 1 and 16 like 1,2,4, got {text!r}")
+    return counts
 
 
 def _e2e(args: argparse.Namespace) -> int:

@@ -566,17 +566,13 @@ def table(report: dict) -> str:
         a = report["auto"]
         lines += ["", f"dtype auto on this machine: **{a['dtype']}** - {a['reason']}"]
     if report.get("variations"):
-        lines += ["", "| variations (one batched pass) | dtype | wall s | ms/step (median) | cost vs one take |",
-                  "|---|---|---|---|---|"]
-        for v in report["variations"]:
-            vs = f"{v['vs_one']:.2f}x" if v.get("vs_one") else "-"
-            lines.append(f"| {v['n']} | {v['dtype']} | {v['wall_s']:.1f} | {v['ms_per_step_median']:.1f} | {vs} |")
+        lines += _against_one(["variations (one batched pass)", "dtype", "wall s", "ms/step (median)",
+                               "cost vs one take"], report["variations"],
+                              lambda v: [f"{v['wall_s']:.1f}", f"{v['ms_per_step_median']:.1f}"])
     if report.get("together"):
-        lines += ["", "| jams stepping together (one decoder pass) | dtype | ms a pass (median) | cost vs one jam |",
-                  "|---|---|---|---|"]
-        for v in report["together"]:
-            vs = f"{v['vs_one']:.2f}x" if v.get("vs_one") else "-"
-            lines.append(f"| {v['n']} | {v['dtype']} | {v['ms_per_pass_median']:.1f} | {vs} |")
+        lines += _against_one(["jams stepping together (one decoder pass)", "dtype", "ms a pass (median)",
+                               "cost vs one jam"], report["together"],
+                              lambda v: [f"{v['ms_per_pass_median']:.1f}"])
     if report.get("quality"):
         lines += ["", "| proxy | dtype | max rel. logit error | RMS rel. logit error | argmax agreement "
                   "| top-k 250 KL (nats) | greedy agreement |", "|---|---|---|---|---|---|---|"]
@@ -584,6 +580,15 @@ def table(report: dict) -> str:
             lines.append(f"| {q['proxy']} | {q['dtype']} | {q['max_rel_error']:.2e} | {q['rms_rel_error']:.2e} "
                          f"| {q['argmax_agreement']:.3f} | {q['topk250_kl']:.2e} | {q['greedy_agreement']:.3f} |")
     return "\n".join(lines)
+
+
+def _against_one(header: list[str], rows: list[dict], cells) -> list[str]:
+    """A table of runs by count N: N, dtype, `cells(row)`, and the cost against N = 1."""
+    out = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for v in rows:
+        vs = f"{v['vs_one']:.2f}x" if v.get("vs_one") else "-"
+        out.append("| " + " | ".join([str(v["n"]), v["dtype"], *cells(v), vs]) + " |")
+    return out
 
 
 def save(report: dict, path: str) -> None:

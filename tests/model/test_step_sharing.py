@@ -39,12 +39,17 @@ def _filled(lm, rows: int, start: int, kv, seed: int, cross) -> tuple[KVCache, t
     return cache, tokens[:, :, start:]
 
 
-def _alone_and_together(lm, parts):
-    """Each part (tokens, start, cache, cross) stepped alone on a copy of its cache, and all together."""
+def _as_alone(lm, parts, passes: int) -> list[KVCache]:
+    """Each part (tokens, start, cache, cross) stepped alone on a copy of its cache, and all together
+    in `passes` decoder passes: each part's logits are the same bits both ways. Returns the caches
+    the shared step wrote."""
     alone = [lm(t, s, _clone(c), x) for t, s, c, x in parts]
     copies = [_clone(c) for _, _, c, _ in parts]
-    together, passes = lm.forward_together([(t, s, c2, x) for (t, s, _, x), c2 in zip(parts, copies)])
-    return alone, together, passes, copies
+    together, made = lm.forward_together([(t, s, c2, x) for (t, s, _, x), c2 in zip(parts, copies)])
+    assert made == passes
+    for want, got in zip(alone, together):
+        assert torch.equal(got, want)
+    return copies
 
 
 @torch.inference_mode()
@@ -71,10 +76,7 @@ def test_states_stepped_together_get_their_logits_alone_bit_for_bit(dtype, kv):
     for i, (cross, start) in enumerate(zip(crosses, (3, 11, 7))):
         cache, tok = _filled(lm, cross.k.shape[1], start, kv, seed=10 + i, cross=cross)
         parts.append((tok, start, cache, cross))
-    alone, together, passes, caches = _alone_and_together(lm, parts)
-    assert passes == 1
-    for want, got in zip(alone, together):
-        assert torch.equal(got, want)
+    caches = _as_alone(lm, parts, passes=1)
     # and the cache columns written are the ones a step alone writes
     for (tok, start, cache, cross), after in zip(parts, caches):
         solo = _clone(cache)
@@ -95,10 +97,7 @@ def test_a_melody_decoder_steps_its_states_together_too():
     for i, (rows, start) in enumerate(((2, 4), (2, 15), (1, 9))):
         cache, tok = _filled(lm, rows, start, None, seed=i, cross=None)
         parts.append((tok, start, cache, None))
-    alone, together, passes, _ = _alone_and_together(lm, parts)
-    assert passes == 1
-    for want, got in zip(alone, together):
-        assert torch.equal(got, want)
+    _as_alone(lm, parts, passes=1)
 
 
 @torch.inference_mode()
@@ -111,10 +110,7 @@ def test_the_parts_step_one_after_another_where_the_c_step_does_not_run():
     for start in (2, 6):
         cache, tok = _filled(lm, 1, start, None, seed=start, cross=cross)
         parts.append((tok, start, cache, cross))
-    alone, together, passes, _ = _alone_and_together(lm, parts)
-    assert passes == 2
-    for want, got in zip(alone, together):
-        assert torch.equal(got, want)
+    _as_alone(lm, parts, passes=2)  # the same logits, one state after another
 
 
 @torch.inference_mode()
