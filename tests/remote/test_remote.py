@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 
 from tests.bridge.osc_helpers import drain, expect
-from tests.remote.conftest import KEY, Relay, mb, replica_stats
+from tests.remote.conftest import KEY, Relay, mb, replica_stacks, replica_stats
 from tests.remote.ray_cluster import free_port, listening_beyond_loopback, private_network
 
 
@@ -83,6 +83,15 @@ def test_nothing_of_the_cluster_listens_beyond_loopback(worker):
         pytest.skip("not root, or no unshare/ip: the cluster shares the machine's network namespace")
     assert worker.cluster.replica_pids(), "the worker's replicas are up"
     assert listening_beyond_loopback() == []
+
+
+def test_a_replica_writes_its_threads_stacks_to_the_workers_log_on_sigusr1(worker):
+    """For a stalled replica's bug report: `kill -USR1` on it puts every thread's stack in the log of
+    `musicbridge worker`, and the replica keeps serving."""
+    before = len(worker.log_text())
+    text = replica_stacks(worker)[-(len(worker.log_text()) - before):]
+    assert "most recent call first" in text and "Thread 0x" in text, text[-3000:]
+    assert len(replica_stats(worker)) == 2  # both replicas still answer
 
 
 def test_the_loopback_check_sees_a_socket_on_another_interface():
