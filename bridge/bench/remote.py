@@ -103,7 +103,8 @@ def run(url: str, key: str | None, model: str, jams: int, jobs: int, jam_seconds
 
 def _steps_per_pass(chunks: list[dict[str, Any]]) -> float | None:
     """Live steps per decoder pass on the jam's replica between its first and last chunk: above 1
-    where jams there stepped together (None: one chunk, or the replica changed)."""
+    where jams there stepped together (None: nothing counted between them, as with one chunk, or
+    counters that went back, as on a new replica)."""
     a, b = chunks[0], chunks[-1]
     if a["passes"] is None or b["passes"] is None:
         return None

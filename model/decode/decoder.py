@@ -182,6 +182,17 @@ class CrossKV:
         return b
 
 
+@dataclass(frozen=True)
+class TokenStep:
+    """One decode state's share of a step of several (`MusicgenDecoderLM.forward_together`): its
+    tokens (rows, codebooks, 1) at position `start`, over its own cache and conditioning."""
+
+    tokens: torch.Tensor
+    start: int
+    cache: KVCache
+    cross: CrossKV | None
+
+
 def _on_meta() -> bool:
     """Whether modules are being built on the meta device (`with torch.device("meta")`)."""
     return torch.empty(0).device.type == "meta"
@@ -490,11 +501,9 @@ class MusicgenDecoderLM(nn.Module):
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, cross: CrossKV | None):
         return self.forward_embeds(self.embed_tokens(tokens), start, cache, cross)
 
-    def forward_together(self, steps: list[tuple[torch.Tensor, int, KVCache, CrossKV | None]]
-                         ) -> tuple[list[torch.Tensor], int]:
-        """One token each for several decode states (tokens (rows, codebooks, 1), position, cache,
-        conditioning) -> each one's logits (rows, codebooks, 1, vocab), as `forward` gives them,
-        and how many decoder passes that took.
+    def forward_together(self, steps: list[TokenStep]) -> tuple[list[torch.Tensor], int]:
+        """One token each for several decode states -> each one's logits (rows, codebooks, 1,
+        vocab), as `forward` gives them, and how many decoder passes that took.
 
         Where the one-call C step runs, it runs once for all of them: every weight is read once
         for every state's rows, each state's attention reads its own cache at its own position,
@@ -503,17 +512,17 @@ class MusicgenDecoderLM(nn.Module):
         """
         from model.decode.layer_step import StepRows  # layer_step builds on this module's types
 
-        embeds = [self.embed_tokens(t) for t, _, _, _ in steps]
+        embeds = [self.embed_tokens(s.tokens) for s in steps]
         stack = self.stack
         if len(steps) < 2 or stack is None or not all(
-                stack.suits(x, cache, cross) for x, (_, _, cache, cross) in zip(embeds, steps)):
-            return [self.forward_embeds(x, start, cache, cross)
-                    for x, (_, start, cache, cross) in zip(embeds, steps)], len(steps)
-        xs = [x + self.positions[start : start + 1] for x, (_, start, _, _) in zip(embeds, steps)]
-        logits = stack.together([StepRows(x, start, cache, cross) for x, (_, start, cache, cross) in zip(xs, steps)])
+                stack.suits(x, s.cache, s.cross) for x, s in zip(embeds, steps)):
+            return [self.forward_embeds(x, s.start, s.cache, s.cross) for x, s in zip(embeds, steps)], len(steps)
+        rows = [StepRows(x + self.positions[s.start : s.start + 1], s.start, s.cache, s.cross)
+                for x, s in zip(embeds, steps)]
+        logits = stack.together(rows)
         k, v = self.spec.n_codebooks, self.spec.vocab
         return [part.view(part.shape[0], 1, k, v).transpose(1, 2)
-                for part in logits.split([x.shape[0] for x in xs])], 1
+                for part in logits.split([r.x.shape[0] for r in rows])], 1
 
     def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                     cross: CrossKV | None) -> torch.Tensor:

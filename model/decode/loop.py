@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from model.conditioning.prepare import Conditioning
-from model.decode.decoder import CrossKV, KVCache, MusicgenDecoderLM
+from model.decode.decoder import CrossKV, KVCache, MusicgenDecoderLM, TokenStep
 from model.decode.patterns import CodebookPattern
 from model.decode.sampling import Sampler, cfg_mix
 from model.decode.step_graph import StaticStep, static_step
@@ -169,7 +169,8 @@ def decode_together(states: list[DecodeState]) -> int:
             decode_one_token(s)
     if not shared:
         return len(states)
-    steps = [(_rows(s, s.tokens[:, :, s.step - 1 : s.step]), s.offset + s.step - 1, s.cache, s.cross) for s in shared]
+    steps = [TokenStep(_rows(s, s.tokens[:, :, s.step - 1 : s.step]), s.offset + s.step - 1, s.cache, s.cross)
+             for s in shared]
     logits, passes = shared[0].lm.forward_together(steps)
     for s, lg in zip(shared, logits):
         _emit(s, lg[:, :, -1])

@@ -44,7 +44,6 @@ class _Ticket:
 class SharingStats:
     """What the shared steps did (a replica's /v1/status reports it)."""
 
-    rounds: int = 0  # times states were stepped together (one leader's turn)
     steps: int = 0  # decode-state steps made in them
     passes: int = 0  # decoder passes those took (one a round where the C step joins them)
     shared_passes: int = 0  # passes that stepped more than one state
@@ -119,7 +118,7 @@ class SharedSteps:
                 if not batch:
                     self._pending.remove(ticket)
                 self._leading = False
-                self._count(len(batch), passes)
+                self._count(len(batch), passes, together)
                 self._cv.notify_all()
         if error is not None:
             raise error
@@ -139,13 +138,12 @@ class SharedSteps:
             batch, self._pending = self._pending, []
         return batch
 
-    def _count(self, n: int, passes: int) -> None:
+    def _count(self, n: int, passes: int, together: int) -> None:
+        """`n` states stepped in `passes` decoder passes, `together` of them in one."""
         if not n:
             return
         s = self.stats
-        s.rounds += 1
         s.steps += n
         s.passes += passes
-        together = n if passes == 1 else 1
         s.shared_passes += together > 1
         s.most_together = max(s.most_together, together)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.decode.decoder import DecoderSpec, KVCache, MusicgenDecoderLM
+from model.decode.decoder import DecoderSpec, KVCache, MusicgenDecoderLM, TokenStep
 from model.decode.live_stream import LiveStream
 from model.decode.precision import apply_precision
 from model.decode.scheduler import StepGate
@@ -45,7 +45,7 @@ def _as_alone(lm, parts, passes: int) -> list[KVCache]:
     the shared step wrote."""
     alone = [lm(t, s, _clone(c), x) for t, s, c, x in parts]
     copies = [_clone(c) for _, _, c, _ in parts]
-    together, made = lm.forward_together([(t, s, c2, x) for (t, s, _, x), c2 in zip(parts, copies)])
+    together, made = lm.forward_together([TokenStep(t, s, c2, x) for (t, s, _, x), c2 in zip(parts, copies)])
     assert made == passes
     for want, got in zip(alone, together):
         assert torch.equal(got, want)
@@ -121,7 +121,7 @@ def test_a_pass_needs_one_cache_format():
     a, ta = _filled(lm, 1, 2, torch.float32, 0, cross)
     b, tb = _filled(lm, 1, 2, torch.int8, 1, cross)
     with pytest.raises(ValueError, match="one cache format"):
-        lm.forward_together([(ta, 2, a, cross), (tb, 2, b, cross)])
+        lm.forward_together([TokenStep(ta, 2, a, cross), TokenStep(tb, 2, b, cross)])
 
 
 # ---------------------------------------------------------------- live streams stepping together

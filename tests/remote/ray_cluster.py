@@ -4,9 +4,11 @@ Both nodes run on this machine, bound to 127.0.0.1, CPU only, with a private tem
 usage statistics off. Ray 2.60 listens on every interface for several of its ports whatever
 `--node-ip-address` says (docs/remote.md), so where it can (as root, with `unshare` and `ip`) the
 cluster runs in a network namespace of its own whose only interface is loopback: the test's
-thread enters it (`private_network`), and every process it then starts is in it too. Each node is one `ray start --block` process in its own process group:
-SIGTERM makes it stop the processes it started, and the group is killed after that, so only
-this cluster's processes ever go (never `ray stop`, which stops every cluster of the user).
+thread enters it (`private_network`), and every process it then starts is in it too.
+
+Each node is one `ray start --block` process in its own process group: SIGTERM makes it stop the
+processes it started, and the group is killed after that, so only this cluster's processes ever
+go (never `ray stop`, which stops every cluster of the user).
 """
 
 from __future__ import annotations
