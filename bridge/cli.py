@@ -17,6 +17,7 @@ import threading
 from typing import NoReturn
 
 from bridge.commands.common import UsageError
+from model.kernels import openmp_env
 from model.load.resolve import ModelError
 from model.settings import Settings, applied
 from model.types import RequestError
@@ -107,6 +108,7 @@ def _quiet_transformers(verbose: bool) -> None:
 
 def run() -> NoReturn:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    openmp_env.apply()  # before anything loads torch, and so libgomp
     end(main())
 
 

@@ -148,10 +148,16 @@ class AudioOutputProcess(ClockReadout):
         and skip what they hold for that time."""
         ctx = mp.get_context("spawn")  # a fresh interpreter: no torch threads, no inherited locks
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child, self._settings, self._clock_shm.name, tuple(tracks)),
-                                 name="musicbridge-audio", daemon=True)
-        self._proc.start()
-        child.close()
+        proc = ctx.Process(target=_child, args=(child, self._settings, self._clock_shm.name, tuple(tracks)),
+                           name="musicbridge-audio", daemon=True)
+        try:
+            proc.start()
+        except BaseException:  # e.g. a script without a __main__ guard: no child to stop, no pipe to keep
+            self._conn.close()
+            raise
+        finally:
+            child.close()
+        self._proc = proc
         try:
             if not self._conn.poll(self._start_timeout):
                 raise OutputError(f"the audio process did not start within {self._start_timeout:.0f} s")

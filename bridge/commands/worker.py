@@ -13,6 +13,7 @@ import signal
 import threading
 
 from bridge.commands.common import UsageError, add_model_args, positive_float
+from model.kernels import openmp_env
 from model.remote.client import MIN_KEY
 
 log = logging.getLogger("musicbridge.worker")
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         # environment, so that is where the switch goes.
         spread = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0", "RAY_SERVE_PROXY_PREFER_LOCAL_AZ_ROUTING": "0",
                   "RAY_USAGE_STATS_ENABLED": "0"}
+        spread.update(openmp_env.chosen())  # the replicas' torch, as this process's (model/kernels/openmp_env.py)
         ray.init(address=args.address, logging_level=logging.WARNING, runtime_env={"env_vars": spread})
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"cannot join the Ray cluster at {args.address}: {e} (start it with `ray start --head`)") \

@@ -144,8 +144,9 @@ def _load() -> ctypes.CDLL | None:
             log.info("C kernels off (MUSICBRIDGE_KERNELS=0): PyTorch's kernels run the linears")
             return None
         try:
-            # torch is imported first, so the library's OpenMP is torch's own runtime (one
-            # thread pool, sized by torch.set_num_threads), not a second one competing for cores.
+            # torch is imported first, so where the library's regions run in OpenMP's runtime it is
+            # torch's own; with GCC on Linux they run on the library's own pool
+            # (thread_pool.c), sized by torch.set_num_threads all the same.
             lib = ctypes.CDLL(str(build()))
         except (OSError, KernelBuildError, subprocess.SubprocessError) as e:
             log.warning("C kernels unavailable, using PyTorch's (slower): %s", e)
@@ -169,7 +170,7 @@ def _load() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
         lib.mb_int_arch.argtypes, lib.mb_int_arch.restype = [], ctypes.c_char_p
-        for name in ("mb_lanes", "mb_has_vnni", "mb_layer_step", "mb_decoder_steps", "mb_gemv_i8_vnni",
+        for name in ("mb_lanes", "mb_has_vnni", "mb_thread_pool", "mb_layer_step", "mb_decoder_steps", "mb_gemv_i8_vnni",
                      "mb_attend_scratch", "mb_gemv_i4", "mb_top_k_support"):
             getattr(lib, name).restype = _I
         _lib = lib
@@ -208,6 +209,13 @@ def has_vnni() -> bool:
     AVX2 or ARM64 NEON with dot products (`int_arch`)."""
     lib = _load()
     return lib is not None and bool(lib.mb_has_vnni())
+
+
+def own_pool() -> bool:
+    """Whether the kernels' parallel regions run on their own thread pool (model/kernels/thread_pool.c:
+    GCC on Linux) rather than in the OpenMP runtime."""
+    lib = _load()
+    return lib is not None and bool(lib.mb_thread_pool())
 
 
 def int_arch() -> str | None:
