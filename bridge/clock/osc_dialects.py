@@ -204,6 +204,7 @@ class OscDialectFollower(Follower):
         self._beat_string_at = -math.inf
         # Fed by the daemon's OSC thread, checked for a still playhead by the handshake thread.
         self._state_lock = threading.Lock()
+        self._note_lock = threading.Lock()  # the note is logged once, by whichever thread reads it first
         self._moved_at = -math.inf        # Ardour's last /position/bbt, or when it started playing
         self._reported_beat = 0.0         # the position that report gave
         self._held = False                # stopped because Ardour's playhead stood still, not by its word
@@ -223,10 +224,7 @@ class OscDialectFollower(Follower):
         again whenever it has been silent HANDSHAKE_EVERY seconds (Ardour may start after us, or
         restart); after NOTE_AFTER seconds of silence, a note on what to change, logged once."""
         now = time.monotonic()
-        if self._first_handshake is not None and not self._noted and self.last_ardour < self._first_handshake \
-                and now - self._first_handshake >= NOTE_AFTER:
-            self._noted = True
-            log.warning("%s", self.note)
+        _ = self.note  # logs it, once, when it first applies
         if now - self.last_ardour < HANDSHAKE_EVERY or now - self._last_handshake < HANDSHAKE_EVERY:
             return
         self._last_handshake = now
@@ -259,10 +257,19 @@ class OscDialectFollower(Follower):
     @property
     def note(self) -> str:
         """What to change when Ardour, asked for feedback, has said nothing for NOTE_AFTER seconds
-        (for the log and /status); "" otherwise."""
+        (for the log and /status); "" otherwise. Logged once, by whichever reads it first, so the
+        log never says it later than /status does."""
         if self.ardour is None or self._first_handshake is None or self.last_ardour >= self._first_handshake \
                 or time.monotonic() - self._first_handshake < NOTE_AFTER:
             return ""
+        text = self._note_text()
+        with self._note_lock:
+            if not self._noted:
+                self._noted = True
+                log.warning("%s", text)
+        return text
+
+    def _note_text(self) -> str:
         host, port = self.ardour
         return (f"no feedback from Ardour at {host}:{port}: in Ardour, Edit > Preferences > Control Surfaces, "
                 f"enable Open Sound Control on port {port}; in its settings set Port Mode to Auto (or keep "

@@ -160,6 +160,7 @@ static void *helper_main(void *arg) {
 
 /* A forked child has none of the parent's helpers: it starts its own when it first needs them. */
 static void after_fork_in_child(void) {
+    pthread_mutex_init(&grow_lock, NULL); /* another parent thread may have held it */
     helpers = 0;
     atomic_store(&busy, 0);
     for (int i = 0; i < MAX_THREADS; i++) atomic_store(&slots[i].sleeping, 0);

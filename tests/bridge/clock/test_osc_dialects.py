@@ -160,6 +160,25 @@ def test_ardour_that_answers_port_8000_only_is_explained_in_the_log_and_status(t
         p8000.sock.close()
 
 
+def test_the_note_on_a_silent_ardour_is_in_the_log_once_as_soon_as_status_can_show_it(monkeypatch, caplog):
+    """/status reads the note when it asks; the log used to get it only at the next handshake, so a
+    client could see it in /status before the log said it."""
+    import logging
+
+    from bridge.clock import osc_dialects
+    from bridge.clock.grid import Grid
+
+    monkeypatch.setattr(osc_dialects, "NOTE_AFTER", 0.0)
+    f = osc_dialects.OscDialectFollower(Grid(), ardour=("127.0.0.1", 1), send=lambda *a: None)
+    with caplog.at_level(logging.WARNING, logger=osc_dialects.log.name):
+        f.handshake()  # the first handshake; Ardour never answers
+        caplog.clear()
+        assert "Port Mode to Auto" in f.note
+        assert [r.getMessage() for r in caplog.records] == [f.note]
+        f.handshake()
+        assert f.note and len(caplog.records) == 1  # once
+
+
 def test_feedback_is_ignored_when_following_typed(tmp_path, tiny_model_dir):
     with following_daemon(tiny_model_dir, tmp_path) as (d, c):
         drain(c, 0.1)
