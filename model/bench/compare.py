@@ -28,6 +28,7 @@ from model.decode import autotune
 from model.decode.cross_fold import folded
 from model.decode.decoder import DecoderSpec
 from model.decode.loop import decode_together
+from model.kernels import gemv
 from model.decode.step_graph import graphs as graphs_on
 from model.engine import Engine
 from model.load.resolve import ResolvedModel
@@ -478,6 +479,9 @@ def machine() -> dict:
         pass
     out = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "python": platform.python_version()}
+    if gemv.available():  # which code ran the figures: the integer kernels, and whose threads ran their regions
+        out["int_kernels"] = gemv.int_arch()
+        out["kernel_threads"] = "own pool" if gemv.own_pool() else "OpenMP runtime"
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out

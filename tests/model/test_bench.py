@@ -18,6 +18,11 @@ def test_bench_tiny_reports_every_field(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "| transformers.generate |" in r.stdout and "vs transformers" in r.stdout
     report = json.loads(out.read_text())
+    from model.kernels import gemv  # the report names whose threads ran the kernels' regions
+
+    if gemv.available():
+        assert report["machine"]["kernel_threads"] == ("own pool" if gemv.own_pool() else "OpenMP runtime")
+        assert report["machine"]["int_kernels"] == gemv.int_arch()
     names = [(x["name"], x["dtype"]) for x in report["results"]]
     assert names == [("transformers.generate", "float32"), ("musicbridge", "float32"), ("musicbridge", "int8")]
     for res in report["results"]:
